@@ -1,0 +1,36 @@
+//! MAC learning and lookup in the `fdb` map.
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use kvnet_common::{FdbEntry, FdbKey, FDB_F_STATIC, FDB_REFRESH_NS};
+
+use crate::{maps::FDB, stats};
+
+/// Learns `mac` on `ingress`. Writes only when the entry is new, moved
+/// (guest migration: re-learned at once) or due for a refresh; static
+/// entries are never overwritten.
+#[inline(always)]
+pub fn learn(net_id: u32, vid: u16, mac: [u8; 6], ingress: u32) {
+    let key = FdbKey { net_id, vid, mac };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(e) = unsafe { FDB.get(&key) } {
+        if e.flags & FDB_F_STATIC != 0 {
+            return;
+        }
+        if e.ifindex == ingress && now.wrapping_sub(e.last_seen_ns) < FDB_REFRESH_NS {
+            return;
+        }
+    } else {
+        stats::learned(ingress);
+    }
+    let entry = FdbEntry {
+        ifindex: ingress,
+        flags: 0,
+        last_seen_ns: now,
+    };
+    let _ = FDB.insert(&key, &entry, 0);
+}
+
+#[inline(always)]
+pub fn lookup(net_id: u32, vid: u16, mac: [u8; 6]) -> Option<u32> {
+    let key = FdbKey { net_id, vid, mac };
+    unsafe { FDB.get(&key) }.map(|e| e.ifindex)
+}

@@ -1,0 +1,58 @@
+//! Per-port, per-CPU counters (map `port_stats`); the daemon creates the
+//! entry when it adds the port, so a missing entry just means "not ours".
+use kvnet_common::{DropReason, PortStats};
+
+use crate::maps::PORT_STATS;
+
+#[inline(always)]
+fn with(ifindex: u32, f: impl FnOnce(&mut PortStats)) {
+    if let Some(s) = PORT_STATS.get_ptr_mut(&ifindex) {
+        f(unsafe { &mut *s });
+    }
+}
+
+#[inline(always)]
+pub fn seen_xdp(ifindex: u32) {
+    with(ifindex, |s| s.xdp_seen += 1);
+}
+
+#[inline(always)]
+pub fn seen_tc(ifindex: u32) {
+    with(ifindex, |s| s.tc_seen += 1);
+}
+
+#[inline(always)]
+pub fn rx(ifindex: u32, len: u64) {
+    with(ifindex, |s| {
+        s.rx_packets += 1;
+        s.rx_bytes += len;
+    });
+}
+
+#[inline(always)]
+pub fn tx(ifindex: u32, len: u64) {
+    with(ifindex, |s| {
+        s.tx_packets += 1;
+        s.tx_bytes += len;
+    });
+}
+
+#[inline(always)]
+pub fn flooded(ifindex: u32) {
+    with(ifindex, |s| s.flooded += 1);
+}
+
+#[inline(always)]
+pub fn learned(ifindex: u32) {
+    with(ifindex, |s| s.learned += 1);
+}
+
+#[inline(always)]
+pub fn drop(ifindex: u32, reason: DropReason) {
+    let i = reason as usize;
+    with(ifindex, |s| {
+        if i < s.drops.len() {
+            s.drops[i] += 1;
+        }
+    });
+}

@@ -1,0 +1,160 @@
+//! The control socket: one JSON request per line, one JSON response per
+//! line. The CLI is a thin client; `--json` prints the response data as is.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{anyhow, Context, Result};
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_SOCKET: &str = "/run/kvnet/kvnet.sock";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/kvnet";
+
+/// Which hook a port runs the datapath in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Hook {
+    /// XDP for what it can finish, tc for the rest (floods, offloaded frames).
+    Xdp,
+    /// tc (TCX ingress) only.
+    Tc,
+    /// Chosen by device type: tc for veth and tap, xdp for other NICs.
+    Auto,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    NetAdd {
+        name: String,
+        ageing_secs: Option<u64>,
+    },
+    NetDel {
+        name: String,
+    },
+    NetList,
+    NetSet {
+        name: String,
+        ageing_secs: Option<u64>,
+    },
+    PortAdd {
+        net: String,
+        iface: String,
+        hairpin: bool,
+        hook: Hook,
+    },
+    PortDel {
+        iface: String,
+    },
+    PortList,
+    FdbShow {
+        net: String,
+    },
+    FdbAdd {
+        net: String,
+        mac: String,
+        port: String,
+    },
+    FdbDel {
+        net: String,
+        mac: String,
+    },
+    Stats,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetInfo {
+    pub name: String,
+    pub id: u32,
+    pub mode: String,
+    pub ageing_secs: u64,
+    pub ports: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PortInfo {
+    pub iface: String,
+    pub ifindex: u32,
+    pub net: String,
+    pub driver: String,
+    /// The hook asked for.
+    pub hook: Hook,
+    /// The programs attached: "tc" or "xdp+tc".
+    pub attached: String,
+    pub hairpin: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FdbRow {
+    pub mac: String,
+    pub vlan: u16,
+    pub port: String,
+    pub ifindex: u32,
+    /// "static" or "learned".
+    pub kind: String,
+    /// Seconds since last seen (learned entries).
+    pub age_secs: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PortStatsRow {
+    pub port: String,
+    pub net: String,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub xdp_seen: u64,
+    pub tc_seen: u64,
+    pub flooded: u64,
+    pub learned: u64,
+    pub drops: BTreeMap<String, u64>,
+}
+
+/// Sends one request to the daemon and returns its data, or its error.
+pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
+    let stream = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the kvnet daemon at {} (is `kvnet daemon` running?)",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    (&stream)
+        .write_all(line.as_bytes())
+        .context("sending the request to the daemon")?;
+    let mut reader = BufReader::new(&stream);
+    let mut answer = String::new();
+    reader
+        .read_line(&mut answer)
+        .context("reading the daemon's answer")?;
+    if answer.is_empty() {
+        return Err(anyhow!(
+            "the daemon closed the connection without answering"
+        ));
+    }
+    let resp: Response =
+        serde_json::from_str(&answer).context("malformed answer from the daemon")?;
+    if resp.ok {
+        Ok(resp.data)
+    } else {
+        Err(anyhow!(resp
+            .error
+            .unwrap_or_else(|| "unknown error".into())))
+    }
+}

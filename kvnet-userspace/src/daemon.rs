@@ -1,0 +1,203 @@
+//! `kvnet daemon`: owns the datapath, serves the control socket, ages the
+//! FDB and notices ports whose interface went away.
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    signal::unix::{signal, SignalKind},
+};
+
+use crate::{
+    control::{Request, Response},
+    datapath::Datapath,
+    switch::Switch,
+};
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+pub struct Options {
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    pub log_datapath: bool,
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// The pin folder must live on a bpffs; mount the standard one if absent.
+fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+    if is_bpffs(parent) {
+        return Ok(());
+    }
+    if parent != Path::new(BPFFS_ROOT) {
+        bail!(
+            "pin folder {} is not on a bpffs: {} is not a bpf filesystem (mount one with `mount -t bpf bpf {}`)",
+            pin_dir.display(),
+            parent.display(),
+            parent.display()
+        );
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        BPFFS_ROOT,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("bpffs is not mounted at {BPFFS_ROOT} and mounting it failed"))?;
+    Ok(())
+}
+
+fn preflight(opts: &Options) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "kvnet daemon must run as root: it loads eBPF programs and attaches them to interfaces"
+        );
+    }
+    ensure_bpffs(&opts.pin_dir)?;
+    if std::os::unix::net::UnixStream::connect(&opts.socket).is_ok() {
+        bail!(
+            "a kvnet daemon already answers on {}",
+            opts.socket.display()
+        );
+    }
+    // Nobody answers: the socket file and pins are a dead daemon's leftovers.
+    let _ = std::fs::remove_file(&opts.socket);
+    if opts.pin_dir.exists() {
+        std::fs::remove_dir_all(&opts.pin_dir)
+            .with_context(|| format!("removing stale pins under {}", opts.pin_dir.display()))?;
+    }
+    if let Some(dir) = opts.socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+pub fn run(opts: Options) -> Result<()> {
+    preflight(&opts)?;
+    let dp = Datapath::load(&opts.pin_dir, opts.log_datapath)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let switch = Arc::new(Mutex::new(Switch::new(dp)));
+    let result = rt.block_on(serve(&opts, switch.clone()));
+    if let Ok(mut sw) = switch.lock() {
+        sw.shutdown();
+    }
+    drop(switch);
+    let _ = std::fs::remove_file(&opts.socket);
+    result
+}
+
+async fn serve(opts: &Options, switch: Arc<Mutex<Switch>>) -> Result<()> {
+    let listener = UnixListener::bind(&opts.socket)
+        .with_context(|| format!("listening on {}", opts.socket.display()))?;
+    eprintln!(
+        "kvnet daemon ready: control socket {}, pins under {}",
+        opts.socket.display(),
+        opts.pin_dir.display()
+    );
+    tokio::spawn(maintain(switch.clone()));
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = accepted.context("accepting a control connection")?;
+                tokio::spawn(handle_client(stream, switch.clone()));
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    eprintln!("kvnet daemon stopping");
+    Ok(())
+}
+
+/// Housekeeping: vanished ports every half second, FDB ageing every second.
+async fn maintain(switch: Arc<Mutex<Switch>>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        n += 1;
+        let Ok(mut sw) = switch.lock() else { return };
+        sw.flush_log();
+        for iface in sw.reap_vanished_ports() {
+            eprintln!("port {iface} vanished: removed");
+        }
+        if n % 2 == 0 {
+            if let Err(e) = sw.age_fdb() {
+                log::warn!("FDB ageing: {e:#}");
+            }
+        }
+    }
+}
+
+async fn handle_client(stream: UnixStream, switch: Arc<Mutex<Switch>>) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let resp = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => match switch.lock() {
+                Ok(mut sw) => respond(dispatch(&mut sw, req)),
+                Err(_) => respond::<()>(Err(anyhow::anyhow!("daemon state is poisoned"))),
+            },
+            Err(e) => respond::<()>(Err(anyhow::anyhow!("malformed request: {e}"))),
+        };
+        let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
+        out.push('\n');
+        if write.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn respond<T: Serialize>(r: Result<T>) -> Response {
+    match r.and_then(|v| serde_json::to_value(v).map_err(Into::into)) {
+        Ok(data) => Response {
+            ok: true,
+            error: None,
+            data,
+        },
+        Err(e) => Response {
+            ok: false,
+            error: Some(format!("{e:#}")),
+            data: serde_json::Value::Null,
+        },
+    }
+}
+
+fn dispatch(sw: &mut Switch, req: Request) -> Result<serde_json::Value> {
+    use serde_json::to_value as v;
+    Ok(match req {
+        Request::NetAdd { name, ageing_secs } => v(sw.net_add(&name, ageing_secs)?)?,
+        Request::NetDel { name } => v(sw.net_del(&name)?)?,
+        Request::NetList => v(sw.net_list())?,
+        Request::NetSet { name, ageing_secs } => v(sw.net_set(&name, ageing_secs)?)?,
+        Request::PortAdd {
+            net,
+            iface,
+            hairpin,
+            hook,
+        } => v(sw.port_add(&net, &iface, hairpin, hook)?)?,
+        Request::PortDel { iface } => v(sw.port_del(&iface)?)?,
+        Request::PortList => v(sw.port_list())?,
+        Request::FdbShow { net } => v(sw.fdb_show(&net)?)?,
+        Request::FdbAdd { net, mac, port } => v(sw.fdb_add(&net, &mac, &port)?)?,
+        Request::FdbDel { net, mac } => v(sw.fdb_del(&net, &mac)?)?,
+        Request::Stats => v(sw.stats()?)?,
+    })
+}

@@ -1,0 +1,214 @@
+//! The loaded eBPF object: programs pinned and attached to ports, and typed
+//! access to the maps (pinned by name under the pin folder).
+use std::{
+    collections::HashMap as StdHashMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, Context, Result};
+use aya::{
+    maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues},
+    programs::{
+        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
+        xdp::XdpLinkId,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
+    util::nr_cpus,
+    Ebpf, EbpfLoader,
+};
+use kvnet_common::{names, FdbEntry, FdbKey, FloodKey, FloodSet, PortConfig, PortStats};
+
+/// The datapath object built by build.rs from kvnet-ebpf.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kvnet"));
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    links: StdHashMap<u32, PortLinks>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+#[derive(Default)]
+struct PortLinks {
+    tc: Option<SchedClassifierLinkId>,
+    xdp: Option<XdpLinkId>,
+}
+
+impl Datapath {
+    /// Loads the object, pins maps and programs under `pin_dir` (which must
+    /// be on a bpffs and free of a previous run's pins).
+    pub fn load(pin_dir: &Path, log_datapath: bool) -> Result<Self> {
+        std::fs::create_dir_all(pin_dir)
+            .with_context(|| format!("creating the pin folder {}", pin_dir.display()))?;
+        Self::load_pinned(pin_dir, log_datapath).inspect_err(|_| {
+            // Nothing half-applied: a failed load leaves no pins behind.
+            let _ = std::fs::remove_dir_all(pin_dir);
+        })
+    }
+
+    fn load_pinned(pin_dir: &Path, log_datapath: bool) -> Result<Self> {
+        // aya-log's level word: 0 keeps every log statement off the hot path.
+        let level: u8 = if log_datapath { 4 } else { 0 };
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .override_global("AYA_LOG_LEVEL", &level, false)
+            .load(OBJECT)
+            .context("loading the kvnet eBPF object")?;
+        let logger = if log_datapath {
+            Some(aya_log::EbpfLogger::init(&mut ebpf).context("starting the datapath logger")?)
+        } else {
+            None
+        };
+        {
+            let xdp: &mut Xdp = program(&mut ebpf, names::PROG_XDP)?.try_into()?;
+            xdp.load().context("loading the XDP program (verifier)")?;
+            xdp.pin(pin_dir.join(names::PROG_XDP))
+                .context("pinning the XDP program")?;
+        }
+        {
+            let tc: &mut SchedClassifier = program(&mut ebpf, names::PROG_TC)?.try_into()?;
+            tc.load().context("loading the tc program (verifier)")?;
+            tc.pin(pin_dir.join(names::PROG_TC))
+                .context("pinning the tc program")?;
+        }
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            links: StdHashMap::new(),
+            logger,
+        })
+    }
+
+    /// Forwards the datapath's log records (if on) to the daemon's log.
+    pub fn flush_log(&mut self) {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Attaches tc ingress, and XDP too when `with_xdp`. All or nothing.
+    pub fn attach(&mut self, iface: &str, ifindex: u32, with_xdp: bool) -> Result<()> {
+        let mut links = PortLinks::default();
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, names::PROG_TC)?.try_into()?;
+        // A clsact filter (netlink) rather than a TCX link: the admin's
+        // `bpftool net show` and `tc filter show` list it.
+        if let Err(e) = tc::qdisc_add_clsact(iface) {
+            if !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
+            {
+                return Err(e).with_context(|| format!("adding the clsact qdisc to '{iface}'"));
+            }
+        }
+        links.tc = Some(
+            tc.attach_with_options(
+                iface,
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(NlOptions::default()),
+            )
+            .with_context(|| format!("attaching the tc program to '{iface}'"))?,
+        );
+        if with_xdp {
+            let xdp: &mut Xdp = program(&mut self.ebpf, names::PROG_XDP)?.try_into()?;
+            let attached = xdp
+                .attach_to_if_index(ifindex, XdpMode::Driver)
+                .or_else(|_| xdp.attach_to_if_index(ifindex, XdpMode::Skb));
+            match attached {
+                Ok(id) => links.xdp = Some(id),
+                Err(e) => {
+                    self.links.insert(ifindex, links);
+                    self.detach(ifindex);
+                    return Err(e)
+                        .with_context(|| format!("attaching the XDP program to '{iface}'"));
+                }
+            }
+        }
+        self.links.insert(ifindex, links);
+        Ok(())
+    }
+
+    /// Detaches whatever is attached to `ifindex`. Errors are ignored: the
+    /// device may already be gone, which detaches everything by itself.
+    pub fn detach(&mut self, ifindex: u32) {
+        let Some(links) = self.links.remove(&ifindex) else {
+            return;
+        };
+        if let Some(id) = links.xdp {
+            if let Ok(xdp) = program(&mut self.ebpf, names::PROG_XDP)
+                .and_then(|p| <&mut Xdp>::try_from(p).map_err(anyhow::Error::from))
+            {
+                let _ = xdp.detach(id);
+            }
+        }
+        if let Some(id) = links.tc {
+            if let Ok(tc) = program(&mut self.ebpf, names::PROG_TC)
+                .and_then(|p| <&mut SchedClassifier>::try_from(p).map_err(anyhow::Error::from))
+            {
+                let _ = tc.detach(id);
+            }
+        }
+    }
+
+    pub fn ports(&mut self) -> Result<HashMap<&mut MapData, u32, PortConfig>> {
+        Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_PORTS)?)?)
+    }
+
+    pub fn fdb(&mut self) -> Result<HashMap<&mut MapData, FdbKey, FdbEntry>> {
+        Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_FDB)?)?)
+    }
+
+    pub fn flood(&mut self) -> Result<HashMap<&mut MapData, FloodKey, FloodSet>> {
+        Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_FLOOD)?)?)
+    }
+
+    pub fn port_stats(&mut self) -> Result<PerCpuHashMap<&mut MapData, u32, PortStats>> {
+        Ok(PerCpuHashMap::try_from(map(
+            &mut self.ebpf,
+            names::MAP_PORT_STATS,
+        )?)?)
+    }
+
+    /// Creates (or zeroes) a port's counters.
+    pub fn reset_stats(&mut self, ifindex: u32) -> Result<()> {
+        let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        let zero = PerCpuValues::try_from(vec![PortStats::default(); cpus])?;
+        self.port_stats()?
+            .insert(ifindex, zero, 0)
+            .context("creating the port's counters")?;
+        Ok(())
+    }
+
+    /// Sums a port's per-CPU counters.
+    pub fn stats(&mut self, ifindex: u32) -> Result<PortStats> {
+        let mut total = PortStats::default();
+        if let Ok(values) = self.port_stats()?.get(&ifindex, 0) {
+            for v in values.iter() {
+                total.add(v);
+            }
+        }
+        Ok(total)
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        let ports: Vec<u32> = self.links.keys().copied().collect();
+        for ifindex in ports {
+            self.detach(ifindex);
+        }
+        // Pins outlive the process; a stopped daemon leaves none behind.
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
+}
+
+fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {
+    ebpf.map_mut(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}

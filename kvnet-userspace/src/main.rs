@@ -1,0 +1,191 @@
+//! `kvnet`: the daemon that owns the eBPF datapath, and its CLI.
+mod control;
+mod daemon;
+mod datapath;
+mod mac;
+mod netdev;
+mod output;
+mod switch;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::control::{call, FdbRow, Hook, NetInfo, PortInfo, PortStatsRow, Request};
+
+#[derive(Parser)]
+#[command(
+    name = "kvnet",
+    version,
+    about = "eBPF/XDP virtual switch and NAT for KVM hosts"
+)]
+struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, env = "KVNET_SOCKET", default_value = control::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon (as root): load the datapath and serve the CLI.
+    Daemon {
+        /// bpffs folder for kvnet's pinned programs and maps.
+        #[arg(long, env = "KVNET_PIN_DIR", default_value = control::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Turn the datapath's debug log (aya-log) on; off keeps it off the hot path.
+        #[arg(long)]
+        log_datapath: bool,
+    },
+    /// Networks (switch instances).
+    #[command(subcommand)]
+    Net(NetCmd),
+    /// Switch ports.
+    #[command(subcommand)]
+    Port(PortCmd),
+    /// The MAC table.
+    #[command(subcommand)]
+    Fdb(FdbCmd),
+    /// Per-port counters.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum NetCmd {
+    /// Create a network.
+    Add {
+        name: String,
+        /// Seconds before an idle learned MAC is forgotten.
+        #[arg(long)]
+        ageing: Option<u64>,
+    },
+    /// Delete a network and detach its ports.
+    Del { name: String },
+    /// List networks.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a network's settings.
+    Set {
+        name: String,
+        #[arg(long)]
+        ageing: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PortCmd {
+    /// Attach an interface (guest tap, veth end) to a network.
+    Add {
+        net: String,
+        iface: String,
+        /// Let frames go back out of the port they came in on.
+        #[arg(long)]
+        hairpin: bool,
+        #[arg(long, value_enum, default_value_t = Hook::Auto)]
+        hook: Hook,
+    },
+    /// Detach a port and forget its MACs.
+    Del { iface: String },
+    /// List ports.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum FdbCmd {
+    /// Show a network's MAC table.
+    Show {
+        net: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a static entry (never ages, never overwritten by learning).
+    Add {
+        net: String,
+        mac: String,
+        port: String,
+    },
+    /// Delete an entry.
+    Del { net: String, mac: String },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kvnet: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let sock = cli.socket.as_path();
+    let done = |r: Result<serde_json::Value>| r.map(|_| ());
+    match cli.cmd {
+        Cmd::Daemon {
+            pin_dir,
+            log_datapath,
+        } => daemon::run(daemon::Options {
+            socket: cli.socket.clone(),
+            pin_dir,
+            log_datapath,
+        }),
+        Cmd::Net(NetCmd::Add { name, ageing }) => done(call(
+            sock,
+            &Request::NetAdd {
+                name,
+                ageing_secs: ageing,
+            },
+        )),
+        Cmd::Net(NetCmd::Del { name }) => done(call(sock, &Request::NetDel { name })),
+        Cmd::Net(NetCmd::Set { name, ageing }) => done(call(
+            sock,
+            &Request::NetSet {
+                name,
+                ageing_secs: ageing,
+            },
+        )),
+        Cmd::Net(NetCmd::List { json }) => {
+            output::show::<Vec<NetInfo>>(call(sock, &Request::NetList)?, json, output::nets)
+        }
+        Cmd::Port(PortCmd::Add {
+            net,
+            iface,
+            hairpin,
+            hook,
+        }) => done(call(
+            sock,
+            &Request::PortAdd {
+                net,
+                iface,
+                hairpin,
+                hook,
+            },
+        )),
+        Cmd::Port(PortCmd::Del { iface }) => done(call(sock, &Request::PortDel { iface })),
+        Cmd::Port(PortCmd::List { json }) => {
+            output::show::<Vec<PortInfo>>(call(sock, &Request::PortList)?, json, output::ports)
+        }
+        Cmd::Fdb(FdbCmd::Show { net, json }) => {
+            output::show::<Vec<FdbRow>>(call(sock, &Request::FdbShow { net })?, json, output::fdb)
+        }
+        Cmd::Fdb(FdbCmd::Add { net, mac, port }) => {
+            done(call(sock, &Request::FdbAdd { net, mac, port }))
+        }
+        Cmd::Fdb(FdbCmd::Del { net, mac }) => done(call(sock, &Request::FdbDel { net, mac })),
+        Cmd::Stats { json } => {
+            output::show::<Vec<PortStatsRow>>(call(sock, &Request::Stats)?, json, output::stats)
+        }
+    }
+}

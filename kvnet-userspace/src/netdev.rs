@@ -1,0 +1,97 @@
+//! Network devices of the daemon's own network namespace. sysfs may show
+//! another namespace (nsenter --net keeps the mount namespace), so names,
+//! indexes and drivers come from ioctls, which follow the caller's netns.
+use std::{ffi::CString, io, os::fd::AsRawFd};
+
+use anyhow::{bail, Context, Result};
+
+pub fn ifindex(name: &str) -> Result<u32> {
+    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+        bail!("'{name}' is not a valid interface name (1-15 characters, no '/' or spaces)");
+    }
+    let c = CString::new(name).context("interface name")?;
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        bail!("interface '{name}' does not exist in this network namespace");
+    }
+    Ok(idx)
+}
+
+/// The current name of `ifindex`, or None when the device is gone.
+pub fn name_of(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+const ETHTOOL_GDRVINFO: u32 = 0x3;
+
+#[repr(C)]
+struct EthtoolDrvinfo {
+    cmd: u32,
+    driver: [u8; 32],
+    version: [u8; 32],
+    fw_version: [u8; 32],
+    bus_info: [u8; 32],
+    erom_version: [u8; 32],
+    reserved2: [u8; 12],
+    n_priv_flags: u32,
+    n_stats: u32,
+    testinfo_len: u32,
+    eedump_len: u32,
+    regdump_len: u32,
+}
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    data: *mut libc::c_void,
+    _pad: [u8; 16],
+}
+
+/// The kernel driver behind an interface ("veth", "tun", "virtio_net"...).
+pub fn driver(name: &str) -> Result<String> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::]:0"))
+        .context("socket for the ethtool ioctl")?;
+    let mut info: EthtoolDrvinfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    let mut req = IfReq {
+        name: [0; 16],
+        data: &mut info as *mut _ as *mut libc::c_void,
+        _pad: [0; 16],
+    };
+    let n = name.len().min(15);
+    req.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL as _, &mut req) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("driver of interface '{name}'"));
+    }
+    let end = info
+        .driver
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(info.driver.len());
+    Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_exists_and_bad_names_are_refused() {
+        assert_eq!(ifindex("lo").unwrap(), 1);
+        assert_eq!(name_of(1).as_deref(), Some("lo"));
+        let e = ifindex("no-such-if0").unwrap_err().to_string();
+        assert!(e.contains("does not exist"), "{e}");
+        assert!(ifindex("a b").is_err());
+        assert!(ifindex("waytoolonginterfacename").is_err());
+    }
+}

@@ -1,0 +1,142 @@
+//! Human-readable tables for the CLI; `--json` prints the daemon's data.
+use anyhow::{Context, Result};
+use serde::de::DeserializeOwned;
+
+use crate::control::{FdbRow, NetInfo, PortInfo, PortStatsRow};
+
+pub fn show<T: DeserializeOwned>(
+    data: serde_json::Value,
+    json: bool,
+    table: fn(&T) -> Vec<Vec<String>>,
+) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+        return Ok(());
+    }
+    let rows: T = serde_json::from_value(data).context("unexpected answer from the daemon")?;
+    print!("{}", render(&table(&rows)));
+    Ok(())
+}
+
+/// Left-aligned columns, two spaces apart; the first row is the header.
+pub fn render(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.len())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("{:w$}", s, w = widths[i]))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn header(cols: &[&str]) -> Vec<String> {
+    cols.iter().map(|s| s.to_uppercase()).collect()
+}
+
+pub fn nets(nets: &Vec<NetInfo>) -> Vec<Vec<String>> {
+    let mut rows = vec![header(&["name", "id", "mode", "ageing", "ports"])];
+    for n in nets {
+        rows.push(vec![
+            n.name.clone(),
+            n.id.to_string(),
+            n.mode.clone(),
+            format!("{}s", n.ageing_secs),
+            n.ports.join(","),
+        ]);
+    }
+    rows
+}
+
+pub fn ports(ports: &Vec<PortInfo>) -> Vec<Vec<String>> {
+    let mut rows = vec![header(&[
+        "port", "ifindex", "network", "driver", "hook", "attached", "hairpin",
+    ])];
+    for p in ports {
+        rows.push(vec![
+            p.iface.clone(),
+            p.ifindex.to_string(),
+            p.net.clone(),
+            p.driver.clone(),
+            format!("{:?}", p.hook).to_lowercase(),
+            p.attached.clone(),
+            if p.hairpin { "on" } else { "off" }.into(),
+        ]);
+    }
+    rows
+}
+
+pub fn fdb(fdb: &Vec<FdbRow>) -> Vec<Vec<String>> {
+    let mut rows = vec![header(&["mac", "vlan", "port", "kind", "age"])];
+    for e in fdb {
+        rows.push(vec![
+            e.mac.clone(),
+            e.vlan.to_string(),
+            e.port.clone(),
+            e.kind.clone(),
+            e.age_secs
+                .map(|a| format!("{a:.1}s"))
+                .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    rows
+}
+
+pub fn stats(stats: &Vec<PortStatsRow>) -> Vec<Vec<String>> {
+    let mut rows = vec![header(&[
+        "port", "network", "rx_pkts", "rx_bytes", "tx_pkts", "tx_bytes", "xdp_seen", "tc_seen",
+        "flooded", "drops",
+    ])];
+    for s in stats {
+        let drops: Vec<String> = s
+            .drops
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect();
+        rows.push(vec![
+            s.port.clone(),
+            s.net.clone(),
+            s.rx_packets.to_string(),
+            s.rx_bytes.to_string(),
+            s.tx_packets.to_string(),
+            s.tx_bytes.to_string(),
+            s.xdp_seen.to_string(),
+            s.tc_seen.to_string(),
+            s.flooded.to_string(),
+            if drops.is_empty() {
+                "0".into()
+            } else {
+                drops.join(",")
+            },
+        ]);
+    }
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_align() {
+        let t = render(&[
+            vec!["A".into(), "BB".into()],
+            vec!["ccc".into(), "d".into()],
+        ]);
+        assert_eq!(t, "A    BB\nccc  d\n");
+    }
+}
