@@ -1,0 +1,157 @@
+//! Running kvnet in a lab: the daemon in the hypervisor namespace, the CLI
+//! talking to it over the lab's control socket.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::{Lab, Proc};
+
+/// The kvnet binary under test: `$KVNET_BIN` (set by `cargo xtask test`),
+/// else the workspace's release or debug build.
+pub fn kvnet_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("KVNET_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for profile in ["release", "debug"] {
+        let p = root.join("target").join(profile).join("kvnet");
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("kvnet binary not found: set KVNET_BIN or run `cargo xtask build`")
+}
+
+/// A kvnet daemon running in a lab's hypervisor namespace.
+pub struct Kvnet {
+    bin: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+    daemon: Option<Proc>,
+}
+
+impl Kvnet {
+    /// Starts `kvnet daemon` in the lab's hv namespace with the lab's pin
+    /// folder and socket, and waits until it answers.
+    pub fn start(lab: &Lab) -> Result<Kvnet> {
+        Self::start_with(lab, &[])
+    }
+
+    pub fn start_with(lab: &Lab, extra: &[&str]) -> Result<Kvnet> {
+        crate::mount_bpffs_if_needed()?;
+        let bin = kvnet_bin()?;
+        let socket = lab.socket_path();
+        let log = lab.work_dir().join("kvnet-daemon.log");
+        let log_file =
+            std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--socket")
+            .arg(&socket)
+            .arg("daemon")
+            .arg("--pin-dir")
+            .arg(lab.pin_dir());
+        cmd.args(extra);
+        cmd.stdout(Stdio::null()).stderr(log_file);
+        let daemon = lab.spawn(lab.hv(), cmd)?;
+        let mut k = Kvnet {
+            bin,
+            socket,
+            log,
+            daemon: Some(daemon),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if k.try_cli(&["net", "list", "--json"])?.status.success() {
+                return Ok(k);
+            }
+            if let Some(d) = &k.daemon {
+                if !d.is_running() {
+                    bail!("kvnet daemon exited at start:\n{}", k.daemon_log());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kvnet daemon did not answer within 20 s:\n{}",
+                    k.daemon_log()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// Runs `kvnet ARGS` against this daemon and returns the raw output.
+    pub fn try_cli(&self, args: &[&str]) -> Result<Output> {
+        Command::new(&self.bin)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .with_context(|| format!("run {} {}", self.bin.display(), args.join(" ")))
+    }
+
+    /// Runs `kvnet ARGS`, which must succeed; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = self.try_cli(args)?;
+        if !out.status.success() {
+            return Err(anyhow!(
+                "`kvnet {}` failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `kvnet ARGS`, which must fail; returns stderr.
+    pub fn cli_err(&self, args: &[&str]) -> Result<String> {
+        let out = self.try_cli(args)?;
+        if out.status.success() {
+            bail!(
+                "`kvnet {}` succeeded but should have failed",
+                args.join(" ")
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// Runs a show/list command with `--json` and parses it.
+    pub fn json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.cli(&a)?;
+        serde_json::from_str(&out)
+            .with_context(|| format!("parse JSON of `kvnet {}`: {out}", a.join(" ")))
+    }
+
+    /// Whether the daemon process is still alive.
+    pub fn daemon_running(&self) -> bool {
+        self.daemon.as_ref().is_some_and(|d| d.is_running())
+    }
+
+    /// Stops the daemon with SIGTERM (it detaches and unpins everything).
+    pub fn stop(mut self) -> Result<std::process::ExitStatus> {
+        let d = self
+            .daemon
+            .take()
+            .ok_or_else(|| anyhow!("daemon already stopped"))?;
+        d.stop()
+    }
+}

@@ -1,0 +1,478 @@
+//! Issue: L2 switching in the fast path. Every test builds its own lab,
+//! runs a real kvnet daemon in it and asserts on frames where they arrive.
+use std::{
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use kvnet_tests::{
+    count_frames, eth_frame, inject, kvnet::Kvnet, lab::privileged, mac_fmt, Capture, GuestPort,
+    Lab,
+};
+use serde_json::Value;
+
+/// No IPv6 chatter (router solicitations, DAD) that would refresh FDB
+/// entries or pollute captures behind the test's back.
+fn quiet(g: &GuestPort) {
+    g.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.eth0.disable_ipv6=1")
+        .unwrap();
+}
+
+fn guests(lab: &Lab, specs: &[(&str, &str)]) -> Vec<GuestPort> {
+    specs
+        .iter()
+        .map(|(port, ip)| {
+            let g = lab.add_guest_with(port, Some(ip)).unwrap();
+            quiet(&g);
+            g
+        })
+        .collect()
+}
+
+fn ping(g: &GuestPort, ip: &str) -> bool {
+    g.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "1", ip])
+        .is_ok()
+}
+
+fn fdb(k: &Kvnet, net: &str) -> Vec<Value> {
+    k.json(&["fdb", "show", net])
+        .unwrap()
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn fdb_port_of(k: &Kvnet, net: &str, mac: &[u8; 6]) -> Option<String> {
+    let mac = mac_fmt(mac);
+    fdb(k, net)
+        .iter()
+        .find(|e| e["mac"] == mac.as_str())
+        .map(|e| e["port"].as_str().unwrap_or("").to_string())
+}
+
+#[test]
+fn networks_are_isolated_from_each_other() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    // Both networks use one subnet: any leak (ARP broadcast included) would
+    // be answered and show up in the other side's capture.
+    let a = guests(
+        &lab,
+        &[
+            ("a1", "10.1.0.1/24"),
+            ("a2", "10.1.0.2/24"),
+            ("a3", "10.1.0.3/24"),
+        ],
+    );
+    let b = guests(&lab, &[("b1", "10.1.0.11/24"), ("b2", "10.1.0.12/24")]);
+    let k = Kvnet::start(&lab).unwrap();
+    k.cli(&["net", "add", "A"]).unwrap();
+    k.cli(&["net", "add", "B"]).unwrap();
+    for g in &a {
+        k.cli(&["port", "add", "A", &g.hv_if]).unwrap();
+    }
+    for g in &b {
+        k.cli(&["port", "add", "B", &g.hv_if]).unwrap();
+    }
+    let caps_b: Vec<Capture> = b
+        .iter()
+        .map(|g| Capture::start(&g.ns, "eth0").unwrap())
+        .collect();
+    let caps_a: Vec<Capture> = a
+        .iter()
+        .map(|g| Capture::start(&g.ns, "eth0").unwrap())
+        .collect();
+
+    for (x, y) in [(0, 1), (0, 2), (1, 2), (2, 0)] {
+        assert!(
+            ping(&a[x], &format!("10.1.0.{}", y + 1)),
+            "A: guest {x} -> {y}"
+        );
+    }
+    assert!(ping(&b[0], "10.1.0.12"), "B: b1 -> b2");
+    assert!(!ping(&a[0], "10.1.0.11"), "A reached B");
+    assert!(!ping(&b[1], "10.1.0.1"), "B reached A");
+    // TCP between two guests of A.
+    let mut srv = Command::new("iperf3");
+    srv.args(["-s", "-1", "-B", "10.1.0.2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    lab.spawn(&a[1].ns, srv).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    a[0].exec(&["iperf3", "-c", "10.1.0.2", "-n", "2M"])
+        .unwrap();
+    // A broadcast injected on A.
+    inject(
+        &a[0].ns,
+        "eth0",
+        &[eth_frame([0xff; 6], a[0].mac, 0x88b5, b"kvnet-A-bcast")],
+    )
+    .unwrap();
+
+    let a_macs: Vec<[u8; 6]> = a.iter().map(|g| g.mac).collect();
+    let b_macs: Vec<[u8; 6]> = b.iter().map(|g| g.mac).collect();
+    for (cap, g) in caps_b.into_iter().zip(&b) {
+        let frames = cap.stop().unwrap();
+        let leaked = count_frames(&frames, |f| a_macs.contains(&f.src_mac()));
+        assert_eq!(leaked, 0, "{} saw A's frames: {frames:?}", g.hv_if);
+        assert!(
+            count_frames(&frames, |f| b_macs.contains(&f.src_mac())) > 0,
+            "capture on {} saw nothing at all",
+            g.hv_if
+        );
+    }
+    for (cap, g) in caps_a.into_iter().zip(&a) {
+        let frames = cap.stop().unwrap();
+        assert_eq!(
+            count_frames(&frames, |f| b_macs.contains(&f.src_mac())),
+            0,
+            "{} saw B's frames",
+            g.hv_if
+        );
+        if g.hv_if != "a1" {
+            assert_eq!(
+                count_frames(&frames, |f| f.is_broadcast() && f.ethertype() == 0x88b5),
+                1,
+                "A's broadcast on {}",
+                g.hv_if
+            );
+        }
+    }
+}
+
+#[test]
+fn fdb_learns_ports_and_known_unicast_reaches_only_its_destination() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let g = guests(
+        &lab,
+        &[
+            ("p1", "10.2.0.1/24"),
+            ("p2", "10.2.0.2/24"),
+            ("p3", "10.2.0.3/24"),
+        ],
+    );
+    let k = Kvnet::start(&lab).unwrap();
+    k.cli(&["net", "add", "lan"]).unwrap();
+    for x in &g {
+        k.cli(&["port", "add", "lan", &x.hv_if, "--hook", "tc"])
+            .unwrap();
+    }
+    assert!(ping(&g[0], "10.2.0.2"));
+    assert_eq!(fdb_port_of(&k, "lan", &g[0].mac).as_deref(), Some("p1"));
+    assert_eq!(fdb_port_of(&k, "lan", &g[1].mac).as_deref(), Some("p2"));
+    assert_eq!(
+        fdb_port_of(&k, "lan", &g[2].mac),
+        None,
+        "p3 has said nothing yet"
+    );
+
+    let c2 = Capture::start(&g[1].ns, "eth0").unwrap();
+    let c3 = Capture::start(&g[2].ns, "eth0").unwrap();
+    let unknown = [0x02, 0, 0, 0, 0, 0x99];
+    inject(
+        &g[0].ns,
+        "eth0",
+        &[eth_frame(unknown, g[0].mac, 0x88b5, b"unknown-unicast")],
+    )
+    .unwrap();
+    inject(
+        &g[0].ns,
+        "eth0",
+        &[eth_frame(g[1].mac, g[0].mac, 0x88b5, b"known-unicast")],
+    )
+    .unwrap();
+    assert!(ping(&g[0], "10.2.0.2"));
+    let f2 = c2.stop().unwrap();
+    let f3 = c3.stop().unwrap();
+    let unk = |f: &kvnet_tests::Frame| f.dst_mac() == unknown;
+    assert_eq!(count_frames(&f2, unk), 1, "unknown unicast floods to p2");
+    assert_eq!(count_frames(&f3, unk), 1, "unknown unicast floods to p3");
+    let to_g2 = |f: &kvnet_tests::Frame| f.dst_mac() == g[1].mac;
+    assert!(
+        count_frames(&f2, to_g2) >= 3,
+        "known unicast reaches p2: {f2:?}"
+    );
+    assert_eq!(
+        count_frames(&f3, to_g2),
+        0,
+        "p3 captured unicast for p2: {f3:?}"
+    );
+
+    // The listing agrees with JSON and names the VLAN column.
+    let table = k.cli(&["fdb", "show", "lan"]).unwrap();
+    assert!(
+        table.contains("VLAN") && table.contains(&mac_fmt(&g[0].mac)),
+        "{table}"
+    );
+    let stats = k.json(&["stats"]).unwrap();
+    let p1 = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["port"] == "p1")
+        .unwrap();
+    assert!(
+        p1["rx_packets"].as_u64().unwrap() >= 5 && p1["tc_seen"].as_u64().unwrap() >= 5,
+        "{p1}"
+    );
+}
+
+fn iperf(lab: &Lab, client: &GuestPort, server: &GuestPort, server_ip: &str) -> f64 {
+    let mut srv = Command::new("iperf3");
+    srv.args(["-s", "-1", "-B", server_ip])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    lab.spawn(&server.ns, srv).unwrap();
+    let before = csum_errors(server);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let out = loop {
+        let o = client.exec(&["iperf3", "-c", server_ip, "-t", "2", "-J"]);
+        match o {
+            Ok(o) => break o,
+            Err(e) if Instant::now() > deadline => panic!("iperf3 never connected: {e:#}"),
+            Err(_) => thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let received = &v["end"]["sum_received"];
+    assert!(
+        received["bytes"].as_u64().unwrap() > 10_000_000,
+        "iperf3 moved too little: {received}"
+    );
+    assert_eq!(
+        csum_errors(server),
+        before,
+        "TCP checksum errors at the receiver"
+    );
+    received["bits_per_second"].as_f64().unwrap()
+}
+
+/// Segments the receiver's TCP dropped for bad checksums.
+fn csum_errors(g: &GuestPort) -> u64 {
+    let snmp = g.sh("cat /proc/net/snmp").unwrap();
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (hdr, val) = (lines.next().unwrap(), lines.next().unwrap());
+    let i = hdr
+        .split_whitespace()
+        .position(|h| h == "InCsumErrors")
+        .unwrap();
+    val.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+#[test]
+fn tcp_bulk_with_default_offloads_on_each_hook() {
+    if !privileged() {
+        return;
+    }
+    for hook in ["tc", "xdp", "auto"] {
+        let lab = Lab::new().unwrap();
+        let g = guests(&lab, &[("t1", "10.3.0.1/24"), ("t2", "10.3.0.2/24")]);
+        let k = Kvnet::start(&lab).unwrap();
+        k.cli(&["net", "add", "bulk"]).unwrap();
+        for x in &g {
+            k.cli(&["port", "add", "bulk", &x.hv_if, "--hook", hook])
+                .unwrap();
+        }
+        let bps = iperf(&lab, &g[0], &g[1], "10.3.0.2");
+        println!(
+            "iperf3 TCP guest-to-guest, hook {hook}: {:.2} Gbit/s",
+            bps / 1e9
+        );
+        let ports = k.json(&["port", "list"]).unwrap();
+        let attached = ports[0]["attached"].as_str().unwrap().to_string();
+        assert_eq!(
+            attached,
+            if hook == "xdp" { "xdp+tc" } else { "tc" },
+            "hook {hook}"
+        );
+    }
+}
+
+#[test]
+fn ageing_forgets_idle_macs_but_keeps_static_ones() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let g = guests(&lab, &[("p1", "10.4.0.1/24"), ("p2", "10.4.0.2/24")]);
+    let k = Kvnet::start(&lab).unwrap();
+    k.cli(&["net", "add", "age", "--ageing", "300"]).unwrap();
+    for x in &g {
+        k.cli(&["port", "add", "age", &x.hv_if]).unwrap();
+    }
+    k.cli(&["net", "set", "age", "--ageing", "2"]).unwrap();
+    k.cli(&["fdb", "add", "age", "52:54:00:aa:bb:cc", "p2"])
+        .unwrap();
+    // Pin the neighbours so no ARP refreshes the entries while we wait.
+    g[0].sh(&format!(
+        "ip neigh replace 10.4.0.2 lladdr {} dev eth0",
+        mac_fmt(&g[1].mac)
+    ))
+    .unwrap();
+    g[1].sh(&format!(
+        "ip neigh replace 10.4.0.1 lladdr {} dev eth0",
+        mac_fmt(&g[0].mac)
+    ))
+    .unwrap();
+    assert!(ping(&g[0], "10.4.0.2"));
+    assert_eq!(fdb_port_of(&k, "age", &g[0].mac).as_deref(), Some("p1"));
+    let idle_since = Instant::now();
+    loop {
+        if fdb_port_of(&k, "age", &g[0].mac).is_none() {
+            break;
+        }
+        assert!(
+            idle_since.elapsed() < Duration::from_secs(8),
+            "idle MAC never aged out: {:?}",
+            fdb(&k, "age")
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        idle_since.elapsed() >= Duration::from_millis(1500),
+        "aged out too early"
+    );
+    let rows = fdb(&k, "age");
+    let stat = rows
+        .iter()
+        .find(|e| e["mac"] == "52:54:00:aa:bb:cc")
+        .expect("static entry kept");
+    assert_eq!(stat["kind"], "static");
+    assert_eq!(stat["port"], "p2");
+    // Learning never overwrites a static entry: a frame from that MAC on p1.
+    inject(
+        &g[0].ns,
+        "eth0",
+        &[eth_frame(
+            [0xff; 6],
+            [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc],
+            0x88b5,
+            b"spoof",
+        )],
+    )
+    .unwrap();
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        fdb_port_of(&k, "age", &[0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]).as_deref(),
+        Some("p2")
+    );
+}
+
+#[test]
+fn a_vanishing_guest_is_dropped_and_the_others_keep_talking() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let g = guests(
+        &lab,
+        &[
+            ("p1", "10.5.0.1/24"),
+            ("p2", "10.5.0.2/24"),
+            ("p3", "10.5.0.3/24"),
+        ],
+    );
+    let k = Kvnet::start(&lab).unwrap();
+    k.cli(&["net", "add", "n"]).unwrap();
+    for x in &g {
+        k.cli(&["port", "add", "n", &x.hv_if]).unwrap();
+    }
+    // p3 talks to p1 continuously while its veth is deleted.
+    let mut flood = Command::new("ping");
+    flood
+        .args(["-i", "0.01", "-w", "5", "10.5.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    lab.spawn(&g[2].ns, flood).unwrap();
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(fdb_port_of(&k, "n", &g[2].mac).as_deref(), Some("p3"));
+    lab.exec(lab.hv(), &["ip", "link", "del", "p3"]).unwrap();
+    let t = Instant::now();
+    loop {
+        let ports = k.json(&["port", "list"]).unwrap();
+        if ports.as_array().unwrap().iter().all(|p| p["iface"] != "p3") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "p3 still listed: {ports}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(k.daemon_running(), "daemon died:\n{}", k.daemon_log());
+    assert_eq!(fdb_port_of(&k, "n", &g[2].mac), None, "p3's MAC flushed");
+    assert!(ping(&g[0], "10.5.0.2"), "p1 and p2 still talk");
+    assert!(
+        k.daemon_log().contains("port p3 vanished"),
+        "{}",
+        k.daemon_log()
+    );
+}
+
+#[test]
+fn bad_input_is_refused_clearly_and_changes_nothing() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let g = guests(&lab, &[("p1", "10.6.0.1/24")]);
+    let k = Kvnet::start(&lab).unwrap();
+    k.cli(&["net", "add", "one"]).unwrap();
+    k.cli(&["net", "add", "two"]).unwrap();
+    k.cli(&["port", "add", "one", &g[0].hv_if]).unwrap();
+    let state = |k: &Kvnet| {
+        (
+            k.json(&["net", "list"]).unwrap(),
+            k.json(&["port", "list"]).unwrap(),
+            fdb(k, "one"),
+        )
+    };
+    let before = state(&k);
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["port", "add", "one", "p1"],
+            "already a port of network 'one'",
+        ),
+        (
+            &["port", "add", "two", "p1"],
+            "already a port of network 'one'",
+        ),
+        (
+            &["port", "add", "one", "nosuch0"],
+            "interface 'nosuch0' does not exist",
+        ),
+        (&["port", "add", "nonet", "p1"], "no network named 'nonet'"),
+        (
+            &["fdb", "add", "one", "52:54:00:zz:00:01", "p1"],
+            "invalid MAC address '52:54:00:zz:00:01'",
+        ),
+        (
+            &["fdb", "add", "one", "ff:ff:ff:ff:ff:ff", "p1"],
+            "multicast",
+        ),
+        (
+            &["net", "add", "has space"],
+            "invalid network name 'has space'",
+        ),
+        (&["net", "add", "one"], "network 'one' already exists"),
+        (&["net", "set", "one", "--ageing", "0"], "at least 1 second"),
+        (&["port", "del", "p9"], "'p9' is not a kvnet port"),
+    ];
+    for (args, want) in cases {
+        let err = k.cli_err(args).unwrap();
+        assert!(
+            err.contains(want),
+            "`kvnet {}`: expected {want:?} in {err:?}",
+            args.join(" ")
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one clear line: {err:?}");
+        assert!(err.starts_with("kvnet: error: "), "{err:?}");
+    }
+    assert_eq!(state(&k), before, "a refused command changed the state");
+}
