@@ -19,6 +19,9 @@ pub fn test(opts: &Options) -> Result<()> {
     let kvnet = build::kvnet()?;
     let mut results = Vec::new();
 
+    // Setup ran above; run it again in check mode: it must find everything
+    // present and install nothing (setup is idempotent).
+    results.push(phase("setup again: nothing to install", setup::ensure(setup::Mode::Check)));
     results.push(phase("unit tests", unit_tests(&opts.harness_args)));
     if !opts.unit_only {
         let built = phase("end-to-end build", build::e2e_tests());
