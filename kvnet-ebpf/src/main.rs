@@ -9,6 +9,7 @@
 #![no_std]
 #![no_main]
 
+mod bench;
 mod csum;
 mod fdb;
 mod maps;

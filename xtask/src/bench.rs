@@ -1,9 +1,762 @@
-//! `cargo xtask bench`: placeholder until the benchmark harness lands.
+//! `cargo xtask bench [--quick]`: kvnet and the kernel's own paths, side by
+//! side in one run on one lab topology (see docs/bench.md for a report).
+//!
+//! Scenarios and configurations (each measured in turn, round-robin over
+//! the repeats so that machine noise spreads over all of them):
+//! * L2 guest-to-guest (g1 -> g2 through the hv namespace's veths p1, p2):
+//!   Linux bridge, kvnet `--hook tc`, kvnet `--hook xdp`, and the limit
+//!   (`bench_redirect`: a tc program that only redirects p1 <-> p2).
+//! * Guest-to-outside (g1 -> `out` over the uplink up0): Linux routing,
+//!   Linux bridge + iptables MASQUERADE (libvirt's shape), nftables
+//!   masquerade with a flowtable. kvnet has no L3 yet (issues 5, 6).
+//! * Per-packet program cost through BPF_PROG_RUN and FDB scale.
+//!
+//! Output: target/bench/{report.md, results.json, bench.png}.
 
-use anyhow::Result;
+mod chart;
+mod report;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use kvnet_tests::kvnet::Kvnet;
+use kvnet_tests::lab::{GuestPort, Lab};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{build, cmd, run, setup, workspace_root};
+
+/// Knobs that differ between `--quick` and the full run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub quick: bool,
+    pub repeats: usize,
+    pub iperf_secs: u32,
+    pub pings: u32,
+    pub gen_frames: u32,
+    pub cost_sizes: String,
+    pub cost_repeat: u32,
+    pub install_entries: u32,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                quick,
+                repeats: 1,
+                iperf_secs: 2,
+                pings: 200,
+                gen_frames: 1 << 18,
+                cost_sizes: "10,10000,1000000".into(),
+                cost_repeat: 200_000,
+                install_entries: 10_000,
+            }
+        } else {
+            Plan {
+                quick,
+                repeats: 3,
+                iperf_secs: 5,
+                pings: 500,
+                gen_frames: 1 << 20,
+                cost_sizes: "10,10000,1000000".into(),
+                cost_repeat: 1_000_000,
+                install_entries: 100_000,
+            }
+        }
+    }
+}
+
+/// One measured quantity: every repeat's value kept.
+#[derive(Clone, Debug, Serialize)]
+pub struct Series {
+    pub scenario: String,
+    pub config: String,
+    pub metric: String,
+    pub unit: String,
+    pub values: Vec<f64>,
+    /// Why there is no value (failed or not applicable), if so.
+    pub note: Option<String>,
+}
+
+impl Series {
+    pub fn median(&self) -> Option<f64> {
+        median(&self.values)
+    }
+}
+
+pub fn median(v: &[f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    Some(if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    })
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let i = ((p / 100.0) * (s.len() - 1) as f64).round() as usize;
+    s[i.min(s.len() - 1)]
+}
+
+#[derive(Default, Serialize)]
+pub struct Results {
+    pub machine: BTreeMap<String, String>,
+    pub plan: Option<Plan>,
+    pub series: Vec<Series>,
+    /// Raw output of the per-packet cost runs.
+    pub cost: Value,
+    pub scale: BTreeMap<String, Value>,
+    pub notes: Vec<String>,
+}
+
+impl Results {
+    fn add(&mut self, scenario: &str, config: &str, metric: &str, unit: &str, v: f64) {
+        self.series_mut(scenario, config, metric, unit).values.push(v);
+    }
+    fn fail(&mut self, scenario: &str, config: &str, metric: &str, unit: &str, why: String) {
+        eprintln!("bench:   {scenario}/{config}/{metric}: {why}");
+        let s = self.series_mut(scenario, config, metric, unit);
+        if s.note.is_none() {
+            s.note = Some(why);
+        }
+    }
+    fn series_mut(&mut self, scenario: &str, config: &str, metric: &str, unit: &str) -> &mut Series {
+        let pos = self
+            .series
+            .iter()
+            .position(|s| s.scenario == scenario && s.config == config && s.metric == metric);
+        let i = match pos {
+            Some(i) => i,
+            None => {
+                self.series.push(Series {
+                    scenario: scenario.into(),
+                    config: config.into(),
+                    metric: metric.into(),
+                    unit: unit.into(),
+                    values: Vec::new(),
+                    note: None,
+                });
+                self.series.len() - 1
+            }
+        };
+        &mut self.series[i]
+    }
+    pub fn get(&self, scenario: &str, config: &str, metric: &str) -> Option<&Series> {
+        self.series
+            .iter()
+            .find(|s| s.scenario == scenario && s.config == config && s.metric == metric)
+    }
+}
 
 pub fn bench(quick: bool) -> Result<()> {
-    let mode = if quick { " (--quick)" } else { "" };
-    println!("bench{mode}: not yet implemented; nothing was run");
+    setup::ensure(setup::Mode::Quiet)?;
+    let started = Instant::now();
+    let kvnet = build::kvnet()?;
+    let mut c = build::cargo();
+    c.args(["build", build::PROFILE_FLAG, "-p", "kvnet-userspace", "--bin", "kvnet-bench"]);
+    println!("build: {}", cmd::display(&c));
+    cmd::run(&mut c)?;
+    let helper = kvnet.with_file_name("kvnet-bench");
+    if !cmd::is_root() {
+        // Namespaces and BPF need root: this same invocation again under sudo.
+        let me = std::env::current_exe().context("locating the xtask executable")?;
+        let args: Vec<_> = std::env::args_os().skip(1).collect();
+        return cmd::run(&mut run::as_root(&me, &args)?);
+    }
+    run_as_root(quick, &kvnet, &helper, started)
+}
+
+/// The measuring part, as root (re-executed under sudo by [`bench`]).
+pub fn run_as_root(quick: bool, kvnet: &Path, helper: &Path, started: Instant) -> Result<()> {
+    std::env::set_var("KVNET_BIN", kvnet);
+    let plan = Plan::new(quick);
+    let out_dir = workspace_root().join("target").join("bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let mut res = Results {
+        machine: machine_info(),
+        plan: Some(plan.clone()),
+        ..Default::default()
+    };
+    println!(
+        "bench: {} run: {} repeat(s), iperf3 -t {}, {} pings, {} generated frames",
+        if quick { "quick" } else { "full" },
+        plan.repeats,
+        plan.iperf_secs,
+        plan.pings,
+        plan.gen_frames
+    );
+    {
+        let mut b = Bench::new(&plan, helper)?;
+        b.l2(&mut res)?;
+        b.scale(&mut res)?;
+        b.routed(&mut res)?;
+        b.cost(&mut res)?;
+        b.notes(&mut res);
+        // The lab (namespaces, daemon, pins) goes away here.
+    }
+    res.machine.insert(
+        "bench wall time".into(),
+        format!("{:.0} s", started.elapsed().as_secs_f64()),
+    );
+    let json = serde_json::to_string_pretty(&res)?;
+    std::fs::write(out_dir.join("results.json"), json)?;
+    let md = report::markdown(&res);
+    std::fs::write(out_dir.join("report.md"), &md)?;
+    if let Err(e) = chart::draw(&res, &out_dir.join("bench.png")) {
+        eprintln!("bench: chart not drawn: {e:#}");
+    }
+    println!("{md}");
+    println!(
+        "bench: wrote {}/{{report.md,results.json,bench.png}} in {:.0} s",
+        out_dir.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
+}
+
+/// Why nftables flowtables cannot work on this kernel, if the kernel says so.
+fn kernel_lacks_flowtable() -> Option<String> {
+    let out = Command::new("sh")
+        .args(["-c", "zcat /proc/config.gz 2>/dev/null | grep -E '^(# )?CONFIG_NF_FLOW_TABLE[ =]'"])
+        .output()
+        .ok()?;
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    line.contains("is not set")
+        .then(|| format!("not available: the kernel is built without flowtables ({line})"))
+}
+
+fn machine_info() -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    m.insert("kernel".into(), kernel.trim().to_string());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    m.insert("cpu".into(), model);
+    m.insert(
+        "cores".into(),
+        std::thread::available_parallelism()
+            .map(|n| n.get().to_string())
+            .unwrap_or_default(),
+    );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    m.insert("loadavg at start".into(), load.trim().to_string());
+    let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    if let Some(l) = mem.lines().next() {
+        m.insert("memory".into(), l.trim_start_matches("MemTotal:").trim().into());
+    }
+    for (k, args) in [
+        ("iperf3", vec!["iperf3", "--version"]),
+        ("nft", vec!["nft", "--version"]),
+        ("iptables", vec!["iptables", "--version"]),
+    ] {
+        if let Ok(o) = Command::new(args[0]).args(&args[1..]).output() {
+            let s = String::from_utf8_lossy(&o.stdout);
+            m.insert(k.into(), s.lines().next().unwrap_or("").trim().to_string());
+        }
+    }
+    m
+}
+
+const L2: &str = "L2 guest-to-guest";
+const OUT: &str = "guest-to-outside";
+pub const L2_CONFIGS: &[&str] = &["linux-bridge", "kvnet-tc", "kvnet-xdp", "limit-redirect"];
+pub const OUT_CONFIGS: &[&str] = &["linux-routed", "bridge+iptables-masq", "nft-masq", "nft-masq+flowtable"];
+const G1_IP: &str = "10.0.0.1";
+const G2_IP: &str = "10.0.0.2";
+const GW_IP: &str = "10.0.0.254";
+const UP_HV: &str = "192.168.77.1";
+const UP_OUT: &str = "192.168.77.2";
+
+struct Bench<'p> {
+    plan: &'p Plan,
+    helper: PathBuf,
+    lab: Lab,
+    kv: Kvnet,
+    g1: GuestPort,
+    g2: GuestPort,
+    out_ns: String,
+    /// Pins of the bench programs (bench_redirect, bench_sink, bench_gen).
+    pins: PathBuf,
+}
+
+fn mac_str(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+impl<'p> Bench<'p> {
+    fn new(plan: &'p Plan, helper: &Path) -> Result<Self> {
+        println!("bench: lab: hv namespace, guests g1 ({G1_IP}) and g2 ({G2_IP}) on veths p1, p2, outside on up0");
+        let lab = Lab::new().context("creating the lab")?;
+        let g1 = lab.add_guest_with("p1", Some(&format!("{G1_IP}/24")))?;
+        let g2 = lab.add_guest_with("p2", Some(&format!("{G2_IP}/24")))?;
+        let out = lab.add_outside()?;
+        let kv = Kvnet::start(&lab).context("starting the kvnet daemon")?;
+        let pins = PathBuf::from(format!("{}-bench", lab.pin_dir().display()));
+        lab.remove_on_drop(&pins);
+        let b = Bench {
+            plan,
+            helper: helper.to_path_buf(),
+            g1,
+            g2,
+            out_ns: out.ns.clone(),
+            kv,
+            lab,
+            pins,
+        };
+        b.helper_in(b.lab.hv(), &["setup", &b.pins.display().to_string()])
+            .context("pinning the bench programs")?;
+        // Servers for the whole run (the lab stops them).
+        for ns in [b.g2.ns.clone(), b.out_ns.clone()] {
+            let mut c = Command::new("iperf3");
+            c.args(["-s", "-i", "0"]).stdout(std::process::Stdio::null());
+            b.lab.spawn(&ns, c)?;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(b)
+    }
+
+    fn hv(&self, args: &[&str]) -> Result<String> {
+        let o = self.lab.exec(self.lab.hv(), args)?;
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    fn helper_in(&self, ns: &str, args: &[&str]) -> Result<Value> {
+        let mut full = vec![self.helper.to_str().unwrap_or("kvnet-bench")];
+        full.extend_from_slice(args);
+        let o = self.lab.exec(ns, &full)?;
+        let s = String::from_utf8_lossy(&o.stdout);
+        serde_json::from_str(s.trim()).with_context(|| format!("kvnet-bench output {s:?}"))
+    }
+
+    // ---- configurations -------------------------------------------------
+
+    fn l2_up(&self, config: &str) -> Result<()> {
+        match config {
+            "linux-bridge" => {
+                self.hv(&["ip", "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"])?;
+                for p in ["p1", "p2"] {
+                    self.hv(&["ip", "link", "set", p, "master", "br0"])?;
+                }
+                self.hv(&["ip", "link", "set", "br0", "up"])?;
+            }
+            "kvnet-tc" | "kvnet-xdp" => {
+                let hook = config.trim_start_matches("kvnet-");
+                self.kv.cli(&["net", "add", "bench"])?;
+                for p in ["p1", "p2"] {
+                    self.kv.cli(&["port", "add", "bench", p, "--hook", hook])?;
+                }
+            }
+            "limit-redirect" => {
+                let prog = self.pins.join("bench_redirect").display().to_string();
+                for p in ["p1", "p2"] {
+                    self.hv(&["tc", "qdisc", "replace", "dev", p, "clsact"])?;
+                    self.hv(&["tc", "filter", "add", "dev", p, "ingress", "bpf", "da", "object-pinned", &prog])?;
+                }
+                let pins = self.pins.display().to_string();
+                self.helper_in(self.lab.hv(), &["peer", &pins, "p1", "p2"])?;
+            }
+            _ => bail!("unknown config {config}"),
+        }
+        self.wait_ping(&self.g1.ns, G2_IP)
+    }
+
+    fn l2_down(&self, config: &str) -> Result<()> {
+        match config {
+            "linux-bridge" => {
+                self.hv(&["ip", "link", "del", "br0"])?;
+            }
+            "kvnet-tc" | "kvnet-xdp" => {
+                for p in ["p1", "p2"] {
+                    self.kv.cli(&["port", "del", p])?;
+                }
+                self.kv.cli(&["net", "del", "bench"])?;
+            }
+            "limit-redirect" => {
+                for p in ["p1", "p2"] {
+                    self.hv(&["tc", "qdisc", "del", "dev", p, "clsact"])?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn out_up(&self, config: &str) -> Result<()> {
+        let hv = self.lab.hv();
+        let out = &self.out_ns;
+        self.hv(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        self.lab.exec(hv, &["ip", "addr", "replace", &format!("{UP_HV}/24"), "dev", "up0"])?;
+        self.lab.exec(out, &["ip", "addr", "replace", &format!("{UP_OUT}/24"), "dev", "eth0"])?;
+        self.lab.exec(&self.g1.ns, &["ip", "route", "replace", "default", "via", GW_IP])?;
+        let gw = format!("{GW_IP}/24");
+        match config {
+            "linux-routed" => {
+                self.hv(&["ip", "addr", "add", &gw, "dev", "p1"])?;
+                self.lab.exec(out, &["ip", "route", "replace", "10.0.0.0/24", "via", UP_HV])?;
+            }
+            "bridge+iptables-masq" => {
+                self.hv(&["ip", "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"])?;
+                self.hv(&["ip", "link", "set", "p1", "master", "br0"])?;
+                self.hv(&["ip", "link", "set", "br0", "up"])?;
+                self.hv(&["ip", "addr", "add", &gw, "dev", "br0"])?;
+                // What libvirt installs for a NAT network (LIBVIRT_* chains
+                // folded into the built-in ones).
+                let rules: &[&[&str]] = &[
+                    &["-t", "nat", "-A", "POSTROUTING", "-s", "10.0.0.0/24", "-d", "224.0.0.0/24", "-j", "RETURN"],
+                    &["-t", "nat", "-A", "POSTROUTING", "-s", "10.0.0.0/24", "-d", "255.255.255.255/32", "-j", "RETURN"],
+                    &["-t", "nat", "-A", "POSTROUTING", "-s", "10.0.0.0/24", "!", "-d", "10.0.0.0/24", "-p", "tcp", "-j", "MASQUERADE", "--to-ports", "1024-65535"],
+                    &["-t", "nat", "-A", "POSTROUTING", "-s", "10.0.0.0/24", "!", "-d", "10.0.0.0/24", "-p", "udp", "-j", "MASQUERADE", "--to-ports", "1024-65535"],
+                    &["-t", "nat", "-A", "POSTROUTING", "-s", "10.0.0.0/24", "!", "-d", "10.0.0.0/24", "-j", "MASQUERADE"],
+                    &["-A", "FORWARD", "-d", "10.0.0.0/24", "-o", "br0", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"],
+                    &["-A", "FORWARD", "-s", "10.0.0.0/24", "-i", "br0", "-j", "ACCEPT"],
+                    &["-A", "FORWARD", "-i", "br0", "-o", "br0", "-j", "ACCEPT"],
+                    &["-A", "FORWARD", "-o", "br0", "-j", "REJECT", "--reject-with", "icmp-port-unreachable"],
+                    &["-A", "FORWARD", "-i", "br0", "-j", "REJECT", "--reject-with", "icmp-port-unreachable"],
+                ];
+                for r in rules {
+                    let mut a = vec!["iptables"];
+                    a.extend_from_slice(r);
+                    self.hv(&a)?;
+                }
+            }
+            "nft-masq" | "nft-masq+flowtable" => {
+                let flow = config.ends_with("flowtable");
+                if flow {
+                    if let Some(why) = kernel_lacks_flowtable() {
+                        bail!("{why}");
+                    }
+                }
+                self.hv(&["ip", "addr", "add", &gw, "dev", "p1"])?;
+                let ruleset = format!(
+                    "table inet kvbench {{\n{}\
+                     chain forward {{ type filter hook forward priority 0; policy accept;\n{}}}\n\
+                     chain post {{ type nat hook postrouting priority 100; policy accept;\n\
+                       oifname \"up0\" masquerade; }}\n}}\n",
+                    if flow { "flowtable ft { hook ingress priority 0; devices = { p1, up0 }; }\n" } else { "" },
+                    if flow { "meta l4proto { tcp, udp } flow add @ft;\n" } else { "" },
+                );
+                let f = self.lab.work_dir().join("kvbench.nft");
+                std::fs::write(&f, ruleset)?;
+                self.hv(&["nft", "-f", &f.display().to_string()])?;
+            }
+            _ => bail!("unknown config {config}"),
+        }
+        self.wait_ping(&self.g1.ns, UP_OUT)
+    }
+
+    fn out_down(&self, config: &str) -> Result<()> {
+        let _ = self.lab.exec_output(&self.out_ns, &["ip", "route", "del", "10.0.0.0/24"]);
+        match config {
+            "bridge+iptables-masq" => {
+                self.hv(&["iptables", "-t", "nat", "-F", "POSTROUTING"])?;
+                self.hv(&["iptables", "-F", "FORWARD"])?;
+                self.hv(&["ip", "link", "del", "br0"])?;
+            }
+            "nft-masq" | "nft-masq+flowtable" => {
+                let _ = self.lab.exec_output(self.lab.hv(), &["nft", "delete", "table", "inet", "kvbench"]);
+                self.hv(&["ip", "addr", "flush", "dev", "p1"])?;
+            }
+            _ => {
+                self.hv(&["ip", "addr", "flush", "dev", "p1"])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn wait_ping(&self, ns: &str, ip: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let o = self.lab.exec_output(ns, &["ping", "-c", "1", "-W", "1", ip])?;
+            if o.status.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{ip} unreachable from {ns}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    // ---- metrics ----------------------------------------------------------
+
+    /// ICMP echo round trips, `ping -i 0.002`: (p50, p99) in microseconds.
+    fn latency(&self, ns: &str, ip: &str) -> Result<(f64, f64)> {
+        let n = self.plan.pings.to_string();
+        let o = self.lab.exec(ns, &["ping", "-n", "-c", &n, "-i", "0.002", "-W", "1", ip])?;
+        let s = String::from_utf8_lossy(&o.stdout);
+        let rtts: Vec<f64> = s
+            .lines()
+            .filter_map(|l| l.split("time=").nth(1))
+            .filter_map(|t| t.split_whitespace().next()?.parse::<f64>().ok())
+            .map(|ms| ms * 1000.0)
+            .collect();
+        if rtts.len() < self.plan.pings as usize / 2 {
+            bail!("only {} of {} pings answered", rtts.len(), self.plan.pings);
+        }
+        Ok((percentile(&rtts, 50.0), percentile(&rtts, 99.0)))
+    }
+
+    /// iperf3 TCP bulk, Gbit/s received.
+    fn iperf(&self, ns: &str, ip: &str, streams: u32) -> Result<f64> {
+        let t = self.plan.iperf_secs.to_string();
+        let p = streams.to_string();
+        let o = self
+            .lab
+            .exec(ns, &["iperf3", "-c", ip, "-t", &t, "-P", &p, "-J", "--connect-timeout", "2000"])?;
+        let v: Value = serde_json::from_slice(&o.stdout).context("iperf3 -J output")?;
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .map(|b| b / 1e9)
+            .ok_or_else(|| anyhow!("iperf3: no sum_received ({})", v["error"]))
+    }
+
+    /// 64-byte frames g1 -> g2: live-frame generator on g1's eth0, counted
+    /// (and dropped) by `bench_sink` on g2's eth0. Returns (Mpps, delivered share).
+    fn frame_rate(&self) -> Result<(f64, f64)> {
+        let pins = self.pins.display().to_string();
+        let sink = self.pins.join("bench_sink").display().to_string();
+        // Frames XDP_TX'd into a veth need NAPI on its peer (GRO or XDP).
+        let gro_before = self.hv(&["ethtool", "-k", "p1"])?;
+        let gro_was_on = gro_before
+            .lines()
+            .any(|l| l.starts_with("generic-receive-offload: on"));
+        self.hv(&["ethtool", "-K", "p1", "gro", "on"])?;
+        self.lab
+            .exec(&self.g2.ns, &["ip", "link", "set", "dev", "eth0", "xdp", "pinned", &sink])?;
+        let result = (|| -> Result<(f64, f64)> {
+            self.helper_in(self.lab.hv(), &["count", &pins, "--reset"])?;
+            let frames = self.plan.gen_frames.to_string();
+            let (src, dst) = (mac_str(&self.g1.mac), mac_str(&self.g2.mac));
+            let g = self.helper_in(
+                &self.g1.ns,
+                &["gen", &pins, "eth0", "--count", &frames, "--src", &src, "--dst", &dst],
+            )?;
+            let secs = g["secs"].as_f64().unwrap_or(f64::NAN);
+            // Let queued frames drain before reading the counter.
+            std::thread::sleep(Duration::from_millis(100));
+            let c = self.helper_in(self.lab.hv(), &["count", &pins, "--reset"])?;
+            let got = c["frames"].as_f64().unwrap_or(0.0);
+            let sent = self.plan.gen_frames as f64;
+            if got < sent * 0.01 {
+                bail!("only {got} of {sent} frames reached g2");
+            }
+            Ok((got.min(sent) / secs / 1e6, got.min(sent) / sent))
+        })();
+        let _ = self.lab.exec_output(&self.g2.ns, &["ip", "link", "set", "dev", "eth0", "xdp", "off"]);
+        if !gro_was_on {
+            let _ = self.hv(&["ethtool", "-K", "p1", "gro", "off"]);
+        }
+        result
+    }
+
+    /// Every metric of one configuration once.
+    fn measure_pair(&self, res: &mut Results, scenario: &str, config: &str, ns: &str, ip: &str, frames: bool) {
+        match self.latency(ns, ip) {
+            Ok((p50, p99)) => {
+                res.add(scenario, config, "RR latency p50 (ping)", "µs", p50);
+                res.add(scenario, config, "RR latency p99 (ping)", "µs", p99);
+            }
+            Err(e) => {
+                res.fail(scenario, config, "RR latency p50 (ping)", "µs", format!("{e:#}"));
+                res.fail(scenario, config, "RR latency p99 (ping)", "µs", format!("{e:#}"));
+            }
+        }
+        for streams in [1, 4] {
+            let metric = format!("TCP bulk, {streams} stream{}", if streams > 1 { "s" } else { "" });
+            match self.iperf(ns, ip, streams) {
+                Ok(g) => res.add(scenario, config, &metric, "Gbit/s", g),
+                Err(e) => res.fail(scenario, config, &metric, "Gbit/s", format!("{e:#}")),
+            }
+        }
+        if frames {
+            match self.frame_rate() {
+                Ok((mpps, share)) => {
+                    res.add(scenario, config, "64-byte frames", "Mpps", mpps);
+                    res.add(scenario, config, "64-byte frames delivered", "%", share * 100.0);
+                }
+                Err(e) => res.fail(scenario, config, "64-byte frames", "Mpps", format!("{e:#}")),
+            }
+        }
+    }
+
+    // ---- scenarios -------------------------------------------------------
+
+    fn l2(&mut self, res: &mut Results) -> Result<()> {
+        for rep in 1..=self.plan.repeats {
+            for &config in L2_CONFIGS {
+                println!("bench: [{L2}] repeat {rep}/{}: {config}", self.plan.repeats);
+                if let Err(e) = self.l2_up(config) {
+                    let _ = self.l2_down(config);
+                    for m in ["TCP bulk, 1 stream", "64-byte frames"] {
+                        res.fail(L2, config, m, "", format!("set-up failed: {e:#}"));
+                    }
+                    continue;
+                }
+                self.measure_pair(res, L2, config, &self.g1.ns.clone(), G2_IP, true);
+                if config.starts_with("kvnet") {
+                    self.kvnet_counters(res, config);
+                }
+                self.l2_down(config)
+                    .with_context(|| format!("tearing down {config}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Which kvnet hook saw the frames (proves the path measured).
+    fn kvnet_counters(&self, res: &mut Results, config: &str) {
+        if let Ok(v) = self.kv.json(&["stats", "--json"]) {
+            res.scale
+                .entry(format!("kvnet stats after {config}"))
+                .or_insert(v);
+        }
+    }
+
+    fn routed(&mut self, res: &mut Results) -> Result<()> {
+        for rep in 1..=self.plan.repeats {
+            for &config in OUT_CONFIGS {
+                println!("bench: [{OUT}] repeat {rep}/{}: {config}", self.plan.repeats);
+                if let Err(e) = self.out_up(config) {
+                    let _ = self.out_down(config);
+                    for m in ["TCP bulk, 1 stream", "TCP bulk, 4 streams", "RR latency p50 (ping)", "RR latency p99 (ping)"] {
+                        let unit = if m.starts_with("TCP") { "Gbit/s" } else { "µs" };
+                        res.fail(OUT, config, m, unit, format!("{e:#}"));
+                    }
+                    continue;
+                }
+                self.measure_pair(res, OUT, config, &self.g1.ns.clone(), UP_OUT, false);
+                if config == "nft-masq+flowtable" {
+                    if let Ok(s) = self.hv(&["nft", "list", "flowtable", "inet", "kvbench", "ft"]) {
+                        res.scale.entry("nft flowtable".into()).or_insert(Value::String(s));
+                    }
+                }
+                self.out_down(config)
+                    .with_context(|| format!("tearing down {config}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Per-packet program cost, BPF_PROG_RUN with repeat, private maps.
+    fn cost(&mut self, res: &mut Results) -> Result<()> {
+        println!(
+            "bench: [per-packet cost] BPF_PROG_RUN x{} with {} FDB entries",
+            self.plan.cost_repeat, self.plan.cost_sizes
+        );
+        let dir = format!("{}-cost", self.lab.pin_dir().display());
+        self.lab.remove_on_drop(&dir);
+        let repeat = self.plan.cost_repeat.to_string();
+        let v = self.helper_in(
+            self.lab.hv(),
+            &["cost", &dir, "--a", "p1", "--b", "p2", "--sizes", &self.plan.cost_sizes, "--repeat", &repeat, "--trials", "5"],
+        )?;
+        let fdb = Path::new(&dir).join("fdb").display().to_string();
+        if let Ok(o) = self.lab.exec(self.lab.hv(), &["bpftool", "-j", "map", "show", "pinned", &fdb]) {
+            if let Ok(m) = serde_json::from_slice::<Value>(&o.stdout) {
+                res.scale.insert("fdb map (bpftool)".into(), m);
+            }
+        }
+        res.cost = v;
+        Ok(())
+    }
+
+    /// FDB scale through the daemon: install N static entries over the
+    /// control socket (one connection, pipelined), then the frame rate with
+    /// them in place.
+    fn scale(&mut self, res: &mut Results) -> Result<()> {
+        let n = self.plan.install_entries;
+        println!("bench: [scale] installing {n} static FDB entries through the daemon");
+        self.l2_up("kvnet-tc")?;
+        let r = self.install_fdb(n);
+        match &r {
+            Ok(secs) => {
+                res.scale.insert(
+                    "daemon fdb install".into(),
+                    serde_json::json!({"entries": n, "secs": secs, "per_sec": n as f64 / secs}),
+                );
+                println!("bench:   {n} entries in {secs:.2} s");
+                match self.frame_rate() {
+                    Ok((mpps, _)) => res.add(L2, &format!("kvnet-tc, +{n} FDB"), "64-byte frames", "Mpps", mpps),
+                    Err(e) => res.notes.push(format!("frame rate with {n} FDB entries: {e:#}")),
+                }
+            }
+            Err(e) => res.notes.push(format!("daemon FDB install failed: {e:#}")),
+        }
+        self.l2_down("kvnet-tc")?;
+        Ok(())
+    }
+
+    fn install_fdb(&self, n: u32) -> Result<f64> {
+        let sock = self.lab.socket_path();
+        let stream = UnixStream::connect(&sock).with_context(|| format!("connect {}", sock.display()))?;
+        let mut w = stream.try_clone()?;
+        let t = Instant::now();
+        let writer = std::thread::spawn(move || -> Result<()> {
+            let mut buf = std::io::BufWriter::new(&mut w);
+            for i in 0..n {
+                let b = i.to_be_bytes();
+                let mac = format!("02:bf:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3]);
+                writeln!(buf, r#"{{"op":"fdb_add","net":"bench","mac":"{mac}","port":"p2"}}"#)?;
+            }
+            buf.flush()?;
+            Ok(())
+        });
+        let mut lines = BufReader::new(stream).lines();
+        let mut failed = 0u32;
+        let mut first_err = None;
+        for _ in 0..n {
+            let l = lines.next().ok_or_else(|| anyhow!("daemon closed the socket"))??;
+            let v: Value = serde_json::from_str(&l)?;
+            if v["ok"] != Value::Bool(true) {
+                failed += 1;
+                first_err.get_or_insert(v["error"].to_string());
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        writer.join().map_err(|_| anyhow!("writer panicked"))??;
+        if failed > 0 {
+            bail!("{failed} of {n} fdb_add requests failed, first: {}", first_err.unwrap_or_default());
+        }
+        Ok(secs)
+    }
+
+    fn notes(&self, res: &mut Results) {
+        if let Ok(s) = self.hv(&["sh", "-c", "cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null || echo absent"]) {
+            res.machine
+                .insert("bridge-nf-call-iptables (hv netns)".into(), s.trim().to_string());
+        }
+        for (label, ns, dev) in [("g1 eth0", &self.g1.ns, "eth0"), ("hv p1", &self.lab.hv().to_string(), "p1")] {
+            if let Ok(o) = self.lab.exec(ns, &["ethtool", "-k", dev]) {
+                let s = String::from_utf8_lossy(&o.stdout);
+                let pick: Vec<&str> = s
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("tcp-segmentation-offload")
+                            || l.starts_with("generic-receive-offload")
+                            || l.starts_with("tx-checksumming")
+                    })
+                    .collect();
+                res.machine.insert(format!("offloads {label}"), pick.join(", "));
+            }
+        }
+    }
 }

@@ -60,7 +60,7 @@ enum Cmd {
         #[command(subcommand)]
         action: lab::Action,
     },
-    /// Benchmarks (not yet implemented).
+    /// Benchmarks: kvnet vs the Linux bridge, NAT peers and a redirect-only limit (target/bench/).
     Bench {
         #[arg(long)]
         quick: bool,

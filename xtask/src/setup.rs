@@ -29,6 +29,7 @@ pub const DEB_PACKAGES: &[&str] = &[
     "procps",
     "util-linux",
     "xz-utils",
+    "fonts-dejavu-core",
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";

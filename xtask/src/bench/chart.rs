@@ -1,0 +1,109 @@
+//! target/bench/bench.png: the L2 figures side by side, one panel per metric.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use super::{median, Results, L2, L2_CONFIGS};
+
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+const COLORS: [RGBColor; 4] = [
+    RGBColor(120, 120, 120),
+    RGBColor(31, 119, 180),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+];
+
+pub fn draw(res: &Results, path: &Path) -> Result<()> {
+    let bytes = std::fs::read(FONT).map_err(|e| anyhow!("{FONT}: {e} (install fonts-dejavu-core)"))?;
+    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| anyhow!("{FONT}: not a usable font"))?;
+
+    let mut panels: Vec<(String, Vec<f64>)> = Vec::new();
+    for (metric, title) in [
+        ("64-byte frames", "64-byte frames, Mpps"),
+        ("TCP bulk, 1 stream", "TCP 1 stream, Gbit/s"),
+        ("TCP bulk, 4 streams", "TCP 4 streams, Gbit/s"),
+        ("RR latency p50 (ping)", "ping RTT p50, µs (lower is better)"),
+    ] {
+        let vals = L2_CONFIGS
+            .iter()
+            .map(|c| res.get(L2, c, metric).and_then(|s| median(&s.values)).unwrap_or(0.0))
+            .collect();
+        panels.push((title.to_string(), vals));
+    }
+    let cost: Vec<f64> = [
+        ("unicast", "bench_redirect"),
+        ("unicast", "kvnet_tc"),
+        ("unicast", "kvnet_xdp"),
+    ]
+    .iter()
+    .map(|(p, g)| {
+        res.cost["rows"]
+            .as_array()
+            .and_then(|rows| {
+                rows.iter()
+                    .find(|r| r["path"] == *p && r["prog"] == *g)
+                    .and_then(|r| {
+                        let v: Vec<f64> = r["ns"].as_array()?.iter().filter_map(|x| x.as_f64()).collect();
+                        median(&v)
+                    })
+            })
+            .unwrap_or(0.0)
+    })
+    .collect();
+
+    let root = BitMapBackend::new(path, (1500, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, body) = root.split_vertically(50);
+    top.titled(
+        &format!(
+            "kvnet vs Linux, L2 guest-to-guest (kernel {}, {} cores {})",
+            res.machine.get("kernel").cloned().unwrap_or_default(),
+            res.machine.get("cores").cloned().unwrap_or_default(),
+            res.machine.get("cpu").cloned().unwrap_or_default()
+        ),
+        ("sans-serif", 22),
+    )?;
+    let areas = body.split_evenly((1, panels.len() + 1));
+    let mut all = panels.clone();
+    all.push(("per-packet cost, ns (lower is better)".into(), cost));
+    for (i, (title, vals)) in all.iter().enumerate() {
+        let labels: Vec<&str> = if i < panels.len() {
+            vec!["bridge", "kvnet tc", "kvnet xdp", "limit"]
+        } else {
+            vec!["limit", "kvnet tc", "kvnet xdp"]
+        };
+        let colors: Vec<RGBColor> = if i < panels.len() {
+            COLORS.to_vec()
+        } else {
+            vec![COLORS[3], COLORS[1], COLORS[2]]
+        };
+        let max = vals.iter().cloned().fold(0.0, f64::max).max(1e-9) * 1.2;
+        let mut chart = ChartBuilder::on(&areas[i])
+            .caption(title, ("sans-serif", 15))
+            .margin(8)
+            .x_label_area_size(30)
+            .y_label_area_size(45)
+            .build_cartesian_2d(0..vals.len() as i32, 0f64..max)?;
+        let labels2 = labels.clone();
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(vals.len() + 1)
+            .x_label_formatter(&move |x| labels2.get(*x as usize).map(|s| s.to_string()).unwrap_or_default())
+            .label_style(("sans-serif", 12))
+            .draw()?;
+        chart.draw_series(vals.iter().enumerate().map(|(j, v)| {
+            Rectangle::new([(j as i32, 0.0), (j as i32 + 1, *v)], colors[j % colors.len()].filled())
+        }))?;
+        chart.draw_series(vals.iter().enumerate().map(|(j, v)| {
+            Text::new(format!("{v:.2}"), (j as i32, *v + max * 0.02), ("sans-serif", 12))
+        }))?;
+    }
+    root.present()?;
+    Ok(())
+}

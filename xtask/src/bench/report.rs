@@ -1,0 +1,291 @@
+//! target/bench/report.md: medians with spread, ratios kvnet/peer.
+
+use std::fmt::Write;
+
+use serde_json::Value;
+
+use super::{median, Results, Series, L2, L2_CONFIGS, OUT, OUT_CONFIGS};
+
+fn fmt_num(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn cell(s: Option<&Series>) -> String {
+    match s {
+        Some(s) if !s.values.is_empty() => {
+            let m = s.median().unwrap_or(f64::NAN);
+            if s.values.len() == 1 {
+                fmt_num(m)
+            } else {
+                let lo = s.values.iter().cloned().fold(f64::INFINITY, f64::min);
+                let hi = s.values.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                format!("{} ({}–{})", fmt_num(m), fmt_num(lo), fmt_num(hi))
+            }
+        }
+        Some(s) => {
+            let note = s.note.as_deref().unwrap_or("no value");
+            if note.starts_with("not available") {
+                short(note)
+            } else {
+                format!("failed: {}", short(note))
+            }
+        }
+        None => "—".into(),
+    }
+}
+
+fn short(s: &str) -> String {
+    let s = s.replace('|', "/").replace('\n', " ");
+    if s.chars().count() > 90 {
+        format!("{}…", s.chars().take(90).collect::<String>())
+    } else {
+        s
+    }
+}
+
+fn ratio(a: Option<&Series>, b: Option<&Series>) -> String {
+    match (a.and_then(Series::median), b.and_then(Series::median)) {
+        (Some(a), Some(b)) if b != 0.0 => format!("{:.2}x", a / b),
+        _ => "—".into(),
+    }
+}
+
+fn metrics_of(res: &Results, scenario: &str) -> Vec<(String, String)> {
+    let mut m: Vec<(String, String)> = Vec::new();
+    for s in res.series.iter().filter(|s| s.scenario == scenario) {
+        if !m.iter().any(|(n, _)| *n == s.metric) {
+            m.push((s.metric.clone(), s.unit.clone()));
+        }
+    }
+    m
+}
+
+pub fn markdown(res: &Results) -> String {
+    let mut o = String::new();
+    let plan = res.plan.as_ref();
+    let _ = writeln!(o, "# kvnet benchmarks\n");
+    let _ = writeln!(
+        o,
+        "`cargo xtask bench{}`: every figure below comes from one run on one lab topology; \
+         the machine is shared and noisy, so the ratios within this run are what count. \
+         Cells are `median (min–max)` over {} repeat(s), configurations measured round-robin.\n",
+        if plan.map(|p| p.quick).unwrap_or(false) { " --quick" } else { "" },
+        plan.map(|p| p.repeats).unwrap_or(1)
+    );
+    let _ = writeln!(o, "| machine | |\n|---|---|");
+    for (k, v) in &res.machine {
+        let _ = writeln!(o, "| {k} | {} |", short(v));
+    }
+
+    // ---- L2
+    let _ = writeln!(o, "\n## {L2}: g1 → g2 over veths p1, p2 in the hv namespace\n");
+    let _ = write!(o, "| metric |");
+    for c in L2_CONFIGS {
+        let _ = write!(o, " {c} |");
+    }
+    let _ = writeln!(o, " kvnet-tc / bridge | kvnet-xdp / bridge | kvnet-tc / limit |");
+    let _ = writeln!(o, "|---|{}---|---|---|", "---|".repeat(L2_CONFIGS.len()));
+    for (metric, unit) in metrics_of(res, L2) {
+        if metric.ends_with("delivered") {
+            continue;
+        }
+        let _ = write!(o, "| {metric} ({unit}) |");
+        for c in L2_CONFIGS {
+            let _ = write!(o, " {} |", cell(res.get(L2, c, &metric)));
+        }
+        let g = |c: &str| res.get(L2, c, &metric);
+        let _ = writeln!(
+            o,
+            " {} | {} | {} |",
+            ratio(g("kvnet-tc"), g("linux-bridge")),
+            ratio(g("kvnet-xdp"), g("linux-bridge")),
+            ratio(g("kvnet-tc"), g("limit-redirect"))
+        );
+    }
+    for s in res.series.iter().filter(|s| s.scenario == L2 && s.config.contains("FDB")) {
+        let _ = writeln!(
+            o,
+            "\nkvnet-tc with the daemon's FDB grown by {} static entries: 64-byte frames {} Mpps (same run, same path).",
+            s.config.trim_start_matches("kvnet-tc, +").trim_end_matches(" FDB"),
+            cell(Some(s))
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nHigher is better except latency. Ratios are of medians; for latency a ratio below 1 is better."
+    );
+
+    // ---- VLAN
+    let _ = writeln!(
+        o,
+        "\n## Access-to-trunk VLAN tagging\n\nNot measured: kvnet's VLAN support (issue 4) was not \
+         in the tree this bench built from; the per-packet cost table gains push/pop rows when it lands."
+    );
+
+    // ---- guest to outside
+    let _ = writeln!(o, "\n## {OUT}: g1 → `out` over the uplink up0 (NAT and routed)\n");
+    let _ = write!(o, "| metric |");
+    for c in OUT_CONFIGS {
+        let _ = write!(o, " {c} |");
+    }
+    let _ = writeln!(o, " kvnet (NAT / routed) |");
+    let _ = writeln!(o, "|---|{}---|", "---|".repeat(OUT_CONFIGS.len()));
+    let mut out_metrics = metrics_of(res, OUT);
+    out_metrics.push(("64-byte frames".into(), "Mpps".into()));
+    for (metric, unit) in out_metrics {
+        let _ = write!(o, "| {metric} ({unit}) |");
+        for c in OUT_CONFIGS {
+            let s = res.get(OUT, c, &metric);
+            let txt = if metric == "64-byte frames" && s.is_none() {
+                "not measured: live frames reach the host stack as PACKET_OTHERHOST (MEASURED.md)".into()
+            } else {
+                cell(s)
+            };
+            let _ = write!(o, " {txt} |");
+        }
+        let _ = writeln!(o, " not implemented yet (issue 6/5) |");
+    }
+
+    // ---- per-packet cost
+    cost_table(&mut o, &res.cost);
+
+    // ---- scale
+    let _ = writeln!(o, "\n## FDB scale\n");
+    if let Some(m) = res.scale.get("fdb map (bpftool)") {
+        let mem = m["bytes_memlock"].as_f64().unwrap_or(f64::NAN);
+        let max = m["max_entries"].as_f64().unwrap_or(f64::NAN);
+        let _ = writeln!(
+            o,
+            "- Memory: `fdb` is a preallocated {} of {} entries, memlock {:.1} MiB: **{:.0} bytes per entry**, \
+             paid up front for every slot (key {} B, value {} B).",
+            m["type"].as_str().unwrap_or("?"),
+            max,
+            mem / 1048576.0,
+            mem / max,
+            m["bytes_key"],
+            m["bytes_value"]
+        );
+    }
+    if let Some(fill) = res.cost["fill"].as_array() {
+        for f in fill {
+            let n = f["to"].as_f64().unwrap_or(0.0) - f["from"].as_f64().unwrap_or(0.0);
+            let secs = f["secs"].as_f64().unwrap_or(f64::NAN);
+            if n >= 1000.0 {
+                let _ = writeln!(
+                    o,
+                    "- Raw map writes (one `BPF_MAP_UPDATE_ELEM` each, kvnet-bench): {:.0} entries in {:.2} s = {:.0} k entries/s.",
+                    n, secs, n / secs / 1e3
+                );
+            }
+        }
+    }
+    if let Some(d) = res.scale.get("daemon fdb install") {
+        let _ = writeln!(
+            o,
+            "- Through the daemon (`fdb_add` requests pipelined on one control-socket connection): \
+             {} entries in {:.2} s = {:.0} entries/s{}.",
+            d["entries"],
+            d["secs"].as_f64().unwrap_or(f64::NAN),
+            d["per_sec"].as_f64().unwrap_or(f64::NAN),
+            if d["entries"].as_u64() == Some(100_000) {
+                String::new()
+            } else {
+                format!(
+                    " (100k would take ≈{:.1} s)",
+                    100_000.0 / d["per_sec"].as_f64().unwrap_or(f64::NAN)
+                )
+            }
+        );
+    }
+    if !res.notes.is_empty() {
+        let _ = writeln!(o, "\n## Notes from this run\n");
+        for n in &res.notes {
+            let _ = writeln!(o, "- {}", short(n));
+        }
+    }
+    let _ = writeln!(o, "\n## Method\n\n{}", METHOD);
+    o
+}
+
+const PATHS: &[(&str, &str, &str)] = &[
+    ("unicast", "bench_redirect", "limit: redirect-only (tc)"),
+    ("unicast", "kvnet_tc", "known unicast, tc"),
+    ("unicast", "kvnet_xdp", "known unicast to a veth, xdp (→ XDP_PASS, tc finishes)"),
+    ("unicast-xdp-redirect", "kvnet_xdp", "known unicast to a non-veth port, xdp (checksum check + redirect)"),
+    ("flood", "kvnet_tc", "flood to 2 ports, tc (clone-redirect, clones really sent)"),
+    ("flood", "kvnet_xdp", "flood, xdp (→ XDP_PASS, tc floods)"),
+];
+
+fn cost_table(o: &mut String, cost: &Value) {
+    let Some(rows) = cost["rows"].as_array() else {
+        let _ = writeln!(o, "\n## Per-packet program cost\n\nnot measured: {cost}");
+        return;
+    };
+    let mut sizes: Vec<u64> = rows.iter().filter_map(|r| r["fdb_entries"].as_u64()).collect();
+    sizes.dedup();
+    let _ = writeln!(
+        o,
+        "\n## Per-packet program cost (BPF_PROG_RUN, repeat {}, ns per packet, median of {} trials)\n",
+        cost["repeat"], cost["trials"]
+    );
+    let _ = write!(o, "| path | ");
+    for s in &sizes {
+        let _ = write!(o, "{s} FDB entries | ");
+    }
+    let _ = writeln!(o, "/ limit |");
+    let _ = writeln!(o, "|---|{}---|", "---|".repeat(sizes.len()));
+    let get = |path: &str, prog: &str, size: u64| -> Option<f64> {
+        rows.iter()
+            .find(|r| r["path"] == path && r["prog"] == prog && r["fdb_entries"].as_u64() == Some(size))
+            .and_then(|r| {
+                let v: Vec<f64> = r["ns"].as_array()?.iter().filter_map(Value::as_f64).collect();
+                median(&v)
+            })
+    };
+    let first = sizes.first().copied().unwrap_or(10);
+    let limit = get("unicast", "bench_redirect", first);
+    for (path, prog, label) in PATHS {
+        let _ = write!(o, "| {label} | ");
+        for &s in &sizes {
+            let _ = write!(o, "{} | ", get(path, prog, s).map(fmt_num).unwrap_or("—".into()));
+        }
+        let r = match (get(path, prog, first), limit) {
+            (Some(a), Some(b)) => format!("{:.2}x", a / b),
+            _ => "—".into(),
+        };
+        let _ = writeln!(o, "{r} |");
+    }
+    let _ = writeln!(
+        o,
+        "\nThe kernel measures the whole BPF_PROG_RUN loop: the program and the helpers it calls \
+         (tc: on an skb arriving on `lo`; xdp: on an xdp_buff of p1's queue). A redirect is only \
+         decided here, not carried out; clone-redirect floods are carried out. Not yet measurable: \
+         VLAN push/pop (issue 4), NAT new/established/reply (issue 6)."
+    );
+}
+
+const METHOD: &str = "\
+- Lab: per-run namespaces: `hv` with veths p1, p2 to guests g1 (10.0.0.1), g2 (10.0.0.2), and up0 \
+  to `out` (192.168.77.2). Default offloads everywhere; the kvnet daemon runs in `hv`.
+- linux-bridge: `br0` (STP off) over p1, p2. kvnet-tc / kvnet-xdp: `kvnet port add bench pN --hook tc|xdp` \
+  (xdp on a veth hands unicast to tc with XDP_PASS, see DESIGN.md). limit-redirect: `bench_redirect` \
+  (kvnet-ebpf/src/bench.rs), a tc program that only `bpf_redirect`s p1 <-> p2 from a 2-entry map.
+- RR latency: `ping -i 0.002` from g1 (ICMP echo through both guests' stacks), p50/p99 of the per-reply times.
+- TCP bulk: `iperf3 -c … -t T -P 1|4`, received rate.
+- 64-byte frames: `bench_gen` (XDP_TX) run through BPF_PROG_RUN in live-frames mode (batch 64) with \
+  g1's eth0 as ingress, so frames leave g1's eth0 as if the guest sent them; `bench_sink` (XDP_DROP with a \
+  per-CPU counter) on g2's eth0 counts them. Rate = frames counted / generator wall time; p1 gets GRO on \
+  during this test (a veth needs NAPI to take XDP frames), then its setting is restored. Everything runs \
+  on the generator's CPU, so the rate is the inverse of the path's cost.
+- Guest-to-outside: linux-routed (p1 10.0.0.254, ip_forward, `out` routes back), bridge+iptables-masq \
+  (br0 10.0.0.254 and libvirt's NAT rules: MASQUERADE + FORWARD accepts/rejects), nft-masq+flowtable \
+  (p1 10.0.0.254, `flowtable ft { devices = { p1, up0 } }`, `flow add @ft` for tcp/udp, masquerade on up0; \
+  nft-masq: the same without the flowtable).
+- Per-packet cost: kvnet-bench loads the same object with private maps (ports lo, p1, p2 in one network, \
+  the FDB filled to N entries) and runs each program with `repeat`.";
