@@ -2,6 +2,10 @@
 mod control;
 mod daemon;
 mod datapath;
+// --- DHCP/DNS (issue 7) ---
+mod dhcp;
+mod dns;
+// --- end DHCP/DNS ---
 mod mac;
 mod netdev;
 mod output;
@@ -53,7 +57,50 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    // --- DHCP/DNS (issue 7) ---
+    /// Serve DHCP and DNS on one interface in the foreground (testing).
+    #[command(hide = true)]
+    DhcpServe(DhcpServeArgs),
+    /// Show the leases in a DHCP state folder.
+    #[command(hide = true)]
+    DhcpLeases {
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    // --- end DHCP/DNS ---
 }
+
+// --- DHCP/DNS (issue 7) ---
+#[derive(clap::Args)]
+struct DhcpServeArgs {
+    /// The gateway interface to serve on (only).
+    #[arg(long)]
+    iface: String,
+    /// The gateway address and prefix, e.g. 192.168.122.1/24.
+    #[arg(long)]
+    server_ip: String,
+    /// FIRST,LAST address handed out.
+    #[arg(long)]
+    range: String,
+    /// MAC,IP[,NAME] static host (repeatable).
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+    #[arg(long)]
+    domain: Option<String>,
+    #[arg(long, default_value = "/var/lib/kvnet/dhcp")]
+    state_dir: PathBuf,
+    #[arg(long, default_value_t = 3600)]
+    lease_secs: u64,
+    /// Upstream resolver IP:PORT (repeatable; default: /etc/resolv.conf).
+    #[arg(long = "dns-upstream")]
+    dns_upstream: Vec<std::net::SocketAddr>,
+    /// Serve DHCP only.
+    #[arg(long)]
+    no_dns: bool,
+}
+// --- end DHCP/DNS ---
 
 #[derive(Subcommand)]
 enum NetCmd {
@@ -187,5 +234,19 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Stats { json } => {
             output::show::<Vec<PortStatsRow>>(call(sock, &Request::Stats)?, json, output::stats)
         }
+        // --- DHCP/DNS (issue 7) ---
+        Cmd::DhcpServe(a) => dhcp::serve_standalone(dhcp::Standalone {
+            iface: a.iface,
+            server_ip: a.server_ip,
+            range: a.range,
+            hosts: a.hosts,
+            domain: a.domain,
+            state_dir: a.state_dir,
+            lease_secs: a.lease_secs,
+            dns_upstream: a.dns_upstream,
+            no_dns: a.no_dns,
+        }),
+        Cmd::DhcpLeases { state_dir, json } => dhcp::print_leases(&state_dir, json),
+        // --- end DHCP/DNS ---
     }
 }

@@ -30,6 +30,9 @@ pub const DEB_PACKAGES: &[&str] = &[
     "util-linux",
     "xz-utils",
     "fonts-dejavu-core",
+    // DHCP/DNS tests: a Debian DHCP client, dig.
+    "isc-dhcp-client",
+    "bind9-dnsutils",
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";
