@@ -13,6 +13,7 @@ pub mod names {
     pub const MAP_FDB: &str = "fdb";
     pub const MAP_FLOOD: &str = "flood";
     pub const MAP_PORT_STATS: &str = "port_stats";
+    pub const MAP_VLAN_MEMBERS: &str = "vlan_members";
     pub const PROG_XDP: &str = "kvnet_xdp";
     pub const PROG_TC: &str = "kvnet_tc";
 }
@@ -23,6 +24,29 @@ pub const MAX_FLOOD_PORTS: usize = 64;
 pub const MAX_PORTS: u32 = 4096;
 pub const MAX_FDB_ENTRIES: u32 = 1 << 20;
 pub const MAX_NETWORKS: u32 = 4096;
+/// Flood domains: one per (network, VLAN) in use.
+pub const MAX_FLOOD_DOMAINS: u32 = 16384;
+/// (port, VLAN) memberships across all ports.
+pub const MAX_VLAN_MEMBERS: u32 = 65536;
+
+/// 802.1Q: valid VIDs are 1..=4094 (0 means "priority tag only", 4095 is
+/// reserved).
+pub const VID_MIN: u16 = 1;
+pub const VID_MAX: u16 = 4094;
+pub const VLAN_VID_MASK: u16 = 0x0fff;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+/// Pre-standard QinQ outer TPID some switches still send.
+pub const ETH_P_QINQ_9100: u16 = 0x9100;
+
+/// Port VLAN modes ([`PortConfig::vlan_mode`]).
+/// No VLAN config: the port carries untagged frames only, in VLAN 0.
+pub const VLAN_MODE_NONE: u16 = 0;
+/// Untagged on the wire, member of VLAN `pvid`.
+pub const VLAN_MODE_ACCESS: u16 = 1;
+/// Tagged frames of the VLANs in `vlan_members`; untagged frames belong to
+/// `native_vid` when it is not 0 and are dropped otherwise.
+pub const VLAN_MODE_TRUNK: u16 = 2;
 
 /// A learned entry is rewritten at most this often while it stays on the
 /// same port, so the hot path does not bounce the entry's cache line.
@@ -43,9 +67,12 @@ pub const PORT_F_XDP_TX: u32 = 1 << 2;
 pub struct PortConfig {
     pub net_id: u32,
     pub flags: u32,
-    /// VLAN mode (reserved for VLAN support): 0 = untagged only.
+    /// `VLAN_MODE_*`.
     pub vlan_mode: u16,
+    /// The VLAN untagged (and priority-tagged) frames are assigned to:
+    /// the access VLAN, the trunk's native VLAN, or 0 (mode none).
     pub pvid: u16,
+    /// Trunk native VLAN, 0 for none (then untagged frames are dropped).
     pub native_vid: u16,
     pub _pad: u16,
 }
@@ -81,12 +108,35 @@ pub struct FloodKey {
     pub _pad: u16,
 }
 
-/// The ports of one flood domain. Written whole by the daemon.
+/// The ports of one flood domain (network, VLAN). Written whole by the
+/// daemon: ports that want the frame untagged first, then the tagged ones
+/// from index `tagged_from`, so a flood changes the tag at most once.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct FloodSet {
     pub count: u32,
     pub ifindex: [u32; MAX_FLOOD_PORTS],
+    pub tagged_from: u32,
+}
+
+/// Key of map `vlan_members`: a port's membership in one VLAN.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct VlanMemberKey {
+    pub ifindex: u32,
+    pub vid: u16,
+    pub _pad: u16,
+}
+
+/// [`VlanMember::flags`]: the port sends this VLAN's frames tagged (and,
+/// on a trunk, accepts them tagged). Without it: untagged (access, native).
+pub const VLAN_M_TAGGED: u32 = 1 << 0;
+
+/// Value of map `vlan_members`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct VlanMember {
+    pub flags: u32,
 }
 
 impl Default for FloodSet {
@@ -107,8 +157,15 @@ pub enum DropReason {
     Hairpin = 2,
     /// Redirect to the egress port failed.
     RedirectFailed = 3,
-    /// The FDB names a port that is not (any more) in this network.
+    /// The FDB names a port that is not (any more) in this network or VLAN.
     StalePort = 4,
+    /// Tagged frame of a VLAN the port is not a (tagged) member of: any tag
+    /// on an access or untagged port, a VID outside a trunk's list.
+    VlanNotAllowed = 5,
+    /// Untagged frame on a trunk without a native VLAN.
+    VlanUntagged = 6,
+    /// 802.1ad / QinQ outer tag (0x88a8, 0x9100): no port carries them.
+    Qinq = 7,
 }
 
 pub const DROP_REASONS: usize = 8;
@@ -118,9 +175,9 @@ pub const DROP_REASON_NAMES: [&str; DROP_REASONS] = [
     "hairpin",
     "redirect_failed",
     "stale_port",
-    "reserved5",
-    "reserved6",
-    "reserved7",
+    "vlan_not_allowed",
+    "vlan_untagged",
+    "qinq",
 ];
 
 /// Per-port counters, per-CPU hash `port_stats` keyed by ifindex.
@@ -165,6 +222,8 @@ mod user {
     unsafe impl aya::Pod for FloodKey {}
     unsafe impl aya::Pod for FloodSet {}
     unsafe impl aya::Pod for PortStats {}
+    unsafe impl aya::Pod for VlanMemberKey {}
+    unsafe impl aya::Pod for VlanMember {}
 }
 
 #[cfg(test)]
@@ -178,7 +237,9 @@ mod tests {
         assert_eq!(size_of::<FdbKey>(), 12);
         assert_eq!(size_of::<FdbEntry>(), 16);
         assert_eq!(size_of::<FloodKey>(), 8);
-        assert_eq!(size_of::<FloodSet>(), 4 + 4 * MAX_FLOOD_PORTS);
+        assert_eq!(size_of::<FloodSet>(), 4 + 4 * MAX_FLOOD_PORTS + 4);
+        assert_eq!(size_of::<VlanMemberKey>(), 8);
+        assert_eq!(size_of::<VlanMember>(), 4);
         assert_eq!(size_of::<PortStats>(), 8 * (8 + DROP_REASONS));
     }
 }

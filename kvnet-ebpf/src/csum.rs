@@ -1,6 +1,6 @@
 //! Checksum checks for the XDP hook.
 
-use crate::parse::{ETH_HLEN, ETH_P_IPV4};
+use crate::parse::{ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4};
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
@@ -15,17 +15,26 @@ const MAX_L4_WORDS: usize = 740;
 /// TCP/UDP, IPv4 with options and anything too long to sum here.
 #[inline(always)]
 pub fn l4_checksum_complete(data: usize, data_end: usize) -> bool {
-    if data + ETH_HLEN + IPV4_HLEN > data_end {
-        return true;
+    if data + ETH_HLEN + 4 + IPV4_HLEN > data_end {
+        return data + ETH_HLEN + IPV4_HLEN > data_end;
     }
-    let ethertype = unsafe { u16::from_be(*((data + 12) as *const u16)) };
+    let mut ethertype = unsafe { u16::from_be(*((data + 12) as *const u16)) };
+    // Look past one 802.1Q tag.
+    let mut l3 = ETH_HLEN;
+    if ethertype == ETH_P_8021Q {
+        ethertype = unsafe { u16::from_be(*((data + 16) as *const u16)) };
+        l3 += 4;
+    }
     if ethertype == 0x86dd {
         return false;
     }
     if ethertype != ETH_P_IPV4 {
         return true;
     }
-    let ip = data + ETH_HLEN;
+    let ip = data + l3;
+    if ip + IPV4_HLEN > data_end {
+        return true;
+    }
     let (ver_ihl, proto) = unsafe { (*(ip as *const u8), *((ip + 9) as *const u8)) };
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return true;

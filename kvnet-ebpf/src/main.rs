@@ -19,14 +19,18 @@ mod switch;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_clone_redirect, bpf_redirect},
+    helpers::{
+        bpf_clone_redirect, bpf_redirect, bpf_skb_vlan_pop, bpf_skb_vlan_push, bpf_xdp_adjust_head,
+    },
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use kvnet_common::{DropReason, PORT_F_HAIRPIN, PORT_F_XDP_TX};
+use kvnet_common::{
+    DropReason, FloodSet, ETH_P_8021Q, PORT_F_HAIRPIN, PORT_F_XDP_TX, VLAN_MODE_TRUNK,
+};
 
-use crate::switch::Action;
+use crate::switch::{Action, Tag};
 
 #[xdp]
 pub fn kvnet_xdp(ctx: XdpContext) -> u32 {
@@ -37,8 +41,14 @@ pub fn kvnet_xdp(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     };
     stats::seen_xdp(ingress);
-    match switch::decide(ingress, &port, data, data_end) {
-        Action::Pass | Action::Flood(_) => xdp_action::XDP_PASS,
+    let tag = Tag::of(data, data_end, None);
+    // A NIC with rx VLAN offload strips the tag before XDP sees it; only
+    // tc can tell an untagged frame on a trunk from a stripped tagged one.
+    if port.vlan_mode == VLAN_MODE_TRUNK && !tag.present() {
+        return xdp_action::XDP_PASS;
+    }
+    match switch::decide(ingress, &port, data, data_end, &tag) {
+        Action::Pass | Action::Flood(..) => xdp_action::XDP_PASS,
         Action::Drop(reason) => {
             stats::rx(ingress, len);
             stats::drop(ingress, reason);
@@ -49,7 +59,7 @@ pub fn kvnet_xdp(ctx: XdpContext) -> u32 {
             );
             xdp_action::XDP_DROP
         }
-        Action::Unicast(egress, egress_flags) => {
+        Action::Unicast(egress, egress_flags, out_tci) => {
             if egress_flags & PORT_F_XDP_TX == 0 {
                 return xdp_action::XDP_PASS;
             }
@@ -60,6 +70,11 @@ pub fn kvnet_xdp(ctx: XdpContext) -> u32 {
             if !csum::l4_checksum_complete(data, data_end) {
                 return xdp_action::XDP_PASS;
             }
+            if !xdp_retag(&ctx, &tag, out_tci) {
+                // No headroom for the tag: tc pushes it instead.
+                return xdp_action::XDP_PASS;
+            }
+            let len = (ctx.data_end() - ctx.data()) as u64;
             stats::rx(ingress, len);
             let rc = unsafe { bpf_redirect(egress, 0) } as u32;
             if rc == xdp_action::XDP_REDIRECT {
@@ -72,6 +87,84 @@ pub fn kvnet_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
+/// Makes the frame carry `want` (a TCI) or no tag, in place: rewrite the
+/// TCI, or move the MACs by 4 bytes and the head with them. False when the
+/// frame could not be changed (it is then untouched).
+#[inline(always)]
+fn xdp_retag(ctx: &XdpContext, tag: &Tag, want: Option<u16>) -> bool {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    match (tag.present(), want) {
+        (false, None) => true,
+        (true, Some(tci)) => {
+            if tag.tci != tci {
+                let Some(p) = parse::ptr_at::<[u8; 2]>(data, data_end, 14) else {
+                    return false;
+                };
+                unsafe { *(p as *mut [u8; 2]) = tci.to_be_bytes() };
+            }
+            true
+        }
+        (true, None) => {
+            let Some(p) = parse::ptr_at::<[u8; 16]>(data, data_end, 0) else {
+                return false;
+            };
+            let macs = unsafe { *(p as *const [u8; 12]) };
+            if unsafe { bpf_xdp_adjust_head(ctx.ctx, 4) } != 0 {
+                return false;
+            }
+            let (data, data_end) = (ctx.data(), ctx.data_end());
+            let Some(p) = parse::ptr_at::<[u8; 12]>(data, data_end, 0) else {
+                return false;
+            };
+            unsafe { *(p as *mut [u8; 12]) = macs };
+            true
+        }
+        (false, Some(tci)) => {
+            let Some(p) = parse::ptr_at::<[u8; 12]>(data, data_end, 0) else {
+                return false;
+            };
+            let macs = unsafe { *p };
+            if unsafe { bpf_xdp_adjust_head(ctx.ctx, -4) } != 0 {
+                return false;
+            }
+            let (data, data_end) = (ctx.data(), ctx.data_end());
+            let Some(p) = parse::ptr_at::<[u8; 16]>(data, data_end, 0) else {
+                return false;
+            };
+            let mut h = [0u8; 16];
+            h[..12].copy_from_slice(&macs);
+            h[12..14].copy_from_slice(&ETH_P_8021Q.to_be_bytes());
+            h[14..16].copy_from_slice(&tci.to_be_bytes());
+            unsafe { *(p as *mut [u8; 16]) = h };
+            true
+        }
+    }
+}
+
+/// Makes the skb carry the tag `want` (a TCI) or none; `cur` is the tag
+/// it carries now, in skb metadata or in the packet.
+#[inline(always)]
+fn tc_retag(ctx: &TcContext, cur: &mut Option<u16>, want: Option<u16>) -> bool {
+    if *cur == want {
+        return true;
+    }
+    let skb = ctx.skb.skb as *mut _;
+    if cur.is_some() {
+        // Pops the tag from skb metadata or, failing that, from the packet.
+        if unsafe { bpf_skb_vlan_pop(skb) } != 0 {
+            return false;
+        }
+        *cur = None;
+    }
+    if let Some(tci) = want {
+        if unsafe { bpf_skb_vlan_push(skb, ETH_P_8021Q.to_be(), tci) } != 0 {
+            return false;
+        }
+        *cur = Some(tci);
+    }
+    true
+}
+
 #[classifier]
 pub fn kvnet_tc(ctx: TcContext) -> i32 {
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
@@ -80,10 +173,18 @@ pub fn kvnet_tc(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     };
     stats::seen_tc(ingress);
-    let action = switch::decide(ingress, &port, ctx.data(), ctx.data_end());
+    // On receive the kernel has usually moved the outer tag into
+    // skb->vlan_tci already; BPF_PROG_RUN and XDP_PASSed frames may not.
+    let hw = unsafe {
+        let skb = &*ctx.skb.skb;
+        (skb.vlan_present != 0).then(|| (u16::from_be(skb.vlan_proto as u16), skb.vlan_tci as u16))
+    };
+    let tag = Tag::of(ctx.data(), ctx.data_end(), hw);
+    let action = switch::decide(ingress, &port, ctx.data(), ctx.data_end(), &tag);
     if !matches!(action, Action::Pass) {
         stats::rx(ingress, len);
     }
+    let mut cur = tag.present().then_some(tag.tci);
     match action {
         Action::Pass => TC_ACT_OK,
         Action::Drop(reason) => {
@@ -94,35 +195,134 @@ pub fn kvnet_tc(ctx: TcContext) -> i32 {
             );
             TC_ACT_SHOT
         }
-        Action::Unicast(egress, _) => {
+        Action::Unicast(egress, _, out_tci) => {
+            if !tc_retag(&ctx, &mut cur, out_tci) {
+                stats::drop(ingress, DropReason::RedirectFailed);
+                return TC_ACT_SHOT;
+            }
             let rc = unsafe { bpf_redirect(egress, 0) } as i32;
             stats::tx(egress, len);
             rc
         }
-        Action::Flood(key) => {
-            let Some(set) = maps::flood_set(&key) else {
-                return TC_ACT_SHOT;
-            };
+        Action::Flood(key, out_tci) => {
             stats::flooded(ingress);
-            let hairpin = port.flags & PORT_F_HAIRPIN != 0;
-            let count = set.count as usize;
-            let skb = ctx.skb.skb as *mut _;
-            for i in 0..kvnet_common::MAX_FLOOD_PORTS {
-                if i >= count {
-                    break;
-                }
-                let egress = set.ifindex[i];
-                if egress == ingress && !hairpin {
-                    continue;
-                }
-                if unsafe { bpf_clone_redirect(skb, egress, 0) } == 0 {
-                    stats::tx(egress, len);
-                }
-            }
-            // The clones carry the frame; the original has nowhere to go.
-            TC_ACT_SHOT
+            tc_flood(
+                &ctx,
+                FloodArgs {
+                    net_id: key.net_id,
+                    vid: key.vid as u32,
+                    ingress,
+                    hairpin: port.flags & PORT_F_HAIRPIN,
+                    len: len as u32,
+                    tagged: cur.is_some() as u32,
+                    cur_tci: cur.unwrap_or(0) as u32,
+                    out_tci: out_tci as u32,
+                    second_start: 0,
+                    second_len: 0,
+                },
+            )
         }
     }
+}
+
+/// What the flood loop needs, passed through a per-CPU scratch slot.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct FloodArgs {
+    net_id: u32,
+    vid: u32,
+    ingress: u32,
+    hairpin: u32,
+    len: u32,
+    tagged: u32,
+    cur_tci: u32,
+    out_tci: u32,
+    second_start: u32,
+    second_len: u32,
+}
+
+/// Clone-redirects to members [start, start + n) of `set`.
+#[inline(always)]
+fn flood_range(ctx: &TcContext, set: &FloodSet, start: usize, n: usize, a: &FloodArgs) {
+    let skb = ctx.skb.skb as *mut _;
+    for p in 0..kvnet_common::MAX_FLOOD_PORTS {
+        if p >= n {
+            break;
+        }
+        // The mask (MAX_FLOOD_PORTS is a power of two) shows the verifier
+        // the index in bounds; the daemon keeps start + n <= count.
+        let egress = set.ifindex[start.wrapping_add(p) & (kvnet_common::MAX_FLOOD_PORTS - 1)];
+        if egress == a.ingress && a.hairpin == 0 {
+            continue;
+        }
+        if unsafe { bpf_clone_redirect(skb, egress, 0) } == 0 {
+            stats::tx(egress, a.len as u64);
+        }
+    }
+}
+
+/// Clone-redirects the frame to every member of its (network, VLAN) flood
+/// set: untagged members [0, tagged_from), tagged ones [tagged_from,
+/// count). The group matching the frame's tag state goes first, so the tag
+/// changes at most once, between the groups.
+///
+/// The arguments go through a map slot: the verifier then sees the same
+/// (unknown) values whichever way `decide` got here, and checks the loop
+/// once instead of once per path.
+#[inline(always)]
+fn tc_flood(ctx: &TcContext, args: FloodArgs) -> i32 {
+    let Some(slot) = maps::FLOOD_SCRATCH.get_ptr_mut(0) else {
+        return TC_ACT_SHOT;
+    };
+    let a = unsafe {
+        core::ptr::write_volatile(slot, args);
+        core::ptr::read_volatile(slot)
+    };
+    let key = kvnet_common::FloodKey {
+        net_id: a.net_id,
+        vid: a.vid as u16,
+        _pad: 0,
+    };
+    let Some(set) = maps::flood_set(&key) else {
+        return TC_ACT_SHOT;
+    };
+    let out_tci = a.out_tci as u16;
+    let mut cur = (a.tagged != 0).then_some(a.cur_tci as u16);
+    let count = (set.count as usize).min(kvnet_common::MAX_FLOOD_PORTS);
+    let split = (set.tagged_from as usize).min(count);
+    let tagged_first = a.tagged != 0;
+    let (first, second) = if tagged_first {
+        ((split, count - split), (0, split))
+    } else {
+        ((0, split), (split, count - split))
+    };
+    // The second group's bounds go through the slot too: each exit of the
+    // first loop then reaches the second with the same verifier state.
+    unsafe {
+        core::ptr::write_volatile(&mut (*slot).second_start, second.0 as u32);
+        core::ptr::write_volatile(&mut (*slot).second_len, second.1 as u32);
+    }
+    if first.1 > 0 {
+        if tagged_first && !tc_retag(ctx, &mut cur, Some(out_tci)) {
+            return TC_ACT_SHOT;
+        }
+        flood_range(ctx, set, first.0, first.1, &a);
+    }
+    let (start, n) = unsafe {
+        (
+            core::ptr::read_volatile(&(*slot).second_start) as usize,
+            core::ptr::read_volatile(&(*slot).second_len) as usize,
+        )
+    };
+    if n > 0 {
+        let want = if tagged_first { None } else { Some(out_tci) };
+        if !tc_retag(ctx, &mut cur, want) {
+            return TC_ACT_SHOT;
+        }
+        flood_range(ctx, set, start, n, &a);
+    }
+    // The clones carry the frame; the original has nowhere to go.
+    TC_ACT_SHOT
 }
 
 #[cfg(not(test))]

@@ -1,11 +1,11 @@
 //! The pinned maps the daemon owns (names in `kvnet_common::names`).
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuHashMap},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap},
 };
 use kvnet_common::{
-    FdbEntry, FdbKey, FloodKey, FloodSet, PortConfig, PortStats, MAX_FDB_ENTRIES, MAX_NETWORKS,
-    MAX_PORTS,
+    FdbEntry, FdbKey, FloodKey, FloodSet, PortConfig, PortStats, VlanMember, VlanMemberKey,
+    MAX_FDB_ENTRIES, MAX_FLOOD_DOMAINS, MAX_PORTS, MAX_VLAN_MEMBERS,
 };
 
 #[map(name = "ports")]
@@ -15,10 +15,28 @@ pub static PORTS: HashMap<u32, PortConfig> = HashMap::pinned(MAX_PORTS, 0);
 pub static FDB: HashMap<FdbKey, FdbEntry> = HashMap::pinned(MAX_FDB_ENTRIES, 0);
 
 #[map(name = "flood")]
-pub static FLOOD: HashMap<FloodKey, FloodSet> = HashMap::pinned(MAX_NETWORKS, 0);
+pub static FLOOD: HashMap<FloodKey, FloodSet> = HashMap::pinned(MAX_FLOOD_DOMAINS, 0);
 
 #[map(name = "port_stats")]
 pub static PORT_STATS: PerCpuHashMap<u32, PortStats> = PerCpuHashMap::pinned(MAX_PORTS, 0);
+
+/// Scratch slot for the tc flood's arguments (see `tc_flood`).
+#[map(name = "flood_scratch")]
+pub static FLOOD_SCRATCH: PerCpuArray<crate::FloodArgs> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "vlan_members")]
+pub static VLAN_MEMBERS: HashMap<VlanMemberKey, VlanMember> = HashMap::pinned(MAX_VLAN_MEMBERS, 0);
+
+/// A port's membership flags in `vid` (`VLAN_M_*`), None if not a member.
+#[inline(always)]
+pub fn vlan_member(ifindex: u32, vid: u16) -> Option<u32> {
+    let key = VlanMemberKey {
+        ifindex,
+        vid,
+        _pad: 0,
+    };
+    unsafe { VLAN_MEMBERS.get(&key) }.map(|m| m.flags)
+}
 
 #[inline(always)]
 pub fn port(ifindex: u32) -> Option<PortConfig> {

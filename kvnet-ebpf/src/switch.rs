@@ -1,51 +1,141 @@
 //! The switching decision, written once and executed by both hooks.
-use kvnet_common::{DropReason, FloodKey, PortConfig, PORT_F_HAIRPIN};
+use kvnet_common::{
+    DropReason, FloodKey, PortConfig, ETH_P_8021AD, ETH_P_8021Q, ETH_P_QINQ_9100, PORT_F_HAIRPIN,
+    VLAN_MODE_TRUNK, VLAN_M_TAGGED, VLAN_VID_MASK,
+};
 
 use crate::{fdb, maps, parse};
+
+/// The outer VLAN tag a frame arrived with, wherever it sits: in the packet
+/// after the MACs, or (tc) already moved into skb->vlan_tci by the kernel.
+#[derive(Clone, Copy)]
+pub struct Tag {
+    /// 0 when untagged.
+    pub tpid: u16,
+    pub tci: u16,
+    /// The tag is in the packet bytes (else in skb metadata, or absent).
+    #[allow(dead_code)]
+    pub in_packet: bool,
+}
+
+impl Tag {
+    pub const NONE: Tag = Tag {
+        tpid: 0,
+        tci: 0,
+        in_packet: false,
+    };
+
+    #[inline(always)]
+    pub fn present(&self) -> bool {
+        self.tpid != 0
+    }
+
+    /// The tag from the packet bytes, or `hw` (tpid, tci) when the kernel
+    /// already took it out of the packet.
+    #[inline(always)]
+    pub fn of(data: usize, data_end: usize, hw: Option<(u16, u16)>) -> Tag {
+        if let Some((tpid, tci)) = hw {
+            return Tag {
+                tpid,
+                tci,
+                in_packet: false,
+            };
+        }
+        let Some(h) = parse::ptr_at::<[u8; 4]>(data, data_end, 12) else {
+            return Tag::NONE;
+        };
+        let h = unsafe { &*h };
+        let tpid = u16::from_be_bytes([h[0], h[1]]);
+        if tpid != ETH_P_8021Q && tpid != ETH_P_8021AD && tpid != ETH_P_QINQ_9100 {
+            return Tag::NONE;
+        }
+        Tag {
+            tpid,
+            tci: u16::from_be_bytes([h[2], h[3]]),
+            in_packet: true,
+        }
+    }
+}
 
 pub enum Action {
     /// Not kvnet's business: let the host stack have it.
     Pass,
     Drop(DropReason),
-    /// Send out of this port (ifindex, its port flags).
-    Unicast(u32, u32),
-    /// Send to every port of this flood domain except the ingress one.
-    Flood(FloodKey),
+    /// Send out of this port (ifindex, its port flags, the TCI it must
+    /// carry or None for untagged).
+    Unicast(u32, u32, Option<u16>),
+    /// Send to every port of this flood domain except the ingress one;
+    /// tagged members get this TCI.
+    Flood(FloodKey, u16),
+}
+
+/// The VLAN a frame belongs to on ingress, or why it is dropped.
+#[inline(always)]
+fn classify(ingress: u32, port: &PortConfig, tag: &Tag) -> Result<u16, DropReason> {
+    if tag.present() && tag.tpid != ETH_P_8021Q {
+        return Err(DropReason::Qinq);
+    }
+    let vid = tag.tci & VLAN_VID_MASK;
+    if !tag.present() || vid == 0 {
+        // Untagged or priority-tagged.
+        if port.vlan_mode == VLAN_MODE_TRUNK && port.native_vid == 0 {
+            return Err(DropReason::VlanUntagged);
+        }
+        return Ok(port.pvid);
+    }
+    if port.vlan_mode != VLAN_MODE_TRUNK {
+        return Err(DropReason::VlanNotAllowed);
+    }
+    match maps::vlan_member(ingress, vid) {
+        Some(_) => Ok(vid),
+        None => Err(DropReason::VlanNotAllowed),
+    }
 }
 
 #[inline(always)]
-pub fn decide(ingress: u32, port: &PortConfig, data: usize, data_end: usize) -> Action {
+pub fn decide(ingress: u32, port: &PortConfig, data: usize, data_end: usize, tag: &Tag) -> Action {
     let Some(eth) = parse::eth(data, data_end) else {
         return Action::Drop(DropReason::Malformed);
     };
     if parse::is_multicast(&eth.src) || parse::is_zero(&eth.src) {
         return Action::Drop(DropReason::BadSrcMac);
     }
+    let vid = match classify(ingress, port, tag) {
+        Ok(v) => v,
+        Err(r) => return Action::Drop(r),
+    };
+    // Tagged egress keeps the PCP and DEI bits the frame came with.
+    let out_tci = (tag.tci & !VLAN_VID_MASK) | vid;
     let net_id = port.net_id;
-    let vid = 0;
     fdb::learn(net_id, vid, eth.src, ingress);
 
-    let flood = Action::Flood(FloodKey {
-        net_id,
-        vid,
-        _pad: 0,
-    });
+    let flood = Action::Flood(
+        FloodKey {
+            net_id,
+            vid,
+            _pad: 0,
+        },
+        out_tci,
+    );
     if parse::is_multicast(&eth.dst) {
         return flood;
     }
     let Some(egress) = fdb::lookup(net_id, vid, eth.dst) else {
         return flood;
     };
-    if egress == ingress {
-        return if port.flags & PORT_F_HAIRPIN != 0 {
-            Action::Unicast(egress, port.flags)
-        } else {
-            Action::Drop(DropReason::Hairpin)
-        };
+    if egress == ingress && port.flags & PORT_F_HAIRPIN == 0 {
+        return Action::Drop(DropReason::Hairpin);
     }
-    // Never forward into another network, even if the FDB is stale.
-    match maps::port(egress) {
-        Some(p) if p.net_id == net_id => Action::Unicast(egress, p.flags),
-        _ => Action::Drop(DropReason::StalePort),
+    // Never forward into another network or VLAN, even if the FDB is stale.
+    let Some(p) = maps::port(egress) else {
+        return Action::Drop(DropReason::StalePort);
+    };
+    if p.net_id != net_id {
+        return Action::Drop(DropReason::StalePort);
+    }
+    match maps::vlan_member(egress, vid) {
+        Some(f) if f & VLAN_M_TAGGED != 0 => Action::Unicast(egress, p.flags, Some(out_tci)),
+        Some(_) => Action::Unicast(egress, p.flags, None),
+        None => Action::Drop(DropReason::StalePort),
     }
 }

@@ -11,6 +11,8 @@ use std::{
 use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 
+pub use crate::vlan::VlanArgs;
+
 pub const DEFAULT_SOCKET: &str = "/run/kvnet/kvnet.sock";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/kvnet";
 
@@ -46,6 +48,16 @@ pub enum Request {
         iface: String,
         hairpin: bool,
         hook: Hook,
+        #[serde(default)]
+        vlan: VlanArgs,
+    },
+    /// Change a port's VLAN membership live.
+    PortSet {
+        iface: String,
+        vlan: VlanArgs,
+    },
+    VlanShow {
+        net: String,
     },
     PortDel {
         iface: String,
@@ -58,10 +70,14 @@ pub enum Request {
         net: String,
         mac: String,
         port: String,
+        #[serde(default)]
+        vlan: Option<String>,
     },
     FdbDel {
         net: String,
         mac: String,
+        #[serde(default)]
+        vlan: Option<String>,
     },
     Stats,
 }
@@ -95,6 +111,26 @@ pub struct PortInfo {
     /// The programs attached: "tc" or "xdp+tc".
     pub attached: String,
     pub hairpin: bool,
+    /// "-", "access 10" or "trunk 10,20 native 1".
+    #[serde(default)]
+    pub vlan: String,
+}
+
+/// One VLAN of a network and its member ports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VlanInfo {
+    /// 0: the untagged-only ports without VLAN config.
+    pub vid: u16,
+    pub ports: Vec<VlanPortRow>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VlanPortRow {
+    pub port: String,
+    /// The port's mode: "access", "trunk" or "none".
+    pub mode: String,
+    /// How the port carries this VLAN: "untagged" or "tagged".
+    pub tagging: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

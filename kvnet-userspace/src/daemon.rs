@@ -192,12 +192,20 @@ fn dispatch(sw: &mut Switch, req: Request) -> Result<serde_json::Value> {
             iface,
             hairpin,
             hook,
-        } => v(sw.port_add(&net, &iface, hairpin, hook)?)?,
+            vlan,
+        } => v(sw.port_add(&net, &iface, hairpin, hook, &vlan)?)?,
+        Request::PortSet { iface, vlan } => v(sw.port_set(&iface, &vlan)?)?,
+        Request::VlanShow { net } => v(sw.vlan_show(&net)?)?,
         Request::PortDel { iface } => v(sw.port_del(&iface)?)?,
         Request::PortList => v(sw.port_list())?,
         Request::FdbShow { net } => v(sw.fdb_show(&net)?)?,
-        Request::FdbAdd { net, mac, port } => v(sw.fdb_add(&net, &mac, &port)?)?,
-        Request::FdbDel { net, mac } => v(sw.fdb_del(&net, &mac)?)?,
+        Request::FdbAdd {
+            net,
+            mac,
+            port,
+            vlan,
+        } => v(sw.fdb_add(&net, &mac, &port, vlan.as_deref())?)?,
+        Request::FdbDel { net, mac, vlan } => v(sw.fdb_del(&net, &mac, vlan.as_deref())?)?,
         Request::Stats => v(sw.stats()?)?,
     })
 }

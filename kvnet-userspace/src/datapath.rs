@@ -16,7 +16,9 @@ use aya::{
     util::nr_cpus,
     Ebpf, EbpfLoader,
 };
-use kvnet_common::{names, FdbEntry, FdbKey, FloodKey, FloodSet, PortConfig, PortStats};
+use kvnet_common::{
+    names, FdbEntry, FdbKey, FloodKey, FloodSet, PortConfig, PortStats, VlanMember, VlanMemberKey,
+};
 
 /// The datapath object built by build.rs from kvnet-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kvnet"));
@@ -161,6 +163,13 @@ impl Datapath {
 
     pub fn flood(&mut self) -> Result<HashMap<&mut MapData, FloodKey, FloodSet>> {
         Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_FLOOD)?)?)
+    }
+
+    pub fn vlan_members(&mut self) -> Result<HashMap<&mut MapData, VlanMemberKey, VlanMember>> {
+        Ok(HashMap::try_from(map(
+            &mut self.ebpf,
+            names::MAP_VLAN_MEMBERS,
+        )?)?)
     }
 
     pub fn port_stats(&mut self) -> Result<PerCpuHashMap<&mut MapData, u32, PortStats>> {

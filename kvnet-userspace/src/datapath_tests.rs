@@ -53,7 +53,20 @@ fn fixture() -> Option<Fixture> {
 }
 
 impl Fixture {
+    /// A port without VLAN config (untagged member of VLAN 0).
     fn port(&mut self, ifindex: u32, flags: u32) {
+        self.vlan_port(ifindex, flags, VLAN_MODE_NONE, 0, &[(0, false)]);
+    }
+    /// A port with VLAN mode `mode`, untagged frames in `pvid` and these
+    /// (vid, tagged) memberships.
+    fn vlan_port(
+        &mut self,
+        ifindex: u32,
+        flags: u32,
+        mode: u16,
+        pvid: u16,
+        members: &[(u16, bool)],
+    ) {
         self.dp.reset_stats(ifindex).unwrap();
         self.dp
             .ports()
@@ -63,16 +76,37 @@ impl Fixture {
                 PortConfig {
                     net_id: NET,
                     flags,
-                    ..Default::default()
+                    vlan_mode: mode,
+                    pvid,
+                    native_vid: if mode == VLAN_MODE_TRUNK { pvid } else { 0 },
+                    _pad: 0,
                 },
                 0,
             )
             .unwrap();
+        let mut m = self.dp.vlan_members().unwrap();
+        for &(vid, tagged) in members {
+            m.insert(
+                VlanMemberKey {
+                    ifindex,
+                    vid,
+                    _pad: 0,
+                },
+                VlanMember {
+                    flags: if tagged { VLAN_M_TAGGED } else { 0 },
+                },
+                0,
+            )
+            .unwrap();
+        }
     }
     fn fdb(&mut self, mac: [u8; 6], ifindex: u32, flags: u32) {
+        self.fdb_vlan(mac, 0, ifindex, flags);
+    }
+    fn fdb_vlan(&mut self, mac: [u8; 6], vid: u16, ifindex: u32, flags: u32) {
         let key = FdbKey {
             net_id: NET,
-            vid: 0,
+            vid,
             mac,
         };
         self.dp
@@ -90,18 +124,24 @@ impl Fixture {
             .unwrap();
     }
     fn fdb_get(&mut self, mac: [u8; 6]) -> Option<FdbEntry> {
+        self.fdb_get_vlan(mac, 0)
+    }
+    fn fdb_get_vlan(&mut self, mac: [u8; 6], vid: u16) -> Option<FdbEntry> {
         self.dp
             .fdb()
             .unwrap()
             .get(
                 &FdbKey {
                     net_id: NET,
-                    vid: 0,
+                    vid,
                     mac,
                 },
                 0,
             )
             .ok()
+    }
+    fn drops(&mut self, ifindex: u32, r: DropReason) -> u64 {
+        self.dp.stats(ifindex).unwrap().drops[r as usize]
     }
 }
 
@@ -288,4 +328,208 @@ fn other_networks_are_never_a_target() {
         f.dp.stats(LO).unwrap().drops[DropReason::StalePort as usize],
         1
     );
+}
+
+// ---- VLANs -------------------------------------------------------------
+
+const TRUNK: u32 = 1010;
+const ACCESS10: u32 = 1011;
+
+/// `frame` with an 802.1Q (or other TPID) tag inserted after the MACs.
+fn tagged(frame: &[u8], tpid: u16, tci: u16) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    f.extend_from_slice(&tpid.to_be_bytes());
+    f.extend_from_slice(&tci.to_be_bytes());
+    f.extend_from_slice(&frame[12..]);
+    f
+}
+
+/// lo as an access port of VLAN 10, TRUNK (tagged 10, 20; XDP may send)
+/// and ACCESS10 (XDP may send).
+fn vlan_fixture(lo_mode: u16, lo_pvid: u16, lo_members: &[(u16, bool)]) -> Option<Fixture> {
+    let mut f = fixture()?;
+    f.vlan_port(LO, 0, lo_mode, lo_pvid, lo_members);
+    f.vlan_port(
+        TRUNK,
+        PORT_F_XDP_TX,
+        VLAN_MODE_TRUNK,
+        0,
+        &[(10, true), (20, true)],
+    );
+    f.vlan_port(
+        ACCESS10,
+        PORT_F_XDP_TX,
+        VLAN_MODE_ACCESS,
+        10,
+        &[(10, false)],
+    );
+    Some(f)
+}
+
+#[test]
+fn access_ingress_learns_in_its_vlan_and_xdp_pushes_the_tag_to_a_trunk() {
+    let Some(mut f) = vlan_fixture(VLAN_MODE_ACCESS, 10, &[(10, false)]) else {
+        return;
+    };
+    f.fdb_vlan(B, 10, TRUNK, 0);
+    let frame = udp_frame(B, A, b"to-trunk", true);
+    let r = f.dp.run_xdp(&frame, LO, 1).unwrap();
+    assert_eq!(r.verdict, XDP_REDIRECT);
+    assert_eq!(r.frame, tagged(&frame, 0x8100, 10), "tag 10 pushed, PCP 0");
+    assert_eq!(
+        f.fdb_get_vlan(A, 10).unwrap().ifindex,
+        LO,
+        "learned in VLAN 10"
+    );
+    assert!(f.fdb_get(A).is_none(), "not in VLAN 0");
+    // The same in tc: redirected (the tag rides in skb->vlan_tci, which
+    // BPF_PROG_RUN does not return; the lab tests see it on the wire).
+    assert_eq!(f.dp.run_tc(&frame, 1).unwrap().verdict, TC_ACT_REDIRECT);
+    // A priority-tagged frame (VID 0) on an access port counts as untagged.
+    let r =
+        f.dp.run_xdp(&tagged(&frame, 0x8100, 0xa000), LO, 1)
+            .unwrap();
+    assert_eq!(r.verdict, XDP_REDIRECT);
+    assert_eq!(
+        r.frame,
+        tagged(&frame, 0x8100, 0xa00a),
+        "PCP 5 kept, VID 10 set"
+    );
+}
+
+#[test]
+fn trunk_to_access_pops_and_trunk_to_trunk_keeps_the_pcp() {
+    let Some(mut f) = vlan_fixture(VLAN_MODE_TRUNK, 0, &[(10, true), (20, true)]) else {
+        return;
+    };
+    let frame = udp_frame(B, A, b"from-trunk", true);
+    f.fdb_vlan(B, 10, ACCESS10, 0);
+    for run_tc in [false, true] {
+        let r = if run_tc {
+            f.dp.run_tc(&tagged(&frame, 0x8100, 0x600a), 1).unwrap()
+        } else {
+            f.dp.run_xdp(&tagged(&frame, 0x8100, 0x600a), LO, 1)
+                .unwrap()
+        };
+        assert_eq!(
+            r.verdict,
+            if run_tc {
+                TC_ACT_REDIRECT
+            } else {
+                XDP_REDIRECT
+            }
+        );
+        assert_eq!(r.frame, frame, "tag popped (tc: {run_tc})");
+    }
+    // Trunk to trunk: the frame leaves as it came, PCP 3 and all.
+    f.fdb_vlan(B, 20, TRUNK, 0);
+    let t = tagged(&frame, 0x8100, 0x6014);
+    let r = f.dp.run_xdp(&t, LO, 1).unwrap();
+    assert_eq!((r.verdict, &r.frame), (XDP_REDIRECT, &t));
+    let r = f.dp.run_tc(&t, 1).unwrap();
+    assert_eq!((r.verdict, &r.frame), (TC_ACT_REDIRECT, &t));
+    // The same MAC lives in both VLANs, on different ports.
+    assert_eq!(f.fdb_get_vlan(A, 10).unwrap().ifindex, LO);
+    assert_eq!(f.fdb_get_vlan(A, 20).unwrap().ifindex, LO);
+    assert_eq!(f.fdb_get_vlan(B, 10).unwrap().ifindex, ACCESS10);
+    assert_eq!(f.fdb_get_vlan(B, 20).unwrap().ifindex, TRUNK);
+}
+
+#[test]
+fn trunk_drops_disallowed_vids_untagged_frames_and_qinq_with_counters() {
+    let Some(mut f) = vlan_fixture(VLAN_MODE_TRUNK, 0, &[(10, true), (20, true)]) else {
+        return;
+    };
+    let frame = udp_frame(B, A, b"x", true);
+    let v30 = tagged(&frame, 0x8100, 30);
+    assert_eq!(f.dp.run_xdp(&v30, LO, 1).unwrap().verdict, XDP_DROP);
+    assert_eq!(f.dp.run_tc(&v30, 1).unwrap().verdict, TC_ACT_SHOT);
+    assert_eq!(f.drops(LO, DropReason::VlanNotAllowed), 2);
+    // Untagged on a trunk without native VLAN: XDP cannot tell a stripped
+    // tag from none and leaves it to tc, which drops it.
+    assert_eq!(f.dp.run_xdp(&frame, LO, 1).unwrap().verdict, XDP_PASS);
+    assert_eq!(f.dp.run_tc(&frame, 1).unwrap().verdict, TC_ACT_SHOT);
+    assert_eq!(f.drops(LO, DropReason::VlanUntagged), 1);
+    // 802.1ad outer tag (and the old 0x9100) is not a trunk tag.
+    let qinq = tagged(&tagged(&frame, 0x8100, 10), 0x88a8, 100);
+    assert_eq!(f.dp.run_xdp(&qinq, LO, 1).unwrap().verdict, XDP_DROP);
+    assert_eq!(f.dp.run_tc(&qinq, 1).unwrap().verdict, TC_ACT_SHOT);
+    let old = tagged(&tagged(&frame, 0x8100, 10), 0x9100, 100);
+    assert_eq!(f.dp.run_tc(&old, 1).unwrap().verdict, TC_ACT_SHOT);
+    assert_eq!(f.drops(LO, DropReason::Qinq), 3);
+    assert!(f.fdb_get_vlan(A, 30).is_none() && f.fdb_get_vlan(A, 100).is_none());
+    // VID 4095 is never allowed.
+    let r = f.dp.run_tc(&tagged(&frame, 0x8100, 4095), 1).unwrap();
+    assert_eq!(r.verdict, TC_ACT_SHOT);
+    assert_eq!(f.drops(LO, DropReason::VlanNotAllowed), 3);
+}
+
+#[test]
+fn native_vlan_takes_untagged_frames_and_access_ports_refuse_tags() {
+    let Some(mut f) = vlan_fixture(VLAN_MODE_TRUNK, 10, &[(10, false), (20, true)]) else {
+        return;
+    };
+    let frame = udp_frame(B, A, b"native", true);
+    f.fdb_vlan(B, 10, TRUNK, 0);
+    // Untagged on the trunk: native VLAN 10; out of the other trunk tagged.
+    let r = f.dp.run_tc(&frame, 1).unwrap();
+    assert_eq!(r.verdict, TC_ACT_REDIRECT);
+    assert_eq!(f.fdb_get_vlan(A, 10).unwrap().ifindex, LO);
+    // lo as an access port: tagged frames are refused whatever the VID.
+    f.vlan_port(LO, 0, VLAN_MODE_ACCESS, 10, &[(10, false)]);
+    for vid in [10, 20] {
+        let r = f.dp.run_xdp(&tagged(&frame, 0x8100, vid), LO, 1).unwrap();
+        assert_eq!(r.verdict, XDP_DROP, "tag {vid} on an access port");
+    }
+    assert_eq!(f.drops(LO, DropReason::VlanNotAllowed), 2);
+    // And a port without VLAN config takes untagged frames only.
+    f.vlan_port(LO, 0, VLAN_MODE_NONE, 0, &[(0, false)]);
+    let r = f.dp.run_tc(&tagged(&frame, 0x8100, 10), 1).unwrap();
+    assert_eq!(r.verdict, TC_ACT_SHOT);
+    assert_eq!(f.drops(LO, DropReason::VlanNotAllowed), 1, "counters reset");
+}
+
+#[test]
+fn unicast_never_leaves_through_a_port_outside_the_vlan() {
+    let Some(mut f) = vlan_fixture(VLAN_MODE_ACCESS, 20, &[(20, false)]) else {
+        return;
+    };
+    // A stale entry in VLAN 20 naming a VLAN-10-only port.
+    f.fdb_vlan(B, 20, ACCESS10, 0);
+    let r = f.dp.run_tc(&udp_frame(B, A, b"x", true), 1).unwrap();
+    assert_eq!(r.verdict, TC_ACT_SHOT);
+    assert_eq!(f.drops(LO, DropReason::StalePort), 1);
+}
+
+#[test]
+fn tc_floods_per_vlan() {
+    let Some(mut f) = vlan_fixture(VLAN_MODE_TRUNK, 0, &[(10, true), (20, true)]) else {
+        return;
+    };
+    let mut set = FloodSet::default();
+    set.count = 2;
+    set.ifindex[0] = LO;
+    set.ifindex[1] = LO;
+    set.tagged_from = 1;
+    f.dp.flood()
+        .unwrap()
+        .insert(
+            FloodKey {
+                net_id: NET,
+                vid: 10,
+                _pad: 0,
+            },
+            set,
+            0,
+        )
+        .unwrap();
+    let frame = tagged(&udp_frame(BCAST, A, b"x", true), 0x8100, 10);
+    let r = f.dp.run_tc(&frame, 1).unwrap();
+    assert_eq!(r.verdict, TC_ACT_SHOT, "the clones carry the frame");
+    assert_eq!(f.dp.stats(LO).unwrap().flooded, 1);
+    // VLAN 20 has no flood set: nowhere to go.
+    let r =
+        f.dp.run_tc(&tagged(&udp_frame(BCAST, A, b"x", true), 0x8100, 20), 1)
+            .unwrap();
+    assert_eq!(r.verdict, TC_ACT_SHOT);
 }

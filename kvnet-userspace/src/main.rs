@@ -10,13 +10,16 @@ mod mac;
 mod netdev;
 mod output;
 mod switch;
+mod vlan;
 
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::control::{call, FdbRow, Hook, NetInfo, PortInfo, PortStatsRow, Request};
+use crate::control::{
+    call, FdbRow, Hook, NetInfo, PortInfo, PortStatsRow, Request, VlanArgs, VlanInfo,
+};
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +55,9 @@ enum Cmd {
     /// The MAC table.
     #[command(subcommand)]
     Fdb(FdbCmd),
+    /// VLANs and their member ports.
+    #[command(subcommand)]
+    Vlan(VlanCmd),
     /// Per-port counters.
     Stats {
         #[arg(long)]
@@ -137,11 +143,57 @@ enum PortCmd {
         hairpin: bool,
         #[arg(long, value_enum, default_value_t = Hook::Auto)]
         hook: Hook,
+        #[command(flatten)]
+        vlan: VlanOpts,
+    },
+    /// Change a port's VLAN membership live.
+    Set {
+        iface: String,
+        #[command(flatten)]
+        vlan: VlanOpts,
+        /// Drop the VLAN config: untagged frames only.
+        #[arg(long)]
+        no_vlan: bool,
     },
     /// Detach a port and forget its MACs.
     Del { iface: String },
     /// List ports.
     List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// VLAN options of `port add` and `port set` (validated by the daemon).
+#[derive(clap::Args)]
+struct VlanOpts {
+    /// Access port of this VLAN (1-4094): untagged on the wire.
+    #[arg(long, value_name = "VID")]
+    vlan: Option<String>,
+    /// Trunk port carrying these VLANs tagged: a list like 10,20,100-199.
+    #[arg(long, value_name = "LIST")]
+    trunk: Option<String>,
+    /// The trunk's native VLAN: untagged frames belong to it.
+    #[arg(long, value_name = "VID")]
+    native: Option<String>,
+}
+
+impl VlanOpts {
+    fn args(self, no_vlan: bool) -> VlanArgs {
+        VlanArgs {
+            vlan: self.vlan,
+            trunk: self.trunk,
+            native: self.native,
+            no_vlan,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum VlanCmd {
+    /// A network's VLANs and member ports with their tagging.
+    Show {
+        net: String,
         #[arg(long)]
         json: bool,
     },
@@ -160,9 +212,17 @@ enum FdbCmd {
         net: String,
         mac: String,
         port: String,
+        /// The VLAN (default: the port's untagged VLAN).
+        #[arg(long, value_name = "VID")]
+        vlan: Option<String>,
     },
-    /// Delete an entry.
-    Del { net: String, mac: String },
+    /// Delete an entry (from every VLAN unless --vlan).
+    Del {
+        net: String,
+        mac: String,
+        #[arg(long, value_name = "VID")]
+        vlan: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -211,6 +271,7 @@ fn run(cli: Cli) -> Result<()> {
             iface,
             hairpin,
             hook,
+            vlan,
         }) => done(call(
             sock,
             &Request::PortAdd {
@@ -218,8 +279,25 @@ fn run(cli: Cli) -> Result<()> {
                 iface,
                 hairpin,
                 hook,
+                vlan: vlan.args(false),
             },
         )),
+        Cmd::Port(PortCmd::Set {
+            iface,
+            vlan,
+            no_vlan,
+        }) => done(call(
+            sock,
+            &Request::PortSet {
+                iface,
+                vlan: vlan.args(no_vlan),
+            },
+        )),
+        Cmd::Vlan(VlanCmd::Show { net, json }) => output::show::<Vec<VlanInfo>>(
+            call(sock, &Request::VlanShow { net })?,
+            json,
+            output::vlans,
+        ),
         Cmd::Port(PortCmd::Del { iface }) => done(call(sock, &Request::PortDel { iface })),
         Cmd::Port(PortCmd::List { json }) => {
             output::show::<Vec<PortInfo>>(call(sock, &Request::PortList)?, json, output::ports)
@@ -227,10 +305,23 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Fdb(FdbCmd::Show { net, json }) => {
             output::show::<Vec<FdbRow>>(call(sock, &Request::FdbShow { net })?, json, output::fdb)
         }
-        Cmd::Fdb(FdbCmd::Add { net, mac, port }) => {
-            done(call(sock, &Request::FdbAdd { net, mac, port }))
+        Cmd::Fdb(FdbCmd::Add {
+            net,
+            mac,
+            port,
+            vlan,
+        }) => done(call(
+            sock,
+            &Request::FdbAdd {
+                net,
+                mac,
+                port,
+                vlan,
+            },
+        )),
+        Cmd::Fdb(FdbCmd::Del { net, mac, vlan }) => {
+            done(call(sock, &Request::FdbDel { net, mac, vlan }))
         }
-        Cmd::Fdb(FdbCmd::Del { net, mac }) => done(call(sock, &Request::FdbDel { net, mac })),
         Cmd::Stats { json } => {
             output::show::<Vec<PortStatsRow>>(call(sock, &Request::Stats)?, json, output::stats)
         }

@@ -2,7 +2,7 @@
 use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;
 
-use crate::control::{FdbRow, NetInfo, PortInfo, PortStatsRow};
+use crate::control::{FdbRow, NetInfo, PortInfo, PortStatsRow, VlanInfo};
 
 pub fn show<T: DeserializeOwned>(
     data: serde_json::Value,
@@ -63,7 +63,7 @@ pub fn nets(nets: &Vec<NetInfo>) -> Vec<Vec<String>> {
 
 pub fn ports(ports: &Vec<PortInfo>) -> Vec<Vec<String>> {
     let mut rows = vec![header(&[
-        "port", "ifindex", "network", "driver", "hook", "attached", "hairpin",
+        "port", "ifindex", "network", "driver", "hook", "attached", "hairpin", "vlan",
     ])];
     for p in ports {
         rows.push(vec![
@@ -74,7 +74,27 @@ pub fn ports(ports: &Vec<PortInfo>) -> Vec<Vec<String>> {
             format!("{:?}", p.hook).to_lowercase(),
             p.attached.clone(),
             if p.hairpin { "on" } else { "off" }.into(),
+            p.vlan.clone(),
         ]);
+    }
+    rows
+}
+
+pub fn vlans(vlans: &Vec<VlanInfo>) -> Vec<Vec<String>> {
+    let mut rows = vec![header(&["vlan", "port", "mode", "tagging"])];
+    for v in vlans {
+        for p in &v.ports {
+            rows.push(vec![
+                if v.vid == 0 {
+                    "-".into()
+                } else {
+                    v.vid.to_string()
+                },
+                p.port.clone(),
+                p.mode.clone(),
+                p.tagging.clone(),
+            ]);
+        }
     }
     rows
 }

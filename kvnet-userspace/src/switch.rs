@@ -1,19 +1,23 @@
 //! Desired state (networks, ports, static FDB entries) and its reflection in
 //! the datapath maps. Every operation validates first and changes the maps
 //! only when it can finish, undoing its own steps when a later one fails.
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use anyhow::{bail, Context, Result};
 use kvnet_common::{
-    FdbEntry, FdbKey, FloodKey, FloodSet, PortConfig, DROP_REASON_NAMES, FDB_F_STATIC,
-    MAX_FLOOD_PORTS, PORT_F_HAIRPIN, PORT_F_XDP, PORT_F_XDP_TX,
+    FdbEntry, FdbKey, FloodKey, FloodSet, PortConfig, VlanMember, VlanMemberKey, DROP_REASON_NAMES,
+    FDB_F_STATIC, MAX_FLOOD_PORTS, PORT_F_HAIRPIN, PORT_F_XDP, PORT_F_XDP_TX, VLAN_M_TAGGED,
 };
 
 use crate::{
-    control::{FdbRow, Hook, NetInfo, PortInfo, PortStatsRow},
+    control::{FdbRow, Hook, NetInfo, PortInfo, PortStatsRow, VlanInfo, VlanPortRow},
     datapath::Datapath,
     mac::Mac,
     netdev,
+    vlan::{self, Tagging, VlanArgs, VlanCfg},
 };
 
 pub const DEFAULT_AGEING: Duration = Duration::from_secs(300);
@@ -30,6 +34,7 @@ pub struct Port {
     pub hook: Hook,
     pub xdp: bool,
     pub hairpin: bool,
+    pub vlan: VlanCfg,
 }
 
 pub struct Switch {
@@ -101,7 +106,6 @@ impl Switch {
         let id = (1..)
             .find(|id| self.nets.values().all(|n| n.id != *id))
             .unwrap_or(1);
-        self.write_flood(id, &[])?;
         self.nets.insert(name.to_string(), Network { id, ageing });
         Ok(())
     }
@@ -132,11 +136,15 @@ impl Switch {
             self.port_del(&iface)?;
         }
         self.flush_fdb(|k, _| k.net_id == id)?;
-        let _ = self.dp.flood()?.remove(&FloodKey {
-            net_id: id,
-            vid: 0,
-            _pad: 0,
-        });
+        let mut flood = self.dp.flood()?;
+        let keys: Vec<FloodKey> = flood
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.net_id == id)
+            .collect();
+        for k in keys {
+            let _ = flood.remove(&k);
+        }
         self.nets.remove(name);
         Ok(())
     }
@@ -159,36 +167,132 @@ impl Switch {
             .collect()
     }
 
-    fn members(&self, net: &str) -> Vec<u32> {
+    /// (ifindex, VLAN config) of the network's ports.
+    fn members(&self, net: &str) -> Vec<(u32, VlanCfg)> {
         self.ports
             .values()
             .filter(|p| p.net == net)
-            .map(|p| p.ifindex)
+            .map(|p| (p.ifindex, p.vlan.clone()))
             .collect()
     }
 
-    fn write_flood(&mut self, net_id: u32, members: &[u32]) -> Result<()> {
-        let mut set = FloodSet::default();
-        for (slot, ifindex) in set.ifindex.iter_mut().zip(members) {
-            *slot = *ifindex;
+    /// Rewrites the flood sets of `vids` in network `net_id` from
+    /// `members`: untagged members first, tagged ones from `tagged_from`.
+    /// A VLAN without members loses its flood set.
+    fn write_floods(
+        &mut self,
+        net_id: u32,
+        members: &[(u32, VlanCfg)],
+        vids: &BTreeSet<u16>,
+    ) -> Result<()> {
+        let mut flood = self.dp.flood()?;
+        for &vid in vids {
+            let mut untagged = Vec::new();
+            let mut tagged = Vec::new();
+            for (ifindex, cfg) in members {
+                match cfg.memberships().get(&vid) {
+                    Some(Tagging::Untagged) => untagged.push(*ifindex),
+                    Some(Tagging::Tagged) => tagged.push(*ifindex),
+                    None => {}
+                }
+            }
+            let key = FloodKey {
+                net_id,
+                vid,
+                _pad: 0,
+            };
+            if untagged.is_empty() && tagged.is_empty() {
+                let _ = flood.remove(&key);
+                continue;
+            }
+            let mut set = FloodSet::default();
+            let all: Vec<u32> = untagged.iter().chain(&tagged).copied().collect();
+            for (slot, ifindex) in set.ifindex.iter_mut().zip(&all) {
+                *slot = *ifindex;
+            }
+            set.count = all.len().min(MAX_FLOOD_PORTS) as u32;
+            set.tagged_from = untagged.len().min(MAX_FLOOD_PORTS) as u32;
+            flood
+                .insert(key, set, 0)
+                .with_context(|| format!("writing the flood set of VLAN {vid}"))?;
         }
-        set.count = members.len().min(MAX_FLOOD_PORTS) as u32;
-        self.dp
-            .flood()?
-            .insert(
-                FloodKey {
-                    net_id,
-                    vid: 0,
-                    _pad: 0,
-                },
-                set,
-                0,
-            )
-            .context("writing the network's flood set")?;
         Ok(())
     }
 
-    pub fn port_add(&mut self, net: &str, iface: &str, hairpin: bool, hook: Hook) -> Result<()> {
+    /// Refuses a configuration that would put more than MAX_FLOOD_PORTS
+    /// ports into one VLAN of `net` (`except` is the port being changed).
+    fn check_capacity(&self, net: &str, except: &str, cfg: &VlanCfg) -> Result<()> {
+        for vid in cfg.memberships().keys() {
+            let n = self
+                .ports
+                .iter()
+                .filter(|(name, p)| {
+                    p.net == net
+                        && name.as_str() != except
+                        && p.vlan.memberships().contains_key(vid)
+                })
+                .count();
+            if n >= MAX_FLOOD_PORTS {
+                bail!("VLAN {vid} of network '{net}' already has the maximum of {MAX_FLOOD_PORTS} ports");
+            }
+        }
+        Ok(())
+    }
+
+    fn write_memberships(&mut self, ifindex: u32, cfg: &VlanCfg) -> Result<()> {
+        let mut m = self.dp.vlan_members()?;
+        for (vid, tagging) in cfg.memberships() {
+            let flags = if tagging == Tagging::Tagged {
+                VLAN_M_TAGGED
+            } else {
+                0
+            };
+            m.insert(
+                VlanMemberKey {
+                    ifindex,
+                    vid,
+                    _pad: 0,
+                },
+                VlanMember { flags },
+                0,
+            )
+            .with_context(|| format!("writing the port's membership in VLAN {vid}"))?;
+        }
+        Ok(())
+    }
+
+    fn remove_memberships(&mut self, ifindex: u32, vids: impl IntoIterator<Item = u16>) {
+        if let Ok(mut m) = self.dp.vlan_members() {
+            for vid in vids {
+                let _ = m.remove(&VlanMemberKey {
+                    ifindex,
+                    vid,
+                    _pad: 0,
+                });
+            }
+        }
+    }
+
+    fn port_config(net_id: u32, flags: u32, cfg: &VlanCfg) -> PortConfig {
+        let (vlan_mode, pvid, native_vid) = cfg.port_fields();
+        PortConfig {
+            net_id,
+            flags,
+            vlan_mode,
+            pvid,
+            native_vid,
+            _pad: 0,
+        }
+    }
+
+    pub fn port_add(
+        &mut self,
+        net: &str,
+        iface: &str,
+        hairpin: bool,
+        hook: Hook,
+        vlan: &VlanArgs,
+    ) -> Result<()> {
         let net_id = self.net(net)?.id;
         if let Some(p) = self.ports.get(iface) {
             bail!(
@@ -196,14 +300,15 @@ impl Switch {
                 p.net
             );
         }
+        if vlan.no_vlan {
+            bail!("--no-vlan is for `port set`; a new port without VLAN options has none");
+        }
+        let cfg = vlan.to_cfg()?;
         let ifindex = netdev::ifindex(iface)?;
         if ifindex == 1 {
             bail!("the loopback interface cannot be a switch port");
         }
-        let mut members = self.members(net);
-        if members.len() >= MAX_FLOOD_PORTS {
-            bail!("network '{net}' already has the maximum of {MAX_FLOOD_PORTS} ports");
-        }
+        self.check_capacity(net, iface, &cfg)?;
         let driver = netdev::driver(iface).unwrap_or_else(|_| "unknown".into());
         let xdp = resolve_hook(hook, &driver);
         let mut flags = 0;
@@ -216,23 +321,26 @@ impl Switch {
         if driver != "veth" {
             flags |= PORT_F_XDP_TX;
         }
-        let cfg = PortConfig {
-            net_id,
-            flags,
-            ..Default::default()
-        };
-        self.dp.reset_stats(ifindex)?;
-        self.dp
-            .ports()?
-            .insert(ifindex, cfg, 0)
-            .context("writing the port map")?;
-        members.push(ifindex);
+        let pcfg = Self::port_config(net_id, flags, &cfg);
+        let vids: BTreeSet<u16> = cfg.memberships().keys().copied().collect();
+        let mut members = self.members(net);
+        let before = members.clone();
+        members.push((ifindex, cfg.clone()));
         let applied = self
-            .write_flood(net_id, &members)
+            .dp
+            .reset_stats(ifindex)
+            .and_then(|_| self.write_memberships(ifindex, &cfg))
+            .and_then(|_| {
+                self.dp
+                    .ports()?
+                    .insert(ifindex, pcfg, 0)
+                    .context("writing the port map")
+            })
+            .and_then(|_| self.write_floods(net_id, &members, &vids))
             .and_then(|_| self.dp.attach(iface, ifindex, xdp));
         if let Err(e) = applied {
-            members.pop();
-            let _ = self.write_flood(net_id, &members);
+            let _ = self.write_floods(net_id, &before, &vids);
+            self.remove_memberships(ifindex, vids.iter().copied());
             let _ = self.dp.ports()?.remove(&ifindex);
             let _ = self.dp.port_stats()?.remove(&ifindex);
             return Err(e);
@@ -246,8 +354,74 @@ impl Switch {
                 hook,
                 xdp,
                 hairpin,
+                vlan: cfg,
             },
         );
+        Ok(())
+    }
+
+    /// Changes a port's VLAN membership live: new memberships and flood
+    /// sets first, then the port's classification, then what it left
+    /// (memberships, flood set entries, learned MACs of those VLANs).
+    pub fn port_set(&mut self, iface: &str, vlan: &VlanArgs) -> Result<()> {
+        let port = self
+            .ports
+            .get(iface)
+            .with_context(|| format!("interface '{iface}' is not a kvnet port"))?;
+        if vlan.is_empty() {
+            bail!("nothing to change: give --vlan N, --trunk LIST [--native N] or --no-vlan");
+        }
+        let cfg = vlan.to_cfg()?;
+        let (net, ifindex, old) = (port.net.clone(), port.ifindex, port.vlan.clone());
+        let net_id = self.net(&net)?.id;
+        self.check_capacity(&net, iface, &cfg)?;
+        let old_pcfg = self
+            .dp
+            .ports()?
+            .get(&ifindex, 0)
+            .context("the port is missing from the port map")?;
+        let pcfg = Self::port_config(net_id, old_pcfg.flags, &cfg);
+        let old_vids: BTreeSet<u16> = old.memberships().keys().copied().collect();
+        let new_vids: BTreeSet<u16> = cfg.memberships().keys().copied().collect();
+        let all: BTreeSet<u16> = old_vids.union(&new_vids).copied().collect();
+        let left: Vec<u16> = old_vids.difference(&new_vids).copied().collect();
+        let before = self.members(&net);
+        let after: Vec<(u32, VlanCfg)> = before
+            .iter()
+            .map(|(i, c)| {
+                (
+                    *i,
+                    if *i == ifindex {
+                        cfg.clone()
+                    } else {
+                        c.clone()
+                    },
+                )
+            })
+            .collect();
+        let applied = self
+            .write_memberships(ifindex, &cfg)
+            .and_then(|_| self.write_floods(net_id, &after, &all))
+            .and_then(|_| {
+                self.dp
+                    .ports()?
+                    .insert(ifindex, pcfg, 0)
+                    .context("writing the port map")
+            });
+        if let Err(e) = applied {
+            // Back to the old state, as far as the maps let us.
+            let _ = self.dp.ports().map(|mut p| p.insert(ifindex, old_pcfg, 0));
+            let _ = self.write_floods(net_id, &before, &all);
+            let joined: Vec<u16> = new_vids.difference(&old_vids).copied().collect();
+            self.remove_memberships(ifindex, joined);
+            let _ = self.write_memberships(ifindex, &old);
+            return Err(e);
+        }
+        self.remove_memberships(ifindex, left.iter().copied());
+        self.flush_fdb(|k, e| e.ifindex == ifindex && k.net_id == net_id && left.contains(&k.vid))?;
+        if let Some(p) = self.ports.get_mut(iface) {
+            p.vlan = cfg;
+        }
         Ok(())
     }
 
@@ -259,11 +433,32 @@ impl Switch {
         self.dp.detach(port.ifindex);
         let net_id = self.net(&port.net)?.id;
         let members = self.members(&port.net);
-        self.write_flood(net_id, &members)?;
+        let vids: BTreeSet<u16> = port.vlan.memberships().keys().copied().collect();
+        self.write_floods(net_id, &members, &vids)?;
         let _ = self.dp.ports()?.remove(&port.ifindex);
         let _ = self.dp.port_stats()?.remove(&port.ifindex);
+        self.remove_memberships(port.ifindex, vids);
         self.flush_fdb(|_, e| e.ifindex == port.ifindex)?;
         Ok(())
+    }
+
+    /// The network's VLANs and, for each, its ports and how they carry it.
+    pub fn vlan_show(&self, net: &str) -> Result<Vec<VlanInfo>> {
+        self.net(net)?;
+        let mut vlans: BTreeMap<u16, Vec<VlanPortRow>> = BTreeMap::new();
+        for (name, p) in self.ports.iter().filter(|(_, p)| p.net == net) {
+            for (vid, tagging) in p.vlan.memberships() {
+                vlans.entry(vid).or_default().push(VlanPortRow {
+                    port: name.clone(),
+                    mode: p.vlan.mode_name().into(),
+                    tagging: tagging.to_string(),
+                });
+            }
+        }
+        Ok(vlans
+            .into_iter()
+            .map(|(vid, ports)| VlanInfo { vid, ports })
+            .collect())
     }
 
     pub fn port_list(&self) -> Vec<PortInfo> {
@@ -277,6 +472,7 @@ impl Switch {
                 hook: p.hook,
                 attached: if p.xdp { "xdp+tc" } else { "tc" }.into(),
                 hairpin: p.hairpin,
+                vlan: p.vlan.to_string(),
             })
             .collect()
     }
@@ -331,7 +527,7 @@ impl Switch {
         Ok(rows)
     }
 
-    pub fn fdb_add(&mut self, net: &str, mac: &str, port: &str) -> Result<()> {
+    pub fn fdb_add(&mut self, net: &str, mac: &str, port: &str, vlan: Option<&str>) -> Result<()> {
         let id = self.net(net)?.id;
         let mac: Mac = mac.parse()?;
         if mac.is_multicast() || mac.is_zero() {
@@ -344,6 +540,19 @@ impl Switch {
         if p.net != net {
             bail!("port '{port}' belongs to network '{}', not '{net}'", p.net);
         }
+        // Default: the VLAN the port's untagged frames belong to.
+        let vid = match vlan {
+            Some(v) => vlan::parse_vid(v)?,
+            None => match &p.vlan {
+                VlanCfg::Trunk { native: None, .. } => {
+                    bail!("port '{port}' is a trunk without a native VLAN: say which VLAN with --vlan")
+                }
+                c => c.port_fields().1,
+            },
+        };
+        if !p.vlan.memberships().contains_key(&vid) {
+            bail!("port '{port}' is not a member of VLAN {vid}");
+        }
         let entry = FdbEntry {
             ifindex: p.ifindex,
             flags: FDB_F_STATIC,
@@ -354,7 +563,7 @@ impl Switch {
             .insert(
                 FdbKey {
                     net_id: id,
-                    vid: 0,
+                    vid,
                     mac: mac.0,
                 },
                 entry,
@@ -364,17 +573,17 @@ impl Switch {
         Ok(())
     }
 
-    pub fn fdb_del(&mut self, net: &str, mac: &str) -> Result<()> {
+    /// Deletes `mac` from one VLAN, or from every VLAN without `vlan`.
+    pub fn fdb_del(&mut self, net: &str, mac: &str, vlan: Option<&str>) -> Result<()> {
         let id = self.net(net)?.id;
         let mac: Mac = mac.parse()?;
-        self.dp
-            .fdb()?
-            .remove(&FdbKey {
-                net_id: id,
-                vid: 0,
-                mac: mac.0,
-            })
-            .map_err(|_| anyhow::anyhow!("no FDB entry for {mac} in network '{net}'"))
+        let vid = vlan.map(vlan::parse_vid).transpose()?;
+        let n = self
+            .flush_fdb(|k, _| k.net_id == id && k.mac == mac.0 && vid.is_none_or(|v| v == k.vid))?;
+        if n == 0 {
+            bail!("no FDB entry for {mac} in network '{net}'");
+        }
+        Ok(())
     }
 
     /// Removes learned entries idle longer than their network's ageing.
