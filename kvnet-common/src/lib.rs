@@ -109,14 +109,15 @@ pub struct FloodKey {
 }
 
 /// The ports of one flood domain (network, VLAN). Written whole by the
-/// daemon: ports that want the frame untagged first, then the tagged ones
-/// from index `tagged_from`, so a flood changes the tag at most once.
+/// daemon: ports that want the frame untagged first, then the last
+/// `tagged` ones that want it tagged, so a flood changes the tag at most
+/// once. (A set written without VLANs in mind, `tagged` 0, is all untagged.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct FloodSet {
     pub count: u32,
     pub ifindex: [u32; MAX_FLOOD_PORTS],
-    pub tagged_from: u32,
+    pub tagged: u32,
 }
 
 /// Key of map `vlan_members`: a port's membership in one VLAN.

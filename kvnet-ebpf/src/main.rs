@@ -262,8 +262,7 @@ fn flood_range(ctx: &TcContext, set: &FloodSet, start: usize, n: usize, a: &Floo
 }
 
 /// Clone-redirects the frame to every member of its (network, VLAN) flood
-/// set: untagged members [0, tagged_from), tagged ones [tagged_from,
-/// count). The group matching the frame's tag state goes first, so the tag
+/// set: untagged members first, then the last `set.tagged` ones tagged. The group matching the frame's tag state goes first, so the tag
 /// changes at most once, between the groups.
 ///
 /// The arguments go through a map slot: the verifier then sees the same
@@ -289,7 +288,7 @@ fn tc_flood(ctx: &TcContext, args: FloodArgs) -> i32 {
     let out_tci = a.out_tci as u16;
     let mut cur = (a.tagged != 0).then_some(a.cur_tci as u16);
     let count = (set.count as usize).min(kvnet_common::MAX_FLOOD_PORTS);
-    let split = (set.tagged_from as usize).min(count);
+    let split = count - (set.tagged as usize).min(count);
     let tagged_first = a.tagged != 0;
     let (first, second) = if tagged_first {
         ((split, count - split), (0, split))

@@ -1,7 +1,7 @@
 //! The switching decision, written once and executed by both hooks.
 use kvnet_common::{
     DropReason, FloodKey, PortConfig, ETH_P_8021AD, ETH_P_8021Q, ETH_P_QINQ_9100, PORT_F_HAIRPIN,
-    VLAN_MODE_TRUNK, VLAN_M_TAGGED, VLAN_VID_MASK,
+    VLAN_MODE_NONE, VLAN_MODE_TRUNK, VLAN_M_TAGGED, VLAN_VID_MASK,
 };
 
 use crate::{fdb, maps, parse};
@@ -132,6 +132,15 @@ pub fn decide(ingress: u32, port: &PortConfig, data: usize, data_end: usize, tag
     };
     if p.net_id != net_id {
         return Action::Drop(DropReason::StalePort);
+    }
+    // Ports without VLAN config are untagged members of VLAN 0 only: no
+    // lookup for them.
+    if p.vlan_mode == VLAN_MODE_NONE {
+        return if vid == 0 {
+            Action::Unicast(egress, p.flags, None)
+        } else {
+            Action::Drop(DropReason::StalePort)
+        };
     }
     match maps::vlan_member(egress, vid) {
         Some(f) if f & VLAN_M_TAGGED != 0 => Action::Unicast(egress, p.flags, Some(out_tci)),

@@ -510,7 +510,7 @@ fn tc_floods_per_vlan() {
     set.count = 2;
     set.ifindex[0] = LO;
     set.ifindex[1] = LO;
-    set.tagged_from = 1;
+    set.tagged = 1;
     f.dp.flood()
         .unwrap()
         .insert(

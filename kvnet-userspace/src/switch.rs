@@ -177,7 +177,7 @@ impl Switch {
     }
 
     /// Rewrites the flood sets of `vids` in network `net_id` from
-    /// `members`: untagged members first, tagged ones from `tagged_from`.
+    /// `members`: untagged members first, then the tagged ones.
     /// A VLAN without members loses its flood set.
     fn write_floods(
         &mut self,
@@ -211,7 +211,7 @@ impl Switch {
                 *slot = *ifindex;
             }
             set.count = all.len().min(MAX_FLOOD_PORTS) as u32;
-            set.tagged_from = untagged.len().min(MAX_FLOOD_PORTS) as u32;
+            set.tagged = set.count - untagged.len().min(MAX_FLOOD_PORTS) as u32;
             flood
                 .insert(key, set, 0)
                 .with_context(|| format!("writing the flood set of VLAN {vid}"))?;
