@@ -14,6 +14,9 @@ pub mod names {
     pub const MAP_FLOOD: &str = "flood";
     pub const MAP_PORT_STATS: &str = "port_stats";
     pub const MAP_VLAN_MEMBERS: &str = "vlan_members";
+    pub const MAP_NETS: &str = "nets";
+    pub const MAP_GW_HOSTS: &str = "gw_hosts";
+    pub const PROG_TC_OUT: &str = "kvnet_tc_out";
     pub const PROG_XDP: &str = "kvnet_xdp";
     pub const PROG_TC: &str = "kvnet_tc";
 }
@@ -60,6 +63,37 @@ pub const PORT_F_XDP: u32 = 1 << 1;
 /// XDP-redirected into a veth is lost unless the far end runs NAPI, which
 /// kvnet can neither see nor set for a guest; tc carries those instead.
 pub const PORT_F_XDP_TX: u32 = 1 << 2;
+/// The port belongs to a routed (or NAT) network: frames to the gateway MAC
+/// may be routed in the fast path (see map `nets`).
+pub const PORT_F_ROUTED_NET: u32 = 1 << 3;
+/// A routed network's uplink: not an L2 member of any network; traffic for
+/// a guest subnet arriving on it is routed straight to the guest's port.
+pub const PORT_F_UPLINK_ROUTED: u32 = 1 << 4;
+/// A bridged network's uplink (the physical NIC as a switch port): frames
+/// for the host's own MAC go to its stack untouched, broadcasts to both.
+pub const PORT_F_UPLINK_BRIDGED: u32 = 1 << 5;
+/// The port belongs to a bridged network: its floods also go up the
+/// uplink's host stack.
+pub const PORT_F_BRIDGED_NET: u32 = 1 << 6;
+
+/// skb->mark of frames kvnet hands to a host stack through an uplink's
+/// ingress (bridged mode); the uplink's own program lets them pass.
+pub const KVNET_HOST_MARK: u32 = 0x6b76_6e74;
+
+/// Per-network settings the datapath needs, map `nets` keyed by net id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NetConfig {
+    /// ifindex of the gateway interface's host end (`kvnet-NET`).
+    pub gw_host: u32,
+    /// ifindex of its switch-port end.
+    pub gw_port: u32,
+    /// ifindex of the uplink (bridged: the NIC that is also a port).
+    pub uplink: u32,
+    pub flags: u32,
+    pub gw_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
 
 /// Port configuration, map `ports`, keyed by ifindex (u32).
 #[repr(C)]
@@ -88,6 +122,9 @@ pub struct FdbKey {
 
 /// FDB entry flags.
 pub const FDB_F_STATIC: u32 = 1 << 0;
+/// The host's own MAC on a bridged uplink: frames to it go up that
+/// uplink's stack.
+pub const FDB_F_HOST: u32 = 1 << 1;
 
 /// FDB value: where the MAC lives and when it was last seen
 /// (`bpf_ktime_get_ns`, i.e. CLOCK_MONOTONIC).
@@ -195,6 +232,10 @@ pub struct PortStats {
     pub tc_seen: u64,
     pub flooded: u64,
     pub learned: u64,
+    /// Frames routed in the fast path (bpf_fib_lookup) from this port.
+    pub routed: u64,
+    /// Frames handed to the host stack.
+    pub to_host: u64,
     pub drops: [u64; DROP_REASONS],
 }
 
@@ -208,6 +249,8 @@ impl PortStats {
         self.tc_seen += o.tc_seen;
         self.flooded += o.flooded;
         self.learned += o.learned;
+        self.routed += o.routed;
+        self.to_host += o.to_host;
         for i in 0..DROP_REASONS {
             self.drops[i] += o.drops[i];
         }
@@ -223,6 +266,7 @@ mod user {
     unsafe impl aya::Pod for FloodKey {}
     unsafe impl aya::Pod for FloodSet {}
     unsafe impl aya::Pod for PortStats {}
+    unsafe impl aya::Pod for NetConfig {}
     unsafe impl aya::Pod for VlanMemberKey {}
     unsafe impl aya::Pod for VlanMember {}
 }
@@ -241,6 +285,7 @@ mod tests {
         assert_eq!(size_of::<FloodSet>(), 4 + 4 * MAX_FLOOD_PORTS + 4);
         assert_eq!(size_of::<VlanMemberKey>(), 8);
         assert_eq!(size_of::<VlanMember>(), 4);
-        assert_eq!(size_of::<PortStats>(), 8 * (8 + DROP_REASONS));
+        assert_eq!(size_of::<PortStats>(), 8 * (10 + DROP_REASONS));
+        assert_eq!(size_of::<NetConfig>(), 24);
     }
 }

@@ -31,6 +31,12 @@ pub fn learn(net_id: u32, vid: u16, mac: [u8; 6], ingress: u32) {
 
 #[inline(always)]
 pub fn lookup(net_id: u32, vid: u16, mac: [u8; 6]) -> Option<u32> {
+    lookup_entry(net_id, vid, mac).map(|(ifindex, _)| ifindex)
+}
+
+/// (egress ifindex, entry flags)
+#[inline(always)]
+pub fn lookup_entry(net_id: u32, vid: u16, mac: [u8; 6]) -> Option<(u32, u32)> {
     let key = FdbKey { net_id, vid, mac };
-    unsafe { FDB.get(&key) }.map(|e| e.ifindex)
+    unsafe { FDB.get(&key) }.map(|e| (e.ifindex, e.flags))
 }

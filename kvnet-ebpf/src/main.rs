@@ -14,6 +14,7 @@ mod csum;
 mod fdb;
 mod maps;
 mod parse;
+mod route;
 mod stats;
 mod switch;
 
@@ -27,10 +28,17 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use kvnet_common::{
-    DropReason, FloodSet, ETH_P_8021Q, PORT_F_HAIRPIN, PORT_F_XDP_TX, VLAN_MODE_TRUNK,
+    DropReason, FloodSet, ETH_P_8021Q, FDB_F_HOST, KVNET_HOST_MARK, PORT_F_BRIDGED_NET,
+    PORT_F_HAIRPIN, PORT_F_UPLINK_BRIDGED, PORT_F_XDP_TX, VLAN_MODE_TRUNK,
 };
 
-use crate::switch::{Action, Tag};
+use crate::{
+    route::L3Ctx,
+    switch::{Action, Tag},
+};
+
+/// bpf_redirect flag: deliver to the device's receive path (its host stack).
+const BPF_F_INGRESS: u64 = 1;
 
 #[xdp]
 pub fn kvnet_xdp(ctx: XdpContext) -> u32 {
@@ -47,8 +55,11 @@ pub fn kvnet_xdp(ctx: XdpContext) -> u32 {
     if port.vlan_mode == VLAN_MODE_TRUNK && !tag.present() {
         return xdp_action::XDP_PASS;
     }
-    match switch::decide(ingress, &port, data, data_end, &tag) {
-        Action::Pass | Action::Flood(..) => xdp_action::XDP_PASS,
+    // No routing context: routed and host-bound frames go on to tc.
+    match switch::decide(ingress, &port, data, data_end, &tag, None) {
+        Action::Pass | Action::Flood(..) | Action::Route(_) | Action::ToHost(_) => {
+            xdp_action::XDP_PASS
+        }
         Action::Drop(reason) => {
             stats::rx(ingress, len);
             stats::drop(ingress, reason);
@@ -172,6 +183,11 @@ pub fn kvnet_tc(ctx: TcContext) -> i32 {
     let Some(port) = maps::port(ingress) else {
         return TC_ACT_OK;
     };
+    if unsafe { (*ctx.skb.skb).mark } == KVNET_HOST_MARK {
+        // Handed to this uplink's host stack by kvnet itself.
+        ctx.set_mark(0);
+        return TC_ACT_OK;
+    }
     stats::seen_tc(ingress);
     // On receive the kernel has usually moved the outer tag into
     // skb->vlan_tci already; BPF_PROG_RUN and XDP_PASSed frames may not.
@@ -180,7 +196,16 @@ pub fn kvnet_tc(ctx: TcContext) -> i32 {
         (skb.vlan_present != 0).then(|| (u16::from_be(skb.vlan_proto as u16), skb.vlan_tci as u16))
     };
     let tag = Tag::of(ctx.data(), ctx.data_end(), hw);
-    let action = switch::decide(ingress, &port, ctx.data(), ctx.data_end(), &tag);
+    let l3 = unsafe {
+        let skb = &*ctx.skb.skb;
+        L3Ctx {
+            ctx: ctx.skb.skb as *mut _,
+            gso_size: skb.gso_size as u16,
+            // PACKET_HOST: addressed to this interface's MAC.
+            to_us: skb.pkt_type == 0,
+        }
+    };
+    let action = switch::decide(ingress, &port, ctx.data(), ctx.data_end(), &tag, Some(l3));
     if !matches!(action, Action::Pass) {
         stats::rx(ingress, len);
     }
@@ -204,9 +229,26 @@ pub fn kvnet_tc(ctx: TcContext) -> i32 {
             stats::tx(egress, len);
             rc
         }
+        Action::Route(egress) => {
+            stats::tx(egress, len);
+            unsafe { bpf_redirect(egress, 0) as i32 }
+        }
+        Action::ToHost(uplink) => {
+            stats::to_host(ingress);
+            ctx.set_mark(KVNET_HOST_MARK);
+            unsafe { bpf_redirect(uplink, BPF_F_INGRESS) as i32 }
+        }
         Action::Flood(key, out_tci) => {
             stats::flooded(ingress);
-            tc_flood(
+            if port.flags & PORT_F_BRIDGED_NET != 0 && key.vid == 0 && cur.is_none() {
+                // A bridged network's broadcast also reaches the host stack.
+                if let Some(n) = maps::net(key.net_id) {
+                    ctx.set_mark(KVNET_HOST_MARK);
+                    unsafe { bpf_clone_redirect(ctx.skb.skb as *mut _, n.uplink, BPF_F_INGRESS) };
+                    ctx.set_mark(0);
+                }
+            }
+            let rc = tc_flood(
                 &ctx,
                 FloodArgs {
                     net_id: key.net_id,
@@ -220,8 +262,62 @@ pub fn kvnet_tc(ctx: TcContext) -> i32 {
                     second_start: 0,
                     second_len: 0,
                 },
-            )
+            );
+            if port.flags & PORT_F_UPLINK_BRIDGED != 0 {
+                // From the LAN: the original goes on up the host's stack.
+                return TC_ACT_OK;
+            }
+            rc
         }
+    }
+}
+
+/// tc egress on a bridged uplink: the host's own frames to guests go
+/// straight to their ports (and its broadcasts to them too); everything
+/// else, guests' frames to the LAN included, leaves untouched.
+#[classifier]
+pub fn kvnet_tc_out(ctx: TcContext) -> i32 {
+    let uplink = unsafe { (*ctx.skb.skb).ifindex };
+    let Some(port) = maps::port(uplink) else {
+        return TC_ACT_OK;
+    };
+    if port.flags & PORT_F_UPLINK_BRIDGED == 0 || unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        return TC_ACT_OK;
+    }
+    let Some(eth) = parse::eth(ctx.data(), ctx.data_end()) else {
+        return TC_ACT_OK;
+    };
+    let net_id = port.net_id;
+    match fdb::lookup_entry(net_id, 0, eth.src) {
+        Some((_, flags)) if flags & FDB_F_HOST != 0 => {}
+        _ => return TC_ACT_OK,
+    }
+    let len = ctx.len();
+    if parse::is_multicast(&eth.dst) {
+        stats::flooded(uplink);
+        tc_flood(
+            &ctx,
+            FloodArgs {
+                net_id,
+                vid: 0,
+                ingress: uplink,
+                hairpin: 0,
+                len,
+                tagged: 0,
+                cur_tci: 0,
+                out_tci: 0,
+                second_start: 0,
+                second_len: 0,
+            },
+        );
+        return TC_ACT_OK;
+    }
+    match fdb::lookup_entry(net_id, 0, eth.dst) {
+        Some((egress, flags)) if egress != uplink && flags & FDB_F_HOST == 0 => {
+            stats::tx(egress, len as u64);
+            unsafe { bpf_redirect(egress, 0) as i32 }
+        }
+        _ => TC_ACT_OK,
     }
 }
 

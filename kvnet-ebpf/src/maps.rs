@@ -4,8 +4,8 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
 };
 use kvnet_common::{
-    FdbEntry, FdbKey, FloodKey, FloodSet, PortConfig, PortStats, VlanMember, VlanMemberKey,
-    MAX_FDB_ENTRIES, MAX_FLOOD_DOMAINS, MAX_PORTS, MAX_VLAN_MEMBERS,
+    FdbEntry, FdbKey, FloodKey, FloodSet, NetConfig, PortConfig, PortStats, VlanMember,
+    VlanMemberKey, MAX_FDB_ENTRIES, MAX_FLOOD_DOMAINS, MAX_NETWORKS, MAX_PORTS, MAX_VLAN_MEMBERS,
 };
 
 #[map(name = "ports")]
@@ -26,6 +26,24 @@ pub static FLOOD_SCRATCH: PerCpuArray<crate::FloodArgs> = PerCpuArray::with_max_
 
 #[map(name = "vlan_members")]
 pub static VLAN_MEMBERS: HashMap<VlanMemberKey, VlanMember> = HashMap::pinned(MAX_VLAN_MEMBERS, 0);
+
+#[map(name = "nets")]
+pub static NETS: HashMap<u32, NetConfig> = HashMap::pinned(MAX_NETWORKS, 0);
+
+/// Gateway host interface ifindex -> its network's id: where a FIB result
+/// pointing at `kvnet-NET` really leads.
+#[map(name = "gw_hosts")]
+pub static GW_HOSTS: HashMap<u32, u32> = HashMap::pinned(MAX_NETWORKS, 0);
+
+#[inline(always)]
+pub fn net(net_id: u32) -> Option<NetConfig> {
+    unsafe { NETS.get(&net_id).copied() }
+}
+
+#[inline(always)]
+pub fn gw_host_net(ifindex: u32) -> Option<u32> {
+    unsafe { GW_HOSTS.get(&ifindex).copied() }
+}
 
 /// A port's membership flags in `vid` (`VLAN_M_*`), None if not a member.
 #[inline(always)]

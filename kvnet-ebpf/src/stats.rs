@@ -43,6 +43,16 @@ pub fn flooded(ifindex: u32) {
 }
 
 #[inline(always)]
+pub fn routed(ifindex: u32) {
+    with(ifindex, |s| s.routed += 1);
+}
+
+#[inline(always)]
+pub fn to_host(ifindex: u32) {
+    with(ifindex, |s| s.to_host += 1);
+}
+
+#[inline(always)]
 pub fn learned(ifindex: u32) {
     with(ifindex, |s| s.learned += 1);
 }

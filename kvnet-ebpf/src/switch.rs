@@ -1,10 +1,15 @@
 //! The switching decision, written once and executed by both hooks.
 use kvnet_common::{
-    DropReason, FloodKey, PortConfig, ETH_P_8021AD, ETH_P_8021Q, ETH_P_QINQ_9100, PORT_F_HAIRPIN,
-    VLAN_MODE_NONE, VLAN_MODE_TRUNK, VLAN_M_TAGGED, VLAN_VID_MASK,
+    DropReason, FloodKey, PortConfig, ETH_P_8021AD, ETH_P_8021Q, ETH_P_QINQ_9100, FDB_F_HOST,
+    PORT_F_HAIRPIN, PORT_F_ROUTED_NET, PORT_F_UPLINK_ROUTED, VLAN_MODE_NONE, VLAN_MODE_TRUNK,
+    VLAN_M_TAGGED, VLAN_VID_MASK,
 };
 
-use crate::{fdb, maps, parse};
+use crate::{
+    fdb, maps, parse,
+    route::{self, L3Ctx},
+    stats,
+};
 
 /// The outer VLAN tag a frame arrived with, wherever it sits: in the packet
 /// after the MACs, or (tc) already moved into skb->vlan_tci by the kernel.
@@ -67,6 +72,11 @@ pub enum Action {
     /// Send to every port of this flood domain except the ingress one;
     /// tagged members get this TCI.
     Flood(FloodKey, u16),
+    /// Routed in the fast path (frame already rewritten): send out of
+    /// this interface.
+    Route(u32),
+    /// Deliver up this interface's host stack (a bridged uplink's).
+    ToHost(u32),
 }
 
 /// The VLAN a frame belongs to on ingress, or why it is dropped.
@@ -92,8 +102,63 @@ fn classify(ingress: u32, port: &PortConfig, tag: &Tag) -> Result<u16, DropReaso
     }
 }
 
+/// Where a routed packet goes once the FIB has chosen `fib.ifindex`: a
+/// kvnet gateway interface leads into that network, straight to the
+/// guest's port when its MAC is known; anything else is the egress itself.
 #[inline(always)]
-pub fn decide(ingress: u32, port: &PortConfig, data: usize, data_end: usize, tag: &Tag) -> Action {
+fn routed_to(fib: &route::Fib) -> u32 {
+    if let Some(net_id) = maps::gw_host_net(fib.ifindex) {
+        if let Some(port) = fdb::lookup(net_id, 0, fib.dmac) {
+            return port;
+        }
+    }
+    fib.ifindex
+}
+
+/// A routed network's uplink: traffic for a guest subnet is routed to the
+/// guest in the fast path, everything else goes to the host untouched.
+#[inline(always)]
+fn from_routed_uplink(
+    ingress: u32,
+    data: usize,
+    data_end: usize,
+    tag: &Tag,
+    l3: Option<L3Ctx>,
+) -> Action {
+    let Some(l3c) = l3 else { return Action::Pass };
+    if !l3c.to_us || tag.present() {
+        return Action::Pass;
+    }
+    let Some(eth) = parse::eth(data, data_end) else {
+        return Action::Pass;
+    };
+    if eth.ethertype != parse::ETH_P_IPV4 {
+        return Action::Pass;
+    }
+    let Some(fib) = route::lookup_v4(&l3c, data, data_end, parse::ETH_HLEN, ingress) else {
+        return Action::Pass;
+    };
+    if maps::gw_host_net(fib.ifindex).is_none()
+        || !route::rewrite_v4(data, data_end, parse::ETH_HLEN, &fib)
+    {
+        return Action::Pass;
+    }
+    stats::routed(ingress);
+    Action::Route(routed_to(&fib))
+}
+
+#[inline(always)]
+pub fn decide(
+    ingress: u32,
+    port: &PortConfig,
+    data: usize,
+    data_end: usize,
+    tag: &Tag,
+    l3: Option<L3Ctx>,
+) -> Action {
+    if port.flags & PORT_F_UPLINK_ROUTED != 0 {
+        return from_routed_uplink(ingress, data, data_end, tag, l3);
+    }
     let Some(eth) = parse::eth(data, data_end) else {
         return Action::Drop(DropReason::Malformed);
     };
@@ -120,9 +185,33 @@ pub fn decide(ingress: u32, port: &PortConfig, data: usize, data_end: usize, tag
     if parse::is_multicast(&eth.dst) {
         return flood;
     }
-    let Some(egress) = fdb::lookup(net_id, vid, eth.dst) else {
+    // Routed networks: IPv4 to the gateway MAC goes through the FIB (tc
+    // only: XDP hands these to tc on its way to the gateway port).
+    if port.flags & PORT_F_ROUTED_NET != 0 && vid == 0 && eth.ethertype == parse::ETH_P_IPV4 {
+        if let (Some(l3c), Some(n)) = (l3, maps::net(net_id)) {
+            if eth.dst == n.gw_mac {
+                if let Some(fib) =
+                    route::lookup_v4(&l3c, data, data_end, parse::ETH_HLEN, n.gw_host)
+                {
+                    if route::rewrite_v4(data, data_end, parse::ETH_HLEN, &fib) {
+                        stats::routed(ingress);
+                        return Action::Route(routed_to(&fib));
+                    }
+                }
+            }
+        }
+    }
+    let Some((egress, fdb_flags)) = fdb::lookup_entry(net_id, vid, eth.dst) else {
         return flood;
     };
+    if fdb_flags & FDB_F_HOST != 0 {
+        // The host's own MAC on a bridged uplink.
+        return if egress == ingress {
+            Action::Pass
+        } else {
+            Action::ToHost(egress)
+        };
+    }
     if egress == ingress && port.flags & PORT_F_HAIRPIN == 0 {
         return Action::Drop(DropReason::Hairpin);
     }

@@ -28,12 +28,58 @@ pub enum Hook {
     Auto,
 }
 
+/// A network's model, as libvirt names them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Guests reach each other only.
+    #[default]
+    Isolated,
+    /// Plus the host, through a gateway interface; no forwarding beyond.
+    HostOnly,
+    /// Plus routing (no NAT) between the guests' subnet and the host's other
+    /// networks, in the eBPF fast path.
+    Routed,
+    /// Guests are peers on the uplink's LAN; the host keeps its address.
+    Bridged,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Isolated => "isolated",
+            Mode::HostOnly => "host-only",
+            Mode::Routed => "routed",
+            Mode::Bridged => "bridged",
+        })
+    }
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct NetOpts {
+    #[serde(default)]
+    pub mode: Mode,
+    /// Gateway address with prefix, e.g. 192.168.122.1/24.
+    #[serde(default)]
+    pub gateway: Option<String>,
+    /// Name of the gateway interface (default kvnet-NET).
+    #[serde(default)]
+    pub gateway_iface: Option<String>,
+    #[serde(default)]
+    pub uplink: Option<String>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     NetAdd {
         name: String,
         ageing_secs: Option<u64>,
+        #[serde(default)]
+        opts: NetOpts,
+    },
+    NetShow {
+        name: String,
     },
     NetDel {
         name: String,
@@ -95,9 +141,21 @@ pub struct Response {
 pub struct NetInfo {
     pub name: String,
     pub id: u32,
-    pub mode: String,
+    pub mode: Mode,
+    /// Gateway address (host-only, routed).
+    pub gateway: Option<String>,
+    pub gateway_iface: Option<String>,
+    pub uplink: Option<String>,
     pub ageing_secs: u64,
     pub ports: Vec<String>,
+}
+
+/// `kvnet net show`: the network and its ports with their hooks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetDetail {
+    #[serde(flatten)]
+    pub net: NetInfo,
+    pub port_details: Vec<PortInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,6 +172,9 @@ pub struct PortInfo {
     /// "-", "access 10" or "trunk 10,20 native 1".
     #[serde(default)]
     pub vlan: String,
+    /// guest, gateway (the gateway interface's switch end) or uplink.
+    #[serde(default)]
+    pub role: String,
 }
 
 /// One VLAN of a network and its member ports.
@@ -157,6 +218,8 @@ pub struct PortStatsRow {
     pub tc_seen: u64,
     pub flooded: u64,
     pub learned: u64,
+    pub routed: u64,
+    pub to_host: u64,
     pub drops: BTreeMap<String, u64>,
 }
 

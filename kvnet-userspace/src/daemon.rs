@@ -183,7 +183,12 @@ fn respond<T: Serialize>(r: Result<T>) -> Response {
 fn dispatch(sw: &mut Switch, req: Request) -> Result<serde_json::Value> {
     use serde_json::to_value as v;
     Ok(match req {
-        Request::NetAdd { name, ageing_secs } => v(sw.net_add(&name, ageing_secs)?)?,
+        Request::NetAdd {
+            name,
+            ageing_secs,
+            opts,
+        } => v(sw.net_add(&name, ageing_secs, &opts)?)?,
+        Request::NetShow { name } => v(sw.net_show(&name)?)?,
         Request::NetDel { name } => v(sw.net_del(&name)?)?,
         Request::NetList => v(sw.net_list())?,
         Request::NetSet { name, ageing_secs } => v(sw.net_set(&name, ageing_secs)?)?,

@@ -17,7 +17,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use kvnet_common::{
-    names, FdbEntry, FdbKey, FloodKey, FloodSet, PortConfig, PortStats, VlanMember, VlanMemberKey,
+    names, FdbEntry, FdbKey, FloodKey, FloodSet, NetConfig, PortConfig, PortStats, VlanMember,
+    VlanMemberKey,
 };
 
 /// The datapath object built by build.rs from kvnet-ebpf.
@@ -27,6 +28,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     links: StdHashMap<u32, PortLinks>,
+    /// tc egress links on bridged uplinks.
+    egress_links: StdHashMap<u32, SchedClassifierLinkId>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -73,10 +76,18 @@ impl Datapath {
             tc.pin(pin_dir.join(names::PROG_TC))
                 .context("pinning the tc program")?;
         }
+        {
+            let tc: &mut SchedClassifier = program(&mut ebpf, names::PROG_TC_OUT)?.try_into()?;
+            tc.load()
+                .context("loading the tc egress program (verifier)")?;
+            tc.pin(pin_dir.join(names::PROG_TC_OUT))
+                .context("pinning the tc egress program")?;
+        }
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             links: StdHashMap::new(),
+            egress_links: StdHashMap::new(),
             logger,
         })
     }
@@ -129,6 +140,43 @@ impl Datapath {
         }
         self.links.insert(ifindex, links);
         Ok(())
+    }
+
+    /// Attaches the egress program (bridged uplinks: the host's frames to
+    /// guests). The clsact qdisc is already there from `attach`.
+    pub fn attach_egress(&mut self, iface: &str, ifindex: u32) -> Result<()> {
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, names::PROG_TC_OUT)?.try_into()?;
+        let id = tc
+            .attach_with_options(
+                iface,
+                TcAttachType::Egress,
+                TcAttachOptions::Netlink(NlOptions::default()),
+            )
+            .with_context(|| format!("attaching the tc egress program to '{iface}'"))?;
+        self.egress_links.insert(ifindex, id);
+        Ok(())
+    }
+
+    pub fn detach_egress(&mut self, ifindex: u32) {
+        let Some(id) = self.egress_links.remove(&ifindex) else {
+            return;
+        };
+        if let Ok(tc) = program(&mut self.ebpf, names::PROG_TC_OUT)
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).map_err(anyhow::Error::from))
+        {
+            let _ = tc.detach(id);
+        }
+    }
+
+    pub fn nets(&mut self) -> Result<HashMap<&mut MapData, u32, NetConfig>> {
+        Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_NETS)?)?)
+    }
+
+    pub fn gw_hosts(&mut self) -> Result<HashMap<&mut MapData, u32, u32>> {
+        Ok(HashMap::try_from(map(
+            &mut self.ebpf,
+            names::MAP_GW_HOSTS,
+        )?)?)
     }
 
     /// Detaches whatever is attached to `ifindex`. Errors are ignored: the
@@ -252,6 +300,10 @@ impl Drop for Datapath {
         let ports: Vec<u32> = self.links.keys().copied().collect();
         for ifindex in ports {
             self.detach(ifindex);
+        }
+        let uplinks: Vec<u32> = self.egress_links.keys().copied().collect();
+        for ifindex in uplinks {
+            self.detach_egress(ifindex);
         }
         // Pins outlive the process; a stopped daemon leaves none behind.
         let _ = std::fs::remove_dir_all(&self.pin_dir);

@@ -2,6 +2,8 @@
 mod control;
 mod daemon;
 mod datapath;
+mod gateway;
+mod network;
 // --- DHCP/DNS (issue 7) ---
 mod dhcp;
 mod dns;
@@ -18,7 +20,8 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use crate::control::{
-    call, FdbRow, Hook, NetInfo, PortInfo, PortStatsRow, Request, VlanArgs, VlanInfo,
+    call, FdbRow, Hook, Mode, NetDetail, NetInfo, NetOpts, PortInfo, PortStatsRow, Request,
+    VlanArgs, VlanInfo,
 };
 
 #[derive(Parser)]
@@ -116,6 +119,23 @@ enum NetCmd {
         /// Seconds before an idle learned MAC is forgotten.
         #[arg(long)]
         ageing: Option<u64>,
+        #[arg(long, value_enum, default_value_t = Mode::Isolated)]
+        mode: Mode,
+        /// Gateway address and prefix on the host (host-only, routed), e.g. 192.168.122.1/24.
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Name of the gateway interface (default kvnet-NAME).
+        #[arg(long)]
+        gateway_iface: Option<String>,
+        /// The NIC towards the outside (routed: where return traffic arrives; bridged: the shared LAN).
+        #[arg(long)]
+        uplink: Option<String>,
+    },
+    /// Show one network: mode, gateway, uplink and each port's hook.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
     },
     /// Delete a network and detach its ports.
     Del { name: String },
@@ -248,13 +268,31 @@ fn run(cli: Cli) -> Result<()> {
             pin_dir,
             log_datapath,
         }),
-        Cmd::Net(NetCmd::Add { name, ageing }) => done(call(
+        Cmd::Net(NetCmd::Add {
+            name,
+            ageing,
+            mode,
+            gateway,
+            gateway_iface,
+            uplink,
+        }) => done(call(
             sock,
             &Request::NetAdd {
                 name,
                 ageing_secs: ageing,
+                opts: NetOpts {
+                    mode,
+                    gateway,
+                    gateway_iface,
+                    uplink,
+                },
             },
         )),
+        Cmd::Net(NetCmd::Show { name, json }) => output::show::<NetDetail>(
+            call(sock, &Request::NetShow { name })?,
+            json,
+            output::net_detail,
+        ),
         Cmd::Net(NetCmd::Del { name }) => done(call(sock, &Request::NetDel { name })),
         Cmd::Net(NetCmd::Set { name, ageing }) => done(call(
             sock,

@@ -54,6 +54,25 @@ struct IfReq {
     _pad: [u8; 16],
 }
 
+const SIOCGIFHWADDR: libc::c_ulong = 0x8927;
+
+/// An interface's MAC address.
+pub fn mac(name: &str) -> Result<crate::mac::Mac> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").context("socket for SIOCGIFHWADDR")?;
+    // struct ifreq: name[16], then struct sockaddr (family u16, data[14]).
+    let mut req = [0u8; 40];
+    let n = name.len().min(15);
+    req[..n].copy_from_slice(&name.as_bytes()[..n]);
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGIFHWADDR as _, req.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("MAC address of interface '{name}'"));
+    }
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&req[18..24]);
+    Ok(crate::mac::Mac(mac))
+}
+
 /// The kernel driver behind an interface ("veth", "tun", "virtio_net"...).
 pub fn driver(name: &str) -> Result<String> {
     let sock = std::net::UdpSocket::bind("0.0.0.0:0")

@@ -2,7 +2,7 @@
 use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;
 
-use crate::control::{FdbRow, NetInfo, PortInfo, PortStatsRow, VlanInfo};
+use crate::control::{FdbRow, NetDetail, NetInfo, PortInfo, PortStatsRow, VlanInfo};
 
 pub fn show<T: DeserializeOwned>(
     data: serde_json::Value,
@@ -48,12 +48,19 @@ fn header(cols: &[&str]) -> Vec<String> {
 }
 
 pub fn nets(nets: &Vec<NetInfo>) -> Vec<Vec<String>> {
-    let mut rows = vec![header(&["name", "id", "mode", "ageing", "ports"])];
+    let mut rows = vec![header(&[
+        "name", "id", "mode", "gateway", "uplink", "ageing", "ports",
+    ])];
     for n in nets {
         rows.push(vec![
             n.name.clone(),
             n.id.to_string(),
-            n.mode.clone(),
+            n.mode.to_string(),
+            match (&n.gateway, &n.gateway_iface) {
+                (Some(g), Some(i)) => format!("{g} ({i})"),
+                _ => "-".into(),
+            },
+            n.uplink.clone().unwrap_or_else(|| "-".into()),
             format!("{}s", n.ageing_secs),
             n.ports.join(","),
         ]);
@@ -61,15 +68,24 @@ pub fn nets(nets: &Vec<NetInfo>) -> Vec<Vec<String>> {
     rows
 }
 
+/// `kvnet net show`: the network's line, then its ports.
+pub fn net_detail(d: &NetDetail) -> Vec<Vec<String>> {
+    let mut rows = nets(&vec![d.net.clone()]);
+    rows.push(vec![]);
+    rows.extend(ports(&d.port_details));
+    rows
+}
+
 pub fn ports(ports: &Vec<PortInfo>) -> Vec<Vec<String>> {
     let mut rows = vec![header(&[
-        "port", "ifindex", "network", "driver", "hook", "attached", "hairpin", "vlan",
+        "port", "ifindex", "network", "role", "driver", "hook", "attached", "hairpin", "vlan",
     ])];
     for p in ports {
         rows.push(vec![
             p.iface.clone(),
             p.ifindex.to_string(),
             p.net.clone(),
+            p.role.clone(),
             p.driver.clone(),
             format!("{:?}", p.hook).to_lowercase(),
             p.attached.clone(),

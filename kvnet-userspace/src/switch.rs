@@ -13,10 +13,12 @@ use kvnet_common::{
 };
 
 use crate::{
-    control::{FdbRow, Hook, NetInfo, PortInfo, PortStatsRow, VlanInfo, VlanPortRow},
+    control::{FdbRow, Hook, Mode, NetInfo, PortInfo, PortStatsRow, VlanInfo, VlanPortRow},
     datapath::Datapath,
+    gateway::Gateway,
     mac::Mac,
     netdev,
+    network::{PortRole, Restore, RoutedUplink},
     vlan::{self, Tagging, VlanArgs, VlanCfg},
 };
 
@@ -25,6 +27,11 @@ pub const DEFAULT_AGEING: Duration = Duration::from_secs(300);
 pub struct Network {
     pub id: u32,
     pub ageing: Duration,
+    pub mode: Mode,
+    pub gateway: Option<Gateway>,
+    pub uplink: Option<String>,
+    /// What creating the network changed on the host, undone on delete.
+    pub restore: Vec<Restore>,
 }
 
 pub struct Port {
@@ -35,13 +42,16 @@ pub struct Port {
     pub xdp: bool,
     pub hairpin: bool,
     pub vlan: VlanCfg,
+    pub role: PortRole,
 }
 
 pub struct Switch {
-    dp: Datapath,
-    nets: BTreeMap<String, Network>,
+    pub(crate) dp: Datapath,
+    pub(crate) nets: BTreeMap<String, Network>,
     /// Keyed by interface name.
-    ports: BTreeMap<String, Port>,
+    pub(crate) ports: BTreeMap<String, Port>,
+    /// Uplinks of routed networks, shared by those networks.
+    pub(crate) routed_uplinks: BTreeMap<String, RoutedUplink>,
 }
 
 /// Network names end up in logs, JSON and file names: keep them plain.
@@ -84,30 +94,14 @@ impl Switch {
             dp,
             nets: BTreeMap::new(),
             ports: BTreeMap::new(),
+            routed_uplinks: BTreeMap::new(),
         }
     }
 
-    fn net(&self, name: &str) -> Result<&Network> {
+    pub(crate) fn net(&self, name: &str) -> Result<&Network> {
         self.nets
             .get(name)
             .with_context(|| format!("no network named '{name}'"))
-    }
-
-    pub fn net_add(&mut self, name: &str, ageing: Option<u64>) -> Result<()> {
-        validate_net_name(name)?;
-        if self.nets.contains_key(name) {
-            bail!("network '{name}' already exists");
-        }
-        let ageing = match ageing {
-            Some(0) => bail!("ageing must be at least 1 second"),
-            Some(s) => Duration::from_secs(s),
-            None => DEFAULT_AGEING,
-        };
-        let id = (1..)
-            .find(|id| self.nets.values().all(|n| n.id != *id))
-            .unwrap_or(1);
-        self.nets.insert(name.to_string(), Network { id, ageing });
-        Ok(())
     }
 
     pub fn net_set(&mut self, name: &str, ageing: Option<u64>) -> Result<()> {
@@ -133,8 +127,9 @@ impl Switch {
             .map(|(n, _)| n.clone())
             .collect();
         for iface in members {
-            self.port_del(&iface)?;
+            self.port_remove(&iface)?;
         }
+        self.teardown_net(name, id);
         self.flush_fdb(|k, _| k.net_id == id)?;
         let mut flood = self.dp.flood()?;
         let keys: Vec<FloodKey> = flood
@@ -155,7 +150,10 @@ impl Switch {
             .map(|(name, n)| NetInfo {
                 name: name.clone(),
                 id: n.id,
-                mode: "isolated".into(),
+                mode: n.mode,
+                gateway: n.gateway.as_ref().map(|g| g.cidr.to_string()),
+                gateway_iface: n.gateway.as_ref().map(|g| g.host_if.clone()),
+                uplink: n.uplink.clone(),
                 ageing_secs: n.ageing.as_secs(),
                 ports: self
                     .ports
@@ -293,6 +291,25 @@ impl Switch {
         hook: Hook,
         vlan: &VlanArgs,
     ) -> Result<()> {
+        let n = self.net(net)?;
+        let extra = self.mode_port_flags(n.mode);
+        if self.routed_uplinks.contains_key(iface) {
+            bail!("interface '{iface}' is the uplink of a routed network");
+        }
+        self.port_add_inner(net, iface, hairpin, hook, vlan, extra, PortRole::Guest)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn port_add_inner(
+        &mut self,
+        net: &str,
+        iface: &str,
+        hairpin: bool,
+        hook: Hook,
+        vlan: &VlanArgs,
+        extra_flags: u32,
+        role: PortRole,
+    ) -> Result<()> {
         let net_id = self.net(net)?.id;
         if let Some(p) = self.ports.get(iface) {
             bail!(
@@ -311,7 +328,7 @@ impl Switch {
         self.check_capacity(net, iface, &cfg)?;
         let driver = netdev::driver(iface).unwrap_or_else(|_| "unknown".into());
         let xdp = resolve_hook(hook, &driver);
-        let mut flags = 0;
+        let mut flags = extra_flags;
         if hairpin {
             flags |= PORT_F_HAIRPIN;
         }
@@ -355,6 +372,7 @@ impl Switch {
                 xdp,
                 hairpin,
                 vlan: cfg,
+                role,
             },
         );
         Ok(())
@@ -426,6 +444,20 @@ impl Switch {
     }
 
     pub fn port_del(&mut self, iface: &str) -> Result<()> {
+        if let Some(p) = self.ports.get(iface) {
+            if p.role != PortRole::Guest {
+                bail!(
+                    "'{iface}' is the {} of network '{}'; it goes with `kvnet net del {}`",
+                    p.role,
+                    p.net,
+                    p.net
+                );
+            }
+        }
+        self.port_remove(iface)
+    }
+
+    pub(crate) fn port_remove(&mut self, iface: &str) -> Result<()> {
         let port = self
             .ports
             .remove(iface)
@@ -473,6 +505,7 @@ impl Switch {
                 attached: if p.xdp { "xdp+tc" } else { "tc" }.into(),
                 hairpin: p.hairpin,
                 vlan: p.vlan.to_string(),
+                role: p.role.to_string(),
             })
             .collect()
     }
@@ -615,7 +648,7 @@ impl Switch {
             .map(|(n, _)| n.clone())
             .collect();
         for iface in &gone {
-            if let Err(e) = self.port_del(iface) {
+            if let Err(e) = self.port_remove(iface) {
                 log::warn!("removing vanished port {iface}: {e:#}");
             }
         }
@@ -623,11 +656,14 @@ impl Switch {
     }
 
     pub fn stats(&mut self) -> Result<Vec<PortStatsRow>> {
-        let ports: Vec<(String, u32, String)> = self
+        let mut ports: Vec<(String, u32, String)> = self
             .ports
             .iter()
             .map(|(n, p)| (n.clone(), p.ifindex, p.net.clone()))
             .collect();
+        for (name, u) in &self.routed_uplinks {
+            ports.push((name.clone(), u.ifindex, "(routed uplink)".into()));
+        }
         let mut rows = Vec::new();
         for (port, ifindex, net) in ports {
             let s = self.dp.stats(ifindex)?;
@@ -642,6 +678,8 @@ impl Switch {
                 tc_seen: s.tc_seen,
                 flooded: s.flooded,
                 learned: s.learned,
+                routed: s.routed,
+                to_host: s.to_host,
                 drops: DROP_REASON_NAMES
                     .iter()
                     .zip(s.drops)
@@ -654,9 +692,17 @@ impl Switch {
     }
 
     pub fn shutdown(&mut self) {
+        // Networks first: they undo their host changes (gateway interfaces,
+        // sysctls, promiscuous mode).
+        let nets: Vec<String> = self.nets.keys().cloned().collect();
+        for n in nets {
+            if let Err(e) = self.net_del(&n) {
+                log::warn!("removing network {n}: {e:#}");
+            }
+        }
         let ports: Vec<String> = self.ports.keys().cloned().collect();
         for p in ports {
-            let _ = self.port_del(&p);
+            let _ = self.port_remove(&p);
         }
         log::info!(
             "detached all ports; pins under {} removed",

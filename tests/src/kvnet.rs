@@ -58,7 +58,7 @@ impl Kvnet {
         cmd.args(extra);
         cmd.stdout(Stdio::null()).stderr(log_file);
         let daemon = lab.spawn(lab.hv(), cmd)?;
-        let mut k = Kvnet {
+        let k = Kvnet {
             bin,
             socket,
             log,

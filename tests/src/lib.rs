@@ -11,6 +11,7 @@ pub mod kvnet;
 pub mod lab;
 pub mod pcap;
 pub mod procs;
+pub mod tools;
 
 pub use capture::Capture;
 pub use inject::{eth_frame, inject, mac_fmt, mac_parse};

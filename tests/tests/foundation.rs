@@ -23,26 +23,59 @@ fn xdp_and_tc_count_on_a_port_and_bpftool_sees_programs_and_pins() {
     lab.add_guest_with("p2", Some("10.10.0.2/24")).unwrap();
     let k = Kvnet::start(&lab).unwrap();
     k.cli(&["net", "add", "demo"]).unwrap();
-    k.cli(&["port", "add", "demo", "p1", "--hook", "xdp"]).unwrap();
-    k.cli(&["port", "add", "demo", "p2", "--hook", "xdp"]).unwrap();
-    g1.exec(&["ping", "-c", "3", "-i", "0.2", "10.10.0.2"]).unwrap();
+    k.cli(&["port", "add", "demo", "p1", "--hook", "xdp"])
+        .unwrap();
+    k.cli(&["port", "add", "demo", "p2", "--hook", "xdp"])
+        .unwrap();
+    g1.exec(&["ping", "-c", "3", "-i", "0.2", "10.10.0.2"])
+        .unwrap();
 
     let stats = k.json(&["stats"]).unwrap();
-    let p1 = stats.as_array().unwrap().iter().find(|s| s["port"] == "p1").unwrap().clone();
-    assert!(p1["xdp_seen"].as_u64().unwrap() >= 3, "XDP program counted: {p1}");
-    assert!(p1["tc_seen"].as_u64().unwrap() >= 1, "tc program counted: {p1}");
+    let p1 = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["port"] == "p1")
+        .unwrap()
+        .clone();
+    assert!(
+        p1["xdp_seen"].as_u64().unwrap() >= 3,
+        "XDP program counted: {p1}"
+    );
+    assert!(
+        p1["tc_seen"].as_u64().unwrap() >= 1,
+        "tc program counted: {p1}"
+    );
 
     let hv = lab.hv();
     let net = lab.sh(hv, "bpftool net show").unwrap();
-    assert!(net.contains("p1(") && net.contains("kvnet_tc"), "bpftool net show:\n{net}");
-    assert!(net.lines().any(|l| l.starts_with("p1(") && l.contains("driver")), "XDP on p1:\n{net}");
+    assert!(
+        net.contains("p1(") && net.contains("kvnet_tc"),
+        "bpftool net show:\n{net}"
+    );
+    assert!(
+        net.lines()
+            .any(|l| l.starts_with("p1(") && l.contains("driver")),
+        "XDP on p1:\n{net}"
+    );
     let progs = lab.sh(hv, "bpftool prog show").unwrap();
-    assert!(progs.contains("kvnet_xdp") && progs.contains("kvnet_tc"), "{progs}");
+    assert!(
+        progs.contains("kvnet_xdp") && progs.contains("kvnet_tc"),
+        "{progs}"
+    );
     let pins = lab.pin_dir();
     for map in ["ports", "fdb", "flood", "port_stats"] {
-        let dump = lab.sh(hv, &format!("bpftool map dump pinned {}/{map}", pins.display())).unwrap();
+        let dump = lab
+            .sh(
+                hv,
+                &format!("bpftool map dump pinned {}/{map}", pins.display()),
+            )
+            .unwrap();
         if map == "fdb" {
-            assert!(dump.contains("\"key\"") || dump.contains("key:"), "fdb dump:\n{dump}");
+            assert!(
+                dump.contains("\"key\"") || dump.contains("key:"),
+                "fdb dump:\n{dump}"
+            );
         }
     }
     for prog in ["kvnet_xdp", "kvnet_tc"] {
@@ -66,9 +99,20 @@ fn daemon_without_root_says_so_in_one_line() {
         return;
     }
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .arg(kvnet_bin().unwrap())
-        .args(["--socket", "/tmp/kvnet-nonroot-test.sock", "daemon", "--pin-dir", "/sys/fs/bpf/kvnet-nonroot-test"])
+        .args([
+            "--socket",
+            "/tmp/kvnet-nonroot-test.sock",
+            "daemon",
+            "--pin-dir",
+            "/sys/fs/bpf/kvnet-nonroot-test",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -87,17 +131,26 @@ fn daemon_with_unmountable_bpffs_says_so_in_one_line() {
         "umount -l /sys/fs/bpf 2>/dev/null; exec setpriv --bounding-set=-sys_admin --inh-caps=-sys_admin {} --socket /tmp/kvnet-nobpffs-test.sock daemon",
         kvnet_bin().unwrap().display()
     );
-    let out = Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = first_line(&out);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("bpffs is not mounted at /sys/fs/bpf and mounting it failed"), "{err}");
+    assert!(
+        err.contains("bpffs is not mounted at /sys/fs/bpf and mounting it failed"),
+        "{err}"
+    );
 }
 
 #[test]
 fn cli_without_a_daemon_says_so_in_one_line() {
     let Ok(bin) = kvnet_bin() else { return };
-    let out = Command::new(bin).args(["--socket", "/tmp/kvnet-no-daemon.sock", "net", "list"]).output().unwrap();
+    let out = Command::new(bin)
+        .args(["--socket", "/tmp/kvnet-no-daemon.sock", "net", "list"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = first_line(&out);
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -110,13 +163,21 @@ fn a_panicking_lab_user_with_a_running_daemon_leaves_nothing() {
         return;
     }
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_panics_with_daemon_running", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "child_panics_with_daemon_running",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, "1")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("on purpose"), "{stdout}\n{stderr}");
+    assert!(
+        !out.status.success() && stderr.contains("on purpose"),
+        "{stdout}\n{stderr}"
+    );
     let suffix = stdout
         .lines()
         .find_map(|l| l.split_once(SUFFIX_TAG).map(|(_, s)| s.trim().to_string()))

@@ -224,22 +224,9 @@ fn fdb_learns_ports_and_known_unicast_reaches_only_its_destination() {
 }
 
 fn iperf(lab: &Lab, client: &GuestPort, server: &GuestPort, server_ip: &str) -> f64 {
-    let mut srv = Command::new("iperf3");
-    srv.args(["-s", "-1", "-B", server_ip])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    lab.spawn(&server.ns, srv).unwrap();
     let before = csum_errors(server);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let out = loop {
-        let o = client.exec(&["iperf3", "-c", server_ip, "-t", "2", "-J"]);
-        match o {
-            Ok(o) => break o,
-            Err(e) if Instant::now() > deadline => panic!("iperf3 never connected: {e:#}"),
-            Err(_) => thread::sleep(Duration::from_millis(100)),
-        }
-    };
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v =
+        kvnet_tests::tools::iperf3(lab, &server.ns, server_ip, &client.ns, &["-t", "2"]).unwrap();
     let received = &v["end"]["sum_received"];
     assert!(
         received["bytes"].as_u64().unwrap() > 10_000_000,

@@ -5,7 +5,7 @@
 use std::{
     process::{Command, Stdio},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use kvnet_tests::{
@@ -93,21 +93,9 @@ fn csum_errors(ns: &str) -> u64 {
 /// iperf3 TCP from `client` to `server_ip` (served in `server_ns`): moves
 /// real data and the receiver sees no bad checksums.
 fn iperf(lab: &Lab, client: &GuestPort, server_ns: &str, server_ip: &str) {
-    let mut srv = Command::new("iperf3");
-    srv.args(["-s", "-1", "-B", server_ip])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    lab.spawn(server_ns, srv).unwrap();
     let before = csum_errors(server_ns);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let out = loop {
-        match client.exec(&["iperf3", "-c", server_ip, "-t", "2", "-J"]) {
-            Ok(o) => break o,
-            Err(e) if Instant::now() > deadline => panic!("iperf3 never connected: {e:#}"),
-            Err(_) => thread::sleep(Duration::from_millis(100)),
-        }
-    };
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v =
+        kvnet_tests::tools::iperf3(lab, server_ns, server_ip, &client.ns, &["-t", "2"]).unwrap();
     let received = &v["end"]["sum_received"];
     assert!(
         received["bytes"].as_u64().unwrap() > 10_000_000,

@@ -1,0 +1,108 @@
+//! IPv4 forwarding through the kernel's own FIB (`bpf_fib_lookup`): the
+//! routed fast path. Anything the FIB cannot finish (local destination,
+//! unresolved neighbour, TTL expiring, fragmentation needed) goes to the
+//! host stack, which answers with the right ICMP error or resolves the
+//! neighbour so the next packet takes the fast path.
+use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::bpf_fib_lookup};
+
+use crate::parse::ptr_at;
+
+const AF_INET: u8 = 2;
+const FIB_SUCCESS: i64 = 0;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+/// What a hook gives the core so it can route: its context (for the FIB
+/// helper), the skb's GSO segment size (0 if none) and whether the frame
+/// was addressed to this host's MAC (tc's pkt_type).
+#[derive(Clone, Copy)]
+pub struct L3Ctx {
+    pub ctx: *mut core::ffi::c_void,
+    pub gso_size: u16,
+    pub to_us: bool,
+}
+
+pub struct Fib {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// Looks the IPv4 packet at `l3` up as if it arrived on `ifindex`. None
+/// means "let the host stack have it".
+#[inline(always)]
+pub fn lookup_v4(
+    l3c: &L3Ctx,
+    data: usize,
+    data_end: usize,
+    l3: usize,
+    ifindex: u32,
+) -> Option<Fib> {
+    let h = unsafe { &*ptr_at::<[u8; 20]>(data, data_end, l3)? };
+    if h[0] >> 4 != 4 || h[8] <= 1 {
+        // Not IPv4, or the TTL expires here: the host sends time-exceeded.
+        return None;
+    }
+    let ihl = ((h[0] & 0xf) as usize) * 4;
+    let tot_len = u16::from_be_bytes([h[2], h[3]]);
+    // A GSO super-packet leaves as segments: check the MTU against one.
+    let mtu_len = if l3c.gso_size == 0 {
+        tot_len
+    } else {
+        let l4_hlen = match h[9] {
+            IPPROTO_TCP => {
+                let t = unsafe { &*ptr_at::<[u8; 13]>(data, data_end, l3 + ihl)? };
+                ((t[12] >> 4) as u16) * 4
+            }
+            IPPROTO_UDP => 8,
+            _ => 0,
+        };
+        ihl as u16 + l4_hlen + l3c.gso_size
+    };
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = h[9];
+    p.ifindex = ifindex;
+    p.__bindgen_anon_1.tot_len = mtu_len;
+    p.__bindgen_anon_2.tos = h[1];
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([h[12], h[13], h[14], h[15]]);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([h[16], h[17], h[18], h[19]]);
+    let rc =
+        unsafe { bpf_fib_lookup(l3c.ctx, &mut p, core::mem::size_of::<FibParams>() as i32, 0) };
+    if rc != FIB_SUCCESS {
+        return None;
+    }
+    Some(Fib {
+        ifindex: p.ifindex,
+        smac: p.smac,
+        dmac: p.dmac,
+    })
+}
+
+/// Rewrites the frame for its next hop: MACs, TTL - 1 and the IP header
+/// checksum, adjusted incrementally (RFC 1624). L4 checksums do not cover
+/// any of it, so offloaded (CHECKSUM_PARTIAL) packets stay valid.
+#[inline(always)]
+pub fn rewrite_v4(data: usize, data_end: usize, l3: usize, fib: &Fib) -> bool {
+    let Some(h) = ptr_at::<[u8; 20]>(data, data_end, l3) else {
+        return false;
+    };
+    let h = unsafe { &mut *(h as *mut [u8; 20]) };
+    let old = u16::from_be_bytes([h[8], h[9]]);
+    h[8] = h[8].wrapping_sub(1);
+    let new = u16::from_be_bytes([h[8], h[9]]);
+    let csum = u16::from_be_bytes([h[10], h[11]]);
+    let mut sum = (!csum as u32) + (!old as u32) + new as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    let c = (!(sum as u16)).to_be_bytes();
+    h[10] = c[0];
+    h[11] = c[1];
+    let Some(eth) = ptr_at::<[u8; 12]>(data, data_end, 0) else {
+        return false;
+    };
+    let eth = unsafe { &mut *(eth as *mut [u8; 12]) };
+    eth[..6].copy_from_slice(&fib.dmac);
+    eth[6..].copy_from_slice(&fib.smac);
+    true
+}

@@ -1,0 +1,194 @@
+//! A network's gateway interface: a veth pair in the daemon's namespace.
+//! The host end (`kvnet-NET`) carries the gateway address, so routes,
+//! sockets and the DHCP/DNS servers see an ordinary interface; the other end
+//! is an internal switch port, so the host is just another station on the
+//! network's L2 segment.
+use std::{fmt, net::Ipv4Addr, process::Command, str::FromStr};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// An IPv4 interface address with prefix, e.g. 192.168.122.1/24.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn mask(&self) -> u32 {
+        if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.prefix)
+        }
+    }
+    pub fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & self.mask())
+    }
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) | !self.mask())
+    }
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.network())
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = anyhow::Error;
+    /// A gateway address: a usable host address of a subnet between /8 and
+    /// /30 (a /0 or /32 "gateway" serves nobody).
+    fn from_str(s: &str) -> Result<Self> {
+        let (a, p) = s
+            .split_once('/')
+            .with_context(|| format!("gateway '{s}' needs a prefix, like 192.168.122.1/24"))?;
+        let addr: Ipv4Addr = a
+            .parse()
+            .with_context(|| format!("gateway '{s}': '{a}' is not an IPv4 address"))?;
+        let prefix: u8 = p
+            .parse()
+            .with_context(|| format!("gateway '{s}': '{p}' is not a prefix length"))?;
+        if !(8..=30).contains(&prefix) {
+            bail!("gateway '{s}': prefix /{prefix} is out of range (use /8 to /30)");
+        }
+        let c = Cidr { addr, prefix };
+        if addr.is_multicast() || addr.is_loopback() || addr.is_unspecified() || addr.is_broadcast()
+        {
+            bail!("gateway '{s}': {addr} cannot be a gateway address");
+        }
+        if addr == c.network() || addr == c.broadcast() {
+            bail!("gateway '{s}': {addr} is the subnet's network or broadcast address");
+        }
+        Ok(c)
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Per-interface IPv4 sysctl of the daemon's network namespace.
+fn sysctl_path(iface: &str, key: &str) -> String {
+    format!("/proc/sys/net/ipv4/conf/{iface}/{key}")
+}
+
+pub fn read_sysctl(path: &str) -> Result<String> {
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("reading {path}"))?
+        .trim()
+        .to_string())
+}
+
+pub fn write_sysctl(path: &str, value: &str) -> Result<()> {
+    std::fs::write(path, value).with_context(|| format!("writing {value} to {path}"))
+}
+
+#[derive(Debug)]
+pub struct Gateway {
+    pub host_if: String,
+    pub port_if: String,
+    pub cidr: Cidr,
+}
+
+impl Gateway {
+    /// The default host interface name, if `kvnet-NET` fits IFNAMSIZ.
+    pub fn default_name(net: &str) -> Result<String> {
+        let name = format!("kvnet-{net}");
+        if name.len() > 15 {
+            bail!("gateway interface name '{name}' is longer than 15 characters: pick one with --gateway-iface");
+        }
+        Ok(name)
+    }
+
+    /// Creates the pair, addresses and brings it up; undoes itself on error.
+    pub fn create(host_if: &str, net_id: u32, cidr: Cidr, forwarding: bool) -> Result<Gateway> {
+        if crate::netdev::ifindex(host_if).is_ok() {
+            bail!("interface '{host_if}' already exists; choose another gateway interface name");
+        }
+        let port_if = format!("kvgw{net_id}");
+        ip(&[
+            "link", "add", host_if, "type", "veth", "peer", "name", &port_if,
+        ])
+        .with_context(|| format!("creating the gateway interface {host_if}"))?;
+        let gw = Gateway {
+            host_if: host_if.to_string(),
+            port_if,
+            cidr,
+        };
+        let setup = (|| {
+            ip(&["addr", "add", &cidr.to_string(), "dev", host_if])?;
+            ip(&["link", "set", &gw.port_if, "up"])?;
+            ip(&["link", "set", host_if, "up"])?;
+            gw.set_forwarding(forwarding)
+        })();
+        if let Err(e) = setup {
+            gw.destroy();
+            return Err(e);
+        }
+        Ok(gw)
+    }
+
+    /// Whether the host routes between this network and others (routed
+    /// mode) or not (host-only).
+    pub fn set_forwarding(&self, on: bool) -> Result<()> {
+        write_sysctl(
+            &sysctl_path(&self.host_if, "forwarding"),
+            if on { "1" } else { "0" },
+        )
+    }
+
+    /// Deleting one end deletes the pair, its address and routes.
+    pub fn destroy(&self) {
+        let _ = ip(&["link", "del", &self.host_if]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_cidrs() {
+        let c: Cidr = "192.168.122.1/24".parse().unwrap();
+        assert_eq!(c.network(), Ipv4Addr::new(192, 168, 122, 0));
+        assert_eq!(c.broadcast(), Ipv4Addr::new(192, 168, 122, 255));
+        assert!(c.contains(Ipv4Addr::new(192, 168, 122, 200)));
+        assert!(!c.contains(Ipv4Addr::new(192, 168, 123, 1)));
+        for (bad, why) in [
+            ("192.168.122.1", "needs a prefix"),
+            ("192.168.122.1/0", "out of range"),
+            ("192.168.122.1/32", "out of range"),
+            ("192.168.122.0/24", "network or broadcast"),
+            ("192.168.122.255/24", "network or broadcast"),
+            ("300.1.1.1/24", "not an IPv4 address"),
+            ("224.0.0.1/24", "cannot be a gateway"),
+            ("10.0.0.1/x", "not a prefix"),
+        ] {
+            let e = bad.parse::<Cidr>().unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn default_names_fit_ifnamsiz() {
+        assert_eq!(Gateway::default_name("default").unwrap(), "kvnet-default");
+        assert!(Gateway::default_name("averyverylongname").is_err());
+    }
+}

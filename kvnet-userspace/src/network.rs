@@ -1,0 +1,442 @@
+//! Network models beyond "isolated": a gateway interface for host-only and
+//! routed networks, the routed fast path's uplink, and bridged networks
+//! whose uplink NIC becomes a switch port while the host keeps its address.
+use std::{collections::BTreeSet, fmt};
+
+use anyhow::{bail, Context, Result};
+use kvnet_common::{
+    FdbEntry, FdbKey, NetConfig, PortConfig, FDB_F_HOST, FDB_F_STATIC, PORT_F_BRIDGED_NET,
+    PORT_F_ROUTED_NET, PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_ROUTED,
+};
+
+use crate::{
+    control::{Hook, Mode, NetDetail, NetOpts, VlanArgs},
+    gateway::{self, Cidr, Gateway},
+    netdev,
+    switch::{validate_net_name, Network, Switch, DEFAULT_AGEING},
+};
+
+/// Why a port is in a network: the admin added it, or the network owns it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortRole {
+    Guest,
+    /// The switch end of the network's gateway interface.
+    Gateway,
+    /// A bridged network's uplink NIC.
+    Uplink,
+}
+
+impl fmt::Display for PortRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PortRole::Guest => "guest",
+            PortRole::Gateway => "gateway",
+            PortRole::Uplink => "uplink",
+        })
+    }
+}
+
+/// A host setting kvnet changed, with what it was.
+#[derive(Debug)]
+pub enum Restore {
+    Sysctl {
+        path: String,
+        old: String,
+    },
+    Promisc {
+        iface: String,
+    },
+    /// A policy rule (and its table) that keeps a host-only network's
+    /// traffic from being forwarded, whatever ip_forward says.
+    NoForward {
+        table: String,
+        pref: String,
+    },
+}
+
+impl Restore {
+    fn undo(&self) {
+        let r = match self {
+            Restore::Sysctl { path, old } => gateway::write_sysctl(path, old),
+            Restore::Promisc { iface } => ip_link(&["set", "dev", iface, "promisc", "off"]),
+            Restore::NoForward { table, pref } => {
+                ip(&["rule", "del", "pref", pref]).and(ip(&["route", "flush", "table", table]))
+            }
+        };
+        if let Err(e) = r {
+            log::warn!("restoring {self:?}: {e:#}");
+        }
+    }
+}
+
+/// A routed network's uplink: tc routes return traffic for guest subnets
+/// straight to the guests; shared by every routed network that names it.
+pub struct RoutedUplink {
+    pub ifindex: u32,
+    pub users: BTreeSet<String>,
+    restore: Vec<Restore>,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip`")?;
+    if !out.status.success() {
+        bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn ip_link(args: &[&str]) -> Result<()> {
+    let mut a = vec!["link"];
+    a.extend_from_slice(args);
+    ip(&a)
+}
+
+/// Routing table and rule preference kvnet uses for network `id`.
+const NO_FORWARD_BASE: u32 = 27000;
+
+/// Sets an IPv4 per-interface sysctl, remembering the old value.
+fn set_sysctl(iface: &str, key: &str, value: &str, restore: &mut Vec<Restore>) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv4/conf/{iface}/{key}");
+    let old = gateway::read_sysctl(&path)?;
+    if old != value {
+        gateway::write_sysctl(&path, value)?;
+        restore.push(Restore::Sysctl { path, old });
+    }
+    Ok(())
+}
+
+impl Switch {
+    /// Port flags every guest port of a network in `mode` carries.
+    pub(crate) fn mode_port_flags(&self, mode: Mode) -> u32 {
+        match mode {
+            Mode::Routed => PORT_F_ROUTED_NET,
+            Mode::Bridged => PORT_F_BRIDGED_NET,
+            Mode::Isolated | Mode::HostOnly => 0,
+        }
+    }
+
+    /// Checks everything first; then builds, and on any failure removes
+    /// whatever it built, so a refused network leaves nothing behind.
+    pub fn net_add(&mut self, name: &str, ageing: Option<u64>, opts: &NetOpts) -> Result<()> {
+        validate_net_name(name)?;
+        if self.nets.contains_key(name) {
+            bail!("network '{name}' already exists");
+        }
+        let ageing = match ageing {
+            Some(0) => bail!("ageing must be at least 1 second"),
+            Some(s) => std::time::Duration::from_secs(s),
+            None => DEFAULT_AGEING,
+        };
+        let mode = opts.mode;
+        let gateway: Option<Cidr> = opts.gateway.as_deref().map(str::parse).transpose()?;
+        match (mode, &gateway, &opts.uplink) {
+            (Mode::Isolated, Some(_), _) | (Mode::Bridged, Some(_), _) => {
+                bail!("a {mode} network has no gateway; drop --gateway")
+            }
+            (Mode::Isolated, _, Some(_)) | (Mode::HostOnly, _, Some(_)) => {
+                bail!("a {mode} network has no uplink; drop --uplink")
+            }
+            (Mode::HostOnly | Mode::Routed, None, _) => {
+                bail!("--mode {mode} needs --gateway ADDRESS/PREFIX")
+            }
+            (Mode::Bridged, _, None) => {
+                bail!("--mode bridged needs --uplink IFACE (the NIC the guests share)")
+            }
+            _ => {}
+        }
+        if let Some(up) = &opts.uplink {
+            netdev::ifindex(up)?;
+            if let Some(p) = self.ports.get(up) {
+                bail!("uplink '{up}' is already a port of network '{}'", p.net);
+            }
+            if mode == Mode::Bridged && self.routed_uplinks.contains_key(up) {
+                bail!("uplink '{up}' already carries routed networks; it cannot also be bridged");
+            }
+        }
+        let gw_name = match (&gateway, &opts.gateway_iface) {
+            (Some(_), Some(n)) => Some(n.clone()),
+            (Some(_), None) => Some(Gateway::default_name(name)?),
+            (None, Some(_)) => bail!("--gateway-iface needs --gateway"),
+            (None, None) => None,
+        };
+        if let (Some(n), Some(cidr)) = (&gw_name, &gateway) {
+            if netdev::ifindex(n).is_ok() {
+                bail!("gateway interface '{n}' already exists; pick another with --gateway-iface");
+            }
+            for (other, net) in &self.nets {
+                if let Some(g) = &net.gateway {
+                    if g.cidr.contains(cidr.addr) || cidr.contains(g.cidr.addr) {
+                        bail!("gateway {cidr} overlaps network '{other}' ({})", g.cidr);
+                    }
+                }
+            }
+        }
+        let id = (1..)
+            .find(|id| self.nets.values().all(|n| n.id != *id))
+            .unwrap_or(1);
+        self.nets.insert(
+            name.to_string(),
+            Network {
+                id,
+                ageing,
+                mode,
+                gateway: None,
+                uplink: opts.uplink.clone(),
+                restore: Vec::new(),
+            },
+        );
+        let built = match mode {
+            Mode::Isolated => Ok(()),
+            Mode::HostOnly | Mode::Routed => self.build_gateway(
+                name,
+                id,
+                gw_name.as_deref().unwrap_or_default(),
+                gateway.expect("checked"),
+            ),
+            Mode::Bridged => {
+                self.build_bridged(name, id, opts.uplink.as_deref().unwrap_or_default())
+            }
+        };
+        if let Err(e) = built {
+            if let Err(e2) = self.net_del(name) {
+                log::warn!("cleaning up the refused network {name}: {e2:#}");
+            }
+            self.nets.remove(name);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn build_gateway(&mut self, name: &str, id: u32, host_if: &str, cidr: Cidr) -> Result<()> {
+        let routed = self.net(name)?.mode == Mode::Routed;
+        let gw = Gateway::create(host_if, id, cidr, routed)?;
+        let port_if = gw.port_if.clone();
+        let gw_mac = netdev::mac(host_if)?;
+        let gw_host = netdev::ifindex(host_if)?;
+        if let Some(n) = self.nets.get_mut(name) {
+            n.gateway = Some(gw);
+        }
+        let extra = self.mode_port_flags(self.net(name)?.mode);
+        self.port_add_inner(
+            name,
+            &port_if,
+            false,
+            Hook::Tc,
+            &VlanArgs::default(),
+            extra,
+            PortRole::Gateway,
+        )?;
+        let gw_port = netdev::ifindex(&port_if)?;
+        let uplink = self.net(name)?.uplink.clone();
+        let uplink_ifindex = match &uplink {
+            Some(u) => netdev::ifindex(u)?,
+            None => 0,
+        };
+        let cfg = NetConfig {
+            gw_host,
+            gw_port,
+            uplink: uplink_ifindex,
+            flags: 0,
+            gw_mac: gw_mac.0,
+            _pad: [0; 2],
+        };
+        self.dp
+            .nets()?
+            .insert(id, cfg, 0)
+            .context("writing the network map")?;
+        self.dp
+            .gw_hosts()?
+            .insert(gw_host, id, 0)
+            .context("writing the gateway map")?;
+        if routed {
+            if let Some(u) = uplink {
+                self.routed_uplink_acquire(&u, name)?;
+            }
+        } else {
+            // host-only: anything arriving on the gateway that is not for a
+            // host address is unreachable, even with ip_forward on.
+            let (table, pref) = (
+                (NO_FORWARD_BASE + id).to_string(),
+                (NO_FORWARD_BASE + id).to_string(),
+            );
+            ip(&[
+                "route",
+                "replace",
+                "unreachable",
+                "default",
+                "table",
+                &table,
+            ])?;
+            if let Some(n) = self.nets.get_mut(name) {
+                n.restore.push(Restore::NoForward {
+                    table: table.clone(),
+                    pref: pref.clone(),
+                });
+            }
+            ip(&[
+                "rule", "add", "iif", host_if, "pref", &pref, "table", &table,
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn build_bridged(&mut self, name: &str, id: u32, uplink: &str) -> Result<()> {
+        self.port_add_inner(
+            name,
+            uplink,
+            false,
+            Hook::Auto,
+            &VlanArgs::default(),
+            PORT_F_UPLINK_BRIDGED,
+            PortRole::Uplink,
+        )?;
+        let ifindex = netdev::ifindex(uplink)?;
+        let host_mac = netdev::mac(uplink)?;
+        let host = FdbEntry {
+            ifindex,
+            flags: FDB_F_STATIC | FDB_F_HOST,
+            last_seen_ns: 0,
+        };
+        self.dp
+            .fdb()?
+            .insert(
+                FdbKey {
+                    net_id: id,
+                    vid: 0,
+                    mac: host_mac.0,
+                },
+                host,
+                0,
+            )
+            .context("writing the FDB")?;
+        let cfg = NetConfig {
+            gw_host: 0,
+            gw_port: 0,
+            uplink: ifindex,
+            flags: 0,
+            gw_mac: [0; 6],
+            _pad: [0; 2],
+        };
+        self.dp
+            .nets()?
+            .insert(id, cfg, 0)
+            .context("writing the network map")?;
+        self.dp.attach_egress(uplink, ifindex)?;
+        // Frames for guests' MACs must reach us from the LAN.
+        ip_link(&["set", "dev", uplink, "promisc", "on"])?;
+        if let Some(n) = self.nets.get_mut(name) {
+            n.restore.push(Restore::Promisc {
+                iface: uplink.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    fn routed_uplink_acquire(&mut self, uplink: &str, net: &str) -> Result<()> {
+        if let Some(u) = self.routed_uplinks.get_mut(uplink) {
+            u.users.insert(net.to_string());
+            return Ok(());
+        }
+        let ifindex = netdev::ifindex(uplink)?;
+        let mut restore = Vec::new();
+        // The host routes the first packets of a flow (and everything the
+        // fast path hands it) between the uplink and the gateway.
+        set_sysctl(uplink, "forwarding", "1", &mut restore)?;
+        let cfg = PortConfig {
+            net_id: 0,
+            flags: PORT_F_UPLINK_ROUTED,
+            ..Default::default()
+        };
+        let applied = self
+            .dp
+            .reset_stats(ifindex)
+            .and_then(|_| {
+                self.dp
+                    .ports()?
+                    .insert(ifindex, cfg, 0)
+                    .context("writing the port map")
+            })
+            .and_then(|_| self.dp.attach(uplink, ifindex, false));
+        if let Err(e) = applied {
+            let _ = self.dp.ports().map(|mut p| p.remove(&ifindex));
+            restore.iter().for_each(Restore::undo);
+            return Err(e);
+        }
+        self.routed_uplinks.insert(
+            uplink.to_string(),
+            RoutedUplink {
+                ifindex,
+                users: BTreeSet::from([net.to_string()]),
+                restore,
+            },
+        );
+        Ok(())
+    }
+
+    fn routed_uplink_release(&mut self, uplink: &str, net: &str) {
+        let Some(u) = self.routed_uplinks.get_mut(uplink) else {
+            return;
+        };
+        u.users.remove(net);
+        if !u.users.is_empty() {
+            return;
+        }
+        if let Some(u) = self.routed_uplinks.remove(uplink) {
+            self.dp.detach(u.ifindex);
+            let _ = self.dp.ports().map(|mut p| p.remove(&u.ifindex));
+            let _ = self.dp.port_stats().map(|mut p| p.remove(&u.ifindex));
+            u.restore.iter().for_each(Restore::undo);
+        }
+    }
+
+    /// Undoes what `net_add` built beyond the ports (already removed).
+    pub(crate) fn teardown_net(&mut self, name: &str, id: u32) {
+        let Some(net) = self.nets.get_mut(name) else {
+            return;
+        };
+        let gateway = net.gateway.take();
+        let restore = std::mem::take(&mut net.restore);
+        let (mode, uplink) = (net.mode, net.uplink.clone());
+        if let Some(g) = gateway {
+            if let Ok(ifindex) = netdev::ifindex(&g.host_if) {
+                let _ = self.dp.gw_hosts().map(|mut m| m.remove(&ifindex));
+            }
+            g.destroy();
+        }
+        let _ = self.dp.nets().map(|mut m| m.remove(&id));
+        if let Some(u) = uplink {
+            match mode {
+                Mode::Routed => self.routed_uplink_release(&u, name),
+                Mode::Bridged => {
+                    if let Ok(ifindex) = netdev::ifindex(&u) {
+                        self.dp.detach_egress(ifindex);
+                    }
+                }
+                _ => {}
+            }
+        }
+        restore.iter().rev().for_each(Restore::undo);
+    }
+
+    pub fn net_show(&self, name: &str) -> Result<NetDetail> {
+        self.net(name)?;
+        let net = self
+            .net_list()
+            .into_iter()
+            .find(|n| n.name == name)
+            .context("network vanished")?;
+        let port_details = self
+            .port_list()
+            .into_iter()
+            .filter(|p| p.net == name)
+            .collect();
+        Ok(NetDetail { net, port_details })
+    }
+}

@@ -1,0 +1,51 @@
+//! Real tools driven in lab namespaces, with the retries they need.
+use std::{
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Result};
+use serde_json::Value;
+
+use crate::{lab, Lab};
+
+/// Starts a one-shot `iperf3 -s` bound to `server_ip` in `server_ns`, then
+/// runs `iperf3 -c server_ip -J ARGS` in `client_ns` until it really ran
+/// (while the server starts, iperf3 can exit 0 with an "error" JSON).
+pub fn iperf3(
+    lab: &Lab,
+    server_ns: &str,
+    server_ip: &str,
+    client_ns: &str,
+    args: &[&str],
+) -> Result<Value> {
+    let mut srv = Command::new("iperf3");
+    srv.args(["-s", "-1", "-B", server_ip])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    lab.spawn(server_ns, srv)?;
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut cmd = vec!["iperf3", "-c", server_ip, "-J"];
+    cmd.extend_from_slice(args);
+    loop {
+        let o = lab::exec_output(client_ns, &cmd)?;
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        if o.status.success() && !v.is_null() && v.get("error").is_none() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("iperf3 to {server_ip} from netns {client_ns} never ran: {v}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Bytes the iperf3 receiver got, and its rate in bit/s.
+pub fn received(v: &Value) -> (u64, f64) {
+    let r = &v["end"]["sum_received"];
+    (
+        r["bytes"].as_u64().unwrap_or(0),
+        r["bits_per_second"].as_f64().unwrap_or(0.0),
+    )
+}
