@@ -75,6 +75,10 @@ pub const PORT_F_UPLINK_BRIDGED: u32 = 1 << 5;
 /// The port belongs to a bridged network: its floods also go up the
 /// uplink's host stack.
 pub const PORT_F_BRIDGED_NET: u32 = 1 << 6;
+/// A guest port allowed to act as a DHCP server (send from UDP port 67).
+/// Gateway ports and uplinks are trusted by their role; untrusted guest
+/// ports have server-to-client DHCP dropped (drop reason `rogue_dhcp`).
+pub const PORT_F_TRUSTED: u32 = 1 << 7;
 
 /// skb->mark of frames kvnet hands to a host stack through an uplink's
 /// ingress (bridged mode); the uplink's own program lets them pass.
@@ -204,9 +208,12 @@ pub enum DropReason {
     VlanUntagged = 6,
     /// 802.1ad / QinQ outer tag (0x88a8, 0x9100): no port carries them.
     Qinq = 7,
+    /// A DHCP server message (IPv4 UDP from port 67) from an untrusted
+    /// guest port: a rogue DHCP server.
+    RogueDhcp = 8,
 }
 
-pub const DROP_REASONS: usize = 8;
+pub const DROP_REASONS: usize = 9;
 pub const DROP_REASON_NAMES: [&str; DROP_REASONS] = [
     "malformed",
     "bad_src_mac",
@@ -216,6 +223,7 @@ pub const DROP_REASON_NAMES: [&str; DROP_REASONS] = [
     "vlan_not_allowed",
     "vlan_untagged",
     "qinq",
+    "rogue_dhcp",
 ];
 
 /// Per-port counters, per-CPU hash `port_stats` keyed by ifindex.

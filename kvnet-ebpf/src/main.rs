@@ -11,6 +11,7 @@
 
 mod bench;
 mod csum;
+mod dhcp_guard;
 mod fdb;
 mod maps;
 mod parse;

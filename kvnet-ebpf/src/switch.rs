@@ -169,6 +169,9 @@ pub fn decide(
         Ok(v) => v,
         Err(r) => return Action::Drop(r),
     };
+    if let Some(r) = crate::dhcp_guard::check(port, data, data_end, eth.ethertype) {
+        return Action::Drop(r);
+    }
     // Tagged egress keeps the PCP and DEI bits the frame came with.
     let out_tci = (tag.tci & !VLAN_VID_MASK) | vid;
     let net_id = port.net_id;

@@ -67,6 +67,18 @@ pub struct NetOpts {
     pub gateway_iface: Option<String>,
     #[serde(default)]
     pub uplink: Option<String>,
+    /// DHCP (issue 7): FIRST,LAST addresses handed out; needs a gateway.
+    #[serde(default)]
+    pub dhcp_range: Option<String>,
+    /// MAC,IP[,NAME] static hosts.
+    #[serde(default)]
+    pub dhcp_hosts: Vec<String>,
+    /// The guests' DNS domain (DHCP option 15, names answered by the gateway).
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// Lease time in seconds (default 3600).
+    #[serde(default)]
+    pub dhcp_lease: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -96,6 +108,9 @@ pub enum Request {
         hook: Hook,
         #[serde(default)]
         vlan: VlanArgs,
+        /// May act as a DHCP server (else its DHCP server messages are dropped).
+        #[serde(default)]
+        trusted: bool,
     },
     /// Change a port's VLAN membership live.
     PortSet {
@@ -126,6 +141,10 @@ pub enum Request {
         vlan: Option<String>,
     },
     Stats,
+    /// A network's DHCP leases.
+    DhcpLeases {
+        net: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -175,6 +194,9 @@ pub struct PortInfo {
     /// guest, gateway (the gateway interface's switch end) or uplink.
     #[serde(default)]
     pub role: String,
+    /// May act as a DHCP server.
+    #[serde(default)]
+    pub trusted: bool,
 }
 
 /// One VLAN of a network and its member ports.

@@ -27,6 +27,8 @@ pub struct Options {
     pub socket: PathBuf,
     pub pin_dir: PathBuf,
     pub log_datapath: bool,
+    /// DHCP leases live in `<state_dir>/dhcp/<NET>/`.
+    pub state_dir: PathBuf,
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -91,7 +93,9 @@ pub fn run(opts: Options) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let switch = Arc::new(Mutex::new(Switch::new(dp)));
+    let mut sw = Switch::new(dp);
+    sw.services = crate::dhcp::service::Services::new(opts.state_dir.clone());
+    let switch = Arc::new(Mutex::new(sw));
     let result = rt.block_on(serve(&opts, switch.clone()));
     if let Ok(mut sw) = switch.lock() {
         sw.shutdown();
@@ -198,7 +202,8 @@ fn dispatch(sw: &mut Switch, req: Request) -> Result<serde_json::Value> {
             hairpin,
             hook,
             vlan,
-        } => v(sw.port_add(&net, &iface, hairpin, hook, &vlan)?)?,
+            trusted,
+        } => v(sw.port_add(&net, &iface, hairpin, hook, &vlan, trusted)?)?,
         Request::PortSet { iface, vlan } => v(sw.port_set(&iface, &vlan)?)?,
         Request::VlanShow { net } => v(sw.vlan_show(&net)?)?,
         Request::PortDel { iface } => v(sw.port_del(&iface)?)?,
@@ -212,5 +217,6 @@ fn dispatch(sw: &mut Switch, req: Request) -> Result<serde_json::Value> {
         } => v(sw.fdb_add(&net, &mac, &port, vlan.as_deref())?)?,
         Request::FdbDel { net, mac, vlan } => v(sw.fdb_del(&net, &mac, vlan.as_deref())?)?,
         Request::Stats => v(sw.stats()?)?,
+        Request::DhcpLeases { net } => v(sw.dhcp_leases(&net)?)?,
     })
 }

@@ -533,3 +533,46 @@ fn tc_floods_per_vlan() {
             .unwrap();
     assert_eq!(r.verdict, TC_ACT_SHOT);
 }
+
+/// A UDP frame `sport` -> `dport` (checksum 0: none), broadcast from A.
+fn dhcp_frame(sport: u16, dport: u16) -> Vec<u8> {
+    let mut f = udp_frame(BCAST, A, &[0u8; 240], true);
+    f[34..36].copy_from_slice(&sport.to_be_bytes());
+    f[36..38].copy_from_slice(&dport.to_be_bytes());
+    f[40..42].copy_from_slice(&[0, 0]);
+    f
+}
+
+#[test]
+fn rogue_dhcp_servers_on_untrusted_guest_ports_are_dropped() {
+    let Some(mut f) = fixture() else { return };
+    let offer = dhcp_frame(67, 68);
+    assert_eq!(f.dp.run_xdp(&offer, LO, 1).unwrap().verdict, XDP_DROP);
+    assert_eq!(f.dp.run_tc(&offer, 1).unwrap().verdict, TC_ACT_SHOT);
+    assert_eq!(f.drops(LO, DropReason::RogueDhcp), 2);
+    assert!(f.fdb_get(A).is_none(), "a rogue frame teaches nothing");
+    assert_eq!(f.dp.stats(LO).unwrap().flooded, 0);
+    // A tag still in the packet is looked through.
+    let mut tagged_offer = offer.clone();
+    tagged_offer.splice(12..12, [0x81, 0x00, 0x00, 0x00]);
+    assert_eq!(f.dp.run_tc(&tagged_offer, 1).unwrap().verdict, TC_ACT_SHOT);
+    assert_eq!(f.drops(LO, DropReason::RogueDhcp), 3);
+    // Clients (68 -> 67), other UDP and later fragments pass as usual.
+    let discover = dhcp_frame(68, 67);
+    assert_eq!(f.dp.run_xdp(&discover, LO, 1).unwrap().verdict, XDP_PASS);
+    f.dp.run_tc(&discover, 1).unwrap();
+    let mut frag = offer.clone();
+    frag[20..22].copy_from_slice(&[0x00, 0x10]);
+    f.dp.run_tc(&frag, 1).unwrap();
+    f.dp.run_tc(&dhcp_frame(53, 67), 1).unwrap();
+    assert_eq!(f.drops(LO, DropReason::RogueDhcp), 3);
+    assert_eq!(f.dp.stats(LO).unwrap().flooded, 3);
+    // A trusted port (and a bridged uplink) may serve DHCP.
+    for flags in [PORT_F_TRUSTED, PORT_F_UPLINK_BRIDGED] {
+        f.port(LO, flags);
+        assert_eq!(f.dp.run_xdp(&offer, LO, 1).unwrap().verdict, XDP_PASS);
+        f.dp.run_tc(&offer, 1).unwrap();
+        assert_eq!(f.drops(LO, DropReason::RogueDhcp), 0, "flags {flags:#x}");
+    }
+    assert!(f.fdb_get(A).is_some());
+}

@@ -48,6 +48,9 @@ enum Cmd {
         /// Turn the datapath's debug log (aya-log) on; off keeps it off the hot path.
         #[arg(long)]
         log_datapath: bool,
+        /// Persistent state (DHCP leases under DIR/dhcp/NET/).
+        #[arg(long, env = "KVNET_STATE_DIR", default_value = dhcp::service::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
     /// Networks (switch instances).
     #[command(subcommand)]
@@ -67,6 +70,9 @@ enum Cmd {
         json: bool,
     },
     // --- DHCP/DNS (issue 7) ---
+    /// DHCP leases of networks with a --dhcp-range.
+    #[command(subcommand)]
+    Dhcp(DhcpCmd),
     /// Serve DHCP and DNS on one interface in the foreground (testing).
     #[command(hide = true)]
     DhcpServe(DhcpServeArgs),
@@ -82,6 +88,16 @@ enum Cmd {
 }
 
 // --- DHCP/DNS (issue 7) ---
+#[derive(Subcommand)]
+enum DhcpCmd {
+    /// A network's leases: MAC, IP, hostname, expiry (like `virsh net-dhcp-leases`).
+    Leases {
+        net: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(clap::Args)]
 struct DhcpServeArgs {
     /// The gateway interface to serve on (only).
@@ -130,6 +146,18 @@ enum NetCmd {
         /// The NIC towards the outside (routed: where return traffic arrives; bridged: the shared LAN).
         #[arg(long)]
         uplink: Option<String>,
+        /// Serve DHCP (and DNS on the gateway address) handing out FIRST,LAST.
+        #[arg(long, value_name = "FIRST,LAST")]
+        dhcp_range: Option<String>,
+        /// A static host: MAC,IP[,NAME] (repeatable).
+        #[arg(long = "dhcp-host", value_name = "MAC,IP[,NAME]")]
+        dhcp_hosts: Vec<String>,
+        /// The guests' DNS domain (names answered by the gateway's DNS).
+        #[arg(long)]
+        domain: Option<String>,
+        /// DHCP lease time in seconds (default 3600).
+        #[arg(long, value_name = "SECS")]
+        dhcp_lease: Option<u64>,
     },
     /// Show one network: mode, gateway, uplink and each port's hook.
     Show {
@@ -165,6 +193,9 @@ enum PortCmd {
         hook: Hook,
         #[command(flatten)]
         vlan: VlanOpts,
+        /// Let this guest act as a DHCP server (else its DHCP server messages are dropped).
+        #[arg(long)]
+        trusted: bool,
     },
     /// Change a port's VLAN membership live.
     Set {
@@ -263,10 +294,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Daemon {
             pin_dir,
             log_datapath,
+            state_dir,
         } => daemon::run(daemon::Options {
             socket: cli.socket.clone(),
             pin_dir,
             log_datapath,
+            state_dir,
         }),
         Cmd::Net(NetCmd::Add {
             name,
@@ -275,6 +308,10 @@ fn run(cli: Cli) -> Result<()> {
             gateway,
             gateway_iface,
             uplink,
+            dhcp_range,
+            dhcp_hosts,
+            domain,
+            dhcp_lease,
         }) => done(call(
             sock,
             &Request::NetAdd {
@@ -285,6 +322,10 @@ fn run(cli: Cli) -> Result<()> {
                     gateway,
                     gateway_iface,
                     uplink,
+                    dhcp_range,
+                    dhcp_hosts,
+                    domain,
+                    dhcp_lease,
                 },
             },
         )),
@@ -310,6 +351,7 @@ fn run(cli: Cli) -> Result<()> {
             hairpin,
             hook,
             vlan,
+            trusted,
         }) => done(call(
             sock,
             &Request::PortAdd {
@@ -318,6 +360,7 @@ fn run(cli: Cli) -> Result<()> {
                 hairpin,
                 hook,
                 vlan: vlan.args(false),
+                trusted,
             },
         )),
         Cmd::Port(PortCmd::Set {
@@ -364,6 +407,11 @@ fn run(cli: Cli) -> Result<()> {
             output::show::<Vec<PortStatsRow>>(call(sock, &Request::Stats)?, json, output::stats)
         }
         // --- DHCP/DNS (issue 7) ---
+        Cmd::Dhcp(DhcpCmd::Leases { net, json }) => output::show::<Vec<dhcp::LeaseInfo>>(
+            call(sock, &Request::DhcpLeases { net })?,
+            json,
+            dhcp::service::lease_table,
+        ),
         Cmd::DhcpServe(a) => dhcp::serve_standalone(dhcp::Standalone {
             iface: a.iface,
             server_ip: a.server_ip,

@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, fmt};
 use anyhow::{bail, Context, Result};
 use kvnet_common::{
     FdbEntry, FdbKey, NetConfig, PortConfig, FDB_F_HOST, FDB_F_STATIC, PORT_F_BRIDGED_NET,
-    PORT_F_ROUTED_NET, PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_ROUTED,
+    PORT_F_ROUTED_NET, PORT_F_TRUSTED, PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_ROUTED,
 };
 
 use crate::{
@@ -178,6 +178,8 @@ impl Switch {
                 }
             }
         }
+        // DHCP/DNS (issue 7): checked whole before anything is built.
+        let dhcp = crate::dhcp::service::plan(opts, gateway.as_ref(), gw_name.as_deref())?;
         let id = (1..)
             .find(|id| self.nets.values().all(|n| n.id != *id))
             .unwrap_or(1);
@@ -204,6 +206,10 @@ impl Switch {
                 self.build_bridged(name, id, opts.uplink.as_deref().unwrap_or_default())
             }
         };
+        let built = built.and_then(|_| match dhcp {
+            Some(cfg) => self.services.start(name, cfg),
+            None => Ok(()),
+        });
         if let Err(e) = built {
             if let Err(e2) = self.net_del(name) {
                 log::warn!("cleaning up the refused network {name}: {e2:#}");
@@ -223,7 +229,8 @@ impl Switch {
         if let Some(n) = self.nets.get_mut(name) {
             n.gateway = Some(gw);
         }
-        let extra = self.mode_port_flags(self.net(name)?.mode);
+        // The gateway port carries kvnet's own DHCP server: trusted.
+        let extra = self.mode_port_flags(self.net(name)?.mode) | PORT_F_TRUSTED;
         self.port_add_inner(
             name,
             &port_if,
@@ -398,6 +405,7 @@ impl Switch {
 
     /// Undoes what `net_add` built beyond the ports (already removed).
     pub(crate) fn teardown_net(&mut self, name: &str, id: u32) {
+        self.services.stop(name);
         let Some(net) = self.nets.get_mut(name) else {
             return;
         };

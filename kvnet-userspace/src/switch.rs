@@ -9,7 +9,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use kvnet_common::{
     FdbEntry, FdbKey, FloodKey, FloodSet, PortConfig, VlanMember, VlanMemberKey, DROP_REASON_NAMES,
-    FDB_F_STATIC, MAX_FLOOD_PORTS, PORT_F_HAIRPIN, PORT_F_XDP, PORT_F_XDP_TX, VLAN_M_TAGGED,
+    FDB_F_STATIC, MAX_FLOOD_PORTS, PORT_F_HAIRPIN, PORT_F_TRUSTED, PORT_F_XDP, PORT_F_XDP_TX,
+    VLAN_M_TAGGED,
 };
 
 use crate::{
@@ -43,6 +44,8 @@ pub struct Port {
     pub hairpin: bool,
     pub vlan: VlanCfg,
     pub role: PortRole,
+    /// May act as a DHCP server (PORT_F_TRUSTED).
+    pub trusted: bool,
 }
 
 pub struct Switch {
@@ -52,6 +55,8 @@ pub struct Switch {
     pub(crate) ports: BTreeMap<String, Port>,
     /// Uplinks of routed networks, shared by those networks.
     pub(crate) routed_uplinks: BTreeMap<String, RoutedUplink>,
+    /// DHCP and DNS servers of networks with a `--dhcp-range` (issue 7).
+    pub(crate) services: crate::dhcp::service::Services,
 }
 
 /// Network names end up in logs, JSON and file names: keep them plain.
@@ -95,6 +100,7 @@ impl Switch {
             nets: BTreeMap::new(),
             ports: BTreeMap::new(),
             routed_uplinks: BTreeMap::new(),
+            services: Default::default(),
         }
     }
 
@@ -283,6 +289,8 @@ impl Switch {
         }
     }
 
+    /// `trusted`: the guest may act as a DHCP server.
+    #[allow(clippy::too_many_arguments)]
     pub fn port_add(
         &mut self,
         net: &str,
@@ -290,9 +298,13 @@ impl Switch {
         hairpin: bool,
         hook: Hook,
         vlan: &VlanArgs,
+        trusted: bool,
     ) -> Result<()> {
         let n = self.net(net)?;
-        let extra = self.mode_port_flags(n.mode);
+        let mut extra = self.mode_port_flags(n.mode);
+        if trusted {
+            extra |= PORT_F_TRUSTED;
+        }
         if self.routed_uplinks.contains_key(iface) {
             bail!("interface '{iface}' is the uplink of a routed network");
         }
@@ -373,6 +385,7 @@ impl Switch {
                 hairpin,
                 vlan: cfg,
                 role,
+                trusted: flags & PORT_F_TRUSTED != 0,
             },
         );
         Ok(())
@@ -506,6 +519,7 @@ impl Switch {
                 hairpin: p.hairpin,
                 vlan: p.vlan.to_string(),
                 role: p.role.to_string(),
+                trusted: p.trusted,
             })
             .collect()
     }

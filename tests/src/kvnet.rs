@@ -54,7 +54,9 @@ impl Kvnet {
             .arg(&socket)
             .arg("daemon")
             .arg("--pin-dir")
-            .arg(lab.pin_dir());
+            .arg(lab.pin_dir())
+            .arg("--state-dir")
+            .arg(lab.work_dir().join("state"));
         cmd.args(extra);
         cmd.stdout(Stdio::null()).stderr(log_file);
         let daemon = lab.spawn(lab.hv(), cmd)?;

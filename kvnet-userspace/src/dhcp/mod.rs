@@ -7,6 +7,7 @@
 pub mod config;
 pub mod leases;
 pub mod server;
+pub mod service;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,301 @@
+//! The daemon's DHCP and DNS servers, one pair per network with a gateway
+//! and a `--dhcp-range`.
+//!
+//! The servers run on their own small tokio runtime, so starting and
+//! stopping them (from the daemon's synchronous dispatch, under the switch
+//! lock) never waits on the control plane's runtime or lock.
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::{config, DhcpConfig, DhcpHandle, DhcpServer, LeaseInfo};
+use crate::{
+    control::NetOpts,
+    dns::{DnsConfig, DnsHandle, DnsServer},
+    gateway::Cidr,
+};
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/kvnet";
+
+/// The running servers of one network.
+struct NetServers {
+    dhcp: DhcpHandle,
+    dns: DnsHandle,
+}
+
+pub struct Services {
+    /// `<state-dir>`; leases live in `<state-dir>/dhcp/<NET>/`.
+    state_dir: PathBuf,
+    rt: Option<tokio::runtime::Runtime>,
+    running: BTreeMap<String, NetServers>,
+}
+
+impl Default for Services {
+    fn default() -> Self {
+        Services::new(PathBuf::from(DEFAULT_STATE_DIR))
+    }
+}
+
+/// Does `opts` ask for DHCP at all?
+pub fn wanted(opts: &NetOpts) -> bool {
+    opts.dhcp_range.is_some()
+        || !opts.dhcp_hosts.is_empty()
+        || opts.domain.is_some()
+        || opts.dhcp_lease.is_some()
+}
+
+/// The DHCP config of a network, checked completely, or None when the
+/// network has no `--dhcp-range`. Nothing is created here.
+pub fn plan(
+    opts: &NetOpts,
+    gateway: Option<&Cidr>,
+    host_if: Option<&str>,
+) -> Result<Option<DhcpConfig>> {
+    if !wanted(opts) {
+        return Ok(None);
+    }
+    let (Some(gw), Some(host_if)) = (gateway, host_if) else {
+        bail!("DHCP needs a network with a gateway: add --mode host-only|routed --gateway ADDRESS/PREFIX");
+    };
+    let Some(range) = &opts.dhcp_range else {
+        bail!("--dhcp-host, --domain and --dhcp-lease need --dhcp-range FIRST,LAST");
+    };
+    let range = config::parse_range(range).map_err(anyhow::Error::msg)?;
+    config::validate_range(range, gw.addr, gw.prefix).map_err(anyhow::Error::msg)?;
+    let mut cfg = DhcpConfig::new(host_if, gw.addr, gw.prefix, range);
+    for h in &opts.dhcp_hosts {
+        cfg.hosts
+            .push(config::parse_host(h).map_err(anyhow::Error::msg)?);
+    }
+    cfg.domain = opts.domain.clone();
+    if let Some(s) = opts.dhcp_lease {
+        cfg.lease_time = Duration::from_secs(s);
+    }
+    cfg.validate().map_err(|e| {
+        anyhow!(
+            "{}",
+            e.replace("lease time", "--dhcp-lease")
+                .replace("interface name", "gateway interface name")
+        )
+    })?;
+    Ok(Some(cfg))
+}
+
+/// The host's resolvers for the forwarder, without the gateway itself.
+fn upstream(gw: SocketAddr) -> Vec<SocketAddr> {
+    let mut v = crate::dns::upstream_from_resolv_conf(Path::new("/etc/resolv.conf"));
+    v.retain(|u| *u != gw);
+    v
+}
+
+impl Services {
+    pub fn new(state_dir: PathBuf) -> Self {
+        Services {
+            state_dir,
+            rt: None,
+            running: BTreeMap::new(),
+        }
+    }
+
+    fn net_dir(&self, net: &str) -> PathBuf {
+        self.state_dir.join("dhcp").join(net)
+    }
+
+    /// Runs `f` to completion on the servers' runtime, from any context
+    /// (a plain thread or inside another runtime's task).
+    fn run<F>(&mut self, f: F) -> Result<F::Output>
+    where
+        F: Future + Send,
+        F::Output: Send,
+    {
+        if self.rt.is_none() {
+            self.rt = Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("kvnet-dhcp")
+                    .enable_all()
+                    .build()
+                    .context("starting the DHCP/DNS runtime")?,
+            );
+        }
+        let rt = self.rt.as_ref().expect("just set");
+        std::thread::scope(|s| {
+            s.spawn(|| rt.block_on(f))
+                .join()
+                .map_err(|_| anyhow!("the DHCP/DNS runtime panicked"))
+        })
+    }
+
+    /// Starts DHCP on `cfg.iface` and DNS on the gateway address for `net`.
+    pub fn start(&mut self, net: &str, cfg: DhcpConfig) -> Result<()> {
+        if self.running.contains_key(net) {
+            bail!("DHCP for network '{net}' is already running");
+        }
+        let dir = self.net_dir(net);
+        let dns_cfg = DnsConfig {
+            listen: cfg.server_ip,
+            iface: cfg.iface.clone(),
+            domain: cfg.domain.clone(),
+            upstream: upstream(SocketAddr::new(cfg.server_ip.into(), 53)),
+        };
+        let servers = self.run(async move {
+            let dhcp = DhcpServer::start(cfg, &dir).await?;
+            match DnsServer::start(dns_cfg, dhcp.names()).await {
+                Ok(dns) => Ok(NetServers { dhcp, dns }),
+                Err(e) => {
+                    dhcp.stop().await;
+                    Err(e)
+                }
+            }
+        })??;
+        self.running.insert(net.to_string(), servers);
+        Ok(())
+    }
+
+    /// Stops `net`'s servers, if any (the lease file stays for next time).
+    pub fn stop(&mut self, net: &str) {
+        let Some(s) = self.running.remove(net) else {
+            return;
+        };
+        let stopped = self.run(async move {
+            let wait = async {
+                s.dns.stop().await;
+                s.dhcp.stop().await;
+            };
+            tokio::time::timeout(Duration::from_secs(5), wait).await
+        });
+        if !matches!(stopped, Ok(Ok(()))) {
+            log::warn!("DHCP/DNS of network {net} did not stop in time");
+        }
+    }
+
+    pub fn leases(&self, net: &str) -> Option<Vec<LeaseInfo>> {
+        self.running.get(net).map(|s| s.dhcp.leases())
+    }
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        let nets: Vec<String> = self.running.keys().cloned().collect();
+        for n in nets {
+            self.stop(&n);
+        }
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl crate::switch::Switch {
+    /// `kvnet dhcp leases NET`: the leases of a network's DHCP server.
+    pub fn dhcp_leases(&self, net: &str) -> Result<Vec<LeaseInfo>> {
+        self.net(net)?;
+        self.services.leases(net).with_context(|| {
+            format!("network '{net}' has no DHCP server (create it with --dhcp-range FIRST,LAST)")
+        })
+    }
+}
+
+/// `kvnet dhcp leases` as a table.
+#[allow(clippy::ptr_arg)]
+pub fn lease_table(rows: &Vec<LeaseInfo>) -> Vec<Vec<String>> {
+    let mut t = vec![["MAC", "IP", "HOSTNAME", "EXPIRES"]
+        .map(String::from)
+        .to_vec()];
+    for x in rows {
+        t.push(vec![
+            x.mac.to_string(),
+            x.ip.to_string(),
+            x.hostname.clone().unwrap_or_else(|| "-".into()),
+            chrono_free_utc(x.expires_unix),
+        ]);
+    }
+    t
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` of a Unix time (civil-from-days).
+fn chrono_free_utc(t: u64) -> String {
+    let (days, secs) = ((t / 86400) as i64, t % 86400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(range: Option<&str>) -> NetOpts {
+        NetOpts {
+            dhcp_range: range.map(str::to_string),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn dhcp_plan_validates_before_anything_exists() {
+        let gw: Cidr = "10.5.0.1/24".parse().unwrap();
+        assert!(plan(&opts(None), Some(&gw), Some("kvnet-x"))
+            .unwrap()
+            .is_none());
+        let c = plan(
+            &opts(Some("10.5.0.10,10.5.0.20")),
+            Some(&gw),
+            Some("kvnet-x"),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.iface, "kvnet-x");
+        let e = plan(&opts(Some("10.5.0.10,10.5.0.20")), None, None).unwrap_err();
+        assert!(
+            e.to_string().contains("needs a network with a gateway"),
+            "{e}"
+        );
+        for (r, why) in [
+            ("10.5.0.0,10.5.0.9", "network address"),
+            ("10.5.0.1,10.5.0.9", "gateway's own"),
+            ("10.5.0.200,10.5.0.255", "broadcast"),
+            ("10.6.0.2,10.6.0.9", "outside"),
+            ("10.5.0.9", "FIRST,LAST"),
+        ] {
+            let e = plan(&opts(Some(r)), Some(&gw), Some("kvnet-x")).unwrap_err();
+            assert!(e.to_string().contains(why), "{r}: {e}");
+        }
+        let mut o = opts(None);
+        o.domain = Some("lab.test".into());
+        let e = plan(&o, Some(&gw), Some("kvnet-x")).unwrap_err();
+        assert!(e.to_string().contains("need --dhcp-range"), "{e}");
+        let mut o = opts(Some("10.5.0.10,10.5.0.20"));
+        o.dhcp_lease = Some(1);
+        let e = plan(&o, Some(&gw), Some("kvnet-x")).unwrap_err();
+        assert!(e.to_string().contains("--dhcp-lease"), "{e}");
+        o.dhcp_lease = None;
+        o.dhcp_hosts = vec!["52:54:00:00:00:01,10.9.0.5".into()];
+        let e = plan(&o, Some(&gw), Some("kvnet-x")).unwrap_err();
+        assert!(e.to_string().contains("outside"), "{e}");
+    }
+
+    #[test]
+    fn dhcp_expiry_format() {
+        assert_eq!(chrono_free_utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(chrono_free_utc(1_700_000_000), "2023-11-14 22:13:20 UTC");
+    }
+}
