@@ -145,6 +145,30 @@ pub enum Request {
     DhcpLeases {
         net: String,
     },
+    // --- config (issue 9) ---
+    /// Reconcile with a config file's text (`kvnet apply`).
+    Apply {
+        path: Option<String>,
+        text: String,
+        dry_run: bool,
+    },
+    /// Write the running state as a config file (`kvnet save`).
+    Save {
+        path: Option<String>,
+    },
+    /// A hypervisor tap came up (`kvnet ifup`): attach by env or rule.
+    Ifup {
+        iface: String,
+        net: Option<String>,
+        vlan: Option<String>,
+    },
+    Ifdown {
+        iface: String,
+    },
+    Status,
+    /// Remove everything kvnet installed and exit (`kvnet down`).
+    Down,
+    // --- end config ---
 }
 
 #[derive(Debug, Serialize, Deserialize)]

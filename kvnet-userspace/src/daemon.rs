@@ -29,6 +29,8 @@ pub struct Options {
     pub log_datapath: bool,
     /// DHCP leases live in `<state_dir>/dhcp/<NET>/`.
     pub state_dir: PathBuf,
+    /// Config file to start from (issue 9); None: none.
+    pub config: Option<PathBuf>,
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -87,6 +89,12 @@ fn preflight(opts: &Options) -> Result<()> {
 
 pub fn run(opts: Options) -> Result<()> {
     preflight(&opts)?;
+    // Validated before anything is loaded: a bad file changes nothing.
+    let cfg = opts
+        .config
+        .as_deref()
+        .map(crate::config::load)
+        .transpose()?;
     let dp = Datapath::load(&opts.pin_dir, opts.log_datapath)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -96,11 +104,47 @@ pub fn run(opts: Options) -> Result<()> {
     let mut sw = Switch::new(dp);
     sw.services = crate::dhcp::service::Services::new(opts.state_dir.clone());
     let switch = Arc::new(Mutex::new(sw));
+    if let (Some(cfg), Some(path)) = (&cfg, &opts.config) {
+        let mut sw = switch.lock().expect("fresh lock");
+        let plan = crate::config::apply(&mut sw, cfg, false);
+        match plan {
+            Ok(plan) => {
+                crate::config::RUNTIME
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert_with(Default::default)
+                    .source = Some(path.clone());
+                for w in &plan.warnings {
+                    eprintln!("kvnet: warning: {w}");
+                }
+                eprint!("kvnet: applied {}:\n{}", path.display(), plan.render());
+            }
+            Err(e) => {
+                sw.shutdown();
+                return Err(e.context(format!("applying {}", path.display())));
+            }
+        }
+    }
     let result = rt.block_on(serve(&opts, switch.clone()));
     if let Ok(mut sw) = switch.lock() {
         sw.shutdown();
     }
-    drop(switch);
+    // The datapath (and its pins) goes with the last reference: stop the
+    // tasks holding one, and give the netlink watcher a moment to let go.
+    drop(rt);
+    let mut switch = switch;
+    for _ in 0..100 {
+        match Arc::try_unwrap(switch) {
+            Ok(sw) => {
+                drop(sw);
+                break;
+            }
+            Err(s) => {
+                switch = s;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
     let _ = std::fs::remove_file(&opts.socket);
     result
 }
@@ -114,8 +158,10 @@ async fn serve(opts: &Options, switch: Arc<Mutex<Switch>>) -> Result<()> {
         opts.pin_dir.display()
     );
     tokio::spawn(maintain(switch.clone()));
+    crate::config::watch_links(switch.clone())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -124,6 +170,19 @@ async fn serve(opts: &Options, switch: Arc<Mutex<Switch>>) -> Result<()> {
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = hup.recv() => {
+                if let Ok(mut sw) = switch.lock() {
+                    match crate::config::reload(&mut sw) {
+                        Ok(plan) => eprint!("kvnet: SIGHUP: reloaded:\n{}", plan.render()),
+                        Err(e) => eprintln!("kvnet: SIGHUP: {e:#} (running state unchanged)"),
+                    }
+                }
+            }
+            _ = crate::config::DOWN.notified() => {
+                // Let the answer to `kvnet down` reach the client first.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                break;
+            }
         }
     }
     eprintln!("kvnet daemon stopping");
@@ -218,5 +277,29 @@ fn dispatch(sw: &mut Switch, req: Request) -> Result<serde_json::Value> {
         Request::FdbDel { net, mac, vlan } => v(sw.fdb_del(&net, &mac, vlan.as_deref())?)?,
         Request::Stats => v(sw.stats()?)?,
         Request::DhcpLeases { net } => v(sw.dhcp_leases(&net)?)?,
+        // --- config (issue 9) ---
+        Request::Apply {
+            path,
+            text,
+            dry_run,
+        } => v(crate::config::apply_text(
+            sw,
+            path.as_deref().map(Path::new),
+            &text,
+            dry_run,
+        )?)?,
+        Request::Save { path } => v(crate::config::save(sw, path.as_deref().map(Path::new))?)?,
+        Request::Ifup { iface, net, vlan } => v(crate::config::ifup(
+            sw,
+            &iface,
+            net.as_deref(),
+            vlan.as_deref(),
+        )?)?,
+        Request::Ifdown { iface } => v(crate::config::ifdown(sw, &iface)?)?,
+        Request::Status => v(crate::config::status(sw)?)?,
+        Request::Down => {
+            crate::config::DOWN.notify_one();
+            serde_json::Value::Null
+        }
     })
 }

@@ -1,8 +1,10 @@
 //! `kvnet`: the daemon that owns the eBPF datapath, and its CLI.
+mod config;
 mod control;
 mod daemon;
 mod datapath;
 mod gateway;
+mod libvirt;
 mod network;
 // --- DHCP/DNS (issue 7) ---
 mod dhcp;
@@ -51,6 +53,9 @@ enum Cmd {
         /// Persistent state (DHCP leases under DIR/dhcp/NET/).
         #[arg(long, env = "KVNET_STATE_DIR", default_value = dhcp::service::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// Config file to start from (default /etc/kvnet/kvnet.toml when it exists).
+        #[arg(long, env = "KVNET_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Networks (switch instances).
     #[command(subcommand)]
@@ -69,6 +74,40 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    // --- config (issue 9) ---
+    /// Make the running daemon what a config file says, changing only the differences.
+    Apply {
+        file: PathBuf,
+        /// Print the changes without making them.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the running state to the daemon's config file (or FILE).
+    Save { file: Option<PathBuf> },
+    /// Check a config file without a daemon.
+    Check { file: PathBuf },
+    /// Print a libvirt network definition (XML) as kvnet config.
+    ImportLibvirt { file: PathBuf },
+    /// qemu/libvirt tap up: attach it (network from KVNET_NET or the port rules).
+    Ifup {
+        tap: String,
+        #[arg(long, env = "KVNET_NET")]
+        net: Option<String>,
+        #[arg(long, env = "KVNET_VLAN")]
+        vlan: Option<String>,
+    },
+    /// qemu/libvirt tap down: detach it.
+    Ifdown { tap: String },
+    /// Daemon, programs, networks, ports and table fill.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove everything kvnet installed (programs, pins, interfaces, sysctls) and stop the daemon.
+    Down,
+    // --- end config ---
     // --- DHCP/DNS (issue 7) ---
     /// DHCP leases of networks with a --dhcp-range.
     #[command(subcommand)]
@@ -295,12 +334,58 @@ fn run(cli: Cli) -> Result<()> {
             pin_dir,
             log_datapath,
             state_dir,
+            config,
         } => daemon::run(daemon::Options {
             socket: cli.socket.clone(),
             pin_dir,
             log_datapath,
             state_dir,
+            config: config.or_else(|| {
+                let d = PathBuf::from(config::DEFAULT_CONFIG);
+                d.exists().then_some(d)
+            }),
         }),
+        // --- config (issue 9) ---
+        Cmd::Apply {
+            file,
+            dry_run,
+            json,
+        } => config_cli::apply(sock, &file, dry_run, json),
+        Cmd::Save { file } => {
+            let path = call(
+                sock,
+                &Request::Save {
+                    path: file.map(|f| config_cli::absolute(&f)),
+                },
+            )?;
+            println!("saved to {}", path.as_str().unwrap_or("?"));
+            Ok(())
+        }
+        Cmd::Check { file } => {
+            let cfg = config::load(&file)?;
+            for w in config::warnings(&cfg) {
+                eprintln!("kvnet: warning: {w}");
+            }
+            println!("{}: ok", file.display());
+            Ok(())
+        }
+        Cmd::ImportLibvirt { file } => config_cli::import_libvirt(&file),
+        Cmd::Ifup { tap, net, vlan } => {
+            let r = call(
+                sock,
+                &Request::Ifup {
+                    iface: tap.clone(),
+                    net,
+                    vlan,
+                },
+            )?;
+            eprintln!("kvnet: {tap} -> {}", r.as_str().unwrap_or("?"));
+            Ok(())
+        }
+        Cmd::Ifdown { tap } => done(call(sock, &Request::Ifdown { iface: tap })),
+        Cmd::Status { json } => config_cli::status(sock, json),
+        Cmd::Down => config_cli::down(sock),
+        // --- end config ---
         Cmd::Net(NetCmd::Add {
             name,
             ageing,
@@ -427,3 +512,117 @@ fn run(cli: Cli) -> Result<()> {
         // --- end DHCP/DNS ---
     }
 }
+
+// --- config (issue 9) ---
+mod config_cli {
+    use std::{
+        path::{Path, PathBuf},
+        time::{Duration, Instant},
+    };
+
+    use anyhow::{Context, Result};
+
+    use crate::{
+        config::{self, Plan, Status},
+        control::{call, Request},
+    };
+
+    pub fn absolute(p: &Path) -> String {
+        std::path::absolute(p)
+            .unwrap_or_else(|_| p.to_path_buf())
+            .display()
+            .to_string()
+    }
+
+    pub fn apply(sock: &Path, file: &Path, dry_run: bool, json: bool) -> Result<()> {
+        // Validated here first, so errors show without a daemon too.
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        config::parse(&file.display().to_string(), &text)?;
+        let data = call(
+            sock,
+            &Request::Apply {
+                path: Some(absolute(file)),
+                text,
+                dry_run,
+            },
+        )?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&data)?);
+            return Ok(());
+        }
+        let plan: Plan = serde_json::from_value(data)?;
+        for w in &plan.warnings {
+            eprintln!("kvnet: warning: {w}");
+        }
+        print!("{}", plan.render());
+        Ok(())
+    }
+
+    pub fn import_libvirt(file: &Path) -> Result<()> {
+        let xml =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let (cfg, warnings) = crate::libvirt::import(&xml)?;
+        for w in &warnings {
+            eprintln!("kvnet: not carried over: {w}");
+        }
+        print!(
+            "# imported from {} by `kvnet import-libvirt`\n{}",
+            file.display(),
+            config::to_toml(&cfg)?
+        );
+        Ok(())
+    }
+
+    pub fn status(sock: &Path, json: bool) -> Result<()> {
+        let data = match call(sock, &Request::Status) {
+            Ok(d) => d,
+            Err(e) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"daemon": "down", "error": format!("{e:#}")})
+                    );
+                } else {
+                    println!("daemon: not running ({e:#})");
+                }
+                std::process::exit(3);
+            }
+        };
+        if json {
+            println!("{}", serde_json::to_string_pretty(&data)?);
+            return Ok(());
+        }
+        let s: Status = serde_json::from_value(data)?;
+        println!("daemon:   {} (pid {})", s.daemon, s.pid);
+        println!("config:   {}", s.config.as_deref().unwrap_or("(none)"));
+        println!("pins:     {}", s.pin_dir);
+        println!("programs: {}", s.programs.join(", "));
+        println!("networks: {} ({})", s.networks.len(), s.networks.join(", "));
+        println!("ports:    {}", s.ports);
+        println!("rules:    {}", s.rules);
+        println!(
+            "fdb:      {} / {} entries ({:.2}%)",
+            s.fdb_entries,
+            s.fdb_capacity,
+            s.fdb_entries as f64 * 100.0 / s.fdb_capacity as f64
+        );
+        Ok(())
+    }
+
+    /// Asks the daemon to tear everything down, and waits until it is gone.
+    pub fn down(sock: &Path) -> Result<()> {
+        call(sock, &Request::Down)?;
+        let end = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(sock).is_ok() || sock.exists() {
+            if Instant::now() > end {
+                anyhow::bail!("the daemon did not exit within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _: PathBuf = sock.to_path_buf();
+        println!("kvnet is down: programs, pins, interfaces and host settings removed");
+        Ok(())
+    }
+}
+// --- end config ---

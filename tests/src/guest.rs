@@ -428,6 +428,9 @@ pub struct VmSpec {
     /// Shell script run after the network is up (output on the console).
     pub script: String,
     pub mem_mb: u32,
+    /// qemu's `script=`/`downscript=` for the tap (default: no scripts).
+    pub ifup: Option<PathBuf>,
+    pub ifdown: Option<PathBuf>,
 }
 
 impl Default for VmSpec {
@@ -438,6 +441,8 @@ impl Default for VmSpec {
             ip: String::new(),
             script: String::new(),
             mem_mb: 256,
+            ifup: None,
+            ifdown: None,
         }
     }
 }
@@ -501,8 +506,14 @@ impl Vm {
             .args(["-append", &append])
             .arg("-netdev")
             .arg(format!(
-                "tap,id=n0,ifname={},script=no,downscript=no,vhost=off",
-                spec.tap
+                "tap,id=n0,ifname={},script={},downscript={},vhost=off",
+                spec.tap,
+                spec.ifup
+                    .as_deref()
+                    .map_or("no".into(), |p| p.display().to_string()),
+                spec.ifdown
+                    .as_deref()
+                    .map_or("no".into(), |p| p.display().to_string()),
             ))
             .arg("-device")
             .arg(format!("virtio-net-pci,netdev=n0,mac={}", spec.mac))
