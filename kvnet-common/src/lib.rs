@@ -16,6 +16,9 @@ pub mod names {
     pub const MAP_VLAN_MEMBERS: &str = "vlan_members";
     pub const MAP_NETS: &str = "nets";
     pub const MAP_GW_HOSTS: &str = "gw_hosts";
+    pub const MAP_CT: &str = "ct";
+    pub const MAP_FORWARDS: &str = "forwards";
+    pub const MAP_NAT_STATS: &str = "nat_stats";
     pub const PROG_TC_OUT: &str = "kvnet_tc_out";
     pub const PROG_XDP: &str = "kvnet_xdp";
     pub const PROG_TC: &str = "kvnet_tc";
@@ -27,6 +30,10 @@ pub const MAX_FLOOD_PORTS: usize = 64;
 pub const MAX_PORTS: u32 = 4096;
 pub const MAX_FDB_ENTRIES: u32 = 1 << 20;
 pub const MAX_NETWORKS: u32 = 4096;
+/// Default conntrack capacity (entries; a flow takes two). The daemon can
+/// size it at load (`--ct-max`).
+pub const MAX_CT_ENTRIES: u32 = 262_144;
+pub const MAX_FORWARDS: u32 = 4096;
 /// Flood domains: one per (network, VLAN) in use.
 pub const MAX_FLOOD_DOMAINS: u32 = 16384;
 /// (port, VLAN) memberships across all ports.
@@ -97,6 +104,128 @@ pub struct NetConfig {
     pub flags: u32,
     pub gw_mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// NAT networks: the uplink's address (network order), followed by the
+    /// daemon when it changes.
+    pub nat_ip: u32,
+    /// The guests' subnet and mask (network order): never translated.
+    pub subnet: u32,
+    pub mask: u32,
+    /// Source ports handed out, [port_lo, port_hi], minus the host's own
+    /// ephemeral range [skip_lo, skip_hi] so host sockets are never hijacked.
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub skip_lo: u16,
+    pub skip_hi: u16,
+}
+
+/// [`NetConfig::flags`]: masquerade traffic leaving through the uplink.
+pub const NET_F_NAT: u32 = 1 << 0;
+/// A routed/NAT uplink also carries at least one NAT network.
+pub const PORT_F_UPLINK_NAT: u32 = 1 << 8;
+
+/// A connection tuple as a packet carries it (addresses network order,
+/// ports host order). ICMP echo: the identifier is `sport` of a request
+/// and `dport` of a reply, the other port is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl CtKey {
+    /// The same connection seen from the other end.
+    pub fn reply(&self) -> CtKey {
+        CtKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Conntrack entry, map `ct`: a packet carrying the key's tuple leaves
+/// carrying `rewrite`. Every flow has two entries, one per direction; the
+/// other's key is `rewrite.reply()`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtEntry {
+    pub rewrite: CtKey,
+    pub net_id: u32,
+    /// CT_F_* : direction and the TCP flags seen in it.
+    pub flags: u32,
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The entry of the direction that opened the flow.
+pub const CT_F_ORIGINAL: u32 = 1 << 0;
+/// The flow was opened from outside by a port forward (DNAT).
+pub const CT_F_DNAT: u32 = 1 << 1;
+pub const CT_F_SYN: u32 = 1 << 4;
+pub const CT_F_ACK: u32 = 1 << 5;
+pub const CT_F_FIN: u32 = 1 << 6;
+pub const CT_F_RST: u32 = 1 << 7;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Port forward key, map `forwards`: (uplink ifindex, proto, port on the
+/// uplink address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct ForwardKey {
+    pub ifindex: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ForwardTarget {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+    pub net_id: u32,
+}
+
+/// NAT counters per network, per-CPU hash `nat_stats` keyed by net id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NatStats {
+    /// Packets translated.
+    pub translated: u64,
+    /// New flows (SNAT and port forwards).
+    pub new_flows: u64,
+    pub icmp_errors: u64,
+    /// New flows refused: conntrack table full.
+    pub drop_table_full: u64,
+    /// New flows refused: no free port for that destination.
+    pub drop_no_port: u64,
+    /// Not translatable (fragments, ICMP other than echo and errors).
+    pub drop_unsupported: u64,
+}
+
+impl NatStats {
+    pub fn add(&mut self, o: &NatStats) {
+        self.translated += o.translated;
+        self.new_flows += o.new_flows;
+        self.icmp_errors += o.icmp_errors;
+        self.drop_table_full += o.drop_table_full;
+        self.drop_no_port += o.drop_no_port;
+        self.drop_unsupported += o.drop_unsupported;
+    }
 }
 
 /// Port configuration, map `ports`, keyed by ifindex (u32).
@@ -275,6 +404,11 @@ mod user {
     unsafe impl aya::Pod for FloodSet {}
     unsafe impl aya::Pod for PortStats {}
     unsafe impl aya::Pod for NetConfig {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for ForwardKey {}
+    unsafe impl aya::Pod for ForwardTarget {}
+    unsafe impl aya::Pod for NatStats {}
     unsafe impl aya::Pod for VlanMemberKey {}
     unsafe impl aya::Pod for VlanMember {}
 }
@@ -294,6 +428,10 @@ mod tests {
         assert_eq!(size_of::<VlanMemberKey>(), 8);
         assert_eq!(size_of::<VlanMember>(), 4);
         assert_eq!(size_of::<PortStats>(), 8 * (10 + DROP_REASONS));
-        assert_eq!(size_of::<NetConfig>(), 24);
+        assert_eq!(size_of::<NetConfig>(), 44);
+        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(size_of::<CtEntry>(), 56);
+        assert_eq!(size_of::<ForwardKey>(), 8);
+        assert_eq!(size_of::<ForwardTarget>(), 12);
     }
 }

@@ -14,6 +14,7 @@ mod csum;
 mod dhcp_guard;
 mod fdb;
 mod maps;
+mod nat;
 mod parse;
 mod route;
 mod stats;
@@ -58,9 +59,12 @@ pub fn kvnet_xdp(ctx: XdpContext) -> u32 {
     }
     // No routing context: routed and host-bound frames go on to tc.
     match switch::decide(ingress, &port, data, data_end, &tag, None) {
-        Action::Pass | Action::Flood(..) | Action::Route(_) | Action::ToHost(_) => {
-            xdp_action::XDP_PASS
-        }
+        Action::Pass
+        | Action::Flood(..)
+        | Action::Route(_)
+        | Action::ToHost(_)
+        | Action::NatOut(_)
+        | Action::NatIn => xdp_action::XDP_PASS,
         Action::Drop(reason) => {
             stats::rx(ingress, len);
             stats::drop(ingress, reason);
@@ -177,8 +181,18 @@ fn tc_retag(ctx: &TcContext, cur: &mut Option<u16>, want: Option<u16>) -> bool {
     true
 }
 
-#[classifier]
-pub fn kvnet_tc(ctx: TcContext) -> i32 {
+/// The tc entry point, written out instead of `#[classifier]`: the macro's
+/// inner function is too big for LLVM to inline, and the outlined copy in
+/// `.text` (calling memset there) fails to load. Inlining keeps the whole
+/// program in its own section.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "classifier")]
+pub fn kvnet_tc(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
+    tc_main(TcContext::new(skb))
+}
+
+#[inline(always)]
+fn tc_main(ctx: TcContext) -> i32 {
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
     let len = ctx.len() as u64;
     let Some(port) = maps::port(ingress) else {
@@ -196,7 +210,10 @@ pub fn kvnet_tc(ctx: TcContext) -> i32 {
         let skb = &*ctx.skb.skb;
         (skb.vlan_present != 0).then(|| (u16::from_be(skb.vlan_proto as u16), skb.vlan_tci as u16))
     };
-    let tag = Tag::of(ctx.data(), ctx.data_end(), hw);
+    // Read once: LLVM may otherwise keep `ctx + offset` around, which the
+    // verifier refuses to dereference.
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let tag = Tag::of(data, data_end, hw);
     let l3 = unsafe {
         let skb = &*ctx.skb.skb;
         L3Ctx {
@@ -206,7 +223,7 @@ pub fn kvnet_tc(ctx: TcContext) -> i32 {
             to_us: skb.pkt_type == 0,
         }
     };
-    let action = switch::decide(ingress, &port, ctx.data(), ctx.data_end(), &tag, Some(l3));
+    let action = switch::decide(ingress, &port, data, data_end, &tag, Some(l3));
     if !matches!(action, Action::Pass) {
         stats::rx(ingress, len);
     }
@@ -234,6 +251,41 @@ pub fn kvnet_tc(ctx: TcContext) -> i32 {
             stats::tx(egress, len);
             unsafe { bpf_redirect(egress, 0) as i32 }
         }
+        Action::NatOut(net_id) => {
+            let Some(n) = maps::net(net_id) else {
+                return TC_ACT_SHOT;
+            };
+            match nat::from_guest(&ctx, net_id, &n) {
+                nat::Nat::Sent(rc) => {
+                    stats::routed(ingress);
+                    rc
+                }
+                nat::Nat::Drop => TC_ACT_SHOT,
+                // Not translated: to the gateway, i.e. the host stack.
+                nat::Nat::Skip | nat::Nat::ToHost => {
+                    stats::tx(n.gw_port, len);
+                    unsafe { bpf_redirect(n.gw_port, 0) as i32 }
+                }
+            }
+        }
+        Action::NatIn => match nat::from_uplink(&ctx, ingress) {
+            nat::Nat::Sent(rc) => {
+                stats::routed(ingress);
+                rc
+            }
+            nat::Nat::Drop => TC_ACT_SHOT,
+            nat::Nat::Skip | nat::Nat::ToHost => {
+                // Not a NAT flow: a routed network's traffic, or the host's.
+                // Skip: nat touched nothing, the packet pointers still hold.
+                match switch::from_routed_uplink(ingress, data, data_end, &tag, Some(l3)) {
+                    Action::Route(egress) => {
+                        stats::tx(egress, len);
+                        unsafe { bpf_redirect(egress, 0) as i32 }
+                    }
+                    _ => TC_ACT_OK,
+                }
+            }
+        },
         Action::ToHost(uplink) => {
             stats::to_host(ingress);
             ctx.set_mark(KVNET_HOST_MARK);
@@ -276,8 +328,14 @@ pub fn kvnet_tc(ctx: TcContext) -> i32 {
 /// tc egress on a bridged uplink: the host's own frames to guests go
 /// straight to their ports (and its broadcasts to them too); everything
 /// else, guests' frames to the LAN included, leaves untouched.
-#[classifier]
-pub fn kvnet_tc_out(ctx: TcContext) -> i32 {
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "classifier")]
+pub fn kvnet_tc_out(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
+    tc_out_main(TcContext::new(skb))
+}
+
+#[inline(always)]
+fn tc_out_main(ctx: TcContext) -> i32 {
     let uplink = unsafe { (*ctx.skb.skb).ifindex };
     let Some(port) = maps::port(uplink) else {
         return TC_ACT_OK;

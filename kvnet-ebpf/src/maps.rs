@@ -4,8 +4,9 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
 };
 use kvnet_common::{
-    FdbEntry, FdbKey, FloodKey, FloodSet, NetConfig, PortConfig, PortStats, VlanMember,
-    VlanMemberKey, MAX_FDB_ENTRIES, MAX_FLOOD_DOMAINS, MAX_NETWORKS, MAX_PORTS, MAX_VLAN_MEMBERS,
+    CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, ForwardKey, ForwardTarget, NatStats,
+    NetConfig, PortConfig, PortStats, VlanMember, VlanMemberKey, MAX_CT_ENTRIES, MAX_FDB_ENTRIES,
+    MAX_FLOOD_DOMAINS, MAX_FORWARDS, MAX_NETWORKS, MAX_PORTS, MAX_VLAN_MEMBERS,
 };
 
 #[map(name = "ports")]
@@ -26,6 +27,16 @@ pub static FLOOD_SCRATCH: PerCpuArray<crate::FloodArgs> = PerCpuArray::with_max_
 
 #[map(name = "vlan_members")]
 pub static VLAN_MEMBERS: HashMap<VlanMemberKey, VlanMember> = HashMap::pinned(MAX_VLAN_MEMBERS, 0);
+
+/// Conntrack: both directions of every translated flow.
+#[map(name = "ct")]
+pub static CT: HashMap<CtKey, CtEntry> = HashMap::pinned(MAX_CT_ENTRIES, 0);
+
+#[map(name = "forwards")]
+pub static FORWARDS: HashMap<ForwardKey, ForwardTarget> = HashMap::pinned(MAX_FORWARDS, 0);
+
+#[map(name = "nat_stats")]
+pub static NAT_STATS: PerCpuHashMap<u32, NatStats> = PerCpuHashMap::pinned(MAX_NETWORKS, 0);
 
 #[map(name = "nets")]
 pub static NETS: HashMap<u32, NetConfig> = HashMap::pinned(MAX_NETWORKS, 0);

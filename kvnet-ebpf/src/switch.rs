@@ -1,8 +1,8 @@
 //! The switching decision, written once and executed by both hooks.
 use kvnet_common::{
     DropReason, FloodKey, PortConfig, ETH_P_8021AD, ETH_P_8021Q, ETH_P_QINQ_9100, FDB_F_HOST,
-    PORT_F_HAIRPIN, PORT_F_ROUTED_NET, PORT_F_UPLINK_ROUTED, VLAN_MODE_NONE, VLAN_MODE_TRUNK,
-    VLAN_M_TAGGED, VLAN_VID_MASK,
+    NET_F_NAT, PORT_F_HAIRPIN, PORT_F_ROUTED_NET, PORT_F_UPLINK_NAT, PORT_F_UPLINK_ROUTED,
+    VLAN_MODE_NONE, VLAN_MODE_TRUNK, VLAN_M_TAGGED, VLAN_VID_MASK,
 };
 
 use crate::{
@@ -77,6 +77,11 @@ pub enum Action {
     Route(u32),
     /// Deliver up this interface's host stack (a bridged uplink's).
     ToHost(u32),
+    /// IPv4 from a guest of this NAT network to its gateway: tc translates
+    /// and routes it (see `nat::from_guest`).
+    NatOut(u32),
+    /// Arrived on a NAT uplink: replies, port forwards, ICMP errors.
+    NatIn,
 }
 
 /// The VLAN a frame belongs to on ingress, or why it is dropped.
@@ -118,7 +123,7 @@ fn routed_to(fib: &route::Fib) -> u32 {
 /// A routed network's uplink: traffic for a guest subnet is routed to the
 /// guest in the fast path, everything else goes to the host untouched.
 #[inline(always)]
-fn from_routed_uplink(
+pub fn from_routed_uplink(
     ingress: u32,
     data: usize,
     data_end: usize,
@@ -157,6 +162,9 @@ pub fn decide(
     l3: Option<L3Ctx>,
 ) -> Action {
     if port.flags & PORT_F_UPLINK_ROUTED != 0 {
+        if port.flags & PORT_F_UPLINK_NAT != 0 && !tag.present() && l3.is_some_and(|c| c.to_us) {
+            return Action::NatIn;
+        }
         return from_routed_uplink(ingress, data, data_end, tag, l3);
     }
     let Some(eth) = parse::eth(data, data_end) else {
@@ -192,6 +200,9 @@ pub fn decide(
     // only: XDP hands these to tc on its way to the gateway port).
     if port.flags & PORT_F_ROUTED_NET != 0 && vid == 0 && eth.ethertype == parse::ETH_P_IPV4 {
         if let (Some(l3c), Some(n)) = (l3, maps::net(net_id)) {
+            if eth.dst == n.gw_mac && n.flags & NET_F_NAT != 0 {
+                return Action::NatOut(net_id);
+            }
             if eth.dst == n.gw_mac {
                 if let Some(fib) =
                     route::lookup_v4(&l3c, data, data_end, parse::ETH_HLEN, n.gw_host)

@@ -42,6 +42,9 @@ pub enum Mode {
     Routed,
     /// Guests are peers on the uplink's LAN; the host keeps its address.
     Bridged,
+    /// Plus masquerade behind the uplink's address, with port forwards in
+    /// (libvirt's default network).
+    Nat,
 }
 
 impl std::fmt::Display for Mode {
@@ -51,6 +54,7 @@ impl std::fmt::Display for Mode {
             Mode::HostOnly => "host-only",
             Mode::Routed => "routed",
             Mode::Bridged => "bridged",
+            Mode::Nat => "nat",
         })
     }
 }
@@ -67,6 +71,9 @@ pub struct NetOpts {
     pub gateway_iface: Option<String>,
     #[serde(default)]
     pub uplink: Option<String>,
+    /// NAT source port range, e.g. 1024-65535 (libvirt's default).
+    #[serde(default)]
+    pub nat_ports: Option<String>,
     /// DHCP (issue 7): FIRST,LAST addresses handed out; needs a gateway.
     #[serde(default)]
     pub dhcp_range: Option<String>,
@@ -92,6 +99,26 @@ pub enum Request {
     },
     NetShow {
         name: String,
+    },
+    ForwardAdd {
+        net: String,
+        proto: String,
+        port: u16,
+        to: String,
+    },
+    ForwardDel {
+        net: String,
+        proto: String,
+        port: u16,
+    },
+    ForwardList {
+        net: String,
+    },
+    ConntrackList {
+        net: String,
+    },
+    ConntrackFlush {
+        net: String,
     },
     NetDel {
         name: String,
@@ -302,4 +329,49 @@ pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
             .error
             .unwrap_or_else(|| "unknown error".into())))
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForwardRow {
+    pub net: String,
+    pub proto: String,
+    pub port: u16,
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConntrackRow {
+    pub proto: String,
+    /// As the guest (or, for a port forward, the client) sent it.
+    pub orig: String,
+    /// As it left kvnet.
+    pub translated: String,
+    pub state: String,
+    pub dnat: bool,
+    pub age_secs: f64,
+    pub idle_secs: f64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NatStatsRow {
+    pub net: String,
+    pub translated: u64,
+    pub new_flows: u64,
+    pub icmp_errors: u64,
+    pub drops: BTreeMap<String, u64>,
+    /// Conntrack entries in use (two per flow) and the table's capacity.
+    pub table_entries: u64,
+    pub table_capacity: u64,
+    pub ports_in_use: u64,
+}
+
+/// `kvnet stats --json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatsReport {
+    pub ports: Vec<PortStatsRow>,
+    pub nat: Vec<NatStatsRow>,
 }

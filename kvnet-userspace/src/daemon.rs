@@ -29,6 +29,8 @@ pub struct Options {
     pub log_datapath: bool,
     /// DHCP leases live in `<state_dir>/dhcp/<NET>/`.
     pub state_dir: PathBuf,
+    /// Conntrack capacity (entries).
+    pub ct_max: u32,
     /// Config file to start from (issue 9); None: none.
     pub config: Option<PathBuf>,
 }
@@ -95,7 +97,7 @@ pub fn run(opts: Options) -> Result<()> {
         .as_deref()
         .map(crate::config::load)
         .transpose()?;
-    let dp = Datapath::load(&opts.pin_dir, opts.log_datapath)?;
+    let dp = Datapath::load_with(&opts.pin_dir, opts.log_datapath, Some(opts.ct_max))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -205,6 +207,12 @@ async fn maintain(switch: Arc<Mutex<Switch>>) {
             if let Err(e) = sw.age_fdb() {
                 log::warn!("FDB ageing: {e:#}");
             }
+            if let Err(e) = sw.conntrack_gc() {
+                log::warn!("conntrack GC: {e:#}");
+            }
+            if let Err(e) = sw.nat_follow_uplinks() {
+                log::warn!("following uplink addresses: {e:#}");
+            }
         }
     }
 }
@@ -275,7 +283,20 @@ fn dispatch(sw: &mut Switch, req: Request) -> Result<serde_json::Value> {
             vlan,
         } => v(sw.fdb_add(&net, &mac, &port, vlan.as_deref())?)?,
         Request::FdbDel { net, mac, vlan } => v(sw.fdb_del(&net, &mac, vlan.as_deref())?)?,
-        Request::Stats => v(sw.stats()?)?,
+        Request::Stats => v(crate::control::StatsReport {
+            ports: sw.stats()?,
+            nat: sw.nat_stats()?,
+        })?,
+        Request::ForwardAdd {
+            net,
+            proto,
+            port,
+            to,
+        } => v(sw.forward_add(&net, &proto, port, &to)?)?,
+        Request::ForwardDel { net, proto, port } => v(sw.forward_del(&net, &proto, port)?)?,
+        Request::ForwardList { net } => v(sw.forward_list(&net)?)?,
+        Request::ConntrackList { net } => v(sw.conntrack_list(&net)?)?,
+        Request::ConntrackFlush { net } => v(sw.conntrack_flush(&net)?)?,
         Request::DhcpLeases { net } => v(sw.dhcp_leases(&net)?)?,
         // --- config (issue 9) ---
         Request::Apply {

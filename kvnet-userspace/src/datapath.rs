@@ -17,8 +17,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use kvnet_common::{
-    names, FdbEntry, FdbKey, FloodKey, FloodSet, NetConfig, PortConfig, PortStats, VlanMember,
-    VlanMemberKey,
+    names, CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, ForwardKey, ForwardTarget,
+    NatStats, NetConfig, PortConfig, PortStats, VlanMember, VlanMemberKey,
 };
 
 /// The datapath object built by build.rs from kvnet-ebpf.
@@ -28,6 +28,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     links: StdHashMap<u32, PortLinks>,
+    pub ct_capacity: u32,
     /// tc egress links on bridged uplinks.
     egress_links: StdHashMap<u32, SchedClassifierLinkId>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -43,18 +44,25 @@ impl Datapath {
     /// Loads the object, pins maps and programs under `pin_dir` (which must
     /// be on a bpffs and free of a previous run's pins).
     pub fn load(pin_dir: &Path, log_datapath: bool) -> Result<Self> {
+        Self::load_with(pin_dir, log_datapath, None)
+    }
+
+    /// `ct_max`: conntrack capacity in entries (two per flow).
+    pub fn load_with(pin_dir: &Path, log_datapath: bool, ct_max: Option<u32>) -> Result<Self> {
         std::fs::create_dir_all(pin_dir)
             .with_context(|| format!("creating the pin folder {}", pin_dir.display()))?;
-        Self::load_pinned(pin_dir, log_datapath).inspect_err(|_| {
+        Self::load_pinned(pin_dir, log_datapath, ct_max).inspect_err(|_| {
             // Nothing half-applied: a failed load leaves no pins behind.
             let _ = std::fs::remove_dir_all(pin_dir);
         })
     }
 
-    fn load_pinned(pin_dir: &Path, log_datapath: bool) -> Result<Self> {
+    fn load_pinned(pin_dir: &Path, log_datapath: bool, ct_max: Option<u32>) -> Result<Self> {
         // aya-log's level word: 0 keeps every log statement off the hot path.
         let level: u8 = if log_datapath { 4 } else { 0 };
+        let ct_capacity = ct_max.unwrap_or(kvnet_common::MAX_CT_ENTRIES);
         let mut ebpf = EbpfLoader::new()
+            .set_max_entries(names::MAP_CT, ct_capacity)
             .default_map_pin_directory(pin_dir)
             .override_global("AYA_LOG_LEVEL", &level, false)
             .load(OBJECT)
@@ -89,6 +97,7 @@ impl Datapath {
             links: StdHashMap::new(),
             egress_links: StdHashMap::new(),
             logger,
+            ct_capacity,
         })
     }
 
@@ -166,6 +175,48 @@ impl Datapath {
         {
             let _ = tc.detach(id);
         }
+    }
+
+    pub fn ct(&mut self) -> Result<HashMap<&mut MapData, CtKey, CtEntry>> {
+        Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_CT)?)?)
+    }
+
+    pub fn forwards(&mut self) -> Result<HashMap<&mut MapData, ForwardKey, ForwardTarget>> {
+        Ok(HashMap::try_from(map(
+            &mut self.ebpf,
+            names::MAP_FORWARDS,
+        )?)?)
+    }
+
+    /// Creates (or zeroes) a network's NAT counters.
+    pub fn reset_nat_stats(&mut self, net_id: u32) -> Result<()> {
+        let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        let zero = PerCpuValues::try_from(vec![NatStats::default(); cpus])?;
+        let mut m: PerCpuHashMap<&mut MapData, u32, NatStats> =
+            PerCpuHashMap::try_from(map(&mut self.ebpf, names::MAP_NAT_STATS)?)?;
+        m.insert(net_id, zero, 0)
+            .context("creating the NAT counters")?;
+        Ok(())
+    }
+
+    pub fn remove_nat_stats(&mut self, net_id: u32) {
+        if let Ok(m) = map(&mut self.ebpf, names::MAP_NAT_STATS) {
+            if let Ok(mut m) = PerCpuHashMap::<&mut MapData, u32, NatStats>::try_from(m) {
+                let _ = m.remove(&net_id);
+            }
+        }
+    }
+
+    pub fn nat_stats(&mut self, net_id: u32) -> Result<NatStats> {
+        let m: PerCpuHashMap<&mut MapData, u32, NatStats> =
+            PerCpuHashMap::try_from(map(&mut self.ebpf, names::MAP_NAT_STATS)?)?;
+        let mut total = NatStats::default();
+        if let Ok(values) = m.get(&net_id, 0) {
+            for v in values.iter() {
+                total.add(v);
+            }
+        }
+        Ok(total)
     }
 
     pub fn nets(&mut self) -> Result<HashMap<&mut MapData, u32, NetConfig>> {

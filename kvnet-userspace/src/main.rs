@@ -5,6 +5,7 @@ mod daemon;
 mod datapath;
 mod gateway;
 mod libvirt;
+mod nat;
 mod network;
 // --- DHCP/DNS (issue 7) ---
 mod dhcp;
@@ -22,8 +23,8 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use crate::control::{
-    call, FdbRow, Hook, Mode, NetDetail, NetInfo, NetOpts, PortInfo, PortStatsRow, Request,
-    VlanArgs, VlanInfo,
+    call, ConntrackRow, FdbRow, ForwardRow, Hook, Mode, NetDetail, NetInfo, NetOpts, PortInfo,
+    PortStatsRow, Request, StatsReport, VlanArgs, VlanInfo,
 };
 
 #[derive(Parser)]
@@ -53,6 +54,10 @@ enum Cmd {
         /// Persistent state (DHCP leases under DIR/dhcp/NET/).
         #[arg(long, env = "KVNET_STATE_DIR", default_value = dhcp::service::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// Conntrack capacity in entries (a NAT flow takes two); when full,
+        /// established flows go on and new ones are dropped and counted.
+        #[arg(long, default_value_t = kvnet_common::MAX_CT_ENTRIES)]
+        ct_max: u32,
         /// Config file to start from (default /etc/kvnet/kvnet.toml when it exists).
         #[arg(long, env = "KVNET_CONFIG")]
         config: Option<PathBuf>,
@@ -69,6 +74,12 @@ enum Cmd {
     /// VLANs and their member ports.
     #[command(subcommand)]
     Vlan(VlanCmd),
+    /// Port forwards into a NAT network (DNAT).
+    #[command(subcommand)]
+    Forward(ForwardCmd),
+    /// The NAT connection table.
+    #[command(subcommand)]
+    Conntrack(ConntrackCmd),
     /// Per-port counters.
     Stats {
         #[arg(long)]
@@ -167,6 +178,45 @@ struct DhcpServeArgs {
 // --- end DHCP/DNS ---
 
 #[derive(Subcommand)]
+enum ForwardCmd {
+    /// Forward PORT on the uplink's address to a guest's IP:PORT.
+    Add {
+        net: String,
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        #[arg(long)]
+        port: u16,
+        /// GUEST-IP:PORT
+        #[arg(long)]
+        to: String,
+    },
+    Del {
+        net: String,
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        #[arg(long)]
+        port: u16,
+    },
+    List {
+        net: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConntrackCmd {
+    /// Flows with tuples before and after translation, state, age, counters.
+    List {
+        net: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget every flow of a network (established ones break).
+    Flush { net: String },
+}
+
+#[derive(Subcommand)]
 enum NetCmd {
     /// Create a network.
     Add {
@@ -197,6 +247,9 @@ enum NetCmd {
         /// DHCP lease time in seconds (default 3600).
         #[arg(long, value_name = "SECS")]
         dhcp_lease: Option<u64>,
+        /// NAT source ports, FIRST-LAST (default 1024-65535, minus the host's ephemeral range).
+        #[arg(long, value_name = "FIRST-LAST")]
+        nat_ports: Option<String>,
     },
     /// Show one network: mode, gateway, uplink and each port's hook.
     Show {
@@ -334,8 +387,10 @@ fn run(cli: Cli) -> Result<()> {
             pin_dir,
             log_datapath,
             state_dir,
+            ct_max,
             config,
         } => daemon::run(daemon::Options {
+            ct_max,
             socket: cli.socket.clone(),
             pin_dir,
             log_datapath,
@@ -397,6 +452,7 @@ fn run(cli: Cli) -> Result<()> {
             dhcp_hosts,
             domain,
             dhcp_lease,
+            nat_ports,
         }) => done(call(
             sock,
             &Request::NetAdd {
@@ -411,6 +467,7 @@ fn run(cli: Cli) -> Result<()> {
                     dhcp_hosts,
                     domain,
                     dhcp_lease,
+                    nat_ports,
                 },
             },
         )),
@@ -489,7 +546,37 @@ fn run(cli: Cli) -> Result<()> {
             done(call(sock, &Request::FdbDel { net, mac, vlan }))
         }
         Cmd::Stats { json } => {
-            output::show::<Vec<PortStatsRow>>(call(sock, &Request::Stats)?, json, output::stats)
+            output::show::<StatsReport>(call(sock, &Request::Stats)?, json, output::stats)
+        }
+        Cmd::Forward(ForwardCmd::Add {
+            net,
+            proto,
+            port,
+            to,
+        }) => done(call(
+            sock,
+            &Request::ForwardAdd {
+                net,
+                proto,
+                port,
+                to,
+            },
+        )),
+        Cmd::Forward(ForwardCmd::Del { net, proto, port }) => {
+            done(call(sock, &Request::ForwardDel { net, proto, port }))
+        }
+        Cmd::Forward(ForwardCmd::List { net, json }) => output::show::<Vec<ForwardRow>>(
+            call(sock, &Request::ForwardList { net })?,
+            json,
+            output::forwards,
+        ),
+        Cmd::Conntrack(ConntrackCmd::List { net, json }) => output::show::<Vec<ConntrackRow>>(
+            call(sock, &Request::ConntrackList { net })?,
+            json,
+            output::conntrack,
+        ),
+        Cmd::Conntrack(ConntrackCmd::Flush { net }) => {
+            done(call(sock, &Request::ConntrackFlush { net }))
         }
         // --- DHCP/DNS (issue 7) ---
         Cmd::Dhcp(DhcpCmd::Leases { net, json }) => output::show::<Vec<dhcp::LeaseInfo>>(

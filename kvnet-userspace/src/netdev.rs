@@ -73,6 +73,29 @@ pub fn mac(name: &str) -> Result<crate::mac::Mac> {
     Ok(crate::mac::Mac(mac))
 }
 
+const SIOCGIFADDR: libc::c_ulong = 0x8915;
+
+/// An interface's primary IPv4 address, None if it has none.
+pub fn ipv4(name: &str) -> Result<Option<std::net::Ipv4Addr>> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").context("socket for SIOCGIFADDR")?;
+    let mut req = [0u8; 40];
+    let n = name.len().min(15);
+    req[..n].copy_from_slice(&name.as_bytes()[..n]);
+    req[16] = libc::AF_INET as u8;
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGIFADDR as _, req.as_mut_ptr()) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+            return Ok(None);
+        }
+        return Err(e).with_context(|| format!("IPv4 address of interface '{name}'"));
+    }
+    // struct sockaddr_in: family(2) port(2) addr(4)
+    Ok(Some(std::net::Ipv4Addr::new(
+        req[20], req[21], req[22], req[23],
+    )))
+}
+
 /// The kernel driver behind an interface ("veth", "tun", "virtio_net"...).
 pub fn driver(name: &str) -> Result<String> {
     let sock = std::net::UdpSocket::bind("0.0.0.0:0")

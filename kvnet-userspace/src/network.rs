@@ -116,7 +116,7 @@ impl Switch {
     /// Port flags every guest port of a network in `mode` carries.
     pub(crate) fn mode_port_flags(&self, mode: Mode) -> u32 {
         match mode {
-            Mode::Routed => PORT_F_ROUTED_NET,
+            Mode::Routed | Mode::Nat => PORT_F_ROUTED_NET,
             Mode::Bridged => PORT_F_BRIDGED_NET,
             Mode::Isolated | Mode::HostOnly => 0,
         }
@@ -143,7 +143,10 @@ impl Switch {
             (Mode::Isolated, _, Some(_)) | (Mode::HostOnly, _, Some(_)) => {
                 bail!("a {mode} network has no uplink; drop --uplink")
             }
-            (Mode::HostOnly | Mode::Routed, None, _) => {
+            (Mode::Nat, _, None) => {
+                bail!("--mode nat needs --uplink IFACE (the NIC to masquerade behind)")
+            }
+            (Mode::HostOnly | Mode::Routed | Mode::Nat, None, _) => {
                 bail!("--mode {mode} needs --gateway ADDRESS/PREFIX")
             }
             (Mode::Bridged, _, None) => {
@@ -180,6 +183,7 @@ impl Switch {
         }
         // DHCP/DNS (issue 7): checked whole before anything is built.
         let dhcp = crate::dhcp::service::plan(opts, gateway.as_ref(), gw_name.as_deref())?;
+        let nat = self.nat_plan(opts, opts.uplink.as_deref())?;
         let id = (1..)
             .find(|id| self.nets.values().all(|n| n.id != *id))
             .unwrap_or(1);
@@ -192,16 +196,22 @@ impl Switch {
                 gateway: None,
                 uplink: opts.uplink.clone(),
                 restore: Vec::new(),
+                nat: None,
             },
         );
         let built = match mode {
             Mode::Isolated => Ok(()),
-            Mode::HostOnly | Mode::Routed => self.build_gateway(
-                name,
-                id,
-                gw_name.as_deref().unwrap_or_default(),
-                gateway.expect("checked"),
-            ),
+            Mode::HostOnly | Mode::Routed | Mode::Nat => self
+                .build_gateway(
+                    name,
+                    id,
+                    gw_name.as_deref().unwrap_or_default(),
+                    gateway.expect("checked"),
+                )
+                .and_then(|_| match nat {
+                    Some(state) => self.build_nat(name, id, state),
+                    None => Ok(()),
+                }),
             Mode::Bridged => {
                 self.build_bridged(name, id, opts.uplink.as_deref().unwrap_or_default())
             }
@@ -221,7 +231,8 @@ impl Switch {
     }
 
     fn build_gateway(&mut self, name: &str, id: u32, host_if: &str, cidr: Cidr) -> Result<()> {
-        let routed = self.net(name)?.mode == Mode::Routed;
+        // NAT networks route like routed ones (plus translation).
+        let routed = matches!(self.net(name)?.mode, Mode::Routed | Mode::Nat);
         let gw = Gateway::create(host_if, id, cidr, routed)?;
         let port_if = gw.port_if.clone();
         let gw_mac = netdev::mac(host_if)?;
@@ -250,9 +261,8 @@ impl Switch {
             gw_host,
             gw_port,
             uplink: uplink_ifindex,
-            flags: 0,
             gw_mac: gw_mac.0,
-            _pad: [0; 2],
+            ..Default::default()
         };
         self.dp
             .nets()?
@@ -324,12 +334,8 @@ impl Switch {
             )
             .context("writing the FDB")?;
         let cfg = NetConfig {
-            gw_host: 0,
-            gw_port: 0,
             uplink: ifindex,
-            flags: 0,
-            gw_mac: [0; 6],
-            _pad: [0; 2],
+            ..Default::default()
         };
         self.dp
             .nets()?
@@ -406,6 +412,7 @@ impl Switch {
     /// Undoes what `net_add` built beyond the ports (already removed).
     pub(crate) fn teardown_net(&mut self, name: &str, id: u32) {
         self.services.stop(name);
+        self.teardown_nat(name, id);
         let Some(net) = self.nets.get_mut(name) else {
             return;
         };
@@ -421,7 +428,7 @@ impl Switch {
         let _ = self.dp.nets().map(|mut m| m.remove(&id));
         if let Some(u) = uplink {
             match mode {
-                Mode::Routed => self.routed_uplink_release(&u, name),
+                Mode::Routed | Mode::Nat => self.routed_uplink_release(&u, name),
                 Mode::Bridged => {
                     if let Ok(ifindex) = netdev::ifindex(&u) {
                         self.dp.detach_egress(ifindex);

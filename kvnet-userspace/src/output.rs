@@ -2,7 +2,10 @@
 use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;
 
-use crate::control::{FdbRow, NetDetail, NetInfo, PortInfo, PortStatsRow, VlanInfo};
+use crate::control::{
+    ConntrackRow, FdbRow, ForwardRow, NetDetail, NetInfo, PortInfo, PortStatsRow, StatsReport,
+    VlanInfo,
+};
 
 pub fn show<T: DeserializeOwned>(
     data: serde_json::Value,
@@ -131,7 +134,7 @@ pub fn fdb(fdb: &Vec<FdbRow>) -> Vec<Vec<String>> {
     rows
 }
 
-pub fn stats(stats: &Vec<PortStatsRow>) -> Vec<Vec<String>> {
+pub fn port_stats(stats: &Vec<PortStatsRow>) -> Vec<Vec<String>> {
     let mut rows = vec![header(&[
         "port", "network", "rx_pkts", "rx_bytes", "tx_pkts", "tx_bytes", "xdp_seen", "tc_seen",
         "flooded", "drops",
@@ -175,4 +178,89 @@ mod tests {
         ]);
         assert_eq!(t, "A    BB\nccc  d\n");
     }
+}
+
+pub fn stats(r: &StatsReport) -> Vec<Vec<String>> {
+    let mut rows = port_stats(&r.ports);
+    if !r.nat.is_empty() {
+        rows.push(vec![]);
+        rows.push(header(&[
+            "nat network",
+            "translated",
+            "new_flows",
+            "icmp_errors",
+            "table",
+            "ports_in_use",
+            "drops",
+        ]));
+        for n in &r.nat {
+            let drops: Vec<String> = n
+                .drops
+                .iter()
+                .filter(|(_, v)| **v > 0)
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            rows.push(vec![
+                n.net.clone(),
+                n.translated.to_string(),
+                n.new_flows.to_string(),
+                n.icmp_errors.to_string(),
+                format!("{}/{}", n.table_entries, n.table_capacity),
+                n.ports_in_use.to_string(),
+                if drops.is_empty() {
+                    "0".into()
+                } else {
+                    drops.join(",")
+                },
+            ]);
+        }
+    }
+    rows
+}
+
+pub fn forwards(f: &Vec<ForwardRow>) -> Vec<Vec<String>> {
+    let mut rows = vec![header(&["network", "proto", "port", "to"])];
+    for x in f {
+        rows.push(vec![
+            x.net.clone(),
+            x.proto.clone(),
+            x.port.to_string(),
+            x.to.clone(),
+        ]);
+    }
+    rows
+}
+
+pub fn conntrack(c: &Vec<ConntrackRow>) -> Vec<Vec<String>> {
+    let mut rows = vec![header(&[
+        "proto",
+        "original",
+        "translated",
+        "state",
+        "age",
+        "idle",
+        "pkts",
+        "bytes",
+        "reply_pkts",
+        "reply_bytes",
+    ])];
+    for x in c {
+        rows.push(vec![
+            x.proto.clone(),
+            x.orig.clone(),
+            x.translated.clone(),
+            if x.dnat {
+                format!("{} (forward)", x.state)
+            } else {
+                x.state.clone()
+            },
+            format!("{:.0}s", x.age_secs),
+            format!("{:.0}s", x.idle_secs),
+            x.packets.to_string(),
+            x.bytes.to_string(),
+            x.reply_packets.to_string(),
+            x.reply_bytes.to_string(),
+        ]);
+    }
+    rows
 }

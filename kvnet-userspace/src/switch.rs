@@ -33,6 +33,8 @@ pub struct Network {
     pub uplink: Option<String>,
     /// What creating the network changed on the host, undone on delete.
     pub restore: Vec<Restore>,
+    /// NAT networks: port range, uplink address, port forwards.
+    pub nat: Option<crate::nat::NatState>,
 }
 
 pub struct Port {

@@ -31,6 +31,7 @@ fn xdp_and_tc_count_on_a_port_and_bpftool_sees_programs_and_pins() {
         .unwrap();
 
     let stats = k.json(&["stats"]).unwrap();
+    let stats = stats["ports"].clone();
     let p1 = stats
         .as_array()
         .unwrap()

@@ -148,6 +148,7 @@ fn routed_network_forwards_in_the_fast_path_without_nat() {
     );
     assert_eq!(snmp(&out.ns, "Tcp", "InCsumErrors"), 0);
     let stats = k.json(&["stats"]).unwrap();
+    let stats = stats["ports"].clone();
     let p1 = stats
         .as_array()
         .unwrap()

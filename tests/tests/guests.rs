@@ -117,6 +117,7 @@ fn vm_and_namespace_guest_exchange(hook: &str) {
 
     // kvnet's counters on the tap saw the guest's traffic (> 4 MB up).
     let stats = k.json(&["stats"]).unwrap();
+    let stats = stats["ports"].clone();
     let t = stats
         .as_array()
         .unwrap()

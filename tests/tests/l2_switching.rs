@@ -211,6 +211,7 @@ fn fdb_learns_ports_and_known_unicast_reaches_only_its_destination() {
         "{table}"
     );
     let stats = k.json(&["stats"]).unwrap();
+    let stats = stats["ports"].clone();
     let p1 = stats
         .as_array()
         .unwrap()

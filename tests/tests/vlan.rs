@@ -61,6 +61,7 @@ fn tagged(dst: [u8; 6], src: [u8; 6], vid: u16, pcp: u8, payload: &[u8]) -> Vec<
 
 fn drops(k: &Kvnet, port: &str, reason: &str) -> u64 {
     let stats = k.json(&["stats"]).unwrap();
+    let stats = stats["ports"].clone();
     stats
         .as_array()
         .unwrap()

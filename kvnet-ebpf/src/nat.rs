@@ -1,0 +1,631 @@
+//! Masquerade and port forwards with a conntrack table (map `ct`), in tc
+//! only: translating needs the skb's checksum helpers, which stay correct
+//! for checksum-offloaded (CHECKSUM_PARTIAL) packets.
+//!
+//! Every flow has two `ct` entries, one per direction, each mapping the
+//! tuple a packet arrives with to the tuple it leaves with. New outbound
+//! flows get a source port by inserting the reply direction's entry with
+//! BPF_NOEXIST: the kernel's atomic insert is the lock that keeps two CPUs
+//! from ever handing out the same (remote, port) pair.
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, BPF_NOEXIST},
+    helpers::{
+        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
+    },
+    programs::TcContext,
+};
+use kvnet_common::{
+    CtEntry, CtKey, ForwardKey, NatStats, NetConfig, CT_F_ACK, CT_F_DNAT, CT_F_FIN, CT_F_ORIGINAL,
+    CT_F_RST, CT_F_SYN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+};
+
+use crate::{
+    fdb,
+    maps::{self, CT, FORWARDS, NAT_STATS},
+    parse::ETH_HLEN,
+};
+
+const L3: usize = ETH_HLEN;
+const AF_INET: u8 = 2;
+const FIB_SKIP_NEIGH: u32 = 1 << 2;
+const F_PSEUDO_HDR: u64 = 1 << 4;
+const F_MARK_MANGLED_0: u64 = 1 << 5;
+const ICMP_ECHOREPLY: u8 = 0;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_ECHO: u8 = 8;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETERPROB: u8 = 12;
+const PORT_TRIES: u32 = 24;
+
+/// What the NAT stage did with a packet.
+pub enum Nat {
+    /// Not a NAT matter: route or switch it as usual.
+    Skip,
+    /// Let the host stack have it untranslated (TTL expiring, MTU).
+    ToHost,
+    Drop,
+    /// Translated and sent; the tc verdict.
+    Sent(i32),
+}
+
+struct Pkt {
+    key: CtKey,
+    l4: usize,
+    ttl: u8,
+    tot_len: u16,
+    icmp_type: u8,
+    tcp_flags: u8,
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, off: usize) -> Option<T> {
+    ctx.load::<T>(off).ok()
+}
+
+#[inline(always)]
+fn count(net_id: u32, f: impl FnOnce(&mut NatStats)) {
+    if let Some(s) = NAT_STATS.get_ptr_mut(&net_id) {
+        f(unsafe { &mut *s });
+    }
+}
+
+/// Parses IPv4 TCP/UDP/ICMP at L3; None for anything else or fragments.
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<Pkt> {
+    let vihl: u8 = load(ctx, L3)?;
+    if vihl >> 4 != 4 {
+        return None;
+    }
+    let l4 = L3 + ((vihl & 0xf) as usize) * 4;
+    let frag = u16::from_be(load::<u16>(ctx, L3 + 6)?);
+    if frag & 0x3fff != 0 {
+        return None;
+    }
+    let proto: u8 = load(ctx, L3 + 9)?;
+    let mut key = CtKey {
+        saddr: load(ctx, L3 + 12)?,
+        daddr: load(ctx, L3 + 16)?,
+        proto,
+        ..Default::default()
+    };
+    let mut icmp_type = 0;
+    let mut tcp_flags = 0;
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            key.sport = u16::from_be(load::<u16>(ctx, l4)?);
+            key.dport = u16::from_be(load::<u16>(ctx, l4 + 2)?);
+            if proto == IPPROTO_TCP {
+                tcp_flags = load::<u8>(ctx, l4 + 13)?;
+            }
+        }
+        IPPROTO_ICMP => {
+            icmp_type = load::<u8>(ctx, l4)?;
+            let id = u16::from_be(load::<u16>(ctx, l4 + 4)?);
+            match icmp_type {
+                ICMP_ECHO => key.sport = id,
+                ICMP_ECHOREPLY => key.dport = id,
+                _ => {}
+            }
+        }
+        _ => return None,
+    }
+    Some(Pkt {
+        key,
+        l4,
+        ttl: load(ctx, L3 + 8)?,
+        tot_len: u16::from_be(load::<u16>(ctx, L3 + 2)?),
+        icmp_type,
+        tcp_flags,
+    })
+}
+
+#[inline(always)]
+fn l4_csum_off(proto: u8) -> usize {
+    match proto {
+        IPPROTO_TCP => 16,
+        IPPROTO_UDP => 6,
+        _ => 2,
+    }
+}
+
+/// Rewrites addresses and ports from `p.key` to `to`, fixing the IP and
+/// L4 checksums incrementally.
+#[inline(always)]
+fn apply(ctx: &TcContext, p: &Pkt, to: &CtKey) -> bool {
+    let proto = p.key.proto;
+    let csum = p.l4 + l4_csum_off(proto);
+    let pseudo = if proto == IPPROTO_ICMP {
+        0
+    } else {
+        F_PSEUDO_HDR
+    };
+    let mangled0 = if proto == IPPROTO_UDP {
+        F_MARK_MANGLED_0
+    } else {
+        0
+    };
+    for (off, old, new) in [
+        (L3 + 12, p.key.saddr, to.saddr),
+        (L3 + 16, p.key.daddr, to.daddr),
+    ] {
+        if old != new {
+            if ctx.store(off, &new, 0).is_err()
+                || ctx
+                    .l3_csum_replace(L3 + 10, old as u64, new as u64, 4)
+                    .is_err()
+            {
+                return false;
+            }
+            // ICMP's checksum does not cover the addresses; TCP's and
+            // UDP's do, through the pseudo-header.
+            if pseudo != 0
+                && ctx
+                    .l4_csum_replace(csum, old as u64, new as u64, pseudo | mangled0 | 4)
+                    .is_err()
+            {
+                return false;
+            }
+        }
+    }
+    // ICMP echo: the identifier plays the port.
+    let (old_s, new_s, old_d, new_d) = (p.key.sport, to.sport, p.key.dport, to.dport);
+    let ports: [(usize, u16, u16); 2] = if proto == IPPROTO_ICMP {
+        if p.icmp_type == ICMP_ECHO {
+            [(p.l4 + 4, old_s, new_s), (0, 0, 0)]
+        } else {
+            [(p.l4 + 4, old_d, new_d), (0, 0, 0)]
+        }
+    } else {
+        [(p.l4, old_s, new_s), (p.l4 + 2, old_d, new_d)]
+    };
+    for (off, old, new) in ports {
+        if off != 0 && old != new {
+            let (o, n) = (old.to_be(), new.to_be());
+            if ctx.store(off, &n, 0).is_err()
+                || ctx
+                    .l4_csum_replace(csum, o as u64, n as u64, mangled0 | 2)
+                    .is_err()
+            {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// TTL - 1 with the IP checksum adjusted.
+#[inline(always)]
+fn dec_ttl(ctx: &TcContext, ttl: u8) -> bool {
+    let proto: u8 = match load(ctx, L3 + 9) {
+        Some(p) => p,
+        None => return false,
+    };
+    let old = u16::from_be_bytes([ttl, proto]).to_be();
+    let new = u16::from_be_bytes([ttl - 1, proto]).to_be();
+    ctx.store(L3 + 8, &(ttl - 1), 0).is_ok()
+        && ctx
+            .l3_csum_replace(L3 + 10, old as u64, new as u64, 2)
+            .is_ok()
+}
+
+/// FIB lookup for `daddr` as if the packet arrived on `ifindex`; the MTU
+/// is checked against one segment of a GSO packet.
+#[inline(always)]
+fn fib(
+    ctx: &TcContext,
+    p: &Pkt,
+    saddr: u32,
+    daddr: u32,
+    ifindex: u32,
+    flags: u32,
+) -> Option<FibParams> {
+    let gso = unsafe { (*ctx.skb.skb).gso_size } as u16;
+    let mtu_len = if gso == 0 || p.key.proto != IPPROTO_TCP {
+        p.tot_len
+    } else {
+        let doff = (load::<u8>(ctx, p.l4 + 12)? >> 4) as u16 * 4;
+        (p.l4 - L3) as u16 + doff + gso
+    };
+    let mut f: FibParams = unsafe { core::mem::zeroed() };
+    f.family = AF_INET;
+    f.l4_protocol = p.key.proto;
+    f.ifindex = ifindex;
+    f.__bindgen_anon_1.tot_len = mtu_len;
+    f.__bindgen_anon_3.ipv4_src = saddr;
+    f.__bindgen_anon_4.ipv4_dst = daddr;
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut f,
+            core::mem::size_of::<FibParams>() as i32,
+            flags,
+        )
+    };
+    (rc == 0).then_some(f)
+}
+
+/// Counts a packet of a flow on its entry: last seen, packets, bytes, TCP
+/// flags (written only when new, to keep the line quiet).
+#[inline(always)]
+fn touch(key: &CtKey, len: u64, tcp_flags: u8) {
+    let Some(e) = CT.get_ptr_mut(key) else { return };
+    let now = unsafe { bpf_ktime_get_ns() };
+    unsafe {
+        // Plain adds: the bpfel target has no atomic RMW here; two CPUs
+        // racing on one flow may lose a count, never a translation.
+        (*e).packets += 1;
+        (*e).bytes += len;
+        if now.wrapping_sub((*e).last_seen_ns) > 1_000_000_000 {
+            (*e).last_seen_ns = now;
+        }
+        let mut seen = 0;
+        if tcp_flags & 0x02 != 0 {
+            seen |= CT_F_SYN;
+        }
+        if tcp_flags & 0x01 != 0 {
+            seen |= CT_F_FIN;
+        }
+        if tcp_flags & 0x04 != 0 {
+            seen |= CT_F_RST;
+        }
+        if tcp_flags & 0x10 != 0 {
+            seen |= CT_F_ACK;
+        }
+        if (*e).flags & seen != seen {
+            (*e).flags |= seen;
+        }
+    }
+}
+
+/// Creates both entries of a flow `orig` -> `to`. For SNAT (`alloc`), the
+/// source port of `to` is chosen here. None: refused (counted).
+#[inline(always)]
+fn create(
+    net_id: u32,
+    n: &NetConfig,
+    orig: &CtKey,
+    to: &mut CtKey,
+    alloc: bool,
+    flags: u32,
+) -> Option<()> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut rev = CtEntry {
+        rewrite: orig.reply(),
+        net_id,
+        flags,
+        created_ns: now,
+        last_seen_ns: now,
+        ..Default::default()
+    };
+    if alloc {
+        let lo = n.port_lo as u32;
+        let size = (n.port_hi as u32).wrapping_sub(lo) + 1;
+        let start = unsafe { bpf_get_prandom_u32() };
+        let mut found = false;
+        let mut full = false;
+        for i in 0..PORT_TRIES {
+            let x = start.wrapping_add(i.wrapping_mul(7919));
+            // `size` is never 0 (port_hi >= port_lo); the test keeps the
+            // verifier free of a division-by-zero panic path.
+            let port = lo + if size == 0 { 0 } else { x % size };
+            if port >= n.skip_lo as u32 && port <= n.skip_hi as u32 {
+                continue;
+            }
+            to.sport = port as u16;
+            let rkey = to.reply();
+            match CT.insert(&rkey, &rev, BPF_NOEXIST as u64) {
+                Ok(()) => {
+                    found = true;
+                    break;
+                }
+                // -EEXIST: port taken for that destination; else the table is full.
+                Err(e) if e == -17 => continue,
+                Err(_) => {
+                    full = true;
+                    break;
+                }
+            }
+        }
+        if !found {
+            count(net_id, |s| {
+                if full {
+                    s.drop_table_full += 1
+                } else {
+                    s.drop_no_port += 1
+                }
+            });
+            return None;
+        }
+    } else if CT.insert(&to.reply(), &rev, BPF_NOEXIST as u64).is_err() {
+        count(net_id, |s| s.drop_table_full += 1);
+        return None;
+    }
+    rev.rewrite = *to;
+    rev.flags = flags | CT_F_ORIGINAL;
+    if CT.insert(orig, &rev, BPF_NOEXIST as u64).is_err() {
+        let _ = CT.remove(&to.reply());
+        count(net_id, |s| s.drop_table_full += 1);
+        return None;
+    }
+    count(net_id, |s| s.new_flows += 1);
+    Some(())
+}
+
+#[inline(always)]
+fn in_subnet(n: &NetConfig, addr: u32) -> bool {
+    addr & n.mask == n.subnet
+}
+
+#[inline(always)]
+fn is_multicast_or_bcast(addr: u32) -> bool {
+    let b = addr.to_ne_bytes();
+    b[0] >= 224 || addr == u32::MAX
+}
+
+/// A packet from a guest of NAT network `net_id`, addressed to the gateway
+/// MAC: translate (existing flow, new masquerade flow, or a port forward
+/// reached from inside), then route it.
+#[inline(always)]
+pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig) -> Nat {
+    let Some(p) = parse(ctx) else {
+        return Nat::Skip;
+    };
+    if p.key.proto == IPPROTO_ICMP && p.icmp_type != ICMP_ECHO && p.icmp_type != ICMP_ECHOREPLY {
+        return Nat::Skip;
+    }
+    let existing = unsafe { CT.get(&p.key) }.map(|e| e.rewrite);
+    let (mut to, new_flow, fwd) = match existing {
+        Some(r) => (r, false, false),
+        None => {
+            if in_subnet(n, p.key.daddr)
+                || is_multicast_or_bcast(p.key.daddr)
+                || !in_subnet(n, p.key.saddr)
+            {
+                return Nat::Skip;
+            }
+            let mut to = CtKey {
+                saddr: n.nat_ip,
+                ..p.key
+            };
+            let mut fwd = false;
+            if p.key.daddr == n.nat_ip && p.key.proto != IPPROTO_ICMP {
+                // Hairpin: a guest reaching a port forward through the
+                // uplink address.
+                let fk = ForwardKey {
+                    ifindex: n.uplink,
+                    port: p.key.dport,
+                    proto: p.key.proto,
+                    _pad: 0,
+                };
+                match unsafe { FORWARDS.get(&fk) } {
+                    Some(t) => {
+                        to.daddr = t.addr;
+                        to.dport = t.port;
+                        fwd = true;
+                    }
+                    None => return Nat::Skip,
+                }
+            }
+            (to, true, fwd)
+        }
+    };
+    if p.ttl <= 1 {
+        return Nat::ToHost;
+    }
+    let Some(f) = fib(ctx, &p, to.saddr, to.daddr, n.gw_host, FIB_SKIP_NEIGH) else {
+        // Unroutable or too big: the host answers with the ICMP error.
+        return Nat::ToHost;
+    };
+    if new_flow
+        && create(
+            net_id,
+            n,
+            &p.key,
+            &mut to,
+            true,
+            if fwd { CT_F_DNAT } else { 0 },
+        )
+        .is_none()
+    {
+        return Nat::Drop;
+    }
+    if !apply(ctx, &p, &to) || !dec_ttl(ctx, p.ttl) {
+        return Nat::Drop;
+    }
+    touch(&p.key, p.tot_len as u64, p.tcp_flags);
+    count(net_id, |s| s.translated += 1);
+    Nat::Sent(unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+}
+
+/// Sends a translated packet arriving from outside on to its guest: via
+/// the FIB to the network's gateway, then straight to the guest's port.
+#[inline(always)]
+fn to_guest(ctx: &TcContext, p: &Pkt, to: &CtKey, ingress: u32) -> Nat {
+    if p.ttl <= 1 || !dec_ttl(ctx, p.ttl) {
+        return Nat::Drop;
+    }
+    let Some(f) = fib(ctx, p, to.saddr, to.daddr, ingress, 0) else {
+        // Neighbour unresolved: the kernel resolves it on the way out.
+        let Some(f) = fib(ctx, p, to.saddr, to.daddr, ingress, FIB_SKIP_NEIGH) else {
+            return Nat::Drop;
+        };
+        return Nat::Sent(
+            unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) } as i32,
+        );
+    };
+    let macs: [u8; 12] = {
+        let mut m = [0u8; 12];
+        m[..6].copy_from_slice(&f.dmac);
+        m[6..].copy_from_slice(&f.smac);
+        m
+    };
+    if ctx.store(0, &macs, 0).is_err() {
+        return Nat::Drop;
+    }
+    let mut egress = f.ifindex;
+    if let Some(net) = maps::gw_host_net(f.ifindex) {
+        if let Some(port) = fdb::lookup(net, 0, f.dmac) {
+            egress = port;
+        }
+    }
+    Nat::Sent(unsafe { bpf_redirect(egress, 0) } as i32)
+}
+
+/// A packet arriving on a NAT uplink: replies of translated flows, new
+/// flows to port forwards, and ICMP errors about translated flows.
+#[inline(always)]
+pub fn from_uplink(ctx: &TcContext, ingress: u32) -> Nat {
+    let Some(p) = parse(ctx) else {
+        return Nat::Skip;
+    };
+    if p.key.proto == IPPROTO_ICMP
+        && matches!(
+            p.icmp_type,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
+        )
+    {
+        return icmp_error(ctx, &p, ingress);
+    }
+    let mut to = match unsafe { CT.get(&p.key) } {
+        Some(e) => e.rewrite,
+        None => {
+            if p.key.proto == IPPROTO_ICMP {
+                return Nat::Skip;
+            }
+            let fk = ForwardKey {
+                ifindex: ingress,
+                port: p.key.dport,
+                proto: p.key.proto,
+                _pad: 0,
+            };
+            let Some(t) = (unsafe { FORWARDS.get(&fk) }).copied() else {
+                return Nat::Skip;
+            };
+            let Some(n) = maps::net(t.net_id) else {
+                return Nat::Skip;
+            };
+            if p.key.daddr != n.nat_ip {
+                return Nat::Skip;
+            }
+            let mut to = CtKey {
+                daddr: t.addr,
+                dport: t.port,
+                ..p.key
+            };
+            if create(t.net_id, &n, &p.key, &mut to, false, CT_F_DNAT).is_none() {
+                return Nat::Drop;
+            }
+            to
+        }
+    };
+    if !apply(ctx, &p, &to) {
+        return Nat::Drop;
+    }
+    touch(&p.key, p.tot_len as u64, p.tcp_flags);
+    if let Some(e) = unsafe { CT.get(&p.key) } {
+        let net_id = e.net_id;
+        count(net_id, |s| s.translated += 1);
+    }
+    to.proto = p.key.proto;
+    to_guest(ctx, &p, &to, ingress)
+}
+
+/// RFC 1624 incremental update of a checksum for a 32-bit field change.
+#[inline(always)]
+fn csum_update32(csum: u16, old: u32, new: u32) -> u16 {
+    let mut sum = (!u16::from_be(csum)) as u32;
+    let (o, nw) = (u32::from_be(old), u32::from_be(new));
+    sum += (!(o >> 16) & 0xffff) + (!o & 0xffff) + (nw >> 16) + (nw & 0xffff);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    (!(sum as u16)).to_be()
+}
+
+/// An ICMP error about a translated flow: the embedded header is our
+/// translated packet; put the guest's address and port back in it and in
+/// the outer destination, so traceroute and PMTUD work from guests.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, p: &Pkt, ingress: u32) -> Nat {
+    let eip = p.l4 + 8;
+    let Some(evihl) = load::<u8>(ctx, eip) else {
+        return Nat::Skip;
+    };
+    let el4 = eip + ((evihl & 0xf) as usize) * 4;
+    let Some(eproto) = load::<u8>(ctx, eip + 9) else {
+        return Nat::Skip;
+    };
+    let (Some(esaddr), Some(edaddr)) = (load::<u32>(ctx, eip + 12), load::<u32>(ctx, eip + 16))
+    else {
+        return Nat::Skip;
+    };
+    // The embedded packet as we sent it: (nat, remote, nport, rport).
+    let mut sent = CtKey {
+        saddr: esaddr,
+        daddr: edaddr,
+        proto: eproto,
+        ..Default::default()
+    };
+    let port_off;
+    match eproto {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let (Some(s), Some(d)) = (load::<u16>(ctx, el4), load::<u16>(ctx, el4 + 2)) else {
+                return Nat::Skip;
+            };
+            sent.sport = u16::from_be(s);
+            sent.dport = u16::from_be(d);
+            port_off = el4;
+        }
+        IPPROTO_ICMP => {
+            let Some(id) = load::<u16>(ctx, el4 + 4) else {
+                return Nat::Skip;
+            };
+            sent.sport = u16::from_be(id);
+            port_off = el4 + 4;
+        }
+        _ => return Nat::Skip,
+    }
+    let Some(e) = (unsafe { CT.get(&sent.reply()) }).copied() else {
+        return Nat::Skip;
+    };
+    // e.rewrite = (remote, guest, rport, gport): the guest is its dest.
+    let (guest, gport) = (e.rewrite.daddr, e.rewrite.dport);
+    let icmp_csum = p.l4 + 2;
+    // Outer destination (IP header checksum only: ICMP's does not cover it).
+    if ctx.store(L3 + 16, &guest, 0).is_err()
+        || ctx
+            .l3_csum_replace(L3 + 10, p.key.daddr as u64, guest as u64, 4)
+            .is_err()
+    {
+        return Nat::Drop;
+    }
+    // Embedded source address and its header checksum.
+    let Some(ecsum) = load::<u16>(ctx, eip + 10) else {
+        return Nat::Drop;
+    };
+    let new_ecsum = csum_update32(ecsum, esaddr, guest);
+    let old_port = sent.sport.to_be();
+    let new_port = gport.to_be();
+    if ctx.store(eip + 12, &guest, 0).is_err()
+        || ctx
+            .l4_csum_replace(icmp_csum, esaddr as u64, guest as u64, 4)
+            .is_err()
+        || ctx.store(eip + 10, &new_ecsum, 0).is_err()
+        || ctx
+            .l4_csum_replace(icmp_csum, ecsum as u64, new_ecsum as u64, 2)
+            .is_err()
+        || ctx.store(port_off, &new_port, 0).is_err()
+        || ctx
+            .l4_csum_replace(icmp_csum, old_port as u64, new_port as u64, 2)
+            .is_err()
+    {
+        return Nat::Drop;
+    }
+    count(e.net_id, |s| s.icmp_errors += 1);
+    let to = CtKey {
+        saddr: p.key.saddr,
+        daddr: guest,
+        proto: IPPROTO_ICMP,
+        ..Default::default()
+    };
+    to_guest(ctx, p, &to, ingress)
+}

@@ -1,0 +1,624 @@
+//! NAT networks (libvirt's default): masquerade behind the uplink's
+//! address, port forwards, and the conntrack table the datapath fills:
+//! listing, flushing, timeouts and garbage collection live here.
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use anyhow::{bail, Context, Result};
+use kvnet_common::{
+    CtEntry, CtKey, ForwardKey, ForwardTarget, NetConfig, CT_F_DNAT, CT_F_FIN, CT_F_ORIGINAL,
+    CT_F_RST, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NET_F_NAT, PORT_F_UPLINK_NAT,
+};
+
+use crate::{
+    control::{ConntrackRow, ForwardRow, Mode, NatStatsRow, NetOpts},
+    gateway::Cidr,
+    netdev,
+    switch::Switch,
+};
+
+/// libvirt's default NAT port range.
+pub const DEFAULT_PORTS: (u16, u16) = (1024, 65535);
+
+#[derive(Debug, Clone)]
+pub struct NatState {
+    pub ports: (u16, u16),
+    pub nat_ip: Ipv4Addr,
+    /// (proto, port on the uplink address) -> guest address and port.
+    pub forwards: BTreeMap<(u8, u16), (Ipv4Addr, u16)>,
+}
+
+/// `1024-65535`: both ends 1-65535, start <= end.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16)> {
+    let (a, b) = s
+        .split_once('-')
+        .with_context(|| format!("port range '{s}': expected FIRST-LAST, like 1024-65535"))?;
+    let parse = |x: &str| -> Result<u16> {
+        let v: u32 = x
+            .trim()
+            .parse()
+            .with_context(|| format!("port range '{s}': '{x}' is not a number"))?;
+        if v == 0 || v > 65535 {
+            bail!("port range '{s}': {v} is beyond the port numbers 1-65535");
+        }
+        Ok(v as u16)
+    };
+    let (lo, hi) = (parse(a)?, parse(b)?);
+    if lo > hi {
+        bail!("port range '{s}': {lo} is above {hi}");
+    }
+    Ok((lo, hi))
+}
+
+pub fn parse_proto(s: &str) -> Result<u8> {
+    match s {
+        "tcp" => Ok(IPPROTO_TCP),
+        "udp" => Ok(IPPROTO_UDP),
+        _ => bail!("protocol '{s}': port forwards take tcp or udp"),
+    }
+}
+
+fn proto_name(p: u8) -> &'static str {
+    match p {
+        IPPROTO_TCP => "tcp",
+        IPPROTO_UDP => "udp",
+        IPPROTO_ICMP => "icmp",
+        _ => "?",
+    }
+}
+
+/// The host's ephemeral port range: never handed out, so host sockets are
+/// never hijacked by a guest flow's translation.
+pub fn host_ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().filter_map(|x| x.parse::<u16>().ok());
+            Some((it.next()?, it.next()?))
+        })
+        .unwrap_or((32768, 60999))
+}
+
+/// The port range after removing the host's ephemeral one: what is left
+/// must still be worth having.
+fn effective_ports((lo, hi): (u16, u16), (elo, ehi): (u16, u16)) -> Result<(u16, u16, u16, u16)> {
+    let total = (hi - lo) as u32 + 1;
+    let overlap = if ehi < lo || elo > hi {
+        0
+    } else {
+        (ehi.min(hi) - elo.max(lo)) as u32 + 1
+    };
+    if total - overlap < 64 {
+        bail!("NAT ports {lo}-{hi} leave fewer than 64 ports outside the host's ephemeral range {elo}-{ehi}");
+    }
+    Ok((lo, hi, elo, ehi))
+}
+
+/// Timeouts (seconds) close to the kernel's nf_conntrack defaults.
+mod timeout {
+    pub const TCP_SYN_SENT: f64 = 120.0;
+    pub const TCP_ESTABLISHED: f64 = 432_000.0;
+    pub const TCP_FIN_WAIT: f64 = 120.0;
+    pub const TCP_CLOSE_WAIT: f64 = 60.0;
+    pub const TCP_CLOSE: f64 = 10.0;
+    pub const UDP_UNREPLIED: f64 = 30.0;
+    pub const UDP_ASSURED: f64 = 120.0;
+    pub const ICMP: f64 = 30.0;
+}
+
+/// Tests shrink every timeout by this factor (KVNET_CT_TIME_SCALE).
+fn time_scale() -> f64 {
+    std::env::var("KVNET_CT_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v: &f64| *v > 0.0)
+        .unwrap_or(1.0)
+}
+
+/// (state name, timeout) of a flow from its two entries.
+fn state(orig: &CtEntry, reply: Option<&CtEntry>) -> (&'static str, f64) {
+    let rflags = reply.map_or(0, |r| r.flags);
+    let replied = reply.is_some_and(|r| r.packets > 0);
+    let flags = orig.flags | rflags;
+    match orig.rewrite.proto {
+        IPPROTO_TCP => {
+            if flags & CT_F_RST != 0 {
+                ("close", timeout::TCP_CLOSE)
+            } else if orig.flags & CT_F_FIN != 0 && rflags & CT_F_FIN != 0 {
+                ("time_wait", timeout::TCP_FIN_WAIT)
+            } else if flags & CT_F_FIN != 0 {
+                ("fin_wait", timeout::TCP_CLOSE_WAIT)
+            } else if replied {
+                ("established", timeout::TCP_ESTABLISHED)
+            } else {
+                ("syn_sent", timeout::TCP_SYN_SENT)
+            }
+        }
+        IPPROTO_UDP if replied => ("assured", timeout::UDP_ASSURED),
+        IPPROTO_UDP => ("unreplied", timeout::UDP_UNREPLIED),
+        _ => ("icmp", timeout::ICMP),
+    }
+}
+
+fn endpoint(addr: u32, port: u16, proto: u8) -> String {
+    let ip = Ipv4Addr::from(u32::from_be(addr));
+    if proto == IPPROTO_ICMP {
+        format!("{ip}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+impl Switch {
+    /// Validates a NAT network's options before anything is built.
+    pub(crate) fn nat_plan(
+        &self,
+        opts: &NetOpts,
+        uplink: Option<&str>,
+    ) -> Result<Option<NatState>> {
+        if opts.mode != Mode::Nat {
+            if opts.nat_ports.is_some() {
+                bail!("--nat-ports is for --mode nat");
+            }
+            return Ok(None);
+        }
+        let ports = opts
+            .nat_ports
+            .as_deref()
+            .map(parse_port_range)
+            .transpose()?
+            .unwrap_or(DEFAULT_PORTS);
+        effective_ports(ports, host_ephemeral_range())?;
+        let uplink =
+            uplink.context("--mode nat needs --uplink IFACE (the NIC to masquerade behind)")?;
+        let nat_ip = netdev::ipv4(uplink)?.with_context(|| {
+            format!("uplink '{uplink}' has no IPv4 address to masquerade behind")
+        })?;
+        for (other, n) in &self.nets {
+            if let (Some(s), Some(u)) = (&n.nat, &n.uplink) {
+                if u == uplink && s.ports.0 <= ports.1 && ports.0 <= s.ports.1 {
+                    bail!(
+                        "NAT ports {}-{} overlap network '{other}' ({}-{}) on uplink '{uplink}'",
+                        ports.0,
+                        ports.1,
+                        s.ports.0,
+                        s.ports.1
+                    );
+                }
+            }
+        }
+        Ok(Some(NatState {
+            ports,
+            nat_ip,
+            forwards: BTreeMap::new(),
+        }))
+    }
+
+    /// Turns the network's datapath entry into a NAT one and marks its
+    /// uplink so replies are looked up in conntrack.
+    pub(crate) fn build_nat(&mut self, name: &str, id: u32, state: NatState) -> Result<()> {
+        let net = self.net(name)?;
+        let gw = net
+            .gateway
+            .as_ref()
+            .context("a NAT network has a gateway")?;
+        let uplink = net.uplink.clone().context("a NAT network has an uplink")?;
+        let cidr: Cidr = gw.cidr;
+        let (lo, hi, elo, ehi) = effective_ports(state.ports, host_ephemeral_range())?;
+        let mut cfg = self
+            .dp
+            .nets()?
+            .get(&id, 0)
+            .context("the network's datapath entry")?;
+        cfg.flags |= NET_F_NAT;
+        cfg.nat_ip = u32::from(state.nat_ip).to_be();
+        cfg.subnet = u32::from(cidr.network()).to_be();
+        cfg.mask = cidr.mask().to_be();
+        (cfg.port_lo, cfg.port_hi, cfg.skip_lo, cfg.skip_hi) = (lo, hi, elo, ehi);
+        self.dp.reset_nat_stats(id)?;
+        self.dp
+            .nets()?
+            .insert(id, cfg, 0)
+            .context("writing the network map")?;
+        if let Some(n) = self.nets.get_mut(name) {
+            n.nat = Some(state);
+        }
+        self.set_uplink_nat_flag(&uplink)
+    }
+
+    /// PORT_F_UPLINK_NAT on a routed uplink iff one of its networks NATs.
+    fn set_uplink_nat_flag(&mut self, uplink: &str) -> Result<()> {
+        let Some(u) = self.routed_uplinks.get(uplink) else {
+            return Ok(());
+        };
+        let ifindex = u.ifindex;
+        let any_nat = u
+            .users
+            .iter()
+            .any(|n| self.nets.get(n).is_some_and(|n| n.nat.is_some()));
+        let mut ports = self.dp.ports()?;
+        if let Ok(mut p) = ports.get(&ifindex, 0) {
+            if any_nat {
+                p.flags |= PORT_F_UPLINK_NAT;
+            } else {
+                p.flags &= !PORT_F_UPLINK_NAT;
+            }
+            ports.insert(ifindex, p, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a NAT network's forwards, flows and counters.
+    pub(crate) fn teardown_nat(&mut self, name: &str, id: u32) {
+        let Some(state) = self.nets.get_mut(name).and_then(|n| n.nat.take()) else {
+            return;
+        };
+        let uplink = self.nets.get(name).and_then(|n| n.uplink.clone());
+        if let Some(ifindex) = uplink.as_deref().and_then(|u| netdev::ifindex(u).ok()) {
+            if let Ok(mut f) = self.dp.forwards() {
+                for (proto, port) in state.forwards.keys() {
+                    let _ = f.remove(&ForwardKey {
+                        ifindex,
+                        port: *port,
+                        proto: *proto,
+                        _pad: 0,
+                    });
+                }
+            }
+        }
+        let _ = self.ct_flush_id(id);
+        self.dp.remove_nat_stats(id);
+        if let Some(u) = uplink {
+            let _ = self.set_uplink_nat_flag(&u);
+        }
+    }
+
+    fn nat_net(&self, net: &str) -> Result<(u32, &NatState, Cidr, String)> {
+        let n = self.net(net)?;
+        let s = n
+            .nat
+            .as_ref()
+            .with_context(|| format!("network '{net}' is not a NAT network (--mode nat)"))?;
+        let gw = n.gateway.as_ref().context("a NAT network has a gateway")?;
+        Ok((n.id, s, gw.cidr, n.uplink.clone().unwrap_or_default()))
+    }
+
+    pub fn forward_add(&mut self, net: &str, proto: &str, port: u16, to: &str) -> Result<()> {
+        let proto = parse_proto(proto)?;
+        if port == 0 {
+            bail!("port 0 cannot be forwarded");
+        }
+        let (id, state, cidr, uplink) = self.nat_net(net)?;
+        let (addr, to_port) = to
+            .rsplit_once(':')
+            .with_context(|| format!("forward target '{to}': expected GUEST-IP:PORT"))?;
+        let addr: Ipv4Addr = addr
+            .parse()
+            .with_context(|| format!("forward target '{to}': '{addr}' is not an IPv4 address"))?;
+        let to_port: u32 = to_port
+            .parse()
+            .with_context(|| format!("forward target '{to}': '{to_port}' is not a port"))?;
+        if to_port == 0 || to_port > 65535 {
+            bail!("forward target '{to}': port {to_port} is beyond 1-65535");
+        }
+        if !cidr.contains(addr)
+            || addr == cidr.addr
+            || addr == cidr.network()
+            || addr == cidr.broadcast()
+        {
+            bail!(
+                "forward target {addr} is not a guest address of network '{net}' ({})",
+                Cidr {
+                    addr: cidr.network(),
+                    prefix: cidr.prefix
+                }
+            );
+        }
+        if let Some((a, p)) = state.forwards.get(&(proto, port)) {
+            bail!(
+                "{} port {port} is already forwarded to {a}:{p}",
+                proto_name(proto)
+            );
+        }
+        for (other, n) in &self.nets {
+            if other != net
+                && n.uplink.as_deref() == Some(uplink.as_str())
+                && n.nat
+                    .as_ref()
+                    .is_some_and(|s| s.forwards.contains_key(&(proto, port)))
+            {
+                bail!(
+                    "{} port {port} on uplink '{uplink}' is already forwarded by network '{other}'",
+                    proto_name(proto)
+                );
+            }
+        }
+        let ifindex = netdev::ifindex(&uplink)?;
+        let target = ForwardTarget {
+            addr: u32::from(addr).to_be(),
+            port: to_port as u16,
+            _pad: 0,
+            net_id: id,
+        };
+        self.dp
+            .forwards()?
+            .insert(
+                ForwardKey {
+                    ifindex,
+                    port,
+                    proto,
+                    _pad: 0,
+                },
+                target,
+                0,
+            )
+            .context("writing the forward map")?;
+        if let Some(s) = self.nets.get_mut(net).and_then(|n| n.nat.as_mut()) {
+            s.forwards.insert((proto, port), (addr, to_port as u16));
+        }
+        Ok(())
+    }
+
+    pub fn forward_del(&mut self, net: &str, proto: &str, port: u16) -> Result<()> {
+        let proto = parse_proto(proto)?;
+        let (_, state, _, uplink) = self.nat_net(net)?;
+        if !state.forwards.contains_key(&(proto, port)) {
+            bail!(
+                "no {} forward of port {port} in network '{net}'",
+                proto_name(proto)
+            );
+        }
+        let ifindex = netdev::ifindex(&uplink)?;
+        let _ = self.dp.forwards()?.remove(&ForwardKey {
+            ifindex,
+            port,
+            proto,
+            _pad: 0,
+        });
+        if let Some(s) = self.nets.get_mut(net).and_then(|n| n.nat.as_mut()) {
+            s.forwards.remove(&(proto, port));
+        }
+        Ok(())
+    }
+
+    pub fn forward_list(&self, net: &str) -> Result<Vec<ForwardRow>> {
+        let (_, state, _, _) = self.nat_net(net)?;
+        Ok(state
+            .forwards
+            .iter()
+            .map(|((proto, port), (a, p))| ForwardRow {
+                net: net.into(),
+                proto: proto_name(*proto).into(),
+                port: *port,
+                to: format!("{a}:{p}"),
+            })
+            .collect())
+    }
+
+    fn ct_entries(&mut self) -> Result<Vec<(CtKey, CtEntry)>> {
+        Ok(self.dp.ct()?.iter().filter_map(|r| r.ok()).collect())
+    }
+
+    pub fn conntrack_list(&mut self, net: &str) -> Result<Vec<ConntrackRow>> {
+        let (id, ..) = self.nat_net(net)?;
+        let all: std::collections::HashMap<CtKey, CtEntry> =
+            self.ct_entries()?.into_iter().collect();
+        let now = monotonic_ns();
+        let mut rows = Vec::new();
+        for (k, e) in all
+            .iter()
+            .filter(|(_, e)| e.net_id == id && e.flags & CT_F_ORIGINAL != 0)
+        {
+            let reply = all.get(&e.rewrite.reply());
+            let (state, _) = state(e, reply);
+            let last = reply.map_or(e.last_seen_ns, |r| r.last_seen_ns.max(e.last_seen_ns));
+            let p = k.proto;
+            rows.push(ConntrackRow {
+                proto: proto_name(p).into(),
+                orig: format!(
+                    "{} -> {}",
+                    endpoint(k.saddr, k.sport, p),
+                    endpoint(k.daddr, k.dport, p)
+                ),
+                translated: format!(
+                    "{} -> {}",
+                    endpoint(e.rewrite.saddr, e.rewrite.sport, p),
+                    endpoint(e.rewrite.daddr, e.rewrite.dport, p)
+                ),
+                state: state.into(),
+                dnat: e.flags & CT_F_DNAT != 0,
+                age_secs: now.saturating_sub(e.created_ns) as f64 / 1e9,
+                idle_secs: now.saturating_sub(last) as f64 / 1e9,
+                packets: e.packets,
+                bytes: e.bytes,
+                reply_packets: reply.map_or(0, |r| r.packets),
+                reply_bytes: reply.map_or(0, |r| r.bytes),
+            });
+        }
+        Ok(rows)
+    }
+
+    fn ct_flush_id(&mut self, id: u32) -> Result<usize> {
+        let doomed: Vec<CtKey> = self
+            .ct_entries()?
+            .into_iter()
+            .filter(|(_, e)| e.net_id == id)
+            .map(|(k, _)| k)
+            .collect();
+        let mut ct = self.dp.ct()?;
+        for k in &doomed {
+            let _ = ct.remove(k);
+        }
+        Ok(doomed.len())
+    }
+
+    pub fn conntrack_flush(&mut self, net: &str) -> Result<usize> {
+        let (id, ..) = self.nat_net(net)?;
+        self.ct_flush_id(id)
+    }
+
+    /// Deletes flows idle past their state's timeout (both entries).
+    pub fn conntrack_gc(&mut self) -> Result<usize> {
+        let all: std::collections::HashMap<CtKey, CtEntry> =
+            self.ct_entries()?.into_iter().collect();
+        if all.is_empty() {
+            return Ok(0);
+        }
+        let now = monotonic_ns();
+        let scale = time_scale();
+        let mut doomed = Vec::new();
+        for (k, e) in all.iter().filter(|(_, e)| e.flags & CT_F_ORIGINAL != 0) {
+            let rkey = e.rewrite.reply();
+            let reply = all.get(&rkey);
+            let (_, limit) = state(e, reply);
+            let last = reply.map_or(e.last_seen_ns, |r| r.last_seen_ns.max(e.last_seen_ns));
+            if now.saturating_sub(last) as f64 / 1e9 > limit / scale {
+                doomed.push(*k);
+                doomed.push(rkey);
+            }
+        }
+        // Reply entries whose original vanished (a half-created flow).
+        for (k, e) in all.iter().filter(|(_, e)| e.flags & CT_F_ORIGINAL == 0) {
+            if !all.contains_key(&e.rewrite.reply())
+                && now.saturating_sub(e.created_ns) > 5_000_000_000
+            {
+                doomed.push(*k);
+            }
+        }
+        let mut ct = self.dp.ct()?;
+        for k in &doomed {
+            let _ = ct.remove(k);
+        }
+        Ok(doomed.len())
+    }
+
+    /// Follows the uplink's address (DHCP on the host): new flows use the
+    /// new one at once.
+    pub fn nat_follow_uplinks(&mut self) -> Result<()> {
+        let nats: Vec<(String, u32, String, Ipv4Addr)> = self
+            .nets
+            .iter()
+            .filter_map(|(name, n)| {
+                Some((
+                    name.clone(),
+                    n.id,
+                    n.uplink.clone()?,
+                    n.nat.as_ref()?.nat_ip,
+                ))
+            })
+            .collect();
+        for (name, id, uplink, old) in nats {
+            let Ok(Some(ip)) = netdev::ipv4(&uplink) else {
+                continue;
+            };
+            if ip == old {
+                continue;
+            }
+            let mut cfg: NetConfig = self.dp.nets()?.get(&id, 0)?;
+            cfg.nat_ip = u32::from(ip).to_be();
+            self.dp.nets()?.insert(id, cfg, 0)?;
+            if let Some(s) = self.nets.get_mut(&name).and_then(|n| n.nat.as_mut()) {
+                s.nat_ip = ip;
+            }
+            log::info!("network {name}: uplink {uplink} address changed {old} -> {ip}");
+        }
+        Ok(())
+    }
+
+    pub fn nat_stats(&mut self) -> Result<Vec<NatStatsRow>> {
+        let nats: Vec<(String, u32)> = self
+            .nets
+            .iter()
+            .filter(|(_, n)| n.nat.is_some())
+            .map(|(k, n)| (k.clone(), n.id))
+            .collect();
+        if nats.is_empty() {
+            return Ok(Vec::new());
+        }
+        let all = self.ct_entries()?;
+        let mut rows = Vec::new();
+        for (net, id) in nats {
+            let s = self.dp.nat_stats(id)?;
+            let mine = all.iter().filter(|(_, e)| e.net_id == id);
+            let entries = mine.clone().count() as u64;
+            let ports: std::collections::BTreeSet<(u8, u16)> = mine
+                .filter(|(_, e)| e.flags & CT_F_ORIGINAL != 0 && e.flags & CT_F_DNAT == 0)
+                .map(|(_, e)| (e.rewrite.proto, e.rewrite.sport))
+                .collect();
+            rows.push(NatStatsRow {
+                net,
+                translated: s.translated,
+                new_flows: s.new_flows,
+                icmp_errors: s.icmp_errors,
+                drops: BTreeMap::from([
+                    ("table_full".to_string(), s.drop_table_full),
+                    ("no_port".to_string(), s.drop_no_port),
+                    ("unsupported".to_string(), s.drop_unsupported),
+                ]),
+                table_entries: entries,
+                table_capacity: self.dp.ct_capacity as u64,
+                ports_in_use: ports.len() as u64,
+            });
+        }
+        Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(parse_port_range("1024-65535").unwrap(), (1024, 65535));
+        for (bad, why) in [
+            ("1024-70000", "beyond"),
+            ("0-10", "beyond"),
+            ("2000-1000", "above"),
+            ("1024", "FIRST-LAST"),
+            ("a-b", "not a number"),
+        ] {
+            let e = parse_port_range(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn ephemeral_ports_are_carved_out() {
+        assert_eq!(
+            effective_ports((1024, 65535), (32768, 60999)).unwrap(),
+            (1024, 65535, 32768, 60999)
+        );
+        assert!(effective_ports((40000, 40100), (32768, 60999)).is_err());
+        assert!(effective_ports((1024, 2047), (32768, 60999)).is_ok());
+    }
+
+    #[test]
+    fn tcp_states_follow_flags() {
+        let mut o = CtEntry {
+            flags: CT_F_ORIGINAL,
+            ..Default::default()
+        };
+        o.rewrite.proto = IPPROTO_TCP;
+        let mut r = CtEntry {
+            packets: 1,
+            ..Default::default()
+        };
+        assert_eq!(state(&o, None).0, "syn_sent");
+        assert_eq!(state(&o, Some(&r)).0, "established");
+        o.flags |= CT_F_FIN;
+        assert_eq!(state(&o, Some(&r)).0, "fin_wait");
+        r.flags |= CT_F_FIN;
+        assert_eq!(state(&o, Some(&r)).0, "time_wait");
+        r.flags |= CT_F_RST;
+        assert_eq!(state(&o, Some(&r)).0, "close");
+        let mut u = CtEntry::default();
+        u.rewrite.proto = IPPROTO_UDP;
+        assert_eq!(state(&u, None).0, "unreplied");
+    }
+}

@@ -1,0 +1,644 @@
+//! Issue: NAT. Masquerade with conntrack in the fast path, port forwards,
+//! ICMP errors and PMTUD through the translation, table limits.
+use std::{
+    collections::BTreeSet,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use kvnet_tests::{
+    count_frames, kvnet::Kvnet, lab::privileged, tools, Capture, Frame, GuestPort, Lab, Outside,
+};
+use serde_json::Value;
+
+const UPLINK_IP: [u8; 4] = [198, 51, 100, 1];
+
+fn quiet(g: &GuestPort) {
+    g.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.eth0.disable_ipv6=1")
+        .unwrap();
+}
+
+struct Nat {
+    lab: Lab,
+    out: Outside,
+    guests: Vec<GuestPort>,
+    k: Kvnet,
+}
+
+/// Guests 10.50.0.11.. behind gateway 10.50.0.1 (NAT network "nat"); the
+/// outside at 198.51.100.2 knows no route to the guests.
+fn nat_lab(n: usize, daemon_args: &[&str]) -> Nat {
+    let lab = Lab::new().unwrap();
+    let out = lab.add_outside().unwrap();
+    out.set_ip("198.51.100.2/24").unwrap();
+    out.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1")
+        .unwrap();
+    lab.exec(
+        lab.hv(),
+        &["ip", "addr", "add", "198.51.100.1/24", "dev", "up0"],
+    )
+    .unwrap();
+    let guests: Vec<GuestPort> = (0..n)
+        .map(|i| {
+            let g = lab
+                .add_guest_with(&format!("vm{i}"), Some(&format!("10.50.0.{}/24", 11 + i)))
+                .unwrap();
+            quiet(&g);
+            g.sh("ip route add default via 10.50.0.1").unwrap();
+            g
+        })
+        .collect();
+    std::env::set_var("KVNET_CT_TIME_SCALE", "100");
+    let k = Kvnet::start_with(&lab, daemon_args).unwrap();
+    k.cli(&[
+        "net",
+        "add",
+        "nat",
+        "--mode",
+        "nat",
+        "--gateway",
+        "10.50.0.1/24",
+        "--uplink",
+        "up0",
+    ])
+    .unwrap();
+    for g in &guests {
+        k.cli(&["port", "add", "nat", &g.hv_if]).unwrap();
+    }
+    Nat {
+        lab,
+        out,
+        guests,
+        k,
+    }
+}
+
+fn py(ns: &str, code: &str) -> String {
+    let o = kvnet_tests::lab::exec_output(ns, &["python3", "-c", code]).unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A Python TCP/UDP echo server in `ns`, in the background.
+fn echo_server(lab: &Lab, ns: &str, port: u16) {
+    let code = format!(
+        r#"
+import socket, threading
+t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind(("0.0.0.0", {port})); t.listen(4096)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", {port}))
+def udp():
+    while True:
+        d, a = u.recvfrom(2048); u.sendto(d, a)
+def serve(c):
+    try:
+        while True:
+            d = c.recv(65536)
+            if not d: break
+            c.sendall(d)
+    finally:
+        c.close()
+threading.Thread(target=udp, daemon=True).start()
+while True:
+    c, _ = t.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#
+    );
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", &code])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    lab.spawn(ns, cmd).unwrap();
+    thread::sleep(Duration::from_millis(400));
+}
+
+fn ipv4_src(f: &Frame) -> Option<[u8; 4]> {
+    f.ipv4_addrs().map(|(s, _)| s)
+}
+
+fn sum16(data: &[u8], mut sum: u32) -> u32 {
+    for c in data.chunks(2) {
+        sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+    }
+    sum
+}
+
+fn fold(mut s: u32) -> u16 {
+    while s >> 16 != 0 {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s as u16
+}
+
+/// Verifies the IPv4 header checksum and the TCP/UDP/ICMP checksum of a
+/// captured frame (full checksums: the sender had offloads off).
+fn checksums_ok(f: &Frame) -> bool {
+    let d = &f.data;
+    if d.len() < 34 || d[12..14] != [0x08, 0x00] {
+        return true;
+    }
+    let ihl = (d[14] & 0xf) as usize * 4;
+    let ip = &d[14..14 + ihl];
+    if fold(sum16(ip, 0)) != 0xffff {
+        return false;
+    }
+    let tot = u16::from_be_bytes([d[16], d[17]]) as usize;
+    let l4 = &d[14 + ihl..(14 + tot).min(d.len())];
+    match d[23] {
+        1 => fold(sum16(l4, 0)) == 0xffff,
+        6 | 17 => {
+            if d[23] == 17 && l4.len() >= 8 && l4[6..8] == [0, 0] {
+                return true;
+            }
+            let mut ph = Vec::new();
+            ph.extend_from_slice(&d[26..34]);
+            ph.extend_from_slice(&[0, d[23]]);
+            ph.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            fold(sum16(l4, sum16(&ph, 0))) == 0xffff
+        }
+        _ => true,
+    }
+}
+
+#[test]
+fn guests_reach_outside_services_behind_the_uplink_address() {
+    if !privileged() {
+        return;
+    }
+    let t = nat_lab(2, &[]);
+    echo_server(&t.lab, &t.out.ns, 5000);
+    // Guest 0 with offloads off: every checksum on the wire must be right.
+    t.guests[0]
+        .sh("ethtool -K eth0 tx off >/dev/null 2>&1 || true")
+        .unwrap();
+    for (i, g) in t.guests.iter().enumerate() {
+        let cap = Capture::start(&t.out.ns, "eth0").unwrap();
+        g.exec(&["ping", "-c", "3", "-i", "0.2", "198.51.100.2"]).unwrap();
+        let r = py(
+            &g.ns,
+            r#"
+import socket
+s = socket.create_connection(("198.51.100.2", 5000), timeout=5); s.sendall(b"x" * 100000)
+got = b""
+while len(got) < 100000: got += s.recv(65536)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)
+u.sendto(b"ping-udp", ("198.51.100.2", 5000)); print("tcp", len(got), "udp", u.recvfrom(100)[0].decode())
+"#,
+        );
+        assert!(r.contains("tcp 100000 udp ping-udp"), "{}: {r}", g.hv_if);
+        let frames = cap.stop().unwrap();
+        let from_hv: Vec<&Frame> =
+            frames.iter().filter(|f| f.src_mac() != t.out.mac && f.ipv4_addrs().is_some()).collect();
+        assert!(from_hv.len() >= 10, "{} frames", from_hv.len());
+        for f in &from_hv {
+            assert_eq!(ipv4_src(f), Some(UPLINK_IP), "the outside sees only the uplink address: {f:?}");
+        }
+        if i == 0 {
+            // Offloads off: every translated frame carries valid checksums.
+            let bad = from_hv.iter().filter(|f| !checksums_ok(f)).count();
+            assert_eq!(bad, 0, "frames with bad checksums");
+        }
+    }
+    // Guest 1 kept its default offloads (checksums completed by the
+    // receiver's stack): the outside counted no bad checksum.
+    for proto in ["Tcp", "Udp"] {
+        let snmp = t.out.sh("cat /proc/net/snmp").unwrap();
+        let mut lines = snmp.lines().filter(|l| l.starts_with(&format!("{proto}:")));
+        let (h, v) = (lines.next().unwrap(), lines.next().unwrap());
+        let i = h.split_whitespace().position(|x| x == "InCsumErrors").unwrap();
+        assert_eq!(v.split_whitespace().nth(i), Some("0"), "{proto} checksum errors at the outside");
+    }
+
+    let tcp_bulk = tools::iperf3(
+        &t.lab,
+        &t.out.ns,
+        "198.51.100.2",
+        &t.guests[1].ns,
+        &["-t", "2"],
+    )
+    .unwrap();
+    let (bytes, bps) = tools::received(&tcp_bulk);
+    println!("NAT iperf3 guest -> outside: {:.2} Gbit/s", bps / 1e9);
+    assert!(bytes > 10_000_000);
+    let ct = t.k.json(&["conntrack", "list", "nat"]).unwrap();
+    // Timeouts run 100x faster in these tests: the bulk flow is listed.
+    assert!(
+        ct.as_array().unwrap().iter().any(|c| c["proto"] == "tcp"
+            && c["translated"].as_str().unwrap_or("").starts_with("198.51.100.1:")),
+        "{ct}"
+    );
+    let stats = t.k.json(&["stats"]).unwrap();
+    assert!(
+        stats["nat"][0]["translated"].as_u64().unwrap() > 100,
+        "{stats}"
+    );
+}
+
+#[test]
+fn two_thousand_connections_get_distinct_ports_and_the_table_drains() {
+    if !privileged() {
+        return;
+    }
+    let t = nat_lab(3, &[]);
+    echo_server(&t.lab, &t.out.ns, 5001);
+    // The host's own connections to the same server run throughout.
+    let host_client = r#"
+import socket, time
+ok = 0
+end = time.time() + 6
+while time.time() < end:
+    s = socket.create_connection(("198.51.100.2", 5001), timeout=3); s.sendall(b"host"); assert s.recv(10) == b"host"; s.close(); ok += 1
+print("host-ok", ok)
+"#;
+    let mut hc = Command::new("python3");
+    hc.args(["-c", host_client])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut host = t.lab.spawn(t.lab.hv(), hc).unwrap();
+    let flag = t.lab.work_dir().join("close-now");
+    let client = r#"
+import socket, sys, os, time
+conns = []
+for i in range(667):
+    s = socket.create_connection(("198.51.100.2", 5001), timeout=10); conns.append(s)
+for s in conns: s.sendall(b"hello")
+okc = sum(1 for s in conns if s.recv(10) == b"hello")
+print("open", okc, flush=True)
+while not os.path.exists(sys.argv[1]): time.sleep(0.2)
+for s in conns: s.close()
+print("closed")
+"#;
+    let mut clients = Vec::new();
+    for g in &t.guests {
+        let mut c = Command::new("python3");
+        c.args(["-c", client])
+            .arg(&flag)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        clients.push(t.lab.spawn(&g.ns, c).unwrap());
+    }
+    // Wait until all 2001 connections are up (the table holds them).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rows = loop {
+        let ct = t.k.json(&["conntrack", "list", "nat"]).unwrap();
+        let rows: Vec<Value> = ct
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["proto"] == "tcp" && r["state"] == "established")
+            .cloned()
+            .collect();
+        if rows.len() >= 2001 {
+            break rows;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} established flows",
+            rows.len()
+        );
+        thread::sleep(Duration::from_millis(500));
+    };
+    let ports: BTreeSet<String> = rows
+        .iter()
+        .map(|r| {
+            r["translated"]
+                .as_str()
+                .unwrap()
+                .split(" -> ")
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        ports.len(),
+        rows.len(),
+        "translated source ports are distinct"
+    );
+    for r in &rows {
+        assert!(
+            r["translated"]
+                .as_str()
+                .unwrap()
+                .starts_with("198.51.100.1:"),
+            "{r}"
+        );
+    }
+    // Close them all; after the (shortened) timeouts the table drains.
+    std::fs::write(&flag, b"").unwrap();
+    for c in &clients {
+        assert!(
+            c.wait_timeout(Duration::from_secs(30))
+                .unwrap()
+                .is_some_and(|s| s.success()),
+            "a guest's connections failed"
+        );
+    }
+    let status = host.wait_timeout(Duration::from_secs(20)).unwrap();
+    let mut out = String::new();
+    use std::io::Read;
+    host.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()) && out.contains("host-ok"),
+        "host connections broke: {out}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n =
+            t.k.json(&["conntrack", "list", "nat"])
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len();
+        if n == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{n} flows still in the table");
+        thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn same_source_port_from_two_guests_gets_two_translations() {
+    if !privileged() {
+        return;
+    }
+    let t = nat_lab(2, &[]);
+    echo_server(&t.lab, &t.out.ns, 5002);
+    let code = r#"
+import socket
+s = socket.socket(); s.bind(("0.0.0.0", 40000)); s.settimeout(5); s.connect(("198.51.100.2", 5002))
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 40000)); u.settimeout(3)
+s.sendall(b"same"); u.sendto(b"same", ("198.51.100.2", 5002))
+print(s.recv(10).decode(), u.recvfrom(10)[0].decode())
+import time; time.sleep(1)
+"#;
+    let handles: Vec<_> = t
+        .guests
+        .iter()
+        .map(|g| {
+            let ns = g.ns.clone();
+            thread::spawn(move || py(&ns, code))
+        })
+        .collect();
+    for h in handles {
+        let r = h.join().unwrap();
+        assert!(r.contains("same same"), "{r}");
+    }
+    let ct = t.k.json(&["conntrack", "list", "nat"]).unwrap();
+    let tcp: Vec<String> = ct
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["proto"] == "tcp" && r["orig"].as_str().unwrap().contains(":40000 "))
+        .map(|r| r["translated"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(tcp.len(), 2, "{ct}");
+    assert_ne!(tcp[0], tcp[1]);
+}
+
+#[test]
+fn icmp_errors_and_pmtud_reach_guests_through_the_nat() {
+    if !privileged() {
+        return;
+    }
+    let t = nat_lab(1, &[]);
+    let g = &t.guests[0];
+    // The outside routes 203.0.113.0/24 onward: a packet arriving there with
+    // TTL 1 gets "time exceeded" from 198.51.100.2.
+    t.out
+        .sh("sysctl -qw net.ipv4.ip_forward=1; ip route add 203.0.113.0/24 via 198.51.100.1")
+        .unwrap();
+    t.lab
+        .sh(t.lab.hv(), "ip route add 203.0.113.0/24 via 198.51.100.2")
+        .unwrap();
+    let o = kvnet_tests::lab::exec_output(
+        &g.ns,
+        &["ping", "-c", "1", "-W", "3", "-t", "2", "203.0.113.5"],
+    )
+    .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("198.51.100.2") && text.contains("Time to live exceeded"),
+        "{text}"
+    );
+    // Port unreachable for a translated UDP flow.
+    let r = py(
+        &g.ns,
+        r#"
+import socket
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3); u.connect(("198.51.100.2", 9))
+u.send(b"x")
+try:
+    u.recv(10); print("no error")
+except ConnectionRefusedError:
+    print("refused")
+"#,
+    );
+    assert!(r.contains("refused"), "{r}");
+    // PMTUD: the uplink is a 1280-byte link; a bulk TCP transfer completes.
+    t.lab.sh(t.lab.hv(), "ip link set up0 mtu 1280").unwrap();
+    t.out.sh("ip link set eth0 mtu 1280").unwrap();
+    let v = tools::iperf3(&t.lab, &t.out.ns, "198.51.100.2", &g.ns, &["-n", "5M"]).unwrap();
+    assert!(v["end"]["sum_sent"]["bytes"].as_u64().unwrap_or(0) >= 5_000_000, "{v}");
+    let stats = t.k.json(&["stats"]).unwrap();
+    assert!(
+        stats["nat"][0]["icmp_errors"].as_u64().unwrap() >= 2,
+        "{stats}"
+    );
+}
+
+#[test]
+fn port_forwards_from_outside_and_from_other_guests() {
+    if !privileged() {
+        return;
+    }
+    let t = nat_lab(2, &[]);
+    let www = t.lab.work_dir().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("hello.txt"), "served by guest vm0\n").unwrap();
+    let mut httpd = Command::new("busybox");
+    httpd
+        .args(["httpd", "-f", "-p", "22", "-h"])
+        .arg(&www)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    t.lab.spawn(&t.guests[0].ns, httpd).unwrap();
+    t.k.cli(&[
+        "forward",
+        "add",
+        "nat",
+        "--proto",
+        "tcp",
+        "--port",
+        "2222",
+        "--to",
+        "10.50.0.11:22",
+    ])
+    .unwrap();
+    let fl = t.k.json(&["forward", "list", "nat"]).unwrap();
+    assert_eq!(fl[0]["to"], "10.50.0.11:22", "{fl}");
+    thread::sleep(Duration::from_millis(300));
+    let got = t
+        .out
+        .sh("busybox wget -q -O - http://198.51.100.1:2222/hello.txt")
+        .unwrap();
+    assert_eq!(got, "served by guest vm0\n");
+    let got = t.guests[1]
+        .sh("busybox wget -q -O - http://198.51.100.1:2222/hello.txt")
+        .unwrap();
+    assert_eq!(
+        got, "served by guest vm0\n",
+        "hairpin through the uplink address"
+    );
+    let ct = t.k.json(&["conntrack", "list", "nat"]).unwrap();
+    assert!(
+        ct.as_array().unwrap().iter().any(|r| r["dnat"] == true),
+        "{ct}"
+    );
+    t.k.cli(&["forward", "del", "nat", "--proto", "tcp", "--port", "2222"])
+        .unwrap();
+    assert!(t
+        .out
+        .sh("busybox wget -q -T 2 -O - http://198.51.100.1:2222/hello.txt")
+        .is_err());
+}
+
+#[test]
+fn a_full_table_keeps_established_flows_and_drops_new_ones() {
+    if !privileged() {
+        return;
+    }
+    // 8 entries: 4 flows.
+    let t = nat_lab(1, &["--ct-max", "8"]);
+    echo_server(&t.lab, &t.out.ns, 5003);
+    let code = r#"
+import socket, time
+conns = [socket.create_connection(("198.51.100.2", 5003), timeout=3) for _ in range(4)]
+try:
+    socket.create_connection(("198.51.100.2", 5003), timeout=2); print("fifth connected")
+except OSError:
+    print("fifth refused")
+for s in conns: s.sendall(b"still"); assert s.recv(10) == b"still"
+print("established ok")
+"#;
+    let r = py(&t.guests[0].ns, code);
+    assert!(
+        r.contains("fifth refused") && r.contains("established ok"),
+        "{r}"
+    );
+    let stats = t.k.json(&["stats"]).unwrap();
+    assert!(
+        stats["nat"][0]["drops"]["table_full"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    assert_eq!(stats["nat"][0]["table_capacity"], 8);
+}
+
+#[test]
+fn bad_nat_input_is_refused() {
+    if !privileged() {
+        return;
+    }
+    let t = nat_lab(1, &[]);
+    let before = (
+        t.k.json(&["net", "list"]).unwrap(),
+        t.k.json(&["forward", "list", "nat"]).unwrap(),
+    );
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "net",
+                "add",
+                "n2",
+                "--mode",
+                "nat",
+                "--gateway",
+                "10.51.0.1/24",
+                "--uplink",
+                "up0",
+                "--nat-ports",
+                "20000-30000",
+            ],
+            "overlap network 'nat'",
+        ),
+        (
+            &[
+                "net",
+                "add",
+                "n3",
+                "--mode",
+                "nat",
+                "--gateway",
+                "10.52.0.1/24",
+                "--uplink",
+                "up0",
+                "--nat-ports",
+                "1024-70000",
+            ],
+            "beyond",
+        ),
+        (
+            &[
+                "forward",
+                "add",
+                "nat",
+                "--port",
+                "2222",
+                "--to",
+                "192.168.1.5:22",
+            ],
+            "not a guest address of network 'nat'",
+        ),
+        (
+            &[
+                "forward",
+                "add",
+                "nat",
+                "--port",
+                "2222",
+                "--to",
+                "10.50.0.11:99999",
+            ],
+            "beyond",
+        ),
+        (
+            &[
+                "forward",
+                "add",
+                "nat",
+                "--proto",
+                "sctp",
+                "--port",
+                "2222",
+                "--to",
+                "10.50.0.11:22",
+            ],
+            "tcp or udp",
+        ),
+    ];
+    for (args, want) in cases {
+        let err = t.k.cli_err(args).unwrap();
+        assert!(
+            err.contains(want),
+            "`kvnet {}`: want {want:?} in {err:?}",
+            args.join(" ")
+        );
+    }
+    assert_eq!(
+        (
+            t.k.json(&["net", "list"]).unwrap(),
+            t.k.json(&["forward", "list", "nat"]).unwrap()
+        ),
+        before
+    );
+    let _ = count_frames(&[], |_| true);
+}
