@@ -177,7 +177,8 @@ fn guests_reach_outside_services_behind_the_uplink_address() {
         .unwrap();
     for (i, g) in t.guests.iter().enumerate() {
         let cap = Capture::start(&t.out.ns, "eth0").unwrap();
-        g.exec(&["ping", "-c", "3", "-i", "0.2", "198.51.100.2"]).unwrap();
+        g.exec(&["ping", "-c", "3", "-i", "0.2", "198.51.100.2"])
+            .unwrap();
         let r = py(
             &g.ns,
             r#"
@@ -191,11 +192,17 @@ u.sendto(b"ping-udp", ("198.51.100.2", 5000)); print("tcp", len(got), "udp", u.r
         );
         assert!(r.contains("tcp 100000 udp ping-udp"), "{}: {r}", g.hv_if);
         let frames = cap.stop().unwrap();
-        let from_hv: Vec<&Frame> =
-            frames.iter().filter(|f| f.src_mac() != t.out.mac && f.ipv4_addrs().is_some()).collect();
+        let from_hv: Vec<&Frame> = frames
+            .iter()
+            .filter(|f| f.src_mac() != t.out.mac && f.ipv4_addrs().is_some())
+            .collect();
         assert!(from_hv.len() >= 10, "{} frames", from_hv.len());
         for f in &from_hv {
-            assert_eq!(ipv4_src(f), Some(UPLINK_IP), "the outside sees only the uplink address: {f:?}");
+            assert_eq!(
+                ipv4_src(f),
+                Some(UPLINK_IP),
+                "the outside sees only the uplink address: {f:?}"
+            );
         }
         if i == 0 {
             // Offloads off: every translated frame carries valid checksums.
@@ -209,8 +216,15 @@ u.sendto(b"ping-udp", ("198.51.100.2", 5000)); print("tcp", len(got), "udp", u.r
         let snmp = t.out.sh("cat /proc/net/snmp").unwrap();
         let mut lines = snmp.lines().filter(|l| l.starts_with(&format!("{proto}:")));
         let (h, v) = (lines.next().unwrap(), lines.next().unwrap());
-        let i = h.split_whitespace().position(|x| x == "InCsumErrors").unwrap();
-        assert_eq!(v.split_whitespace().nth(i), Some("0"), "{proto} checksum errors at the outside");
+        let i = h
+            .split_whitespace()
+            .position(|x| x == "InCsumErrors")
+            .unwrap();
+        assert_eq!(
+            v.split_whitespace().nth(i),
+            Some("0"),
+            "{proto} checksum errors at the outside"
+        );
     }
 
     let tcp_bulk = tools::iperf3(
@@ -228,7 +242,10 @@ u.sendto(b"ping-udp", ("198.51.100.2", 5000)); print("tcp", len(got), "udp", u.r
     // Timeouts run 100x faster in these tests: the bulk flow is listed.
     assert!(
         ct.as_array().unwrap().iter().any(|c| c["proto"] == "tcp"
-            && c["translated"].as_str().unwrap_or("").starts_with("198.51.100.1:")),
+            && c["translated"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("198.51.100.1:")),
         "{ct}"
     );
     let stats = t.k.json(&["stats"]).unwrap();
@@ -448,7 +465,10 @@ except ConnectionRefusedError:
     t.lab.sh(t.lab.hv(), "ip link set up0 mtu 1280").unwrap();
     t.out.sh("ip link set eth0 mtu 1280").unwrap();
     let v = tools::iperf3(&t.lab, &t.out.ns, "198.51.100.2", &g.ns, &["-n", "5M"]).unwrap();
-    assert!(v["end"]["sum_sent"]["bytes"].as_u64().unwrap_or(0) >= 5_000_000, "{v}");
+    assert!(
+        v["end"]["sum_sent"]["bytes"].as_u64().unwrap_or(0) >= 5_000_000,
+        "{v}"
+    );
     let stats = t.k.json(&["stats"]).unwrap();
     assert!(
         stats["nat"][0]["icmp_errors"].as_u64().unwrap() >= 2,
@@ -641,4 +661,71 @@ fn bad_nat_input_is_refused() {
         before
     );
     let _ = count_frames(&[], |_| true);
+}
+
+#[test]
+fn a_real_qemu_guest_reaches_the_outside_through_the_nat() {
+    if !privileged() {
+        return;
+    }
+    use kvnet_tests::guest::{default_cache_dir, Image, Vm, VmSpec, READY};
+    let image = Image::ensure(&default_cache_dir()).unwrap();
+    let t = nat_lab(0, &[]);
+    let tap = t.lab.add_tap("tap0").unwrap();
+    t.k.cli(&["port", "add", "nat", &tap]).unwrap();
+    let www = t.lab.work_dir().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    t.out
+        .sh(&format!(
+            "head -c 3000000 /dev/urandom > {}/blob",
+            www.display()
+        ))
+        .unwrap();
+    let want = t.out.sh(&format!("md5sum {}/blob", www.display())).unwrap();
+    let want = want.split_whitespace().next().unwrap().to_string();
+    let mut httpd = Command::new("busybox");
+    httpd
+        .args(["httpd", "-f", "-p", "8080", "-h"])
+        .arg(&www)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    t.lab.spawn(&t.out.ns, httpd).unwrap();
+    let script = "ip route add default via 10.50.0.1\n\
+                  ping -c 3 -W 3 198.51.100.2 || exit 11\n\
+                  wget -q -O /tmp/blob http://198.51.100.2:8080/blob || exit 12\n\
+                  echo GOT-MD5 $(md5sum /tmp/blob)\n"
+        .to_string();
+    let vm = Vm::boot(
+        &t.lab,
+        &image,
+        VmSpec {
+            tap,
+            mac: "52:54:00:50:00:05".into(),
+            ip: "10.50.0.5/24".into(),
+            script,
+            ..VmSpec::default()
+        },
+    )
+    .unwrap();
+    vm.wait_for(READY, Duration::from_secs(120)).unwrap();
+    let rc = vm.wait_done(Duration::from_secs(180)).unwrap();
+    let out = vm.script_output();
+    assert_eq!(rc, 0, "{}", vm.console());
+    assert!(out.contains("3 packets received"), "{out}");
+    let got = out
+        .lines()
+        .find_map(|l| l.strip_prefix("GOT-MD5 "))
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_default();
+    assert_eq!(got, want, "download through the NAT arrived intact");
+    // The VM is the only guest: every translation is its.
+    let stats = t.k.json(&["stats"]).unwrap();
+    assert!(
+        stats["nat"][0]["new_flows"].as_u64().unwrap_or(0) >= 2,
+        "{stats}"
+    );
+    assert!(
+        stats["nat"][0]["translated"].as_u64().unwrap_or(0) > 1000,
+        "{stats}"
+    );
 }
