@@ -116,6 +116,10 @@ pub struct NetConfig {
     pub port_hi: u16,
     pub skip_lo: u16,
     pub skip_hi: u16,
+    /// The VLAN the gateway port is an (access) member of; routing and NAT
+    /// serve guests of that VLAN.
+    pub gw_vid: u16,
+    pub _pad2: u16,
 }
 
 /// [`NetConfig::flags`]: masquerade traffic leaving through the uplink.
@@ -428,7 +432,7 @@ mod tests {
         assert_eq!(size_of::<VlanMemberKey>(), 8);
         assert_eq!(size_of::<VlanMember>(), 4);
         assert_eq!(size_of::<PortStats>(), 8 * (10 + DROP_REASONS));
-        assert_eq!(size_of::<NetConfig>(), 44);
+        assert_eq!(size_of::<NetConfig>(), 48);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtEntry>(), 56);
         assert_eq!(size_of::<ForwardKey>(), 8);

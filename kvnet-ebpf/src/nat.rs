@@ -464,7 +464,8 @@ fn to_guest(ctx: &TcContext, p: &Pkt, to: &CtKey, ingress: u32) -> Nat {
     }
     let mut egress = f.ifindex;
     if let Some(net) = maps::gw_host_net(f.ifindex) {
-        if let Some(port) = fdb::lookup(net, 0, f.dmac) {
+        let vid = maps::net(net).map_or(0, |n| n.gw_vid);
+        if let Some(port) = fdb::lookup(net, vid, f.dmac) {
             egress = port;
         }
     }

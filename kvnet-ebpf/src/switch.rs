@@ -113,7 +113,8 @@ fn classify(ingress: u32, port: &PortConfig, tag: &Tag) -> Result<u16, DropReaso
 #[inline(always)]
 fn routed_to(fib: &route::Fib) -> u32 {
     if let Some(net_id) = maps::gw_host_net(fib.ifindex) {
-        if let Some(port) = fdb::lookup(net_id, 0, fib.dmac) {
+        let vid = maps::net(net_id).map_or(0, |n| n.gw_vid);
+        if let Some(port) = fdb::lookup(net_id, vid, fib.dmac) {
             return port;
         }
     }
@@ -198,8 +199,10 @@ pub fn decide(
     }
     // Routed networks: IPv4 to the gateway MAC goes through the FIB (tc
     // only: XDP hands these to tc on its way to the gateway port).
-    if port.flags & PORT_F_ROUTED_NET != 0 && vid == 0 && eth.ethertype == parse::ETH_P_IPV4 {
-        if let (Some(l3c), Some(n)) = (l3, maps::net(net_id)) {
+    // (The gateway's VLAN only; the frame is untagged in the packet here:
+    // access ports, or tc with the tag already in skb metadata.)
+    if port.flags & PORT_F_ROUTED_NET != 0 && eth.ethertype == parse::ETH_P_IPV4 {
+        if let (Some(l3c), Some(n)) = (l3, maps::net(net_id).filter(|n| n.gw_vid == vid)) {
             if eth.dst == n.gw_mac && n.flags & NET_F_NAT != 0 {
                 return Action::NatOut(net_id);
             }

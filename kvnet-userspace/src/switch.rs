@@ -405,6 +405,10 @@ impl Switch {
             bail!("nothing to change: give --vlan N, --trunk LIST [--native N] or --no-vlan");
         }
         let cfg = vlan.to_cfg()?;
+        let gateway_port = port.role == PortRole::Gateway;
+        if gateway_port && matches!(cfg, VlanCfg::Trunk { .. }) {
+            bail!("the gateway port '{iface}' takes --vlan N (the VLAN its network's guests are on) or --no-vlan, not a trunk");
+        }
         let (net, ifindex, old) = (port.net.clone(), port.ifindex, port.vlan.clone());
         let net_id = self.net(&net)?.id;
         self.check_capacity(&net, iface, &cfg)?;
@@ -452,6 +456,15 @@ impl Switch {
         }
         self.remove_memberships(ifindex, left.iter().copied());
         self.flush_fdb(|k, e| e.ifindex == ifindex && k.net_id == net_id && left.contains(&k.vid))?;
+        if gateway_port {
+            // Routing and NAT serve the guests of the gateway's VLAN.
+            let vid = cfg.port_fields().1;
+            let mut nets = self.dp.nets()?;
+            if let Ok(mut n) = nets.get(&net_id, 0) {
+                n.gw_vid = vid;
+                nets.insert(net_id, n, 0)?;
+            }
+        }
         if let Some(p) = self.ports.get_mut(iface) {
             p.vlan = cfg;
         }

@@ -729,3 +729,34 @@ fn a_real_qemu_guest_reaches_the_outside_through_the_nat() {
         "{stats}"
     );
 }
+
+#[test]
+fn a_guest_on_a_vlan_access_port_is_translated_too() {
+    if !privileged() {
+        return;
+    }
+    let t = nat_lab(1, &[]);
+    echo_server(&t.lab, &t.out.ns, 5004);
+    // Guest vm0 moves to VLAN 10, and so does the gateway.
+    t.k.cli(&["port", "set", "vm0", "--vlan", "10"]).unwrap();
+    let gw = t.k.json(&["net", "show", "nat"]).unwrap();
+    let gw_port = gw["port_details"].as_array().unwrap().iter().find(|p| p["role"] == "gateway").unwrap()["iface"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(t.k.cli_err(&["port", "set", &gw_port, "--trunk", "10,20"]).unwrap().contains("not a trunk"));
+    t.k.cli(&["port", "set", &gw_port, "--vlan", "10"]).unwrap();
+    let cap = Capture::start(&t.out.ns, "eth0").unwrap();
+    let r = py(&t.guests[0].ns, r#"
+import socket
+s = socket.create_connection(("198.51.100.2", 5004), timeout=5); s.sendall(b"v" * 50000)
+got = b""
+while len(got) < 50000: got += s.recv(65536)
+print("vlan-ok", len(got))
+"#);
+    assert!(r.contains("vlan-ok 50000"), "{r}");
+    let frames = cap.stop().unwrap();
+    let tcp: Vec<&Frame> = frames.iter().filter(|f| f.ipv4_proto() == Some(6) && f.src_mac() != t.out.mac).collect();
+    assert!(!tcp.is_empty());
+    assert!(tcp.iter().all(|f| ipv4_src(f) == Some(UPLINK_IP) && f.vlan_id().is_none()), "untagged and translated on the uplink");
+}
