@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use kvnet_tests::{
     guest::{default_cache_dir, Image, Vm, VmSpec, READY},
     kvnet::Kvnet,
-    GuestPort, Lab,
+    tools, GuestPort, Lab,
 };
 
 fn step(n: u32, title: &str) {
@@ -25,35 +25,62 @@ fn show(k: &Kvnet, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Runs a kvnet command, echoing it.
+fn kv(k: &Kvnet, args: &[&str]) -> Result<()> {
+    println!("$ kvnet {}", args.join(" "));
+    k.cli(args).map(|_| ())
+}
+
 fn ping(g: &GuestPort, ip: &str) -> bool {
     g.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "1", ip])
         .is_ok()
 }
 
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "ok"
+    } else {
+        "unreachable"
+    }
+}
+
 pub fn run(kvnet: &Path) -> Result<()> {
     std::env::set_var("KVNET_BIN", kvnet);
-    step(
-        1,
-        "lab: a hypervisor namespace, 5 namespace guests, 1 tap for a real VM",
-    );
+    let mut failures = Vec::new();
+    let mut expect = |what: &str, got: bool, want: bool| {
+        println!(
+            "  {what}: {}{}",
+            verdict(got),
+            if got == want { "" } else { "   <-- UNEXPECTED" }
+        );
+        if got != want {
+            failures.push(what.to_string());
+        }
+    };
+
+    step(1, "lab: a hypervisor namespace, guests, an outside network behind uplink up0, a tap for a real VM");
     let lab = Lab::new()?;
-    let blue: Vec<GuestPort> = [
-        ("vnet0", "10.20.0.1/24"),
-        ("vnet1", "10.20.0.2/24"),
-        ("vnet2", "10.20.0.3/24"),
-    ]
-    .iter()
-    .map(|(p, ip)| lab.add_guest_with(p, Some(ip)))
-    .collect::<Result<_>>()?;
-    // red uses the same subnet: only kvnet's isolation keeps them apart.
-    let red: Vec<GuestPort> = [("vnet3", "10.20.0.11/24"), ("vnet4", "10.20.0.12/24")]
-        .iter()
-        .map(|(p, ip)| lab.add_guest_with(p, Some(ip)))
-        .collect::<Result<_>>()?;
+    let mk = |port: &str, ip: Option<&str>| -> Result<GuestPort> {
+        let g = lab.add_guest_with(port, ip)?;
+        g.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.eth0.disable_ipv6=1")?;
+        Ok(g)
+    };
+    let blue = [
+        mk("vnet0", Some("10.20.0.1/24"))?,
+        mk("vnet1", Some("10.20.0.2/24"))?,
+        mk("vnet2", Some("10.20.0.3/24"))?,
+    ];
+    let red = mk("vnet3", Some("10.20.0.11/24"))?;
+    let nat_guest = mk("vnet4", None)?;
+    let out = lab.add_outside()?;
+    out.set_ip("198.51.100.2/24")?;
+    lab.exec(
+        lab.hv(),
+        &["ip", "addr", "add", "198.51.100.1/24", "dev", "up0"],
+    )?;
     let tap = lab.add_tap("tap0")?;
     println!(
-        "hypervisor namespace {} (enter: nsenter --net=/var/run/netns/{})",
-        lab.hv(),
+        "hypervisor namespace {0} (enter: nsenter --net=/var/run/netns/{0})",
         lab.hv()
     );
 
@@ -64,89 +91,178 @@ pub fn run(kvnet: &Path) -> Result<()> {
         k.socket().display(),
         lab.pin_dir().display()
     );
-    k.cli(&["net", "add", "blue"])?;
-    k.cli(&["net", "add", "red", "--ageing", "60"])?;
-    k.cli(&["port", "add", "blue", "vnet0", "--hook", "xdp"])?;
-    k.cli(&["port", "add", "blue", "vnet1", "--hook", "tc"])?;
-    k.cli(&["port", "add", "blue", "vnet2"])?;
-    k.cli(&["port", "add", "blue", &tap])?;
-    k.cli(&["port", "add", "red", "vnet3"])?;
-    k.cli(&["port", "add", "red", "vnet4"])?;
-    show(&k, &["net", "list"])?;
-    show(&k, &["port", "list"])?;
 
     step(
         3,
-        "L2 switching in eBPF: blue guests reach each other, red stays apart",
+        "L2 switching in eBPF with VLANs: blue (access VLANs 10/20), red (isolated, same subnet)",
     );
-    for (from, to) in [(0, "10.20.0.2"), (1, "10.20.0.3"), (2, "10.20.0.1")] {
-        println!(
-            "blue guest {} -> {to}: {}",
-            from + 1,
-            if ping(&blue[from], to) {
-                "ok"
-            } else {
-                "FAILED"
-            }
-        );
-    }
-    println!(
-        "red guest 1 -> 10.20.0.12: {}",
-        if ping(&red[0], "10.20.0.12") {
-            "ok"
-        } else {
-            "FAILED"
-        }
+    kv(&k, &["net", "add", "blue"])?;
+    kv(&k, &["net", "add", "red"])?;
+    kv(
+        &k,
+        &[
+            "port", "add", "blue", "vnet0", "--vlan", "10", "--hook", "xdp",
+        ],
+    )?;
+    kv(&k, &["port", "add", "blue", "vnet1", "--vlan", "10"])?;
+    kv(&k, &["port", "add", "blue", "vnet2", "--vlan", "20"])?;
+    kv(&k, &["port", "add", "red", "vnet3"])?;
+    expect(
+        "vnet0 -> vnet1 (VLAN 10)",
+        ping(&blue[0], "10.20.0.2"),
+        true,
     );
-    let leak = ping(&blue[0], "10.20.0.11");
-    println!(
-        "blue guest 1 -> red 10.20.0.11: {}",
-        if leak {
-            "REACHED (isolation broken!)"
-        } else {
-            "unreachable, as it must be"
-        }
+    expect(
+        "vnet0 -> vnet2 (VLAN 20)",
+        ping(&blue[0], "10.20.0.3"),
+        false,
     );
+    expect(
+        "vnet0 -> red vnet3 (other network)",
+        ping(&blue[0], "10.20.0.11"),
+        false,
+    );
+    expect(
+        "red vnet3 -> vnet0 (other network)",
+        ping(&red, "10.20.0.1"),
+        false,
+    );
+    kv(&k, &["port", "set", "vnet2", "--vlan", "10"])?;
+    expect(
+        "vnet0 -> vnet2 after moving it to VLAN 10 live",
+        ping(&blue[0], "10.20.0.3"),
+        true,
+    );
+    show(&k, &["vlan", "show", "blue"])?;
     show(&k, &["fdb", "show", "blue"])?;
 
     step(4, "TCP bulk between two guests (iperf3, default offloads)");
-    let mut srv = Command::new("iperf3");
-    srv.args(["-s", "-1", "-B", "10.20.0.2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    lab.spawn(&blue[1].ns, srv)?;
-    thread::sleep(Duration::from_millis(300));
-    let out = blue[0].exec(&["iperf3", "-c", "10.20.0.2", "-t", "2", "-J"])?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0);
-    println!("vnet0 (xdp+tc) -> vnet1 (tc): {:.1} Gbit/s", bps / 1e9);
+    let v = tools::iperf3(&lab, &blue[1].ns, "10.20.0.2", &blue[2].ns, &["-t", "2"])?;
+    println!(
+        "  vnet2 -> vnet1: {:.1} Gbit/s",
+        tools::received(&v).1 / 1e9
+    );
 
     step(
         5,
-        "a real qemu guest (virtio-net on tap0) joins blue and pings vnet0",
+        "libvirt's default network: NAT behind up0's address, DHCP and DNS on the gateway",
     );
-    match boot_vm(&lab, &tap) {
-        Ok(out) => print!("{out}"),
-        Err(e) => println!("(skipped: {e:#})"),
+    kv(
+        &k,
+        &[
+            "net",
+            "add",
+            "default",
+            "--mode",
+            "nat",
+            "--gateway",
+            "192.168.122.1/24",
+            "--uplink",
+            "up0",
+            "--dhcp-range",
+            "192.168.122.2,192.168.122.254",
+            "--domain",
+            "demo.test",
+        ],
+    )?;
+    kv(&k, &["port", "add", "default", "vnet4"])?;
+    let lease = nat_guest.sh("busybox udhcpc -i eth0 -q -n -t 5 -s /bin/true -x hostname:web 2>&1 | grep -i lease || true")?;
+    // udhcpc's default script is not installed; configure what it obtained.
+    let leases = k.json(&["dhcp", "leases", "default"])?;
+    let ip = leases
+        .as_array()
+        .and_then(|l| l.first())
+        .and_then(|l| l["ip"].as_str())
+        .map(str::to_string);
+    println!("  udhcpc: {}", lease.trim());
+    show(&k, &["dhcp", "leases", "default"])?;
+    if let Some(ip) = &ip {
+        nat_guest.sh(&format!(
+            "ip addr add {ip}/24 dev eth0; ip route add default via 192.168.122.1"
+        ))?;
     }
+    expect(
+        "guest -> outside 198.51.100.2 through the NAT",
+        ping(&nat_guest, "198.51.100.2"),
+        true,
+    );
+    let v = tools::iperf3(&lab, &out.ns, "198.51.100.2", &nat_guest.ns, &["-t", "2"])?;
+    println!(
+        "  guest -> outside TCP through the NAT: {:.1} Gbit/s",
+        tools::received(&v).1 / 1e9
+    );
+    show(&k, &["conntrack", "list", "default"])?;
 
     step(
         6,
-        "live counters (per port, per CPU summed) while vnet2 pings vnet0",
+        "a port forward: the outside reaches a guest's web server at up0:8080",
+    );
+    let www = lab.work_dir().join("www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(
+        www.join("index.html"),
+        "hello from a guest behind kvnet's NAT\n",
+    )?;
+    let mut httpd = Command::new("busybox");
+    httpd
+        .args(["httpd", "-f", "-p", "80", "-h"])
+        .arg(&www)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    lab.spawn(&nat_guest.ns, httpd)?;
+    if let Some(ip) = &ip {
+        kv(
+            &k,
+            &[
+                "forward",
+                "add",
+                "default",
+                "--proto",
+                "tcp",
+                "--port",
+                "8080",
+                "--to",
+                &format!("{ip}:80"),
+            ],
+        )?;
+        thread::sleep(Duration::from_millis(300));
+        let page = out.sh("busybox wget -q -O - http://198.51.100.1:8080/")?;
+        println!(
+            "  outside$ wget http://198.51.100.1:8080/ -> {}",
+            page.trim()
+        );
+        expect(
+            "port forward from the outside",
+            page.contains("hello"),
+            true,
+        );
+    }
+
+    step(7, "a real qemu guest (virtio-net on tap0) joins the NAT network by DHCP and reaches the outside");
+    kv(&k, &["port", "add", "default", &tap])?;
+    match boot_vm(&lab, &tap) {
+        Ok((text, rc)) => {
+            print!("{text}");
+            expect("qemu guest: DHCP lease, ping outside", rc == 0, true);
+        }
+        Err(e) => println!("  (skipped: {e:#})"),
+    }
+
+    step(
+        8,
+        "live counters (per port, per CPU summed; NAT counters) while vnet2 pings vnet0",
     );
     let mut p = Command::new("ping");
     p.args(["-i", "0.05", "-c", "40", "10.20.0.1"])
         .stdout(Stdio::null());
     lab.spawn(&blue[2].ns, p)?;
-    for _ in 0..3 {
-        thread::sleep(Duration::from_millis(700));
+    for _ in 0..2 {
+        thread::sleep(Duration::from_millis(800));
         show(&k, &["stats"])?;
     }
 
     step(
-        7,
+        9,
         "what an admin sees with bpftool in the hypervisor namespace",
     );
     println!("$ bpftool net show");
@@ -156,42 +272,40 @@ pub fn run(kvnet: &Path) -> Result<()> {
         "{}",
         lab.sh(lab.hv(), &format!("ls {}", lab.pin_dir().display()))?
     );
+    show(&k, &["net", "list"])?;
 
-    step(
-        8,
-        "teardown: daemon stops (detaches, unpins), lab namespaces deleted",
-    );
+    step(10, "teardown: daemon stops, lab namespaces deleted");
     let status = k.stop()?;
     drop(lab);
     if !status.success() {
         bail!("kvnet daemon exited with {status}");
     }
-    if leak {
-        bail!("isolation between networks failed");
+    if !failures.is_empty() {
+        bail!("unexpected results: {}", failures.join("; "));
     }
     println!("done; nothing left behind.");
     Ok(())
 }
 
-fn boot_vm(lab: &Lab, tap: &str) -> Result<String> {
-    println!("building/using the cached guest image (Debian kernel + busybox initramfs)...");
+/// Boots the lab's tiny VM with DHCP; returns its script output and rc.
+fn boot_vm(lab: &Lab, tap: &str) -> Result<(String, i32)> {
+    println!("  building/using the cached guest image (Debian kernel + busybox initramfs)...");
     let image = Image::ensure(&default_cache_dir())?;
-    let script = "ping -c 3 -W 3 10.20.0.1\n".to_string();
+    let script = "ip route\nping -c 3 -W 3 198.51.100.2\n".to_string();
     let vm = Vm::boot(
         lab,
         &image,
         VmSpec {
             tap: tap.to_string(),
             mac: "52:54:00:20:00:05".into(),
-            ip: "10.20.0.5/24".into(),
+            ip: "dhcp".into(),
             script,
             ..VmSpec::default()
         },
     )?;
-    println!("booting (TCG; ~10 s)...");
-    vm.wait_for(READY, Duration::from_secs(120))?;
+    println!("  booting (TCG; ~10 s)...");
+    vm.wait_for(READY, Duration::from_secs(120))
+        .context("guest boot")?;
     let rc = vm.wait_done(Duration::from_secs(120))?;
-    let mut out = vm.script_output();
-    out.push_str(&format!("guest script exit code {rc}\n"));
-    Ok(out)
+    Ok((vm.script_output(), rc))
 }

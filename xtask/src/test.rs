@@ -21,7 +21,10 @@ pub fn test(opts: &Options) -> Result<()> {
 
     // Setup ran above; run it again in check mode: it must find everything
     // present and install nothing (setup is idempotent).
-    results.push(phase("setup again: nothing to install", setup::ensure(setup::Mode::Check)));
+    results.push(phase(
+        "setup again: nothing to install",
+        setup::ensure(setup::Mode::Check),
+    ));
     results.push(phase("unit tests", unit_tests(&opts.harness_args)));
     if !opts.unit_only {
         let built = phase("end-to-end build", build::e2e_tests());
@@ -32,6 +35,10 @@ pub fn test(opts: &Options) -> Result<()> {
             results.push(phase("leftover cleanup (before)", lab::cleanup_leftovers()));
             let mut e2e = e2e_tests(&kvnet, opts);
             results.push(phase("end-to-end tests", cmd::run_status(&mut e2e)));
+            // The newcomer's first command must keep working: run the demo.
+            if cmd::is_root() && opts.harness_args.is_empty() {
+                results.push(phase("demo (cargo xtask run)", crate::demo::run(&kvnet)));
+            }
             results.push(phase("leftover cleanup (after)", lab::cleanup_leftovers()));
         }
     }
