@@ -19,6 +19,7 @@ pub mod names {
     pub const MAP_CT: &str = "ct";
     pub const MAP_FORWARDS: &str = "forwards";
     pub const MAP_NAT_STATS: &str = "nat_stats";
+    pub const MAP_NAT_SUBNETS: &str = "nat_subnets";
     pub const PROG_TC_OUT: &str = "kvnet_tc_out";
     pub const PROG_XDP: &str = "kvnet_xdp";
     pub const PROG_TC: &str = "kvnet_tc";
@@ -219,6 +220,9 @@ pub struct NatStats {
     pub drop_no_port: u64,
     /// Not translatable (fragments, ICMP other than echo and errors).
     pub drop_unsupported: u64,
+    /// Guest packets that reached the uplink untranslated (through the
+    /// host stack: other IP protocols, fragments) and were stopped there.
+    pub drop_untranslated: u64,
 }
 
 impl NatStats {
@@ -229,6 +233,7 @@ impl NatStats {
         self.drop_table_full += o.drop_table_full;
         self.drop_no_port += o.drop_no_port;
         self.drop_unsupported += o.drop_unsupported;
+        self.drop_untranslated += o.drop_untranslated;
     }
 }
 

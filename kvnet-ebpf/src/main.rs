@@ -31,7 +31,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use kvnet_common::{
     DropReason, FloodSet, ETH_P_8021Q, FDB_F_HOST, KVNET_HOST_MARK, PORT_F_BRIDGED_NET,
-    PORT_F_HAIRPIN, PORT_F_UPLINK_BRIDGED, PORT_F_XDP_TX, VLAN_MODE_TRUNK,
+    PORT_F_HAIRPIN, PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_NAT, PORT_F_XDP_TX, VLAN_MODE_TRUNK,
 };
 
 use crate::{
@@ -340,6 +340,11 @@ fn tc_out_main(ctx: TcContext) -> i32 {
     let Some(port) = maps::port(uplink) else {
         return TC_ACT_OK;
     };
+    if port.flags & PORT_F_UPLINK_NAT != 0 {
+        // A NAT uplink: a guest's packet that reached it untranslated
+        // (through the host stack) must not leave with the guest's address.
+        return nat::guard_uplink(&ctx);
+    }
     if port.flags & PORT_F_UPLINK_BRIDGED == 0 || unsafe { (*ctx.skb.skb).vlan_present } != 0 {
         return TC_ACT_OK;
     }

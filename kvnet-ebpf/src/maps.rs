@@ -1,7 +1,7 @@
 //! The pinned maps the daemon owns (names in `kvnet_common::names`).
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
 };
 use kvnet_common::{
     CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, ForwardKey, ForwardTarget, NatStats,
@@ -34,6 +34,11 @@ pub static CT: HashMap<CtKey, CtEntry> = HashMap::pinned(MAX_CT_ENTRIES, 0);
 
 #[map(name = "forwards")]
 pub static FORWARDS: HashMap<ForwardKey, ForwardTarget> = HashMap::pinned(MAX_FORWARDS, 0);
+
+/// NAT networks' guest subnets -> net id: what must never leave an
+/// uplink untranslated.
+#[map(name = "nat_subnets")]
+pub static NAT_SUBNETS: LpmTrie<u32, u32> = LpmTrie::pinned(MAX_NETWORKS, 0);
 
 #[map(name = "nat_stats")]
 pub static NAT_STATS: PerCpuHashMap<u32, NatStats> = PerCpuHashMap::pinned(MAX_NETWORKS, 0);

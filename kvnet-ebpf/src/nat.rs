@@ -630,3 +630,22 @@ fn icmp_error(ctx: &TcContext, p: &Pkt, ingress: u32) -> Nat {
     };
     to_guest(ctx, p, &to, ingress)
 }
+
+/// tc egress on a NAT uplink: drops IPv4 whose source is a NAT network's
+/// guest subnet (it escaped translation through the host stack), counted.
+#[inline(always)]
+pub fn guard_uplink(ctx: &TcContext) -> i32 {
+    use aya_ebpf::{bindings::{TC_ACT_OK, TC_ACT_SHOT}, maps::lpm_trie::Key};
+    if unsafe { (*ctx.skb.skb).protocol } != (0x0800u16).to_be() as u32 {
+        return TC_ACT_OK;
+    }
+    let Some(saddr) = load::<u32>(ctx, L3 + 12) else { return TC_ACT_OK };
+    match maps::NAT_SUBNETS.get(Key::new(32, saddr)) {
+        Some(net_id) => {
+            let net_id = *net_id;
+            count(net_id, |s| s.drop_untranslated += 1);
+            TC_ACT_SHOT
+        }
+        None => TC_ACT_OK,
+    }
+}

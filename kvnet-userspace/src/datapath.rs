@@ -166,6 +166,14 @@ impl Datapath {
         Ok(())
     }
 
+    pub fn has_egress(&self, ifindex: u32) -> bool {
+        self.egress_links.contains_key(&ifindex)
+    }
+
+    pub fn nat_subnets(&mut self) -> Result<aya::maps::lpm_trie::LpmTrie<&mut MapData, u32, u32>> {
+        Ok(aya::maps::lpm_trie::LpmTrie::try_from(map(&mut self.ebpf, names::MAP_NAT_SUBNETS)?)?)
+    }
+
     pub fn detach_egress(&mut self, ifindex: u32) {
         let Some(id) = self.egress_links.remove(&ifindex) else {
             return;

@@ -221,6 +221,7 @@ impl Switch {
         cfg.mask = cidr.mask().to_be();
         (cfg.port_lo, cfg.port_hi, cfg.skip_lo, cfg.skip_hi) = (lo, hi, elo, ehi);
         self.dp.reset_nat_stats(id)?;
+        self.dp.nat_subnets()?.insert(&Self::subnet_key(&cidr), id, 0).context("writing the NAT subnet map")?;
         self.dp
             .nets()?
             .insert(id, cfg, 0)
@@ -250,7 +251,17 @@ impl Switch {
             }
             ports.insert(ifindex, p, 0)?;
         }
+        // The egress guard stops guest packets that escaped translation.
+        if any_nat && !self.dp.has_egress(ifindex) {
+            self.dp.attach_egress(uplink, ifindex)?;
+        } else if !any_nat && self.dp.has_egress(ifindex) {
+            self.dp.detach_egress(ifindex);
+        }
         Ok(())
+    }
+
+    fn subnet_key(cidr: &Cidr) -> aya::maps::lpm_trie::Key<u32> {
+        aya::maps::lpm_trie::Key::new(cidr.prefix as u32, u32::from(cidr.network()).to_be())
     }
 
     /// Removes a NAT network's forwards, flows and counters.
@@ -273,6 +284,9 @@ impl Switch {
         }
         let _ = self.ct_flush_id(id);
         self.dp.remove_nat_stats(id);
+        if let Some(cidr) = self.nets.get(name).and_then(|n| n.gateway.as_ref()).map(|g| g.cidr) {
+            let _ = self.dp.nat_subnets().map(|mut m| m.remove(&Self::subnet_key(&cidr)));
+        }
         if let Some(u) = uplink {
             let _ = self.set_uplink_nat_flag(&u);
         }
@@ -559,6 +573,7 @@ impl Switch {
                     ("table_full".to_string(), s.drop_table_full),
                     ("no_port".to_string(), s.drop_no_port),
                     ("unsupported".to_string(), s.drop_unsupported),
+                    ("untranslated".to_string(), s.drop_untranslated),
                 ]),
                 table_entries: entries,
                 table_capacity: self.dp.ct_capacity as u64,

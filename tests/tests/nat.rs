@@ -760,3 +760,29 @@ print("vlan-ok", len(got))
     assert!(!tcp.is_empty());
     assert!(tcp.iter().all(|f| ipv4_src(f) == Some(UPLINK_IP) && f.vlan_id().is_none()), "untagged and translated on the uplink");
 }
+
+#[test]
+fn untranslatable_guest_packets_never_leave_with_the_guest_address() {
+    if !privileged() {
+        return;
+    }
+    let t = nat_lab(1, &[]);
+    let cap = Capture::start(&t.out.ns, "eth0").unwrap();
+    // GRE (protocol 47) has no ports to translate: the fast path hands it to
+    // the host, which would forward it as is; the uplink's guard stops it.
+    let r = py(&t.guests[0].ns, r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 47)
+for _ in range(3): s.sendto(b"\x00" * 24, ("198.51.100.2", 0))
+print("sent")
+"#);
+    assert!(r.contains("sent"), "{r}");
+    thread::sleep(Duration::from_millis(300));
+    let frames = cap.stop().unwrap();
+    let leaked = frames.iter().filter(|f| f.ipv4_addrs().is_some_and(|(s, _)| s[0] == 10)).count();
+    assert_eq!(leaked, 0, "guest addresses leaked to the outside: {frames:?}");
+    let stats = t.k.json(&["stats"]).unwrap();
+    assert!(stats["nat"][0]["drops"]["untranslated"].as_u64().unwrap_or(0) >= 3, "{stats}");
+    // Translated traffic still flows through the guarded uplink.
+    t.guests[0].exec(&["ping", "-c", "2", "-i", "0.2", "198.51.100.2"]).unwrap();
+}
