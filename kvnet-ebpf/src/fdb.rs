@@ -1,5 +1,5 @@
 //! MAC learning and lookup in the `fdb` map.
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use kvnet_common::{FdbEntry, FdbKey, FDB_F_STATIC, FDB_REFRESH_NS};
 
 use crate::{maps::FDB, stats};
@@ -10,7 +10,9 @@ use crate::{maps::FDB, stats};
 #[inline(always)]
 pub fn learn(net_id: u32, vid: u16, mac: [u8; 6], ingress: u32) {
     let key = FdbKey { net_id, vid, mac };
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The coarse clock (a tick's precision) is plenty for ageing in seconds
+    // and far cheaper per packet than the precise one.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if let Some(e) = unsafe { FDB.get(&key) } {
         if e.flags & FDB_F_STATIC != 0 {
             return;

@@ -203,7 +203,6 @@ fn tc_main(ctx: TcContext) -> i32 {
         ctx.set_mark(0);
         return TC_ACT_OK;
     }
-    stats::seen_tc(ingress);
     // On receive the kernel has usually moved the outer tag into
     // skb->vlan_tci already; BPF_PROG_RUN and XDP_PASSed frames may not.
     let hw = unsafe {
@@ -224,9 +223,9 @@ fn tc_main(ctx: TcContext) -> i32 {
         }
     };
     let action = switch::decide(ingress, &port, data, data_end, &tag, Some(l3));
-    if !matches!(action, Action::Pass) {
-        stats::rx(ingress, len);
-    }
+    // One counter lookup for "seen" and "received" (the hot path's cost is
+    // mostly hash lookups).
+    stats::seen_tc_rx(ingress, len, !matches!(action, Action::Pass));
     let mut cur = tag.present().then_some(tag.tci);
     match action {
         Action::Pass => TC_ACT_OK,

@@ -10,7 +10,7 @@
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, BPF_NOEXIST},
     helpers::{
-        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
+        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh,
     },
     programs::TcContext,
 };
@@ -249,7 +249,7 @@ fn fib(
 #[inline(always)]
 fn touch(key: &CtKey, len: u64, tcp_flags: u8) {
     let Some(e) = CT.get_ptr_mut(key) else { return };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     unsafe {
         // Plain adds: the bpfel target has no atomic RMW here; two CPUs
         // racing on one flow may lose a count, never a translation.
@@ -288,7 +288,7 @@ fn create(
     alloc: bool,
     flags: u32,
 ) -> Option<()> {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut rev = CtEntry {
         rewrite: orig.reply(),
         net_id,

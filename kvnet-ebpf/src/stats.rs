@@ -16,9 +16,16 @@ pub fn seen_xdp(ifindex: u32) {
     with(ifindex, |s| s.xdp_seen += 1);
 }
 
+/// tc saw the frame, and (`handled`) kvnet received it.
 #[inline(always)]
-pub fn seen_tc(ifindex: u32) {
-    with(ifindex, |s| s.tc_seen += 1);
+pub fn seen_tc_rx(ifindex: u32, len: u64, handled: bool) {
+    with(ifindex, |s| {
+        s.tc_seen += 1;
+        if handled {
+            s.rx_packets += 1;
+            s.rx_bytes += len;
+        }
+    });
 }
 
 #[inline(always)]

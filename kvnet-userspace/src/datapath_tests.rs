@@ -576,3 +576,17 @@ fn rogue_dhcp_servers_on_untrusted_guest_ports_are_dropped() {
     }
     assert!(f.fdb_get(A).is_some());
 }
+
+#[test]
+#[ignore = "measurement, run by hand"]
+fn zz_cost_known_unicast_tc() {
+    let Some(mut f) = fixture() else { return };
+    f.port(1000, PORT_F_XDP_TX);
+    f.fdb(B, 1000, 0);
+    let frame = udp_frame(B, A, b"payload!", true);
+    let mut best = u128::MAX;
+    for _ in 0..5 {
+        best = best.min(f.dp.run_tc(&frame, 1_000_000).unwrap().per_run.as_nanos());
+    }
+    println!("COST known unicast tc: {best} ns");
+}
