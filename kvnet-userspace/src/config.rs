@@ -277,7 +277,7 @@ impl Attach {
             no_vlan: false,
         }
     }
-    fn spec(&self) -> PortSpec {
+    pub(crate) fn spec(&self) -> PortSpec {
         PortSpec {
             net: self.net.clone(),
             hook: self.hook.unwrap_or(Hook::Auto),
@@ -323,6 +323,11 @@ impl Check for NetSection {
         if routes && !gw {
             return Err(format!("mode {m} needs `gateway = \"ADDRESS/PREFIX\"`"));
         }
+        if m == "nat" && self.uplink.is_none() {
+            return Err(
+                "mode nat needs `uplink = \"IFACE\"` (the NIC to masquerade behind)".into(),
+            );
+        }
         if matches!(m, "isolated" | "host-only") && self.uplink.is_some() {
             return Err(format!("a {m} network has no uplink; drop `uplink`"));
         }
@@ -366,12 +371,35 @@ impl Check for NetSection {
                 return Err(format!("nat port_range [{a}, {b}] is not a range of ports"));
             }
         }
+        let mut keys = BTreeSet::new();
         for f in &self.forwards {
             if !matches!(f.proto.as_str(), "tcp" | "udp") {
                 return Err(format!("forward proto '{}': use tcp or udp", f.proto));
             }
-            if f.to.parse::<std::net::SocketAddrV4>().is_err() {
+            if f.port == 0 {
+                return Err("forward port 0 cannot be forwarded".into());
+            }
+            let Ok(to) = f.to.parse::<std::net::SocketAddrV4>() else {
                 return Err(format!("forward to '{}': use GUEST-IP:PORT", f.to));
+            };
+            if to.port() == 0 {
+                return Err(format!("forward to '{}': port 0", f.to));
+            }
+            if let Some(cidr) = self.gateway.as_deref().and_then(|g| g.parse::<Cidr>().ok()) {
+                let a = *to.ip();
+                if !cidr.contains(a)
+                    || a == cidr.addr
+                    || a == cidr.network()
+                    || a == cidr.broadcast()
+                {
+                    return Err(format!(
+                        "forward to '{}': {a} is not a guest address of {cidr}",
+                        f.to
+                    ));
+                }
+            }
+            if !keys.insert((f.proto.clone(), f.port)) {
+                return Err(format!("{} port {} is forwarded twice", f.proto, f.port));
             }
         }
         Ok(())
@@ -629,22 +657,26 @@ pub fn load(path: &Path) -> Result<Config> {
     parse(&path.display().to_string(), &text)
 }
 
-/// What the daemon cannot apply from a valid file yet.
+/// What the daemon cannot apply from a valid file (nothing, today: NAT
+/// port ranges and forwards are applied too).
 pub fn warnings(cfg: &Config) -> Vec<String> {
     let mut w = Vec::new();
     for (n, s) in &cfg.networks {
-        if s.mode == "nat" && mode_of("nat").is_none() {
+        if mode_of(&s.mode).is_none() {
             w.push(format!(
-                "network '{n}': mode nat is not in this kvnet build; the network is skipped"
-            ));
-        }
-        if s.nat.is_some() || !s.forwards.is_empty() {
-            w.push(format!(
-                "network '{n}': nat port range and forwards are kept in the file but not applied by this daemon yet"
+                "network '{n}': mode {} is not in this kvnet build; the network is skipped",
+                s.mode
             ));
         }
     }
     w
+}
+
+/// "tcp/8080" -> "192.168.122.13:80": a network's forwards, comparable.
+type Forwards = BTreeMap<String, String>;
+
+fn forward_key(proto: &str, port: u16) -> String {
+    format!("{proto}/{port}")
 }
 
 // ---------------------------------------------------- desired vs running
@@ -657,8 +689,12 @@ pub struct NetSpec {
     pub gateway_iface: Option<String>,
     pub uplink: Option<String>,
     pub ageing: u64,
-    /// As last applied from a file (the switch does not report it back).
+    /// DHCP settings (from the options the network was created with).
     pub dhcp: Option<DhcpSection>,
+    /// NAT networks: the source port range (default filled in).
+    pub nat_ports: Option<[u16; 2]>,
+    /// NAT networks: port forwards.
+    pub forwards: Forwards,
 }
 
 impl NetSpec {
@@ -681,6 +717,17 @@ impl NetSpec {
             uplink: s.uplink.clone(),
             ageing: s.ageing.unwrap_or(DEFAULT_AGEING.as_secs()),
             dhcp: s.dhcp.clone(),
+            nat_ports: (s.mode == "nat").then(|| {
+                s.nat
+                    .as_ref()
+                    .and_then(|n| n.port_range)
+                    .unwrap_or([crate::nat::DEFAULT_PORTS.0, crate::nat::DEFAULT_PORTS.1])
+            }),
+            forwards: s
+                .forwards
+                .iter()
+                .map(|f| (forward_key(&f.proto, f.port), f.to.clone()))
+                .collect(),
         }
     }
 
@@ -702,7 +749,7 @@ impl NetSpec {
                 .collect(),
             domain: self.dhcp.as_ref().and_then(|d| d.domain.clone()),
             dhcp_lease: self.dhcp.as_ref().and_then(|d| d.lease_secs),
-            ..Default::default()
+            nat_ports: self.nat_ports.map(|[a, b]| format!("{a}-{b}")),
         })
     }
 
@@ -733,9 +780,28 @@ impl NetSpec {
         if self.dhcp != new.dhcp {
             c.push("dhcp settings".into());
         }
+        if self.nat_ports != new.nat_ports {
+            let f = |p: Option<[u16; 2]>| p.map_or("-".into(), |[a, b]| format!("{a}-{b}"));
+            c.push(format!(
+                "nat ports {} -> {}",
+                f(self.nat_ports),
+                f(new.nat_ports)
+            ));
+        }
         let live = c.is_empty();
         if self.ageing != new.ageing {
             c.push(format!("ageing {} -> {}", self.ageing, new.ageing));
+        }
+        // Forwards change live (a recreated network gets all of them anew).
+        for (k, old) in &self.forwards {
+            if new.forwards.get(k) != Some(old) {
+                c.push(format!("- forward {k} -> {old}"));
+            }
+        }
+        for (k, to) in &new.forwards {
+            if self.forwards.get(k) != Some(to) {
+                c.push(format!("+ forward {k} -> {to}"));
+            }
         }
         (c, live)
     }
@@ -783,7 +849,7 @@ impl PortSpec {
         }
         a
     }
-    fn attach(&self) -> Attach {
+    pub(crate) fn attach(&self) -> Attach {
         let a = self.vlan_args();
         Attach {
             net: self.net.clone(),
@@ -811,7 +877,7 @@ pub struct Runtime {
 
 pub static RUNTIME: Mutex<Option<Runtime>> = Mutex::new(None);
 
-fn with_rt<T>(f: impl FnOnce(&mut Runtime) -> T) -> T {
+pub(crate) fn with_rt<T>(f: impl FnOnce(&mut Runtime) -> T) -> T {
     let mut g = RUNTIME.lock().unwrap_or_else(|e| e.into_inner());
     f(g.get_or_insert_with(Runtime::default))
 }
@@ -925,10 +991,40 @@ impl Plan {
     }
 }
 
-fn running_nets(sw: &Switch, rt: &Runtime) -> BTreeMap<String, NetSpec> {
+/// A network's DHCP settings as a config section, from its options.
+fn dhcp_of(o: &NetOpts) -> Option<DhcpSection> {
+    let (a, b) = o.dhcp_range.as_deref()?.split_once(',')?;
+    Some(DhcpSection {
+        start: a.trim().parse().ok()?,
+        end: b.trim().parse().ok()?,
+        lease_secs: o.dhcp_lease,
+        domain: o.domain.clone(),
+        hosts: o
+            .dhcp_hosts
+            .iter()
+            .filter_map(|h| {
+                let mut it = h.split(',').map(str::trim);
+                Some(DhcpHost {
+                    mac: it.next()?.to_ascii_lowercase(),
+                    ip: it.next()?.parse().ok()?,
+                    name: it.next().filter(|n| !n.is_empty()).map(Into::into),
+                })
+            })
+            .collect(),
+    })
+}
+
+fn running_nets(sw: &Switch, _rt: &Runtime) -> BTreeMap<String, NetSpec> {
     sw.nets
         .iter()
         .map(|(name, n)| {
+            let proto = |p: u8| {
+                if p == kvnet_common::IPPROTO_UDP {
+                    "udp"
+                } else {
+                    "tcp"
+                }
+            };
             (
                 name.clone(),
                 NetSpec {
@@ -937,14 +1033,23 @@ fn running_nets(sw: &Switch, rt: &Runtime) -> BTreeMap<String, NetSpec> {
                     gateway_iface: n.gateway.as_ref().map(|g| g.host_if.clone()),
                     uplink: n.uplink.clone(),
                     ageing: n.ageing.as_secs(),
-                    dhcp: rt.applied.networks.get(name).and_then(|s| s.dhcp.clone()),
+                    dhcp: dhcp_of(&n.opts),
+                    nat_ports: n.nat.as_ref().map(|s| [s.ports.0, s.ports.1]),
+                    forwards: n
+                        .nat
+                        .iter()
+                        .flat_map(|s| &s.forwards)
+                        .map(|((p, port), (a, to))| {
+                            (forward_key(proto(*p), *port), format!("{a}:{to}"))
+                        })
+                        .collect(),
                 },
             )
         })
         .collect()
 }
 
-fn running_ports(sw: &Switch) -> BTreeMap<String, PortSpec> {
+pub(crate) fn running_ports(sw: &Switch) -> BTreeMap<String, PortSpec> {
     sw.ports
         .iter()
         .filter(|(_, p)| p.role == PortRole::Guest)
@@ -1087,6 +1192,9 @@ fn preflight(cfg: &Config, plan: &Plan) -> Result<()> {
     ) {
         if let Some(u) = cfg.networks.get(n).and_then(|s| s.uplink.as_deref()) {
             netdev::ifindex(u).with_context(|| format!("network '{n}': uplink '{u}'"))?;
+            if cfg.networks[n].mode == "nat" && netdev::ipv4(u)?.is_none() {
+                bail!("network '{n}': uplink '{u}' has no IPv4 address to masquerade behind");
+            }
         }
     }
     Ok(())
@@ -1099,17 +1207,27 @@ pub fn apply(sw: &mut Switch, cfg: &Config, dry_run: bool) -> Result<Plan> {
     if dry_run {
         return Ok(plan);
     }
+    let have_nets = with_rt(|rt| running_nets(sw, rt));
     let want: BTreeMap<String, NetSpec> = cfg
         .networks
         .iter()
         .filter(|(_, s)| mode_of(&s.mode).is_some())
         .map(|(n, s)| (n.clone(), NetSpec::of(n, s)))
         .collect();
+    let add_forwards = |sw: &mut Switch, n: &str, fw: &Forwards| -> Result<()> {
+        for (k, to) in fw {
+            let (proto, port) = k.split_once('/').context("forward key")?;
+            sw.forward_add(n, proto, port.parse()?, to)
+                .with_context(|| format!("network '{n}': forward {k} -> {to}"))?;
+        }
+        Ok(())
+    };
     let add_net = |sw: &mut Switch, n: &str| -> Result<()> {
         let s = &want[n];
         let opts = s.opts().context("mode unavailable")?;
         sw.net_add(n, Some(s.ageing), &opts)
-            .with_context(|| format!("adding network '{n}'"))
+            .with_context(|| format!("adding network '{n}'"))?;
+        add_forwards(sw, n, &s.forwards)
     };
     // Removals first (ports, then networks), so names and addresses free up.
     for i in &plan.ports_removed {
@@ -1133,6 +1251,20 @@ pub fn apply(sw: &mut Switch, cfg: &Config, dry_run: bool) -> Result<Plan> {
             add_net(sw, &c.name)?;
         } else {
             sw.net_set(&c.name, Some(want[&c.name].ageing))?;
+            let (old, new) = (&have_nets[&c.name].forwards, &want[&c.name].forwards);
+            for (k, to) in old {
+                if new.get(k) != Some(to) {
+                    let (proto, port) = k.split_once('/').context("forward key")?;
+                    sw.forward_del(&c.name, proto, port.parse()?)
+                        .with_context(|| format!("network '{}': removing forward {k}", c.name))?;
+                }
+            }
+            let added: Forwards = new
+                .iter()
+                .filter(|(k, to)| old.get(*k) != Some(*to))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            add_forwards(sw, &c.name, &added)?;
         }
     }
     for n in &plan.networks_added {
@@ -1218,6 +1350,31 @@ pub fn running_config(sw: &Switch) -> Config {
                 .filter(|i| Some(i.as_str()) != Gateway::default_name(&n).ok().as_deref());
             sec.uplink = s.uplink.clone();
             sec.ageing = (s.ageing != DEFAULT_AGEING.as_secs()).then_some(s.ageing);
+            sec.dhcp = s.dhcp.clone();
+            let default_ports = [crate::nat::DEFAULT_PORTS.0, crate::nat::DEFAULT_PORTS.1];
+            let old_ports = sec.nat.as_ref().and_then(|n| n.port_range);
+            if s.nat_ports.is_none() {
+                sec.nat = None;
+            } else if s.nat_ports != Some(old_ports.unwrap_or(default_ports)) {
+                sec.nat = Some(NatSection {
+                    port_range: s.nat_ports,
+                });
+            }
+            let same_forwards = NetSpec::of(&n, &sec).forwards == s.forwards;
+            if !same_forwards {
+                sec.forwards = s
+                    .forwards
+                    .iter()
+                    .filter_map(|(k, to)| {
+                        let (proto, port) = k.split_once('/')?;
+                        Some(ForwardSection {
+                            proto: proto.into(),
+                            port: port.parse().ok()?,
+                            to: to.clone(),
+                        })
+                    })
+                    .collect();
+            }
             cfg.networks.insert(n, Checked(sec));
         }
         for (n, s) in &rt.applied.networks {
@@ -1481,9 +1638,11 @@ pub fn watch_links(switch: std::sync::Arc<Mutex<Switch>>) -> Result<()> {
                     if ty == libc::RTM_NEWLINK {
                         if let Some(what) = link_added(&mut sw, &name) {
                             eprintln!("port {what}: attached (interface appeared)");
+                            crate::state::persist(&sw);
                         }
                     } else if ty == libc::RTM_DELLINK && link_removed(&mut sw, &name) {
                         eprintln!("port {name} vanished: removed");
+                        crate::state::persist(&sw);
                     }
                 }
             }

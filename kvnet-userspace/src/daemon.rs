@@ -64,7 +64,15 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn preflight(opts: &Options) -> Result<()> {
+/// Whether a previous daemon left a running datapath to adopt: its
+/// programs are pinned and its state files are there.
+fn can_adopt(opts: &Options) -> bool {
+    opts.pin_dir.join(kvnet_common::names::PROG_TC).exists()
+        && crate::state::exists(&opts.state_dir)
+}
+
+/// Returns whether to adopt the running datapath.
+fn preflight(opts: &Options) -> Result<bool> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "kvnet daemon must run as root: it loads eBPF programs and attaches them to interfaces"
@@ -77,27 +85,48 @@ fn preflight(opts: &Options) -> Result<()> {
             opts.socket.display()
         );
     }
-    // Nobody answers: the socket file and pins are a dead daemon's leftovers.
+    // Nobody answers: the socket file is a stopped daemon's. Its pins are
+    // a running datapath to adopt when its state files are there too, else
+    // leftovers (and state files without pins are from before a reboot or
+    // a `kvnet down`: the config file is what starts then).
     let _ = std::fs::remove_file(&opts.socket);
-    if opts.pin_dir.exists() {
-        std::fs::remove_dir_all(&opts.pin_dir)
-            .with_context(|| format!("removing stale pins under {}", opts.pin_dir.display()))?;
+    let adopt = can_adopt(opts);
+    if !adopt {
+        if opts.pin_dir.exists() {
+            std::fs::remove_dir_all(&opts.pin_dir)
+                .with_context(|| format!("removing stale pins under {}", opts.pin_dir.display()))?;
+        }
+        crate::state::remove(&opts.state_dir);
     }
     if let Some(dir) = opts.socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    Ok(())
+    Ok(adopt)
+}
+
+/// How `serve` ended.
+enum Exit {
+    /// SIGTERM/SIGINT: the datapath keeps forwarding; the next daemon adopts it.
+    Stop,
+    /// `kvnet down`: everything kvnet installed goes.
+    Down,
 }
 
 pub fn run(opts: Options) -> Result<()> {
-    preflight(&opts)?;
+    let adopt = preflight(&opts)?;
     // Validated before anything is loaded: a bad file changes nothing.
     let cfg = opts
         .config
         .as_deref()
         .map(crate::config::load)
         .transpose()?;
-    let dp = Datapath::load_with(&opts.pin_dir, opts.log_datapath, Some(opts.ct_max))?;
+    let dp = if adopt {
+        Datapath::adopt(&opts.pin_dir, opts.log_datapath, Some(opts.ct_max)).context(
+            "adopting the running datapath (`kvnet down` or removing the pin folder starts afresh)",
+        )?
+    } else {
+        Datapath::load_with(&opts.pin_dir, opts.log_datapath, Some(opts.ct_max))?
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -106,7 +135,23 @@ pub fn run(opts: Options) -> Result<()> {
     let mut sw = Switch::new(dp);
     sw.services = crate::dhcp::service::Services::new(opts.state_dir.clone());
     let switch = Arc::new(Mutex::new(sw));
-    if let (Some(cfg), Some(path)) = (&cfg, &opts.config) {
+    if adopt {
+        let mut sw = switch.lock().expect("fresh lock");
+        let plan = crate::state::adopt(&mut sw, &opts.state_dir)?;
+        if let Some(path) = &opts.config {
+            crate::config::with_rt(|rt| rt.source = Some(path.clone()));
+            eprintln!(
+                "kvnet: {} not applied: the running state was adopted (`kvnet apply` or SIGHUP applies it)",
+                path.display()
+            );
+        }
+        eprint!(
+            "kvnet: adopted the running datapath under {} (state in {}):\n{}",
+            opts.pin_dir.display(),
+            opts.state_dir.display(),
+            plan.render()
+        );
+    } else if let (Some(cfg), Some(path)) = (&cfg, &opts.config) {
         let mut sw = switch.lock().expect("fresh lock");
         let plan = crate::config::apply(&mut sw, cfg, false);
         match plan {
@@ -127,9 +172,31 @@ pub fn run(opts: Options) -> Result<()> {
             }
         }
     }
+    crate::state::enable(&opts.state_dir);
+    if let Ok(mut sw) = switch.lock() {
+        crate::state::persist(&sw);
+        // From here on, an exit that is not `kvnet down` (a stop, a
+        // crash) leaves the datapath forwarding.
+        sw.dp.keep_on_exit = true;
+    }
     let result = rt.block_on(serve(&opts, switch.clone()));
     if let Ok(mut sw) = switch.lock() {
-        sw.shutdown();
+        match result {
+            Ok(Exit::Down) => {
+                crate::state::disable();
+                sw.shutdown();
+                sw.dp.keep_on_exit = false;
+                crate::state::remove(&opts.state_dir);
+            }
+            Ok(Exit::Stop) | Err(_) => {
+                crate::state::persist(&sw);
+                crate::state::disable();
+                eprintln!(
+                    "kvnet: stopped; the datapath keeps forwarding (state in {}); `kvnet down` removes it",
+                    opts.state_dir.display()
+                );
+            }
+        }
     }
     // The datapath (and its pins) goes with the last reference: stop the
     // tasks holding one, and give the netlink watcher a moment to let go.
@@ -148,10 +215,10 @@ pub fn run(opts: Options) -> Result<()> {
         }
     }
     let _ = std::fs::remove_file(&opts.socket);
-    result
+    result.map(|_| ())
 }
 
-async fn serve(opts: &Options, switch: Arc<Mutex<Switch>>) -> Result<()> {
+async fn serve(opts: &Options, switch: Arc<Mutex<Switch>>) -> Result<Exit> {
     let listener = UnixListener::bind(&opts.socket)
         .with_context(|| format!("listening on {}", opts.socket.display()))?;
     eprintln!(
@@ -164,31 +231,32 @@ async fn serve(opts: &Options, switch: Arc<Mutex<Switch>>) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    loop {
+    let exit = loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _) = accepted.context("accepting a control connection")?;
                 tokio::spawn(handle_client(stream, switch.clone()));
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = term.recv() => break Exit::Stop,
+            _ = int.recv() => break Exit::Stop,
             _ = hup.recv() => {
                 if let Ok(mut sw) = switch.lock() {
                     match crate::config::reload(&mut sw) {
                         Ok(plan) => eprint!("kvnet: SIGHUP: reloaded:\n{}", plan.render()),
                         Err(e) => eprintln!("kvnet: SIGHUP: {e:#} (running state unchanged)"),
                     }
+                    crate::state::persist(&sw);
                 }
             }
             _ = crate::config::DOWN.notified() => {
                 // Let the answer to `kvnet down` reach the client first.
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                break;
+                break Exit::Down;
             }
         }
-    }
+    };
     eprintln!("kvnet daemon stopping");
-    Ok(())
+    Ok(exit)
 }
 
 /// Housekeeping: vanished ports every half second, FDB ageing every second.
@@ -200,8 +268,12 @@ async fn maintain(switch: Arc<Mutex<Switch>>) {
         n += 1;
         let Ok(mut sw) = switch.lock() else { return };
         sw.flush_log();
-        for iface in sw.reap_vanished_ports() {
+        let reaped = sw.reap_vanished_ports();
+        for iface in &reaped {
             eprintln!("port {iface} vanished: removed");
+        }
+        if !reaped.is_empty() {
+            crate::state::persist(&sw);
         }
         if n % 2 == 0 {
             if let Err(e) = sw.age_fdb() {
@@ -223,7 +295,11 @@ async fn handle_client(stream: UnixStream, switch: Arc<Mutex<Switch>>) {
     while let Ok(Some(line)) = lines.next_line().await {
         let resp = match serde_json::from_str::<Request>(&line) {
             Ok(req) => match switch.lock() {
-                Ok(mut sw) => respond(dispatch(&mut sw, req)),
+                Ok(mut sw) => {
+                    let r = respond(dispatch(&mut sw, req));
+                    crate::state::persist(&sw);
+                    r
+                }
                 Err(_) => respond::<()>(Err(anyhow::anyhow!("daemon state is poisoned"))),
             },
             Err(e) => respond::<()>(Err(anyhow::anyhow!("malformed request: {e}"))),

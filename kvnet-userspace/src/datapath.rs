@@ -9,8 +9,11 @@ use anyhow::{anyhow, Context, Result};
 use aya::{
     maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues},
     programs::{
-        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
-        xdp::XdpLinkId,
+        links::{FdLink, PinnedLink},
+        tc::{
+            self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcHandle,
+        },
+        xdp::{XdpLink, XdpLinkId},
         SchedClassifier, TcAttachType, TestRun, TestRunOptions, TestRunResult, Xdp, XdpMode,
     },
     util::nr_cpus,
@@ -24,6 +27,12 @@ use kvnet_common::{
 /// The datapath object built by build.rs from kvnet-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kvnet"));
 
+/// kvnet's tc filters sit at this priority and handle, so a restarted
+/// daemon finds them and swaps its program in atomically (a cls_bpf
+/// replace at the same priority/handle), with no moment without a filter.
+pub const TC_PRIO: u16 = 0x4b56;
+pub const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
+
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
@@ -32,12 +41,26 @@ pub struct Datapath {
     /// tc egress links on bridged uplinks.
     egress_links: StdHashMap<u32, SchedClassifierLinkId>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// A restarted daemon taking over a running datapath: attachments are
+    /// replaced in place and existing counters kept.
+    pub adopting: bool,
+    /// On drop, leave programs attached and pinned (daemon stop or
+    /// restart); false: detach and unpin everything (`kvnet down`, errors).
+    pub keep_on_exit: bool,
 }
 
 #[derive(Default)]
 struct PortLinks {
     tc: Option<SchedClassifierLinkId>,
+    /// XDP through a bpf_link, pinned (survives the daemon).
+    xdp_pin: Option<PathBuf>,
+    /// XDP through netlink (old kernels): survives the daemon by itself.
     xdp: Option<XdpLinkId>,
+}
+
+/// Where an XDP link of `ifindex` is pinned.
+fn xdp_link_pin(pin_dir: &Path, ifindex: u32) -> PathBuf {
+    pin_dir.join("links").join(format!("xdp_{ifindex}"))
 }
 
 impl Datapath {
@@ -51,13 +74,37 @@ impl Datapath {
     pub fn load_with(pin_dir: &Path, log_datapath: bool, ct_max: Option<u32>) -> Result<Self> {
         std::fs::create_dir_all(pin_dir)
             .with_context(|| format!("creating the pin folder {}", pin_dir.display()))?;
-        Self::load_pinned(pin_dir, log_datapath, ct_max).inspect_err(|_| {
+        Self::load_pinned(pin_dir, log_datapath, ct_max, false).inspect_err(|_| {
             // Nothing half-applied: a failed load leaves no pins behind.
             let _ = std::fs::remove_dir_all(pin_dir);
         })
     }
 
-    fn load_pinned(pin_dir: &Path, log_datapath: bool, ct_max: Option<u32>) -> Result<Self> {
+    /// Takes over a running datapath pinned under `pin_dir`: the pinned
+    /// maps (FDB, conntrack, ...) are reused as they are, freshly loaded
+    /// programs replace the pinned ones, and `attach` swaps them into the
+    /// existing attachments. A failure leaves the running datapath alone.
+    pub fn adopt(pin_dir: &Path, log_datapath: bool, ct_max: Option<u32>) -> Result<Self> {
+        let mut dp = Self::load_pinned(pin_dir, log_datapath, ct_max, true)?;
+        dp.adopting = true;
+        dp.keep_on_exit = true;
+        Ok(dp)
+    }
+
+    fn load_pinned(
+        pin_dir: &Path,
+        log_datapath: bool,
+        ct_max: Option<u32>,
+        replace_pins: bool,
+    ) -> Result<Self> {
+        // The old program objects stay alive while attached; their pins
+        // make room for the new ones.
+        let repin = |path: PathBuf| -> PathBuf {
+            if replace_pins {
+                let _ = std::fs::remove_file(&path);
+            }
+            path
+        };
         // aya-log's level word: 0 keeps every log statement off the hot path.
         let level: u8 = if log_datapath { 4 } else { 0 };
         let ct_capacity = ct_max.unwrap_or(kvnet_common::MAX_CT_ENTRIES);
@@ -75,20 +122,20 @@ impl Datapath {
         {
             let xdp: &mut Xdp = program(&mut ebpf, names::PROG_XDP)?.try_into()?;
             xdp.load().context("loading the XDP program (verifier)")?;
-            xdp.pin(pin_dir.join(names::PROG_XDP))
+            xdp.pin(repin(pin_dir.join(names::PROG_XDP)))
                 .context("pinning the XDP program")?;
         }
         {
             let tc: &mut SchedClassifier = program(&mut ebpf, names::PROG_TC)?.try_into()?;
             tc.load().context("loading the tc program (verifier)")?;
-            tc.pin(pin_dir.join(names::PROG_TC))
+            tc.pin(repin(pin_dir.join(names::PROG_TC)))
                 .context("pinning the tc program")?;
         }
         {
             let tc: &mut SchedClassifier = program(&mut ebpf, names::PROG_TC_OUT)?.try_into()?;
             tc.load()
                 .context("loading the tc egress program (verifier)")?;
-            tc.pin(pin_dir.join(names::PROG_TC_OUT))
+            tc.pin(repin(pin_dir.join(names::PROG_TC_OUT)))
                 .context("pinning the tc egress program")?;
         }
         Ok(Self {
@@ -98,7 +145,88 @@ impl Datapath {
             egress_links: StdHashMap::new(),
             logger,
             ct_capacity,
+            adopting: false,
+            keep_on_exit: false,
         })
+    }
+
+    /// Attaches (or, adopting, swaps into the existing filter) `prog` as
+    /// kvnet's cls_bpf filter on `iface`.
+    fn tc_attach(
+        &mut self,
+        prog: &str,
+        iface: &str,
+        attach_type: TcAttachType,
+    ) -> Result<SchedClassifierLinkId> {
+        let adopting = self.adopting;
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, prog)?.try_into()?;
+        let replace = |tc: &mut SchedClassifier| {
+            SchedClassifierLink::attached(iface, attach_type, TC_PRIO, TC_HANDLE, None)
+                .map_err(anyhow::Error::from)
+                .and_then(|l| tc.attach_to_link(l).map_err(anyhow::Error::from))
+        };
+        if adopting {
+            if let Ok(id) = replace(tc) {
+                return Ok(id);
+            }
+        }
+        let opts = NlOptions {
+            priority: TC_PRIO,
+            handle: TC_HANDLE,
+            ..Default::default()
+        };
+        match tc.attach_with_options(iface, attach_type, TcAttachOptions::Netlink(opts)) {
+            Ok(id) => Ok(id),
+            // A filter left by a daemon that did not clean up: take it over.
+            Err(e) => replace(tc).map_err(|_| anyhow::Error::from(e)),
+        }
+    }
+
+    /// Attaches XDP to `ifindex` through a pinned bpf_link (or, adopting,
+    /// updates the pinned link to the new program atomically).
+    fn xdp_attach(&mut self, ifindex: u32, links: &mut PortLinks) -> Result<()> {
+        let pin = xdp_link_pin(&self.pin_dir, ifindex);
+        let xdp: &mut Xdp = program(&mut self.ebpf, names::PROG_XDP)?.try_into()?;
+        if pin.exists() {
+            let updated = PinnedLink::from_pin(&pin)
+                .map_err(anyhow::Error::from)
+                .and_then(|p| XdpLink::try_from(FdLink::from(p)).map_err(anyhow::Error::from))
+                .and_then(|l| xdp.attach_to_link(l).map_err(anyhow::Error::from));
+            match updated {
+                Ok(id) => {
+                    // The pin holds the link; our fd may go.
+                    if let Ok(l) = xdp.take_link(id) {
+                        drop(l);
+                    }
+                    links.xdp_pin = Some(pin);
+                    return Ok(());
+                }
+                Err(e) => {
+                    log::warn!("updating the pinned XDP link of ifindex {ifindex}: {e:#}");
+                    let _ = std::fs::remove_file(&pin);
+                }
+            }
+        }
+        let id = xdp
+            .attach_to_if_index(ifindex, XdpMode::Driver)
+            .or_else(|_| xdp.attach_to_if_index(ifindex, XdpMode::Skb))?;
+        let link = xdp.take_link(id)?;
+        match FdLink::try_from(link) {
+            Ok(fd) => {
+                std::fs::create_dir_all(pin.parent().expect("has a parent"))?;
+                // Dropping the PinnedLink closes our fd; the pin keeps it.
+                fd.pin(&pin).context("pinning the XDP link")?;
+                links.xdp_pin = Some(pin);
+            }
+            Err(_) => {
+                // A netlink attachment (no bpf_link support): it stays
+                // until detached, whoever holds it.
+                return Err(anyhow!(
+                    "XDP attached through netlink; this kernel lacks XDP bpf_link"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Forwards the datapath's log records (if on) to the daemon's log.
@@ -115,9 +243,9 @@ impl Datapath {
     /// Attaches tc ingress, and XDP too when `with_xdp`. All or nothing.
     pub fn attach(&mut self, iface: &str, ifindex: u32, with_xdp: bool) -> Result<()> {
         let mut links = PortLinks::default();
-        let tc: &mut SchedClassifier = program(&mut self.ebpf, names::PROG_TC)?.try_into()?;
         // A clsact filter (netlink) rather than a TCX link: the admin's
-        // `bpftool net show` and `tc filter show` list it.
+        // `bpftool net show` and `tc filter show` list it, and it outlives
+        // the daemon (the filter holds the program).
         if let Err(e) = tc::qdisc_add_clsact(iface) {
             if !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
             {
@@ -125,27 +253,19 @@ impl Datapath {
             }
         }
         links.tc = Some(
-            tc.attach_with_options(
-                iface,
-                TcAttachType::Ingress,
-                TcAttachOptions::Netlink(NlOptions::default()),
-            )
-            .with_context(|| format!("attaching the tc program to '{iface}'"))?,
+            self.tc_attach(names::PROG_TC, iface, TcAttachType::Ingress)
+                .with_context(|| format!("attaching the tc program to '{iface}'"))?,
         );
         if with_xdp {
-            let xdp: &mut Xdp = program(&mut self.ebpf, names::PROG_XDP)?.try_into()?;
-            let attached = xdp
-                .attach_to_if_index(ifindex, XdpMode::Driver)
-                .or_else(|_| xdp.attach_to_if_index(ifindex, XdpMode::Skb));
-            match attached {
-                Ok(id) => links.xdp = Some(id),
-                Err(e) => {
-                    self.links.insert(ifindex, links);
-                    self.detach(ifindex);
-                    return Err(e)
-                        .with_context(|| format!("attaching the XDP program to '{iface}'"));
-                }
+            if let Err(e) = self.xdp_attach(ifindex, &mut links) {
+                self.links.insert(ifindex, links);
+                self.detach(ifindex);
+                return Err(e).with_context(|| format!("attaching the XDP program to '{iface}'"));
             }
+        } else if self.adopting {
+            // The port was XDP before the restart and no longer is.
+            let pin = xdp_link_pin(&self.pin_dir, ifindex);
+            let _ = std::fs::remove_file(pin);
         }
         self.links.insert(ifindex, links);
         Ok(())
@@ -154,13 +274,8 @@ impl Datapath {
     /// Attaches the egress program (bridged uplinks: the host's frames to
     /// guests). The clsact qdisc is already there from `attach`.
     pub fn attach_egress(&mut self, iface: &str, ifindex: u32) -> Result<()> {
-        let tc: &mut SchedClassifier = program(&mut self.ebpf, names::PROG_TC_OUT)?.try_into()?;
-        let id = tc
-            .attach_with_options(
-                iface,
-                TcAttachType::Egress,
-                TcAttachOptions::Netlink(NlOptions::default()),
-            )
+        let id = self
+            .tc_attach(names::PROG_TC_OUT, iface, TcAttachType::Egress)
             .with_context(|| format!("attaching the tc egress program to '{iface}'"))?;
         self.egress_links.insert(ifindex, id);
         Ok(())
@@ -171,7 +286,10 @@ impl Datapath {
     }
 
     pub fn nat_subnets(&mut self) -> Result<aya::maps::lpm_trie::LpmTrie<&mut MapData, u32, u32>> {
-        Ok(aya::maps::lpm_trie::LpmTrie::try_from(map(&mut self.ebpf, names::MAP_NAT_SUBNETS)?)?)
+        Ok(aya::maps::lpm_trie::LpmTrie::try_from(map(
+            &mut self.ebpf,
+            names::MAP_NAT_SUBNETS,
+        )?)?)
     }
 
     pub fn detach_egress(&mut self, ifindex: u32) {
@@ -200,8 +318,12 @@ impl Datapath {
     pub fn reset_nat_stats(&mut self, net_id: u32) -> Result<()> {
         let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
         let zero = PerCpuValues::try_from(vec![NatStats::default(); cpus])?;
+        let adopting = self.adopting;
         let mut m: PerCpuHashMap<&mut MapData, u32, NatStats> =
             PerCpuHashMap::try_from(map(&mut self.ebpf, names::MAP_NAT_STATS)?)?;
+        if adopting && m.get(&net_id, 0).is_ok() {
+            return Ok(());
+        }
         m.insert(net_id, zero, 0)
             .context("creating the NAT counters")?;
         Ok(())
@@ -244,6 +366,11 @@ impl Datapath {
         let Some(links) = self.links.remove(&ifindex) else {
             return;
         };
+        if let Some(pin) = links.xdp_pin {
+            // The pin held the link: without it (and our fd, closed long
+            // ago) the link goes, and XDP with it.
+            let _ = std::fs::remove_file(pin);
+        }
         if let Some(id) = links.xdp {
             if let Ok(xdp) = program(&mut self.ebpf, names::PROG_XDP)
                 .and_then(|p| <&mut Xdp>::try_from(p).map_err(anyhow::Error::from))
@@ -286,10 +413,13 @@ impl Datapath {
         )?)?)
     }
 
-    /// Creates (or zeroes) a port's counters.
+    /// Creates (or zeroes) a port's counters; adopting, keeps them.
     pub fn reset_stats(&mut self, ifindex: u32) -> Result<()> {
         let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
         let zero = PerCpuValues::try_from(vec![PortStats::default(); cpus])?;
+        if self.adopting && self.port_stats()?.get(&ifindex, 0).is_ok() {
+            return Ok(());
+        }
         self.port_stats()?
             .insert(ifindex, zero, 0)
             .context("creating the port's counters")?;
@@ -356,6 +486,40 @@ where
 
 impl Drop for Datapath {
     fn drop(&mut self) {
+        if self.keep_on_exit {
+            // Daemon stop/restart: the filters and pinned links keep
+            // forwarding; forget aya's handles so nothing detaches.
+            for (_, l) in self.links.drain() {
+                if let Some(id) = l.tc {
+                    if let Ok(p) = program(&mut self.ebpf, names::PROG_TC)
+                        .and_then(|p| <&mut SchedClassifier>::try_from(p).map_err(Into::into))
+                    {
+                        if let Ok(link) = p.take_link(id) {
+                            std::mem::forget(link);
+                        }
+                    }
+                }
+                if let Some(id) = l.xdp {
+                    if let Ok(p) = program(&mut self.ebpf, names::PROG_XDP)
+                        .and_then(|p| <&mut Xdp>::try_from(p).map_err(Into::into))
+                    {
+                        if let Ok(link) = p.take_link(id) {
+                            std::mem::forget(link);
+                        }
+                    }
+                }
+            }
+            for (_, id) in self.egress_links.drain() {
+                if let Ok(p) = program(&mut self.ebpf, names::PROG_TC_OUT)
+                    .and_then(|p| <&mut SchedClassifier>::try_from(p).map_err(Into::into))
+                {
+                    if let Ok(link) = p.take_link(id) {
+                        std::mem::forget(link);
+                    }
+                }
+            }
+            return;
+        }
         let ports: Vec<u32> = self.links.keys().copied().collect();
         for ifindex in ports {
             self.detach(ifindex);

@@ -145,6 +145,23 @@ impl Gateway {
         Ok(gw)
     }
 
+    /// Takes over an existing pair (a restarted daemon): makes sure of the
+    /// address, links up and forwarding, without recreating anything.
+    pub fn adopt(host_if: &str, net_id: u32, cidr: Cidr, forwarding: bool) -> Result<Gateway> {
+        let gw = Gateway {
+            host_if: host_if.to_string(),
+            port_if: format!("kvgw{net_id}"),
+            cidr,
+        };
+        crate::netdev::ifindex(&gw.port_if)
+            .with_context(|| format!("adopting gateway {host_if}: its peer is gone"))?;
+        ip(&["addr", "replace", &cidr.to_string(), "dev", host_if])?;
+        ip(&["link", "set", &gw.port_if, "up"])?;
+        ip(&["link", "set", host_if, "up"])?;
+        gw.set_forwarding(forwarding)?;
+        Ok(gw)
+    }
+
     /// Whether the host routes between this network and others (routed
     /// mode) or not (host-only).
     pub fn set_forwarding(&self, on: bool) -> Result<()> {

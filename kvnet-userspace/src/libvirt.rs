@@ -9,8 +9,27 @@ use crate::config::{
 };
 use crate::gateway::Cidr;
 
+/// The interface of the host's IPv4 default route, if any.
+pub fn default_route_iface() -> Option<String> {
+    let t = std::fs::read_to_string("/proc/net/route").ok()?;
+    t.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000").then(|| f[0].to_string())
+    })
+}
+
 /// The kvnet config for one libvirt `<network>`, and the warnings.
-pub fn import(xml: &str) -> Result<(Config, Vec<String>)> {
+///
+/// `uplink`: the NIC for a nat or routed network (`--uplink`); it wins over
+/// the XML's `<forward dev>`. libvirt NATs out of whichever interface routes
+/// a packet; kvnet masquerades behind one uplink, so a nat network without
+/// either gets the interface of the host's default route (`default_uplink`),
+/// with a warning saying so.
+pub fn import_with(
+    xml: &str,
+    uplink: Option<&str>,
+    default_uplink: Option<String>,
+) -> Result<(Config, Vec<String>)> {
     let doc = roxmltree::Document::parse(xml).context("parsing the network XML")?;
     let net = doc.root_element();
     if net.tag_name().name() != "network" {
@@ -258,6 +277,30 @@ pub fn import(xml: &str) -> Result<(Config, Vec<String>)> {
     if sec.mode != "nat" {
         sec.nat = None;
     }
+    if let Some(u) = uplink {
+        if matches!(sec.mode.as_str(), "nat" | "routed" | "bridged") {
+            sec.uplink = Some(u.to_string());
+        } else {
+            warn.push(format!(
+                "--uplink {u} is ignored: a {} network has no uplink",
+                sec.mode
+            ));
+        }
+    }
+    if sec.mode == "nat" && sec.uplink.is_none() {
+        match default_uplink {
+            Some(u) => {
+                warn.push(format!(
+                    "no <forward dev>: uplink set to '{u}' (the host's default route); pass --uplink IFACE to choose the NIC to masquerade behind"
+                ));
+                sec.uplink = Some(u);
+            }
+            None => bail!(
+                "forward mode nat without <forward dev> and the host has no default route: pass --uplink IFACE (the NIC to masquerade behind)"
+            ),
+        }
+    }
+    // libvirt has no port forwards in a network definition.
     let forwards: Vec<ForwardSection> = Vec::new();
     sec.forwards = forwards;
     let mut cfg = Config::default();
@@ -265,9 +308,18 @@ pub fn import(xml: &str) -> Result<(Config, Vec<String>)> {
     Ok((cfg, warn))
 }
 
+/// [`import_with`] with the host's default route as the fallback uplink.
+pub fn import(xml: &str, uplink: Option<&str>) -> Result<(Config, Vec<String>)> {
+    import_with(xml, uplink, default_route_iface())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn import(xml: &str) -> Result<(Config, Vec<String>)> {
+        import_with(xml, None, Some("eth9".into()))
+    }
 
     const DEFAULT_NET: &str = "<network><name>default</name><forward mode='nat'><nat><port start='1024' end='65535'/></nat>
    </forward><bridge name='virbr0' stp='on' delay='0'/><ip address='192.168.122.1'
@@ -284,6 +336,15 @@ mod tests {
         let (cfg, warn) = import(DEFAULT_NET).unwrap();
         let n = &cfg.networks["default"];
         assert_eq!(n.mode, "nat");
+        assert_eq!(n.uplink.as_deref(), Some("eth9"));
+        assert!(warn.iter().any(|w| w.contains("--uplink")), "{warn:?}");
+        let (c2, w2) = import_with(DEFAULT_NET, Some("up0"), None).unwrap();
+        assert_eq!(c2.networks["default"].uplink.as_deref(), Some("up0"));
+        assert!(!w2.iter().any(|w| w.contains("default route")), "{w2:?}");
+        assert!(import_with(DEFAULT_NET, None, None)
+            .unwrap_err()
+            .to_string()
+            .contains("--uplink"));
         assert_eq!(n.gateway.as_deref(), Some("192.168.122.1/24"));
         assert_eq!(n.gateway_iface.as_deref(), Some("virbr0"));
         assert_eq!(n.nat.as_ref().unwrap().port_range, Some([1024, 65535]));

@@ -14,6 +14,7 @@ mod dns;
 mod mac;
 mod netdev;
 mod output;
+mod state;
 mod switch;
 mod vlan;
 
@@ -100,7 +101,13 @@ enum Cmd {
     /// Check a config file without a daemon.
     Check { file: PathBuf },
     /// Print a libvirt network definition (XML) as kvnet config.
-    ImportLibvirt { file: PathBuf },
+    ImportLibvirt {
+        file: PathBuf,
+        /// The NIC a nat/routed network uses (default: <forward dev>, else,
+        /// for nat, the interface of the host's default route).
+        #[arg(long)]
+        uplink: Option<String>,
+    },
     /// qemu/libvirt tap up: attach it (network from KVNET_NET or the port rules).
     Ifup {
         tap: String,
@@ -424,7 +431,9 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}: ok", file.display());
             Ok(())
         }
-        Cmd::ImportLibvirt { file } => config_cli::import_libvirt(&file),
+        Cmd::ImportLibvirt { file, uplink } => {
+            config_cli::import_libvirt(&file, uplink.as_deref())
+        }
         Cmd::Ifup { tap, net, vlan } => {
             let r = call(
                 sock,
@@ -646,10 +655,10 @@ mod config_cli {
         Ok(())
     }
 
-    pub fn import_libvirt(file: &Path) -> Result<()> {
+    pub fn import_libvirt(file: &Path, uplink: Option<&str>) -> Result<()> {
         let xml =
             std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        let (cfg, warnings) = crate::libvirt::import(&xml)?;
+        let (cfg, warnings) = crate::libvirt::import(&xml, uplink)?;
         for w in &warnings {
             eprintln!("kvnet: not carried over: {w}");
         }

@@ -5,8 +5,8 @@ use std::{collections::BTreeSet, fmt};
 
 use anyhow::{bail, Context, Result};
 use kvnet_common::{
-    FdbEntry, FdbKey, NetConfig, PortConfig, FDB_F_HOST, FDB_F_STATIC, PORT_F_BRIDGED_NET,
-    PORT_F_ROUTED_NET, PORT_F_TRUSTED, PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_ROUTED,
+    FdbEntry, FdbKey, PortConfig, FDB_F_HOST, FDB_F_STATIC, PORT_F_BRIDGED_NET, PORT_F_ROUTED_NET,
+    PORT_F_TRUSTED, PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_ROUTED,
 };
 
 use crate::{
@@ -36,8 +36,9 @@ impl fmt::Display for PortRole {
     }
 }
 
-/// A host setting kvnet changed, with what it was.
-#[derive(Debug)]
+/// A host setting kvnet changed, with what it was (kept in the daemon's
+/// state file, so `kvnet down` after a restart still restores it).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum Restore {
     Sysctl {
         path: String,
@@ -74,7 +75,7 @@ impl Restore {
 pub struct RoutedUplink {
     pub ifindex: u32,
     pub users: BTreeSet<String>,
-    restore: Vec<Restore>,
+    pub(crate) restore: Vec<Restore>,
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -170,7 +171,8 @@ impl Switch {
             (None, None) => None,
         };
         if let (Some(n), Some(cidr)) = (&gw_name, &gateway) {
-            if netdev::ifindex(n).is_ok() {
+            // (A restarted daemon adopts its own gateway interface.)
+            if netdev::ifindex(n).is_ok() && !self.dp.adopting {
                 bail!("gateway interface '{n}' already exists; pick another with --gateway-iface");
             }
             for (other, net) in &self.nets {
@@ -184,8 +186,19 @@ impl Switch {
         // DHCP/DNS (issue 7): checked whole before anything is built.
         let dhcp = crate::dhcp::service::plan(opts, gateway.as_ref(), gw_name.as_deref())?;
         let nat = self.nat_plan(opts, opts.uplink.as_deref())?;
-        let id = (1..)
-            .find(|id| self.nets.values().all(|n| n.id != *id))
+        // A restarted daemon gives networks back their ids (the datapath's
+        // maps are keyed by them); new networks skip those ids.
+        let id = self
+            .adopt_ids
+            .get(name)
+            .copied()
+            .filter(|id| self.nets.values().all(|n| n.id != *id))
+            .or_else(|| {
+                (1..).find(|id| {
+                    self.nets.values().all(|n| n.id != *id)
+                        && !self.adopt_ids.values().any(|a| a == id)
+                })
+            })
             .unwrap_or(1);
         self.nets.insert(
             name.to_string(),
@@ -197,6 +210,7 @@ impl Switch {
                 uplink: opts.uplink.clone(),
                 restore: Vec::new(),
                 nat: None,
+                opts: opts.clone(),
             },
         );
         let built = match mode {
@@ -233,7 +247,11 @@ impl Switch {
     fn build_gateway(&mut self, name: &str, id: u32, host_if: &str, cidr: Cidr) -> Result<()> {
         // NAT networks route like routed ones (plus translation).
         let routed = matches!(self.net(name)?.mode, Mode::Routed | Mode::Nat);
-        let gw = Gateway::create(host_if, id, cidr, routed)?;
+        let gw = if self.dp.adopting && netdev::ifindex(host_if).is_ok() {
+            Gateway::adopt(host_if, id, cidr, routed)?
+        } else {
+            Gateway::create(host_if, id, cidr, routed)?
+        };
         let port_if = gw.port_if.clone();
         let gw_mac = netdev::mac(host_if)?;
         let gw_host = netdev::ifindex(host_if)?;
@@ -257,13 +275,11 @@ impl Switch {
             Some(u) => netdev::ifindex(u)?,
             None => 0,
         };
-        let cfg = NetConfig {
-            gw_host,
-            gw_port,
-            uplink: uplink_ifindex,
-            gw_mac: gw_mac.0,
-            ..Default::default()
-        };
+        // Kept: what a running datapath already has (NAT settings of an
+        // adopted network); new networks start from zero.
+        let mut cfg = self.dp.nets()?.get(&id, 0).unwrap_or_default();
+        (cfg.gw_host, cfg.gw_port, cfg.uplink, cfg.gw_mac) =
+            (gw_host, gw_port, uplink_ifindex, gw_mac.0);
         self.dp
             .nets()?
             .insert(id, cfg, 0)
@@ -297,9 +313,16 @@ impl Switch {
                     pref: pref.clone(),
                 });
             }
-            ip(&[
-                "rule", "add", "iif", host_if, "pref", &pref, "table", &table,
-            ])?;
+            let present = self.dp.adopting
+                && std::process::Command::new("ip")
+                    .args(["rule", "list", "pref", &pref])
+                    .output()
+                    .is_ok_and(|o| !o.stdout.is_empty());
+            if !present {
+                ip(&[
+                    "rule", "add", "iif", host_if, "pref", &pref, "table", &table,
+                ])?;
+            }
         }
         Ok(())
     }
@@ -333,10 +356,8 @@ impl Switch {
                 0,
             )
             .context("writing the FDB")?;
-        let cfg = NetConfig {
-            uplink: ifindex,
-            ..Default::default()
-        };
+        let mut cfg = self.dp.nets()?.get(&id, 0).unwrap_or_default();
+        cfg.uplink = ifindex;
         self.dp
             .nets()?
             .insert(id, cfg, 0)
@@ -362,9 +383,16 @@ impl Switch {
         // The host routes the first packets of a flow (and everything the
         // fast path hands it) between the uplink and the gateway.
         set_sysctl(uplink, "forwarding", "1", &mut restore)?;
+        // An adopted uplink keeps its NAT mark: without it, replies of
+        // running NAT flows would meet the host stack (and a reset).
+        let nat_mark = self
+            .dp
+            .ports()?
+            .get(&ifindex, 0)
+            .map_or(0, |p| p.flags & kvnet_common::PORT_F_UPLINK_NAT);
         let cfg = PortConfig {
             net_id: 0,
-            flags: PORT_F_UPLINK_ROUTED,
+            flags: PORT_F_UPLINK_ROUTED | nat_mark,
             ..Default::default()
         };
         let applied = self

@@ -35,6 +35,8 @@ pub struct Network {
     pub restore: Vec<Restore>,
     /// NAT networks: port range, uplink address, port forwards.
     pub nat: Option<crate::nat::NatState>,
+    /// The options it was created with (DHCP settings for save/restart).
+    pub opts: crate::control::NetOpts,
 }
 
 pub struct Port {
@@ -59,6 +61,8 @@ pub struct Switch {
     pub(crate) routed_uplinks: BTreeMap<String, RoutedUplink>,
     /// DHCP and DNS servers of networks with a `--dhcp-range` (issue 7).
     pub(crate) services: crate::dhcp::service::Services,
+    /// Network ids of a running datapath being adopted (daemon restart).
+    pub(crate) adopt_ids: BTreeMap<String, u32>,
 }
 
 /// Network names end up in logs, JSON and file names: keep them plain.
@@ -103,6 +107,7 @@ impl Switch {
             ports: BTreeMap::new(),
             routed_uplinks: BTreeMap::new(),
             services: Default::default(),
+            adopt_ids: BTreeMap::new(),
         }
     }
 
@@ -174,7 +179,7 @@ impl Switch {
     }
 
     /// (ifindex, VLAN config) of the network's ports.
-    fn members(&self, net: &str) -> Vec<(u32, VlanCfg)> {
+    pub(crate) fn members(&self, net: &str) -> Vec<(u32, VlanCfg)> {
         self.ports
             .values()
             .filter(|p| p.net == net)
@@ -185,12 +190,18 @@ impl Switch {
     /// Rewrites the flood sets of `vids` in network `net_id` from
     /// `members`: untagged members first, then the tagged ones.
     /// A VLAN without members loses its flood set.
-    fn write_floods(
+    pub(crate) fn write_floods(
         &mut self,
         net_id: u32,
         members: &[(u32, VlanCfg)],
         vids: &BTreeSet<u16>,
     ) -> Result<()> {
+        if self.dp.adopting {
+            // The pinned sets are complete; partial rewrites while ports
+            // are adopted one by one would drop floods for a moment.
+            // `state::finish_adoption` writes them once at the end.
+            return Ok(());
+        }
         let mut flood = self.dp.flood()?;
         for &vid in vids {
             let mut untagged = Vec::new();

@@ -148,7 +148,22 @@ impl Kvnet {
         self.daemon.as_ref().is_some_and(|d| d.is_running())
     }
 
-    /// Stops the daemon with SIGTERM (it detaches and unpins everything).
+    /// Kills the daemon with SIGKILL (a crash): the datapath stays as it
+    /// was; a daemon started next adopts it.
+    pub fn kill(mut self) -> Result<()> {
+        let d = self
+            .daemon
+            .take()
+            .ok_or_else(|| anyhow!("daemon already stopped"))?;
+        d.signal(nix::sys::signal::Signal::SIGKILL)?;
+        d.wait_timeout(Duration::from_secs(5))?;
+        d.stop()?;
+        Ok(())
+    }
+
+    /// Stops the daemon with SIGTERM: it exits and leaves the datapath
+    /// forwarding (pinned and attached) for the next daemon to adopt;
+    /// `kvnet down` removes everything instead.
     pub fn stop(mut self) -> Result<std::process::ExitStatus> {
         let d = self
             .daemon

@@ -528,3 +528,97 @@ fn status_then_down_leaves_nothing_behind() {
     assert_eq!(o.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&o.stdout).contains("not running"));
 }
+
+#[path = "support/libvirt_nat.rs"]
+mod libvirt_nat;
+
+/// Acceptance: libvirt's default network, imported and applied, is a NAT
+/// network whose guests get DHCP leases (guest1's MAC gets .13) and reach
+/// the outside (ping + TCP) behind the uplink's address; forwards in the
+/// file are applied and changed live.
+#[test]
+fn libvirt_default_network_imported_and_applied_is_a_working_nat() {
+    if !privileged() {
+        return;
+    }
+    use libvirt_nat::*;
+    let l = libvirt_lab();
+    assert!(
+        l.imported.contains("mode = \"nat\"")
+            && l.imported.contains("uplink = \"up0\"")
+            && l.imported.contains("port_range = [1024, 65535]")
+            && l.imported.contains("00:25:90:eb:4b:bb"),
+        "{}",
+        l.imported
+    );
+    assert!(l.import_warnings.contains("stp"), "{}", l.import_warnings);
+    let k = start_with_config(&l);
+    let net = k.json(&["net", "show", "default"]).unwrap();
+    assert_eq!(net["mode"], "nat", "{net}");
+    assert_eq!(net["gateway_iface"], "virbr0", "{net}");
+    wait_until(
+        "guests attached by the rule",
+        Duration::from_secs(3),
+        || ports(&k).len() == 2,
+    );
+    let ip1 = dhcp(&l.lab, &l.guests[0], "g1");
+    assert_eq!(ip1, "192.168.122.13", "guest1's reserved address");
+    let ip2 = dhcp(&l.lab, &l.guests[1], "g2");
+    assert!(ip2.starts_with("192.168.122.") && ip2 != ip1, "{ip2}");
+    let leases = k.json(&["dhcp", "leases", "default"]).unwrap();
+    assert_eq!(leases.as_array().unwrap().len(), 2, "{leases}");
+
+    echo_server(&l.lab, &l.out.ns, 5000);
+    for g in &l.guests {
+        assert!(ping(g, OUTSIDE_IP), "{} cannot ping the outside", g.hv_if);
+        let r = tcp_echo(&g.ns, OUTSIDE_IP, 5000, 200_000);
+        assert!(r.contains("tcp 200000"), "{}: {r}", g.hv_if);
+    }
+    let ct = k.json(&["conntrack", "list", "default"]).unwrap();
+    assert!(
+        ct.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r.to_string().contains("192.168.122.13")),
+        "{ct}"
+    );
+
+    // A forward added to the file: the dry run names it, apply adds it live.
+    echo_server(&l.lab, &l.guests[0].ns, 80);
+    let f2 = write(
+        &l.lab,
+        "default-fwd.toml",
+        &format!(
+            "{}\n[[networks.default.forwards]]\nproto = \"tcp\"\nport = 8080\nto = \"192.168.122.13:80\"\n",
+            std::fs::read_to_string(&l.config).unwrap()
+        ),
+    );
+    assert_eq!(
+        k.cli(&["apply", "--dry-run", s(&f2)]).unwrap(),
+        "~ network default: + forward tcp/8080 -> 192.168.122.13:80 (live)\n"
+    );
+    k.cli(&["apply", s(&f2)]).unwrap();
+    let fw = k.json(&["forward", "list", "default"]).unwrap();
+    assert_eq!(fw[0]["to"], "192.168.122.13:80", "{fw}");
+    let r = tcp_echo(&l.out.ns, "198.51.100.1", 8080, 1000);
+    assert!(r.contains("tcp 1000"), "through the forward: {r}");
+    // `kvnet save` writes the forward and the port range back.
+    let saved = l.lab.work_dir().join("saved.toml");
+    k.cli(&["save", s(&saved)]).unwrap();
+    let text = std::fs::read_to_string(&saved).unwrap();
+    assert!(
+        text.contains("192.168.122.13:80") && text.contains("port_range"),
+        "{text}"
+    );
+    // And back: the forward goes, live; a ping keeps working.
+    assert_eq!(
+        k.cli(&["apply", s(&l.config)]).unwrap(),
+        "~ network default: - forward tcp/8080 -> 192.168.122.13:80 (live)\n"
+    );
+    assert_eq!(
+        k.json(&["forward", "list", "default"]).unwrap(),
+        serde_json::json!([])
+    );
+    assert!(ping(&l.guests[1], OUTSIDE_IP));
+    k.cli(&["down"]).unwrap();
+}

@@ -438,10 +438,13 @@ fn static_host_pool_exhaustion_release_and_daemon_restart() {
     assert_eq!(ip4, ip1);
     assert_eq!(leases(&k).len(), 4, "{:?}", leases(&k));
 
-    // Daemon restarted with the same state folder, the network re-added
-    // with the same options: holders renew their own addresses, and the
-    // pool is still full for a newcomer.
-    k.stop().unwrap();
+    // Everything removed (`kvnet down`; a plain stop would keep the network
+    // running for the next daemon to adopt, see restart.rs), a new daemon
+    // with the same state folder, the network re-added with the same
+    // options: holders renew their own addresses, and the pool is still
+    // full for a newcomer.
+    k.cli(&["down"]).unwrap();
+    drop(k);
     let k = Kvnet::start(&lab).unwrap();
     add_all(&k);
     assert_eq!(leases(&k).len(), 4, "{:?}", leases(&k));

@@ -83,8 +83,32 @@ fn xdp_and_tc_count_on_a_port_and_bpftool_sees_programs_and_pins() {
         assert!(pins.join(prog).exists(), "{prog} pinned");
     }
 
-    // A stopped daemon detaches and unpins everything.
+    // A stopped daemon (SIGTERM) leaves the datapath forwarding: programs
+    // attached, pins in place, the XDP links pinned.
     assert!(k.stop().unwrap().success());
+    assert!(pins.join("kvnet_tc").exists(), "pins kept by a stop");
+    assert!(
+        std::fs::read_dir(pins.join("links")).unwrap().count() == 2,
+        "the two XDP links are pinned"
+    );
+    let net = lab.sh(hv, "bpftool net show").unwrap();
+    assert!(
+        net.contains("kvnet_tc")
+            && net
+                .lines()
+                .any(|l| l.starts_with("p1(") && l.contains("driver")),
+        "programs still attached after a stop:\n{net}"
+    );
+    g1.exec(&["ping", "-c", "2", "-i", "0.2", "10.10.0.2"])
+        .unwrap();
+    // The next daemon adopts it; `kvnet down` detaches and unpins everything.
+    let k = Kvnet::start(&lab).unwrap();
+    assert!(k.daemon_log().contains("adopted"), "{}", k.daemon_log());
+    assert_eq!(
+        k.json(&["port", "list"]).unwrap().as_array().unwrap().len(),
+        2
+    );
+    k.cli(&["down"]).unwrap();
     assert!(!pins.exists(), "pins left behind");
     let net = lab.sh(hv, "bpftool net show").unwrap();
     assert!(!net.contains("kvnet"), "programs still attached:\n{net}");

@@ -6,10 +6,15 @@
 //! * L2 guest-to-guest (g1 -> g2 through the hv namespace's veths p1, p2):
 //!   Linux bridge, kvnet `--hook tc`, kvnet `--hook xdp`, and the limit
 //!   (`bench_redirect`: a tc program that only redirects p1 <-> p2).
+//! * Access-to-trunk VLAN tagging (g1 untagged on an access port of VLAN
+//!   10, a trunk to a second kvnet host that untags for its guest r1):
+//!   kvnet `--hook tc|xdp`; the Linux VLAN-filtering bridge when the
+//!   kernel has it.
 //! * Guest-to-outside (g1 -> `out` over the uplink up0): Linux routing,
 //!   Linux bridge + iptables MASQUERADE (libvirt's shape), nftables
-//!   masquerade with a flowtable. kvnet has no L3 yet (issues 5, 6).
-//! * Per-packet program cost through BPF_PROG_RUN and FDB scale.
+//!   masquerade with a flowtable, kvnet routed and kvnet NAT (also with
+//!   1M synthetic conntrack entries in the daemon's table).
+//! * Per-packet program cost through BPF_PROG_RUN, FDB and conntrack scale.
 //!
 //! Output: target/bench/{report.md, results.json, bench.png}.
 
@@ -42,6 +47,10 @@ pub struct Plan {
     pub cost_sizes: String,
     pub cost_repeat: u32,
     pub install_entries: u32,
+    /// Conntrack sizes for the NAT path costs.
+    pub ct_sizes: String,
+    /// Packets per rewriting path (one BPF_PROG_RUN each).
+    pub single_runs: u32,
 }
 
 impl Plan {
@@ -56,6 +65,8 @@ impl Plan {
                 cost_sizes: "10,10000,1000000".into(),
                 cost_repeat: 200_000,
                 install_entries: 10_000,
+                ct_sizes: "10,100000,1000000".into(),
+                single_runs: 5_000,
             }
         } else {
             Plan {
@@ -67,6 +78,8 @@ impl Plan {
                 cost_sizes: "10,10000,1000000".into(),
                 cost_repeat: 1_000_000,
                 install_entries: 100_000,
+                ct_sizes: "10,100000,1000000".into(),
+                single_runs: 20_000,
             }
         }
     }
@@ -124,7 +137,9 @@ pub struct Results {
 
 impl Results {
     fn add(&mut self, scenario: &str, config: &str, metric: &str, unit: &str, v: f64) {
-        self.series_mut(scenario, config, metric, unit).values.push(v);
+        self.series_mut(scenario, config, metric, unit)
+            .values
+            .push(v);
     }
     fn fail(&mut self, scenario: &str, config: &str, metric: &str, unit: &str, why: String) {
         eprintln!("bench:   {scenario}/{config}/{metric}: {why}");
@@ -133,7 +148,13 @@ impl Results {
             s.note = Some(why);
         }
     }
-    fn series_mut(&mut self, scenario: &str, config: &str, metric: &str, unit: &str) -> &mut Series {
+    fn series_mut(
+        &mut self,
+        scenario: &str,
+        config: &str,
+        metric: &str,
+        unit: &str,
+    ) -> &mut Series {
         let pos = self
             .series
             .iter()
@@ -166,7 +187,14 @@ pub fn bench(quick: bool) -> Result<()> {
     let started = Instant::now();
     let kvnet = build::kvnet()?;
     let mut c = build::cargo();
-    c.args(["build", build::PROFILE_FLAG, "-p", "kvnet-userspace", "--bin", "kvnet-bench"]);
+    c.args([
+        "build",
+        build::PROFILE_FLAG,
+        "-p",
+        "kvnet-userspace",
+        "--bin",
+        "kvnet-bench",
+    ]);
     println!("build: {}", cmd::display(&c));
     cmd::run(&mut c)?;
     let helper = kvnet.with_file_name("kvnet-bench");
@@ -202,6 +230,7 @@ pub fn run_as_root(quick: bool, kvnet: &Path, helper: &Path, started: Instant) -
         let mut b = Bench::new(&plan, helper)?;
         b.l2(&mut res)?;
         b.scale(&mut res)?;
+        b.vlan(&mut res)?;
         b.routed(&mut res)?;
         b.cost(&mut res)?;
         b.notes(&mut res);
@@ -230,12 +259,29 @@ pub fn run_as_root(quick: bool, kvnet: &Path, helper: &Path, started: Instant) -
 /// Why nftables flowtables cannot work on this kernel, if the kernel says so.
 fn kernel_lacks_flowtable() -> Option<String> {
     let out = Command::new("sh")
-        .args(["-c", "zcat /proc/config.gz 2>/dev/null | grep -E '^(# )?CONFIG_NF_FLOW_TABLE[ =]'"])
+        .args([
+            "-c",
+            "zcat /proc/config.gz 2>/dev/null | grep -E '^(# )?CONFIG_NF_FLOW_TABLE[ =]'",
+        ])
         .output()
         .ok()?;
     let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
     line.contains("is not set")
         .then(|| format!("not available: the kernel is built without flowtables ({line})"))
+}
+
+/// Why a kernel feature cannot be used, if /proc/config.gz says it is off.
+fn kernel_lacks(option: &str) -> Option<String> {
+    let out = Command::new("sh")
+        .args(["-c", &format!("zcat /proc/config.gz 2>/dev/null | grep -E '^(# )?{option}[ =]'")])
+        .output()
+        .ok()?;
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if line.is_empty() {
+        return Some(format!("not available: the kernel is built without it ({option} absent from /proc/config.gz)"));
+    }
+    line.contains("is not set")
+        .then(|| format!("not available: the kernel is built without it ({line})"))
 }
 
 fn machine_info() -> BTreeMap<String, String> {
@@ -261,7 +307,10 @@ fn machine_info() -> BTreeMap<String, String> {
     m.insert("loadavg at start".into(), load.trim().to_string());
     let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     if let Some(l) = mem.lines().next() {
-        m.insert("memory".into(), l.trim_start_matches("MemTotal:").trim().into());
+        m.insert(
+            "memory".into(),
+            l.trim_start_matches("MemTotal:").trim().into(),
+        );
     }
     for (k, args) in [
         ("iperf3", vec!["iperf3", "--version"]),
@@ -278,13 +327,27 @@ fn machine_info() -> BTreeMap<String, String> {
 
 const L2: &str = "L2 guest-to-guest";
 const OUT: &str = "guest-to-outside";
+const VLAN: &str = "access-to-trunk VLAN";
 pub const L2_CONFIGS: &[&str] = &["linux-bridge", "kvnet-tc", "kvnet-xdp", "limit-redirect"];
-pub const OUT_CONFIGS: &[&str] = &["linux-routed", "bridge+iptables-masq", "nft-masq", "nft-masq+flowtable"];
+pub const VLAN_CONFIGS: &[&str] = &["linux-bridge-vlan", "kvnet-tc", "kvnet-xdp"];
+pub const OUT_CONFIGS: &[&str] = &[
+    "linux-routed",
+    "bridge+iptables-masq",
+    "nft-masq",
+    "nft-masq+flowtable",
+    "kvnet-routed",
+    "kvnet-nat",
+];
+/// kvnet-nat measured again with this many synthetic conntrack entries.
+pub const CT_SCALE: u32 = 1_000_000;
+pub const CT_MAX: &str = "2200000";
 const G1_IP: &str = "10.0.0.1";
 const G2_IP: &str = "10.0.0.2";
 const GW_IP: &str = "10.0.0.254";
 const UP_HV: &str = "192.168.77.1";
 const UP_OUT: &str = "192.168.77.2";
+/// The far host's guest in the VLAN scenario.
+const FAR_IP: &str = "10.0.0.3";
 
 struct Bench<'p> {
     plan: &'p Plan,
@@ -299,7 +362,10 @@ struct Bench<'p> {
 }
 
 fn mac_str(m: &[u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 impl<'p> Bench<'p> {
@@ -309,7 +375,8 @@ impl<'p> Bench<'p> {
         let g1 = lab.add_guest_with("p1", Some(&format!("{G1_IP}/24")))?;
         let g2 = lab.add_guest_with("p2", Some(&format!("{G2_IP}/24")))?;
         let out = lab.add_outside()?;
-        let kv = Kvnet::start(&lab).context("starting the kvnet daemon")?;
+        let kv =
+            Kvnet::start_with(&lab, &["--ct-max", CT_MAX]).context("starting the kvnet daemon")?;
         let pins = PathBuf::from(format!("{}-bench", lab.pin_dir().display()));
         lab.remove_on_drop(&pins);
         let b = Bench {
@@ -327,7 +394,8 @@ impl<'p> Bench<'p> {
         // Servers for the whole run (the lab stops them).
         for ns in [b.g2.ns.clone(), b.out_ns.clone()] {
             let mut c = Command::new("iperf3");
-            c.args(["-s", "-i", "0"]).stdout(std::process::Stdio::null());
+            c.args(["-s", "-i", "0"])
+                .stdout(std::process::Stdio::null());
             b.lab.spawn(&ns, c)?;
         }
         std::thread::sleep(Duration::from_millis(300));
@@ -352,7 +420,18 @@ impl<'p> Bench<'p> {
     fn l2_up(&self, config: &str) -> Result<()> {
         match config {
             "linux-bridge" => {
-                self.hv(&["ip", "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"])?;
+                self.hv(&[
+                    "ip",
+                    "link",
+                    "add",
+                    "br0",
+                    "type",
+                    "bridge",
+                    "stp_state",
+                    "0",
+                    "forward_delay",
+                    "0",
+                ])?;
                 for p in ["p1", "p2"] {
                     self.hv(&["ip", "link", "set", p, "master", "br0"])?;
                 }
@@ -369,7 +448,18 @@ impl<'p> Bench<'p> {
                 let prog = self.pins.join("bench_redirect").display().to_string();
                 for p in ["p1", "p2"] {
                     self.hv(&["tc", "qdisc", "replace", "dev", p, "clsact"])?;
-                    self.hv(&["tc", "filter", "add", "dev", p, "ingress", "bpf", "da", "object-pinned", &prog])?;
+                    self.hv(&[
+                        "tc",
+                        "filter",
+                        "add",
+                        "dev",
+                        p,
+                        "ingress",
+                        "bpf",
+                        "da",
+                        "object-pinned",
+                        &prog,
+                    ])?;
                 }
                 let pins = self.pins.display().to_string();
                 self.helper_in(self.lab.hv(), &["peer", &pins, "p1", "p2"])?;
@@ -404,38 +494,204 @@ impl<'p> Bench<'p> {
         let hv = self.lab.hv();
         let out = &self.out_ns;
         self.hv(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-        self.lab.exec(hv, &["ip", "addr", "replace", &format!("{UP_HV}/24"), "dev", "up0"])?;
-        self.lab.exec(out, &["ip", "addr", "replace", &format!("{UP_OUT}/24"), "dev", "eth0"])?;
-        self.lab.exec(&self.g1.ns, &["ip", "route", "replace", "default", "via", GW_IP])?;
+        self.lab.exec(
+            hv,
+            &[
+                "ip",
+                "addr",
+                "replace",
+                &format!("{UP_HV}/24"),
+                "dev",
+                "up0",
+            ],
+        )?;
+        self.lab.exec(
+            out,
+            &[
+                "ip",
+                "addr",
+                "replace",
+                &format!("{UP_OUT}/24"),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        self.lab.exec(
+            &self.g1.ns,
+            &["ip", "route", "replace", "default", "via", GW_IP],
+        )?;
+        // Each configuration's gateway has its own MAC: forget the last one.
+        self.lab.exec(&self.g1.ns, &["ip", "neigh", "flush", "dev", "eth0"])?;
         let gw = format!("{GW_IP}/24");
         match config {
             "linux-routed" => {
                 self.hv(&["ip", "addr", "add", &gw, "dev", "p1"])?;
-                self.lab.exec(out, &["ip", "route", "replace", "10.0.0.0/24", "via", UP_HV])?;
+                self.lab.exec(
+                    out,
+                    &["ip", "route", "replace", "10.0.0.0/24", "via", UP_HV],
+                )?;
             }
             "bridge+iptables-masq" => {
-                self.hv(&["ip", "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"])?;
+                self.hv(&[
+                    "ip",
+                    "link",
+                    "add",
+                    "br0",
+                    "type",
+                    "bridge",
+                    "stp_state",
+                    "0",
+                    "forward_delay",
+                    "0",
+                ])?;
                 self.hv(&["ip", "link", "set", "p1", "master", "br0"])?;
                 self.hv(&["ip", "link", "set", "br0", "up"])?;
                 self.hv(&["ip", "addr", "add", &gw, "dev", "br0"])?;
                 // What libvirt installs for a NAT network (LIBVIRT_* chains
                 // folded into the built-in ones).
                 let rules: &[&[&str]] = &[
-                    &["-t", "nat", "-A", "POSTROUTING", "-s", "10.0.0.0/24", "-d", "224.0.0.0/24", "-j", "RETURN"],
-                    &["-t", "nat", "-A", "POSTROUTING", "-s", "10.0.0.0/24", "-d", "255.255.255.255/32", "-j", "RETURN"],
-                    &["-t", "nat", "-A", "POSTROUTING", "-s", "10.0.0.0/24", "!", "-d", "10.0.0.0/24", "-p", "tcp", "-j", "MASQUERADE", "--to-ports", "1024-65535"],
-                    &["-t", "nat", "-A", "POSTROUTING", "-s", "10.0.0.0/24", "!", "-d", "10.0.0.0/24", "-p", "udp", "-j", "MASQUERADE", "--to-ports", "1024-65535"],
-                    &["-t", "nat", "-A", "POSTROUTING", "-s", "10.0.0.0/24", "!", "-d", "10.0.0.0/24", "-j", "MASQUERADE"],
-                    &["-A", "FORWARD", "-d", "10.0.0.0/24", "-o", "br0", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"],
-                    &["-A", "FORWARD", "-s", "10.0.0.0/24", "-i", "br0", "-j", "ACCEPT"],
+                    &[
+                        "-t",
+                        "nat",
+                        "-A",
+                        "POSTROUTING",
+                        "-s",
+                        "10.0.0.0/24",
+                        "-d",
+                        "224.0.0.0/24",
+                        "-j",
+                        "RETURN",
+                    ],
+                    &[
+                        "-t",
+                        "nat",
+                        "-A",
+                        "POSTROUTING",
+                        "-s",
+                        "10.0.0.0/24",
+                        "-d",
+                        "255.255.255.255/32",
+                        "-j",
+                        "RETURN",
+                    ],
+                    &[
+                        "-t",
+                        "nat",
+                        "-A",
+                        "POSTROUTING",
+                        "-s",
+                        "10.0.0.0/24",
+                        "!",
+                        "-d",
+                        "10.0.0.0/24",
+                        "-p",
+                        "tcp",
+                        "-j",
+                        "MASQUERADE",
+                        "--to-ports",
+                        "1024-65535",
+                    ],
+                    &[
+                        "-t",
+                        "nat",
+                        "-A",
+                        "POSTROUTING",
+                        "-s",
+                        "10.0.0.0/24",
+                        "!",
+                        "-d",
+                        "10.0.0.0/24",
+                        "-p",
+                        "udp",
+                        "-j",
+                        "MASQUERADE",
+                        "--to-ports",
+                        "1024-65535",
+                    ],
+                    &[
+                        "-t",
+                        "nat",
+                        "-A",
+                        "POSTROUTING",
+                        "-s",
+                        "10.0.0.0/24",
+                        "!",
+                        "-d",
+                        "10.0.0.0/24",
+                        "-j",
+                        "MASQUERADE",
+                    ],
+                    &[
+                        "-A",
+                        "FORWARD",
+                        "-d",
+                        "10.0.0.0/24",
+                        "-o",
+                        "br0",
+                        "-m",
+                        "conntrack",
+                        "--ctstate",
+                        "RELATED,ESTABLISHED",
+                        "-j",
+                        "ACCEPT",
+                    ],
+                    &[
+                        "-A",
+                        "FORWARD",
+                        "-s",
+                        "10.0.0.0/24",
+                        "-i",
+                        "br0",
+                        "-j",
+                        "ACCEPT",
+                    ],
                     &["-A", "FORWARD", "-i", "br0", "-o", "br0", "-j", "ACCEPT"],
-                    &["-A", "FORWARD", "-o", "br0", "-j", "REJECT", "--reject-with", "icmp-port-unreachable"],
-                    &["-A", "FORWARD", "-i", "br0", "-j", "REJECT", "--reject-with", "icmp-port-unreachable"],
+                    &[
+                        "-A",
+                        "FORWARD",
+                        "-o",
+                        "br0",
+                        "-j",
+                        "REJECT",
+                        "--reject-with",
+                        "icmp-port-unreachable",
+                    ],
+                    &[
+                        "-A",
+                        "FORWARD",
+                        "-i",
+                        "br0",
+                        "-j",
+                        "REJECT",
+                        "--reject-with",
+                        "icmp-port-unreachable",
+                    ],
                 ];
                 for r in rules {
                     let mut a = vec!["iptables"];
                     a.extend_from_slice(r);
                     self.hv(&a)?;
+                }
+            }
+            "kvnet-routed" | "kvnet-nat" => {
+                let mode = config.trim_start_matches("kvnet-");
+                self.kv.cli(&[
+                    "net",
+                    "add",
+                    "out",
+                    "--mode",
+                    mode,
+                    "--gateway",
+                    &gw,
+                    "--uplink",
+                    "up0",
+                ])?;
+                self.kv.cli(&["port", "add", "out", "p1"])?;
+                if mode == "routed" {
+                    self.lab.exec(
+                        out,
+                        &["ip", "route", "replace", "10.0.0.0/24", "via", UP_HV],
+                    )?;
                 }
             }
             "nft-masq" | "nft-masq+flowtable" => {
@@ -451,8 +707,16 @@ impl<'p> Bench<'p> {
                      chain forward {{ type filter hook forward priority 0; policy accept;\n{}}}\n\
                      chain post {{ type nat hook postrouting priority 100; policy accept;\n\
                        oifname \"up0\" masquerade; }}\n}}\n",
-                    if flow { "flowtable ft { hook ingress priority 0; devices = { p1, up0 }; }\n" } else { "" },
-                    if flow { "meta l4proto { tcp, udp } flow add @ft;\n" } else { "" },
+                    if flow {
+                        "flowtable ft { hook ingress priority 0; devices = { p1, up0 }; }\n"
+                    } else {
+                        ""
+                    },
+                    if flow {
+                        "meta l4proto { tcp, udp } flow add @ft;\n"
+                    } else {
+                        ""
+                    },
                 );
                 let f = self.lab.work_dir().join("kvbench.nft");
                 std::fs::write(&f, ruleset)?;
@@ -464,7 +728,9 @@ impl<'p> Bench<'p> {
     }
 
     fn out_down(&self, config: &str) -> Result<()> {
-        let _ = self.lab.exec_output(&self.out_ns, &["ip", "route", "del", "10.0.0.0/24"]);
+        let _ = self
+            .lab
+            .exec_output(&self.out_ns, &["ip", "route", "del", "10.0.0.0/24"]);
         match config {
             "bridge+iptables-masq" => {
                 self.hv(&["iptables", "-t", "nat", "-F", "POSTROUTING"])?;
@@ -472,8 +738,15 @@ impl<'p> Bench<'p> {
                 self.hv(&["ip", "link", "del", "br0"])?;
             }
             "nft-masq" | "nft-masq+flowtable" => {
-                let _ = self.lab.exec_output(self.lab.hv(), &["nft", "delete", "table", "inet", "kvbench"]);
+                let _ = self.lab.exec_output(
+                    self.lab.hv(),
+                    &["nft", "delete", "table", "inet", "kvbench"],
+                );
                 self.hv(&["ip", "addr", "flush", "dev", "p1"])?;
+            }
+            "kvnet-routed" | "kvnet-nat" => {
+                self.kv.cli(&["port", "del", "p1"])?;
+                self.kv.cli(&["net", "del", "out"])?;
             }
             _ => {
                 self.hv(&["ip", "addr", "flush", "dev", "p1"])?;
@@ -485,7 +758,9 @@ impl<'p> Bench<'p> {
     fn wait_ping(&self, ns: &str, ip: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let o = self.lab.exec_output(ns, &["ping", "-c", "1", "-W", "1", ip])?;
+            let o = self
+                .lab
+                .exec_output(ns, &["ping", "-c", "1", "-W", "1", ip])?;
             if o.status.success() {
                 return Ok(());
             }
@@ -501,7 +776,9 @@ impl<'p> Bench<'p> {
     /// ICMP echo round trips, `ping -i 0.002`: (p50, p99) in microseconds.
     fn latency(&self, ns: &str, ip: &str) -> Result<(f64, f64)> {
         let n = self.plan.pings.to_string();
-        let o = self.lab.exec(ns, &["ping", "-n", "-c", &n, "-i", "0.002", "-W", "1", ip])?;
+        let o = self
+            .lab
+            .exec(ns, &["ping", "-n", "-c", &n, "-i", "0.002", "-W", "1", ip])?;
         let s = String::from_utf8_lossy(&o.stdout);
         let rtts: Vec<f64> = s
             .lines()
@@ -519,9 +796,21 @@ impl<'p> Bench<'p> {
     fn iperf(&self, ns: &str, ip: &str, streams: u32) -> Result<f64> {
         let t = self.plan.iperf_secs.to_string();
         let p = streams.to_string();
-        let o = self
-            .lab
-            .exec(ns, &["iperf3", "-c", ip, "-t", &t, "-P", &p, "-J", "--connect-timeout", "2000"])?;
+        let o = self.lab.exec(
+            ns,
+            &[
+                "iperf3",
+                "-c",
+                ip,
+                "-t",
+                &t,
+                "-P",
+                &p,
+                "-J",
+                "--connect-timeout",
+                "2000",
+            ],
+        )?;
         let v: Value = serde_json::from_slice(&o.stdout).context("iperf3 -J output")?;
         v["end"]["sum_received"]["bits_per_second"]
             .as_f64()
@@ -532,6 +821,12 @@ impl<'p> Bench<'p> {
     /// 64-byte frames g1 -> g2: live-frame generator on g1's eth0, counted
     /// (and dropped) by `bench_sink` on g2's eth0. Returns (Mpps, delivered share).
     fn frame_rate(&self) -> Result<(f64, f64)> {
+        self.frame_rate_to(&self.g2.ns.clone(), &mac_str(&self.g2.mac), G2_IP)
+    }
+
+    /// 64-byte frames from g1's eth0 to `dst_mac`/`dst_ip`, counted by the
+    /// sink on `sink_ns`'s eth0 (tagged or not, it counts every frame).
+    fn frame_rate_to(&self, sink_ns: &str, dst_mac: &str, dst_ip: &str) -> Result<(f64, f64)> {
         let pins = self.pins.display().to_string();
         let sink = self.pins.join("bench_sink").display().to_string();
         // Frames XDP_TX'd into a veth need NAPI on its peer (GRO or XDP).
@@ -540,15 +835,20 @@ impl<'p> Bench<'p> {
             .lines()
             .any(|l| l.starts_with("generic-receive-offload: on"));
         self.hv(&["ethtool", "-K", "p1", "gro", "on"])?;
-        self.lab
-            .exec(&self.g2.ns, &["ip", "link", "set", "dev", "eth0", "xdp", "pinned", &sink])?;
+        self.lab.exec(
+            sink_ns,
+            &["ip", "link", "set", "dev", "eth0", "xdp", "pinned", &sink],
+        )?;
         let result = (|| -> Result<(f64, f64)> {
             self.helper_in(self.lab.hv(), &["count", &pins, "--reset"])?;
             let frames = self.plan.gen_frames.to_string();
-            let (src, dst) = (mac_str(&self.g1.mac), mac_str(&self.g2.mac));
+            let src = mac_str(&self.g1.mac);
             let g = self.helper_in(
                 &self.g1.ns,
-                &["gen", &pins, "eth0", "--count", &frames, "--src", &src, "--dst", &dst],
+                &[
+                    "gen", &pins, "eth0", "--count", &frames, "--src", &src, "--dst", dst_mac,
+                    "--dst-ip", dst_ip,
+                ],
             )?;
             let secs = g["secs"].as_f64().unwrap_or(f64::NAN);
             // Let queued frames drain before reading the counter.
@@ -557,11 +857,13 @@ impl<'p> Bench<'p> {
             let got = c["frames"].as_f64().unwrap_or(0.0);
             let sent = self.plan.gen_frames as f64;
             if got < sent * 0.01 {
-                bail!("only {got} of {sent} frames reached g2");
+                bail!("only {got} of {sent} frames reached {sink_ns}");
             }
             Ok((got.min(sent) / secs / 1e6, got.min(sent) / sent))
         })();
-        let _ = self.lab.exec_output(&self.g2.ns, &["ip", "link", "set", "dev", "eth0", "xdp", "off"]);
+        let _ = self
+            .lab
+            .exec_output(sink_ns, &["ip", "link", "set", "dev", "eth0", "xdp", "off"]);
         if !gro_was_on {
             let _ = self.hv(&["ethtool", "-K", "p1", "gro", "off"]);
         }
@@ -569,19 +871,42 @@ impl<'p> Bench<'p> {
     }
 
     /// Every metric of one configuration once.
-    fn measure_pair(&self, res: &mut Results, scenario: &str, config: &str, ns: &str, ip: &str, frames: bool) {
+    fn measure_pair(
+        &self,
+        res: &mut Results,
+        scenario: &str,
+        config: &str,
+        ns: &str,
+        ip: &str,
+        frames: bool,
+    ) {
         match self.latency(ns, ip) {
             Ok((p50, p99)) => {
                 res.add(scenario, config, "RR latency p50 (ping)", "µs", p50);
                 res.add(scenario, config, "RR latency p99 (ping)", "µs", p99);
             }
             Err(e) => {
-                res.fail(scenario, config, "RR latency p50 (ping)", "µs", format!("{e:#}"));
-                res.fail(scenario, config, "RR latency p99 (ping)", "µs", format!("{e:#}"));
+                res.fail(
+                    scenario,
+                    config,
+                    "RR latency p50 (ping)",
+                    "µs",
+                    format!("{e:#}"),
+                );
+                res.fail(
+                    scenario,
+                    config,
+                    "RR latency p99 (ping)",
+                    "µs",
+                    format!("{e:#}"),
+                );
             }
         }
         for streams in [1, 4] {
-            let metric = format!("TCP bulk, {streams} stream{}", if streams > 1 { "s" } else { "" });
+            let metric = format!(
+                "TCP bulk, {streams} stream{}",
+                if streams > 1 { "s" } else { "" }
+            );
             match self.iperf(ns, ip, streams) {
                 Ok(g) => res.add(scenario, config, &metric, "Gbit/s", g),
                 Err(e) => res.fail(scenario, config, &metric, "Gbit/s", format!("{e:#}")),
@@ -591,7 +916,13 @@ impl<'p> Bench<'p> {
             match self.frame_rate() {
                 Ok((mpps, share)) => {
                     res.add(scenario, config, "64-byte frames", "Mpps", mpps);
-                    res.add(scenario, config, "64-byte frames delivered", "%", share * 100.0);
+                    res.add(
+                        scenario,
+                        config,
+                        "64-byte frames delivered",
+                        "%",
+                        share * 100.0,
+                    );
                 }
                 Err(e) => res.fail(scenario, config, "64-byte frames", "Mpps", format!("{e:#}")),
             }
@@ -624,7 +955,7 @@ impl<'p> Bench<'p> {
 
     /// Which kvnet hook saw the frames (proves the path measured).
     fn kvnet_counters(&self, res: &mut Results, config: &str) {
-        if let Ok(v) = self.kv.json(&["stats", "--json"]) {
+        if let Ok(v) = self.kv.json(&["stats"]) {
             res.scale
                 .entry(format!("kvnet stats after {config}"))
                 .or_insert(v);
@@ -634,23 +965,205 @@ impl<'p> Bench<'p> {
     fn routed(&mut self, res: &mut Results) -> Result<()> {
         for rep in 1..=self.plan.repeats {
             for &config in OUT_CONFIGS {
-                println!("bench: [{OUT}] repeat {rep}/{}: {config}", self.plan.repeats);
+                println!(
+                    "bench: [{OUT}] repeat {rep}/{}: {config}",
+                    self.plan.repeats
+                );
                 if let Err(e) = self.out_up(config) {
                     let _ = self.out_down(config);
-                    for m in ["TCP bulk, 1 stream", "TCP bulk, 4 streams", "RR latency p50 (ping)", "RR latency p99 (ping)"] {
-                        let unit = if m.starts_with("TCP") { "Gbit/s" } else { "µs" };
+                    for m in [
+                        "TCP bulk, 1 stream",
+                        "TCP bulk, 4 streams",
+                        "RR latency p50 (ping)",
+                        "RR latency p99 (ping)",
+                    ] {
+                        let unit = if m.starts_with("TCP") {
+                            "Gbit/s"
+                        } else {
+                            "µs"
+                        };
                         res.fail(OUT, config, m, unit, format!("{e:#}"));
                     }
                     continue;
                 }
                 self.measure_pair(res, OUT, config, &self.g1.ns.clone(), UP_OUT, false);
+                if config.starts_with("kvnet") {
+                    self.out_frames(res, config);
+                    self.kvnet_counters(res, config);
+                }
+                if config == "kvnet-nat" {
+                    self.ct_scale(res);
+                }
                 if config == "nft-masq+flowtable" {
                     if let Ok(s) = self.hv(&["nft", "list", "flowtable", "inet", "kvbench", "ft"]) {
-                        res.scale.entry("nft flowtable".into()).or_insert(Value::String(s));
+                        res.scale
+                            .entry("nft flowtable".into())
+                            .or_insert(Value::String(s));
                     }
                 }
                 self.out_down(config)
                     .with_context(|| format!("tearing down {config}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// kvnet's 64-byte rate to the outside: the generator on g1 sends to
+    /// the gateway MAC (the host stack's peers cannot be measured this way).
+    fn out_frames(&self, res: &mut Results, config: &str) {
+        let r = (|| -> Result<(f64, f64)> {
+            let o = self.lab.exec(
+                &self.g1.ns,
+                &["ip", "-j", "neigh", "show", GW_IP, "dev", "eth0"],
+            )?;
+            let v: Value = serde_json::from_slice(&o.stdout)?;
+            let mac = v[0]["lladdr"]
+                .as_str()
+                .ok_or_else(|| anyhow!("g1 has no neighbour entry for {GW_IP}: {v}"))?
+                .to_string();
+            self.frame_rate_to(&self.out_ns.clone(), &mac, UP_OUT)
+        })();
+        match r {
+            Ok((mpps, share)) => {
+                res.add(OUT, config, "64-byte frames", "Mpps", mpps);
+                res.add(OUT, config, "64-byte frames delivered", "%", share * 100.0);
+            }
+            Err(e) => res.fail(OUT, config, "64-byte frames", "Mpps", format!("{e:#}")),
+        }
+    }
+
+    /// kvnet-nat again with CT_SCALE synthetic entries in the daemon's
+    /// conntrack table (TCP established, so its GC keeps them).
+    fn ct_scale(&self, res: &mut Results) {
+        let pins = self.lab.pin_dir().display().to_string();
+        let n = CT_SCALE.to_string();
+        let cfg = format!("kvnet-nat, +{}M conntrack", CT_SCALE / 1_000_000);
+        println!("bench:   {cfg}");
+        match self.helper_in(self.lab.hv(), &["ctfill", &pins, &n]) {
+            Ok(v) => {
+                res.scale.entry("daemon ct fill".into()).or_insert(v);
+                self.measure_pair(res, OUT, &cfg, &self.g1.ns.clone(), UP_OUT, false);
+                self.out_frames(res, &cfg);
+                let ct = Path::new(&pins).join("ct").display().to_string();
+                if let Ok(o) = self.lab.exec(
+                    self.lab.hv(),
+                    &["bpftool", "-j", "map", "show", "pinned", &ct],
+                ) {
+                    if let Ok(m) = serde_json::from_slice::<Value>(&o.stdout) {
+                        res.scale.insert("daemon ct map (bpftool)".into(), m);
+                    }
+                }
+            }
+            Err(e) => res.fail(
+                OUT,
+                &cfg,
+                "TCP bulk, 1 stream",
+                "Gbit/s",
+                format!("ctfill: {e:#}"),
+            ),
+        }
+        if let Err(e) = self.helper_in(self.lab.hv(), &["ctfill", &pins, &n, "--remove"]) {
+            res.notes
+                .push(format!("removing synthetic conntrack entries: {e:#}"));
+        }
+    }
+
+    /// Access-to-trunk: this host's p1 (g1) is an access port of VLAN 10,
+    /// the trunk trA leads to a second kvnet host (its own lab and daemon)
+    /// whose trunk trB pops the tag for its access port r1 (10.0.0.3). The
+    /// kernel has no 802.1Q devices (CONFIG_VLAN_8021Q off), so a receiver
+    /// that accepts tagged frames has to be a second switch.
+    fn vlan(&mut self, res: &mut Results) -> Result<()> {
+        let far = Lab::new().context("creating the far host's lab")?;
+        let r = far.add_guest_with("r1", Some(&format!("{FAR_IP}/24")))?;
+        self.hv(&["ip", "link", "add", "trA", "type", "veth", "peer", "name", "trB", "netns", far.hv()])?;
+        self.hv(&["ip", "link", "set", "trA", "up"])?;
+        far.exec(far.hv(), &["ip", "link", "set", "trB", "up"])?;
+        let kb = Kvnet::start(&far).context("starting the far host's kvnet daemon")?;
+        kb.cli(&["net", "add", "lan"])?;
+        kb.cli(&["port", "add", "lan", "r1", "--vlan", "10"])?;
+        kb.cli(&["port", "add", "lan", "trB", "--trunk", "10"])?;
+        let mut c = Command::new("iperf3");
+        c.args(["-s", "-i", "0"]).stdout(std::process::Stdio::null());
+        far.spawn(&r.ns, c)?;
+        std::thread::sleep(Duration::from_millis(300));
+        for rep in 1..=self.plan.repeats {
+            for &config in VLAN_CONFIGS {
+                println!("bench: [{VLAN}] repeat {rep}/{}: {config}", self.plan.repeats);
+                if let Err(e) = self.vlan_up(config) {
+                    let _ = self.vlan_down(config);
+                    let why = format!("{e:#}");
+                    for (m, u) in [
+                        ("RR latency p50 (ping)", "µs"),
+                        ("RR latency p99 (ping)", "µs"),
+                        ("TCP bulk, 1 stream", "Gbit/s"),
+                        ("TCP bulk, 4 streams", "Gbit/s"),
+                        ("64-byte frames", "Mpps"),
+                    ] {
+                        res.fail(VLAN, config, m, u, why.clone());
+                    }
+                    continue;
+                }
+                self.measure_pair(res, VLAN, config, &self.g1.ns.clone(), FAR_IP, false);
+                match self.frame_rate_to(&r.ns, &mac_str(&r.mac), FAR_IP) {
+                    Ok((mpps, share)) => {
+                        res.add(VLAN, config, "64-byte frames", "Mpps", mpps);
+                        res.add(VLAN, config, "64-byte frames delivered", "%", share * 100.0);
+                    }
+                    Err(e) => res.fail(VLAN, config, "64-byte frames", "Mpps", format!("{e:#}")),
+                }
+                if config.starts_with("kvnet") {
+                    self.kvnet_counters(res, &format!("{config} (VLAN)"));
+                }
+                self.vlan_down(config)
+                    .with_context(|| format!("tearing down {config} (VLAN)"))?;
+            }
+        }
+        if let Ok(v) = kb.json(&["stats"]) {
+            res.scale.insert("far kvnet stats after VLAN".into(), v);
+        }
+        let _ = self.lab.exec_output(self.lab.hv(), &["ip", "link", "del", "trA"]);
+        drop(kb);
+        drop(far);
+        Ok(())
+    }
+
+    fn vlan_up(&self, config: &str) -> Result<()> {
+        match config {
+            "linux-bridge-vlan" => {
+                if let Some(why) = kernel_lacks("CONFIG_BRIDGE_VLAN_FILTERING") {
+                    bail!("{why}");
+                }
+                self.hv(&["ip", "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0", "vlan_filtering", "1"])?;
+                for p in ["p1", "trA"] {
+                    self.hv(&["ip", "link", "set", p, "master", "br0"])?;
+                    self.hv(&["bridge", "vlan", "del", "dev", p, "vid", "1"])?;
+                }
+                self.hv(&["bridge", "vlan", "add", "dev", "p1", "vid", "10", "pvid", "untagged"])?;
+                self.hv(&["bridge", "vlan", "add", "dev", "trA", "vid", "10"])?;
+                self.hv(&["ip", "link", "set", "br0", "up"])?;
+            }
+            "kvnet-tc" | "kvnet-xdp" => {
+                let hook = config.trim_start_matches("kvnet-");
+                self.kv.cli(&["net", "add", "bench"])?;
+                self.kv.cli(&["port", "add", "bench", "p1", "--hook", hook, "--vlan", "10"])?;
+                self.kv.cli(&["port", "add", "bench", "trA", "--hook", hook, "--trunk", "10"])?;
+            }
+            _ => bail!("unknown config {config}"),
+        }
+        self.wait_ping(&self.g1.ns, FAR_IP)
+    }
+
+    fn vlan_down(&self, config: &str) -> Result<()> {
+        match config {
+            "linux-bridge-vlan" => {
+                let _ = self.lab.exec_output(self.lab.hv(), &["ip", "link", "del", "br0"]);
+            }
+            _ => {
+                for p in ["p1", "trA"] {
+                    let _ = self.kv.cli(&["port", "del", p]);
+                }
+                let _ = self.kv.cli(&["net", "del", "bench"]);
             }
         }
         Ok(())
@@ -665,12 +1178,94 @@ impl<'p> Bench<'p> {
         let dir = format!("{}-cost", self.lab.pin_dir().display());
         self.lab.remove_on_drop(&dir);
         let repeat = self.plan.cost_repeat.to_string();
+        // For the routed/NAT paths: a gateway host end with the guests'
+        // subnet (g1 a permanent neighbour), the uplink's address, and the
+        // outside resolved.
+        self.hv(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        let _ = self
+            .lab
+            .exec_output(self.lab.hv(), &["ip", "link", "del", "kvbgw"]);
+        self.hv(&[
+            "ip", "link", "add", "kvbgw", "type", "veth", "peer", "name", "kvbgwp",
+        ])?;
+        self.hv(&["ip", "link", "set", "kvbgw", "up"])?;
+        self.hv(&["ip", "link", "set", "kvbgwp", "up"])?;
+        self.hv(&["ip", "addr", "add", &format!("{GW_IP}/24"), "dev", "kvbgw"])?;
+        self.hv(&[
+            "ip",
+            "neigh",
+            "replace",
+            G1_IP,
+            "lladdr",
+            "02:aa:00:00:00:01",
+            "dev",
+            "kvbgw",
+            "nud",
+            "permanent",
+        ])?;
+        self.lab.exec(
+            self.lab.hv(),
+            &[
+                "ip",
+                "addr",
+                "replace",
+                &format!("{UP_HV}/24"),
+                "dev",
+                "up0",
+            ],
+        )?;
+        self.lab.exec(
+            &self.out_ns,
+            &[
+                "ip",
+                "addr",
+                "replace",
+                &format!("{UP_OUT}/24"),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        self.wait_ping(self.lab.hv(), UP_OUT)?;
+        let single = self.plan.single_runs.to_string();
         let v = self.helper_in(
             self.lab.hv(),
-            &["cost", &dir, "--a", "p1", "--b", "p2", "--sizes", &self.plan.cost_sizes, "--repeat", &repeat, "--trials", "5"],
+            &[
+                "cost",
+                &dir,
+                "--a",
+                "p1",
+                "--b",
+                "p2",
+                "--sizes",
+                &self.plan.cost_sizes,
+                "--repeat",
+                &repeat,
+                "--trials",
+                "5",
+                "--gw",
+                "kvbgw",
+                "--uplink",
+                "up0",
+                "--ct-sizes",
+                &self.plan.ct_sizes,
+                "--single",
+                &single,
+            ],
         )?;
+        let ct = Path::new(&dir).join("ct").display().to_string();
+        if let Ok(o) = self.lab.exec(
+            self.lab.hv(),
+            &["bpftool", "-j", "map", "show", "pinned", &ct],
+        ) {
+            if let Ok(m) = serde_json::from_slice::<Value>(&o.stdout) {
+                res.scale.insert("ct map (bpftool)".into(), m);
+            }
+        }
         let fdb = Path::new(&dir).join("fdb").display().to_string();
-        if let Ok(o) = self.lab.exec(self.lab.hv(), &["bpftool", "-j", "map", "show", "pinned", &fdb]) {
+        if let Ok(o) = self.lab.exec(
+            self.lab.hv(),
+            &["bpftool", "-j", "map", "show", "pinned", &fdb],
+        ) {
             if let Ok(m) = serde_json::from_slice::<Value>(&o.stdout) {
                 res.scale.insert("fdb map (bpftool)".into(), m);
             }
@@ -695,8 +1290,16 @@ impl<'p> Bench<'p> {
                 );
                 println!("bench:   {n} entries in {secs:.2} s");
                 match self.frame_rate() {
-                    Ok((mpps, _)) => res.add(L2, &format!("kvnet-tc, +{n} FDB"), "64-byte frames", "Mpps", mpps),
-                    Err(e) => res.notes.push(format!("frame rate with {n} FDB entries: {e:#}")),
+                    Ok((mpps, _)) => res.add(
+                        L2,
+                        &format!("kvnet-tc, +{n} FDB"),
+                        "64-byte frames",
+                        "Mpps",
+                        mpps,
+                    ),
+                    Err(e) => res
+                        .notes
+                        .push(format!("frame rate with {n} FDB entries: {e:#}")),
                 }
             }
             Err(e) => res.notes.push(format!("daemon FDB install failed: {e:#}")),
@@ -707,7 +1310,8 @@ impl<'p> Bench<'p> {
 
     fn install_fdb(&self, n: u32) -> Result<f64> {
         let sock = self.lab.socket_path();
-        let stream = UnixStream::connect(&sock).with_context(|| format!("connect {}", sock.display()))?;
+        let stream =
+            UnixStream::connect(&sock).with_context(|| format!("connect {}", sock.display()))?;
         let mut w = stream.try_clone()?;
         let t = Instant::now();
         let writer = std::thread::spawn(move || -> Result<()> {
@@ -715,7 +1319,10 @@ impl<'p> Bench<'p> {
             for i in 0..n {
                 let b = i.to_be_bytes();
                 let mac = format!("02:bf:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3]);
-                writeln!(buf, r#"{{"op":"fdb_add","net":"bench","mac":"{mac}","port":"p2"}}"#)?;
+                writeln!(
+                    buf,
+                    r#"{{"op":"fdb_add","net":"bench","mac":"{mac}","port":"p2"}}"#
+                )?;
             }
             buf.flush()?;
             Ok(())
@@ -724,7 +1331,9 @@ impl<'p> Bench<'p> {
         let mut failed = 0u32;
         let mut first_err = None;
         for _ in 0..n {
-            let l = lines.next().ok_or_else(|| anyhow!("daemon closed the socket"))??;
+            let l = lines
+                .next()
+                .ok_or_else(|| anyhow!("daemon closed the socket"))??;
             let v: Value = serde_json::from_str(&l)?;
             if v["ok"] != Value::Bool(true) {
                 failed += 1;
@@ -734,17 +1343,29 @@ impl<'p> Bench<'p> {
         let secs = t.elapsed().as_secs_f64();
         writer.join().map_err(|_| anyhow!("writer panicked"))??;
         if failed > 0 {
-            bail!("{failed} of {n} fdb_add requests failed, first: {}", first_err.unwrap_or_default());
+            bail!(
+                "{failed} of {n} fdb_add requests failed, first: {}",
+                first_err.unwrap_or_default()
+            );
         }
         Ok(secs)
     }
 
     fn notes(&self, res: &mut Results) {
-        if let Ok(s) = self.hv(&["sh", "-c", "cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null || echo absent"]) {
-            res.machine
-                .insert("bridge-nf-call-iptables (hv netns)".into(), s.trim().to_string());
+        if let Ok(s) = self.hv(&[
+            "sh",
+            "-c",
+            "cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null || echo absent",
+        ]) {
+            res.machine.insert(
+                "bridge-nf-call-iptables (hv netns)".into(),
+                s.trim().to_string(),
+            );
         }
-        for (label, ns, dev) in [("g1 eth0", &self.g1.ns, "eth0"), ("hv p1", &self.lab.hv().to_string(), "p1")] {
+        for (label, ns, dev) in [
+            ("g1 eth0", &self.g1.ns, "eth0"),
+            ("hv p1", &self.lab.hv().to_string(), "p1"),
+        ] {
             if let Ok(o) = self.lab.exec(ns, &["ethtool", "-k", dev]) {
                 let s = String::from_utf8_lossy(&o.stdout);
                 let pick: Vec<&str> = s
@@ -755,7 +1376,8 @@ impl<'p> Bench<'p> {
                             || l.starts_with("tx-checksumming")
                     })
                     .collect();
-                res.machine.insert(format!("offloads {label}"), pick.join(", "));
+                res.machine
+                    .insert(format!("offloads {label}"), pick.join(", "));
             }
         }
     }

@@ -9,7 +9,12 @@
 //! * `count DIR [--reset]`: the sink's per-CPU frame/byte counters, summed.
 //! * `gen DIR IFACE`: BPF_PROG_RUN live frames (XDP_TX out of IFACE).
 //! * `cost DIR`: per-packet ns of kvnet_tc / kvnet_xdp / the limit through
-//!   BPF_PROG_RUN with `repeat`, for several FDB sizes.
+//!   BPF_PROG_RUN with `repeat`, for several FDB sizes; with `--gw` and
+//!   `--uplink`, also the rewriting paths (VLAN push/pop, routed, NAT new
+//!   flow / established / reply) one packet per run, for several conntrack
+//!   sizes (see [`paths`]).
+//! * `ctfill DIR N [--remove]`: N synthetic conntrack entries (N/2 flows,
+//!   both directions, TCP established) in the pinned `ct` map under DIR.
 use std::{
     ffi::CString,
     path::{Path, PathBuf},
@@ -25,8 +30,10 @@ use aya::{
 };
 use clap::{Parser, Subcommand};
 use kvnet_common::{
-    names, FdbEntry, FdbKey, FloodKey, FloodSet, PortConfig, PortStats, FDB_F_STATIC,
-    PORT_F_XDP_TX,
+    names, CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, NatStats, NetConfig, PortConfig,
+    PortStats, VlanMember, VlanMemberKey, CT_F_ACK, CT_F_ORIGINAL, CT_F_SYN, FDB_F_STATIC,
+    IPPROTO_TCP, IPPROTO_UDP, NET_F_NAT, PORT_F_ROUTED_NET, PORT_F_UPLINK_NAT,
+    PORT_F_UPLINK_ROUTED, PORT_F_XDP_TX, VLAN_MODE_ACCESS, VLAN_MODE_TRUNK, VLAN_M_TAGGED,
 };
 use serde_json::json;
 
@@ -69,6 +76,9 @@ enum Cmd {
         src: String,
         #[arg(long)]
         dst: String,
+        /// Destination IPv4 address (default 10.0.0.2, guest g2).
+        #[arg(long, default_value = "10.0.0.2")]
+        dst_ip: std::net::Ipv4Addr,
     },
     Cost {
         /// A private pin folder (the kvnet maps are created there).
@@ -87,6 +97,24 @@ enum Cmd {
         /// Only this `path/program` (e.g. `unicast/kvnet_tc`), for profiling.
         #[arg(long)]
         only: Option<String>,
+        /// The gateway's host end (an interface with the guest subnet's
+        /// gateway address): enables the VLAN/routed/NAT paths.
+        #[arg(long)]
+        gw: Option<String>,
+        /// The uplink (with the NAT address and a route to the outside).
+        #[arg(long)]
+        uplink: Option<String>,
+        #[arg(long, default_value = "10,100000,1000000")]
+        ct_sizes: String,
+        /// Packets per rewriting path (one BPF_PROG_RUN each).
+        #[arg(long, default_value_t = 20_000)]
+        single: u32,
+    },
+    Ctfill {
+        dir: PathBuf,
+        entries: u32,
+        #[arg(long)]
+        remove: bool,
     },
 }
 
@@ -103,7 +131,8 @@ fn main() {
             batch,
             src,
             dst,
-        } => gen(&dir, &iface, count, batch, &src, &dst),
+            dst_ip,
+        } => gen(&dir, &iface, count, batch, &src, &dst, dst_ip),
         Cmd::Cost {
             dir,
             a,
@@ -112,7 +141,21 @@ fn main() {
             repeat,
             trials,
             only,
-        } => cost(&dir, &a, &b, &sizes, repeat, trials, only.as_deref()),
+            gw,
+            uplink,
+            ct_sizes,
+            single,
+        } => cost(&dir, &a, &b, &sizes, repeat, trials, only.as_deref()).and_then(|mut v| {
+            if let (Some(gw), Some(up)) = (gw, uplink) {
+                v["paths"] = paths(&dir, &a, &b, &gw, &up, &ct_sizes, single, only.as_deref())?;
+            }
+            Ok(v)
+        }),
+        Cmd::Ctfill {
+            dir,
+            entries,
+            remove,
+        } => ctfill(&dir, entries, remove),
     };
     match r {
         Ok(v) => println!("{v}"),
@@ -124,10 +167,20 @@ fn main() {
 }
 
 fn load(dir: &Path) -> Result<Ebpf> {
+    load_with(dir, None)
+}
+
+/// The conntrack capacity the bench daemon runs with (`--ct-max`).
+pub const CT_MAX: u32 = 2_200_000;
+
+fn load_with(dir: &Path, ct_max: Option<u32>) -> Result<Ebpf> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let level: u8 = 0;
-    EbpfLoader::new()
-        .default_map_pin_directory(dir)
+    let mut l = EbpfLoader::new();
+    if let Some(n) = ct_max {
+        l.map_max_entries(names::MAP_CT, n);
+    }
+    l.default_map_pin_directory(dir)
         .override_global("AYA_LOG_LEVEL", &level, false)
         .load(OBJECT)
         .context("loading the kvnet eBPF object")
@@ -203,14 +256,30 @@ fn count(dir: &Path, reset: bool) -> Result<serde_json::Value> {
 
 /// A 60-byte (64 on the wire with FCS) IPv4/UDP frame with correct checksums.
 fn udp_frame(src: [u8; 6], dst: [u8; 6]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(60);
+    ip_frame(src, dst, [10, 0, 0, 1], [10, 0, 0, 2], 12345, 5001, None)
+}
+
+/// An IPv4/UDP frame, 64 bytes on the wire (68 with a tag).
+fn ip_frame(
+    src: [u8; 6],
+    dst: [u8; 6],
+    sip: [u8; 4],
+    dip: [u8; 4],
+    sport: u16,
+    dport: u16,
+    vid: Option<u16>,
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(64);
     f.extend_from_slice(&dst);
     f.extend_from_slice(&src);
+    if let Some(v) = vid {
+        f.extend_from_slice(&[0x81, 0x00]);
+        f.extend_from_slice(&v.to_be_bytes());
+    }
     f.extend_from_slice(&[0x08, 0x00]);
     let payload = [0x5au8; 18];
     let udp_len = 8 + payload.len() as u16;
     let ip_len = 20 + udp_len;
-    let (sip, dip) = ([10u8, 0, 0, 1], [10u8, 0, 0, 2]);
     let mut ip = vec![
         0x45, 0, (ip_len >> 8) as u8, ip_len as u8, 0, 0, 0x40, 0, 64, 17, 0, 0,
     ];
@@ -219,7 +288,8 @@ fn udp_frame(src: [u8; 6], dst: [u8; 6]) -> Vec<u8> {
     let c = !fold(sum(&ip, 0));
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     f.extend_from_slice(&ip);
-    let mut udp = vec![0x30, 0x39, 0x13, 0x89, (udp_len >> 8) as u8, udp_len as u8, 0, 0];
+    let (sp, dp) = (sport.to_be_bytes(), dport.to_be_bytes());
+    let mut udp = vec![sp[0], sp[1], dp[0], dp[1], (udp_len >> 8) as u8, udp_len as u8, 0, 0];
     udp.extend_from_slice(&payload);
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&sip);
@@ -260,6 +330,7 @@ fn gen(
     batch: u32,
     src: &str,
     dst: &str,
+    dst_ip: std::net::Ipv4Addr,
 ) -> Result<serde_json::Value> {
     let ifi = ifindex(iface)?;
     // A fresh load of the generator; the object's maps are the ones pinned
@@ -271,7 +342,15 @@ fn gen(
         .try_into()?;
     prog.load()?;
     let prog = &*prog;
-    let frame = udp_frame(parse_mac(src)?, parse_mac(dst)?);
+    let frame = ip_frame(
+        parse_mac(src)?,
+        parse_mac(dst)?,
+        [10, 0, 0, 1],
+        dst_ip.octets(),
+        12345,
+        5001,
+        None,
+    );
     let ctx = xdp_ctx(frame.len(), ifi);
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(&frame);
@@ -317,7 +396,7 @@ fn cost(
 ) -> Result<serde_json::Value> {
     let (ia, ib) = (ifindex(a)?, ifindex(b)?);
     let lo = ifindex("lo")?;
-    let mut ebpf = load(dir)?;
+    let mut ebpf = load_with(dir, Some(CT_MAX))?;
     for name in [names::PROG_TC, "bench_redirect"] {
         let p: &mut SchedClassifier = ebpf
             .program_mut(name)
@@ -472,4 +551,411 @@ fn cost(
     }
     Ok(json!({"repeat": repeat, "trials": trials, "rows": rows, "fill": fill_secs,
         "ifindex": {"lo": lo, "a": ia, "b": ib}}))
+}
+
+/// `struct __sk_buff` up to and including `ifindex` (offset 40): the
+/// device BPF_PROG_RUN builds the skb on (kernel >= 5.x; `lo` otherwise).
+fn skb_ctx(ifindex: u32) -> Vec<u8> {
+    let mut c = vec![0u8; 44];
+    c[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    c
+}
+
+/// The MAC of `name` in this netns (SIOCGIFHWADDR: /sys may show another
+/// netns's view).
+fn iface_mac(name: &str) -> Result<[u8; 6]> {
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    if fd < 0 {
+        bail!("socket: {}", std::io::Error::last_os_error());
+    }
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    let err = std::io::Error::last_os_error();
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        bail!("MAC of {name}: {err}");
+    }
+    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
+    let mut m = [0u8; 6];
+    for (d, s) in m.iter_mut().zip(sa.sa_data.iter()) {
+        *d = *s as u8;
+    }
+    Ok(m)
+}
+
+fn be_addr(a: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(a)
+}
+
+/// Synthetic flow `i` (both directions), TCP established: never matches
+/// the bench's own traffic (10.128/9 -> 203.0.113.1:443, translated to
+/// 100.64/10 addresses).
+fn synthetic_flow(i: u32, now: u64) -> [(CtKey, CtEntry); 2] {
+    let orig = CtKey {
+        saddr: (0x0a80_0000u32 + i).to_be(),
+        daddr: be_addr([203, 0, 113, 1]),
+        sport: 40000,
+        dport: 443,
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    let to = CtKey {
+        saddr: (0x6440_0000u32 + i).to_be(),
+        ..orig
+    };
+    let e = CtEntry {
+        rewrite: to,
+        net_id: 999,
+        flags: CT_F_ORIGINAL | CT_F_SYN | CT_F_ACK,
+        created_ns: now,
+        last_seen_ns: now,
+        packets: 1,
+        bytes: 60,
+    };
+    let r = CtEntry {
+        rewrite: orig.reply(),
+        flags: CT_F_SYN | CT_F_ACK,
+        ..e
+    };
+    [(orig, e), (to.reply(), r)]
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Grows (or shrinks) the synthetic part of `ct` from `have` to `want`
+/// entries (2 per flow). Returns seconds spent.
+fn ct_resize<M: std::borrow::BorrowMut<MapData>>(
+    ct: &mut HashMap<M, CtKey, CtEntry>,
+    have: u32,
+    want: u32,
+) -> Result<f64> {
+    let t = Instant::now();
+    let now = monotonic_ns();
+    let (h, w) = (have / 2, want / 2);
+    for i in h..w {
+        for (k, e) in synthetic_flow(i, now) {
+            ct.insert(k, e, 0)
+                .with_context(|| format!("ct insert #{}", 2 * i))?;
+        }
+    }
+    for i in w..h {
+        for (k, _) in synthetic_flow(i, now) {
+            let _ = ct.remove(&k);
+        }
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn ctfill(dir: &Path, entries: u32, remove: bool) -> Result<serde_json::Value> {
+    let m = Map::from_map_data(MapData::from_pin(dir.join(names::MAP_CT))?)?;
+    let mut ct: HashMap<MapData, CtKey, CtEntry> = HashMap::try_from(m)?;
+    let secs = if remove {
+        ct_resize(&mut ct, entries, 0)?
+    } else {
+        ct_resize(&mut ct, 0, entries)?
+    };
+    Ok(json!({"entries": entries, "removed": remove, "secs": secs}))
+}
+
+/// One packet per BPF_PROG_RUN (repeat 1): the per-run ns the kernel
+/// reports, for `n` packets made by `frame(i)`. Rewriting paths need this:
+/// with `repeat` the kernel runs the program again on the already
+/// rewritten skb (TTL, tags, addresses), which is no longer the path.
+fn single_runs(
+    p: &SchedClassifier,
+    ctx: &[u8],
+    n: u32,
+    mut frame: impl FnMut(u32) -> Vec<u8>,
+) -> Result<(Vec<f64>, u32, Vec<u8>)> {
+    let mut ns = Vec::with_capacity(n as usize);
+    let mut verdict = 0;
+    let mut last = Vec::new();
+    for i in 0..n {
+        let f = frame(i);
+        let mut out = vec![0u8; f.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(&f);
+        opts.data_out = Some(&mut out);
+        opts.ctx_in = Some(ctx);
+        opts.repeat = 1;
+        let r = p.test_run(opts).context("BPF_PROG_RUN")?;
+        verdict = r.return_value;
+        ns.push(r.duration.as_nanos() as f64);
+        if i + 1 == n {
+            last = out;
+        }
+    }
+    Ok((ns, verdict, last))
+}
+
+fn summary(v: &[f64]) -> serde_json::Value {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let q = |p: f64| s[((p * (s.len() - 1) as f64).round() as usize).min(s.len() - 1)];
+    json!({"n": s.len(), "p50": q(0.5), "p10": q(0.1), "p90": q(0.9), "mean": s.iter().sum::<f64>() / s.len() as f64})
+}
+
+const NET_VLAN: u32 = 10;
+const NET_RT: u32 = 9;
+const NET_NAT: u32 = 8;
+const VID: u16 = 10;
+
+/// The rewriting paths, one packet per run, on skbs built on the real
+/// ingress device (`__sk_buff.ifindex`): `a` is the guest port, `b` a
+/// trunk (VLAN) or second guest, `gw` the gateway's host end (guest
+/// subnet 10.0.0.0/24, .254 on it, 10.0.0.1 a permanent neighbour),
+/// `up` the uplink (192.168.77.1, the outside 192.168.77.2 a resolved
+/// neighbour). NAT rows repeat for each conntrack size.
+fn paths(
+    dir: &Path,
+    a: &str,
+    b: &str,
+    gw: &str,
+    up: &str,
+    ct_sizes: &str,
+    n: u32,
+    only: Option<&str>,
+) -> Result<serde_json::Value> {
+    let (ia, ib, igw, iup) = (ifindex(a)?, ifindex(b)?, ifindex(gw)?, ifindex(up)?);
+    let up_mac = iface_mac(up)?;
+    let mut ebpf = load_with(dir, Some(CT_MAX))?;
+    for name in [names::PROG_TC, "bench_redirect"] {
+        let p: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("{name} missing"))?
+            .try_into()?;
+        p.load()?;
+    }
+    let cpus = nr_cpus().map_err(|(_, e)| e)?;
+    let guest = [0x02, 0xaa, 0, 0, 0, 1];
+    let other = [0x02, 0xaa, 0, 0, 0, 2];
+    let gw_mac = [0x02, 0xaa, 0, 0, 0, 0xfe];
+    let nat_ip = be_addr([192, 168, 77, 1]);
+    {
+        let mut stats: aya::maps::PerCpuHashMap<&mut MapData, u32, PortStats> =
+            aya::maps::PerCpuHashMap::try_from(ebpf.map_mut(names::MAP_PORT_STATS).unwrap())?;
+        for i in [ia, ib, igw, iup] {
+            stats.insert(i, PerCpuValues::try_from(vec![PortStats::default(); cpus])?, 0)?;
+        }
+        let mut ns: aya::maps::PerCpuHashMap<&mut MapData, u32, NatStats> =
+            aya::maps::PerCpuHashMap::try_from(ebpf.map_mut(names::MAP_NAT_STATS).unwrap())?;
+        ns.insert(NET_NAT, PerCpuValues::try_from(vec![NatStats::default(); cpus])?, 0)?;
+        let mut nets: HashMap<&mut MapData, u32, NetConfig> =
+            HashMap::try_from(ebpf.map_mut(names::MAP_NETS).unwrap())?;
+        let base = NetConfig {
+            gw_host: igw,
+            gw_port: igw,
+            uplink: iup,
+            gw_mac,
+            subnet: be_addr([10, 0, 0, 0]),
+            mask: be_addr([255, 255, 255, 0]),
+            ..Default::default()
+        };
+        nets.insert(NET_RT, base, 0)?;
+        nets.insert(
+            NET_NAT,
+            NetConfig {
+                flags: NET_F_NAT,
+                nat_ip,
+                port_lo: 1024,
+                port_hi: 65535,
+                skip_lo: 32768,
+                skip_hi: 60999,
+                ..base
+            },
+            0,
+        )?;
+        let mut gwh: HashMap<&mut MapData, u32, u32> =
+            HashMap::try_from(ebpf.map_mut(names::MAP_GW_HOSTS).unwrap())?;
+        gwh.insert(igw, NET_NAT, 0)?;
+        let mut vm: HashMap<&mut MapData, VlanMemberKey, VlanMember> =
+            HashMap::try_from(ebpf.map_mut(names::MAP_VLAN_MEMBERS).unwrap())?;
+        let key = |ifindex| VlanMemberKey {
+            ifindex,
+            vid: VID,
+            _pad: 0,
+        };
+        vm.insert(key(ia), VlanMember { flags: 0 }, 0)?;
+        vm.insert(key(ib), VlanMember { flags: VLAN_M_TAGGED }, 0)?;
+        let mut fdb: HashMap<&mut MapData, FdbKey, FdbEntry> =
+            HashMap::try_from(ebpf.map_mut(names::MAP_FDB).unwrap())?;
+        let e = |ifindex| FdbEntry {
+            ifindex,
+            flags: FDB_F_STATIC,
+            last_seen_ns: 0,
+        };
+        let k = |net_id, vid, mac| FdbKey { net_id, vid, mac };
+        fdb.insert(k(NET_VLAN, VID, other), e(ib), 0)?;
+        fdb.insert(k(NET_VLAN, VID, guest), e(ia), 0)?;
+        fdb.insert(k(NET_NAT, 0, guest), e(ia), 0)?;
+    }
+    let set_ports = |ebpf: &mut Ebpf, list: &[(u32, PortConfig)]| -> Result<()> {
+        let mut ports: HashMap<&mut MapData, u32, PortConfig> =
+            HashMap::try_from(ebpf.map_mut(names::MAP_PORTS).unwrap())?;
+        for (i, c) in list {
+            ports.insert(*i, *c, 0)?;
+        }
+        Ok(())
+    };
+    let mut rows = Vec::new();
+    let mut run = |ebpf: &Ebpf,
+                   path: &str,
+                   prog: &str,
+                   ct: u32,
+                   ingress: u32,
+                   frame: &mut dyn FnMut(u32) -> Vec<u8>|
+     -> Result<Vec<u8>> {
+        let p: &SchedClassifier = ebpf.program(prog).unwrap().try_into()?;
+        // With --only, other paths run once (later ones depend on them).
+        let n = if only.is_some_and(|o| o != format!("{path}/{prog}")) { 1 } else { n };
+        let (ns, verdict, last) = single_runs(p, &skb_ctx(ingress), n, frame)?;
+        let s = summary(&ns);
+        eprintln!("kvnet-bench: {path}/{prog} ct={ct}: p50 {} ns, verdict {verdict}", s["p50"]);
+        rows.push(json!({"path": path, "prog": prog, "ct_entries": ct, "verdict": verdict, "ns": s}));
+        Ok(last)
+    };
+    // The limit and a known unicast in the same one-packet-per-run mode.
+    let g_ip = [10, 0, 0, 1];
+    let o_ip = [192, 168, 77, 2];
+    {
+        let mut peer: HashMap<&mut MapData, u32, u32> =
+            HashMap::try_from(ebpf.map_mut("bench_peer").unwrap())?;
+        peer.insert(ia, ib, 0)?;
+    }
+    let access = PortConfig {
+        net_id: NET_VLAN,
+        vlan_mode: VLAN_MODE_ACCESS,
+        pvid: VID,
+        ..Default::default()
+    };
+    let trunk = PortConfig {
+        net_id: NET_VLAN,
+        vlan_mode: VLAN_MODE_TRUNK,
+        ..Default::default()
+    };
+    set_ports(&mut ebpf, &[(ia, access), (ib, trunk)])?;
+    let plain = |vid| move |_| ip_frame(guest, other, g_ip, [10, 0, 0, 2], 12345, 5001, vid);
+    run(&ebpf, "unicast", "bench_redirect", 0, ia, &mut plain(None))?;
+    // VLAN push: access (untagged) -> trunk (tagged).
+    run(&ebpf, "vlan-push", names::PROG_TC, 0, ia, &mut plain(None))?;
+    // VLAN pop: trunk (tagged in the packet) -> access.
+    let mut pop = |_| ip_frame(other, guest, [10, 0, 0, 2], g_ip, 5001, 12345, Some(VID));
+    run(&ebpf, "vlan-pop", names::PROG_TC, 0, ib, &mut pop)?;
+    // Known unicast without VLANs, same mode (compare with `repeat` rows).
+    let none = PortConfig {
+        net_id: NET_VLAN,
+        ..Default::default()
+    };
+    set_ports(&mut ebpf, &[(ia, none), (ib, none)])?;
+    {
+        let mut fdb: HashMap<&mut MapData, FdbKey, FdbEntry> =
+            HashMap::try_from(ebpf.map_mut(names::MAP_FDB).unwrap())?;
+        fdb.insert(
+            FdbKey {
+                net_id: NET_VLAN,
+                vid: 0,
+                mac: other,
+            },
+            FdbEntry {
+                ifindex: ib,
+                flags: FDB_F_STATIC,
+                last_seen_ns: 0,
+            },
+            0,
+        )?;
+    }
+    run(&ebpf, "unicast", names::PROG_TC, 0, ia, &mut plain(None))?;
+    // Routed: guest -> gateway MAC -> FIB -> uplink.
+    let routed = PortConfig {
+        net_id: NET_RT,
+        flags: PORT_F_ROUTED_NET,
+        ..Default::default()
+    };
+    set_ports(&mut ebpf, &[(ia, routed)])?;
+    let mut rt = |_| ip_frame(guest, gw_mac, g_ip, o_ip, 12345, 5201, None);
+    run(&ebpf, "routed", names::PROG_TC, 0, ia, &mut rt)?;
+    // NAT.
+    let natp = PortConfig {
+        net_id: NET_NAT,
+        flags: PORT_F_ROUTED_NET,
+        ..Default::default()
+    };
+    let uplink = PortConfig {
+        net_id: 0,
+        flags: PORT_F_UPLINK_ROUTED | PORT_F_UPLINK_NAT,
+        ..Default::default()
+    };
+    set_ports(&mut ebpf, &[(ia, natp), (iup, uplink)])?;
+    let sizes: Vec<u32> = ct_sizes
+        .split(',')
+        .map(|s| s.trim().parse())
+        .collect::<Result<_, _>>()
+        .context("--ct-sizes")?;
+    let mut have = 0u32;
+    let mut fills = Vec::new();
+    let mut sport_base = 1000u32;
+    for &size in &sizes {
+        {
+            let mut ct: HashMap<&mut MapData, CtKey, CtEntry> =
+                HashMap::try_from(ebpf.map_mut(names::MAP_CT).unwrap())?;
+            // The bench's own flows below add a few entries on top.
+            let want = size.saturating_sub(2) & !1;
+            let secs = ct_resize(&mut ct, have, want)?;
+            fills.push(json!({"from": have, "to": want, "secs": secs}));
+            have = want;
+        }
+        // Established: the same flow every packet (the first creates it).
+        let est = |_| ip_frame(guest, gw_mac, g_ip, o_ip, 50000, 5201, None);
+        let out = run(&ebpf, "nat-established", names::PROG_TC, size, ia, &mut { est })?;
+        // The translation: source port chosen for the flow.
+        let (nsrc, nsport) = (
+            [out[26], out[27], out[28], out[29]],
+            u16::from_be_bytes([out[34], out[35]]),
+        );
+        if nsrc != [192, 168, 77, 1] {
+            bail!("nat-established: not translated (source {nsrc:?})");
+        }
+        // Reply: outside -> uplink address, to the uplink's MAC.
+        let mut reply = |_| ip_frame([0x02, 0xbb, 0, 0, 0, 2], up_mac, o_ip, nsrc, 5201, nsport, None);
+        run(&ebpf, "nat-reply", names::PROG_TC, size, iup, &mut reply)?;
+        // New flows: a fresh source port every packet.
+        let base = sport_base;
+        let mut newf = |i: u32| ip_frame(guest, gw_mac, g_ip, o_ip, (base + i) as u16, 5201, None);
+        run(&ebpf, "nat-new", names::PROG_TC, size, ia, &mut newf)?;
+        // Drop those flows again (and the established one).
+        let mut ct: HashMap<&mut MapData, CtKey, CtEntry> =
+            HashMap::try_from(ebpf.map_mut(names::MAP_CT).unwrap())?;
+        let mut removed = 0u32;
+        for sport in (base..base + n).chain([50000]) {
+            let k = CtKey {
+                saddr: be_addr(g_ip),
+                daddr: be_addr(o_ip),
+                sport: sport as u16,
+                dport: 5201,
+                proto: IPPROTO_UDP,
+                _pad: [0; 3],
+            };
+            if let Ok(e) = ct.get(&k, 0) {
+                let _ = ct.remove(&e.rewrite.reply());
+                let _ = ct.remove(&k);
+                removed += 2;
+            }
+        }
+        if removed < n {
+            eprintln!("kvnet-bench: only {removed} conntrack entries made by {n} new flows");
+        }
+        sport_base = if base + 2 * n < 30000 { base + n } else { 1000 };
+    }
+    Ok(json!({"runs": n, "rows": rows, "ct_fill": fills,
+        "ifindex": {"a": ia, "b": ib, "gw": igw, "uplink": iup}}))
 }

@@ -1,4 +1,5 @@
-//! target/bench/bench.png: the L2 figures side by side, one panel per metric.
+//! target/bench/bench.png: the L2 figures side by side, one panel per
+//! metric; below them guest-to-outside, VLAN and the rewriting-path costs.
 
 use std::path::Path;
 
@@ -6,7 +7,7 @@ use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use super::{median, Results, L2, L2_CONFIGS};
+use super::{median, Results, L2, L2_CONFIGS, OUT, OUT_CONFIGS, VLAN, VLAN_CONFIGS};
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const COLORS: [RGBColor; 4] = [
@@ -17,7 +18,8 @@ const COLORS: [RGBColor; 4] = [
 ];
 
 pub fn draw(res: &Results, path: &Path) -> Result<()> {
-    let bytes = std::fs::read(FONT).map_err(|e| anyhow!("{FONT}: {e} (install fonts-dejavu-core)"))?;
+    let bytes =
+        std::fs::read(FONT).map_err(|e| anyhow!("{FONT}: {e} (install fonts-dejavu-core)"))?;
     let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
     plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
         .map_err(|_| anyhow!("{FONT}: not a usable font"))?;
@@ -27,11 +29,18 @@ pub fn draw(res: &Results, path: &Path) -> Result<()> {
         ("64-byte frames", "64-byte frames, Mpps"),
         ("TCP bulk, 1 stream", "TCP 1 stream, Gbit/s"),
         ("TCP bulk, 4 streams", "TCP 4 streams, Gbit/s"),
-        ("RR latency p50 (ping)", "ping RTT p50, µs (lower is better)"),
+        (
+            "RR latency p50 (ping)",
+            "ping RTT p50, µs (lower is better)",
+        ),
     ] {
         let vals = L2_CONFIGS
             .iter()
-            .map(|c| res.get(L2, c, metric).and_then(|s| median(&s.values)).unwrap_or(0.0))
+            .map(|c| {
+                res.get(L2, c, metric)
+                    .and_then(|s| median(&s.values))
+                    .unwrap_or(0.0)
+            })
             .collect();
         panels.push((title.to_string(), vals));
     }
@@ -48,7 +57,11 @@ pub fn draw(res: &Results, path: &Path) -> Result<()> {
                 rows.iter()
                     .find(|r| r["path"] == *p && r["prog"] == *g)
                     .and_then(|r| {
-                        let v: Vec<f64> = r["ns"].as_array()?.iter().filter_map(|x| x.as_f64()).collect();
+                        let v: Vec<f64> = r["ns"]
+                            .as_array()?
+                            .iter()
+                            .filter_map(|x| x.as_f64())
+                            .collect();
                         median(&v)
                     })
             })
@@ -56,19 +69,20 @@ pub fn draw(res: &Results, path: &Path) -> Result<()> {
     })
     .collect();
 
-    let root = BitMapBackend::new(path, (1500, 520)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1500, 1000)).into_drawing_area();
     root.fill(&WHITE)?;
     let (top, body) = root.split_vertically(50);
     top.titled(
         &format!(
-            "kvnet vs Linux, L2 guest-to-guest (kernel {}, {} cores {})",
+            "kvnet vs Linux (kernel {}, {} cores {}); top: L2 guest-to-guest",
             res.machine.get("kernel").cloned().unwrap_or_default(),
             res.machine.get("cores").cloned().unwrap_or_default(),
             res.machine.get("cpu").cloned().unwrap_or_default()
         ),
         ("sans-serif", 22),
     )?;
-    let areas = body.split_evenly((1, panels.len() + 1));
+    let (row1, row2) = body.split_vertically(470);
+    let areas = row1.split_evenly((1, panels.len() + 1));
     let mut all = panels.clone();
     all.push(("per-packet cost, ns (lower is better)".into(), cost));
     for (i, (title, vals)) in all.iter().enumerate() {
@@ -94,14 +108,98 @@ pub fn draw(res: &Results, path: &Path) -> Result<()> {
             .configure_mesh()
             .disable_x_mesh()
             .x_labels(vals.len() + 1)
-            .x_label_formatter(&move |x| labels2.get(*x as usize).map(|s| s.to_string()).unwrap_or_default())
+            .x_label_formatter(&move |x| {
+                labels2
+                    .get(*x as usize)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            })
             .label_style(("sans-serif", 12))
             .draw()?;
         chart.draw_series(vals.iter().enumerate().map(|(j, v)| {
-            Rectangle::new([(j as i32, 0.0), (j as i32 + 1, *v)], colors[j % colors.len()].filled())
+            Rectangle::new(
+                [(j as i32, 0.0), (j as i32 + 1, *v)],
+                colors[j % colors.len()].filled(),
+            )
         }))?;
         chart.draw_series(vals.iter().enumerate().map(|(j, v)| {
-            Text::new(format!("{v:.2}"), (j as i32, *v + max * 0.02), ("sans-serif", 12))
+            Text::new(
+                format!("{v:.2}"),
+                (j as i32, *v + max * 0.02),
+                ("sans-serif", 12),
+            )
+        }))?;
+    }
+    // Second row: guest-to-outside, VLAN, rewriting paths.
+    let med = |sc: &str, c: &str, m: &str| res.get(sc, c, m).and_then(|s| median(&s.values)).unwrap_or(0.0);
+    let out_labels = ["routed", "ipt-masq", "nft-masq", "nft+ft", "kv routed", "kv nat"];
+    let mut row: Vec<(String, Vec<String>, Vec<f64>)> = vec![
+        (
+            "guest→outside TCP 1 stream, Gbit/s".into(),
+            out_labels.iter().map(|s| s.to_string()).collect(),
+            OUT_CONFIGS.iter().map(|c| med(OUT, c, "TCP bulk, 1 stream")).collect(),
+        ),
+        (
+            "access→trunk VLAN TCP 1 stream, Gbit/s".into(),
+            vec!["bridge".into(), "kvnet tc".into(), "kvnet xdp".into()],
+            VLAN_CONFIGS.iter().map(|c| med(VLAN, c, "TCP bulk, 1 stream")).collect(),
+        ),
+    ];
+    let prow = |path: &str, prog: &str| -> f64 {
+        res.cost["paths"]["rows"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["path"] == path && r["prog"] == prog))
+            .and_then(|r| r["ns"]["p50"].as_f64())
+            .unwrap_or(0.0)
+    };
+    row.push((
+        "one-packet cost p50, ns (lower is better)".into(),
+        ["limit", "unicast", "push", "pop", "routed", "nat est", "reply", "nat new"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        vec![
+            prow("unicast", "bench_redirect"),
+            prow("unicast", "kvnet_tc"),
+            prow("vlan-push", "kvnet_tc"),
+            prow("vlan-pop", "kvnet_tc"),
+            prow("routed", "kvnet_tc"),
+            prow("nat-established", "kvnet_tc"),
+            prow("nat-reply", "kvnet_tc"),
+            prow("nat-new", "kvnet_tc"),
+        ],
+    ));
+    let areas2 = row2.split_evenly((1, row.len()));
+    for (i, (title, labels, vals)) in row.iter().enumerate() {
+        let max = vals.iter().cloned().fold(0.0, f64::max).max(1e-9) * 1.2;
+        let mut chart = ChartBuilder::on(&areas2[i])
+            .caption(title, ("sans-serif", 15))
+            .margin(8)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0..vals.len() as i32, 0f64..max)?;
+        let l = labels.clone();
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(vals.len() + 1)
+            .x_label_formatter(&move |x| l.get(*x as usize).cloned().unwrap_or_default())
+            .label_style(("sans-serif", 11))
+            .draw()?;
+        chart.draw_series(vals.iter().enumerate().map(|(j, v)| {
+            let c = if labels[j].starts_with("kv") || (i == 1 && j > 0) || (i == 2 && j > 0) {
+                COLORS[1]
+            } else {
+                COLORS[0]
+            };
+            Rectangle::new([(j as i32, 0.0), (j as i32 + 1, *v)], c.filled())
+        }))?;
+        chart.draw_series(vals.iter().enumerate().map(|(j, v)| {
+            Text::new(
+                if *v >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") },
+                (j as i32, *v + max * 0.02),
+                ("sans-serif", 11),
+            )
         }))?;
     }
     root.present()?;

@@ -4,7 +4,9 @@ use std::fmt::Write;
 
 use serde_json::Value;
 
-use super::{median, Results, Series, L2, L2_CONFIGS, OUT, OUT_CONFIGS};
+use super::{
+    median, Results, Series, CT_SCALE, L2, L2_CONFIGS, OUT, OUT_CONFIGS, VLAN, VLAN_CONFIGS,
+};
 
 fn fmt_num(v: f64) -> String {
     if v.abs() >= 100.0 {
@@ -75,7 +77,11 @@ pub fn markdown(res: &Results) -> String {
         "`cargo xtask bench{}`: every figure below comes from one run on one lab topology; \
          the machine is shared and noisy, so the ratios within this run are what count. \
          Cells are `median (min–max)` over {} repeat(s), configurations measured round-robin.\n",
-        if plan.map(|p| p.quick).unwrap_or(false) { " --quick" } else { "" },
+        if plan.map(|p| p.quick).unwrap_or(false) {
+            " --quick"
+        } else {
+            ""
+        },
         plan.map(|p| p.repeats).unwrap_or(1)
     );
     let _ = writeln!(o, "| machine | |\n|---|---|");
@@ -84,12 +90,18 @@ pub fn markdown(res: &Results) -> String {
     }
 
     // ---- L2
-    let _ = writeln!(o, "\n## {L2}: g1 → g2 over veths p1, p2 in the hv namespace\n");
+    let _ = writeln!(
+        o,
+        "\n## {L2}: g1 → g2 over veths p1, p2 in the hv namespace\n"
+    );
     let _ = write!(o, "| metric |");
     for c in L2_CONFIGS {
         let _ = write!(o, " {c} |");
     }
-    let _ = writeln!(o, " kvnet-tc / bridge | kvnet-xdp / bridge | kvnet-tc / limit |");
+    let _ = writeln!(
+        o,
+        " kvnet-tc / bridge | kvnet-xdp / bridge | kvnet-tc / limit |"
+    );
     let _ = writeln!(o, "|---|{}---|---|---|", "---|".repeat(L2_CONFIGS.len()));
     for (metric, unit) in metrics_of(res, L2) {
         if metric.ends_with("delivered") {
@@ -108,7 +120,11 @@ pub fn markdown(res: &Results) -> String {
             ratio(g("kvnet-tc"), g("limit-redirect"))
         );
     }
-    for s in res.series.iter().filter(|s| s.scenario == L2 && s.config.contains("FDB")) {
+    for s in res
+        .series
+        .iter()
+        .filter(|s| s.scenario == L2 && s.config.contains("FDB"))
+    {
         let _ = writeln!(
             o,
             "\nkvnet-tc with the daemon's FDB grown by {} static entries: 64-byte frames {} Mpps (same run, same path).",
@@ -124,36 +140,104 @@ pub fn markdown(res: &Results) -> String {
     // ---- VLAN
     let _ = writeln!(
         o,
-        "\n## Access-to-trunk VLAN tagging\n\nNot measured: kvnet's VLAN support (issue 4) was not \
-         in the tree this bench built from; the per-packet cost table gains push/pop rows when it lands."
+        "\n## {VLAN}: g1 (access port p1, VLAN 10) → trunk trA (tagged) → a second kvnet host (trunk trB, access port r1, 10.0.0.3)\n\n\
+         The kernel has no 802.1Q devices and no bridge VLAN filtering, so the receiver of tagged frames is a second kvnet \
+         host (its own lab and daemon, always tc), like tests/vlan.rs `two_hosts_joined_by_a_trunk_keep_vlans_apart`: \
+         every packet is tagged by the config under test and untagged by the far host. The only Linux peer \
+         (a VLAN-filtering bridge) cannot run here.\n"
     );
+    let _ = write!(o, "| metric |");
+    for c in VLAN_CONFIGS {
+        let _ = write!(o, " {c} |");
+    }
+    let _ = writeln!(o, " kvnet-tc / bridge | kvnet-xdp / bridge |");
+    let _ = writeln!(o, "|---|{}---|---|", "---|".repeat(VLAN_CONFIGS.len()));
+    for (metric, unit) in metrics_of(res, VLAN) {
+        if metric.ends_with("delivered") {
+            continue;
+        }
+        let _ = write!(o, "| {metric} ({unit}) |");
+        for c in VLAN_CONFIGS {
+            let _ = write!(o, " {} |", cell(res.get(VLAN, c, &metric)));
+        }
+        let g = |c: &str| res.get(VLAN, c, &metric);
+        let _ = writeln!(
+            o,
+            " {} | {} |",
+            ratio(g("kvnet-tc"), g("linux-bridge-vlan")),
+            ratio(g("kvnet-xdp"), g("linux-bridge-vlan"))
+        );
+    }
 
     // ---- guest to outside
-    let _ = writeln!(o, "\n## {OUT}: g1 → `out` over the uplink up0 (NAT and routed)\n");
+    let ctcfg = format!("kvnet-nat, +{}M conntrack", CT_SCALE / 1_000_000);
+    let _ = writeln!(
+        o,
+        "\n## {OUT}: g1 → `out` over the uplink up0 (NAT and routed)\n"
+    );
     let _ = write!(o, "| metric |");
     for c in OUT_CONFIGS {
         let _ = write!(o, " {c} |");
     }
-    let _ = writeln!(o, " kvnet (NAT / routed) |");
-    let _ = writeln!(o, "|---|{}---|", "---|".repeat(OUT_CONFIGS.len()));
-    let mut out_metrics = metrics_of(res, OUT);
-    out_metrics.push(("64-byte frames".into(), "Mpps".into()));
+    let _ = writeln!(
+        o,
+        " {ctcfg} | kvnet-routed / linux-routed | kvnet-nat / best masquerade peer |"
+    );
+    let _ = writeln!(
+        o,
+        "|---|{}---|---|---|",
+        "---|".repeat(OUT_CONFIGS.len() + 1)
+    );
+    let mut out_metrics: Vec<(String, String)> = metrics_of(res, OUT)
+        .into_iter()
+        .filter(|(m, _)| !m.ends_with("delivered"))
+        .collect();
+    if !out_metrics.iter().any(|(m, _)| m == "64-byte frames") {
+        out_metrics.push(("64-byte frames".into(), "Mpps".into()));
+    }
     for (metric, unit) in out_metrics {
         let _ = write!(o, "| {metric} ({unit}) |");
-        for c in OUT_CONFIGS {
-            let s = res.get(OUT, c, &metric);
+        for c in OUT_CONFIGS
+            .iter()
+            .map(|c| c.to_string())
+            .chain([ctcfg.clone()])
+        {
+            let s = res.get(OUT, &c, &metric);
             let txt = if metric == "64-byte frames" && s.is_none() {
-                "not measured: live frames reach the host stack as PACKET_OTHERHOST (MEASURED.md)".into()
+                "not measured: live frames reach the host stack as PACKET_OTHERHOST (MEASURED.md)"
+                    .into()
             } else {
                 cell(s)
             };
             let _ = write!(o, " {txt} |");
         }
-        let _ = writeln!(o, " not implemented yet (issue 6/5) |");
+        let g = |c: &str| res.get(OUT, c, &metric);
+        let lower_better = metric.starts_with("RR");
+        let best = ["bridge+iptables-masq", "nft-masq", "nft-masq+flowtable"]
+            .iter()
+            .filter_map(|c| g(c).filter(|s| s.median().is_some()))
+            .reduce(|a, b| {
+                let (x, y) = (a.median().unwrap(), b.median().unwrap());
+                if (x < y) == lower_better {
+                    a
+                } else {
+                    b
+                }
+            });
+        let _ = writeln!(
+            o,
+            " {} | {} |",
+            ratio(g("kvnet-routed"), g("linux-routed")),
+            match best {
+                Some(b) => format!("{} (vs {})", ratio(g("kvnet-nat"), Some(b)), b.config),
+                None => "—".into(),
+            }
+        );
     }
 
     // ---- per-packet cost
     cost_table(&mut o, &res.cost);
+    paths_table(&mut o, &res.cost["paths"]);
 
     // ---- scale
     let _ = writeln!(o, "\n## FDB scale\n");
@@ -203,6 +287,49 @@ pub fn markdown(res: &Results) -> String {
             }
         );
     }
+    // ---- conntrack scale
+    let _ = writeln!(o, "\n## Conntrack scale\n");
+    for (k, label) in [
+        ("ct map (bpftool)", "the bench's private `ct`"),
+        (
+            "daemon ct map (bpftool)",
+            "the daemon's `ct` (`--ct-max 2200000`)",
+        ),
+    ] {
+        if let Some(m) = res.scale.get(k) {
+            let mem = m["bytes_memlock"].as_f64().unwrap_or(f64::NAN);
+            let max = m["max_entries"].as_f64().unwrap_or(f64::NAN);
+            let _ = writeln!(
+                o,
+                "- Memory, {label}: preallocated {} of {} entries, memlock {:.1} MiB: **{:.0} bytes per entry** \
+                 (key {} B, value {} B; a flow takes 2 entries), paid up front whatever the fill.",
+                m["type"].as_str().unwrap_or("?"),
+                max,
+                mem / 1048576.0,
+                mem / max,
+                m["bytes_key"],
+                m["bytes_value"]
+            );
+        }
+    }
+    if let Some(f) = res.cost["paths"]["ct_fill"].as_array() {
+        for f in f {
+            let n = f["to"].as_f64().unwrap_or(0.0) - f["from"].as_f64().unwrap_or(0.0);
+            if n >= 1000.0 {
+                let secs = f["secs"].as_f64().unwrap_or(f64::NAN);
+                let _ = writeln!(o, "- Raw conntrack inserts (kvnet-bench, one update each): {n:.0} entries in {secs:.2} s = {:.0} k entries/s.", n / secs / 1e3);
+            }
+        }
+    }
+    if let Some(d) = res.scale.get("daemon ct fill") {
+        let _ = writeln!(
+            o,
+            "- Throughput with {} synthetic entries (TCP established, kept by the daemon's GC) in the daemon's table: \
+             column `{ctcfg}` of the guest-to-outside table (filled in {:.1} s).",
+            d["entries"],
+            d["secs"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
     if !res.notes.is_empty() {
         let _ = writeln!(o, "\n## Notes from this run\n");
         for n in &res.notes {
@@ -216,9 +343,21 @@ pub fn markdown(res: &Results) -> String {
 const PATHS: &[(&str, &str, &str)] = &[
     ("unicast", "bench_redirect", "limit: redirect-only (tc)"),
     ("unicast", "kvnet_tc", "known unicast, tc"),
-    ("unicast", "kvnet_xdp", "known unicast to a veth, xdp (→ XDP_PASS, tc finishes)"),
-    ("unicast-xdp-redirect", "kvnet_xdp", "known unicast to a non-veth port, xdp (checksum check + redirect)"),
-    ("flood", "kvnet_tc", "flood to 2 ports, tc (clone-redirect, clones really sent)"),
+    (
+        "unicast",
+        "kvnet_xdp",
+        "known unicast to a veth, xdp (→ XDP_PASS, tc finishes)",
+    ),
+    (
+        "unicast-xdp-redirect",
+        "kvnet_xdp",
+        "known unicast to a non-veth port, xdp (checksum check + redirect)",
+    ),
+    (
+        "flood",
+        "kvnet_tc",
+        "flood to 2 ports, tc (clone-redirect, clones really sent)",
+    ),
     ("flood", "kvnet_xdp", "flood, xdp (→ XDP_PASS, tc floods)"),
 ];
 
@@ -227,7 +366,10 @@ fn cost_table(o: &mut String, cost: &Value) {
         let _ = writeln!(o, "\n## Per-packet program cost\n\nnot measured: {cost}");
         return;
     };
-    let mut sizes: Vec<u64> = rows.iter().filter_map(|r| r["fdb_entries"].as_u64()).collect();
+    let mut sizes: Vec<u64> = rows
+        .iter()
+        .filter_map(|r| r["fdb_entries"].as_u64())
+        .collect();
     sizes.dedup();
     let _ = writeln!(
         o,
@@ -242,9 +384,15 @@ fn cost_table(o: &mut String, cost: &Value) {
     let _ = writeln!(o, "|---|{}---|", "---|".repeat(sizes.len()));
     let get = |path: &str, prog: &str, size: u64| -> Option<f64> {
         rows.iter()
-            .find(|r| r["path"] == path && r["prog"] == prog && r["fdb_entries"].as_u64() == Some(size))
+            .find(|r| {
+                r["path"] == path && r["prog"] == prog && r["fdb_entries"].as_u64() == Some(size)
+            })
             .and_then(|r| {
-                let v: Vec<f64> = r["ns"].as_array()?.iter().filter_map(Value::as_f64).collect();
+                let v: Vec<f64> = r["ns"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(Value::as_f64)
+                    .collect();
                 median(&v)
             })
     };
@@ -253,7 +401,11 @@ fn cost_table(o: &mut String, cost: &Value) {
     for (path, prog, label) in PATHS {
         let _ = write!(o, "| {label} | ");
         for &s in &sizes {
-            let _ = write!(o, "{} | ", get(path, prog, s).map(fmt_num).unwrap_or("—".into()));
+            let _ = write!(
+                o,
+                "{} | ",
+                get(path, prog, s).map(fmt_num).unwrap_or("—".into())
+            );
         }
         let r = match (get(path, prog, first), limit) {
             (Some(a), Some(b)) => format!("{:.2}x", a / b),
@@ -265,8 +417,89 @@ fn cost_table(o: &mut String, cost: &Value) {
         o,
         "\nThe kernel measures the whole BPF_PROG_RUN loop: the program and the helpers it calls \
          (tc: on an skb arriving on `lo`; xdp: on an xdp_buff of p1's queue). A redirect is only \
-         decided here, not carried out; clone-redirect floods are carried out. Not yet measurable: \
-         VLAN push/pop (issue 4), NAT new/established/reply (issue 6)."
+         decided here, not carried out; clone-redirect floods are carried out. VLAN push/pop, routed \
+         and NAT paths: next table."
+    );
+}
+
+const PATH_ROWS: &[(&str, &str, &str)] = &[
+    ("unicast", "bench_redirect", "limit: redirect-only (tc)"),
+    ("unicast", "kvnet_tc", "known unicast, tc"),
+    ("vlan-push", "kvnet_tc", "VLAN push: access → trunk, tc"),
+    ("vlan-pop", "kvnet_tc", "VLAN pop: trunk → access, tc"),
+    ("routed", "kvnet_tc", "routed: guest → FIB → uplink, tc"),
+    (
+        "nat-new",
+        "kvnet_tc",
+        "NAT new flow (port pick + 2 inserts), tc",
+    ),
+    (
+        "nat-established",
+        "kvnet_tc",
+        "NAT established, guest → outside, tc",
+    ),
+    ("nat-reply", "kvnet_tc", "NAT reply, outside → guest, tc"),
+];
+
+fn paths_table(o: &mut String, p: &Value) {
+    let Some(rows) = p["rows"].as_array() else {
+        return;
+    };
+    let mut cts: Vec<u64> = rows
+        .iter()
+        .filter(|r| r["path"].as_str().is_some_and(|s| s.starts_with("nat")))
+        .filter_map(|r| r["ct_entries"].as_u64())
+        .collect();
+    cts.sort();
+    cts.dedup();
+    let _ = writeln!(
+        o,
+        "\n## Per-packet cost of the rewriting paths (BPF_PROG_RUN, one packet per run, {} runs, p50 ns)\n",
+        p["runs"]
+    );
+    let _ = write!(o, "| path |");
+    for c in &cts {
+        let _ = write!(o, " {c} conntrack entries |");
+    }
+    let _ = writeln!(o, " / limit (same mode) | verdict |");
+    let _ = writeln!(o, "|---|{}---|---|", "---|".repeat(cts.len()));
+    let get = |path: &str, prog: &str, ct: Option<u64>| {
+        rows.iter().find(|r| {
+            r["path"] == path
+                && r["prog"] == prog
+                && ct.is_none_or(|c| r["ct_entries"].as_u64() == Some(c))
+        })
+    };
+    let limit = get("unicast", "bench_redirect", None).and_then(|r| r["ns"]["p50"].as_f64());
+    for (path, prog, label) in PATH_ROWS {
+        let per_ct = path.starts_with("nat");
+        let _ = write!(o, "| {label} |");
+        let mut first = None;
+        let mut verdict = String::new();
+        for &c in &cts {
+            let r = get(path, prog, if per_ct { Some(c) } else { None });
+            let v = r.and_then(|r| r["ns"]["p50"].as_f64());
+            first = first.or(v);
+            if let Some(r) = r {
+                verdict = r["verdict"].to_string();
+            }
+            let _ = write!(o, " {} |", v.map(fmt_num).unwrap_or("—".into()));
+        }
+        let ratio = match (first, limit) {
+            (Some(a), Some(b)) => format!("{:.2}x", a / b),
+            _ => "—".into(),
+        };
+        let _ = writeln!(o, " {ratio} | {verdict} |");
+    }
+    let _ = writeln!(
+        o,
+        "\nThese paths rewrite the packet (tag, TTL, addresses), so `repeat` would run the program again on its \
+         own output; each packet is one BPF_PROG_RUN on a fresh skb built on the real ingress device \
+         (`__sk_buff.ifindex`: p1 for the guest side, up0 for replies, so `bpf_fib_lookup` sees the real \
+         interfaces and routes). The kernel's per-run time includes one clock read and a cold skb, so compare \
+         with the limit and known unicast measured the same way (first two rows), not with the `repeat` table. \
+         Verdict 7 = TC_ACT_REDIRECT (the path finished in the fast path; the redirect itself is not carried out). \
+         Non-NAT rows do not depend on the conntrack size and are measured once."
     );
 }
 
@@ -288,4 +521,15 @@ const METHOD: &str = "\
   (p1 10.0.0.254, `flowtable ft { devices = { p1, up0 } }`, `flow add @ft` for tcp/udp, masquerade on up0; \
   nft-masq: the same without the flowtable).
 - Per-packet cost: kvnet-bench loads the same object with private maps (ports lo, p1, p2 in one network, \
-  the FDB filled to N entries) and runs each program with `repeat`.";
+  the FDB filled to N entries) and runs each program with `repeat`.
+- Access-to-trunk VLAN: kvnet-tc/xdp: `kvnet port add bench p1 --vlan 10`, `... trA --trunk 10`; the far host \
+  (second lab, second daemon) has `trB --trunk 10` and `r1 --vlan 10`; the 64-byte sink sits on r1's guest eth0. \
+  linux-bridge-vlan would be `br0` with `vlan_filtering 1`, p1 `pvid 10 untagged`, trA `vid 10`.
+- kvnet-routed / kvnet-nat: `kvnet net add out --mode routed|nat --gateway 10.0.0.254/24 --uplink up0`, \
+  `kvnet port add out p1` (routed: `out` routes 10.0.0.0/24 back via up0). Their 64-byte rate: the generator \
+  on g1 sends to the gateway MAC and 192.168.77.2 (one UDP flow), the sink on `out`'s eth0 counts. \
+  `+1M conntrack`: the same kvnet-nat network with 1M synthetic entries (500k TCP-established flows) \
+  written into the daemon's pinned `ct` (`kvnet-bench ctfill`), removed afterwards.
+- Rewriting-path costs: kvnet-bench's private maps get a routed network, a NAT network (gateway host end \
+  `kvbgw`, a veth with 10.0.0.254/24 and g1 as a permanent neighbour; uplink up0 192.168.77.1) and a VLAN \
+  network (p1 access 10, p2 trunk); the conntrack is grown with synthetic flows to each size.";

@@ -1,0 +1,357 @@
+//! Restart without loss (issue 9, point 4): the daemon's running state,
+//! written to `<state-dir>` on every change, and its adoption by the next
+//! daemon.
+//!
+//! - `running.toml`: the running networks and ports in the config format
+//!   (what `kvnet save` writes, plus the ports that joined by a rule or
+//!   `kvnet ifup`), readable by `kvnet check` / `kvnet daemon --config`.
+//! - `adopt.json`: what the config format does not say: network ids (the
+//!   datapath's maps are keyed by them), the host settings to restore on
+//!   `kvnet down`, the config file and rules last applied, which ports are
+//!   dynamic.
+//!
+//! A daemon that starts while kvnet's programs are still pinned and these
+//! files exist adopts the running datapath: pinned maps (FDB, conntrack,
+//! NAT counters, ...) are reused untouched, the gateway interfaces, filters
+//! and links stay and get the new programs swapped in atomically.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{self, Checked, Config, PortSection},
+    network::Restore,
+    switch::Switch,
+};
+
+pub const RUNNING: &str = "running.toml";
+pub const ADOPT: &str = "adopt.json";
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Saved {
+    /// The daemon's config file (`kvnet save`/SIGHUP use it).
+    pub source: Option<PathBuf>,
+    /// The last applied config file (its rules and static ports), as TOML.
+    pub applied: String,
+    /// Ports that joined by a rule (None) or by `kvnet ifup` with explicit
+    /// settings (Some).
+    pub dynamic: BTreeMap<String, Option<PortSection>>,
+    pub nets: BTreeMap<String, SavedNet>,
+    /// Routed uplinks: the host settings to restore when the last user goes.
+    pub routed_uplinks: BTreeMap<String, Vec<Restore>>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SavedNet {
+    pub id: u32,
+    pub restore: Vec<Restore>,
+}
+
+struct Persist {
+    dir: PathBuf,
+    last: String,
+    enabled: bool,
+}
+
+static PERSIST: Mutex<Option<Persist>> = Mutex::new(None);
+
+/// Where `persist` writes; nothing is written before this.
+pub fn enable(state_dir: &Path) {
+    *PERSIST.lock().unwrap_or_else(|e| e.into_inner()) = Some(Persist {
+        dir: state_dir.to_path_buf(),
+        last: String::new(),
+        enabled: true,
+    });
+}
+
+/// No more writes (`kvnet down` is removing everything).
+pub fn disable() {
+    if let Some(p) = PERSIST.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        p.enabled = false;
+    }
+}
+
+pub fn exists(state_dir: &Path) -> bool {
+    state_dir.join(RUNNING).exists() && state_dir.join(ADOPT).exists()
+}
+
+pub fn remove(state_dir: &Path) {
+    let _ = std::fs::remove_file(state_dir.join(RUNNING));
+    let _ = std::fs::remove_file(state_dir.join(ADOPT));
+}
+
+/// The running state, in full: every guest port is listed.
+fn running(sw: &Switch) -> Result<(String, String)> {
+    let mut cfg = config::running_config(sw);
+    let (source, applied, dynamic) =
+        config::with_rt(|rt| (rt.source.clone(), rt.applied.clone(), rt.dynamic.clone()));
+    let listed: BTreeSet<String> = cfg.ports.iter().map(|p| p.iface.clone()).collect();
+    for (iface, spec) in config::running_ports(sw) {
+        if !listed.contains(&iface) {
+            cfg.ports.push(Checked(section(&iface, &spec)));
+        }
+    }
+    let saved = Saved {
+        source,
+        applied: config::to_toml(&applied)?,
+        dynamic: dynamic
+            .iter()
+            .map(|(i, s)| (i.clone(), s.as_ref().map(|s| section(i, s))))
+            .collect(),
+        nets: sw
+            .nets
+            .iter()
+            .map(|(n, net)| {
+                (
+                    n.clone(),
+                    SavedNet {
+                        id: net.id,
+                        restore: net.restore.clone(),
+                    },
+                )
+            })
+            .collect(),
+        routed_uplinks: sw
+            .routed_uplinks
+            .iter()
+            .map(|(n, u)| (n.clone(), u.restore.clone()))
+            .collect(),
+    };
+    Ok((
+        format!(
+            "# kvnet's running state, written by the daemon on every change\n{}",
+            config::to_toml(&cfg)?
+        ),
+        serde_json::to_string_pretty(&saved)?,
+    ))
+}
+
+fn section(iface: &str, spec: &config::PortSpec) -> PortSection {
+    let a = spec.attach();
+    PortSection {
+        iface: iface.to_string(),
+        net: a.net,
+        hook: a.hook,
+        hairpin: a.hairpin,
+        trusted: a.trusted,
+        vlan: a.vlan,
+        trunk: a.trunk,
+        native: a.native,
+    }
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Writes the state files if the running state changed since the last
+/// write. Called after every request, link event and reload.
+pub fn persist(sw: &Switch) {
+    let mut g = PERSIST.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(p) = g.as_mut().filter(|p| p.enabled) else {
+        return;
+    };
+    let r = running(sw).and_then(|(toml, json)| {
+        let both = format!("{toml}\n{json}");
+        if both == p.last {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&p.dir).with_context(|| format!("creating {}", p.dir.display()))?;
+        // adopt.json first: a running.toml never names networks whose ids
+        // were not written.
+        write_atomic(&p.dir.join(ADOPT), &json)?;
+        write_atomic(&p.dir.join(RUNNING), &toml)?;
+        p.last = both;
+        Ok(())
+    });
+    if let Err(e) = r {
+        log::warn!("writing the state file: {e:#}");
+        eprintln!("kvnet: writing the state file: {e:#}");
+    }
+}
+
+/// Rebuilds the switch's state over a running datapath (`sw.dp` loaded
+/// with `Datapath::adopt`) from the state files. Networks or ports that can
+/// no longer be built (an uplink or tap gone while the daemon was down) are
+/// reported and left out; their datapath entries are swept.
+pub fn adopt(sw: &mut Switch, state_dir: &Path) -> Result<config::Plan> {
+    let running_path = state_dir.join(RUNNING);
+    let cfg = config::load(&running_path)?;
+    let text = std::fs::read_to_string(state_dir.join(ADOPT))
+        .with_context(|| format!("reading {}", state_dir.join(ADOPT).display()))?;
+    let saved: Saved = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {}", state_dir.join(ADOPT).display()))?;
+    sw.adopt_ids = saved.nets.iter().map(|(n, s)| (n.clone(), s.id)).collect();
+    let applied = if saved.applied.trim().is_empty() {
+        Config::default()
+    } else {
+        config::parse("<applied config>", &saved.applied).unwrap_or_default()
+    };
+    // Explicit `kvnet ifup` ports are wanted by the plan like static ones.
+    config::with_rt(|rt| {
+        rt.dynamic = saved
+            .dynamic
+            .iter()
+            .map(|(i, s)| (i.clone(), s.as_ref().map(|s| s.attach().spec())))
+            .collect();
+    });
+    let plan = config::apply(sw, &cfg, false);
+    if let Err(e) = &plan {
+        eprintln!(
+            "kvnet: adopting {}: {e:#} (continuing with what could be adopted)",
+            running_path.display()
+        );
+    }
+    for (n, s) in &saved.nets {
+        if let Some(net) = sw.nets.get_mut(n) {
+            net.restore = s.restore.clone();
+        }
+    }
+    for (n, r) in &saved.routed_uplinks {
+        if let Some(u) = sw.routed_uplinks.get_mut(n) {
+            u.restore = r.clone();
+        }
+    }
+    config::with_rt(|rt| {
+        rt.source = saved.source.clone();
+        rt.applied = applied;
+        // Keep only what is attached now.
+        let dynamic = saved
+            .dynamic
+            .iter()
+            .filter(|(i, _)| sw.ports.contains_key(*i))
+            .map(|(i, s)| (i.clone(), s.as_ref().map(|s| s.attach().spec())))
+            .collect();
+        rt.dynamic = dynamic;
+    });
+    finish(sw);
+    plan.or_else(|_| Ok(config::Plan::default()))
+}
+
+/// Ends an adoption: writes the flood sets once, whole, and sweeps the
+/// maps of whatever belongs to no adopted network or port.
+fn finish(sw: &mut Switch) {
+    sw.dp.adopting = false;
+    sw.adopt_ids.clear();
+    let nets: Vec<(String, u32)> = sw.nets.iter().map(|(n, x)| (n.clone(), x.id)).collect();
+    let ids: BTreeSet<u32> = nets.iter().map(|(_, id)| *id).collect();
+    let mut ifindexes: BTreeSet<u32> = sw.ports.values().map(|p| p.ifindex).collect();
+    ifindexes.extend(sw.routed_uplinks.values().map(|u| u.ifindex));
+    // Flood sets: every VLAN of every network, from its members; stale
+    // sets (VLANs without members, gone networks) go.
+    let stale_floods: Vec<kvnet_common::FloodKey> = sw
+        .dp
+        .flood()
+        .map(|f| f.keys().filter_map(|k| k.ok()).collect())
+        .unwrap_or_default();
+    for (name, id) in &nets {
+        let members = sw.members(name);
+        let mut vids: BTreeSet<u16> = members
+            .iter()
+            .flat_map(|(_, c)| c.memberships().into_keys())
+            .collect();
+        vids.extend(
+            stale_floods
+                .iter()
+                .filter(|k| k.net_id == *id)
+                .map(|k| k.vid),
+        );
+        if let Err(e) = sw.write_floods(*id, &members, &vids) {
+            eprintln!("kvnet: adopting network {name}: flood sets: {e:#}");
+        }
+    }
+    if let Ok(mut f) = sw.dp.flood() {
+        for k in stale_floods.iter().filter(|k| !ids.contains(&k.net_id)) {
+            let _ = f.remove(k);
+        }
+    }
+    let mut swept = 0usize;
+    if let Ok(mut ports) = sw.dp.ports() {
+        let gone: Vec<u32> = ports
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !ifindexes.contains(k))
+            .collect();
+        for k in &gone {
+            let _ = ports.remove(k);
+        }
+        swept += gone.len();
+        if let Ok(mut st) = sw.dp.port_stats() {
+            for k in &gone {
+                let _ = st.remove(k);
+            }
+        }
+    }
+    if let Ok(mut m) = sw.dp.vlan_members() {
+        let gone: Vec<_> = m
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !ifindexes.contains(&k.ifindex))
+            .collect();
+        for k in &gone {
+            let _ = m.remove(k);
+        }
+    }
+    if let Ok(mut fdb) = sw.dp.fdb() {
+        let gone: Vec<_> = fdb
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, e)| !ifindexes.contains(&e.ifindex) || !ids.contains(&k.net_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &gone {
+            let _ = fdb.remove(k);
+        }
+        swept += gone.len();
+    }
+    if let Ok(mut m) = sw.dp.nets() {
+        let gone: Vec<u32> = m
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !ids.contains(k))
+            .collect();
+        for k in &gone {
+            let _ = m.remove(k);
+        }
+    }
+    if let Ok(mut m) = sw.dp.gw_hosts() {
+        let gone: Vec<u32> = m
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, id)| !ids.contains(id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &gone {
+            let _ = m.remove(k);
+        }
+    }
+    // XDP links of ports that are no longer XDP ports.
+    let xdp: BTreeSet<u32> = sw
+        .ports
+        .values()
+        .filter(|p| p.xdp)
+        .map(|p| p.ifindex)
+        .collect();
+    if let Ok(dir) = std::fs::read_dir(sw.dp.pin_dir().join("links")) {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let keep = name
+                .strip_prefix("xdp_")
+                .and_then(|i| i.parse::<u32>().ok())
+                .is_some_and(|i| xdp.contains(&i));
+            if !keep {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    if swept > 0 {
+        eprintln!("kvnet: adoption swept {swept} stale datapath entries");
+    }
+}

@@ -1,0 +1,201 @@
+//! Issue 9, point 4: restart without loss. The datapath keeps forwarding
+//! while the daemon is stopped or killed; the next daemon adopts the pinned
+//! programs, links and maps (conntrack, FDB) and the DHCP leases instead of
+//! rebuilding them; `kvnet down` removes everything.
+use std::{
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use kvnet_tests::{kvnet::Kvnet, lab::privileged};
+use serde_json::Value;
+
+#[path = "support/libvirt_nat.rs"]
+mod libvirt_nat;
+use libvirt_nat::*;
+
+fn ping_ok(ns: &str, ip: &str) -> bool {
+    kvnet_tests::lab::exec_output(ns, &["ping", "-c", "2", "-i", "0.2", "-W", "1", ip])
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The id of the program kvnet has on `iface`'s tc ingress.
+fn tc_prog_id(lab: &kvnet_tests::Lab, iface: &str) -> String {
+    let net = lab.sh(lab.hv(), "bpftool net show").unwrap();
+    net.lines()
+        .find(|l| l.starts_with(&format!("{iface}(")) && l.contains("kvnet_tc"))
+        .and_then(|l| l.split_whitespace().last().map(String::from))
+        .unwrap_or_else(|| panic!("no kvnet_tc on {iface}:\n{net}"))
+}
+
+fn leases(k: &Kvnet) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = k
+        .json(&["dhcp", "leases", "default"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["mac"].as_str().unwrap_or_default().to_string(),
+                l["ip"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn kill_9_during_a_nat_transfer_loses_nothing_and_the_restart_adopts() {
+    if !privileged() {
+        return;
+    }
+    let l = libvirt_lab();
+    let k = start_with_config(&l);
+    let ip1 = dhcp(&l.lab, &l.guests[0], "g1");
+    assert_eq!(ip1, "192.168.122.13");
+    let ip2 = dhcp(&l.lab, &l.guests[1], "g2");
+    let leases_before = leases(&k);
+    assert_eq!(leases_before.len(), 2, "{leases_before:?}");
+    let prog_before = tc_prog_id(&l.lab, "vnet0");
+
+    // iperf3: 10 s of TCP from guest1 to the outside, through the NAT.
+    let mut srv = Command::new("iperf3");
+    srv.args(["-s", "-1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    l.lab.spawn(&l.out.ns, srv).unwrap();
+    thread::sleep(Duration::from_millis(500));
+    let report = l.lab.work_dir().join("iperf3.json");
+    let mut cli = Command::new("sh");
+    cli.args([
+        "-c",
+        &format!(
+            "iperf3 -c {OUTSIDE_IP} -t 10 -J > {} 2>&1",
+            report.display()
+        ),
+    ]);
+    let client = l.lab.spawn(&l.guests[0].ns, cli).unwrap();
+    thread::sleep(Duration::from_secs(2));
+    let flows = k.json(&["conntrack", "list", "default"]).unwrap();
+    // iperf3's control and data connections, as translated.
+    let iperf_flows = |v: &Value| -> std::collections::BTreeSet<(String, String)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                r["orig"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .starts_with("192.168.122.13:")
+                    && r["orig"].as_str().unwrap_or_default().ends_with(":5201")
+            })
+            .map(|r| (r["orig"].to_string(), r["translated"].to_string()))
+            .collect()
+    };
+    let before = iperf_flows(&flows);
+    assert_eq!(
+        before.len(),
+        2,
+        "iperf3's two connections in conntrack: {flows}"
+    );
+
+    // The crash.
+    k.kill().unwrap();
+    // Forwarding goes on without a daemon: guest2 pings the outside.
+    assert!(
+        ping_ok(&l.guests[1].ns, OUTSIDE_IP),
+        "no forwarding without the daemon"
+    );
+    thread::sleep(Duration::from_secs(1));
+
+    // The restart adopts: the flow, leases and learned MACs are still there.
+    let t0 = Instant::now();
+    let k = Kvnet::start(&l.lab).unwrap();
+    let log = k.daemon_log();
+    assert!(log.contains("adopted the running datapath"), "{log}");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    let flows = k.json(&["conntrack", "list", "default"]).unwrap();
+    assert_eq!(
+        iperf_flows(&flows),
+        before,
+        "the flows and their translations after the restart: {flows}"
+    );
+    assert_eq!(leases(&k), leases_before, "DHCP leases after the restart");
+    let fdb = k.json(&["fdb", "show", "default"]).unwrap();
+    assert!(
+        fdb.to_string().contains(GUEST1_MAC),
+        "learned MACs kept (no FDB flush): {fdb}"
+    );
+    let net = k.json(&["net", "show", "default"]).unwrap();
+    assert_eq!(net["mode"], "nat");
+    assert_eq!(
+        k.json(&["port", "list"]).unwrap().as_array().unwrap().len(),
+        3,
+        "2 guests + gateway"
+    );
+    assert_ne!(
+        tc_prog_id(&l.lab, "vnet0"),
+        prog_before,
+        "the new daemon's program was swapped in"
+    );
+
+    // The transfer finishes, without a reset.
+    let st = client.wait_timeout(Duration::from_secs(30)).unwrap();
+    let text = std::fs::read_to_string(&report).unwrap_or_default();
+    assert!(st.is_some_and(|s| s.success()), "iperf3 failed:\n{text}");
+    let j: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert!(j.get("error").is_none(), "iperf3: {}", j["error"]);
+    let secs = j["end"]["sum_received"]["seconds"].as_f64().unwrap();
+    let bytes = j["end"]["sum_received"]["bytes"].as_f64().unwrap();
+    assert!(secs >= 9.5 && bytes > 1e6, "{secs} s, {bytes} bytes");
+    // No interval without traffic: the crash and restart did not stall it.
+    for iv in j["intervals"].as_array().unwrap() {
+        assert!(
+            iv["sum"]["bytes"].as_f64().unwrap() > 0.0,
+            "a stalled second: {iv}"
+        );
+    }
+
+    // The adopted daemon serves DHCP from the kept leases: guest1 renews .13,
+    // guest2 its own address.
+    assert_eq!(dhcp(&l.lab, &l.guests[0], "g1b"), "192.168.122.13");
+    assert_eq!(dhcp(&l.lab, &l.guests[1], "g2b"), ip2);
+    let r = tcp_echo_via_nat(&l);
+    assert!(r.contains("tcp 50000"), "{r}");
+
+    // A plain stop keeps forwarding too; start again, then `kvnet down`.
+    k.stop().unwrap();
+    assert!(
+        ping_ok(&l.guests[0].ns, OUTSIDE_IP),
+        "no forwarding after a stop"
+    );
+    let k = Kvnet::start(&l.lab).unwrap();
+    assert!(k.daemon_log().contains("adopted"), "{}", k.daemon_log());
+    k.cli(&["down"]).unwrap();
+    let hv = l.lab.hv().to_string();
+    let net = l.lab.sh(&hv, "bpftool net show").unwrap();
+    assert!(!net.contains("kvnet"), "programs left:\n{net}");
+    assert!(!l.lab.pin_dir().exists(), "pins left");
+    assert!(
+        !l.lab
+            .exec_output(&hv, &["ip", "link", "show", "virbr0"])
+            .unwrap()
+            .status
+            .success(),
+        "gateway left"
+    );
+    let state = l.lab.work_dir().join("state");
+    assert!(!state.join("running.toml").exists() && !state.join("adopt.json").exists());
+    assert!(
+        !ping_ok(&l.guests[0].ns, OUTSIDE_IP),
+        "still forwarding after down"
+    );
+}
+
+fn tcp_echo_via_nat(l: &LibvirtLab) -> String {
+    echo_server(&l.lab, &l.out.ns, 5001);
+    tcp_echo(&l.guests[1].ns, OUTSIDE_IP, 5001, 50_000)
+}
