@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
 
 use crate::{Lab, Proc};
 
@@ -135,7 +136,7 @@ impl Kvnet {
     }
 
     /// Runs a show/list command with `--json` and parses it.
-    pub fn json(&self, args: &[&str]) -> Result<serde_json::Value> {
+    pub fn json(&self, args: &[&str]) -> Result<Value> {
         let mut a = args.to_vec();
         a.push("--json");
         let out = self.cli(&a)?;
@@ -170,5 +171,50 @@ impl Kvnet {
             .take()
             .ok_or_else(|| anyhow!("daemon already stopped"))?;
         d.stop()
+    }
+}
+
+/// Look-ups in the daemon's JSON listings, for assertions: they panic if
+/// the daemon does not answer, like the tests' own `.unwrap()`s would.
+impl Kvnet {
+    /// The `kvnet port list` row of `iface`, if it is a port.
+    pub fn port(&self, iface: &str) -> Option<Value> {
+        let ports = self.json(&["port", "list"]).unwrap();
+        let ports = ports.as_array().expect("`kvnet port list` is a list");
+        ports.iter().find(|p| p["iface"] == iface).cloned()
+    }
+
+    /// The `kvnet stats` row of `port`, if it has one.
+    pub fn port_stats(&self, port: &str) -> Option<Value> {
+        let stats = self.json(&["stats"]).unwrap();
+        let ports = stats["ports"]
+            .as_array()
+            .expect("`kvnet stats` lists ports");
+        ports.iter().find(|s| s["port"] == port).cloned()
+    }
+
+    /// How many frames `port` dropped for `reason` (0 if it has no count).
+    pub fn port_drops(&self, port: &str, reason: &str) -> u64 {
+        self.port_stats(port)
+            .and_then(|s| s["drops"][reason].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// The forwarding table of network `net` (`kvnet fdb show`).
+    pub fn fdb(&self, net: &str) -> Vec<Value> {
+        self.json(&["fdb", "show", net])
+            .unwrap()
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The port network `net` has learned (or was told) `mac` is behind.
+    pub fn fdb_port_of(&self, net: &str, mac: &[u8; 6]) -> Option<String> {
+        let mac = crate::mac_fmt(mac);
+        self.fdb(net)
+            .iter()
+            .find(|e| e["mac"] == mac.as_str())
+            .map(|e| e["port"].as_str().unwrap_or("").to_string())
     }
 }

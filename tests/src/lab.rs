@@ -148,6 +148,11 @@ pub fn read_mac(ns: &str, iface: &str) -> Result<[u8; 6]> {
     crate::inject::mac_parse(addr).with_context(|| format!("MAC of {iface} in netns {ns}"))
 }
 
+/// Whether `ip` answers from namespace `ns` (two pings, 1 s timeout each).
+pub fn ping(ns: &str, ip: &str) -> bool {
+    exec(ns, &["ping", "-c", "2", "-i", "0.2", "-W", "1", ip]).is_ok()
+}
+
 /// Add an address (`10.0.0.1/24`) to `iface` in `ns`.
 pub fn set_ip(ns: &str, iface: &str, cidr: &str) -> Result<()> {
     exec(ns, &["ip", "addr", "add", cidr, "dev", iface])?;
@@ -178,6 +183,17 @@ impl GuestPort {
     }
     pub fn sh(&self, cmd: &str) -> Result<String> {
         sh(&self.ns, cmd)
+    }
+    /// See [`ping`].
+    pub fn ping(&self, ip: &str) -> bool {
+        ping(&self.ns, ip)
+    }
+    /// Turns IPv6 off in the guest, so that no IPv6 chatter (router
+    /// solicitations, DAD) refreshes FDB entries or fills captures behind a
+    /// test's back.
+    pub fn disable_ipv6(&self) -> Result<()> {
+        self.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.eth0.disable_ipv6=1")?;
+        Ok(())
     }
 }
 
@@ -310,6 +326,19 @@ impl Lab {
         Ok(port)
     }
 
+    /// Guests `(port name, address)` with IPv6 off (see
+    /// [`GuestPort::disable_ipv6`]): only the test's own traffic flows.
+    pub fn add_ipv4_guests(&self, specs: &[(&str, &str)]) -> Result<Vec<GuestPort>> {
+        specs
+            .iter()
+            .map(|(name, cidr)| {
+                let g = self.add_guest_with(name, Some(cidr))?;
+                g.disable_ipv6()?;
+                Ok(g)
+            })
+            .collect()
+    }
+
     /// veth `hv_name` (hv ns) <-> `peer` (in `peer_ns`), both up.
     fn veth(&self, hv_name: &str, peer_ns: &str, peer: &str) -> Result<()> {
         let hv = &self.hv;
@@ -352,6 +381,17 @@ impl Lab {
             hv_if: "up0".to_string(),
             iface: "eth0".to_string(),
         })
+    }
+
+    /// [`Lab::add_outside`] with `outside_cidr` on its eth0 and
+    /// `uplink_cidr` on the hv's up0, and IPv6 off outside so that only the
+    /// test's own traffic crosses the uplink.
+    pub fn add_outside_with(&self, outside_cidr: &str, uplink_cidr: &str) -> Result<Outside> {
+        let out = self.add_outside()?;
+        out.set_ip(outside_cidr)?;
+        out.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1")?;
+        exec(&self.hv, &["ip", "addr", "add", uplink_cidr, "dev", "up0"])?;
+        Ok(out)
     }
 
     /// See [`exec`].

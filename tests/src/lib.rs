@@ -4,6 +4,7 @@
 //! Everything the lab builds lives in network namespaces it creates itself
 //! (`kvnet-<suffix>-*`); nothing touches the root namespace's interfaces.
 pub mod capture;
+pub mod clients;
 pub mod cpio;
 pub mod guest;
 pub mod inject;

@@ -49,3 +49,33 @@ pub fn received(v: &Value) -> (u64, f64) {
         r["bits_per_second"].as_f64().unwrap_or(0.0),
     )
 }
+
+/// A counter of `/proc/net/snmp` in `ns`: `field` of the `proto` lines
+/// (e.g. "Tcp", "InCsumErrors").
+pub fn snmp(ns: &str, proto: &str, field: &str) -> u64 {
+    let s = lab::sh(ns, "cat /proc/net/snmp").unwrap();
+    let mut lines = s.lines().filter(|l| l.starts_with(&format!("{proto}:")));
+    let (h, v) = (lines.next().unwrap(), lines.next().unwrap());
+    let i = h.split_whitespace().position(|x| x == field).unwrap();
+    v.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// A 2 s iperf3 TCP run (see [`iperf3`]) that must move real data and
+/// leave the receiver's TCP without a new bad-checksum drop: checksums are
+/// what a datapath that rewrites or offloads packets gets wrong first.
+/// Returns the received rate in bit/s.
+pub fn iperf3_tcp_intact(lab: &Lab, server_ns: &str, server_ip: &str, client_ns: &str) -> f64 {
+    let before = snmp(server_ns, "Tcp", "InCsumErrors");
+    let v = iperf3(lab, server_ns, server_ip, client_ns, &["-t", "2"]).unwrap();
+    let received = &v["end"]["sum_received"];
+    assert!(
+        received["bytes"].as_u64().unwrap() > 10_000_000,
+        "iperf3 moved too little: {received}"
+    );
+    assert_eq!(
+        snmp(server_ns, "Tcp", "InCsumErrors"),
+        before,
+        "TCP checksum errors at the receiver"
+    );
+    received["bits_per_second"].as_f64().unwrap()
+}

@@ -10,6 +10,9 @@ use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use kvnet_tests::clients::{
+    dhclient, field, udhcpc_daemon, udhcpc_once, vm_udhcpc_script, wait_events, wait_first_event,
+};
 use kvnet_tests::guest::{default_cache_dir, Image, Vm, VmSpec};
 use kvnet_tests::kvnet::kvnet_bin;
 use kvnet_tests::lab::privileged;
@@ -149,141 +152,6 @@ impl Drop for Server {
     }
 }
 
-/// A udhcpc hook that logs what it got and configures the address.
-fn udhcpc_script(lab: &Lab, tag: &str) -> (PathBuf, PathBuf) {
-    let script = lab.work_dir().join(format!("udhcpc-{tag}.sh"));
-    let out = lab.work_dir().join(format!("udhcpc-{tag}.events"));
-    fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\n\
-             echo \"$1 ip=$ip mask=$mask subnet=$subnet router=$router dns=$dns domain=$domain lease=$lease hostname=$hostname\" >> {out}\n\
-             case \"$1\" in\n\
-               deconfig) ip addr flush dev \"$interface\" ;;\n\
-               bound|renew) ip addr flush dev \"$interface\"; ip addr add \"$ip/$mask\" dev \"$interface\" ;;\n\
-             esac\n\
-             exit 0\n",
-            out = out.display()
-        ),
-    )
-    .unwrap();
-    let mut p = fs::metadata(&script).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut p, 0o755);
-    fs::set_permissions(&script, p).unwrap();
-    (script, out)
-}
-
-/// udhcpc once (`-q`): Ok(event line) or Err(output).
-fn udhcpc_once(lab: &Lab, g: &GuestPort, tag: &str, hostname: &str) -> Result<String, String> {
-    let (script, out) = udhcpc_script(lab, tag);
-    let o = lab
-        .exec_output(
-            &g.ns,
-            &[
-                "busybox",
-                "udhcpc",
-                "-i",
-                "eth0",
-                "-f",
-                "-q",
-                "-n",
-                "-t",
-                "4",
-                "-T",
-                "1",
-                "-A",
-                "1",
-                "-x",
-                &format!("hostname:{hostname}"),
-                "-s",
-                &script.to_string_lossy(),
-            ],
-        )
-        .unwrap();
-    let events = fs::read_to_string(&out).unwrap_or_default();
-    match events.lines().find(|l| l.starts_with("bound ")) {
-        Some(l) if o.status.success() => Ok(l.to_string()),
-        _ => Err(format!(
-            "{}\n{}\n{events}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )),
-    }
-}
-
-/// udhcpc in the foreground (renews; `-R`: releases on SIGTERM).
-fn udhcpc_daemon(lab: &Lab, g: &GuestPort, tag: &str, hostname: &str) -> (Proc, PathBuf) {
-    let (script, out) = udhcpc_script(lab, tag);
-    let mut cmd = Command::new("busybox");
-    cmd.args([
-        "udhcpc", "-i", "eth0", "-f", "-R", "-t", "10", "-T", "1", "-A", "1",
-    ])
-    .args(["-x", &format!("hostname:{hostname}")])
-    .arg("-s")
-    .arg(&script)
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    (lab.spawn(&g.ns, cmd).unwrap(), out)
-}
-
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .unwrap_or("")
-}
-
-fn wait_file(path: &Path, pat: &str, nth: usize, t: Duration) -> String {
-    let end = Instant::now() + t;
-    loop {
-        let s = fs::read_to_string(path).unwrap_or_default();
-        if s.lines().filter(|l| l.starts_with(pat)).count() >= nth {
-            return s;
-        }
-        assert!(
-            Instant::now() < end,
-            "{} has no {nth} x {pat:?}:\n{s}",
-            path.display()
-        );
-        sleep(Duration::from_millis(100));
-    }
-}
-
-/// dhclient in the foreground with a logging hook script.
-fn dhclient(lab: &Lab, g: &GuestPort, tag: &str) -> (Proc, PathBuf) {
-    let dir = lab.work_dir();
-    let script = dir.join(format!("dhclient-{tag}.sh"));
-    let out = dir.join(format!("dhclient-{tag}.events"));
-    fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\n\
-             echo \"$reason ip=$new_ip_address mask=$new_subnet_mask router=$new_routers dns=$new_domain_name_servers domain=$new_domain_name lease=$new_dhcp_lease_time\" >> {out}\n\
-             case \"$reason\" in\n\
-               BOUND|RENEW|REBIND|REBOOT) ip addr flush dev \"$interface\"; ip addr add \"$new_ip_address/24\" dev \"$interface\" ;;\n\
-             esac\n\
-             exit 0\n",
-            out = out.display()
-        ),
-    )
-    .unwrap();
-    let mut p = fs::metadata(&script).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut p, 0o755);
-    fs::set_permissions(&script, p).unwrap();
-    let mut cmd = Command::new("dhclient");
-    cmd.args(["-4", "-d", "-v", "-sf"])
-        .arg(&script)
-        .arg("-lf")
-        .arg(dir.join(format!("dhclient-{tag}.leases")))
-        .arg("-pf")
-        .arg(dir.join(format!("dhclient-{tag}.pid")))
-        .arg("eth0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(dir.join(format!("dhclient-{tag}.log"))).unwrap());
-    (lab.spawn(&g.ns, cmd).unwrap(), out)
-}
-
 fn have(cmd: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {cmd}")])
@@ -332,8 +200,7 @@ fn udhcpc_and_dhclient_get_leases_and_renew() {
 
     let (_u, uev) = udhcpc_daemon(&lab, &g1, "g1", "guest1");
     let (_d, dev) = dhclient(&lab, &g2, "g2");
-    let u = wait_file(&uev, "bound ", 1, Duration::from_secs(20));
-    let bound = u.lines().find(|l| l.starts_with("bound ")).unwrap();
+    let bound = &wait_first_event(&uev, "bound ", Duration::from_secs(20));
     let ip1 = field(bound, "ip").to_string();
     assert!(in_range(&ip1), "{bound}");
     assert_eq!(field(bound, "router"), GW, "{bound}");
@@ -343,8 +210,7 @@ fn udhcpc_and_dhclient_get_leases_and_renew() {
     assert_eq!(field(bound, "domain"), DOMAIN, "{bound}");
     assert_eq!(field(bound, "lease"), "8", "{bound}");
 
-    let d = wait_file(&dev, "BOUND ", 1, Duration::from_secs(30));
-    let dbound = d.lines().find(|l| l.starts_with("BOUND ")).unwrap();
+    let dbound = &wait_first_event(&dev, "BOUND ", Duration::from_secs(30));
     let ip2 = field(dbound, "ip").to_string();
     assert!(in_range(&ip2) && ip2 != ip1, "{dbound}");
     assert_eq!(field(dbound, "router"), GW, "{dbound}");
@@ -357,11 +223,11 @@ fn udhcpc_and_dhclient_get_leases_and_renew() {
 
     // Renewals (T1 = 4 s; busybox udhcpc stretches leases under 30 s to
     // 30 s, so it renews after 15 s), keeping the address.
-    let u = wait_file(&uev, "renew ", 1, Duration::from_secs(25));
+    let u = wait_events(&uev, "renew ", 1, Duration::from_secs(25));
     for l in u.lines().filter(|l| l.starts_with("renew ")) {
         assert_eq!(field(l, "ip"), ip1, "{u}");
     }
-    let d = wait_file(&dev, "RENEW ", 2, Duration::from_secs(30));
+    let d = wait_events(&dev, "RENEW ", 2, Duration::from_secs(30));
     for l in d.lines().filter(|l| l.starts_with("RENEW ")) {
         assert_eq!(field(l, "ip"), ip2, "{d}");
     }
@@ -399,27 +265,27 @@ fn static_host_pool_exhaustion_release_and_restart() {
 
     // The static host gets its address, every time.
     for n in 0..2 {
-        let b = udhcpc_once(&lab, &gs[4], &format!("fixed{n}"), "whatever").unwrap();
+        let b = udhcpc_once(&lab, &gs[4], &format!("fixed{n}"), "whatever", None).unwrap();
         assert_eq!(field(&b, "ip"), "10.77.0.99", "{b}");
         assert_eq!(field(&b, "hostname"), "fixed", "{b}");
     }
     // Three addresses, four clients: the first keeps running (-R releases
     // on SIGTERM), two more take the rest, the fourth is refused.
     let (first, ev) = udhcpc_daemon(&lab, &gs[0], "c1", "c1");
-    let b1 = wait_file(&ev, "bound ", 1, Duration::from_secs(15));
-    let ip1 = field(b1.lines().find(|l| l.starts_with("bound ")).unwrap(), "ip").to_string();
-    let ip2 = field(&udhcpc_once(&lab, &gs[1], "c2", "c2").unwrap(), "ip").to_string();
-    let ip3 = field(&udhcpc_once(&lab, &gs[2], "c3", "c3").unwrap(), "ip").to_string();
+    let b1 = wait_first_event(&ev, "bound ", Duration::from_secs(15));
+    let ip1 = field(&b1, "ip").to_string();
+    let ip2 = field(&udhcpc_once(&lab, &gs[1], "c2", "c2", None).unwrap(), "ip").to_string();
+    let ip3 = field(&udhcpc_once(&lab, &gs[2], "c3", "c3", None).unwrap(), "ip").to_string();
     let mut got = vec![ip1.clone(), ip2.clone(), ip3.clone()];
     got.sort();
     assert_eq!(got, ["10.77.0.10", "10.77.0.11", "10.77.0.12"]);
-    let e = udhcpc_once(&lab, &gs[3], "c4a", "c4").unwrap_err();
+    let e = udhcpc_once(&lab, &gs[3], "c4a", "c4", None).unwrap_err();
     assert!(e.contains("no lease"), "{e}");
     srv.wait_log("no free address", Duration::from_secs(1));
     // The first releases; the fourth now gets its address.
     first.stop().unwrap();
     srv.wait_log(&format!("RELEASE {ip1}"), Duration::from_secs(5));
-    let ip4 = field(&udhcpc_once(&lab, &gs[3], "c4b", "c4").unwrap(), "ip").to_string();
+    let ip4 = field(&udhcpc_once(&lab, &gs[3], "c4b", "c4", None).unwrap(), "ip").to_string();
     assert_eq!(ip4, ip1);
 
     // Restart with the same state folder: the leases are still known, so
@@ -436,7 +302,7 @@ fn static_host_pool_exhaustion_release_and_restart() {
         &args,
     );
     assert!(srv.log().contains("(4 leases loaded)"), "{}", srv.log());
-    let e = udhcpc_once(&lab, &gs[0], "c1b", "c1").unwrap_err();
+    let e = udhcpc_once(&lab, &gs[0], "c1b", "c1", None).unwrap_err();
     assert!(e.contains("no lease"), "{e}");
     for (g, ip, tag) in [
         (&gs[1], &ip2, "c2"),
@@ -444,27 +310,8 @@ fn static_host_pool_exhaustion_release_and_restart() {
         (&gs[3], &ip4, "c4"),
     ] {
         // udhcpc asks for its previous address (INIT-REBOOT style -r).
-        let (script, out) = udhcpc_script(&lab, &format!("{tag}r"));
-        g.exec(&[
-            "busybox",
-            "udhcpc",
-            "-i",
-            "eth0",
-            "-f",
-            "-q",
-            "-n",
-            "-t",
-            "4",
-            "-T",
-            "1",
-            "-r",
-            ip,
-            "-s",
-            &script.to_string_lossy(),
-        ])
-        .unwrap();
-        let ev = fs::read_to_string(&out).unwrap();
-        assert!(ev.contains(&format!("bound ip={ip} ")), "{ev}");
+        let bound = udhcpc_once(&lab, g, &format!("{tag}r"), tag, Some(ip)).unwrap();
+        assert!(bound.contains(&format!("bound ip={ip} ")), "{bound}");
     }
     srv.stop();
 }
@@ -537,9 +384,9 @@ fn dns_answers_leases_and_forwards() {
             "52:54:00:aa:00:05,10.77.0.5,web",
         ],
     );
-    let b = udhcpc_once(&lab, &g1, "g1", "guest1").unwrap();
+    let b = udhcpc_once(&lab, &g1, "g1", "guest1", None).unwrap();
     let ip1 = field(&b, "ip").to_string();
-    udhcpc_once(&lab, &g2, "g2", "guest2").unwrap();
+    udhcpc_once(&lab, &g2, "g2", "guest2", None).unwrap();
 
     // A and PTR for a lease's hostname, over UDP and TCP.
     assert_eq!(dig(&g2, &format!("+short guest1.{DOMAIN}")).trim(), ip1);
@@ -604,7 +451,7 @@ fn only_gateway_interface_and_malformed_dhcp() {
     .unwrap();
     let state = lab.work_dir().join("state");
     let mut srv = Server::start(&lab, &state, &["--no-dns"]);
-    let e = udhcpc_once(&lab, &stray, "stray", "stray").unwrap_err();
+    let e = udhcpc_once(&lab, &stray, "stray", "stray", None).unwrap_err();
     assert!(e.contains("no lease"), "{e}");
     // Garbage to port 67 from a guest with an address: dropped, counted.
     let junk = guest(&lab, "p3");
@@ -616,7 +463,7 @@ fn only_gateway_interface_and_malformed_dhcp() {
     ))
     .unwrap();
     sleep(Duration::from_millis(300));
-    let b = udhcpc_once(&lab, &g1, "g1", "g1").unwrap();
+    let b = udhcpc_once(&lab, &g1, "g1", "g1", None).unwrap();
     assert!(in_range(field(&b, "ip")), "{b}");
     srv.stop();
     assert_eq!(srv.counter("malformed"), 6, "{}", srv.log());
@@ -647,17 +494,7 @@ fn qemu_guest_gets_lease_router_dns_and_pings_gateway() {
             tap,
             mac: "52:54:00:00:77:05".into(),
             ip: "dhcp".into(),
-            script: "cat > /tmp/h.sh <<'EOS'\n\
-                     #!/bin/sh\n\
-                     [ \"$1\" = bound ] && echo \"LEASE ip=$ip router=$router dns=$dns domain=$domain\"\n\
-                     exit 0\n\
-                     EOS\n\
-                     chmod +x /tmp/h.sh\n\
-                     udhcpc -i eth0 -n -q -t 5 -T 1 -x hostname:vm1 -s /tmp/h.sh\n\
-                     ip -4 -o addr show dev eth0\n\
-                     ping -c 1 -W 2 10.77.0.1 && echo PING-OK\n\
-                     nslookup vm1.lab.test 10.77.0.1\n"
-                .into(),
+            script: vm_udhcpc_script("vm1", GW, DOMAIN),
             ..VmSpec::default()
         },
     )

@@ -4,11 +4,13 @@
 //! dhclient, dig, a qemu guest's udhcpc), and the fast path drops rogue
 //! DHCP servers on untrusted guest ports. Run as root.
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use kvnet_tests::clients::{
+    dhclient, field, udhcpc_daemon, udhcpc_once, vm_udhcpc_script, wait_events, wait_first_event,
+};
 use kvnet_tests::guest::{default_cache_dir, Image, Vm, VmSpec};
 use kvnet_tests::kvnet::Kvnet;
 use kvnet_tests::lab::privileged;
@@ -18,18 +20,22 @@ use kvnet_tests::{GuestPort, Lab};
 const GW: &str = "10.78.0.1";
 const DOMAIN: &str = "lab.test";
 
-fn net_add(k: &Kvnet, range: &str, extra: &[&str]) {
-    let mut a = vec![
+/// `net add NAME --mode host-only --gateway 10.78.0.1/24 OPTS...`
+fn host_only<'a>(name: &'a str, opts: &[&'a str]) -> Vec<&'a str> {
+    let net = [
         "net",
         "add",
-        "ho",
+        name,
         "--mode",
         "host-only",
         "--gateway",
         "10.78.0.1/24",
-        "--dhcp-range",
-        range,
     ];
+    [&net[..], opts].concat()
+}
+
+fn net_add(k: &Kvnet, range: &str, extra: &[&str]) {
+    let mut a = host_only("ho", &["--dhcp-range", range]);
     a.extend_from_slice(extra);
     k.cli(&a).unwrap();
 }
@@ -39,134 +45,6 @@ fn guest(lab: &Lab, k: &Kvnet, name: &str) -> GuestPort {
     g.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1").unwrap();
     k.cli(&["port", "add", "ho", name]).unwrap();
     g
-}
-
-/// A udhcpc hook that logs what it got and configures the address.
-fn udhcpc_script(lab: &Lab, tag: &str) -> (PathBuf, PathBuf) {
-    let script = lab.work_dir().join(format!("udhcpc-{tag}.sh"));
-    let out = lab.work_dir().join(format!("udhcpc-{tag}.events"));
-    fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\n\
-             echo \"$1 ip=$ip mask=$mask subnet=$subnet router=$router dns=$dns domain=$domain lease=$lease hostname=$hostname serverid=$serverid\" >> {out}\n\
-             case \"$1\" in\n\
-               deconfig) ip addr flush dev \"$interface\" ;;\n\
-               bound|renew) ip addr flush dev \"$interface\"; ip addr add \"$ip/$mask\" dev \"$interface\" ;;\n\
-             esac\n\
-             exit 0\n",
-            out = out.display()
-        ),
-    )
-    .unwrap();
-    let mut p = fs::metadata(&script).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut p, 0o755);
-    fs::set_permissions(&script, p).unwrap();
-    (script, out)
-}
-
-/// udhcpc once (`-q`), optionally asking for `want` (`-r`): Ok(bound
-/// event line) or Err(output).
-fn udhcpc_once(
-    lab: &Lab,
-    g: &GuestPort,
-    tag: &str,
-    hostname: &str,
-    want: Option<&str>,
-) -> Result<String, String> {
-    let (script, out) = udhcpc_script(lab, tag);
-    let host = format!("hostname:{hostname}");
-    let script = script.to_string_lossy().into_owned();
-    let mut args = vec![
-        "busybox", "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "4", "-T", "1", "-A", "1", "-x",
-        &host, "-s", &script,
-    ];
-    if let Some(ip) = want {
-        args.extend_from_slice(&["-r", ip]);
-    }
-    let o = lab.exec_output(&g.ns, &args).unwrap();
-    let events = fs::read_to_string(&out).unwrap_or_default();
-    match events.lines().find(|l| l.starts_with("bound ")) {
-        Some(l) if o.status.success() => Ok(l.to_string()),
-        _ => Err(format!(
-            "{}\n{}\n{events}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )),
-    }
-}
-
-/// udhcpc in the foreground (renews; `-R`: releases on SIGTERM).
-fn udhcpc_daemon(lab: &Lab, g: &GuestPort, tag: &str, hostname: &str) -> (Proc, PathBuf) {
-    let (script, out) = udhcpc_script(lab, tag);
-    let mut cmd = Command::new("busybox");
-    cmd.args([
-        "udhcpc", "-i", "eth0", "-f", "-R", "-t", "10", "-T", "1", "-A", "1",
-    ])
-    .args(["-x", &format!("hostname:{hostname}")])
-    .arg("-s")
-    .arg(&script)
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    (lab.spawn(&g.ns, cmd).unwrap(), out)
-}
-
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .unwrap_or("")
-}
-
-fn wait_file(path: &Path, pat: &str, nth: usize, t: Duration) -> String {
-    let end = Instant::now() + t;
-    loop {
-        let s = fs::read_to_string(path).unwrap_or_default();
-        if s.lines().filter(|l| l.starts_with(pat)).count() >= nth {
-            return s;
-        }
-        assert!(
-            Instant::now() < end,
-            "{} has no {nth} x {pat:?}:\n{s}",
-            path.display()
-        );
-        sleep(Duration::from_millis(100));
-    }
-}
-
-/// dhclient in the foreground with a logging hook script.
-fn dhclient(lab: &Lab, g: &GuestPort, tag: &str) -> (Proc, PathBuf) {
-    let dir = lab.work_dir();
-    let script = dir.join(format!("dhclient-{tag}.sh"));
-    let out = dir.join(format!("dhclient-{tag}.events"));
-    fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\n\
-             echo \"$reason ip=$new_ip_address mask=$new_subnet_mask router=$new_routers dns=$new_domain_name_servers domain=$new_domain_name lease=$new_dhcp_lease_time\" >> {out}\n\
-             case \"$reason\" in\n\
-               BOUND|RENEW|REBIND|REBOOT) ip addr flush dev \"$interface\"; ip addr add \"$new_ip_address/24\" dev \"$interface\" ;;\n\
-             esac\n\
-             exit 0\n",
-            out = out.display()
-        ),
-    )
-    .unwrap();
-    let mut p = fs::metadata(&script).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut p, 0o755);
-    fs::set_permissions(&script, p).unwrap();
-    let mut cmd = Command::new("dhclient");
-    cmd.args(["-4", "-d", "-v", "-sf"])
-        .arg(&script)
-        .arg("-lf")
-        .arg(dir.join(format!("dhclient-{tag}.leases")))
-        .arg("-pf")
-        .arg(dir.join(format!("dhclient-{tag}.pid")))
-        .arg("eth0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(dir.join(format!("dhclient-{tag}.log"))).unwrap());
-    (lab.spawn(&g.ns, cmd).unwrap(), out)
 }
 
 fn in_range(ip: &str, lo: u8, hi: u8) -> bool {
@@ -180,15 +58,6 @@ fn leases(k: &Kvnet) -> Vec<serde_json::Value> {
         .as_array()
         .unwrap()
         .clone()
-}
-
-fn drops(k: &Kvnet, port: &str, reason: &str) -> u64 {
-    let s = k.json(&["stats"]).unwrap();
-    let rows = s.get("ports").unwrap_or(&s).as_array().unwrap().clone();
-    rows.iter()
-        .find(|r| r["port"] == port)
-        .and_then(|r| r["drops"][reason].as_u64())
-        .unwrap_or(0)
 }
 
 #[test]
@@ -205,75 +74,31 @@ fn udhcpc_dhclient_leases_dns_through_kvnet() {
             "needs a network with a gateway",
         ),
         (
-            vec![
-                "net",
-                "add",
-                "x",
-                "--mode",
-                "host-only",
-                "--gateway",
-                "10.78.0.1/24",
-                "--dhcp-range",
-                "10.78.0.1,10.78.0.50",
-            ],
+            host_only("x", &["--dhcp-range", "10.78.0.1,10.78.0.50"]),
             "gateway's own address",
         ),
         (
-            vec![
-                "net",
-                "add",
-                "x",
-                "--mode",
-                "host-only",
-                "--gateway",
-                "10.78.0.1/24",
-                "--dhcp-range",
-                "10.78.0.10,10.78.1.50",
-            ],
+            host_only("x", &["--dhcp-range", "10.78.0.10,10.78.1.50"]),
             "outside the network 10.78.0.0/24",
         ),
         (
-            vec![
-                "net",
-                "add",
-                "x",
-                "--mode",
-                "host-only",
-                "--gateway",
-                "10.78.0.1/24",
-                "--dhcp-range",
-                "10.78.0.10,10.78.0.255",
-            ],
+            host_only("x", &["--dhcp-range", "10.78.0.10,10.78.0.255"]),
             "broadcast",
         ),
         (
-            vec![
-                "net",
-                "add",
-                "x",
-                "--mode",
-                "host-only",
-                "--gateway",
-                "10.78.0.1/24",
-                "--domain",
-                "lab.test",
-            ],
+            host_only("x", &["--domain", "lab.test"]),
             "need --dhcp-range",
         ),
         (
-            vec![
-                "net",
-                "add",
+            host_only(
                 "x",
-                "--mode",
-                "host-only",
-                "--gateway",
-                "10.78.0.1/24",
-                "--dhcp-range",
-                "10.78.0.10,10.78.0.50",
-                "--dhcp-host",
-                "52:54:00:00:00:01",
-            ],
+                &[
+                    "--dhcp-range",
+                    "10.78.0.10,10.78.0.50",
+                    "--dhcp-host",
+                    "52:54:00:00:00:01",
+                ],
+            ),
             "MAC,IP[,NAME]",
         ),
     ] {
@@ -302,8 +127,7 @@ fn udhcpc_dhclient_leases_dns_through_kvnet() {
     let g2 = guest(&lab, &k, "p2");
     let (_u, uev) = udhcpc_daemon(&lab, &g1, "g1", "guest1");
     let (_d, dev) = dhclient(&lab, &g2, "g2");
-    let u = wait_file(&uev, "bound ", 1, Duration::from_secs(20));
-    let bound = u.lines().find(|l| l.starts_with("bound ")).unwrap();
+    let bound = &wait_first_event(&uev, "bound ", Duration::from_secs(20));
     let ip1 = field(bound, "ip").to_string();
     assert!(in_range(&ip1, 10, 50), "{bound}");
     assert_eq!(field(bound, "router"), GW, "{bound}");
@@ -312,8 +136,7 @@ fn udhcpc_dhclient_leases_dns_through_kvnet() {
     assert_eq!(field(bound, "subnet"), "255.255.255.0", "{bound}");
     assert_eq!(field(bound, "domain"), DOMAIN, "{bound}");
     assert_eq!(field(bound, "lease"), "8", "{bound}");
-    let d = wait_file(&dev, "BOUND ", 1, Duration::from_secs(30));
-    let dbound = d.lines().find(|l| l.starts_with("BOUND ")).unwrap();
+    let dbound = &wait_first_event(&dev, "BOUND ", Duration::from_secs(30));
     let ip2 = field(dbound, "ip").to_string();
     assert!(in_range(&ip2, 10, 50) && ip2 != ip1, "{dbound}");
     assert_eq!(field(dbound, "router"), GW, "{dbound}");
@@ -336,11 +159,11 @@ fn udhcpc_dhclient_leases_dns_through_kvnet() {
     assert_eq!(ptr.trim(), format!("guest1.{DOMAIN}."));
 
     // Renewals keep the addresses.
-    let u = wait_file(&uev, "renew ", 1, Duration::from_secs(25));
+    let u = wait_events(&uev, "renew ", 1, Duration::from_secs(25));
     for l in u.lines().filter(|l| l.starts_with("renew ")) {
         assert_eq!(field(l, "ip"), ip1, "{u}");
     }
-    let d = wait_file(&dev, "RENEW ", 2, Duration::from_secs(30));
+    let d = wait_events(&dev, "RENEW ", 2, Duration::from_secs(30));
     for l in d.lines().filter(|l| l.starts_with("RENEW ")) {
         assert_eq!(field(l, "ip"), ip2, "{d}");
     }
@@ -368,16 +191,7 @@ fn udhcpc_dhclient_leases_dns_through_kvnet() {
     let e = k.cli_err(&["dhcp", "leases", "ho"]).unwrap();
     assert!(e.contains("no network named 'ho'"), "{e}");
     assert!(lab.work_dir().join("state/dhcp/ho").is_dir());
-    k.cli(&[
-        "net",
-        "add",
-        "plain",
-        "--mode",
-        "host-only",
-        "--gateway",
-        "10.78.0.1/24",
-    ])
-    .unwrap();
+    k.cli(&host_only("plain", &[])).unwrap();
     let e = k.cli_err(&["dhcp", "leases", "plain"]).unwrap();
     assert!(e.contains("has no DHCP server"), "{e}");
     // The same address and interface can serve again.
@@ -417,8 +231,8 @@ fn static_host_pool_exhaustion_release_and_daemon_restart() {
         assert_eq!(field(&b, "hostname"), "fixed", "{b}");
     }
     let (first, ev) = udhcpc_daemon(&lab, &gs[0], "c1", "c1");
-    let b1 = wait_file(&ev, "bound ", 1, Duration::from_secs(15));
-    let ip1 = field(b1.lines().find(|l| l.starts_with("bound ")).unwrap(), "ip").to_string();
+    let b1 = wait_first_event(&ev, "bound ", Duration::from_secs(15));
+    let ip1 = field(&b1, "ip").to_string();
     let ip2 = field(&udhcpc_once(&lab, &gs[1], "c2", "c2", None).unwrap(), "ip").to_string();
     let ip3 = field(&udhcpc_once(&lab, &gs[2], "c3", "c3", None).unwrap(), "ip").to_string();
     let mut got = vec![ip1.clone(), ip2.clone(), ip3.clone()];
@@ -501,7 +315,7 @@ fn rogue_udhcpd(lab: &Lab, g: &GuestPort, net: &str) -> Proc {
 /// The rogue's offers on `port` are counted as `rogue_dhcp` drops.
 fn wait_drops(k: &Kvnet, port: &str) {
     let end = Instant::now() + Duration::from_secs(5);
-    while drops(k, port, "rogue_dhcp") == 0 {
+    while k.port_drops(port, "rogue_dhcp") == 0 {
         assert!(Instant::now() < end, "{}", k.cli(&["stats"]).unwrap());
         sleep(Duration::from_millis(100));
     }
@@ -545,18 +359,11 @@ fn rogue_dhcp_server_in_a_guest_is_dropped_unless_trusted() {
     let last: u8 = field(&b, "ip").rsplit('.').next().unwrap().parse().unwrap();
     assert!((100..=110).contains(&last), "{b}");
     assert_eq!(
-        drops(&k, "p3", "rogue_dhcp"),
+        k.port_drops("p3", "rogue_dhcp"),
         0,
         "counters restart with the port"
     );
-    let ports = k.json(&["port", "list"]).unwrap();
-    let p3 = ports
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["iface"] == "p3")
-        .unwrap()
-        .clone();
+    let p3 = k.port("p3").unwrap();
     assert_eq!(p3["trusted"], true, "{p3}");
 }
 
@@ -578,17 +385,7 @@ fn qemu_guest_gets_lease_router_dns_through_kvnet() {
             tap,
             mac: "52:54:00:00:78:05".into(),
             ip: "dhcp".into(),
-            script: "cat > /tmp/h.sh <<'EOS'\n\
-                     #!/bin/sh\n\
-                     [ \"$1\" = bound ] && echo \"LEASE ip=$ip router=$router dns=$dns domain=$domain\"\n\
-                     exit 0\n\
-                     EOS\n\
-                     chmod +x /tmp/h.sh\n\
-                     udhcpc -i eth0 -n -q -t 5 -T 1 -x hostname:vm1 -s /tmp/h.sh\n\
-                     ip -4 -o addr show dev eth0\n\
-                     ping -c 1 -W 2 10.78.0.1 && echo PING-OK\n\
-                     nslookup vm1.lab.test 10.78.0.1\n"
-                .into(),
+            script: vm_udhcpc_script("vm1", GW, DOMAIN),
             ..VmSpec::default()
         },
     )

@@ -30,15 +30,7 @@ fn xdp_and_tc_count_on_a_port_and_bpftool_sees_programs_and_pins() {
     g1.exec(&["ping", "-c", "3", "-i", "0.2", "10.10.0.2"])
         .unwrap();
 
-    let stats = k.json(&["stats"]).unwrap();
-    let stats = stats["ports"].clone();
-    let p1 = stats
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["port"] == "p1")
-        .unwrap()
-        .clone();
+    let p1 = k.port_stats("p1").unwrap();
     assert!(
         p1["xdp_seen"].as_u64().unwrap() >= 3,
         "XDP program counted: {p1}"

@@ -6,47 +6,28 @@ use std::{
     time::Duration,
 };
 
-use kvnet_tests::{count_frames, kvnet::Kvnet, lab::privileged, Capture, GuestPort, Lab, Outside};
+use kvnet_tests::{
+    count_frames,
+    kvnet::Kvnet,
+    lab::{ping, privileged},
+    tools::snmp,
+    Capture, GuestPort, Lab, Outside,
+};
 use serde_json::Value;
-
-fn quiet(g: &GuestPort) {
-    g.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.eth0.disable_ipv6=1")
-        .unwrap();
-}
 
 fn guest(lab: &Lab, port: &str, cidr: &str, gw: Option<&str>) -> GuestPort {
     let g = lab.add_guest_with(port, Some(cidr)).unwrap();
-    quiet(&g);
+    g.disable_ipv6().unwrap();
     if let Some(gw) = gw {
         g.sh(&format!("ip route add default via {gw}")).unwrap();
     }
     g
 }
 
-fn ping(ns: &str, ip: &str) -> bool {
-    kvnet_tests::lab::exec(ns, &["ping", "-c", "2", "-i", "0.2", "-W", "1", ip]).is_ok()
-}
-
-fn snmp(ns: &str, proto: &str, field: &str) -> u64 {
-    let s = kvnet_tests::lab::sh(ns, "cat /proc/net/snmp").unwrap();
-    let mut lines = s.lines().filter(|l| l.starts_with(&format!("{proto}:")));
-    let (h, v) = (lines.next().unwrap(), lines.next().unwrap());
-    let i = h.split_whitespace().position(|x| x == field).unwrap();
-    v.split_whitespace().nth(i).unwrap().parse().unwrap()
-}
-
 /// The outside world: 198.51.100.0/24 behind the hypervisor's uplink up0.
 fn outside(lab: &Lab) -> Outside {
-    let out = lab.add_outside().unwrap();
-    out.set_ip("198.51.100.2/24").unwrap();
-    out.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1")
-        .unwrap();
-    lab.exec(
-        lab.hv(),
-        &["ip", "addr", "add", "198.51.100.1/24", "dev", "up0"],
-    )
-    .unwrap();
-    out
+    lab.add_outside_with("198.51.100.2/24", "198.51.100.1/24")
+        .unwrap()
 }
 
 fn iperf(lab: &Lab, server_ns: &str, server_ip: &str, client_ns: &str) -> Value {
@@ -147,15 +128,7 @@ fn routed_network_forwards_in_the_fast_path_without_nat() {
         "host stack forwarded {fwd} datagrams of an established flow"
     );
     assert_eq!(snmp(&out.ns, "Tcp", "InCsumErrors"), 0);
-    let stats = k.json(&["stats"]).unwrap();
-    let stats = stats["ports"].clone();
-    let p1 = stats
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["port"] == "p1")
-        .unwrap()
-        .clone();
+    let p1 = k.port_stats("p1").unwrap();
     assert!(p1["routed"].as_u64().unwrap() > 1000, "{p1}");
 
     // TTL expiry and a path-MTU bottleneck give the guest correct ICMP errors.

@@ -116,15 +116,7 @@ fn vm_and_namespace_guest_exchange(hook: &str) {
     );
 
     // kvnet's counters on the tap saw the guest's traffic (> 4 MB up).
-    let stats = k.json(&["stats"]).unwrap();
-    let stats = stats["ports"].clone();
-    let t = stats
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["port"] == tap.as_str())
-        .unwrap()
-        .clone();
+    let t = k.port_stats(&tap).unwrap();
     assert!(
         t["rx_bytes"].as_u64().unwrap() > (BLOB_KB * 1024) as u64,
         "tap rx: {t}"

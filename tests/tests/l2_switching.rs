@@ -7,49 +7,8 @@ use std::{
 };
 
 use kvnet_tests::{
-    count_frames, eth_frame, inject, kvnet::Kvnet, lab::privileged, mac_fmt, Capture, GuestPort,
-    Lab,
+    count_frames, eth_frame, inject, kvnet::Kvnet, lab::privileged, mac_fmt, tools, Capture, Lab,
 };
-use serde_json::Value;
-
-/// No IPv6 chatter (router solicitations, DAD) that would refresh FDB
-/// entries or pollute captures behind the test's back.
-fn quiet(g: &GuestPort) {
-    g.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.eth0.disable_ipv6=1")
-        .unwrap();
-}
-
-fn guests(lab: &Lab, specs: &[(&str, &str)]) -> Vec<GuestPort> {
-    specs
-        .iter()
-        .map(|(port, ip)| {
-            let g = lab.add_guest_with(port, Some(ip)).unwrap();
-            quiet(&g);
-            g
-        })
-        .collect()
-}
-
-fn ping(g: &GuestPort, ip: &str) -> bool {
-    g.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "1", ip])
-        .is_ok()
-}
-
-fn fdb(k: &Kvnet, net: &str) -> Vec<Value> {
-    k.json(&["fdb", "show", net])
-        .unwrap()
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn fdb_port_of(k: &Kvnet, net: &str, mac: &[u8; 6]) -> Option<String> {
-    let mac = mac_fmt(mac);
-    fdb(k, net)
-        .iter()
-        .find(|e| e["mac"] == mac.as_str())
-        .map(|e| e["port"].as_str().unwrap_or("").to_string())
-}
 
 #[test]
 fn networks_are_isolated_from_each_other() {
@@ -59,15 +18,16 @@ fn networks_are_isolated_from_each_other() {
     let lab = Lab::new().unwrap();
     // Both networks use one subnet: any leak (ARP broadcast included) would
     // be answered and show up in the other side's capture.
-    let a = guests(
-        &lab,
-        &[
+    let a = lab
+        .add_ipv4_guests(&[
             ("a1", "10.1.0.1/24"),
             ("a2", "10.1.0.2/24"),
             ("a3", "10.1.0.3/24"),
-        ],
-    );
-    let b = guests(&lab, &[("b1", "10.1.0.11/24"), ("b2", "10.1.0.12/24")]);
+        ])
+        .unwrap();
+    let b = lab
+        .add_ipv4_guests(&[("b1", "10.1.0.11/24"), ("b2", "10.1.0.12/24")])
+        .unwrap();
     let k = Kvnet::start(&lab).unwrap();
     k.cli(&["net", "add", "A"]).unwrap();
     k.cli(&["net", "add", "B"]).unwrap();
@@ -88,13 +48,13 @@ fn networks_are_isolated_from_each_other() {
 
     for (x, y) in [(0, 1), (0, 2), (1, 2), (2, 0)] {
         assert!(
-            ping(&a[x], &format!("10.1.0.{}", y + 1)),
+            a[x].ping(&format!("10.1.0.{}", y + 1)),
             "A: guest {x} -> {y}"
         );
     }
-    assert!(ping(&b[0], "10.1.0.12"), "B: b1 -> b2");
-    assert!(!ping(&a[0], "10.1.0.11"), "A reached B");
-    assert!(!ping(&b[1], "10.1.0.1"), "B reached A");
+    assert!(b[0].ping("10.1.0.12"), "B: b1 -> b2");
+    assert!(!a[0].ping("10.1.0.11"), "A reached B");
+    assert!(!b[1].ping("10.1.0.1"), "B reached A");
     // TCP between two guests of A.
     let mut srv = Command::new("iperf3");
     srv.args(["-s", "-1", "-B", "10.1.0.2"])
@@ -149,25 +109,24 @@ fn fdb_learns_ports_and_known_unicast_reaches_only_its_destination() {
         return;
     }
     let lab = Lab::new().unwrap();
-    let g = guests(
-        &lab,
-        &[
+    let g = lab
+        .add_ipv4_guests(&[
             ("p1", "10.2.0.1/24"),
             ("p2", "10.2.0.2/24"),
             ("p3", "10.2.0.3/24"),
-        ],
-    );
+        ])
+        .unwrap();
     let k = Kvnet::start(&lab).unwrap();
     k.cli(&["net", "add", "lan"]).unwrap();
     for x in &g {
         k.cli(&["port", "add", "lan", &x.hv_if, "--hook", "tc"])
             .unwrap();
     }
-    assert!(ping(&g[0], "10.2.0.2"));
-    assert_eq!(fdb_port_of(&k, "lan", &g[0].mac).as_deref(), Some("p1"));
-    assert_eq!(fdb_port_of(&k, "lan", &g[1].mac).as_deref(), Some("p2"));
+    assert!(g[0].ping("10.2.0.2"));
+    assert_eq!(k.fdb_port_of("lan", &g[0].mac).as_deref(), Some("p1"));
+    assert_eq!(k.fdb_port_of("lan", &g[1].mac).as_deref(), Some("p2"));
     assert_eq!(
-        fdb_port_of(&k, "lan", &g[2].mac),
+        k.fdb_port_of("lan", &g[2].mac),
         None,
         "p3 has said nothing yet"
     );
@@ -187,7 +146,7 @@ fn fdb_learns_ports_and_known_unicast_reaches_only_its_destination() {
         &[eth_frame(g[1].mac, g[0].mac, 0x88b5, b"known-unicast")],
     )
     .unwrap();
-    assert!(ping(&g[0], "10.2.0.2"));
+    assert!(g[0].ping("10.2.0.2"));
     let f2 = c2.stop().unwrap();
     let f3 = c3.stop().unwrap();
     let unk = |f: &kvnet_tests::Frame| f.dst_mac() == unknown;
@@ -210,47 +169,11 @@ fn fdb_learns_ports_and_known_unicast_reaches_only_its_destination() {
         table.contains("VLAN") && table.contains(&mac_fmt(&g[0].mac)),
         "{table}"
     );
-    let stats = k.json(&["stats"]).unwrap();
-    let stats = stats["ports"].clone();
-    let p1 = stats
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["port"] == "p1")
-        .unwrap();
+    let p1 = k.port_stats("p1").unwrap();
     assert!(
         p1["rx_packets"].as_u64().unwrap() >= 5 && p1["tc_seen"].as_u64().unwrap() >= 5,
         "{p1}"
     );
-}
-
-fn iperf(lab: &Lab, client: &GuestPort, server: &GuestPort, server_ip: &str) -> f64 {
-    let before = csum_errors(server);
-    let v =
-        kvnet_tests::tools::iperf3(lab, &server.ns, server_ip, &client.ns, &["-t", "2"]).unwrap();
-    let received = &v["end"]["sum_received"];
-    assert!(
-        received["bytes"].as_u64().unwrap() > 10_000_000,
-        "iperf3 moved too little: {received}"
-    );
-    assert_eq!(
-        csum_errors(server),
-        before,
-        "TCP checksum errors at the receiver"
-    );
-    received["bits_per_second"].as_f64().unwrap()
-}
-
-/// Segments the receiver's TCP dropped for bad checksums.
-fn csum_errors(g: &GuestPort) -> u64 {
-    let snmp = g.sh("cat /proc/net/snmp").unwrap();
-    let mut lines = snmp.lines().filter(|l| l.starts_with("Tcp:"));
-    let (hdr, val) = (lines.next().unwrap(), lines.next().unwrap());
-    let i = hdr
-        .split_whitespace()
-        .position(|h| h == "InCsumErrors")
-        .unwrap();
-    val.split_whitespace().nth(i).unwrap().parse().unwrap()
 }
 
 #[test]
@@ -260,14 +183,16 @@ fn tcp_bulk_with_default_offloads_on_each_hook() {
     }
     for hook in ["tc", "xdp", "auto"] {
         let lab = Lab::new().unwrap();
-        let g = guests(&lab, &[("t1", "10.3.0.1/24"), ("t2", "10.3.0.2/24")]);
+        let g = lab
+            .add_ipv4_guests(&[("t1", "10.3.0.1/24"), ("t2", "10.3.0.2/24")])
+            .unwrap();
         let k = Kvnet::start(&lab).unwrap();
         k.cli(&["net", "add", "bulk"]).unwrap();
         for x in &g {
             k.cli(&["port", "add", "bulk", &x.hv_if, "--hook", hook])
                 .unwrap();
         }
-        let bps = iperf(&lab, &g[0], &g[1], "10.3.0.2");
+        let bps = tools::iperf3_tcp_intact(&lab, &g[1].ns, "10.3.0.2", &g[0].ns);
         println!(
             "iperf3 TCP guest-to-guest, hook {hook}: {:.2} Gbit/s",
             bps / 1e9
@@ -288,7 +213,9 @@ fn ageing_forgets_idle_macs_but_keeps_static_ones() {
         return;
     }
     let lab = Lab::new().unwrap();
-    let g = guests(&lab, &[("p1", "10.4.0.1/24"), ("p2", "10.4.0.2/24")]);
+    let g = lab
+        .add_ipv4_guests(&[("p1", "10.4.0.1/24"), ("p2", "10.4.0.2/24")])
+        .unwrap();
     let k = Kvnet::start(&lab).unwrap();
     k.cli(&["net", "add", "age", "--ageing", "300"]).unwrap();
     for x in &g {
@@ -308,17 +235,17 @@ fn ageing_forgets_idle_macs_but_keeps_static_ones() {
         mac_fmt(&g[0].mac)
     ))
     .unwrap();
-    assert!(ping(&g[0], "10.4.0.2"));
-    assert_eq!(fdb_port_of(&k, "age", &g[0].mac).as_deref(), Some("p1"));
+    assert!(g[0].ping("10.4.0.2"));
+    assert_eq!(k.fdb_port_of("age", &g[0].mac).as_deref(), Some("p1"));
     let idle_since = Instant::now();
     loop {
-        if fdb_port_of(&k, "age", &g[0].mac).is_none() {
+        if k.fdb_port_of("age", &g[0].mac).is_none() {
             break;
         }
         assert!(
             idle_since.elapsed() < Duration::from_secs(8),
             "idle MAC never aged out: {:?}",
-            fdb(&k, "age")
+            k.fdb("age")
         );
         thread::sleep(Duration::from_millis(200));
     }
@@ -326,7 +253,7 @@ fn ageing_forgets_idle_macs_but_keeps_static_ones() {
         idle_since.elapsed() >= Duration::from_millis(1500),
         "aged out too early"
     );
-    let rows = fdb(&k, "age");
+    let rows = k.fdb("age");
     let stat = rows
         .iter()
         .find(|e| e["mac"] == "52:54:00:aa:bb:cc")
@@ -347,7 +274,8 @@ fn ageing_forgets_idle_macs_but_keeps_static_ones() {
     .unwrap();
     thread::sleep(Duration::from_millis(200));
     assert_eq!(
-        fdb_port_of(&k, "age", &[0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]).as_deref(),
+        k.fdb_port_of("age", &[0x52, 0x54, 0, 0xaa, 0xbb, 0xcc])
+            .as_deref(),
         Some("p2")
     );
 }
@@ -358,14 +286,13 @@ fn a_vanishing_guest_is_dropped_and_the_others_keep_talking() {
         return;
     }
     let lab = Lab::new().unwrap();
-    let g = guests(
-        &lab,
-        &[
+    let g = lab
+        .add_ipv4_guests(&[
             ("p1", "10.5.0.1/24"),
             ("p2", "10.5.0.2/24"),
             ("p3", "10.5.0.3/24"),
-        ],
-    );
+        ])
+        .unwrap();
     let k = Kvnet::start(&lab).unwrap();
     k.cli(&["net", "add", "n"]).unwrap();
     for x in &g {
@@ -379,7 +306,7 @@ fn a_vanishing_guest_is_dropped_and_the_others_keep_talking() {
         .stderr(Stdio::null());
     lab.spawn(&g[2].ns, flood).unwrap();
     thread::sleep(Duration::from_millis(500));
-    assert_eq!(fdb_port_of(&k, "n", &g[2].mac).as_deref(), Some("p3"));
+    assert_eq!(k.fdb_port_of("n", &g[2].mac).as_deref(), Some("p3"));
     lab.exec(lab.hv(), &["ip", "link", "del", "p3"]).unwrap();
     let t = Instant::now();
     loop {
@@ -394,8 +321,8 @@ fn a_vanishing_guest_is_dropped_and_the_others_keep_talking() {
         thread::sleep(Duration::from_millis(100));
     }
     assert!(k.daemon_running(), "daemon died:\n{}", k.daemon_log());
-    assert_eq!(fdb_port_of(&k, "n", &g[2].mac), None, "p3's MAC flushed");
-    assert!(ping(&g[0], "10.5.0.2"), "p1 and p2 still talk");
+    assert_eq!(k.fdb_port_of("n", &g[2].mac), None, "p3's MAC flushed");
+    assert!(g[0].ping("10.5.0.2"), "p1 and p2 still talk");
     assert!(
         k.daemon_log().contains("port p3 vanished"),
         "{}",
@@ -409,7 +336,7 @@ fn bad_input_is_refused_clearly_and_changes_nothing() {
         return;
     }
     let lab = Lab::new().unwrap();
-    let g = guests(&lab, &[("p1", "10.6.0.1/24")]);
+    let g = lab.add_ipv4_guests(&[("p1", "10.6.0.1/24")]).unwrap();
     let k = Kvnet::start(&lab).unwrap();
     k.cli(&["net", "add", "one"]).unwrap();
     k.cli(&["net", "add", "two"]).unwrap();
@@ -418,7 +345,7 @@ fn bad_input_is_refused_clearly_and_changes_nothing() {
         (
             k.json(&["net", "list"]).unwrap(),
             k.json(&["port", "list"]).unwrap(),
-            fdb(k, "one"),
+            k.fdb("one"),
         )
     };
     let before = state(&k);

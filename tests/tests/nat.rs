@@ -14,11 +14,6 @@ use serde_json::Value;
 
 const UPLINK_IP: [u8; 4] = [198, 51, 100, 1];
 
-fn quiet(g: &GuestPort) {
-    g.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.eth0.disable_ipv6=1")
-        .unwrap();
-}
-
 struct Nat {
     lab: Lab,
     out: Outside,
@@ -30,21 +25,15 @@ struct Nat {
 /// outside at 198.51.100.2 knows no route to the guests.
 fn nat_lab(n: usize, daemon_args: &[&str]) -> Nat {
     let lab = Lab::new().unwrap();
-    let out = lab.add_outside().unwrap();
-    out.set_ip("198.51.100.2/24").unwrap();
-    out.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1")
+    let out = lab
+        .add_outside_with("198.51.100.2/24", "198.51.100.1/24")
         .unwrap();
-    lab.exec(
-        lab.hv(),
-        &["ip", "addr", "add", "198.51.100.1/24", "dev", "up0"],
-    )
-    .unwrap();
     let guests: Vec<GuestPort> = (0..n)
         .map(|i| {
             let g = lab
                 .add_guest_with(&format!("vm{i}"), Some(&format!("10.50.0.{}/24", 11 + i)))
                 .unwrap();
-            quiet(&g);
+            g.disable_ipv6().unwrap();
             g.sh("ip route add default via 10.50.0.1").unwrap();
             g
         })
@@ -213,16 +202,9 @@ u.sendto(b"ping-udp", ("198.51.100.2", 5000)); print("tcp", len(got), "udp", u.r
     // Guest 1 kept its default offloads (checksums completed by the
     // receiver's stack): the outside counted no bad checksum.
     for proto in ["Tcp", "Udp"] {
-        let snmp = t.out.sh("cat /proc/net/snmp").unwrap();
-        let mut lines = snmp.lines().filter(|l| l.starts_with(&format!("{proto}:")));
-        let (h, v) = (lines.next().unwrap(), lines.next().unwrap());
-        let i = h
-            .split_whitespace()
-            .position(|x| x == "InCsumErrors")
-            .unwrap();
         assert_eq!(
-            v.split_whitespace().nth(i),
-            Some("0"),
+            tools::snmp(&t.out.ns, proto, "InCsumErrors"),
+            0,
             "{proto} checksum errors at the outside"
         );
     }
@@ -740,25 +722,44 @@ fn a_guest_on_a_vlan_access_port_is_translated_too() {
     // Guest vm0 moves to VLAN 10, and so does the gateway.
     t.k.cli(&["port", "set", "vm0", "--vlan", "10"]).unwrap();
     let gw = t.k.json(&["net", "show", "nat"]).unwrap();
-    let gw_port = gw["port_details"].as_array().unwrap().iter().find(|p| p["role"] == "gateway").unwrap()["iface"]
+    let gw_port = gw["port_details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["role"] == "gateway")
+        .unwrap()["iface"]
         .as_str()
         .unwrap()
         .to_string();
-    assert!(t.k.cli_err(&["port", "set", &gw_port, "--trunk", "10,20"]).unwrap().contains("not a trunk"));
+    assert!(t
+        .k
+        .cli_err(&["port", "set", &gw_port, "--trunk", "10,20"])
+        .unwrap()
+        .contains("not a trunk"));
     t.k.cli(&["port", "set", &gw_port, "--vlan", "10"]).unwrap();
     let cap = Capture::start(&t.out.ns, "eth0").unwrap();
-    let r = py(&t.guests[0].ns, r#"
+    let r = py(
+        &t.guests[0].ns,
+        r#"
 import socket
 s = socket.create_connection(("198.51.100.2", 5004), timeout=5); s.sendall(b"v" * 50000)
 got = b""
 while len(got) < 50000: got += s.recv(65536)
 print("vlan-ok", len(got))
-"#);
+"#,
+    );
     assert!(r.contains("vlan-ok 50000"), "{r}");
     let frames = cap.stop().unwrap();
-    let tcp: Vec<&Frame> = frames.iter().filter(|f| f.ipv4_proto() == Some(6) && f.src_mac() != t.out.mac).collect();
+    let tcp: Vec<&Frame> = frames
+        .iter()
+        .filter(|f| f.ipv4_proto() == Some(6) && f.src_mac() != t.out.mac)
+        .collect();
     assert!(!tcp.is_empty());
-    assert!(tcp.iter().all(|f| ipv4_src(f) == Some(UPLINK_IP) && f.vlan_id().is_none()), "untagged and translated on the uplink");
+    assert!(
+        tcp.iter()
+            .all(|f| ipv4_src(f) == Some(UPLINK_IP) && f.vlan_id().is_none()),
+        "untagged and translated on the uplink"
+    );
 }
 
 #[test]
@@ -770,19 +771,36 @@ fn untranslatable_guest_packets_never_leave_with_the_guest_address() {
     let cap = Capture::start(&t.out.ns, "eth0").unwrap();
     // GRE (protocol 47) has no ports to translate: the fast path hands it to
     // the host, which would forward it as is; the uplink's guard stops it.
-    let r = py(&t.guests[0].ns, r#"
+    let r = py(
+        &t.guests[0].ns,
+        r#"
 import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 47)
 for _ in range(3): s.sendto(b"\x00" * 24, ("198.51.100.2", 0))
 print("sent")
-"#);
+"#,
+    );
     assert!(r.contains("sent"), "{r}");
     thread::sleep(Duration::from_millis(300));
     let frames = cap.stop().unwrap();
-    let leaked = frames.iter().filter(|f| f.ipv4_addrs().is_some_and(|(s, _)| s[0] == 10)).count();
-    assert_eq!(leaked, 0, "guest addresses leaked to the outside: {frames:?}");
+    let leaked = frames
+        .iter()
+        .filter(|f| f.ipv4_addrs().is_some_and(|(s, _)| s[0] == 10))
+        .count();
+    assert_eq!(
+        leaked, 0,
+        "guest addresses leaked to the outside: {frames:?}"
+    );
     let stats = t.k.json(&["stats"]).unwrap();
-    assert!(stats["nat"][0]["drops"]["untranslated"].as_u64().unwrap_or(0) >= 3, "{stats}");
+    assert!(
+        stats["nat"][0]["drops"]["untranslated"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 3,
+        "{stats}"
+    );
     // Translated traffic still flows through the guarded uplink.
-    t.guests[0].exec(&["ping", "-c", "2", "-i", "0.2", "198.51.100.2"]).unwrap();
+    t.guests[0]
+        .exec(&["ping", "-c", "2", "-i", "0.2", "198.51.100.2"])
+        .unwrap();
 }

@@ -10,32 +10,10 @@ use std::{
 
 use kvnet_tests::{
     count_frames, eth_frame, inject, inject::eth_frame_vlan, kvnet::Kvnet, lab::privileged,
-    mac_fmt, Capture, Frame, GuestPort, Lab,
+    mac_fmt, tools, Capture, Frame, GuestPort, Lab,
 };
-use serde_json::Value;
 
 const ETH_TEST: u16 = 0x88b5;
-
-fn quiet(g: &GuestPort) {
-    g.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.eth0.disable_ipv6=1")
-        .unwrap();
-}
-
-fn guests(lab: &Lab, specs: &[(&str, &str)]) -> Vec<GuestPort> {
-    specs
-        .iter()
-        .map(|(port, ip)| {
-            let g = lab.add_guest_with(port, Some(ip)).unwrap();
-            quiet(&g);
-            g
-        })
-        .collect()
-}
-
-fn ping(g: &GuestPort, ip: &str) -> bool {
-    g.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "1", ip])
-        .is_ok()
-}
 
 /// The 802.1Q tag of a captured frame: (TPID, PCP, VID).
 fn tag(f: &Frame) -> Option<(u16, u8, u16)> {
@@ -52,6 +30,16 @@ fn has_payload(f: &Frame, p: &[u8]) -> bool {
     f.payload().windows(p.len()).any(|w| w == p)
 }
 
+/// An untagged test broadcast carrying `payload`, sent by guest `g`.
+fn broadcast_from(g: &GuestPort, payload: &[u8]) {
+    inject(
+        &g.ns,
+        "eth0",
+        &[eth_frame([0xff; 6], g.mac, ETH_TEST, payload)],
+    )
+    .unwrap();
+}
+
 /// A frame tagged `vid` with priority `pcp`.
 fn tagged(dst: [u8; 6], src: [u8; 6], vid: u16, pcp: u8, payload: &[u8]) -> Vec<u8> {
     let mut f = eth_frame_vlan(dst, src, vid, ETH_TEST, payload);
@@ -59,58 +47,11 @@ fn tagged(dst: [u8; 6], src: [u8; 6], vid: u16, pcp: u8, payload: &[u8]) -> Vec<
     f
 }
 
-fn drops(k: &Kvnet, port: &str, reason: &str) -> u64 {
-    let stats = k.json(&["stats"]).unwrap();
-    let stats = stats["ports"].clone();
-    stats
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["port"] == port)
-        .and_then(|s| s["drops"][reason].as_u64())
-        .unwrap_or(0)
-}
-
-fn fdb_rows(k: &Kvnet, net: &str) -> Vec<Value> {
-    k.json(&["fdb", "show", net])
-        .unwrap()
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-/// Segments the receiver's TCP dropped for bad checksums.
-fn csum_errors(ns: &str) -> u64 {
-    let snmp = kvnet_tests::lab::sh(ns, "cat /proc/net/snmp").unwrap();
-    let mut lines = snmp.lines().filter(|l| l.starts_with("Tcp:"));
-    let (hdr, val) = (lines.next().unwrap(), lines.next().unwrap());
-    let i = hdr
-        .split_whitespace()
-        .position(|h| h == "InCsumErrors")
-        .unwrap();
-    val.split_whitespace().nth(i).unwrap().parse().unwrap()
-}
-
 /// iperf3 TCP from `client` to `server_ip` (served in `server_ns`): moves
 /// real data and the receiver sees no bad checksums.
 fn iperf(lab: &Lab, client: &GuestPort, server_ns: &str, server_ip: &str) {
-    let before = csum_errors(server_ns);
-    let v =
-        kvnet_tests::tools::iperf3(lab, server_ns, server_ip, &client.ns, &["-t", "2"]).unwrap();
-    let received = &v["end"]["sum_received"];
-    assert!(
-        received["bytes"].as_u64().unwrap() > 10_000_000,
-        "iperf3 moved too little: {received}"
-    );
-    assert_eq!(
-        csum_errors(server_ns),
-        before,
-        "TCP checksum errors at the receiver"
-    );
-    println!(
-        "iperf3 TCP to {server_ip}: {:.2} Gbit/s",
-        received["bits_per_second"].as_f64().unwrap() / 1e9
-    );
+    let bps = tools::iperf3_tcp_intact(lab, server_ns, server_ip, &client.ns);
+    println!("iperf3 TCP to {server_ip}: {:.2} Gbit/s", bps / 1e9);
 }
 
 #[test]
@@ -120,14 +61,13 @@ fn access_vlans_isolate_guests_and_a_live_move_joins_them() {
     }
     let lab = Lab::new().unwrap();
     // One subnet for all three: only the VLANs keep g2 apart.
-    let g = guests(
-        &lab,
-        &[
+    let g = lab
+        .add_ipv4_guests(&[
             ("g1", "10.40.0.1/24"),
             ("g2", "10.40.0.2/24"),
             ("g3", "10.40.0.3/24"),
-        ],
-    );
+        ])
+        .unwrap();
     let k = Kvnet::start(&lab).unwrap();
     k.cli(&["net", "add", "lan"]).unwrap();
     k.cli(&["port", "add", "lan", "g1", "--vlan", "10"])
@@ -139,15 +79,10 @@ fn access_vlans_isolate_guests_and_a_live_move_joins_them() {
 
     let c2 = Capture::start(&g[1].ns, "eth0").unwrap();
     let c3 = Capture::start(&g[2].ns, "eth0").unwrap();
-    assert!(ping(&g[0], "10.40.0.3"), "g1 -> g3 in VLAN 10");
-    assert!(!ping(&g[0], "10.40.0.2"), "g1 reached g2 across VLANs");
-    assert!(!ping(&g[1], "10.40.0.1"), "g2 reached g1 across VLANs");
-    inject(
-        &g[0].ns,
-        "eth0",
-        &[eth_frame([0xff; 6], g[0].mac, ETH_TEST, b"bcast-v10")],
-    )
-    .unwrap();
+    assert!(g[0].ping("10.40.0.3"), "g1 -> g3 in VLAN 10");
+    assert!(!g[0].ping("10.40.0.2"), "g1 reached g2 across VLANs");
+    assert!(!g[1].ping("10.40.0.1"), "g2 reached g1 across VLANs");
+    broadcast_from(&g[0], b"bcast-v10");
     let f2 = c2.stop().unwrap();
     let f3 = c3.stop().unwrap();
     assert_eq!(
@@ -162,7 +97,7 @@ fn access_vlans_isolate_guests_and_a_live_move_joins_them() {
     );
 
     // FDB rows carry the VLAN; vlan show lists members and tagging.
-    let rows = fdb_rows(&k, "lan");
+    let rows = k.fdb("lan");
     let g1_row = rows
         .iter()
         .find(|r| r["mac"] == mac_fmt(&g[0].mac).as_str())
@@ -213,8 +148,8 @@ fn access_vlans_isolate_guests_and_a_live_move_joins_them() {
     let bg = lab.spawn(&g[0].ns, bg).unwrap();
     thread::sleep(Duration::from_millis(300));
     k.cli(&["port", "set", "g2", "--vlan", "10"]).unwrap();
-    assert!(ping(&g[0], "10.40.0.2"), "g1 -> g2 after the move");
-    assert!(ping(&g[1], "10.40.0.3"), "g2 -> g3 after the move");
+    assert!(g[0].ping("10.40.0.2"), "g1 -> g2 after the move");
+    assert!(g[1].ping("10.40.0.3"), "g2 -> g3 after the move");
     assert!(
         bg.wait_timeout(Duration::from_secs(5))
             .unwrap()
@@ -229,7 +164,7 @@ fn access_vlans_isolate_guests_and_a_live_move_joins_them() {
         "VLAN 20 has no members left: {vlans}"
     );
     assert!(
-        fdb_rows(&k, "lan").iter().all(|r| r["vlan"] != 20),
+        k.fdb("lan").iter().all(|r| r["vlan"] != 20),
         "g2's VLAN 20 entries flushed"
     );
     assert!(k.daemon_running());
@@ -241,13 +176,15 @@ fn trunk_uplink_tags_by_vlan_and_delivers_only_into_the_right_vlan() {
         return;
     }
     let lab = Lab::new().unwrap();
-    let g = guests(&lab, &[("g1", "10.41.0.1/24"), ("g2", "10.41.0.2/24")]);
+    let g = lab
+        .add_ipv4_guests(&[("g1", "10.41.0.1/24"), ("g2", "10.41.0.2/24")])
+        .unwrap();
     let out = lab.add_outside().unwrap();
     out.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1")
         .unwrap();
     // A second trunk (another switch): shows trunk-to-trunk PCP.
     let t2 = lab.add_guest("t2").unwrap();
-    quiet(&t2);
+    t2.disable_ipv6().unwrap();
     let k = Kvnet::start(&lab).unwrap();
     k.cli(&["net", "add", "lan"]).unwrap();
     k.cli(&["port", "add", "lan", "g1", "--vlan", "10"])
@@ -258,13 +195,7 @@ fn trunk_uplink_tags_by_vlan_and_delivers_only_into_the_right_vlan() {
         .unwrap();
     k.cli(&["port", "add", "lan", "t2", "--trunk", "10,20"])
         .unwrap();
-    let ports = k.json(&["port", "list"]).unwrap();
-    let up0 = ports
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["iface"] == "up0")
-        .unwrap();
+    let up0 = k.port("up0").unwrap();
     assert_eq!(up0["vlan"], "trunk 10,20");
 
     let co = Capture::start(&out.ns, "eth0").unwrap();
@@ -272,18 +203,8 @@ fn trunk_uplink_tags_by_vlan_and_delivers_only_into_the_right_vlan() {
     let c1 = Capture::start(&g[0].ns, "eth0").unwrap();
     let c2 = Capture::start(&g[1].ns, "eth0").unwrap();
     // Guests send untagged; the trunk carries their VLAN's tag.
-    inject(
-        &g[0].ns,
-        "eth0",
-        &[eth_frame([0xff; 6], g[0].mac, ETH_TEST, b"from-g1")],
-    )
-    .unwrap();
-    inject(
-        &g[1].ns,
-        "eth0",
-        &[eth_frame([0xff; 6], g[1].mac, ETH_TEST, b"from-g2")],
-    )
-    .unwrap();
+    broadcast_from(&g[0], b"from-g1");
+    broadcast_from(&g[1], b"from-g2");
     // Tagged frames from the far side, to the guests' VLANs and others.
     let x = [0x02, 0, 0, 0, 0x0e, 0x01];
     inject(
@@ -360,9 +281,12 @@ fn trunk_uplink_tags_by_vlan_and_delivers_only_into_the_right_vlan() {
         0,
         "known unicast flooded"
     );
-    assert!(drops(&k, "up0", "vlan_not_allowed") >= 1, "VID 30 counted");
     assert!(
-        drops(&k, "up0", "vlan_untagged") >= 1,
+        k.port_drops("up0", "vlan_not_allowed") >= 1,
+        "VID 30 counted"
+    );
+    assert!(
+        k.port_drops("up0", "vlan_untagged") >= 1,
         "untagged without native counted"
     );
 
@@ -375,7 +299,8 @@ fn trunk_uplink_tags_by_vlan_and_delivers_only_into_the_right_vlan() {
     .unwrap();
     inject(&out.ns, "eth0", &[tagged([0xff; 6], x, 20, 0, b"x-in-v20")]).unwrap();
     thread::sleep(Duration::from_millis(200));
-    let mut where_x: Vec<(u64, String)> = fdb_rows(&k, "lan")
+    let mut where_x: Vec<(u64, String)> = k
+        .fdb("lan")
         .iter()
         .filter(|r| r["mac"] == mac_fmt(&x).as_str())
         .map(|r| {
@@ -397,7 +322,7 @@ fn trunk_uplink_tags_by_vlan_and_delivers_only_into_the_right_vlan() {
         count_frames(&c1.stop().unwrap(), |f| has_payload(f, b"qinq")),
         0
     );
-    assert!(drops(&k, "up0", "qinq") >= 1, "QinQ counted");
+    assert!(k.port_drops("up0", "qinq") >= 1, "QinQ counted");
 
     // A native VLAN: untagged frames belong to it and leave untagged.
     k.cli(&["port", "set", "up0", "--trunk", "10,20", "--native", "10"])
@@ -411,18 +336,8 @@ fn trunk_uplink_tags_by_vlan_and_delivers_only_into_the_right_vlan() {
         &[eth_frame([0xff; 6], x, ETH_TEST, b"native-in")],
     )
     .unwrap();
-    inject(
-        &g[0].ns,
-        "eth0",
-        &[eth_frame([0xff; 6], g[0].mac, ETH_TEST, b"native-out")],
-    )
-    .unwrap();
-    inject(
-        &g[1].ns,
-        "eth0",
-        &[eth_frame([0xff; 6], g[1].mac, ETH_TEST, b"still-v20")],
-    )
-    .unwrap();
+    broadcast_from(&g[0], b"native-out");
+    broadcast_from(&g[1], b"still-v20");
     let fo = co.stop().unwrap();
     let f1 = c1.stop().unwrap();
     let f2 = c2.stop().unwrap();
@@ -463,8 +378,12 @@ fn two_hosts_joined_by_a_trunk_keep_vlans_apart() {
     let a = Lab::new().unwrap();
     let b = Lab::new().unwrap();
     // One subnet for all: only the VLANs separate 10 from 20.
-    let ga = guests(&a, &[("a10", "10.42.0.1/24"), ("a20", "10.42.0.11/24")]);
-    let gb = guests(&b, &[("b10", "10.42.0.2/24"), ("b20", "10.42.0.12/24")]);
+    let ga = a
+        .add_ipv4_guests(&[("a10", "10.42.0.1/24"), ("a20", "10.42.0.11/24")])
+        .unwrap();
+    let gb = b
+        .add_ipv4_guests(&[("b10", "10.42.0.2/24"), ("b20", "10.42.0.12/24")])
+        .unwrap();
     a.exec(
         a.hv(),
         &[
@@ -494,14 +413,14 @@ fn two_hosts_joined_by_a_trunk_keep_vlans_apart() {
             .unwrap();
     }
     let cap = Capture::start(b.hv(), "trB").unwrap();
-    assert!(ping(&ga[0], "10.42.0.2"), "VLAN 10 across hosts");
-    assert!(ping(&ga[1], "10.42.0.12"), "VLAN 20 across hosts");
+    assert!(ga[0].ping("10.42.0.2"), "VLAN 10 across hosts");
+    assert!(ga[1].ping("10.42.0.12"), "VLAN 20 across hosts");
     assert!(
-        !ping(&ga[0], "10.42.0.12"),
+        !ga[0].ping("10.42.0.12"),
         "VLAN 10 reached VLAN 20 on host B"
     );
     assert!(
-        !ping(&gb[1], "10.42.0.1"),
+        !gb[1].ping("10.42.0.1"),
         "VLAN 20 reached VLAN 10 on host A"
     );
     let frames = cap.stop().unwrap();
@@ -535,7 +454,8 @@ fn bad_vlan_input_is_refused_clearly_and_changes_nothing() {
         return;
     }
     let lab = Lab::new().unwrap();
-    guests(&lab, &[("p1", "10.43.0.1/24"), ("p2", "10.43.0.2/24")]);
+    lab.add_ipv4_guests(&[("p1", "10.43.0.1/24"), ("p2", "10.43.0.2/24")])
+        .unwrap();
     let k = Kvnet::start(&lab).unwrap();
     k.cli(&["net", "add", "n"]).unwrap();
     k.cli(&[
@@ -550,60 +470,44 @@ fn bad_vlan_input_is_refused_clearly_and_changes_nothing() {
         )
     };
     let before = state(&k);
-    let cases: &[(&[&str], &str)] = &[
-        (&["port", "add", "n", "p2", "--vlan", "0"], "VLAN id 0"),
+    // Most cases add p2 with bad VLAN options.
+    let add_p2 = |opts: &[&'static str]| [&["port", "add", "n", "p2"][..], opts].concat();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (add_p2(&["--vlan", "0"]), "VLAN id 0"),
+        (add_p2(&["--vlan", "4095"]), "VLAN id 4095 is reserved"),
+        (add_p2(&["--vlan", "5000"]), "VLAN id 5000 is out of range"),
+        (add_p2(&["--vlan", "ten"]), "invalid VLAN id 'ten'"),
         (
-            &["port", "add", "n", "p2", "--vlan", "4095"],
-            "VLAN id 4095 is reserved",
-        ),
-        (
-            &["port", "add", "n", "p2", "--vlan", "5000"],
-            "VLAN id 5000 is out of range",
-        ),
-        (
-            &["port", "add", "n", "p2", "--vlan", "ten"],
-            "invalid VLAN id 'ten'",
-        ),
-        (
-            &["port", "add", "n", "p2", "--vlan", "10", "--trunk", "20"],
+            add_p2(&["--vlan", "10", "--trunk", "20"]),
             "exclude each other",
         ),
         (
-            &["port", "add", "n", "p2", "--native", "10"],
+            add_p2(&["--native", "10"]),
             "--native only applies to a trunk",
         ),
         (
-            &["port", "add", "n", "p2", "--trunk", "10,,20"],
+            add_p2(&["--trunk", "10,,20"]),
             "malformed VLAN list '10,,20'",
         ),
+        (add_p2(&["--trunk", "20-10"]), "runs backwards"),
+        (add_p2(&["--trunk", "10,4095"]), "VLAN id 4095 is reserved"),
+        (add_p2(&["--trunk", "10", "--native", "0"]), "VLAN id 0"),
         (
-            &["port", "add", "n", "p2", "--trunk", "20-10"],
-            "runs backwards",
-        ),
-        (
-            &["port", "add", "n", "p2", "--trunk", "10,4095"],
-            "VLAN id 4095 is reserved",
-        ),
-        (
-            &["port", "add", "n", "p2", "--trunk", "10", "--native", "0"],
-            "VLAN id 0",
-        ),
-        (
-            &["port", "set", "p1", "--trunk", "1-5000"],
+            vec!["port", "set", "p1", "--trunk", "1-5000"],
             "VLAN id 5000 is out of range",
         ),
         (
-            &["port", "set", "p1", "--vlan", "7", "--trunk", "7"],
+            vec!["port", "set", "p1", "--vlan", "7", "--trunk", "7"],
             "exclude each other",
         ),
-        (&["port", "set", "p1"], "nothing to change"),
+        (vec!["port", "set", "p1"], "nothing to change"),
         (
-            &["port", "set", "p9", "--vlan", "7"],
+            vec!["port", "set", "p9", "--vlan", "7"],
             "'p9' is not a kvnet port",
         ),
-        (&["vlan", "show", "nonet"], "no network named 'nonet'"),
+        (vec!["vlan", "show", "nonet"], "no network named 'nonet'"),
     ];
-    for (args, want) in cases {
+    for (args, want) in &cases {
         let err = k.cli_err(args).unwrap();
         assert!(
             err.contains(want),
@@ -618,12 +522,6 @@ fn bad_vlan_input_is_refused_clearly_and_changes_nothing() {
     k.cli(&["port", "add", "n", "p2", "--trunk", "10,20,100-199"])
         .unwrap();
     k.cli(&["port", "set", "p2", "--no-vlan"]).unwrap();
-    let ports = k.json(&["port", "list"]).unwrap();
-    let p2 = ports
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["iface"] == "p2")
-        .unwrap();
+    let p2 = k.port("p2").unwrap();
     assert_eq!(p2["vlan"], "-");
 }
