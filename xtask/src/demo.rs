@@ -274,11 +274,18 @@ pub fn run(kvnet: &Path) -> Result<()> {
     );
     show(&k, &["net", "list"])?;
 
-    step(10, "teardown: daemon stops, lab namespaces deleted");
+    step(10, "teardown: `kvnet down` removes everything kvnet installed, then the lab goes");
+    // (A plain stop or crash would keep the datapath forwarding for the
+    // next daemon to adopt; `down` is the full removal.)
+    kv(&k, &["down"])?;
+    let pins_left = lab.pin_dir().exists();
     let status = k.stop()?;
     drop(lab);
     if !status.success() {
         bail!("kvnet daemon exited with {status}");
+    }
+    if pins_left {
+        bail!("`kvnet down` left pins behind");
     }
     if !failures.is_empty() {
         bail!("unexpected results: {}", failures.join("; "));
