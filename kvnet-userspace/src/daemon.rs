@@ -259,10 +259,16 @@ async fn serve(opts: &Options, switch: Arc<Mutex<Switch>>) -> Result<Exit> {
     Ok(exit)
 }
 
+/// FDB ageing and conntrack GC run at most every second, and never take
+/// more than 1/WALK_COST_FACTOR of the daemon's time.
+const WALK_MIN_INTERVAL: Duration = Duration::from_secs(1);
+const WALK_COST_FACTOR: u32 = 20;
+
 /// Housekeeping: vanished ports every half second, FDB ageing every second.
 async fn maintain(switch: Arc<Mutex<Switch>>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut n: u64 = 0;
+    let mut next_walk = std::time::Instant::now();
     loop {
         tick.tick().await;
         n += 1;
@@ -276,11 +282,18 @@ async fn maintain(switch: Arc<Mutex<Switch>>) {
             crate::state::persist(&sw);
         }
         if n % 2 == 0 {
-            if let Err(e) = sw.age_fdb() {
-                log::warn!("FDB ageing: {e:#}");
-            }
-            if let Err(e) = sw.conntrack_gc() {
-                log::warn!("conntrack GC: {e:#}");
+            // Table walks are paced by their own cost: with a million
+            // entries a walk takes a while, and running it every second
+            // would eat a core and hold the control socket.
+            if std::time::Instant::now() >= next_walk {
+                let started = std::time::Instant::now();
+                if let Err(e) = sw.age_fdb() {
+                    log::warn!("FDB ageing: {e:#}");
+                }
+                if let Err(e) = sw.conntrack_gc() {
+                    log::warn!("conntrack GC: {e:#}");
+                }
+                next_walk = std::time::Instant::now() + WALK_MIN_INTERVAL.max(started.elapsed() * WALK_COST_FACTOR);
             }
             if let Err(e) = sw.nat_follow_uplinks() {
                 log::warn!("following uplink addresses: {e:#}");
