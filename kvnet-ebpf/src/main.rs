@@ -19,6 +19,7 @@ mod parse;
 mod route;
 mod stats;
 mod switch;
+mod trace;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
@@ -31,7 +32,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use kvnet_common::{
     DropReason, FloodSet, ETH_P_8021Q, FDB_F_HOST, KVNET_HOST_MARK, PORT_F_BRIDGED_NET,
-    PORT_F_HAIRPIN, PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_NAT, PORT_F_XDP_TX, VLAN_MODE_TRUNK,
+    PORT_F_HAIRPIN, PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_NAT, PORT_F_XDP_TX, TRACE_DROP,
+    TRACE_EGRESS, TRACE_FLOOD, TRACE_HOOK_TC, TRACE_HOOK_TC_OUT, TRACE_NAT_IN, TRACE_NAT_OUT,
+    TRACE_PASS, TRACE_ROUTE, TRACE_TO_HOST, TRACE_UNICAST, VLAN_MODE_TRUNK,
 };
 
 use crate::{
@@ -44,18 +47,29 @@ const BPF_F_INGRESS: u64 = 1;
 
 #[xdp]
 pub fn kvnet_xdp(ctx: XdpContext) -> u32 {
+    let (rc, aux) = xdp_act(&ctx);
+    // One trace point for the frames XDP finishes (what it passes, tc
+    // traces); `aux` is the drop reason or the egress port.
+    if rc != xdp_action::XDP_PASS && trace::on() {
+        trace::xdp(&ctx, rc, aux);
+    }
+    rc
+}
+
+#[inline(always)]
+fn xdp_act(ctx: &XdpContext) -> (u32, u32) {
     let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let len = (data_end - data) as u64;
     let Some(port) = maps::port(ingress) else {
-        return xdp_action::XDP_PASS;
+        return (xdp_action::XDP_PASS, 0);
     };
     stats::seen_xdp(ingress);
     let tag = Tag::of(data, data_end, None);
     // A NIC with rx VLAN offload strips the tag before XDP sees it; only
     // tc can tell an untagged frame on a trunk from a stripped tagged one.
     if port.vlan_mode == VLAN_MODE_TRUNK && !tag.present() {
-        return xdp_action::XDP_PASS;
+        return (xdp_action::XDP_PASS, 0);
     }
     // No routing context: routed and host-bound frames go on to tc.
     match switch::decide(ingress, &port, data, data_end, &tag, None) {
@@ -64,31 +78,31 @@ pub fn kvnet_xdp(ctx: XdpContext) -> u32 {
         | Action::Route(_)
         | Action::ToHost(_)
         | Action::NatOut(_)
-        | Action::NatIn => xdp_action::XDP_PASS,
+        | Action::NatIn => (xdp_action::XDP_PASS, 0),
         Action::Drop(reason) => {
             stats::rx(ingress, len);
             stats::drop(ingress, reason);
             // Off unless the daemon runs with --log-datapath (AYA_LOG_LEVEL).
             debug!(
-                &ctx,
+                ctx,
                 "xdp drop on ifindex {}: reason {}", ingress, reason as u32
             );
-            xdp_action::XDP_DROP
+            (xdp_action::XDP_DROP, reason as u32)
         }
         Action::Unicast(egress, egress_flags, out_tci) => {
             if egress_flags & PORT_F_XDP_TX == 0 {
-                return xdp_action::XDP_PASS;
+                return (xdp_action::XDP_PASS, 0);
             }
             // A guest with tx checksum offload hands us TCP/UDP frames whose
             // checksum holds only the pseudo-header sum; XDP cannot see that
             // flag and the receiver would drop them, so frames whose L4
             // checksum we cannot vouch for go on to tc, which keeps the skb.
             if !csum::l4_checksum_complete(data, data_end) {
-                return xdp_action::XDP_PASS;
+                return (xdp_action::XDP_PASS, 0);
             }
-            if !xdp_retag(&ctx, &tag, out_tci) {
+            if !xdp_retag(ctx, &tag, out_tci) {
                 // No headroom for the tag: tc pushes it instead.
-                return xdp_action::XDP_PASS;
+                return (xdp_action::XDP_PASS, 0);
             }
             let len = (ctx.data_end() - ctx.data()) as u64;
             stats::rx(ingress, len);
@@ -98,7 +112,7 @@ pub fn kvnet_xdp(ctx: XdpContext) -> u32 {
             } else {
                 stats::drop(ingress, DropReason::RedirectFailed);
             }
-            rc
+            (rc, egress)
         }
     }
 }
@@ -226,6 +240,43 @@ fn tc_main(ctx: TcContext) -> i32 {
     // One counter lookup for "seen" and "received" (the hot path's cost is
     // mostly hash lookups).
     stats::seen_tc_rx(ingress, len, !matches!(action, Action::Pass));
+    if trace::on() {
+        let (code, egress, reason) = match &action {
+            Action::Pass => (TRACE_PASS, 0, 0),
+            Action::Drop(r) => (TRACE_DROP, 0, *r as u8 + 1),
+            Action::Unicast(e, _, _) => (TRACE_UNICAST, *e, 0),
+            Action::Flood(..) => (TRACE_FLOOD, 0, 0),
+            Action::Route(e) => (TRACE_ROUTE, *e, 0),
+            Action::ToHost(e) => (TRACE_TO_HOST, *e, 0),
+            Action::NatOut(_) => (TRACE_NAT_OUT, 0, 0),
+            Action::NatIn => (TRACE_NAT_IN, 0, 0),
+        };
+        let vid = tag.tci & kvnet_common::VLAN_VID_MASK;
+        trace::begin_tc(&ctx, TRACE_HOOK_TC, ingress, vid, code, egress, reason);
+    }
+    let rc = tc_act(&ctx, ingress, len, &port, action, &tag, l3, data, data_end);
+    // Looked up again rather than carried: the verifier then checks the
+    // verdict paths once, not once per tracing state.
+    if trace::on() {
+        trace::finish_tc(&ctx, rc);
+    }
+    rc
+}
+
+/// The tc verdict for `action`: redirects, floods, NAT.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tc_act(
+    ctx: &TcContext,
+    ingress: u32,
+    len: u64,
+    port: &kvnet_common::PortConfig,
+    action: Action,
+    tag: &switch::Tag,
+    l3: L3Ctx,
+    data: usize,
+    data_end: usize,
+) -> i32 {
     let mut cur = tag.present().then_some(tag.tci);
     match action {
         Action::Pass => TC_ACT_OK,
@@ -255,8 +306,9 @@ fn tc_main(ctx: TcContext) -> i32 {
                 return TC_ACT_SHOT;
             };
             match nat::from_guest(&ctx, net_id, &n) {
-                nat::Nat::Sent(rc) => {
+                nat::Nat::Sent(rc, egress) => {
                     stats::routed(ingress);
+                    trace::egress(egress);
                     rc
                 }
                 nat::Nat::Drop => TC_ACT_SHOT,
@@ -268,15 +320,16 @@ fn tc_main(ctx: TcContext) -> i32 {
             }
         }
         Action::NatIn => match nat::from_uplink(&ctx, ingress) {
-            nat::Nat::Sent(rc) => {
+            nat::Nat::Sent(rc, egress) => {
                 stats::routed(ingress);
+                trace::egress(egress);
                 rc
             }
             nat::Nat::Drop => TC_ACT_SHOT,
             nat::Nat::Skip | nat::Nat::ToHost => {
                 // Not a NAT flow: a routed network's traffic, or the host's.
                 // Skip: nat touched nothing, the packet pointers still hold.
-                match switch::from_routed_uplink(ingress, data, data_end, &tag, Some(l3)) {
+                match switch::from_routed_uplink(ingress, data, data_end, tag, Some(l3)) {
                     Action::Route(egress) => {
                         stats::tx(egress, len);
                         unsafe { bpf_redirect(egress, 0) as i32 }
@@ -335,6 +388,17 @@ pub fn kvnet_tc_out(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
 
 #[inline(always)]
 fn tc_out_main(ctx: TcContext) -> i32 {
+    let rc = tc_out_act(&ctx);
+    if trace::on() {
+        let uplink = unsafe { (*ctx.skb.skb).ifindex };
+        trace::begin_tc(&ctx, TRACE_HOOK_TC_OUT, uplink, 0, TRACE_EGRESS, 0, 0);
+        trace::finish_tc(&ctx, rc);
+    }
+    rc
+}
+
+#[inline(always)]
+fn tc_out_act(ctx: &TcContext) -> i32 {
     let uplink = unsafe { (*ctx.skb.skb).ifindex };
     let Some(port) = maps::port(uplink) else {
         return TC_ACT_OK;

@@ -44,8 +44,8 @@ pub enum Nat {
     /// Let the host stack have it untranslated (TTL expiring, MTU).
     ToHost,
     Drop,
-    /// Translated and sent; the tc verdict.
-    Sent(i32),
+    /// Translated and sent: the tc verdict and the interface it went to.
+    Sent(i32, u32),
 }
 
 struct Pkt {
@@ -434,7 +434,10 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig) -> Nat {
     }
     touch(&p.key, p.tot_len as u64, p.tcp_flags);
     count(net_id, |s| s.translated += 1);
-    Nat::Sent(unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+    Nat::Sent(
+        unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) } as i32,
+        f.ifindex,
+    )
 }
 
 /// Sends a translated packet arriving from outside on to its guest: via
@@ -451,6 +454,7 @@ fn to_guest(ctx: &TcContext, p: &Pkt, to: &CtKey, ingress: u32) -> Nat {
         };
         return Nat::Sent(
             unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) } as i32,
+            f.ifindex,
         );
     };
     let macs: [u8; 12] = {
@@ -469,7 +473,7 @@ fn to_guest(ctx: &TcContext, p: &Pkt, to: &CtKey, ingress: u32) -> Nat {
             egress = port;
         }
     }
-    Nat::Sent(unsafe { bpf_redirect(egress, 0) } as i32)
+    Nat::Sent(unsafe { bpf_redirect(egress, 0) } as i32, egress)
 }
 
 /// A packet arriving on a NAT uplink: replies of translated flows, new

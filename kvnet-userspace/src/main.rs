@@ -16,6 +16,7 @@ mod netdev;
 mod output;
 mod state;
 mod switch;
+mod trace;
 mod vlan;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -125,6 +126,31 @@ enum Cmd {
     },
     /// Remove everything kvnet installed (programs, pins, interfaces, sysctls) and stop the daemon.
     Down,
+    /// Stream per-packet path events from the datapath (as root), filtered
+    /// in the kernel; tracing stops at --count events or Ctrl-C.
+    Trace {
+        /// bpffs folder of the daemon's pinned maps.
+        #[arg(long, env = "KVNET_PIN_DIR", default_value = control::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Ingress or egress port (name in this namespace, or ifindex).
+        #[arg(long)]
+        port: Option<String>,
+        /// Source or destination MAC.
+        #[arg(long)]
+        mac: Option<String>,
+        /// Source or destination IPv4 address, before or after NAT.
+        #[arg(long)]
+        ip: Option<std::net::Ipv4Addr>,
+        /// tcp, udp or icmp.
+        #[arg(long)]
+        proto: Option<String>,
+        /// Stop after N events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     // --- end config ---
     // --- DHCP/DNS (issue 7) ---
     /// DHCP leases of networks with a --dhcp-range.
@@ -449,6 +475,25 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Ifdown { tap } => done(call(sock, &Request::Ifdown { iface: tap })),
         Cmd::Status { json } => config_cli::status(sock, json),
         Cmd::Down => config_cli::down(sock),
+        Cmd::Trace {
+            pin_dir,
+            port,
+            mac,
+            ip,
+            proto,
+            count,
+            json,
+        } => trace::run(
+            &pin_dir,
+            trace::Args {
+                port,
+                mac,
+                ip,
+                proto,
+                count,
+                json,
+            },
+        ),
         // --- end config ---
         Cmd::Net(NetCmd::Add {
             name,
