@@ -10,7 +10,8 @@
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, BPF_NOEXIST},
     helpers::{
-        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh,
+        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect,
+        bpf_redirect_neigh,
     },
     programs::TcContext,
 };
@@ -639,11 +640,16 @@ fn icmp_error(ctx: &TcContext, p: &Pkt, ingress: u32) -> Nat {
 /// guest subnet (it escaped translation through the host stack), counted.
 #[inline(always)]
 pub fn guard_uplink(ctx: &TcContext) -> i32 {
-    use aya_ebpf::{bindings::{TC_ACT_OK, TC_ACT_SHOT}, maps::lpm_trie::Key};
+    use aya_ebpf::{
+        bindings::{TC_ACT_OK, TC_ACT_SHOT},
+        maps::lpm_trie::Key,
+    };
     if unsafe { (*ctx.skb.skb).protocol } != (0x0800u16).to_be() as u32 {
         return TC_ACT_OK;
     }
-    let Some(saddr) = load::<u32>(ctx, L3 + 12) else { return TC_ACT_OK };
+    let Some(saddr) = load::<u32>(ctx, L3 + 12) else {
+        return TC_ACT_OK;
+    };
     match maps::NAT_SUBNETS.get(Key::new(32, saddr)) {
         Some(net_id) => {
             let net_id = *net_id;

@@ -293,7 +293,8 @@ async fn maintain(switch: Arc<Mutex<Switch>>) {
                 if let Err(e) = sw.conntrack_gc() {
                     log::warn!("conntrack GC: {e:#}");
                 }
-                next_walk = std::time::Instant::now() + WALK_MIN_INTERVAL.max(started.elapsed() * WALK_COST_FACTOR);
+                next_walk = std::time::Instant::now()
+                    + WALK_MIN_INTERVAL.max(started.elapsed() * WALK_COST_FACTOR);
             }
             if let Err(e) = sw.nat_follow_uplinks() {
                 log::warn!("following uplink addresses: {e:#}");

@@ -457,9 +457,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}: ok", file.display());
             Ok(())
         }
-        Cmd::ImportLibvirt { file, uplink } => {
-            config_cli::import_libvirt(&file, uplink.as_deref())
-        }
+        Cmd::ImportLibvirt { file, uplink } => config_cli::import_libvirt(&file, uplink.as_deref()),
         Cmd::Ifup { tap, net, vlan } => {
             let r = call(
                 sock,

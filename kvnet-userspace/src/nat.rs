@@ -221,7 +221,10 @@ impl Switch {
         cfg.mask = cidr.mask().to_be();
         (cfg.port_lo, cfg.port_hi, cfg.skip_lo, cfg.skip_hi) = (lo, hi, elo, ehi);
         self.dp.reset_nat_stats(id)?;
-        self.dp.nat_subnets()?.insert(&Self::subnet_key(&cidr), id, 0).context("writing the NAT subnet map")?;
+        self.dp
+            .nat_subnets()?
+            .insert(&Self::subnet_key(&cidr), id, 0)
+            .context("writing the NAT subnet map")?;
         self.dp
             .nets()?
             .insert(id, cfg, 0)
@@ -284,8 +287,16 @@ impl Switch {
         }
         let _ = self.ct_flush_id(id);
         self.dp.remove_nat_stats(id);
-        if let Some(cidr) = self.nets.get(name).and_then(|n| n.gateway.as_ref()).map(|g| g.cidr) {
-            let _ = self.dp.nat_subnets().map(|mut m| m.remove(&Self::subnet_key(&cidr)));
+        if let Some(cidr) = self
+            .nets
+            .get(name)
+            .and_then(|n| n.gateway.as_ref())
+            .map(|g| g.cidr)
+        {
+            let _ = self
+                .dp
+                .nat_subnets()
+                .map(|mut m| m.remove(&Self::subnet_key(&cidr)));
         }
         if let Some(u) = uplink {
             let _ = self.set_uplink_nat_flag(&u);

@@ -273,12 +273,17 @@ fn kernel_lacks_flowtable() -> Option<String> {
 /// Why a kernel feature cannot be used, if /proc/config.gz says it is off.
 fn kernel_lacks(option: &str) -> Option<String> {
     let out = Command::new("sh")
-        .args(["-c", &format!("zcat /proc/config.gz 2>/dev/null | grep -E '^(# )?{option}[ =]'")])
+        .args([
+            "-c",
+            &format!("zcat /proc/config.gz 2>/dev/null | grep -E '^(# )?{option}[ =]'"),
+        ])
         .output()
         .ok()?;
     let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if line.is_empty() {
-        return Some(format!("not available: the kernel is built without it ({option} absent from /proc/config.gz)"));
+        return Some(format!(
+            "not available: the kernel is built without it ({option} absent from /proc/config.gz)"
+        ));
     }
     line.contains("is not set")
         .then(|| format!("not available: the kernel is built without it ({line})"))
@@ -521,7 +526,8 @@ impl<'p> Bench<'p> {
             &["ip", "route", "replace", "default", "via", GW_IP],
         )?;
         // Each configuration's gateway has its own MAC: forget the last one.
-        self.lab.exec(&self.g1.ns, &["ip", "neigh", "flush", "dev", "eth0"])?;
+        self.lab
+            .exec(&self.g1.ns, &["ip", "neigh", "flush", "dev", "eth0"])?;
         let gw = format!("{GW_IP}/24");
         match config {
             "linux-routed" => {
@@ -1076,7 +1082,19 @@ impl<'p> Bench<'p> {
     fn vlan(&mut self, res: &mut Results) -> Result<()> {
         let far = Lab::new().context("creating the far host's lab")?;
         let r = far.add_guest_with("r1", Some(&format!("{FAR_IP}/24")))?;
-        self.hv(&["ip", "link", "add", "trA", "type", "veth", "peer", "name", "trB", "netns", far.hv()])?;
+        self.hv(&[
+            "ip",
+            "link",
+            "add",
+            "trA",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "trB",
+            "netns",
+            far.hv(),
+        ])?;
         self.hv(&["ip", "link", "set", "trA", "up"])?;
         far.exec(far.hv(), &["ip", "link", "set", "trB", "up"])?;
         let kb = Kvnet::start(&far).context("starting the far host's kvnet daemon")?;
@@ -1084,12 +1102,16 @@ impl<'p> Bench<'p> {
         kb.cli(&["port", "add", "lan", "r1", "--vlan", "10"])?;
         kb.cli(&["port", "add", "lan", "trB", "--trunk", "10"])?;
         let mut c = Command::new("iperf3");
-        c.args(["-s", "-i", "0"]).stdout(std::process::Stdio::null());
+        c.args(["-s", "-i", "0"])
+            .stdout(std::process::Stdio::null());
         far.spawn(&r.ns, c)?;
         std::thread::sleep(Duration::from_millis(300));
         for rep in 1..=self.plan.repeats {
             for &config in VLAN_CONFIGS {
-                println!("bench: [{VLAN}] repeat {rep}/{}: {config}", self.plan.repeats);
+                println!(
+                    "bench: [{VLAN}] repeat {rep}/{}: {config}",
+                    self.plan.repeats
+                );
                 if let Err(e) = self.vlan_up(config) {
                     let _ = self.vlan_down(config);
                     let why = format!("{e:#}");
@@ -1122,7 +1144,9 @@ impl<'p> Bench<'p> {
         if let Ok(v) = kb.json(&["stats"]) {
             res.scale.insert("far kvnet stats after VLAN".into(), v);
         }
-        let _ = self.lab.exec_output(self.lab.hv(), &["ip", "link", "del", "trA"]);
+        let _ = self
+            .lab
+            .exec_output(self.lab.hv(), &["ip", "link", "del", "trA"]);
         drop(kb);
         drop(far);
         Ok(())
@@ -1134,20 +1158,38 @@ impl<'p> Bench<'p> {
                 if let Some(why) = kernel_lacks("CONFIG_BRIDGE_VLAN_FILTERING") {
                     bail!("{why}");
                 }
-                self.hv(&["ip", "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0", "vlan_filtering", "1"])?;
+                self.hv(&[
+                    "ip",
+                    "link",
+                    "add",
+                    "br0",
+                    "type",
+                    "bridge",
+                    "stp_state",
+                    "0",
+                    "forward_delay",
+                    "0",
+                    "vlan_filtering",
+                    "1",
+                ])?;
                 for p in ["p1", "trA"] {
                     self.hv(&["ip", "link", "set", p, "master", "br0"])?;
                     self.hv(&["bridge", "vlan", "del", "dev", p, "vid", "1"])?;
                 }
-                self.hv(&["bridge", "vlan", "add", "dev", "p1", "vid", "10", "pvid", "untagged"])?;
+                self.hv(&[
+                    "bridge", "vlan", "add", "dev", "p1", "vid", "10", "pvid", "untagged",
+                ])?;
                 self.hv(&["bridge", "vlan", "add", "dev", "trA", "vid", "10"])?;
                 self.hv(&["ip", "link", "set", "br0", "up"])?;
             }
             "kvnet-tc" | "kvnet-xdp" => {
                 let hook = config.trim_start_matches("kvnet-");
                 self.kv.cli(&["net", "add", "bench"])?;
-                self.kv.cli(&["port", "add", "bench", "p1", "--hook", hook, "--vlan", "10"])?;
-                self.kv.cli(&["port", "add", "bench", "trA", "--hook", hook, "--trunk", "10"])?;
+                self.kv
+                    .cli(&["port", "add", "bench", "p1", "--hook", hook, "--vlan", "10"])?;
+                self.kv.cli(&[
+                    "port", "add", "bench", "trA", "--hook", hook, "--trunk", "10",
+                ])?;
             }
             _ => bail!("unknown config {config}"),
         }
@@ -1157,7 +1199,9 @@ impl<'p> Bench<'p> {
     fn vlan_down(&self, config: &str) -> Result<()> {
         match config {
             "linux-bridge-vlan" => {
-                let _ = self.lab.exec_output(self.lab.hv(), &["ip", "link", "del", "br0"]);
+                let _ = self
+                    .lab
+                    .exec_output(self.lab.hv(), &["ip", "link", "del", "br0"]);
             }
             _ => {
                 for p in ["p1", "trA"] {

@@ -274,7 +274,10 @@ pub fn run(kvnet: &Path) -> Result<()> {
     );
     show(&k, &["net", "list"])?;
 
-    step(10, "teardown: `kvnet down` removes everything kvnet installed, then the lab goes");
+    step(
+        10,
+        "teardown: `kvnet down` removes everything kvnet installed, then the lab goes",
+    );
     // (A plain stop or crash would keep the datapath forwarding for the
     // next daemon to adopt; `down` is the full removal.)
     kv(&k, &["down"])?;

@@ -281,7 +281,18 @@ fn ip_frame(
     let udp_len = 8 + payload.len() as u16;
     let ip_len = 20 + udp_len;
     let mut ip = vec![
-        0x45, 0, (ip_len >> 8) as u8, ip_len as u8, 0, 0, 0x40, 0, 64, 17, 0, 0,
+        0x45,
+        0,
+        (ip_len >> 8) as u8,
+        ip_len as u8,
+        0,
+        0,
+        0x40,
+        0,
+        64,
+        17,
+        0,
+        0,
     ];
     ip.extend_from_slice(&sip);
     ip.extend_from_slice(&dip);
@@ -289,7 +300,16 @@ fn ip_frame(
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     f.extend_from_slice(&ip);
     let (sp, dp) = (sport.to_be_bytes(), dport.to_be_bytes());
-    let mut udp = vec![sp[0], sp[1], dp[0], dp[1], (udp_len >> 8) as u8, udp_len as u8, 0, 0];
+    let mut udp = vec![
+        sp[0],
+        sp[1],
+        dp[0],
+        dp[1],
+        (udp_len >> 8) as u8,
+        udp_len as u8,
+        0,
+        0,
+    ];
     udp.extend_from_slice(&payload);
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&sip);
@@ -358,9 +378,7 @@ fn gen(
     opts.repeat = count;
     opts.attrs = TestRunAttrs::new().xdp_live_frames(batch);
     let t = Instant::now();
-    let r = prog
-        .test_run(opts)
-        .context("BPF_PROG_RUN live frames")?;
+    let r = prog.test_run(opts).context("BPF_PROG_RUN live frames")?;
     let secs = t.elapsed().as_secs_f64();
     Ok(json!({"sent": count, "secs": secs, "verdict": r.return_value, "frame_len": frame.len()}))
 }
@@ -434,7 +452,11 @@ fn cost(
         let mut stats: aya::maps::PerCpuHashMap<&mut MapData, u32, PortStats> =
             aya::maps::PerCpuHashMap::try_from(ebpf.map_mut(names::MAP_PORT_STATS).unwrap())?;
         for i in [lo, ia, ib] {
-            stats.insert(i, PerCpuValues::try_from(vec![PortStats::default(); cpus])?, 0)?;
+            stats.insert(
+                i,
+                PerCpuValues::try_from(vec![PortStats::default(); cpus])?,
+                0,
+            )?;
         }
         let mut flood: HashMap<&mut MapData, FloodKey, FloodSet> =
             HashMap::try_from(ebpf.map_mut(names::MAP_FLOOD).unwrap())?;
@@ -507,33 +529,29 @@ fn cost(
                     "secs": t.elapsed().as_secs_f64()}));
             }
         }
-        let mut measure = |ebpf: &mut Ebpf,
-                           path: &str,
-                           prog: &str,
-                           frame: &[u8],
-                           rep: u32|
-         -> Result<()> {
-            if only.is_some_and(|o| o != format!("{path}/{prog}")) {
-                return Ok(());
-            }
-            let mut ns = Vec::new();
-            let mut verdict = 0;
-            for _ in 0..trials {
-                let (v, d) = if prog == names::PROG_XDP {
-                    let p: &Xdp = ebpf.program(prog).unwrap().try_into()?;
-                    let ctx = xdp_ctx(frame.len(), ia);
-                    run_once(p, frame, Some(&ctx), rep)?
-                } else {
-                    let p: &SchedClassifier = ebpf.program(prog).unwrap().try_into()?;
-                    run_once(p, frame, None, rep)?
-                };
-                verdict = v;
-                ns.push(d);
-            }
-            rows.push(json!({"path": path, "prog": prog, "fdb_entries": size,
+        let mut measure =
+            |ebpf: &mut Ebpf, path: &str, prog: &str, frame: &[u8], rep: u32| -> Result<()> {
+                if only.is_some_and(|o| o != format!("{path}/{prog}")) {
+                    return Ok(());
+                }
+                let mut ns = Vec::new();
+                let mut verdict = 0;
+                for _ in 0..trials {
+                    let (v, d) = if prog == names::PROG_XDP {
+                        let p: &Xdp = ebpf.program(prog).unwrap().try_into()?;
+                        let ctx = xdp_ctx(frame.len(), ia);
+                        run_once(p, frame, Some(&ctx), rep)?
+                    } else {
+                        let p: &SchedClassifier = ebpf.program(prog).unwrap().try_into()?;
+                        run_once(p, frame, None, rep)?
+                    };
+                    verdict = v;
+                    ns.push(d);
+                }
+                rows.push(json!({"path": path, "prog": prog, "fdb_entries": size,
                 "verdict": verdict, "ns": ns}));
-            Ok(())
-        };
+                Ok(())
+            };
         // Warm-up: learns `src` on lo (tc) and on a (xdp) once.
         {
             let p: &SchedClassifier = ebpf.program(names::PROG_TC).unwrap().try_into()?;
@@ -542,15 +560,29 @@ fn cost(
         measure(&mut ebpf, "unicast", names::PROG_TC, &unicast, repeat)?;
         measure(&mut ebpf, "unicast", names::PROG_XDP, &unicast, repeat)?;
         set_ports(&mut ebpf, PORT_F_XDP_TX)?;
-        measure(&mut ebpf, "unicast-xdp-redirect", names::PROG_XDP, &unicast, repeat)?;
+        measure(
+            &mut ebpf,
+            "unicast-xdp-redirect",
+            names::PROG_XDP,
+            &unicast,
+            repeat,
+        )?;
         set_ports(&mut ebpf, 0)?;
         measure(&mut ebpf, "unicast", "bench_redirect", &unicast, repeat)?;
         // Floods clone the frame into both real veths: far fewer repeats.
-        measure(&mut ebpf, "flood", names::PROG_TC, &bcast, (repeat / 20).max(1))?;
+        measure(
+            &mut ebpf,
+            "flood",
+            names::PROG_TC,
+            &bcast,
+            (repeat / 20).max(1),
+        )?;
         measure(&mut ebpf, "flood", names::PROG_XDP, &bcast, repeat)?;
     }
-    Ok(json!({"repeat": repeat, "trials": trials, "rows": rows, "fill": fill_secs,
-        "ifindex": {"lo": lo, "a": ia, "b": ib}}))
+    Ok(
+        json!({"repeat": repeat, "trials": trials, "rows": rows, "fill": fill_secs,
+        "ifindex": {"lo": lo, "a": ia, "b": ib}}),
+    )
 }
 
 /// `struct __sk_buff` up to and including `ifindex` (offset 40): the
@@ -745,11 +777,19 @@ fn paths(
         let mut stats: aya::maps::PerCpuHashMap<&mut MapData, u32, PortStats> =
             aya::maps::PerCpuHashMap::try_from(ebpf.map_mut(names::MAP_PORT_STATS).unwrap())?;
         for i in [ia, ib, igw, iup] {
-            stats.insert(i, PerCpuValues::try_from(vec![PortStats::default(); cpus])?, 0)?;
+            stats.insert(
+                i,
+                PerCpuValues::try_from(vec![PortStats::default(); cpus])?,
+                0,
+            )?;
         }
         let mut ns: aya::maps::PerCpuHashMap<&mut MapData, u32, NatStats> =
             aya::maps::PerCpuHashMap::try_from(ebpf.map_mut(names::MAP_NAT_STATS).unwrap())?;
-        ns.insert(NET_NAT, PerCpuValues::try_from(vec![NatStats::default(); cpus])?, 0)?;
+        ns.insert(
+            NET_NAT,
+            PerCpuValues::try_from(vec![NatStats::default(); cpus])?,
+            0,
+        )?;
         let mut nets: HashMap<&mut MapData, u32, NetConfig> =
             HashMap::try_from(ebpf.map_mut(names::MAP_NETS).unwrap())?;
         let base = NetConfig {
@@ -786,7 +826,13 @@ fn paths(
             _pad: 0,
         };
         vm.insert(key(ia), VlanMember { flags: 0 }, 0)?;
-        vm.insert(key(ib), VlanMember { flags: VLAN_M_TAGGED }, 0)?;
+        vm.insert(
+            key(ib),
+            VlanMember {
+                flags: VLAN_M_TAGGED,
+            },
+            0,
+        )?;
         let mut fdb: HashMap<&mut MapData, FdbKey, FdbEntry> =
             HashMap::try_from(ebpf.map_mut(names::MAP_FDB).unwrap())?;
         let e = |ifindex| FdbEntry {
@@ -817,11 +863,20 @@ fn paths(
      -> Result<Vec<u8>> {
         let p: &SchedClassifier = ebpf.program(prog).unwrap().try_into()?;
         // With --only, other paths run once (later ones depend on them).
-        let n = if only.is_some_and(|o| o != format!("{path}/{prog}")) { 1 } else { n };
+        let n = if only.is_some_and(|o| o != format!("{path}/{prog}")) {
+            1
+        } else {
+            n
+        };
         let (ns, verdict, last) = single_runs(p, &skb_ctx(ingress), n, frame)?;
         let s = summary(&ns);
-        eprintln!("kvnet-bench: {path}/{prog} ct={ct}: p50 {} ns, verdict {verdict}", s["p50"]);
-        rows.push(json!({"path": path, "prog": prog, "ct_entries": ct, "verdict": verdict, "ns": s}));
+        eprintln!(
+            "kvnet-bench: {path}/{prog} ct={ct}: p50 {} ns, verdict {verdict}",
+            s["p50"]
+        );
+        rows.push(
+            json!({"path": path, "prog": prog, "ct_entries": ct, "verdict": verdict, "ns": s}),
+        );
         Ok(last)
     };
     // The limit and a known unicast in the same one-packet-per-run mode.
@@ -916,7 +971,9 @@ fn paths(
         }
         // Established: the same flow every packet (the first creates it).
         let est = |_| ip_frame(guest, gw_mac, g_ip, o_ip, 50000, 5201, None);
-        let out = run(&ebpf, "nat-established", names::PROG_TC, size, ia, &mut { est })?;
+        let out = run(&ebpf, "nat-established", names::PROG_TC, size, ia, &mut {
+            est
+        })?;
         // The translation: source port chosen for the flow.
         let (nsrc, nsport) = (
             [out[26], out[27], out[28], out[29]],
@@ -926,7 +983,17 @@ fn paths(
             bail!("nat-established: not translated (source {nsrc:?})");
         }
         // Reply: outside -> uplink address, to the uplink's MAC.
-        let mut reply = |_| ip_frame([0x02, 0xbb, 0, 0, 0, 2], up_mac, o_ip, nsrc, 5201, nsport, None);
+        let mut reply = |_| {
+            ip_frame(
+                [0x02, 0xbb, 0, 0, 0, 2],
+                up_mac,
+                o_ip,
+                nsrc,
+                5201,
+                nsport,
+                None,
+            )
+        };
         run(&ebpf, "nat-reply", names::PROG_TC, size, iup, &mut reply)?;
         // New flows: a fresh source port every packet.
         let base = sport_base;

@@ -131,18 +131,35 @@ pub fn draw(res: &Results, path: &Path) -> Result<()> {
         }))?;
     }
     // Second row: guest-to-outside, VLAN, rewriting paths.
-    let med = |sc: &str, c: &str, m: &str| res.get(sc, c, m).and_then(|s| median(&s.values)).unwrap_or(0.0);
-    let out_labels = ["routed", "ipt-masq", "nft-masq", "nft+ft", "kv routed", "kv nat"];
+    let med = |sc: &str, c: &str, m: &str| {
+        res.get(sc, c, m)
+            .and_then(|s| median(&s.values))
+            .unwrap_or(0.0)
+    };
+    let out_labels = [
+        "routed",
+        "ipt-masq",
+        "nft-masq",
+        "nft+ft",
+        "kv routed",
+        "kv nat",
+    ];
     let mut row: Vec<(String, Vec<String>, Vec<f64>)> = vec![
         (
             "guest→outside TCP 1 stream, Gbit/s".into(),
             out_labels.iter().map(|s| s.to_string()).collect(),
-            OUT_CONFIGS.iter().map(|c| med(OUT, c, "TCP bulk, 1 stream")).collect(),
+            OUT_CONFIGS
+                .iter()
+                .map(|c| med(OUT, c, "TCP bulk, 1 stream"))
+                .collect(),
         ),
         (
             "access→trunk VLAN TCP 1 stream, Gbit/s".into(),
             vec!["bridge".into(), "kvnet tc".into(), "kvnet xdp".into()],
-            VLAN_CONFIGS.iter().map(|c| med(VLAN, c, "TCP bulk, 1 stream")).collect(),
+            VLAN_CONFIGS
+                .iter()
+                .map(|c| med(VLAN, c, "TCP bulk, 1 stream"))
+                .collect(),
         ),
     ];
     let prow = |path: &str, prog: &str| -> f64 {
@@ -154,10 +171,12 @@ pub fn draw(res: &Results, path: &Path) -> Result<()> {
     };
     row.push((
         "one-packet cost p50, ns (lower is better)".into(),
-        ["limit", "unicast", "push", "pop", "routed", "nat est", "reply", "nat new"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        [
+            "limit", "unicast", "push", "pop", "routed", "nat est", "reply", "nat new",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
         vec![
             prow("unicast", "bench_redirect"),
             prow("unicast", "kvnet_tc"),
@@ -196,7 +215,11 @@ pub fn draw(res: &Results, path: &Path) -> Result<()> {
         }))?;
         chart.draw_series(vals.iter().enumerate().map(|(j, v)| {
             Text::new(
-                if *v >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") },
+                if *v >= 100.0 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v:.2}")
+                },
                 (j as i32, *v + max * 0.02),
                 ("sans-serif", 11),
             )
