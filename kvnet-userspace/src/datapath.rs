@@ -528,7 +528,7 @@ impl Drop for Datapath {
         for ifindex in uplinks {
             self.detach_egress(ifindex);
         }
-        // Pins outlive the process; a stopped daemon leaves none behind.
+        // Pins outlive the process: removing everything (`kvnet down`) removes them too.
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }
