@@ -248,8 +248,7 @@ fn fib(
 /// Counts a packet of a flow on its entry: last seen, packets, bytes, TCP
 /// flags (written only when new, to keep the line quiet).
 #[inline(always)]
-fn touch(key: &CtKey, len: u64, tcp_flags: u8) {
-    let Some(e) = CT.get_ptr_mut(key) else { return };
+fn touch(e: *mut CtEntry, len: u64, tcp_flags: u8) {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     unsafe {
         // Plain adds: the bpfel target has no atomic RMW here; two CPUs
@@ -374,7 +373,10 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig) -> Nat {
     if p.key.proto == IPPROTO_ICMP && p.icmp_type != ICMP_ECHO && p.icmp_type != ICMP_ECHOREPLY {
         return Nat::Skip;
     }
-    let existing = unsafe { CT.get(&p.key) }.map(|e| e.rewrite);
+    // One lookup for an established flow: the entry is translated from and
+    // counted through the same pointer.
+    let mut entry = CT.get_ptr_mut(&p.key);
+    let existing = entry.map(|e| unsafe { (*e).rewrite });
     let (mut to, new_flow, fwd) = match existing {
         Some(r) => (r, false, false),
         None => {
@@ -430,10 +432,15 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig) -> Nat {
     {
         return Nat::Drop;
     }
+    if new_flow {
+        entry = CT.get_ptr_mut(&p.key);
+    }
     if !apply(ctx, &p, &to) || !dec_ttl(ctx, p.ttl) {
         return Nat::Drop;
     }
-    touch(&p.key, p.tot_len as u64, p.tcp_flags);
+    if let Some(e) = entry {
+        touch(e, p.tot_len as u64, p.tcp_flags);
+    }
     count(net_id, |s| s.translated += 1);
     Nat::Sent(
         unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) } as i32,
@@ -492,8 +499,9 @@ pub fn from_uplink(ctx: &TcContext, ingress: u32) -> Nat {
     {
         return icmp_error(ctx, &p, ingress);
     }
-    let mut to = match unsafe { CT.get(&p.key) } {
-        Some(e) => e.rewrite,
+    let mut entry = CT.get_ptr_mut(&p.key);
+    let mut to = match entry {
+        Some(e) => unsafe { (*e).rewrite },
         None => {
             if p.key.proto == IPPROTO_ICMP {
                 return Nat::Skip;
@@ -521,15 +529,16 @@ pub fn from_uplink(ctx: &TcContext, ingress: u32) -> Nat {
             if create(t.net_id, &n, &p.key, &mut to, false, CT_F_DNAT).is_none() {
                 return Nat::Drop;
             }
+            entry = CT.get_ptr_mut(&p.key);
             to
         }
     };
     if !apply(ctx, &p, &to) {
         return Nat::Drop;
     }
-    touch(&p.key, p.tot_len as u64, p.tcp_flags);
-    if let Some(e) = unsafe { CT.get(&p.key) } {
-        let net_id = e.net_id;
+    if let Some(e) = entry {
+        touch(e, p.tot_len as u64, p.tcp_flags);
+        let net_id = unsafe { (*e).net_id };
         count(net_id, |s| s.translated += 1);
     }
     to.proto = p.key.proto;
