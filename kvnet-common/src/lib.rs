@@ -22,6 +22,7 @@ pub mod names {
     pub const MAP_NAT_SUBNETS: &str = "nat_subnets";
     pub const MAP_TRACE_CFG: &str = "trace_cfg";
     pub const MAP_TRACE: &str = "trace";
+    pub const MAP_MAC_OWNERS: &str = "mac_owners";
     pub const PROG_TC_OUT: &str = "kvnet_tc_out";
     pub const PROG_XDP: &str = "kvnet_xdp";
     pub const PROG_TC: &str = "kvnet_tc";
@@ -41,6 +42,14 @@ pub const MAX_FORWARDS: u32 = 4096;
 pub const MAX_FLOOD_DOMAINS: u32 = 16384;
 /// (port, VLAN) memberships across all ports.
 pub const MAX_VLAN_MEMBERS: u32 = 65536;
+/// MACs a guest port can own ([`PortConfig::macs`]).
+pub const PORT_MACS: usize = 4;
+/// IPv4 source bindings a guest port can hold ([`PortConfig::ips`]).
+pub const PORT_IPS: usize = 4;
+/// MACs a guarded port may own unless told otherwise (`--max-macs`).
+pub const DEFAULT_MAX_MACS: u8 = 1;
+/// Owned (network, VLAN, MAC)s: every guest port's MACs plus gateways.
+pub const MAX_MAC_OWNERS: u32 = MAX_PORTS * PORT_MACS as u32 + MAX_NETWORKS;
 
 /// 802.1Q: valid VIDs are 1..=4094 (0 means "priority tag only", 4095 is
 /// reserved).
@@ -89,6 +98,16 @@ pub const PORT_F_BRIDGED_NET: u32 = 1 << 6;
 /// Gateway ports and uplinks are trusted by their role; untrusted guest
 /// ports have server-to-client DHCP dropped (drop reason `rogue_dhcp`).
 pub const PORT_F_TRUSTED: u32 = 1 << 7;
+/// Port security (a guest port, on by default): frames only from the MACs
+/// the port owns ([`PortConfig::macs`], sticky up to `max_macs`), ARP only
+/// with that MAC as sender. Drop reasons `mac_spoof`, `fdb_limit`,
+/// `arp_spoof`.
+pub const PORT_F_GUARDED: u32 = 1 << 9;
+/// IP source guard even while the port has no binding yet (kvnet serves
+/// DHCP on its network, or `--ip` was given): IPv4 and ARP senders must be
+/// in [`PortConfig::ips`] (0.0.0.0 DHCP/probes allowed). A guarded port
+/// with bindings learned by DHCP snooping is checked the same way.
+pub const PORT_F_IP_GUARD: u32 = 1 << 10;
 
 /// skb->mark of frames kvnet hands to a host stack through an uplink's
 /// ingress (bridged mode); the uplink's own program lets them pass.
@@ -123,10 +142,15 @@ pub struct NetConfig {
     /// serve guests of that VLAN.
     pub gw_vid: u16,
     pub _pad2: u16,
+    /// The gateway's own address (network order): no guest may claim it.
+    pub gw_ip: u32,
 }
 
 /// [`NetConfig::flags`]: masquerade traffic leaving through the uplink.
 pub const NET_F_NAT: u32 = 1 << 0;
+/// The network accepts no new connections routed in from other kvnet
+/// networks or the outside (NAT and host-only, as libvirt's FORWARD rules).
+pub const NET_F_CLOSED: u32 = 1 << 1;
 /// A routed/NAT uplink also carries at least one NAT network.
 pub const PORT_F_UPLINK_NAT: u32 = 1 << 8;
 
@@ -239,7 +263,8 @@ impl NatStats {
     }
 }
 
-/// Port configuration, map `ports`, keyed by ifindex (u32).
+/// Port configuration, map `ports`, keyed by ifindex (u32). The port
+/// security bindings live here too, so checking them costs no lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct PortConfig {
@@ -252,7 +277,30 @@ pub struct PortConfig {
     pub pvid: u16,
     /// Trunk native VLAN, 0 for none (then untagged frames are dropped).
     pub native_vid: u16,
-    pub _pad: u16,
+    /// Port security ([`PORT_F_GUARDED`]): how many source MACs the port may
+    /// own, and how many it owns (`macs[..mac_count]`, given by the daemon
+    /// or claimed by the datapath on first sight, sticky).
+    pub max_macs: u8,
+    pub mac_count: u8,
+    pub macs: [[u8; 6]; PORT_MACS],
+    /// IPv4 source bindings (network order), `ips[..ip_count]`: given by
+    /// the daemon (`--ip`) or snooped from DHCP replies to the port's MAC
+    /// (then written round-robin at `ip_next`, past the first `ip_fixed`
+    /// slots, which hold the daemon's).
+    pub ips: [u32; PORT_IPS],
+    pub ip_count: u8,
+    pub ip_next: u8,
+    pub ip_fixed: u8,
+    pub _pad: u8,
+}
+
+impl PortConfig {
+    pub fn owned_macs(&self) -> &[[u8; 6]] {
+        &self.macs[..(self.mac_count as usize).min(PORT_MACS)]
+    }
+    pub fn bound_ips(&self) -> &[u32] {
+        &self.ips[..(self.ip_count as usize).min(PORT_IPS)]
+    }
 }
 
 /// FDB key, map `fdb`: one MAC table per (network, VLAN).
@@ -348,12 +396,28 @@ pub enum DropReason {
     VlanUntagged = 6,
     /// 802.1ad / QinQ outer tag (0x88a8, 0x9100): no port carries them.
     Qinq = 7,
-    /// A DHCP server message (IPv4 UDP from port 67) from an untrusted
-    /// guest port: a rogue DHCP server.
+    /// A DHCP server message (IPv4 UDP from port 67 or to port 68, DHCPv6
+    /// from 547 or to 546) from an untrusted guest port: a rogue server.
     RogueDhcp = 8,
+    /// Source MAC owned by another port of the network.
+    MacSpoof = 9,
+    /// The port owns as many MACs as it may (`--max-macs`).
+    FdbLimit = 10,
+    /// IPv4 source (or IPv6 beyond link-local) not bound to the port.
+    IpSpoof = 11,
+    /// ARP whose sender MAC is not the frame's, or whose sender IP is not
+    /// bound to the port or is the gateway's.
+    ArpSpoof = 12,
+    /// IPv6 router advertisement or redirect from a guest port.
+    RogueRa = 13,
+    /// A VLAN tag left inside the frame after classification (double tag).
+    DoubleTag = 14,
+    /// A new connection into a NAT or host-only network from another
+    /// kvnet network or from outside.
+    ForeignNet = 15,
 }
 
-pub const DROP_REASONS: usize = 9;
+pub const DROP_REASONS: usize = 16;
 pub const DROP_REASON_NAMES: [&str; DROP_REASONS] = [
     "malformed",
     "bad_src_mac",
@@ -364,6 +428,13 @@ pub const DROP_REASON_NAMES: [&str; DROP_REASONS] = [
     "vlan_untagged",
     "qinq",
     "rogue_dhcp",
+    "mac_spoof",
+    "fdb_limit",
+    "ip_spoof",
+    "arp_spoof",
+    "rogue_ra",
+    "double_tag",
+    "foreign_net",
 ];
 
 /// Per-port counters, per-CPU hash `port_stats` keyed by ifindex.
@@ -497,7 +568,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_hidden_padding() {
-        assert_eq!(size_of::<PortConfig>(), 16);
+        assert_eq!(size_of::<PortConfig>(), 60);
         assert_eq!(size_of::<FdbKey>(), 12);
         assert_eq!(size_of::<FdbEntry>(), 16);
         assert_eq!(size_of::<FloodKey>(), 8);
@@ -505,7 +576,7 @@ mod tests {
         assert_eq!(size_of::<VlanMemberKey>(), 8);
         assert_eq!(size_of::<VlanMember>(), 4);
         assert_eq!(size_of::<PortStats>(), 8 * (10 + DROP_REASONS));
-        assert_eq!(size_of::<NetConfig>(), 48);
+        assert_eq!(size_of::<NetConfig>(), 52);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtEntry>(), 56);
         assert_eq!(size_of::<ForwardKey>(), 8);

@@ -2,26 +2,38 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use kvnet_common::{FdbEntry, FdbKey, FDB_F_STATIC, FDB_REFRESH_NS};
 
-use crate::{maps::FDB, stats};
+use crate::{
+    maps::{FDB, MAC_OWNERS},
+    stats,
+};
 
 /// Learns `mac` on `ingress`. Writes only when the entry is new, moved
 /// (guest migration: re-learned at once) or due for a refresh; static
-/// entries are never overwritten.
+/// entries are never overwritten, and a MAC a guest port owns never moves
+/// to another port (a trusted port sending it is not believed).
 #[inline(always)]
 pub fn learn(net_id: u32, vid: u16, mac: [u8; 6], ingress: u32) {
     let key = FdbKey { net_id, vid, mac };
     // The coarse clock (a tick's precision) is plenty for ageing in seconds
     // and far cheaper per packet than the precise one.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if let Some(e) = unsafe { FDB.get(&key) } {
-        if e.flags & FDB_F_STATIC != 0 {
-            return;
+    match unsafe { FDB.get(&key) } {
+        Some(e) if e.flags & FDB_F_STATIC != 0 => return,
+        Some(e)
+            if e.ifindex == ingress && now.wrapping_sub(e.last_seen_ns) < FDB_REFRESH_NS =>
+        {
+            return
         }
-        if e.ifindex == ingress && now.wrapping_sub(e.last_seen_ns) < FDB_REFRESH_NS {
-            return;
+        Some(e) if e.ifindex == ingress => {}
+        // New or moved: rare, so the ownership lookup costs nothing per packet.
+        found => {
+            if unsafe { MAC_OWNERS.get(&key) }.is_some_and(|o| *o != ingress) {
+                return;
+            }
+            if found.is_none() {
+                stats::learned(ingress);
+            }
         }
-    } else {
-        stats::learned(ingress);
     }
     let entry = FdbEntry {
         ifindex: ingress,

@@ -11,8 +11,8 @@
 
 mod bench;
 mod csum;
-mod dhcp_guard;
 mod fdb;
+mod guard;
 mod maps;
 mod nat;
 mod parse;
@@ -26,7 +26,7 @@ use aya_ebpf::{
     helpers::{
         bpf_clone_redirect, bpf_redirect, bpf_skb_vlan_pop, bpf_skb_vlan_push, bpf_xdp_adjust_head,
     },
-    macros::{classifier, xdp},
+    macros::xdp,
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
@@ -312,6 +312,10 @@ fn tc_act(
                     rc
                 }
                 nat::Nat::Drop => TC_ACT_SHOT,
+                nat::Nat::Foreign => {
+                    stats::drop(ingress, DropReason::ForeignNet);
+                    TC_ACT_SHOT
+                }
                 // Not translated: to the gateway, i.e. the host stack.
                 nat::Nat::Skip | nat::Nat::ToHost => {
                     stats::tx(n.gw_port, len);
@@ -325,7 +329,7 @@ fn tc_act(
                 trace::egress(egress);
                 rc
             }
-            nat::Nat::Drop => TC_ACT_SHOT,
+            nat::Nat::Drop | nat::Nat::Foreign => TC_ACT_SHOT,
             nat::Nat::Skip | nat::Nat::ToHost => {
                 // Not a NAT flow: a routed network's traffic, or the host's.
                 // Skip: nat touched nothing, the packet pointers still hold.
@@ -333,6 +337,10 @@ fn tc_act(
                     Action::Route(egress) => {
                         stats::tx(egress, len);
                         unsafe { bpf_redirect(egress, 0) as i32 }
+                    }
+                    Action::Drop(reason) => {
+                        stats::drop(ingress, reason);
+                        TC_ACT_SHOT
                     }
                     _ => TC_ACT_OK,
                 }

@@ -6,7 +6,7 @@ use aya_ebpf::{
 use kvnet_common::{
     CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, ForwardKey, ForwardTarget, NatStats,
     NetConfig, PortConfig, PortStats, VlanMember, VlanMemberKey, MAX_CT_ENTRIES, MAX_FDB_ENTRIES,
-    MAX_FLOOD_DOMAINS, MAX_FORWARDS, MAX_NETWORKS, MAX_PORTS, MAX_VLAN_MEMBERS,
+    MAX_FLOOD_DOMAINS, MAX_FORWARDS, MAX_MAC_OWNERS, MAX_NETWORKS, MAX_PORTS, MAX_VLAN_MEMBERS,
 };
 
 #[map(name = "ports")]
@@ -14,6 +14,11 @@ pub static PORTS: HashMap<u32, PortConfig> = HashMap::pinned(MAX_PORTS, 0);
 
 #[map(name = "fdb")]
 pub static FDB: HashMap<FdbKey, FdbEntry> = HashMap::pinned(MAX_FDB_ENTRIES, 0);
+
+/// (network, VLAN, MAC) -> the ifindex of the port that owns it (port
+/// security): claimed with BPF_NOEXIST, freed by the daemon with the port.
+#[map(name = "mac_owners")]
+pub static MAC_OWNERS: HashMap<FdbKey, u32> = HashMap::pinned(MAX_MAC_OWNERS, 0);
 
 #[map(name = "flood")]
 pub static FLOOD: HashMap<FloodKey, FloodSet> = HashMap::pinned(MAX_FLOOD_DOMAINS, 0);
@@ -72,9 +77,11 @@ pub fn vlan_member(ifindex: u32, vid: u16) -> Option<u32> {
     unsafe { VLAN_MEMBERS.get(&key) }.map(|m| m.flags)
 }
 
+/// The port's entry in place: copying it (bindings included) would cost
+/// stack the verifier does not have to spare.
 #[inline(always)]
-pub fn port(ifindex: u32) -> Option<PortConfig> {
-    unsafe { PORTS.get(&ifindex).copied() }
+pub fn port(ifindex: u32) -> Option<&'static PortConfig> {
+    unsafe { PORTS.get(&ifindex) }
 }
 
 #[inline(always)]

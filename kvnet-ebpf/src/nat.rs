@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use kvnet_common::{
     CtEntry, CtKey, ForwardKey, NatStats, NetConfig, CT_F_ACK, CT_F_DNAT, CT_F_FIN, CT_F_ORIGINAL,
-    CT_F_RST, CT_F_SYN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    CT_F_RST, CT_F_SYN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NET_F_CLOSED,
 };
 
 use crate::{
@@ -47,6 +47,8 @@ pub enum Nat {
     Drop,
     /// Translated and sent: the tc verdict and the interface it went to.
     Sent(i32, u32),
+    /// A new flow into another closed (NAT, host-only) kvnet network.
+    Foreign,
 }
 
 struct Pkt {
@@ -374,8 +376,12 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig) -> Nat {
         return Nat::Skip;
     }
     // One lookup for an established flow: the entry is translated from and
-    // counted through the same pointer.
-    let mut entry = CT.get_ptr_mut(&p.key);
+    // counted through the same pointer. Only this network's guests' side
+    // of a flow: a guest forging the remote end of someone's flow (a reply
+    // entry) to its gateway must not have it delivered.
+    let mut entry = CT
+        .get_ptr_mut(&p.key)
+        .filter(|e| unsafe { (**e).net_id } == net_id && in_subnet(n, p.key.saddr));
     let existing = entry.map(|e| unsafe { (*e).rewrite });
     let (mut to, new_flow, fwd) = match existing {
         Some(r) => (r, false, false),
@@ -419,6 +425,14 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig) -> Nat {
         // Unroutable or too big: the host answers with the ICMP error.
         return Nat::ToHost;
     };
+    if new_flow && !fwd {
+        // Into another kvnet network: only a routed one takes it.
+        if let Some(other) = maps::gw_host_net(f.ifindex) {
+            if other != net_id && maps::net(other).is_none_or(|o| o.flags & NET_F_CLOSED != 0) {
+                return Nat::Foreign;
+            }
+        }
+    }
     if new_flow
         && create(
             net_id,
@@ -499,7 +513,12 @@ pub fn from_uplink(ctx: &TcContext, ingress: u32) -> Nat {
     {
         return icmp_error(ctx, &p, ingress);
     }
-    let mut entry = CT.get_ptr_mut(&p.key);
+    // The outside's side of flows only: a masquerade flow's original
+    // (guest-side) entry is never matched from the uplink.
+    let mut entry = CT.get_ptr_mut(&p.key).filter(|e| {
+        let flags = unsafe { (**e).flags };
+        flags & CT_F_ORIGINAL == 0 || flags & CT_F_DNAT != 0
+    });
     let mut to = match entry {
         Some(e) => unsafe { (*e).rewrite },
         None => {

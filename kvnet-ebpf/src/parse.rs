@@ -3,6 +3,35 @@
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IPV4: u16 = 0x0800;
 pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+
+/// Where the network header starts, past a VLAN tag still in the packet,
+/// and the ethertype that announces it.
+pub struct L3 {
+    pub ethertype: u16,
+    pub off: usize,
+}
+
+/// The L3 header behind the Ethernet header and, when `tag_in_packet`,
+/// one 802.1Q tag. A second tag shows up as a TPID in `ethertype`.
+#[inline(always)]
+pub fn l3(data: usize, data_end: usize, eth: &Eth, tag_in_packet: bool) -> L3 {
+    if !tag_in_packet {
+        return L3 {
+            ethertype: eth.ethertype,
+            off: ETH_HLEN,
+        };
+    }
+    let ethertype = match ptr_at::<[u8; 2]>(data, data_end, ETH_HLEN + 2) {
+        Some(p) => u16::from_be_bytes(unsafe { *p }),
+        None => 0,
+    };
+    L3 {
+        ethertype,
+        off: ETH_HLEN + 4,
+    }
+}
 
 pub struct Eth {
     pub dst: [u8; 6],

@@ -1,12 +1,12 @@
 //! The switching decision, written once and executed by both hooks.
 use kvnet_common::{
-    DropReason, FloodKey, PortConfig, ETH_P_8021AD, ETH_P_8021Q, ETH_P_QINQ_9100, FDB_F_HOST,
-    NET_F_NAT, PORT_F_HAIRPIN, PORT_F_ROUTED_NET, PORT_F_UPLINK_NAT, PORT_F_UPLINK_ROUTED,
+    DropReason, FloodKey, PortConfig, ETH_P_8021Q, FDB_F_HOST, NET_F_CLOSED, NET_F_NAT,
+    PORT_F_HAIRPIN, PORT_F_ROUTED_NET, PORT_F_TRUSTED, PORT_F_UPLINK_NAT, PORT_F_UPLINK_ROUTED,
     VLAN_MODE_NONE, VLAN_MODE_TRUNK, VLAN_M_TAGGED, VLAN_VID_MASK,
 };
 
 use crate::{
-    fdb, maps, parse,
+    fdb, guard, maps, parse,
     route::{self, L3Ctx},
     stats,
 };
@@ -19,7 +19,6 @@ pub struct Tag {
     pub tpid: u16,
     pub tci: u16,
     /// The tag is in the packet bytes (else in skb metadata, or absent).
-    #[allow(dead_code)]
     pub in_packet: bool,
 }
 
@@ -51,7 +50,7 @@ impl Tag {
         };
         let h = unsafe { &*h };
         let tpid = u16::from_be_bytes([h[0], h[1]]);
-        if tpid != ETH_P_8021Q && tpid != ETH_P_8021AD && tpid != ETH_P_QINQ_9100 {
+        if !guard::is_tag(tpid) {
             return Tag::NONE;
         }
         Tag {
@@ -110,15 +109,20 @@ fn classify(ingress: u32, port: &PortConfig, tag: &Tag) -> Result<u16, DropReaso
 /// Where a routed packet goes once the FIB has chosen `fib.ifindex`: a
 /// kvnet gateway interface leads into that network, straight to the
 /// guest's port when its MAC is known; anything else is the egress itself.
+/// A closed (NAT, host-only) network takes nothing routed in.
 #[inline(always)]
-fn routed_to(fib: &route::Fib) -> u32 {
+fn routed_to(fib: &route::Fib) -> Result<u32, DropReason> {
     if let Some(net_id) = maps::gw_host_net(fib.ifindex) {
-        let vid = maps::net(net_id).map_or(0, |n| n.gw_vid);
+        let n = maps::net(net_id);
+        if n.is_some_and(|n| n.flags & NET_F_CLOSED != 0) {
+            return Err(DropReason::ForeignNet);
+        }
+        let vid = n.map_or(0, |n| n.gw_vid);
         if let Some(port) = fdb::lookup(net_id, vid, fib.dmac) {
-            return port;
+            return Ok(port);
         }
     }
-    fib.ifindex
+    Ok(fib.ifindex)
 }
 
 /// A routed network's uplink: traffic for a guest subnet is routed to the
@@ -144,13 +148,18 @@ pub fn from_routed_uplink(
     let Some(fib) = route::lookup_v4(&l3c, data, data_end, parse::ETH_HLEN, ingress) else {
         return Action::Pass;
     };
-    if maps::gw_host_net(fib.ifindex).is_none()
-        || !route::rewrite_v4(data, data_end, parse::ETH_HLEN, &fib)
-    {
+    if maps::gw_host_net(fib.ifindex).is_none() {
+        return Action::Pass;
+    }
+    let egress = match routed_to(&fib) {
+        Ok(e) => e,
+        Err(r) => return Action::Drop(r),
+    };
+    if !route::rewrite_v4(data, data_end, parse::ETH_HLEN, &fib) {
         return Action::Pass;
     }
     stats::routed(ingress);
-    Action::Route(routed_to(&fib))
+    Action::Route(egress)
 }
 
 #[inline(always)]
@@ -178,11 +187,22 @@ pub fn decide(
         Ok(v) => v,
         Err(r) => return Action::Drop(r),
     };
-    if let Some(r) = crate::dhcp_guard::check(port, data, data_end, eth.ethertype) {
+    let hdr = parse::l3(data, data_end, &eth, tag.in_packet);
+    if guard::is_tag(hdr.ethertype) {
+        // A tag behind the one classified (or behind none): a VLAN hop.
+        return Action::Drop(DropReason::DoubleTag);
+    }
+    if let Some(r) = guard::check(ingress, port, data, data_end, &eth, &hdr, vid) {
         return Action::Drop(r);
     }
-    // Tagged egress keeps the PCP and DEI bits the frame came with.
-    let out_tci = (tag.tci & !VLAN_VID_MASK) | vid;
+    // Tagged egress keeps the PCP and DEI bits a trunk or a trusted port
+    // sent; a guest on an access port gets no say in the priority.
+    let keep = if port.vlan_mode == VLAN_MODE_TRUNK || port.flags & PORT_F_TRUSTED != 0 {
+        !VLAN_VID_MASK
+    } else {
+        0
+    };
+    let out_tci = (tag.tci & keep) | vid;
     let net_id = port.net_id;
     fdb::learn(net_id, vid, eth.src, ingress);
 
@@ -210,9 +230,13 @@ pub fn decide(
                 if let Some(fib) =
                     route::lookup_v4(&l3c, data, data_end, parse::ETH_HLEN, n.gw_host)
                 {
+                    let egress = match routed_to(&fib) {
+                        Ok(e) => e,
+                        Err(r) => return Action::Drop(r),
+                    };
                     if route::rewrite_v4(data, data_end, parse::ETH_HLEN, &fib) {
                         stats::routed(ingress);
-                        return Action::Route(routed_to(&fib));
+                        return Action::Route(egress);
                     }
                 }
             }

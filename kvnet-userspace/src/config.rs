@@ -27,6 +27,7 @@ use crate::{
     mac::Mac,
     netdev,
     network::PortRole,
+    security::SecurityArgs,
     switch::{validate_net_name, Switch, DEFAULT_AGEING},
     vlan::{self, VlanCfg},
 };
@@ -176,6 +177,16 @@ pub struct PortSection {
     /// May answer DHCP (a DHCP server guest).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub trusted: bool,
+    /// Port security: the guest's MAC(s), extra IPv4 sources, MAC limit,
+    /// or off (see `kvnet port add --help`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mac: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_macs: Option<u8>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_port_security: bool,
     /// Access VLAN.
     #[serde(
         default,
@@ -212,6 +223,16 @@ pub struct RuleSection {
     /// May answer DHCP (a DHCP server guest).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub trusted: bool,
+    /// Port security: the guest's MAC(s), extra IPv4 sources, MAC limit,
+    /// or off (see `kvnet port add --help`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mac: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_macs: Option<u8>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_port_security: bool,
     /// Access VLAN.
     #[serde(
         default,
@@ -246,6 +267,12 @@ macro_rules! attach_of {
                     vlan: self.vlan,
                     trunk: self.trunk.clone(),
                     native: self.native,
+                    security: SecurityArgs {
+                        mac: self.mac.clone(),
+                        ip: self.ip.clone(),
+                        max_macs: self.max_macs,
+                        no_port_security: self.no_port_security,
+                    },
                 }
             }
         }
@@ -266,6 +293,7 @@ pub struct Attach {
     /// Trunk VLANs: "10,20,100-199" or [10, 20].
     pub trunk: Option<String>,
     pub native: Option<u16>,
+    pub security: SecurityArgs,
 }
 
 impl Attach {
@@ -284,16 +312,23 @@ impl Attach {
             hairpin: self.hairpin,
             trusted: self.trusted,
             vlan: self.vlan_args().to_cfg().unwrap_or_default(),
+            security: self.security.clone(),
         }
+    }
+}
+
+impl Attach {
+    fn check(&self) -> Result<()> {
+        self.vlan_args().to_cfg()?;
+        self.security.validate()?;
+        Ok(())
     }
 }
 
 impl Check for PortSection {
     fn check(&self) -> Result<(), String> {
         self.attach()
-            .vlan_args()
-            .to_cfg()
-            .map(|_| ())
+            .check()
             .map_err(|e| format!("port '{}': {e:#}", self.iface))
     }
 }
@@ -301,9 +336,7 @@ impl Check for PortSection {
 impl Check for RuleSection {
     fn check(&self) -> Result<(), String> {
         self.attach()
-            .vlan_args()
-            .to_cfg()
-            .map(|_| ())
+            .check()
             .map_err(|e| format!("rule '{}': {e:#}", self.pattern))
     }
 }
@@ -815,6 +848,7 @@ pub struct PortSpec {
     pub hairpin: bool,
     pub trusted: bool,
     pub vlan: VlanCfg,
+    pub security: SecurityArgs,
 }
 
 impl fmt::Display for PortSpec {
@@ -831,6 +865,9 @@ impl fmt::Display for PortSpec {
         }
         if self.trusted {
             f.write_str(" trusted")?;
+        }
+        if self.security.no_port_security {
+            f.write_str(" no-port-security")?;
         }
         Ok(())
     }
@@ -859,6 +896,7 @@ impl PortSpec {
             vlan: a.vlan.and_then(|v| v.parse().ok()),
             trunk: a.trunk,
             native: a.native.and_then(|v| v.parse().ok()),
+            security: self.security.clone(),
         }
     }
 }
@@ -1062,6 +1100,7 @@ pub(crate) fn running_ports(sw: &Switch) -> BTreeMap<String, PortSpec> {
                     hairpin: p.hairpin,
                     trusted: p.trusted,
                     vlan: p.vlan.clone(),
+                    security: p.security.args(),
                 },
             )
         })
@@ -1159,6 +1198,7 @@ pub fn plan(sw: &Switch, rt: &Runtime, cfg: &Config) -> Plan {
                     && h.hook == w.hook
                     && h.hairpin == w.hairpin
                     && h.trusted == w.trusted
+                    && h.security == w.security
                     && !recreated.contains(&w.net);
                 p.ports_changed.push(PortChange {
                     iface: i.clone(),
@@ -1278,7 +1318,15 @@ pub fn apply(sw: &mut Switch, cfg: &Config, dry_run: bool) -> Result<Plan> {
             .map(|c| (&c.iface, &c.to)),
     ) {
         let s = &ports[i];
-        sw.port_add(&s.net, i, s.hairpin, s.hook, &s.vlan_args(), s.trusted)
+        sw.port_add(
+            &s.net,
+            i,
+            s.hairpin,
+            s.hook,
+            &s.vlan_args(),
+            s.trusted,
+            &s.security,
+        )
             .with_context(|| format!("attaching port '{i}'"))?;
     }
     for c in plan.ports_changed.iter().filter(|c| c.live) {
@@ -1396,6 +1444,10 @@ pub fn running_config(sw: &Switch) -> Config {
                 vlan: a.vlan,
                 trunk: a.trunk,
                 native: a.native,
+                mac: a.security.mac,
+                ip: a.security.ip,
+                max_macs: a.security.max_macs,
+                no_port_security: a.security.no_port_security,
             }));
         }
         // Static ports of the file whose interface is absent stay.
@@ -1461,6 +1513,7 @@ pub fn ifup(sw: &mut Switch, iface: &str, net: Option<&str>, vlan: Option<&str>)
                     hairpin: false,
                     trusted: false,
                     vlan: vlan.to_cfg()?,
+                    security: SecurityArgs::default(),
                 },
                 true,
             )
@@ -1497,7 +1550,8 @@ fn attach(sw: &mut Switch, iface: &str, spec: &PortSpec) -> Result<()> {
             if h.net == spec.net
                 && h.hook == spec.hook
                 && h.hairpin == spec.hairpin
-                && h.trusted == spec.trusted =>
+                && h.trusted == spec.trusted
+                && h.security == spec.security =>
         {
             let mut a = spec.vlan_args();
             a.no_vlan = a.is_empty();
@@ -1512,6 +1566,7 @@ fn attach(sw: &mut Switch, iface: &str, spec: &PortSpec) -> Result<()> {
                 spec.hook,
                 &spec.vlan_args(),
                 spec.trusted,
+                &spec.security,
             )
         }
         None => sw.port_add(
@@ -1521,6 +1576,7 @@ fn attach(sw: &mut Switch, iface: &str, spec: &PortSpec) -> Result<()> {
             spec.hook,
             &spec.vlan_args(),
             spec.trusted,
+            &spec.security,
         ),
     }
 }
@@ -1549,6 +1605,7 @@ pub fn link_added(sw: &mut Switch, iface: &str) -> Option<String> {
         spec.hook,
         &spec.vlan_args(),
         spec.trusted,
+        &spec.security,
     ) {
         Ok(()) => {
             if rule {

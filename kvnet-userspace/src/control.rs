@@ -138,6 +138,13 @@ pub enum Request {
         /// May act as a DHCP server (else its DHCP server messages are dropped).
         #[serde(default)]
         trusted: bool,
+        /// Port security (on unless `no_port_security`).
+        #[serde(default)]
+        security: crate::security::SecurityArgs,
+    },
+    /// A port's protection and bindings.
+    PortShow {
+        iface: String,
     },
     /// Change a port's VLAN membership live.
     PortSet {

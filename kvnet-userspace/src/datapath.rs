@@ -395,6 +395,13 @@ impl Datapath {
         Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_FDB)?)?)
     }
 
+    pub fn mac_owners(&mut self) -> Result<HashMap<&mut MapData, FdbKey, u32>> {
+        Ok(HashMap::try_from(map(
+            &mut self.ebpf,
+            names::MAP_MAC_OWNERS,
+        )?)?)
+    }
+
     pub fn flood(&mut self) -> Result<HashMap<&mut MapData, FloodKey, FloodSet>> {
         Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_FLOOD)?)?)
     }

@@ -79,7 +79,7 @@ impl Fixture {
                     vlan_mode: mode,
                     pvid,
                     native_vid: if mode == VLAN_MODE_TRUNK { pvid } else { 0 },
-                    _pad: 0,
+                    ..Default::default()
                 },
                 0,
             )
@@ -385,11 +385,19 @@ fn access_ingress_learns_in_its_vlan_and_xdp_pushes_the_tag_to_a_trunk() {
     // The same in tc: redirected (the tag rides in skb->vlan_tci, which
     // BPF_PROG_RUN does not return; the lab tests see it on the wire).
     assert_eq!(f.dp.run_tc(&frame, 1).unwrap().verdict, TC_ACT_REDIRECT);
-    // A priority-tagged frame (VID 0) on an access port counts as untagged.
-    let r =
-        f.dp.run_xdp(&tagged(&frame, 0x8100, 0xa000), LO, 1)
-            .unwrap();
+    // A priority-tagged frame (VID 0) on an access port counts as untagged;
+    // a guest gets no say in the priority on the trunk.
+    let prio = tagged(&frame, 0x8100, 0xa000);
+    let r = f.dp.run_xdp(&prio, LO, 1).unwrap();
     assert_eq!(r.verdict, XDP_REDIRECT);
+    assert_eq!(
+        r.frame,
+        tagged(&frame, 0x8100, 10),
+        "PCP reset, VID 10 set"
+    );
+    // A trusted access port keeps its PCP.
+    f.vlan_port(LO, PORT_F_TRUSTED, VLAN_MODE_ACCESS, 10, &[(10, false)]);
+    let r = f.dp.run_xdp(&prio, LO, 1).unwrap();
     assert_eq!(
         r.frame,
         tagged(&frame, 0x8100, 0xa00a),
@@ -589,4 +597,243 @@ fn zz_cost_known_unicast_tc() {
         best = best.min(f.dp.run_tc(&frame, 1_000_000).unwrap().per_run.as_nanos());
     }
     println!("COST known unicast tc: {best} ns");
+}
+
+// ---------------------------------------------------------------- port security
+
+/// LO as a guarded guest port owning `macs` (sticky up to `max`) and bound
+/// to `ips`.
+fn guarded(f: &mut Fixture, flags: u32, max: u8, macs: &[[u8; 6]], ips: &[[u8; 4]]) {
+    f.port(LO, PORT_F_GUARDED | flags);
+    let mut ports = f.dp.ports().unwrap();
+    let mut p = ports.get(&LO, 0).unwrap();
+    p.max_macs = max;
+    for (i, m) in macs.iter().enumerate() {
+        p.macs[i] = *m;
+    }
+    p.mac_count = macs.len() as u8;
+    for (i, ip) in ips.iter().enumerate() {
+        p.ips[i] = u32::from_ne_bytes(*ip);
+    }
+    (p.ip_count, p.ip_fixed, p.ip_next) = (ips.len() as u8, ips.len() as u8, ips.len() as u8);
+    ports.insert(LO, p, 0).unwrap();
+}
+
+fn owner(f: &mut Fixture, mac: [u8; 6], vid: u16) -> Option<u32> {
+    f.dp.mac_owners()
+        .unwrap()
+        .get(&FdbKey { net_id: NET, vid, mac }, 0)
+        .ok()
+}
+
+/// Both hooks' verdicts on `frame` from LO: (xdp, tc).
+fn verdicts(f: &mut Fixture, frame: &[u8]) -> (u32, u32) {
+    let x = f.dp.run_xdp(frame, LO, 1).unwrap().verdict;
+    let t = f.dp.run_tc(frame, 1).unwrap().verdict;
+    (x, t)
+}
+
+const DROPPED: (u32, u32) = (XDP_DROP, TC_ACT_SHOT);
+
+#[test]
+fn mac_guard_claims_the_first_mac_and_refuses_others() {
+    let Some(mut f) = fixture() else { return };
+    guarded(&mut f, 0, 1, &[], &[]);
+    let from_a = udp_frame(BCAST, A, b"a", true);
+    assert_ne!(verdicts(&mut f, &from_a), DROPPED, "first MAC is claimed");
+    assert_eq!(owner(&mut f, A, 0), Some(LO));
+    assert_eq!(f.dp.ports().unwrap().get(&LO, 0).unwrap().owned_macs(), &[A]);
+    // Over the limit: refused, not learned.
+    let from_b = udp_frame(BCAST, B, b"b", true);
+    assert_eq!(verdicts(&mut f, &from_b), DROPPED);
+    assert_eq!(f.drops(LO, DropReason::FdbLimit), 2);
+    assert!(f.fdb_get(B).is_none());
+    // Owned by another port: refused even with room to spare.
+    guarded(&mut f, 0, 2, &[A], &[]);
+    f.dp.mac_owners()
+        .unwrap()
+        .insert(FdbKey { net_id: NET, vid: 0, mac: B }, 1003, 0)
+        .unwrap();
+    assert_eq!(verdicts(&mut f, &from_b), DROPPED);
+    assert_eq!(f.drops(LO, DropReason::MacSpoof), 2);
+    // The same frames from an unguarded port pass (positive control).
+    f.port(LO, 0);
+    assert_ne!(verdicts(&mut f, &from_b), DROPPED);
+}
+
+#[test]
+fn trusted_ports_never_take_a_guest_owned_mac() {
+    let Some(mut f) = fixture() else { return };
+    f.port(LO, PORT_F_TRUSTED);
+    f.fdb(B, 1003, 0);
+    f.dp.mac_owners()
+        .unwrap()
+        .insert(FdbKey { net_id: NET, vid: 0, mac: B }, 1003, 0)
+        .unwrap();
+    f.dp.run_tc(&udp_frame(BCAST, B, b"b", true), 1).unwrap();
+    assert_eq!(f.fdb_get(B).unwrap().ifindex, 1003, "not moved to LO");
+    // An unowned MAC moves as before.
+    f.fdb(A, 1003, 0);
+    f.dp.run_tc(&udp_frame(BCAST, A, b"a", true), 1).unwrap();
+    assert_eq!(f.fdb_get(A).unwrap().ifindex, LO);
+}
+
+/// `udp_frame` with source address `sip` (IP checksum left stale: the
+/// guards do not read it).
+fn udp_from(src_mac: [u8; 6], sip: [u8; 4]) -> Vec<u8> {
+    let mut fr = udp_frame(BCAST, src_mac, b"x", true);
+    fr[26..30].copy_from_slice(&sip);
+    fr
+}
+
+fn arp(sha: [u8; 6], spa: [u8; 4], src: [u8; 6]) -> Vec<u8> {
+    let mut p = vec![0, 1, 8, 0, 6, 4, 0, 2];
+    p.extend_from_slice(&sha);
+    p.extend_from_slice(&spa);
+    p.extend_from_slice(&[0; 6]);
+    p.extend_from_slice(&[10, 0, 0, 2]);
+    let mut fr = Vec::new();
+    fr.extend_from_slice(&BCAST);
+    fr.extend_from_slice(&src);
+    fr.extend_from_slice(&[0x08, 0x06]);
+    fr.extend(p);
+    fr
+}
+
+#[test]
+fn ip_source_guard_and_arp_inspection() {
+    let Some(mut f) = fixture() else { return };
+    guarded(&mut f, PORT_F_IP_GUARD, 1, &[A], &[[10, 0, 0, 1]]);
+    assert_ne!(verdicts(&mut f, &udp_from(A, [10, 0, 0, 1])), DROPPED);
+    assert_eq!(verdicts(&mut f, &udp_from(A, [10, 0, 0, 9])), DROPPED);
+    assert_eq!(verdicts(&mut f, &udp_from(A, [203, 0, 113, 7])), DROPPED);
+    assert_eq!(f.drops(LO, DropReason::IpSpoof), 4);
+    // A DHCP client without an address yet.
+    let mut discover = dhcp_frame(68, 67);
+    discover[26..30].copy_from_slice(&[0; 4]);
+    assert_ne!(verdicts(&mut f, &discover), DROPPED);
+    // ARP: bound sender and probe pass; another sender IP or MAC does not.
+    assert_ne!(verdicts(&mut f, &arp(A, [10, 0, 0, 1], A)), DROPPED);
+    assert_ne!(verdicts(&mut f, &arp(A, [0; 4], A)), DROPPED);
+    assert_eq!(verdicts(&mut f, &arp(A, [10, 0, 0, 2], A)), DROPPED);
+    assert_eq!(verdicts(&mut f, &arp(B, [10, 0, 0, 1], A)), DROPPED);
+    assert_eq!(f.drops(LO, DropReason::ArpSpoof), 4);
+    // Without bindings (MAC guard only) the gateway's address stays off limits.
+    guarded(&mut f, 0, 1, &[A], &[]);
+    assert_ne!(verdicts(&mut f, &udp_from(A, [10, 0, 0, 9])), DROPPED);
+    assert_ne!(verdicts(&mut f, &arp(A, [10, 0, 0, 9], A)), DROPPED);
+    f.dp.nets()
+        .unwrap()
+        .insert(
+            NET,
+            NetConfig {
+                gw_ip: u32::from_ne_bytes([10, 0, 0, 254]),
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap();
+    assert_eq!(verdicts(&mut f, &arp(A, [10, 0, 0, 254], A)), DROPPED);
+}
+
+/// Ethernet + IPv6 from `src` with next header `nh` and `l4` behind it.
+fn ipv6(src: [u8; 16], nh: u8, l4: &[u8]) -> Vec<u8> {
+    let mut fr = Vec::new();
+    fr.extend_from_slice(&[0x33, 0x33, 0, 0, 0, 1]);
+    fr.extend_from_slice(&A);
+    fr.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    fr.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    fr.extend_from_slice(&[nh, 255]);
+    fr.extend_from_slice(&src);
+    fr.extend_from_slice(&[0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    fr.extend_from_slice(l4);
+    fr
+}
+
+const LINK_LOCAL: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0x50, 0x54, 0, 0xff, 0xfe, 0, 0, 0xa];
+const GLOBAL: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xa];
+
+#[test]
+fn router_advertisements_redirects_and_dhcpv6_servers_are_refused() {
+    let Some(mut f) = fixture() else { return };
+    guarded(&mut f, 0, 1, &[A], &[]);
+    let ra = ipv6(LINK_LOCAL, 58, &[134, 0, 0, 0, 64, 0, 0, 0]);
+    let redirect = ipv6(LINK_LOCAL, 58, &[137, 0, 0, 0, 0, 0, 0, 0]);
+    // Hop-by-hop options in front of the RA (RFC 7113 evasion).
+    let mut hbh = vec![58, 0, 1, 4, 0, 0, 0, 0];
+    hbh.extend_from_slice(&[134, 0, 0, 0, 64, 0, 0, 0]);
+    let hidden_ra = ipv6(LINK_LOCAL, 0, &hbh);
+    for fr in [&ra, &redirect, &hidden_ra] {
+        assert_eq!(verdicts(&mut f, fr), DROPPED);
+    }
+    assert_eq!(f.drops(LO, DropReason::RogueRa), 6);
+    let advertise = ipv6(LINK_LOCAL, 17, &[0x02, 0x23, 0x02, 0x22, 0, 8, 0, 0]);
+    assert_eq!(verdicts(&mut f, &advertise), DROPPED);
+    assert_eq!(f.drops(LO, DropReason::RogueDhcp), 2);
+    // Neighbour solicitations and DHCPv6 clients pass; so does a global
+    // source while the port has no IPv4 binding to hold it to.
+    let ns = ipv6(LINK_LOCAL, 58, &[135, 0, 0, 0, 0, 0, 0, 0]);
+    let solicit = ipv6(LINK_LOCAL, 17, &[0x02, 0x22, 0x02, 0x23, 0, 8, 0, 0]);
+    for fr in [&ns, &solicit, &ipv6(GLOBAL, 58, &[128, 0, 0, 0, 0, 0, 0, 0])] {
+        assert_ne!(verdicts(&mut f, fr), DROPPED);
+    }
+    // With the IP guard, only link-local sources.
+    guarded(&mut f, PORT_F_IP_GUARD, 1, &[A], &[[10, 0, 0, 1]]);
+    assert_ne!(verdicts(&mut f, &ns), DROPPED);
+    assert_eq!(
+        verdicts(&mut f, &ipv6(GLOBAL, 58, &[128, 0, 0, 0, 0, 0, 0, 0])),
+        DROPPED
+    );
+    // A trusted port is a router.
+    f.port(LO, PORT_F_TRUSTED);
+    assert_ne!(verdicts(&mut f, &ra), DROPPED);
+}
+
+#[test]
+fn dhcp_server_messages_are_refused_by_message_not_source_port() {
+    let Some(mut f) = fixture() else { return };
+    guarded(&mut f, 0, 1, &[A], &[]);
+    let from_1067 = dhcp_frame(1067, 68);
+    let mut reply_to_server = dhcp_frame(1067, 67);
+    reply_to_server[42] = 2; // BOOTREPLY
+    for fr in [&from_1067, &reply_to_server] {
+        assert_eq!(verdicts(&mut f, fr), DROPPED);
+    }
+    assert_eq!(f.drops(LO, DropReason::RogueDhcp), 4);
+}
+
+#[test]
+fn dhcp_replies_on_trusted_ports_bind_the_clients_port() {
+    let Some(mut f) = fixture() else { return };
+    f.port(LO, PORT_F_TRUSTED);
+    f.port(1003, PORT_F_GUARDED);
+    f.dp.mac_owners()
+        .unwrap()
+        .insert(FdbKey { net_id: NET, vid: 0, mac: B }, 1003, 0)
+        .unwrap();
+    let mut ack = dhcp_frame(67, 68);
+    ack[42] = 2; // BOOTREPLY
+    ack[58..62].copy_from_slice(&[10, 0, 0, 50]); // yiaddr
+    ack[70..76].copy_from_slice(&B); // chaddr
+    f.dp.run_tc(&ack, 1).unwrap();
+    let p = f.dp.ports().unwrap().get(&1003, 0).unwrap();
+    assert_eq!(p.bound_ips(), &[u32::from_ne_bytes([10, 0, 0, 50])]);
+    // Once more: no duplicate.
+    f.dp.run_tc(&ack, 1).unwrap();
+    assert_eq!(f.dp.ports().unwrap().get(&1003, 0).unwrap().ip_count, 1);
+}
+
+#[test]
+fn a_tag_left_after_classification_is_a_vlan_hop() {
+    let Some(mut f) = vlan_fixture(VLAN_MODE_ACCESS, 10, &[(10, false)]) else {
+        return;
+    };
+    // 8100/VID 0 (priority tag) around 8100/VID 20.
+    let inner = tagged(&udp_frame(BCAST, A, b"hop", true), 0x8100, 20);
+    let hop = tagged(&inner, 0x8100, 0);
+    assert_eq!(verdicts(&mut f, &hop), DROPPED);
+    assert_eq!(f.drops(LO, DropReason::DoubleTag), 2);
+    // The single priority tag alone is fine (positive control).
+    let prio = tagged(&udp_frame(BCAST, A, b"prio", true), 0x8100, 0);
+    assert_ne!(verdicts(&mut f, &prio), DROPPED);
 }

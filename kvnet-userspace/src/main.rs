@@ -14,6 +14,7 @@ mod dns;
 mod mac;
 mod netdev;
 mod output;
+mod security;
 mod state;
 mod switch;
 mod trace;
@@ -318,9 +319,18 @@ enum PortCmd {
         hook: Hook,
         #[command(flatten)]
         vlan: VlanOpts,
-        /// Let this guest act as a DHCP server (else its DHCP server messages are dropped).
+        /// Trust this port: it may act as a DHCP server and send from any
+        /// MAC (a trunk to another switch); guest ports are guarded.
         #[arg(long)]
         trusted: bool,
+        #[command(flatten)]
+        security: security::SecurityArgs,
+    },
+    /// A port's protection (port security) and what it is bound to.
+    Show {
+        iface: String,
+        #[arg(long)]
+        json: bool,
     },
     /// Change a port's VLAN membership live.
     Set {
@@ -546,6 +556,7 @@ fn run(cli: Cli) -> Result<()> {
             hook,
             vlan,
             trusted,
+            security,
         }) => done(call(
             sock,
             &Request::PortAdd {
@@ -555,8 +566,14 @@ fn run(cli: Cli) -> Result<()> {
                 hook,
                 vlan: vlan.args(false),
                 trusted,
+                security,
             },
         )),
+        Cmd::Port(PortCmd::Show { iface, json }) => output::show::<security::PortSecurityInfo>(
+            call(sock, &Request::PortShow { iface })?,
+            json,
+            output::port_security,
+        ),
         Cmd::Port(PortCmd::Set {
             iface,
             vlan,

@@ -5,14 +5,15 @@ use std::{collections::BTreeSet, fmt};
 
 use anyhow::{bail, Context, Result};
 use kvnet_common::{
-    FdbEntry, FdbKey, PortConfig, FDB_F_HOST, FDB_F_STATIC, PORT_F_BRIDGED_NET, PORT_F_ROUTED_NET,
-    PORT_F_TRUSTED, PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_ROUTED,
+    FdbEntry, FdbKey, PortConfig, FDB_F_HOST, FDB_F_STATIC, NET_F_CLOSED, PORT_F_BRIDGED_NET,
+    PORT_F_ROUTED_NET, PORT_F_TRUSTED, PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_ROUTED,
 };
 
 use crate::{
     control::{Hook, Mode, NetDetail, NetOpts, VlanArgs},
     gateway::{self, Cidr, Gateway},
     netdev,
+    security::Security,
     switch::{validate_net_name, Network, Switch, DEFAULT_AGEING},
 };
 
@@ -268,6 +269,11 @@ impl Switch {
             &VlanArgs::default(),
             extra,
             PortRole::Gateway,
+            // Owned: no guest may take the gateway's MAC.
+            Security {
+                macs: vec![gw_mac],
+                ..Security::default()
+            },
         )?;
         let gw_port = netdev::ifindex(&port_if)?;
         let uplink = self.net(name)?.uplink.clone();
@@ -280,6 +286,12 @@ impl Switch {
         let mut cfg = self.dp.nets()?.get(&id, 0).unwrap_or_default();
         (cfg.gw_host, cfg.gw_port, cfg.uplink, cfg.gw_mac) =
             (gw_host, gw_port, uplink_ifindex, gw_mac.0);
+        cfg.gw_ip = u32::from(cidr.addr).to_be();
+        if !matches!(self.net(name)?.mode, Mode::Routed) {
+            // NAT and host-only: no new connections in from other networks
+            // or the outside (libvirt's FORWARD rules).
+            cfg.flags |= NET_F_CLOSED;
+        }
         self.dp
             .nets()?
             .insert(id, cfg, 0)
@@ -336,6 +348,10 @@ impl Switch {
             &VlanArgs::default(),
             PORT_F_UPLINK_BRIDGED,
             PortRole::Uplink,
+            Security {
+                guarded: false,
+                ..Security::default()
+            },
         )?;
         let ifindex = netdev::ifindex(uplink)?;
         let host_mac = netdev::mac(uplink)?;

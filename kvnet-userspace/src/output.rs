@@ -79,6 +79,19 @@ pub fn net_detail(d: &NetDetail) -> Vec<Vec<String>> {
     rows
 }
 
+pub fn port_security(p: &crate::security::PortSecurityInfo) -> Vec<Vec<String>> {
+    let list = |v: &Vec<String>| if v.is_empty() { "-".to_string() } else { v.join(",") };
+    vec![
+        vec!["port".into(), p.iface.clone()],
+        vec!["network".into(), p.net.clone()],
+        vec!["security".into(), p.security.clone()],
+        vec!["max macs".into(), p.max_macs.to_string()],
+        vec!["macs".into(), list(&p.macs)],
+        vec!["ipv4".into(), list(&p.ips)],
+        vec!["note".into(), p.note.clone()],
+    ]
+}
+
 pub fn ports(ports: &Vec<PortInfo>) -> Vec<Vec<String>> {
     let mut rows = vec![header(&[
         "port", "ifindex", "network", "role", "driver", "hook", "attached", "hairpin", "vlan",

@@ -142,6 +142,10 @@ fn section(iface: &str, spec: &config::PortSpec) -> PortSection {
         vlan: a.vlan,
         trunk: a.trunk,
         native: a.native,
+        mac: a.security.mac,
+        ip: a.security.ip,
+        max_macs: a.security.max_macs,
+        no_port_security: a.security.no_port_security,
     }
 }
 

@@ -20,6 +20,7 @@ use crate::{
     mac::Mac,
     netdev,
     network::{PortRole, Restore, RoutedUplink},
+    security::{PortSecurityInfo, Security, SecurityArgs},
     vlan::{self, Tagging, VlanArgs, VlanCfg},
 };
 
@@ -50,6 +51,9 @@ pub struct Port {
     pub role: PortRole,
     /// May act as a DHCP server (PORT_F_TRUSTED).
     pub trusted: bool,
+    /// Port security as configured (the datapath adds sticky MACs and
+    /// snooped addresses to the map entry).
+    pub security: Security,
 }
 
 pub struct Switch {
@@ -91,6 +95,10 @@ pub fn resolve_hook(hook: Hook, driver: &str) -> bool {
         Hook::Tc => false,
         Hook::Auto => !matches!(driver, "veth" | "tun"),
     }
+}
+
+fn port_security_macs(port: Option<&Port>) -> Vec<Mac> {
+    port.map(|p| p.security.macs.clone()).unwrap_or_default()
 }
 
 fn monotonic_ns() -> u64 {
@@ -290,19 +298,19 @@ impl Switch {
         }
     }
 
-    fn port_config(net_id: u32, flags: u32, cfg: &VlanCfg) -> PortConfig {
+    /// `base` with the VLAN fields of `cfg` (the rest, port security's
+    /// bindings included, stays as it was).
+    fn port_config(base: PortConfig, cfg: &VlanCfg) -> PortConfig {
         let (vlan_mode, pvid, native_vid) = cfg.port_fields();
         PortConfig {
-            net_id,
-            flags,
             vlan_mode,
             pvid,
             native_vid,
-            _pad: 0,
+            ..base
         }
     }
 
-    /// `trusted`: the guest may act as a DHCP server.
+    /// `trusted`: the guest may act as a DHCP server and learns any MAC.
     #[allow(clippy::too_many_arguments)]
     pub fn port_add(
         &mut self,
@@ -312,6 +320,7 @@ impl Switch {
         hook: Hook,
         vlan: &VlanArgs,
         trusted: bool,
+        security: &SecurityArgs,
     ) -> Result<()> {
         let n = self.net(net)?;
         let mut extra = self.mode_port_flags(n.mode);
@@ -321,7 +330,22 @@ impl Switch {
         if self.routed_uplinks.contains_key(iface) {
             bail!("interface '{iface}' is the uplink of a routed network");
         }
-        self.port_add_inner(net, iface, hairpin, hook, vlan, extra, PortRole::Guest)
+        let security = security
+            .validate()
+            .with_context(|| format!("port '{iface}'"))?;
+        if !security.guarded {
+            log::warn!("port '{iface}': PORT SECURITY OFF (--no-port-security): this guest may spoof MACs and addresses");
+        }
+        self.port_add_inner(
+            net,
+            iface,
+            hairpin,
+            hook,
+            vlan,
+            extra,
+            PortRole::Guest,
+            security,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -334,8 +358,10 @@ impl Switch {
         vlan: &VlanArgs,
         extra_flags: u32,
         role: PortRole,
+        security: Security,
     ) -> Result<()> {
         let net_id = self.net(net)?.id;
+        let dhcp = self.net(net)?.opts.dhcp_range.is_some();
         if let Some(p) = self.ports.get(iface) {
             bail!(
                 "interface '{iface}' is already a port of network '{}'",
@@ -363,7 +389,19 @@ impl Switch {
         if driver != "veth" {
             flags |= PORT_F_XDP_TX;
         }
-        let pcfg = Self::port_config(net_id, flags, &cfg);
+        let base = PortConfig {
+            net_id,
+            flags,
+            ..Default::default()
+        };
+        let mut pcfg = Self::port_config(base, &cfg);
+        // A running datapath being adopted keeps what it learned.
+        let old = if self.dp.adopting {
+            self.dp.ports()?.get(&ifindex, 0).ok()
+        } else {
+            None
+        };
+        security.fill(&mut pcfg, old.as_ref(), dhcp);
         let vids: BTreeSet<u16> = cfg.memberships().keys().copied().collect();
         let mut members = self.members(net);
         let before = members.clone();
@@ -378,6 +416,7 @@ impl Switch {
                     .insert(ifindex, pcfg, 0)
                     .context("writing the port map")
             })
+            .and_then(|_| self.sync_owners(ifindex, net_id, &vids, &security.macs))
             .and_then(|_| self.write_floods(net_id, &members, &vids))
             .and_then(|_| self.dp.attach(iface, ifindex, xdp));
         if let Err(e) = applied {
@@ -385,6 +424,7 @@ impl Switch {
             self.remove_memberships(ifindex, vids.iter().copied());
             let _ = self.dp.ports()?.remove(&ifindex);
             let _ = self.dp.port_stats()?.remove(&ifindex);
+            self.drop_owners(ifindex);
             return Err(e);
         }
         self.ports.insert(
@@ -399,9 +439,116 @@ impl Switch {
                 vlan: cfg,
                 role,
                 trusted: flags & PORT_F_TRUSTED != 0,
+                security,
             },
         );
         Ok(())
+    }
+
+    /// Makes `mac_owners` say what the port's entry owns, in each of its
+    /// VLANs: entries for MACs or VLANs it no longer has go. A MAC another
+    /// port claimed on first sight goes to this one when the operator named
+    /// it here (`given`); one named for another port stays there.
+    fn sync_owners(
+        &mut self,
+        ifindex: u32,
+        net_id: u32,
+        vids: &BTreeSet<u16>,
+        given: &[Mac],
+    ) -> Result<()> {
+        let owned: Vec<[u8; 6]> = self
+            .dp
+            .ports()?
+            .get(&ifindex, 0)
+            .map(|p| p.owned_macs().to_vec())
+            .unwrap_or_default();
+        let mut owners = self.dp.mac_owners()?;
+        let all: Vec<(FdbKey, u32)> = owners.iter().filter_map(|r| r.ok()).collect();
+        for (k, o) in &all {
+            if *o == ifindex && (!vids.contains(&k.vid) || !owned.contains(&k.mac)) {
+                let _ = owners.remove(k);
+            }
+        }
+        let mut stolen = Vec::new();
+        for mac in &owned {
+            for vid in vids {
+                let key = FdbKey {
+                    net_id,
+                    vid: *vid,
+                    mac: *mac,
+                };
+                match all.iter().find(|(k, _)| *k == key) {
+                    Some((_, o)) if *o == ifindex => continue,
+                    Some((_, o)) if given.contains(&Mac(*mac)) => {
+                        let named_there = self
+                            .ports
+                            .values()
+                            .any(|p| p.ifindex == *o && p.security.macs.contains(&Mac(*mac)));
+                        if named_there {
+                            bail!(
+                                "MAC {} is already given to port '{}'",
+                                Mac(*mac),
+                                self.port_name(*o)
+                            );
+                        }
+                        stolen.push((*o, *mac));
+                    }
+                    Some(_) => continue,
+                    None => {}
+                }
+                owners
+                    .insert(key, ifindex, 0)
+                    .context("writing the MAC owner map")?;
+            }
+        }
+        // Off the port that took it on first sight.
+        let mut ports = self.dp.ports()?;
+        for (o, mac) in stolen {
+            if let Ok(mut p) = ports.get(&o, 0) {
+                let kept: Vec<[u8; 6]> =
+                    p.owned_macs().iter().copied().filter(|m| *m != mac).collect();
+                p.macs = [[0; 6]; kvnet_common::PORT_MACS];
+                p.macs[..kept.len()].copy_from_slice(&kept);
+                p.mac_count = kept.len() as u8;
+                let _ = ports.insert(o, p, 0);
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets every MAC the port owned.
+    fn drop_owners(&mut self, ifindex: u32) {
+        if let Ok(mut owners) = self.dp.mac_owners() {
+            let mine: Vec<FdbKey> = owners
+                .iter()
+                .filter_map(|r| r.ok())
+                .filter(|(_, o)| *o == ifindex)
+                .map(|(k, _)| k)
+                .collect();
+            for k in mine {
+                let _ = owners.remove(&k);
+            }
+        }
+    }
+
+    /// `kvnet port show`: the port's protection and bindings.
+    pub fn port_show(&mut self, iface: &str) -> Result<PortSecurityInfo> {
+        let port = self
+            .ports
+            .get(iface)
+            .with_context(|| format!("interface '{iface}' is not a kvnet port"))?;
+        let (ifindex, net, role) = (port.ifindex, port.net.clone(), port.role);
+        let pc = self
+            .dp
+            .ports()?
+            .get(&ifindex, 0)
+            .context("the port is missing from the port map")?;
+        Ok(PortSecurityInfo::of(
+            iface,
+            &net,
+            &pc,
+            role != PortRole::Guest,
+        ))
     }
 
     /// Changes a port's VLAN membership live: new memberships and flood
@@ -428,7 +575,7 @@ impl Switch {
             .ports()?
             .get(&ifindex, 0)
             .context("the port is missing from the port map")?;
-        let pcfg = Self::port_config(net_id, old_pcfg.flags, &cfg);
+        let pcfg = Self::port_config(old_pcfg, &cfg);
         let old_vids: BTreeSet<u16> = old.memberships().keys().copied().collect();
         let new_vids: BTreeSet<u16> = cfg.memberships().keys().copied().collect();
         let all: BTreeSet<u16> = old_vids.union(&new_vids).copied().collect();
@@ -467,6 +614,8 @@ impl Switch {
         }
         self.remove_memberships(ifindex, left.iter().copied());
         self.flush_fdb(|k, e| e.ifindex == ifindex && k.net_id == net_id && left.contains(&k.vid))?;
+        let given = port_security_macs(self.ports.get(iface));
+        self.sync_owners(ifindex, net_id, &new_vids, &given)?;
         if gateway_port {
             // Routing and NAT serve the guests of the gateway's VLAN.
             let vid = cfg.port_fields().1;
@@ -510,6 +659,8 @@ impl Switch {
         let _ = self.dp.port_stats()?.remove(&port.ifindex);
         self.remove_memberships(port.ifindex, vids);
         self.flush_fdb(|_, e| e.ifindex == port.ifindex)?;
+        // Its MACs are free again (a guest moving elsewhere takes them along).
+        self.drop_owners(port.ifindex);
         Ok(())
     }
 
