@@ -187,13 +187,15 @@ fn trunk_uplink_tags_by_vlan_and_delivers_only_into_the_right_vlan() {
     t2.disable_ipv6().unwrap();
     let k = Kvnet::start(&lab).unwrap();
     k.cli(&["net", "add", "lan"]).unwrap();
-    k.cli(&["port", "add", "lan", "g1", "--vlan", "10"])
+    // g1 sends from a second MAC below (the same MAC in two VLANs).
+    k.cli(&["port", "add", "lan", "g1", "--vlan", "10", "--max-macs", "2"])
         .unwrap();
     k.cli(&["port", "add", "lan", "g2", "--vlan", "20"])
         .unwrap();
-    k.cli(&["port", "add", "lan", "up0", "--trunk", "10,20"])
+    // Trunks to other switches carry many MACs: trusted.
+    k.cli(&["port", "add", "lan", "up0", "--trunk", "10,20", "--trusted"])
         .unwrap();
-    k.cli(&["port", "add", "lan", "t2", "--trunk", "10,20"])
+    k.cli(&["port", "add", "lan", "t2", "--trunk", "10,20", "--trusted"])
         .unwrap();
     let up0 = k.port("up0").unwrap();
     assert_eq!(up0["vlan"], "trunk 10,20");
@@ -409,7 +411,8 @@ fn two_hosts_joined_by_a_trunk_keep_vlans_apart() {
         k.cli(&["net", "add", "lan"]).unwrap();
         k.cli(&["port", "add", "lan", p10, "--vlan", "10"]).unwrap();
         k.cli(&["port", "add", "lan", p20, "--vlan", "20"]).unwrap();
-        k.cli(&["port", "add", "lan", tr, "--trunk", "10,20"])
+        // The trunk between the hosts carries the other host's MACs.
+        k.cli(&["port", "add", "lan", tr, "--trunk", "10,20", "--trusted"])
             .unwrap();
     }
     let cap = Capture::start(b.hv(), "trB").unwrap();

@@ -238,7 +238,29 @@ pub fn run(kvnet: &Path) -> Result<()> {
         );
     }
 
-    step(7, "a real qemu guest (virtio-net on tap0) joins the NAT network by DHCP and reaches the outside");
+    step(
+        7,
+        "port security, on by default: a guest that forges its address or MAC is stopped in the fast path",
+    );
+    show(&k, &["port", "show", "vnet4"])?;
+    // The guest claims a neighbour's address, then another MAC.
+    nat_guest.sh("ip addr add 192.168.122.250/24 dev eth0")?;
+    let forged = nat_guest
+        .exec(&["ping", "-c", "2", "-W", "1", "-I", "192.168.122.250", "198.51.100.2"])?
+        .status
+        .success();
+    expect("ping from a forged source address", forged, false);
+    nat_guest.sh("ip addr del 192.168.122.250/24 dev eth0")?;
+    expect(
+        "the guest's own address still works",
+        ping(&nat_guest, "198.51.100.2"),
+        true,
+    );
+    let ip_spoof = k.port_drops("vnet4", "ip_spoof");
+    println!("  vnet4 drops ip_spoof: {ip_spoof}");
+    expect("forged packets counted as ip_spoof", ip_spoof > 0, true);
+
+    step(8, "a real qemu guest (virtio-net on tap0) joins the NAT network by DHCP and reaches the outside");
     kv(&k, &["port", "add", "default", &tap])?;
     match boot_vm(&lab, &tap) {
         Ok((text, rc)) => {
@@ -249,7 +271,7 @@ pub fn run(kvnet: &Path) -> Result<()> {
     }
 
     step(
-        8,
+        9,
         "live counters (per port, per CPU summed; NAT counters) while vnet2 pings vnet0",
     );
     let mut p = Command::new("ping");
@@ -262,7 +284,7 @@ pub fn run(kvnet: &Path) -> Result<()> {
     }
 
     step(
-        9,
+        10,
         "what an admin sees with bpftool in the hypervisor namespace",
     );
     println!("$ bpftool net show");
@@ -275,7 +297,7 @@ pub fn run(kvnet: &Path) -> Result<()> {
     show(&k, &["net", "list"])?;
 
     step(
-        10,
+        11,
         "teardown: `kvnet down` removes everything kvnet installed, then the lab goes",
     );
     // (A plain stop or crash would keep the datapath forwarding for the
