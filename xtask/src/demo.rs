@@ -245,8 +245,11 @@ pub fn run(kvnet: &Path) -> Result<()> {
     show(&k, &["port", "show", "vnet4"])?;
     // The guest claims a neighbour's address, then another MAC.
     nat_guest.sh("ip addr add 192.168.122.250/24 dev eth0")?;
-    let forged = nat_guest
-        .exec(&["ping", "-c", "2", "-W", "1", "-I", "192.168.122.250", "198.51.100.2"])?
+    let forged = lab
+        .exec_output(
+            &nat_guest.ns,
+            &["ping", "-c", "2", "-W", "1", "-I", "192.168.122.250", "198.51.100.2"],
+        )?
         .status
         .success();
     expect("ping from a forged source address", forged, false);

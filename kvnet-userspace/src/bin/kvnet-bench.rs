@@ -32,7 +32,8 @@ use clap::{Parser, Subcommand};
 use kvnet_common::{
     names, CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, NatStats, NetConfig, PortConfig,
     PortStats, VlanMember, VlanMemberKey, CT_F_ACK, CT_F_ORIGINAL, CT_F_SYN, FDB_F_STATIC,
-    IPPROTO_TCP, IPPROTO_UDP, NET_F_NAT, PORT_F_ROUTED_NET, PORT_F_UPLINK_NAT,
+    IPPROTO_TCP, IPPROTO_UDP, NET_F_NAT, PORT_F_GUARDED, PORT_F_IP_GUARD, PORT_F_ROUTED_NET,
+    PORT_F_UPLINK_NAT,
     PORT_F_UPLINK_ROUTED, PORT_F_XDP_TX, VLAN_MODE_ACCESS, VLAN_MODE_TRUNK, VLAN_M_TAGGED,
 };
 use serde_json::json;
@@ -255,6 +256,17 @@ fn count(dir: &Path, reset: bool) -> Result<serde_json::Value> {
 }
 
 /// A 60-byte (64 on the wire with FCS) IPv4/UDP frame with correct checksums.
+/// Port security as the daemon sets it on a guest port by default: the
+/// guest's MAC owned, its address bound, so the bench measures the guards.
+fn guarded(mut p: PortConfig, mac: [u8; 6], ip: [u8; 4]) -> PortConfig {
+    p.flags |= PORT_F_GUARDED | PORT_F_IP_GUARD;
+    (p.max_macs, p.mac_count) = (1, 1);
+    p.macs[0] = mac;
+    p.ips[0] = u32::from_ne_bytes(ip);
+    (p.ip_count, p.ip_fixed, p.ip_next) = (1, 1, 1);
+    p
+}
+
 fn udp_frame(src: [u8; 6], dst: [u8; 6]) -> Vec<u8> {
     ip_frame(src, dst, [10, 0, 0, 1], [10, 0, 0, 2], 12345, 5001, None)
 }
@@ -435,15 +447,18 @@ fn cost(
         let mut ports: HashMap<&mut MapData, u32, PortConfig> =
             HashMap::try_from(ebpf.map_mut(names::MAP_PORTS).unwrap())?;
         for (i, flags) in [(lo, 0), (ia, 0), (ib, b_flags)] {
-            ports.insert(
-                i,
-                PortConfig {
-                    net_id: NET,
-                    flags,
-                    ..Default::default()
-                },
-                0,
-            )?;
+            let p = PortConfig {
+                net_id: NET,
+                flags,
+                ..Default::default()
+            };
+            // The frames' sender (see `udp_frame`) is a guarded guest.
+            let p = if i == ib {
+                p
+            } else {
+                guarded(p, [0x02, 0xaa, 0, 0, 0, 1], [10, 0, 0, 1])
+            };
+            ports.insert(i, p, 0)?;
         }
         Ok(())
     };
@@ -898,7 +913,10 @@ fn paths(
         vlan_mode: VLAN_MODE_TRUNK,
         ..Default::default()
     };
-    set_ports(&mut ebpf, &[(ia, access), (ib, trunk)])?;
+    set_ports(
+        &mut ebpf,
+        &[(ia, guarded(access, guest, g_ip)), (ib, trunk)],
+    )?;
     let plain = |vid| move |_| ip_frame(guest, other, g_ip, [10, 0, 0, 2], 12345, 5001, vid);
     run(&ebpf, "unicast", "bench_redirect", 0, ia, &mut plain(None))?;
     // VLAN push: access (untagged) -> trunk (tagged).
@@ -911,7 +929,7 @@ fn paths(
         net_id: NET_VLAN,
         ..Default::default()
     };
-    set_ports(&mut ebpf, &[(ia, none), (ib, none)])?;
+    set_ports(&mut ebpf, &[(ia, guarded(none, guest, g_ip)), (ib, none)])?;
     {
         let mut fdb: HashMap<&mut MapData, FdbKey, FdbEntry> =
             HashMap::try_from(ebpf.map_mut(names::MAP_FDB).unwrap())?;
@@ -936,7 +954,7 @@ fn paths(
         flags: PORT_F_ROUTED_NET,
         ..Default::default()
     };
-    set_ports(&mut ebpf, &[(ia, routed)])?;
+    set_ports(&mut ebpf, &[(ia, guarded(routed, guest, g_ip))])?;
     let mut rt = |_| ip_frame(guest, gw_mac, g_ip, o_ip, 12345, 5201, None);
     run(&ebpf, "routed", names::PROG_TC, 0, ia, &mut rt)?;
     // NAT.
@@ -950,7 +968,7 @@ fn paths(
         flags: PORT_F_UPLINK_ROUTED | PORT_F_UPLINK_NAT,
         ..Default::default()
     };
-    set_ports(&mut ebpf, &[(ia, natp), (iup, uplink)])?;
+    set_ports(&mut ebpf, &[(ia, guarded(natp, guest, g_ip)), (iup, uplink)])?;
     let sizes: Vec<u32> = ct_sizes
         .split(',')
         .map(|s| s.trim().parse())
