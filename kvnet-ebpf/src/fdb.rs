@@ -19,9 +19,7 @@ pub fn learn(net_id: u32, vid: u16, mac: [u8; 6], ingress: u32) {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     match unsafe { FDB.get(&key) } {
         Some(e) if e.flags & FDB_F_STATIC != 0 => return,
-        Some(e)
-            if e.ifindex == ingress && now.wrapping_sub(e.last_seen_ns) < FDB_REFRESH_NS =>
-        {
+        Some(e) if e.ifindex == ingress && now.wrapping_sub(e.last_seen_ns) < FDB_REFRESH_NS => {
             return
         }
         Some(e) if e.ifindex == ingress => {}

@@ -116,7 +116,10 @@ fn claim_mac(ingress: u32, port: &PortConfig, vid: u16, mac: [u8; 6]) -> Option<
             None => Some(DropReason::FdbLimit),
         };
     }
-    if MAC_OWNERS.insert(&key, &ingress, BPF_NOEXIST as u64).is_err() {
+    if MAC_OWNERS
+        .insert(&key, &ingress, BPF_NOEXIST as u64)
+        .is_err()
+    {
         match unsafe { MAC_OWNERS.get(&key) } {
             Some(owner) if *owner == ingress => {}
             _ => return Some(DropReason::MacSpoof),

@@ -1327,7 +1327,7 @@ pub fn apply(sw: &mut Switch, cfg: &Config, dry_run: bool) -> Result<Plan> {
             s.trusted,
             &s.security,
         )
-            .with_context(|| format!("attaching port '{i}'"))?;
+        .with_context(|| format!("attaching port '{i}'"))?;
     }
     for c in plan.ports_changed.iter().filter(|c| c.live) {
         let mut a = ports[&c.iface].vlan_args();

@@ -390,11 +390,7 @@ fn access_ingress_learns_in_its_vlan_and_xdp_pushes_the_tag_to_a_trunk() {
     let prio = tagged(&frame, 0x8100, 0xa000);
     let r = f.dp.run_xdp(&prio, LO, 1).unwrap();
     assert_eq!(r.verdict, XDP_REDIRECT);
-    assert_eq!(
-        r.frame,
-        tagged(&frame, 0x8100, 10),
-        "PCP reset, VID 10 set"
-    );
+    assert_eq!(r.frame, tagged(&frame, 0x8100, 10), "PCP reset, VID 10 set");
     // A trusted access port keeps its PCP.
     f.vlan_port(LO, PORT_F_TRUSTED, VLAN_MODE_ACCESS, 10, &[(10, false)]);
     let r = f.dp.run_xdp(&prio, LO, 1).unwrap();
@@ -622,7 +618,14 @@ fn guarded(f: &mut Fixture, flags: u32, max: u8, macs: &[[u8; 6]], ips: &[[u8; 4
 fn owner(f: &mut Fixture, mac: [u8; 6], vid: u16) -> Option<u32> {
     f.dp.mac_owners()
         .unwrap()
-        .get(&FdbKey { net_id: NET, vid, mac }, 0)
+        .get(
+            &FdbKey {
+                net_id: NET,
+                vid,
+                mac,
+            },
+            0,
+        )
         .ok()
 }
 
@@ -642,7 +645,10 @@ fn mac_guard_claims_the_first_mac_and_refuses_others() {
     let from_a = udp_frame(BCAST, A, b"a", true);
     assert_ne!(verdicts(&mut f, &from_a), DROPPED, "first MAC is claimed");
     assert_eq!(owner(&mut f, A, 0), Some(LO));
-    assert_eq!(f.dp.ports().unwrap().get(&LO, 0).unwrap().owned_macs(), &[A]);
+    assert_eq!(
+        f.dp.ports().unwrap().get(&LO, 0).unwrap().owned_macs(),
+        &[A]
+    );
     // Over the limit: refused, not learned.
     let from_b = udp_frame(BCAST, B, b"b", true);
     assert_eq!(verdicts(&mut f, &from_b), DROPPED);
@@ -652,7 +658,15 @@ fn mac_guard_claims_the_first_mac_and_refuses_others() {
     guarded(&mut f, 0, 2, &[A], &[]);
     f.dp.mac_owners()
         .unwrap()
-        .insert(FdbKey { net_id: NET, vid: 0, mac: B }, 1003, 0)
+        .insert(
+            FdbKey {
+                net_id: NET,
+                vid: 0,
+                mac: B,
+            },
+            1003,
+            0,
+        )
         .unwrap();
     assert_eq!(verdicts(&mut f, &from_b), DROPPED);
     assert_eq!(f.drops(LO, DropReason::MacSpoof), 2);
@@ -668,7 +682,15 @@ fn trusted_ports_never_take_a_guest_owned_mac() {
     f.fdb(B, 1003, 0);
     f.dp.mac_owners()
         .unwrap()
-        .insert(FdbKey { net_id: NET, vid: 0, mac: B }, 1003, 0)
+        .insert(
+            FdbKey {
+                net_id: NET,
+                vid: 0,
+                mac: B,
+            },
+            1003,
+            0,
+        )
         .unwrap();
     f.dp.run_tc(&udp_frame(BCAST, B, b"b", true), 1).unwrap();
     assert_eq!(f.fdb_get(B).unwrap().ifindex, 1003, "not moved to LO");
@@ -750,7 +772,9 @@ fn ipv6(src: [u8; 16], nh: u8, l4: &[u8]) -> Vec<u8> {
     fr
 }
 
-const LINK_LOCAL: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0x50, 0x54, 0, 0xff, 0xfe, 0, 0, 0xa];
+const LINK_LOCAL: [u8; 16] = [
+    0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0x50, 0x54, 0, 0xff, 0xfe, 0, 0, 0xa,
+];
 const GLOBAL: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xa];
 
 #[test]
@@ -774,7 +798,11 @@ fn router_advertisements_redirects_and_dhcpv6_servers_are_refused() {
     // source while the port has no IPv4 binding to hold it to.
     let ns = ipv6(LINK_LOCAL, 58, &[135, 0, 0, 0, 0, 0, 0, 0]);
     let solicit = ipv6(LINK_LOCAL, 17, &[0x02, 0x22, 0x02, 0x23, 0, 8, 0, 0]);
-    for fr in [&ns, &solicit, &ipv6(GLOBAL, 58, &[128, 0, 0, 0, 0, 0, 0, 0])] {
+    for fr in [
+        &ns,
+        &solicit,
+        &ipv6(GLOBAL, 58, &[128, 0, 0, 0, 0, 0, 0, 0]),
+    ] {
         assert_ne!(verdicts(&mut f, fr), DROPPED);
     }
     // With the IP guard, only link-local sources.
@@ -809,7 +837,15 @@ fn dhcp_replies_on_trusted_ports_bind_the_clients_port() {
     f.port(1003, PORT_F_GUARDED);
     f.dp.mac_owners()
         .unwrap()
-        .insert(FdbKey { net_id: NET, vid: 0, mac: B }, 1003, 0)
+        .insert(
+            FdbKey {
+                net_id: NET,
+                vid: 0,
+                mac: B,
+            },
+            1003,
+            0,
+        )
         .unwrap();
     let mut ack = dhcp_frame(67, 68);
     ack[42] = 2; // BOOTREPLY

@@ -80,7 +80,13 @@ pub fn net_detail(d: &NetDetail) -> Vec<Vec<String>> {
 }
 
 pub fn port_security(p: &crate::security::PortSecurityInfo) -> Vec<Vec<String>> {
-    let list = |v: &Vec<String>| if v.is_empty() { "-".to_string() } else { v.join(",") };
+    let list = |v: &Vec<String>| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(",")
+        }
+    };
     vec![
         vec!["port".into(), p.iface.clone()],
         vec!["network".into(), p.net.clone()],

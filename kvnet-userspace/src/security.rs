@@ -122,8 +122,9 @@ impl Security {
         SecurityArgs {
             mac: self.macs.iter().map(|m| m.to_string()).collect(),
             ip: self.ips.iter().map(|ip| ip.to_string()).collect(),
-            max_macs: (self.guarded && self.max_macs != DEFAULT_MAX_MACS.max(self.macs.len() as u8))
-                .then_some(self.max_macs),
+            max_macs: (self.guarded
+                && self.max_macs != DEFAULT_MAX_MACS.max(self.macs.len() as u8))
+            .then_some(self.max_macs),
             no_port_security: !self.guarded,
         }
     }
@@ -170,7 +171,10 @@ impl Security {
                 .map(|(_, ip)| *ip)
         });
         let mut n = 0;
-        for (i, ip) in fixed.map(|ip| (true, ip)).chain(snooped.map(|ip| (false, ip))) {
+        for (i, ip) in fixed
+            .map(|ip| (true, ip))
+            .chain(snooped.map(|ip| (false, ip)))
+        {
             if n < PORT_IPS && !pc.ips[..n].contains(&ip) {
                 pc.ips[n] = ip;
                 n += 1;
@@ -200,18 +204,31 @@ pub struct PortSecurityInfo {
 
 impl PortSecurityInfo {
     pub fn of(iface: &str, net: &str, pc: &PortConfig, role_trusted: bool) -> Self {
-        let macs = pc.owned_macs().iter().map(|m| Mac(*m).to_string()).collect();
+        let macs = pc
+            .owned_macs()
+            .iter()
+            .map(|m| Mac(*m).to_string())
+            .collect();
         let ips = pc
             .bound_ips()
             .iter()
             .map(|ip| Ipv4Addr::from(u32::from_be(*ip)).to_string())
             .collect();
         let (security, note) = if role_trusted || pc.flags & PORT_F_TRUSTED != 0 {
-            ("trusted", "trusted port (uplink, gateway or --trusted): learns any MAC, may serve DHCP")
+            (
+                "trusted",
+                "trusted port (uplink, gateway or --trusted): learns any MAC, may serve DHCP",
+            )
         } else if pc.flags & PORT_F_GUARDED == 0 {
-            ("off", "PORT SECURITY OFF (--no-port-security): this guest may spoof MACs and addresses")
+            (
+                "off",
+                "PORT SECURITY OFF (--no-port-security): this guest may spoof MACs and addresses",
+            )
         } else if pc.flags & PORT_F_IP_GUARD != 0 || pc.ip_count != 0 {
-            ("mac+ip", "MACs and IPv4 sources bound (from --mac/--ip, first sight and DHCP)")
+            (
+                "mac+ip",
+                "MACs and IPv4 sources bound (from --mac/--ip, first sight and DHCP)",
+            )
         } else {
             ("mac", "MAC guard only: kvnet has no source of this guest's addresses (no kvnet DHCP, no --ip)")
         };
@@ -248,8 +265,12 @@ mod tests {
         assert!(e(args(&[], &["10.0.0.300"], None)).contains("invalid --ip"));
         assert!(e(args(&[], &[], Some(0))).contains("--max-macs 0"));
         assert!(e(args(&[], &[], Some(9))).contains("at most 4"));
-        assert!(e(args(&["52:54:00:00:00:01", "52:54:00:00:00:02"], &[], Some(1)))
-            .contains("less than"));
+        assert!(e(args(
+            &["52:54:00:00:00:01", "52:54:00:00:00:02"],
+            &[],
+            Some(1)
+        ))
+        .contains("less than"));
         let mut off = args(&["52:54:00:00:00:01"], &[], None);
         off.no_port_security = true;
         assert!(e(off).contains("--no-port-security"));
@@ -270,7 +291,10 @@ mod tests {
         let mut pc = PortConfig::default();
         sec.fill(&mut pc, Some(&old), false);
         assert_eq!(pc.flags, PORT_F_GUARDED | PORT_F_IP_GUARD);
-        assert_eq!(pc.owned_macs(), &[[0x52, 0x54, 0, 0, 0, 1], [2, 0, 0, 0, 0, 9]]);
+        assert_eq!(
+            pc.owned_macs(),
+            &[[0x52, 0x54, 0, 0, 0, 1], [2, 0, 0, 0, 0, 9]]
+        );
         assert_eq!(pc.bound_ips().len(), 2);
         assert_eq!((pc.ip_fixed, pc.ip_next), (1, 2));
         // No port security: no flags, no bindings.

@@ -505,8 +505,12 @@ impl Switch {
         let mut ports = self.dp.ports()?;
         for (o, mac) in stolen {
             if let Ok(mut p) = ports.get(&o, 0) {
-                let kept: Vec<[u8; 6]> =
-                    p.owned_macs().iter().copied().filter(|m| *m != mac).collect();
+                let kept: Vec<[u8; 6]> = p
+                    .owned_macs()
+                    .iter()
+                    .copied()
+                    .filter(|m| *m != mac)
+                    .collect();
                 p.macs = [[0; 6]; kvnet_common::PORT_MACS];
                 p.macs[..kept.len()].copy_from_slice(&kept);
                 p.mac_count = kept.len() as u8;

@@ -188,8 +188,17 @@ fn trunk_uplink_tags_by_vlan_and_delivers_only_into_the_right_vlan() {
     let k = Kvnet::start(&lab).unwrap();
     k.cli(&["net", "add", "lan"]).unwrap();
     // g1 sends from a second MAC below (the same MAC in two VLANs).
-    k.cli(&["port", "add", "lan", "g1", "--vlan", "10", "--max-macs", "2"])
-        .unwrap();
+    k.cli(&[
+        "port",
+        "add",
+        "lan",
+        "g1",
+        "--vlan",
+        "10",
+        "--max-macs",
+        "2",
+    ])
+    .unwrap();
     k.cli(&["port", "add", "lan", "g2", "--vlan", "20"])
         .unwrap();
     // Trunks to other switches carry many MACs: trusted.

@@ -248,7 +248,16 @@ pub fn run(kvnet: &Path) -> Result<()> {
     let forged = lab
         .exec_output(
             &nat_guest.ns,
-            &["ping", "-c", "2", "-W", "1", "-I", "192.168.122.250", "198.51.100.2"],
+            &[
+                "ping",
+                "-c",
+                "2",
+                "-W",
+                "1",
+                "-I",
+                "192.168.122.250",
+                "198.51.100.2",
+            ],
         )?
         .status
         .success();

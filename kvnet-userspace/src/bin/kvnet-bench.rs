@@ -33,8 +33,8 @@ use kvnet_common::{
     names, CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, NatStats, NetConfig, PortConfig,
     PortStats, VlanMember, VlanMemberKey, CT_F_ACK, CT_F_ORIGINAL, CT_F_SYN, FDB_F_STATIC,
     IPPROTO_TCP, IPPROTO_UDP, NET_F_NAT, PORT_F_GUARDED, PORT_F_IP_GUARD, PORT_F_ROUTED_NET,
-    PORT_F_UPLINK_NAT,
-    PORT_F_UPLINK_ROUTED, PORT_F_XDP_TX, VLAN_MODE_ACCESS, VLAN_MODE_TRUNK, VLAN_M_TAGGED,
+    PORT_F_UPLINK_NAT, PORT_F_UPLINK_ROUTED, PORT_F_XDP_TX, VLAN_MODE_ACCESS, VLAN_MODE_TRUNK,
+    VLAN_M_TAGGED,
 };
 use serde_json::json;
 
@@ -968,7 +968,10 @@ fn paths(
         flags: PORT_F_UPLINK_ROUTED | PORT_F_UPLINK_NAT,
         ..Default::default()
     };
-    set_ports(&mut ebpf, &[(ia, guarded(natp, guest, g_ip)), (iup, uplink)])?;
+    set_ports(
+        &mut ebpf,
+        &[(ia, guarded(natp, guest, g_ip)), (iup, uplink)],
+    )?;
     let sizes: Vec<u32> = ct_sizes
         .split(',')
         .map(|s| s.trim().parse())
