@@ -27,7 +27,7 @@ use clap::{Parser, Subcommand};
 
 use crate::control::{
     call, ConntrackRow, FdbRow, ForwardRow, Hook, Mode, NetDetail, NetInfo, NetOpts, PortInfo,
-    PortStatsRow, Request, StatsReport, VlanArgs, VlanInfo,
+    Request, StatsReport, VlanArgs, VlanInfo,
 };
 
 #[derive(Parser)]
