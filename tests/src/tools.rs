@@ -79,3 +79,58 @@ pub fn iperf3_tcp_intact(lab: &Lab, server_ns: &str, server_ip: &str, client_ns:
     );
     received["bits_per_second"].as_f64().unwrap()
 }
+
+/// `python3 -c CODE` in `ns`: its stdout and stderr together.
+pub fn py(ns: &str, code: &str) -> String {
+    match lab::exec_output(ns, &["python3", "-c", code]) {
+        Ok(o) => format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => format!("python3 did not run: {e:#}"),
+    }
+}
+
+/// A TCP and UDP echo server on `port` in `ns`, in the background; returns
+/// once it listens.
+pub fn echo_server(lab: &Lab, ns: &str, port: u16) -> Result<()> {
+    let code = format!(
+        r#"
+import socket, threading
+t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind(("0.0.0.0", {port})); t.listen(4096)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", {port}))
+def udp():
+    while True:
+        d, a = u.recvfrom(2048); u.sendto(d, a)
+def serve(c):
+    try:
+        while True:
+            d = c.recv(65536)
+            if not d: break
+            c.sendall(d)
+    finally:
+        c.close()
+threading.Thread(target=udp, daemon=True).start()
+while True:
+    c, _ = t.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#
+    );
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", &code])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    lab.spawn(ns, cmd)?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let listening =
+            lab::sh(ns, &format!("ss -Hltn 'sport = :{port}'")).is_ok_and(|s| !s.trim().is_empty());
+        if listening {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    bail!("echo server on port {port} in {ns} did not start")
+}

@@ -568,7 +568,7 @@ fn libvirt_default_network_imported_and_applied_is_a_working_nat() {
     let leases = k.json(&["dhcp", "leases", "default"]).unwrap();
     assert_eq!(leases.as_array().unwrap().len(), 2, "{leases}");
 
-    echo_server(&l.lab, &l.out.ns, 5000);
+    echo_server(&l.lab, &l.out.ns, 5000).unwrap();
     for g in &l.guests {
         assert!(ping(g, OUTSIDE_IP), "{} cannot ping the outside", g.hv_if);
         let r = tcp_echo(&g.ns, OUTSIDE_IP, 5000, 200_000);
@@ -584,7 +584,7 @@ fn libvirt_default_network_imported_and_applied_is_a_working_nat() {
     );
 
     // A forward added to the file: the dry run names it, apply adds it live.
-    echo_server(&l.lab, &l.guests[0].ns, 80);
+    echo_server(&l.lab, &l.guests[0].ns, 80).unwrap();
     let f2 = write(
         &l.lab,
         "default-fwd.toml",

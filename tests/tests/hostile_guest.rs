@@ -27,7 +27,7 @@ use kvnet_tests::{
     lab::{self, privileged, read_mac},
     mac_fmt, Capture, Frame, GuestPort, Lab, Proc,
 };
-use libvirt_nat::{dhcp, py, tcp_echo};
+use libvirt_nat::{dhcp, echo_server, py, tcp_echo};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -402,47 +402,6 @@ fn neigh_mac(ns: &str, ip: &str) -> Option<String> {
     neigh(ns, ip).map(|(m, _)| m)
 }
 
-/// A TCP and UDP echo server on `port` in `ns` (in the background).
-fn echo_server(lab: &Lab, ns: &str, port: u16) {
-    let code = format!(
-        r#"
-import socket, threading
-t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-t.bind(("0.0.0.0", {port})); t.listen(64)
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", {port}))
-def udp():
-    while True:
-        d, a = u.recvfrom(2048); u.sendto(d, a)
-def serve(c):
-    try:
-        while True:
-            d = c.recv(65536)
-            if not d: break
-            c.sendall(d)
-    finally:
-        c.close()
-threading.Thread(target=udp, daemon=True).start()
-while True:
-    c, _ = t.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#
-    );
-    let mut cmd = Command::new("python3");
-    cmd.args(["-c", &code])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    lab.spawn(ns, cmd).unwrap();
-    let listening = wait_for(Duration::from_secs(5), || {
-        lab::sh(ns, &format!("ss -Hltn 'sport = :{port}'"))
-            .map(|s| !s.trim().is_empty())
-            .unwrap_or(false)
-    });
-    assert!(
-        listening,
-        "echo server on port {port} in {ns} did not start"
-    );
-}
-
 /// A process writing its stdout and stderr to a file of the lab.
 fn spawn_logged(lab: &Lab, ns: &str, args: &[&str], log: &std::path::Path) -> Proc {
     let f = fs::File::create(log).unwrap();
@@ -705,7 +664,7 @@ fn a_hostile_guest_cannot_spoof_poison_flood_or_hijack() {
     );
 
     // ---- background: the victim's ping and TCP transfer to the outside.
-    echo_server(lab, &out_ns, ECHO_PORT);
+    echo_server(lab, &out_ns, ECHO_PORT).unwrap();
     let mut srv = Command::new("iperf3");
     srv.args(["-s", "-1", "-B", OUTSIDE])
         .stdout(Stdio::null())
@@ -1476,7 +1435,7 @@ while time.time() < end:
     // ==== 9. A guest of another NAT network reaching into this one.
     {
         let a = "9 other network";
-        echo_server(lab, &victim.ns, 7000);
+        echo_server(lab, &victim.ns, 7000).unwrap();
         let ctl = tcp_echo(&attacker.ns, &s.vip, 7000, 1000);
         r.check(
             a,

@@ -11,6 +11,7 @@ use kvnet_tests::{
     count_frames, kvnet::Kvnet, lab::privileged, tools, Capture, Frame, GuestPort, Lab, Outside,
 };
 use serde_json::Value;
+use tools::{echo_server, py};
 
 const UPLINK_IP: [u8; 4] = [198, 51, 100, 1];
 
@@ -61,48 +62,6 @@ fn nat_lab(n: usize, daemon_args: &[&str]) -> Nat {
         guests,
         k,
     }
-}
-
-fn py(ns: &str, code: &str) -> String {
-    let o = kvnet_tests::lab::exec_output(ns, &["python3", "-c", code]).unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// A Python TCP/UDP echo server in `ns`, in the background.
-fn echo_server(lab: &Lab, ns: &str, port: u16) {
-    let code = format!(
-        r#"
-import socket, threading
-t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-t.bind(("0.0.0.0", {port})); t.listen(4096)
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", {port}))
-def udp():
-    while True:
-        d, a = u.recvfrom(2048); u.sendto(d, a)
-def serve(c):
-    try:
-        while True:
-            d = c.recv(65536)
-            if not d: break
-            c.sendall(d)
-    finally:
-        c.close()
-threading.Thread(target=udp, daemon=True).start()
-while True:
-    c, _ = t.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#
-    );
-    let mut cmd = Command::new("python3");
-    cmd.args(["-c", &code])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    lab.spawn(ns, cmd).unwrap();
-    thread::sleep(Duration::from_millis(400));
 }
 
 fn ipv4_src(f: &Frame) -> Option<[u8; 4]> {
@@ -159,7 +118,7 @@ fn guests_reach_outside_services_behind_the_uplink_address() {
         return;
     }
     let t = nat_lab(2, &[]);
-    echo_server(&t.lab, &t.out.ns, 5000);
+    echo_server(&t.lab, &t.out.ns, 5000).unwrap();
     // Guest 0 with offloads off: every checksum on the wire must be right.
     t.guests[0]
         .sh("ethtool -K eth0 tx off >/dev/null 2>&1 || true")
@@ -243,7 +202,7 @@ fn two_thousand_connections_get_distinct_ports_and_the_table_drains() {
         return;
     }
     let t = nat_lab(3, &[]);
-    echo_server(&t.lab, &t.out.ns, 5001);
+    echo_server(&t.lab, &t.out.ns, 5001).unwrap();
     // The host's own connections to the same server run throughout.
     let host_client = r#"
 import socket, time
@@ -371,7 +330,7 @@ fn same_source_port_from_two_guests_gets_two_translations() {
         return;
     }
     let t = nat_lab(2, &[]);
-    echo_server(&t.lab, &t.out.ns, 5002);
+    echo_server(&t.lab, &t.out.ns, 5002).unwrap();
     let code = r#"
 import socket
 s = socket.socket(); s.bind(("0.0.0.0", 40000)); s.settimeout(5); s.connect(("198.51.100.2", 5002))
@@ -521,7 +480,7 @@ fn a_full_table_keeps_established_flows_and_drops_new_ones() {
     }
     // 8 entries: 4 flows.
     let t = nat_lab(1, &["--ct-max", "8"]);
-    echo_server(&t.lab, &t.out.ns, 5003);
+    echo_server(&t.lab, &t.out.ns, 5003).unwrap();
     let code = r#"
 import socket, time
 conns = [socket.create_connection(("198.51.100.2", 5003), timeout=3) for _ in range(4)]
@@ -718,7 +677,7 @@ fn a_guest_on_a_vlan_access_port_is_translated_too() {
         return;
     }
     let t = nat_lab(1, &[]);
-    echo_server(&t.lab, &t.out.ns, 5004);
+    echo_server(&t.lab, &t.out.ns, 5004).unwrap();
     // Guest vm0 moves to VLAN 10, and so does the gateway.
     t.k.cli(&["port", "set", "vm0", "--vlan", "10"]).unwrap();
     let gw = t.k.json(&["net", "show", "nat"]).unwrap();

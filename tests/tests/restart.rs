@@ -196,6 +196,6 @@ fn kill_9_during_a_nat_transfer_loses_nothing_and_the_restart_adopts() {
 }
 
 fn tcp_echo_via_nat(l: &LibvirtLab) -> String {
-    echo_server(&l.lab, &l.out.ns, 5001);
+    echo_server(&l.lab, &l.out.ns, 5001).unwrap();
     tcp_echo(&l.guests[1].ns, OUTSIDE_IP, 5001, 50_000)
 }

@@ -6,11 +6,10 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
-    thread,
-    time::Duration,
+    process::Command,
 };
 
+pub use kvnet_tests::tools::{echo_server, py};
 use kvnet_tests::{kvnet::Kvnet, GuestPort, Lab, Outside};
 
 /// The issue's example, verbatim.
@@ -135,44 +134,6 @@ pub fn dhcp(lab: &Lab, g: &GuestPort, tag: &str) -> String {
         .find_map(|w| w.strip_prefix("ip="))
         .unwrap()
         .to_string()
-}
-
-/// `python3 -c CODE` in `ns`: stdout and stderr.
-pub fn py(ns: &str, code: &str) -> String {
-    let o = kvnet_tests::lab::exec_output(ns, &["python3", "-c", code]).unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// A TCP echo server on `port` in `ns`, in the background.
-pub fn echo_server(lab: &Lab, ns: &str, port: u16) {
-    let code = format!(
-        r#"
-import socket, threading
-t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-t.bind(("0.0.0.0", {port})); t.listen(64)
-def serve(c):
-    try:
-        while True:
-            d = c.recv(65536)
-            if not d: break
-            c.sendall(d)
-    finally:
-        c.close()
-while True:
-    c, _ = t.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#
-    );
-    let mut cmd = Command::new("python3");
-    cmd.args(["-c", &code])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    lab.spawn(ns, cmd).unwrap();
-    thread::sleep(Duration::from_millis(400));
 }
 
 /// A TCP round trip of `n` bytes from `ns` to `ip:port`: "tcp N" on success.
