@@ -23,6 +23,7 @@ pub mod names {
     pub const MAP_TRACE_CFG: &str = "trace_cfg";
     pub const MAP_TRACE: &str = "trace";
     pub const MAP_MAC_OWNERS: &str = "mac_owners";
+    pub const MAP_CT_QUOTA: &str = "ct_quota";
     pub const PROG_TC_OUT: &str = "kvnet_tc_out";
     pub const PROG_XDP: &str = "kvnet_xdp";
     pub const PROG_TC: &str = "kvnet_tc";
@@ -144,6 +145,8 @@ pub struct NetConfig {
     pub _pad2: u16,
     /// The gateway's own address (network order): no guest may claim it.
     pub gw_ip: u32,
+    /// NAT: flows one guest port may have open at once (0: no limit).
+    pub ct_quota: u32,
 }
 
 /// [`NetConfig::flags`]: masquerade traffic leaving through the uplink.
@@ -196,6 +199,10 @@ pub struct CtEntry {
     pub last_seen_ns: u64,
     pub packets: u64,
     pub bytes: u64,
+    /// The guest port that opened the flow (0: opened from outside), what
+    /// its quota counts ([`NetConfig::ct_quota`], map `ct_quota`).
+    pub port: u32,
+    pub _pad: u32,
 }
 
 /// The entry of the direction that opened the flow.
@@ -229,6 +236,37 @@ pub struct ForwardTarget {
     pub port: u16,
     pub _pad: u16,
     pub net_id: u32,
+    /// New flows per second the forward accepts (also the burst), so a
+    /// flood of spoofed first packets cannot fill conntrack; 0: no limit.
+    pub rate: u32,
+    /// Token bucket of [`refill`], written by the datapath.
+    pub tokens: u32,
+    pub _pad2: u32,
+    pub last_ns: u64,
+}
+
+/// New flows per second a port forward accepts unless told otherwise.
+pub const DEFAULT_FORWARD_RATE: u32 = 200;
+/// A guest's conntrack quota unless told otherwise: this share of the
+/// table's flows (capacity / 2 / N).
+pub const DEFAULT_CT_QUOTA_SHARE: u32 = 8;
+
+/// A token bucket of `rate` tokens per second, holding at most `rate`:
+/// (tokens, last refill) after `now`. Whole tokens only; the time of a
+/// partial token is kept for the next refill.
+#[inline(always)]
+pub fn refill(tokens: u32, last_ns: u64, now: u64, rate: u32) -> (u32, u64) {
+    if rate == 0 {
+        return (tokens, now);
+    }
+    // Capped so the product cannot overflow (and a bucket fills in 1 s).
+    let elapsed = now.saturating_sub(last_ns).min(2_000_000_000);
+    let add = elapsed * rate as u64 / 1_000_000_000;
+    if add == 0 {
+        return (tokens, last_ns);
+    }
+    let full = (tokens as u64 + add).min(rate as u64) as u32;
+    (full, now)
 }
 
 /// NAT counters per network, per-CPU hash `nat_stats` keyed by net id.
@@ -249,6 +287,10 @@ pub struct NatStats {
     /// Guest packets that reached the uplink untranslated (through the
     /// host stack: other IP protocols, fragments) and were stopped there.
     pub drop_untranslated: u64,
+    /// New flows to a port forward beyond its rate.
+    pub drop_forward_rate: u64,
+    /// New flows of a guest that has its quota of open flows.
+    pub drop_ct_quota: u64,
 }
 
 impl NatStats {
@@ -260,6 +302,8 @@ impl NatStats {
         self.drop_no_port += o.drop_no_port;
         self.drop_unsupported += o.drop_unsupported;
         self.drop_untranslated += o.drop_untranslated;
+        self.drop_forward_rate += o.drop_forward_rate;
+        self.drop_ct_quota += o.drop_ct_quota;
     }
 }
 
@@ -415,9 +459,11 @@ pub enum DropReason {
     /// A new connection into a NAT or host-only network from another
     /// kvnet network or from outside.
     ForeignNet = 15,
+    /// A new NAT flow from a guest that has its quota of open flows.
+    CtQuota = 16,
 }
 
-pub const DROP_REASONS: usize = 16;
+pub const DROP_REASONS: usize = 17;
 pub const DROP_REASON_NAMES: [&str; DROP_REASONS] = [
     "malformed",
     "bad_src_mac",
@@ -435,6 +481,7 @@ pub const DROP_REASON_NAMES: [&str; DROP_REASONS] = [
     "rogue_ra",
     "double_tag",
     "foreign_net",
+    "ct_quota",
 ];
 
 /// Per-port counters, per-CPU hash `port_stats` keyed by ifindex.
@@ -567,6 +614,20 @@ mod tests {
     use core::mem::size_of;
 
     #[test]
+    fn token_bucket_refills_at_its_rate_up_to_its_burst() {
+        const S: u64 = 1_000_000_000;
+        // Empty, 100/s: 10 ms is one token, 5 ms none (time kept).
+        assert_eq!(refill(0, S, S + 10_000_000, 100), (1, S + 10_000_000));
+        assert_eq!(refill(0, S, S + 5_000_000, 100), (0, S));
+        // Never beyond the rate, however long it sat.
+        assert_eq!(refill(3, 0, 100 * S, 100), (100, 100 * S));
+        // A clock that went backwards adds nothing.
+        assert_eq!(refill(5, 2 * S, S, 100), (5, 2 * S));
+        // No limit.
+        assert_eq!(refill(0, 0, S, 0).0, 0);
+    }
+
+    #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<PortConfig>(), 60);
         assert_eq!(size_of::<FdbKey>(), 12);
@@ -576,11 +637,11 @@ mod tests {
         assert_eq!(size_of::<VlanMemberKey>(), 8);
         assert_eq!(size_of::<VlanMember>(), 4);
         assert_eq!(size_of::<PortStats>(), 8 * (10 + DROP_REASONS));
-        assert_eq!(size_of::<NetConfig>(), 52);
+        assert_eq!(size_of::<NetConfig>(), 56);
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtEntry>(), 56);
+        assert_eq!(size_of::<CtEntry>(), 64);
         assert_eq!(size_of::<ForwardKey>(), 8);
-        assert_eq!(size_of::<ForwardTarget>(), 12);
+        assert_eq!(size_of::<ForwardTarget>(), 32);
         assert_eq!(size_of::<TraceFilter>(), 20);
         assert_eq!(size_of::<TraceEvent>(), 80);
     }

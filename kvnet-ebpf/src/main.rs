@@ -305,15 +305,15 @@ fn tc_act(
             let Some(n) = maps::net(net_id) else {
                 return TC_ACT_SHOT;
             };
-            match nat::from_guest(&ctx, net_id, &n) {
+            match nat::from_guest(&ctx, net_id, &n, ingress) {
                 nat::Nat::Sent(rc, egress) => {
                     stats::routed(ingress);
                     trace::egress(egress);
                     rc
                 }
                 nat::Nat::Drop => TC_ACT_SHOT,
-                nat::Nat::Foreign => {
-                    stats::drop(ingress, DropReason::ForeignNet);
+                nat::Nat::Refused(reason) => {
+                    stats::drop(ingress, reason);
                     TC_ACT_SHOT
                 }
                 // Not translated: to the gateway, i.e. the host stack.
@@ -329,7 +329,7 @@ fn tc_act(
                 trace::egress(egress);
                 rc
             }
-            nat::Nat::Drop | nat::Nat::Foreign => TC_ACT_SHOT,
+            nat::Nat::Drop | nat::Nat::Refused(_) => TC_ACT_SHOT,
             nat::Nat::Skip | nat::Nat::ToHost => {
                 // Not a NAT flow: a routed network's traffic, or the host's.
                 // Skip: nat touched nothing, the packet pointers still hold.

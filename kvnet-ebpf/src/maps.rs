@@ -20,6 +20,11 @@ pub static FDB: HashMap<FdbKey, FdbEntry> = HashMap::pinned(MAX_FDB_ENTRIES, 0);
 #[map(name = "mac_owners")]
 pub static MAC_OWNERS: HashMap<FdbKey, u32> = HashMap::pinned(MAX_MAC_OWNERS, 0);
 
+/// Guest port ifindex -> NAT flows it has open: counted up by the datapath
+/// as it creates them, recounted by the daemon's conntrack GC.
+#[map(name = "ct_quota")]
+pub static CT_QUOTA: HashMap<u32, u32> = HashMap::pinned(MAX_PORTS, 0);
+
 #[map(name = "flood")]
 pub static FLOOD: HashMap<FloodKey, FloodSet> = HashMap::pinned(MAX_FLOOD_DOMAINS, 0);
 

@@ -16,13 +16,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use kvnet_common::{
-    CtEntry, CtKey, ForwardKey, NatStats, NetConfig, CT_F_ACK, CT_F_DNAT, CT_F_FIN, CT_F_ORIGINAL,
-    CT_F_RST, CT_F_SYN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NET_F_CLOSED,
+    CtEntry, CtKey, DropReason, ForwardKey, NatStats, NetConfig, CT_F_ACK, CT_F_DNAT, CT_F_FIN,
+    CT_F_ORIGINAL, CT_F_RST, CT_F_SYN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NET_F_CLOSED,
 };
 
 use crate::{
     fdb,
-    maps::{self, CT, FORWARDS, NAT_STATS},
+    maps::{self, CT, CT_QUOTA, FORWARDS, NAT_STATS},
     parse::ETH_HLEN,
 };
 
@@ -47,8 +47,9 @@ pub enum Nat {
     Drop,
     /// Translated and sent: the tc verdict and the interface it went to.
     Sent(i32, u32),
-    /// A new flow into another closed (NAT, host-only) kvnet network.
-    Foreign,
+    /// Refused by policy (counted on the ingress port under the reason):
+    /// a new flow into another closed network, or over the guest's quota.
+    Refused(DropReason),
 }
 
 struct Pkt {
@@ -289,6 +290,7 @@ fn create(
     to: &mut CtKey,
     alloc: bool,
     flags: u32,
+    port: u32,
 ) -> Option<()> {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut rev = CtEntry {
@@ -297,6 +299,7 @@ fn create(
         flags,
         created_ns: now,
         last_seen_ns: now,
+        port,
         ..Default::default()
     };
     if alloc {
@@ -368,7 +371,7 @@ fn is_multicast_or_bcast(addr: u32) -> bool {
 /// MAC: translate (existing flow, new masquerade flow, or a port forward
 /// reached from inside), then route it.
 #[inline(always)]
-pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig) -> Nat {
+pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig, ingress: u32) -> Nat {
     let Some(p) = parse(ctx) else {
         return Nat::Skip;
     };
@@ -429,9 +432,15 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig) -> Nat {
         // Into another kvnet network: only a routed one takes it.
         if let Some(other) = maps::gw_host_net(f.ifindex) {
             if other != net_id && maps::net(other).is_none_or(|o| o.flags & NET_F_CLOSED != 0) {
-                return Nat::Foreign;
+                return Nat::Refused(DropReason::ForeignNet);
             }
         }
+    }
+    // Read, not reserved: two CPUs may each open one flow past the quota.
+    let used = unsafe { CT_QUOTA.get(&ingress) }.copied().unwrap_or(0);
+    if new_flow && n.ct_quota != 0 && used >= n.ct_quota {
+        count(net_id, |s| s.drop_ct_quota += 1);
+        return Nat::Refused(DropReason::CtQuota);
     }
     if new_flow
         && create(
@@ -441,6 +450,7 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig) -> Nat {
             &mut to,
             true,
             if fwd { CT_F_DNAT } else { 0 },
+            ingress,
         )
         .is_none()
     {
@@ -448,6 +458,12 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig) -> Nat {
     }
     if new_flow {
         entry = CT.get_ptr_mut(&p.key);
+        match CT_QUOTA.get_ptr_mut(&ingress) {
+            Some(c) => unsafe { *c += 1 },
+            None => {
+                let _ = CT_QUOTA.insert(&ingress, &1, 0);
+            }
+        }
     }
     if !apply(ctx, &p, &to) || !dec_ttl(ctx, p.ttl) {
         return Nat::Drop;
@@ -531,21 +547,35 @@ pub fn from_uplink(ctx: &TcContext, ingress: u32) -> Nat {
                 proto: p.key.proto,
                 _pad: 0,
             };
-            let Some(t) = (unsafe { FORWARDS.get(&fk) }).copied() else {
+            let Some(fwd) = FORWARDS.get_ptr_mut(&fk) else {
                 return Nat::Skip;
             };
+            let t = unsafe { *fwd };
             let Some(n) = maps::net(t.net_id) else {
                 return Nat::Skip;
             };
             if p.key.daddr != n.nat_ip {
                 return Nat::Skip;
             }
+            if t.rate != 0 {
+                // Spoofed first packets from anywhere must not fill the table.
+                let now = unsafe { bpf_ktime_get_coarse_ns() };
+                let (tokens, last) = kvnet_common::refill(t.tokens, t.last_ns, now, t.rate);
+                if tokens == 0 {
+                    count(t.net_id, |s| s.drop_forward_rate += 1);
+                    return Nat::Drop;
+                }
+                unsafe {
+                    (*fwd).tokens = tokens - 1;
+                    (*fwd).last_ns = last;
+                }
+            }
             let mut to = CtKey {
                 daddr: t.addr,
                 dport: t.port,
                 ..p.key
             };
-            if create(t.net_id, &n, &p.key, &mut to, false, CT_F_DNAT).is_none() {
+            if create(t.net_id, &n, &p.key, &mut to, false, CT_F_DNAT, 0).is_none() {
                 return Nat::Drop;
             }
             entry = CT.get_ptr_mut(&p.key);

@@ -395,6 +395,13 @@ impl Datapath {
         Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_FDB)?)?)
     }
 
+    pub fn ct_quota(&mut self) -> Result<HashMap<&mut MapData, u32, u32>> {
+        Ok(HashMap::try_from(map(
+            &mut self.ebpf,
+            names::MAP_CT_QUOTA,
+        )?)?)
+    }
+
     pub fn mac_owners(&mut self) -> Result<HashMap<&mut MapData, FdbKey, u32>> {
         Ok(HashMap::try_from(map(
             &mut self.ebpf,

@@ -6,7 +6,8 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use anyhow::{bail, Context, Result};
 use kvnet_common::{
     CtEntry, CtKey, ForwardKey, ForwardTarget, NetConfig, CT_F_DNAT, CT_F_FIN, CT_F_ORIGINAL,
-    CT_F_RST, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NET_F_NAT, PORT_F_UPLINK_NAT,
+    CT_F_RST, DEFAULT_CT_QUOTA_SHARE, DEFAULT_FORWARD_RATE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    NET_F_NAT, PORT_F_UPLINK_NAT,
 };
 
 use crate::{
@@ -104,6 +105,9 @@ mod timeout {
     pub const UDP_ASSURED: f64 = 120.0;
     pub const ICMP: f64 = 30.0;
 }
+
+/// A guest's quota is never below this many flows (small tables).
+const MIN_CT_QUOTA: u32 = 64;
 
 /// Tests shrink every timeout by this factor (KVNET_CT_TIME_SCALE).
 fn time_scale() -> f64 {
@@ -216,6 +220,8 @@ impl Switch {
             .get(&id, 0)
             .context("the network's datapath entry")?;
         cfg.flags |= NET_F_NAT;
+        // No guest may hold more than its share of the table.
+        cfg.ct_quota = (self.dp.ct_capacity / 2 / DEFAULT_CT_QUOTA_SHARE).max(MIN_CT_QUOTA);
         cfg.nat_ip = u32::from(state.nat_ip).to_be();
         cfg.subnet = u32::from(cidr.network()).to_be();
         cfg.mask = cidr.mask().to_be();
@@ -367,8 +373,10 @@ impl Switch {
         let target = ForwardTarget {
             addr: u32::from(addr).to_be(),
             port: to_port as u16,
-            _pad: 0,
             net_id: id,
+            rate: DEFAULT_FORWARD_RATE,
+            tokens: DEFAULT_FORWARD_RATE,
+            ..Default::default()
         };
         self.dp
             .forwards()?
@@ -479,6 +487,8 @@ impl Switch {
         for k in &doomed {
             let _ = ct.remove(k);
         }
+        let left: Vec<(CtKey, CtEntry)> = self.ct_entries()?;
+        self.recount_ct_quota(left.iter().map(|(k, e)| (k, e)))?;
         Ok(doomed.len())
     }
 
@@ -519,7 +529,49 @@ impl Switch {
         for k in &doomed {
             let _ = ct.remove(k);
         }
+        // Each guest port's open flows, recounted: the datapath only counts
+        // up, so what expired comes off here.
+        let gone: std::collections::HashSet<&CtKey> = doomed.iter().collect();
+        let mut open: std::collections::HashMap<u32, u32> = Default::default();
+        for (k, e) in &all {
+            if e.flags & CT_F_ORIGINAL != 0 && e.port != 0 && !gone.contains(k) {
+                *open.entry(e.port).or_default() += 1;
+            }
+        }
+        let mut quota = self.dp.ct_quota()?;
+        let counted: Vec<u32> = quota.keys().filter_map(|k| k.ok()).collect();
+        for port in counted.iter().filter(|p| !open.contains_key(p)) {
+            let _ = quota.remove(port);
+        }
+        for (port, n) in open {
+            let _ = quota.insert(port, n, 0);
+        }
+        let gone: std::collections::HashSet<&CtKey> = doomed.iter().collect();
+        self.recount_ct_quota(all.iter().filter(|(k, _)| !gone.contains(k)))?;
         Ok(doomed.len())
+    }
+
+    /// Each guest port's open flows, recounted from the entries left: the
+    /// datapath only counts up, so what expired comes off here.
+    fn recount_ct_quota<'a>(
+        &mut self,
+        left: impl Iterator<Item = (&'a CtKey, &'a CtEntry)>,
+    ) -> Result<()> {
+        let mut open: std::collections::HashMap<u32, u32> = Default::default();
+        for (_, e) in left {
+            if e.flags & CT_F_ORIGINAL != 0 && e.port != 0 {
+                *open.entry(e.port).or_default() += 1;
+            }
+        }
+        let mut quota = self.dp.ct_quota()?;
+        let counted: Vec<u32> = quota.keys().filter_map(|k| k.ok()).collect();
+        for port in counted.iter().filter(|p| !open.contains_key(p)) {
+            let _ = quota.remove(port);
+        }
+        for (port, n) in open {
+            let _ = quota.insert(port, n, 0);
+        }
+        Ok(())
     }
 
     /// Follows the uplink's address (DHCP on the host): new flows use the
@@ -585,6 +637,8 @@ impl Switch {
                     ("no_port".to_string(), s.drop_no_port),
                     ("unsupported".to_string(), s.drop_unsupported),
                     ("untranslated".to_string(), s.drop_untranslated),
+                    ("forward_rate".to_string(), s.drop_forward_rate),
+                    ("ct_quota".to_string(), s.drop_ct_quota),
                 ]),
                 table_entries: entries,
                 table_capacity: self.dp.ct_capacity as u64,

@@ -663,8 +663,10 @@ impl Switch {
         let _ = self.dp.port_stats()?.remove(&port.ifindex);
         self.remove_memberships(port.ifindex, vids);
         self.flush_fdb(|_, e| e.ifindex == port.ifindex)?;
-        // Its MACs are free again (a guest moving elsewhere takes them along).
+        // Its MACs are free again (a guest moving elsewhere takes them along),
+        // and a later port with its ifindex starts with no flows counted.
         self.drop_owners(port.ifindex);
+        let _ = self.dp.ct_quota().map(|mut q| q.remove(&port.ifindex));
         Ok(())
     }
 

@@ -1681,3 +1681,216 @@ fn a_double_tagged_frame_cannot_hop_into_another_vlan() {
     println!("runtime: {:?}", started.elapsed());
     r.finish();
 }
+
+// ---------------------------------------------------------------------
+// Conntrack exhaustion: a guest opening flows without end, and spoofed
+// first packets through a port forward, must not fill the table.
+
+/// Flows in `kvnet conntrack list default` whose guest side is `ip`.
+fn flows_of(k: &Kvnet, ip: &str) -> usize {
+    k.json(&["conntrack", "list", "default"])
+        .unwrap()
+        .as_array()
+        .map_or(0, |rows| {
+            rows.iter()
+                .filter(|r| r.to_string().contains(&format!("\"{ip}:")))
+                .count()
+        })
+}
+
+fn nat_drops(k: &Kvnet, reason: &str) -> u64 {
+    let stats = k.json(&["stats"]).unwrap();
+    stats["nat"]
+        .as_array()
+        .and_then(|n| n.iter().find(|r| r["net"] == "default"))
+        .and_then(|r| r["drops"][reason].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn conntrack_cannot_be_exhausted_by_a_guest_or_through_a_forward() {
+    if !privileged() {
+        eprintln!("SKIPPED: needs root");
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let out = lab
+        .add_outside_with(&format!("{OUTSIDE}/24"), "198.51.100.1/24")
+        .unwrap();
+    let mk = |name: &str| {
+        let g = lab.add_guest_with(name, None).unwrap();
+        g.disable_ipv6().unwrap();
+        g
+    };
+    let flooder = mk("flooder");
+    let bystander = mk("bystander");
+    // 2048 entries: 1024 flows, a guest's quota is 128 of them.
+    let k = Kvnet::start_with(&lab, &["--ct-max", "2048"]).unwrap();
+    k.cli(&[
+        "net",
+        "add",
+        "default",
+        "--mode",
+        "nat",
+        "--gateway",
+        "192.168.122.1/24",
+        "--uplink",
+        "up0",
+        "--dhcp-range",
+        "192.168.122.2,192.168.122.254",
+    ])
+    .unwrap();
+    k.cli(&["port", "add", "default", "flooder"]).unwrap();
+    k.cli(&["port", "add", "default", "bystander"]).unwrap();
+    let fip = dhcp(&lab, &flooder, "flooder");
+    let bip = dhcp(&lab, &bystander, "bystander");
+    let net = k.json(&["net", "show", "default"]).unwrap();
+    let gw_iface = net["gateway_iface"].as_str().unwrap().to_string();
+    let gw_mac = read_mac(lab.hv(), &gw_iface).unwrap();
+    let up_mac = read_mac(lab.hv(), &out.hv_if).unwrap();
+    assert!(bystander.ping(OUTSIDE), "bystander reaches the outside");
+
+    // 1. One guest opens 1000 UDP flows at once: its quota holds.
+    let cap_out = Capture::start(&out.ns, &out.iface).unwrap();
+    let frames: Vec<Vec<u8>> = (0..1000u16)
+        .map(|i| {
+            udp4_frame(
+                gw_mac,
+                flooder.mac,
+                ip4(&fip),
+                OUTSIDE_IP,
+                20000 + i,
+                9,
+                b"ct-flood",
+            )
+        })
+        .collect();
+    inject(&flooder.ns, "eth0", &frames).unwrap();
+    // All 1000 handled: 128 translated, the rest refused.
+    let dropped = wait_drops(&k, "flooder", "ct_quota", 850);
+    thread::sleep(Duration::from_millis(200));
+    let seen = cap_out.stop().unwrap();
+    // The flood itself, translated (not the outside's ICMP errors quoting it).
+    let translated = seen
+        .iter()
+        .filter(|f| has(f, b"ct-flood") && f.ipv4_addrs().is_some_and(|(s, _)| s == UPLINK_IP))
+        .count();
+    let open_flows = flows_of(&k, &fip);
+    assert!(dropped >= 850, "ct_quota drops: {dropped}");
+    assert!(
+        (120..=140).contains(&open_flows),
+        "{open_flows} flows open for the flooder (quota 128)"
+    );
+    // Positive control: the flows let in are real (the capture may miss
+    // some of a burst, never invent them).
+    assert!(
+        translated >= 1 && translated <= open_flows,
+        "the outside saw {translated} of the flood's packets, {open_flows} flows open"
+    );
+    assert!(nat_drops(&k, "ct_quota") >= 800);
+    // Others are untouched: the bystander opens new flows.
+    assert!(bystander.ping(OUTSIDE), "bystander after the guest's flood");
+
+    // 2. Spoofed first packets from everywhere to a port forward: bounded
+    // by the forward's rate (200 new flows/s), the table keeps room.
+    k.cli(&[
+        "forward",
+        "add",
+        "default",
+        "--proto",
+        "udp",
+        "--port",
+        "6000",
+        "--to",
+        &format!("{bip}:6000"),
+    ])
+    .unwrap();
+    let new_flows = |k: &Kvnet| {
+        k.json(&["stats"]).unwrap()["nat"][0]["new_flows"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let flows_before = new_flows(&k);
+    let cap_b = Capture::start(&bystander.ns, "eth0").unwrap();
+    let started = Instant::now();
+    let spoofed: Vec<Vec<u8>> = (0..3000u32)
+        .map(|i| {
+            let src = [203, 0, 113, (i % 250) as u8 + 1];
+            udp4_frame(
+                up_mac,
+                out.mac,
+                src,
+                UPLINK_IP,
+                1024 + i as u16,
+                6000,
+                b"fwd-flood",
+            )
+        })
+        .collect();
+    inject(&out.ns, &out.iface, &spoofed).unwrap();
+    let refused = {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let n = nat_drops(&k, "forward_rate");
+            if n >= 2000 || Instant::now() > deadline {
+                break n;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    thread::sleep(Duration::from_millis(200));
+    // Arriving ones only (not the guest's port-unreachable errors quoting them).
+    let through = cap_b
+        .stop()
+        .unwrap()
+        .iter()
+        .filter(|f| has(f, b"fwd-flood") && f.ipv4_addrs().is_some_and(|(_, d)| d == ip4(&bip)))
+        .count();
+    let opened = new_flows(&k) - flows_before;
+    let bound = 200.0 + 200.0 * elapsed + 20.0;
+    assert!(refused >= 2000, "forward_rate drops: {refused}");
+    assert!(
+        opened >= 150 && (opened as f64) <= bound,
+        "{opened} flows opened by 3000 spoofed first packets in {elapsed:.2}s (burst 200 + 200/s)"
+    );
+    // Positive control: those that were let in really reached the guest
+    // (the capture may miss some of a burst, never invent them).
+    assert!(
+        through >= 1 && through as u64 <= opened,
+        "{through} spoofed first packets seen at the guest, {opened} flows opened"
+    );
+    let rows = k.json(&["conntrack", "list", "default"]).unwrap();
+    let total = rows.as_array().map_or(0, |r| r.len());
+    assert!(total < 1024 - 100, "{total} flows: the table kept room");
+    // A later legitimate packet through the forward arrives (the bucket
+    // refills) and the guests still open flows.
+    thread::sleep(Duration::from_millis(1100));
+    let cap_b = Capture::start(&bystander.ns, "eth0").unwrap();
+    inject(
+        &out.ns,
+        &out.iface,
+        &[udp4_frame(
+            up_mac,
+            out.mac,
+            OUTSIDE_IP,
+            UPLINK_IP,
+            4242,
+            6000,
+            b"fwd-legit",
+        )],
+    )
+    .unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let arrived = cap_b
+        .stop()
+        .unwrap()
+        .iter()
+        .filter(|f| has(f, b"fwd-legit") && f.ipv4_addrs().is_some_and(|(_, d)| d == ip4(&bip)))
+        .count();
+    assert_eq!(
+        arrived, 1,
+        "a legitimate packet through the forward after the flood"
+    );
+    assert!(bystander.ping(OUTSIDE), "bystander after the forward flood");
+}

@@ -661,6 +661,7 @@ fn synthetic_flow(i: u32, now: u64) -> [(CtKey, CtEntry); 2] {
         last_seen_ns: now,
         packets: 1,
         bytes: 60,
+        ..Default::default()
     };
     let r = CtEntry {
         rewrite: orig.reply(),
