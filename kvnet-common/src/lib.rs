@@ -24,6 +24,7 @@ pub mod names {
     pub const MAP_TRACE: &str = "trace";
     pub const MAP_MAC_OWNERS: &str = "mac_owners";
     pub const MAP_CT_QUOTA: &str = "ct_quota";
+    pub const MAP_FDB_COUNT: &str = "fdb_count";
     pub const PROG_TC_OUT: &str = "kvnet_tc_out";
     pub const PROG_XDP: &str = "kvnet_xdp";
     pub const PROG_TC: &str = "kvnet_tc";
@@ -43,6 +44,11 @@ pub const MAX_FORWARDS: u32 = 4096;
 pub const MAX_FLOOD_DOMAINS: u32 = 16384;
 /// (port, VLAN) memberships across all ports.
 pub const MAX_VLAN_MEMBERS: u32 = 65536;
+/// Learned MACs one network may hold: ports without port security (uplinks,
+/// trunks to other switches) learn freely up to this, so a flood from the
+/// LAN cannot take the whole FDB. Guest ports are bounded by their own
+/// `max_macs` and never lose an entry to it (nothing is evicted).
+pub const MAX_LEARNED_PER_NET: u32 = 65536;
 /// MACs a guest port can own ([`PortConfig::macs`]).
 pub const PORT_MACS: usize = 4;
 /// IPv4 source bindings a guest port can hold ([`PortConfig::ips`]).
@@ -502,6 +508,8 @@ pub struct PortStats {
     pub routed: u64,
     /// Frames handed to the host stack.
     pub to_host: u64,
+    /// Source MACs not learned: the network holds MAX_LEARNED_PER_NET.
+    pub learn_refused: u64,
     pub drops: [u64; DROP_REASONS],
 }
 
@@ -517,6 +525,7 @@ impl PortStats {
         self.learned += o.learned;
         self.routed += o.routed;
         self.to_host += o.to_host;
+        self.learn_refused += o.learn_refused;
         for i in 0..DROP_REASONS {
             self.drops[i] += o.drops[i];
         }
@@ -636,7 +645,7 @@ mod tests {
         assert_eq!(size_of::<FloodSet>(), 4 + 4 * MAX_FLOOD_PORTS + 4);
         assert_eq!(size_of::<VlanMemberKey>(), 8);
         assert_eq!(size_of::<VlanMember>(), 4);
-        assert_eq!(size_of::<PortStats>(), 8 * (10 + DROP_REASONS));
+        assert_eq!(size_of::<PortStats>(), 8 * (11 + DROP_REASONS));
         assert_eq!(size_of::<NetConfig>(), 56);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtEntry>(), 64);

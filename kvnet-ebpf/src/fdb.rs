@@ -1,18 +1,20 @@
 //! MAC learning and lookup in the `fdb` map.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-use kvnet_common::{FdbEntry, FdbKey, FDB_F_STATIC, FDB_REFRESH_NS};
+use kvnet_common::{FdbEntry, FdbKey, FDB_F_STATIC, FDB_REFRESH_NS, MAX_LEARNED_PER_NET};
 
 use crate::{
-    maps::{FDB, MAC_OWNERS},
+    maps::{FDB, FDB_COUNT, MAC_OWNERS},
     stats,
 };
 
 /// Learns `mac` on `ingress`. Writes only when the entry is new, moved
 /// (guest migration: re-learned at once) or due for a refresh; static
 /// entries are never overwritten, and a MAC a guest port owns never moves
-/// to another port (a trusted port sending it is not believed).
+/// to another port (a trusted port sending it is not believed). `bounded`:
+/// a port without port security, whose new MACs count against the
+/// network's MAX_LEARNED_PER_NET.
 #[inline(always)]
-pub fn learn(net_id: u32, vid: u16, mac: [u8; 6], ingress: u32) {
+pub fn learn(net_id: u32, vid: u16, mac: [u8; 6], ingress: u32, bounded: bool) {
     let key = FdbKey { net_id, vid, mac };
     // The coarse clock (a tick's precision) is plenty for ageing in seconds
     // and far cheaper per packet than the precise one.
@@ -29,6 +31,19 @@ pub fn learn(net_id: u32, vid: u16, mac: [u8; 6], ingress: u32) {
                 return;
             }
             if found.is_none() {
+                let count = FDB_COUNT.get_ptr_mut(&net_id);
+                let held = count.map_or(0, |c| unsafe { *c });
+                if bounded && held >= MAX_LEARNED_PER_NET {
+                    stats::learn_refused(ingress);
+                    return;
+                }
+                // Plain add: a lost count is put right by the daemon's recount.
+                match count {
+                    Some(c) => unsafe { *c = held + 1 },
+                    None => {
+                        let _ = FDB_COUNT.insert(&net_id, &1, 0);
+                    }
+                }
                 stats::learned(ingress);
             }
         }

@@ -32,6 +32,10 @@ const DHCP6_SERVER_PORT: u16 = 547;
 const BOOTREPLY: u8 = 2;
 const IPPROTO_ICMPV6: u8 = 58;
 const ND_ROUTER_ADVERT: u8 = 134;
+const ND_NEIGHBOR_SOLICIT: u8 = 135;
+const ND_NEIGHBOR_ADVERT: u8 = 136;
+const ND_OPT_SOURCE_LL: u8 = 1;
+const ND_OPT_TARGET_LL: u8 = 2;
 const ND_REDIRECT: u8 = 137;
 /// IPv6 extension headers looked through to find the upper layer.
 const IPV6_HOPOPTS: u8 = 0;
@@ -71,7 +75,7 @@ pub fn check(
     match l3.ethertype {
         parse::ETH_P_IPV4 => ipv4(port, data, data_end, l3.off, ip_guard),
         parse::ETH_P_ARP if guarded => arp(port, data, data_end, l3.off, &eth.src, ip_guard),
-        parse::ETH_P_IPV6 => ipv6(data, data_end, l3.off, ip_guard),
+        parse::ETH_P_IPV6 => ipv6(data, data_end, l3.off, guarded, ip_guard, &eth.src),
         _ => None,
     }
 }
@@ -220,9 +224,18 @@ fn arp(
 
 /// IPv6: router advertisements, redirects and DHCPv6 server messages are
 /// a router's and a server's to send; with `ip_guard`, sources are
-/// link-local (or unspecified, for DAD) only.
+/// link-local (or unspecified, for DAD) only. Neighbour discovery from a
+/// guarded port (ND inspection) names the frame's own MAC and, with
+/// `ip_guard`, advertises link-local targets only.
 #[inline(always)]
-fn ipv6(data: usize, data_end: usize, off: usize, ip_guard: bool) -> Option<DropReason> {
+fn ipv6(
+    data: usize,
+    data_end: usize,
+    off: usize,
+    guarded: bool,
+    ip_guard: bool,
+    src: &[u8; 6],
+) -> Option<DropReason> {
     let Some(h) = ptr_at::<[u8; 40]>(data, data_end, off) else {
         return Some(DropReason::Malformed);
     };
@@ -259,7 +272,21 @@ fn ipv6(data: usize, data_end: usize, off: usize, ip_guard: bool) -> Option<Drop
             // Type, code, checksum: read whole (a one-byte read at a
             // variable offset loses its bounds check to the optimiser).
             let t = unsafe { (*ptr_at::<[u8; 4]>(data, data_end, l4)?)[0] };
-            (t == ND_ROUTER_ADVERT || t == ND_REDIRECT).then_some(DropReason::RogueRa)
+            if t == ND_ROUTER_ADVERT || t == ND_REDIRECT {
+                return Some(DropReason::RogueRa);
+            }
+            if !guarded || (t != ND_NEIGHBOR_SOLICIT && t != ND_NEIGHBOR_ADVERT) {
+                return None;
+            }
+            // Header (4), reserved/flags (4), target (16), first option.
+            let nd = unsafe { &*ptr_at::<[u8; 32]>(data, data_end, l4)? };
+            let target_link_local = nd[8] == 0xfe && nd[9] & 0xc0 == 0x80;
+            if t == ND_NEIGHBOR_ADVERT && ip_guard && !target_link_local {
+                return Some(DropReason::ArpSpoof);
+            }
+            let ll_opt = (nd[24] == ND_OPT_SOURCE_LL || nd[24] == ND_OPT_TARGET_LL) && nd[25] == 1;
+            (ll_opt && [nd[26], nd[27], nd[28], nd[29], nd[30], nd[31]] != *src)
+                .then_some(DropReason::ArpSpoof)
         }
         IPPROTO_UDP => {
             let udp = unsafe { &*ptr_at::<[u8; 4]>(data, data_end, l4)? };

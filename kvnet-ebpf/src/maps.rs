@@ -25,6 +25,11 @@ pub static MAC_OWNERS: HashMap<FdbKey, u32> = HashMap::pinned(MAX_MAC_OWNERS, 0)
 #[map(name = "ct_quota")]
 pub static CT_QUOTA: HashMap<u32, u32> = HashMap::pinned(MAX_PORTS, 0);
 
+/// Network id -> learned FDB entries: counted up by the datapath as it
+/// learns, recounted by the daemon as it ages (MAX_LEARNED_PER_NET).
+#[map(name = "fdb_count")]
+pub static FDB_COUNT: HashMap<u32, u32> = HashMap::pinned(MAX_NETWORKS, 0);
+
 #[map(name = "flood")]
 pub static FLOOD: HashMap<FloodKey, FloodSet> = HashMap::pinned(MAX_FLOOD_DOMAINS, 0);
 

@@ -60,6 +60,11 @@ pub fn to_host(ifindex: u32) {
 }
 
 #[inline(always)]
+pub fn learn_refused(ifindex: u32) {
+    with(ifindex, |s| s.learn_refused += 1);
+}
+
+#[inline(always)]
 pub fn learned(ifindex: u32) {
     with(ifindex, |s| s.learned += 1);
 }

@@ -1,8 +1,8 @@
 //! The switching decision, written once and executed by both hooks.
 use kvnet_common::{
     DropReason, FloodKey, PortConfig, ETH_P_8021Q, FDB_F_HOST, NET_F_CLOSED, NET_F_NAT,
-    PORT_F_HAIRPIN, PORT_F_ROUTED_NET, PORT_F_TRUSTED, PORT_F_UPLINK_NAT, PORT_F_UPLINK_ROUTED,
-    VLAN_MODE_NONE, VLAN_MODE_TRUNK, VLAN_M_TAGGED, VLAN_VID_MASK,
+    PORT_F_GUARDED, PORT_F_HAIRPIN, PORT_F_ROUTED_NET, PORT_F_TRUSTED, PORT_F_UPLINK_NAT,
+    PORT_F_UPLINK_ROUTED, VLAN_MODE_NONE, VLAN_MODE_TRUNK, VLAN_M_TAGGED, VLAN_VID_MASK,
 };
 
 use crate::{
@@ -204,7 +204,13 @@ pub fn decide(
     };
     let out_tci = (tag.tci & keep) | vid;
     let net_id = port.net_id;
-    fdb::learn(net_id, vid, eth.src, ingress);
+    fdb::learn(
+        net_id,
+        vid,
+        eth.src,
+        ingress,
+        port.flags & PORT_F_GUARDED == 0,
+    );
 
     let flood = Action::Flood(
         FloodKey {

@@ -298,6 +298,9 @@ pub struct PortStatsRow {
     pub tc_seen: u64,
     pub flooded: u64,
     pub learned: u64,
+    /// Source MACs not learned: the network's learned-MAC bound was reached.
+    #[serde(default)]
+    pub learn_refused: u64,
     pub routed: u64,
     pub to_host: u64,
     pub drops: BTreeMap<String, u64>,

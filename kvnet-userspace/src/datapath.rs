@@ -395,6 +395,13 @@ impl Datapath {
         Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_FDB)?)?)
     }
 
+    pub fn fdb_count(&mut self) -> Result<HashMap<&mut MapData, u32, u32>> {
+        Ok(HashMap::try_from(map(
+            &mut self.ebpf,
+            names::MAP_FDB_COUNT,
+        )?)?)
+    }
+
     pub fn ct_quota(&mut self) -> Result<HashMap<&mut MapData, u32, u32>> {
         Ok(HashMap::try_from(map(
             &mut self.ebpf,

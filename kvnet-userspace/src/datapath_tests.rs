@@ -873,3 +873,55 @@ fn a_tag_left_after_classification_is_a_vlan_hop() {
     let prio = tagged(&udp_frame(BCAST, A, b"prio", true), 0x8100, 0);
     assert_ne!(verdicts(&mut f, &prio), DROPPED);
 }
+
+/// ICMPv6 neighbour solicitation (135) or advertisement (136) for `target`
+/// with a link-layer address option (1: source, 2: target) naming `ll`.
+fn nd(t: u8, target: [u8; 16], opt: u8, ll: [u8; 6]) -> Vec<u8> {
+    let mut m = vec![t, 0, 0, 0, 0, 0, 0, 0];
+    m.extend_from_slice(&target);
+    m.extend_from_slice(&[opt, 1]);
+    m.extend_from_slice(&ll);
+    ipv6(LINK_LOCAL, 58, &m)
+}
+
+#[test]
+fn neighbour_discovery_names_the_senders_own_mac() {
+    let Some(mut f) = fixture() else { return };
+    guarded(&mut f, 0, 1, &[A], &[]);
+    // Solicitation and advertisement with A's own MAC: fine.
+    assert_ne!(verdicts(&mut f, &nd(135, LINK_LOCAL, 1, A)), DROPPED);
+    assert_ne!(verdicts(&mut f, &nd(136, GLOBAL, 2, A)), DROPPED);
+    // Naming another MAC (neighbour cache poisoning): refused.
+    assert_eq!(verdicts(&mut f, &nd(135, LINK_LOCAL, 1, B)), DROPPED);
+    assert_eq!(verdicts(&mut f, &nd(136, LINK_LOCAL, 2, B)), DROPPED);
+    assert_eq!(f.drops(LO, DropReason::ArpSpoof), 4);
+    // With the IP guard, only link-local targets may be advertised.
+    guarded(&mut f, PORT_F_IP_GUARD, 1, &[A], &[[10, 0, 0, 1]]);
+    assert_ne!(verdicts(&mut f, &nd(136, LINK_LOCAL, 2, A)), DROPPED);
+    assert_eq!(verdicts(&mut f, &nd(136, GLOBAL, 2, A)), DROPPED);
+    // An unguarded port is not inspected (positive control).
+    f.port(LO, 0);
+    assert_ne!(verdicts(&mut f, &nd(136, LINK_LOCAL, 2, B)), DROPPED);
+}
+
+#[test]
+fn ports_without_port_security_learn_within_the_networks_bound() {
+    let Some(mut f) = fixture() else { return };
+    f.port(LO, PORT_F_TRUSTED);
+    let mut count = f.dp.fdb_count().unwrap();
+    count.insert(NET, MAX_LEARNED_PER_NET, 0).unwrap();
+    drop(count);
+    f.dp.run_tc(&udp_frame(BCAST, A, b"a", true), 1).unwrap();
+    assert!(f.fdb_get(A).is_none(), "bound reached: not learned");
+    assert_eq!(f.dp.stats(LO).unwrap().learn_refused, 1);
+    // A guarded guest port still claims and learns its own MAC.
+    guarded(&mut f, 0, 1, &[], &[]);
+    f.dp.run_tc(&udp_frame(BCAST, B, b"b", true), 1).unwrap();
+    assert_eq!(f.fdb_get(B).map(|e| e.ifindex), Some(LO));
+    // Below the bound, trusted ports learn and are counted.
+    f.port(LO, PORT_F_TRUSTED);
+    f.dp.fdb_count().unwrap().insert(NET, 5, 0).unwrap();
+    f.dp.run_tc(&udp_frame(BCAST, A, b"a", true), 1).unwrap();
+    assert!(f.fdb_get(A).is_some());
+    assert_eq!(f.dp.fdb_count().unwrap().get(&NET, 0).unwrap(), 6);
+}

@@ -824,12 +824,35 @@ impl Switch {
             .values()
             .map(|n| (n.id, n.ageing.as_nanos() as u64))
             .collect();
-        self.flush_fdb(|k, e| {
+        let aged = self.flush_fdb(|k, e| {
             e.flags & FDB_F_STATIC == 0
                 && ageing
                     .get(&k.net_id)
                     .is_none_or(|max| now.saturating_sub(e.last_seen_ns) > *max)
-        })
+        })?;
+        self.recount_learned()?;
+        Ok(aged)
+    }
+
+    /// Each network's learned MACs, recounted: the datapath only counts up
+    /// (its bound for ports without port security), so what aged or was
+    /// flushed comes off here.
+    fn recount_learned(&mut self) -> Result<()> {
+        let mut held: BTreeMap<u32, u32> = BTreeMap::new();
+        for (k, e) in self.dp.fdb()?.iter().filter_map(|r| r.ok()) {
+            if e.flags & FDB_F_STATIC == 0 {
+                *held.entry(k.net_id).or_default() += 1;
+            }
+        }
+        let mut count = self.dp.fdb_count()?;
+        let counted: Vec<u32> = count.keys().filter_map(|k| k.ok()).collect();
+        for net in counted.iter().filter(|n| !held.contains_key(n)) {
+            let _ = count.remove(net);
+        }
+        for (net, n) in held {
+            let _ = count.insert(net, n, 0);
+        }
+        Ok(())
     }
 
     pub fn flush_log(&mut self) {
@@ -875,6 +898,7 @@ impl Switch {
                 tc_seen: s.tc_seen,
                 flooded: s.flooded,
                 learned: s.learned,
+                learn_refused: s.learn_refused,
                 routed: s.routed,
                 to_host: s.to_host,
                 drops: DROP_REASON_NAMES

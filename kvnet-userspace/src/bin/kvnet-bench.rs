@@ -443,7 +443,9 @@ fn cost(
     }
     let cpus = nr_cpus().map_err(|(_, e)| e)?;
     // Ports: lo (where tc test frames arrive), a (XDP ingress), b (egress).
-    let set_ports = |ebpf: &mut Ebpf, b_flags: u32| -> Result<()> {
+    // `open`: the sender's port without port security (the same-run
+    // comparison row); else guarded as the daemon sets it by default.
+    let set_ports = |ebpf: &mut Ebpf, b_flags: u32, open: bool| -> Result<()> {
         let mut ports: HashMap<&mut MapData, u32, PortConfig> =
             HashMap::try_from(ebpf.map_mut(names::MAP_PORTS).unwrap())?;
         for (i, flags) in [(lo, 0), (ia, 0), (ib, b_flags)] {
@@ -453,7 +455,7 @@ fn cost(
                 ..Default::default()
             };
             // The frames' sender (see `udp_frame`) is a guarded guest.
-            let p = if i == ib {
+            let p = if i == ib || open {
                 p
             } else {
                 guarded(p, [0x02, 0xaa, 0, 0, 0, 1], [10, 0, 0, 1])
@@ -462,7 +464,7 @@ fn cost(
         }
         Ok(())
     };
-    set_ports(&mut ebpf, 0)?;
+    set_ports(&mut ebpf, 0, false)?;
     {
         let mut stats: aya::maps::PerCpuHashMap<&mut MapData, u32, PortStats> =
             aya::maps::PerCpuHashMap::try_from(ebpf.map_mut(names::MAP_PORT_STATS).unwrap())?;
@@ -573,8 +575,11 @@ fn cost(
             run_once(p, &unicast, None, 1)?;
         }
         measure(&mut ebpf, "unicast", names::PROG_TC, &unicast, repeat)?;
+        set_ports(&mut ebpf, 0, true)?;
+        measure(&mut ebpf, "unicast-open", names::PROG_TC, &unicast, repeat)?;
+        set_ports(&mut ebpf, 0, false)?;
         measure(&mut ebpf, "unicast", names::PROG_XDP, &unicast, repeat)?;
-        set_ports(&mut ebpf, PORT_F_XDP_TX)?;
+        set_ports(&mut ebpf, PORT_F_XDP_TX, false)?;
         measure(
             &mut ebpf,
             "unicast-xdp-redirect",
@@ -582,7 +587,7 @@ fn cost(
             &unicast,
             repeat,
         )?;
-        set_ports(&mut ebpf, 0)?;
+        set_ports(&mut ebpf, 0, false)?;
         measure(&mut ebpf, "unicast", "bench_redirect", &unicast, repeat)?;
         // Floods clone the frame into both real veths: far fewer repeats.
         measure(
@@ -949,6 +954,15 @@ fn paths(
         )?;
     }
     run(&ebpf, "unicast", names::PROG_TC, 0, ia, &mut plain(None))?;
+    set_ports(&mut ebpf, &[(ia, none)])?;
+    run(
+        &ebpf,
+        "unicast-open",
+        names::PROG_TC,
+        0,
+        ia,
+        &mut plain(None),
+    )?;
     // Routed: guest -> gateway MAC -> FIB -> uplink.
     let routed = PortConfig {
         net_id: NET_RT,
@@ -1004,6 +1018,17 @@ fn paths(
         if nsrc != [192, 168, 77, 1] {
             bail!("nat-established: not translated (source {nsrc:?})");
         }
+        // The same flow from the same port without port security.
+        set_ports(&mut ebpf, &[(ia, natp)])?;
+        run(
+            &ebpf,
+            "nat-established-open",
+            names::PROG_TC,
+            size,
+            ia,
+            &mut { est },
+        )?;
+        set_ports(&mut ebpf, &[(ia, guarded(natp, guest, g_ip))])?;
         // Reply: outside -> uplink address, to the uplink's MAC.
         let mut reply = |_| {
             ip_frame(

@@ -344,6 +344,11 @@ const PATHS: &[(&str, &str, &str)] = &[
     ("unicast", "bench_redirect", "limit: redirect-only (tc)"),
     ("unicast", "kvnet_tc", "known unicast, tc"),
     (
+        "unicast-open",
+        "kvnet_tc",
+        "known unicast, tc, port security off (same run)",
+    ),
+    (
         "unicast",
         "kvnet_xdp",
         "known unicast to a veth, xdp (→ XDP_PASS, tc finishes)",
@@ -425,6 +430,11 @@ fn cost_table(o: &mut String, cost: &Value) {
 const PATH_ROWS: &[(&str, &str, &str)] = &[
     ("unicast", "bench_redirect", "limit: redirect-only (tc)"),
     ("unicast", "kvnet_tc", "known unicast, tc"),
+    (
+        "unicast-open",
+        "kvnet_tc",
+        "known unicast, tc, port security off (same run)",
+    ),
     ("vlan-push", "kvnet_tc", "VLAN push: access → trunk, tc"),
     ("vlan-pop", "kvnet_tc", "VLAN pop: trunk → access, tc"),
     ("routed", "kvnet_tc", "routed: guest → FIB → uplink, tc"),
@@ -437,6 +447,11 @@ const PATH_ROWS: &[(&str, &str, &str)] = &[
         "nat-established",
         "kvnet_tc",
         "NAT established, guest → outside, tc",
+    ),
+    (
+        "nat-established-open",
+        "kvnet_tc",
+        "NAT established, port security off (same run)",
     ),
     ("nat-reply", "kvnet_tc", "NAT reply, outside → guest, tc"),
 ];
