@@ -293,6 +293,9 @@ async fn maintain(switch: Arc<Mutex<Switch>>) {
                 if let Err(e) = sw.conntrack_gc() {
                     log::warn!("conntrack GC: {e:#}");
                 }
+                if let Err(e) = sw.sweep_bindings() {
+                    log::warn!("port security bindings: {e:#}");
+                }
                 next_walk = std::time::Instant::now()
                     + WALK_MIN_INTERVAL.max(started.elapsed() * WALK_COST_FACTOR);
             }

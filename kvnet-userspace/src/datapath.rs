@@ -65,7 +65,9 @@ fn xdp_link_pin(pin_dir: &Path, ifindex: u32) -> PathBuf {
 
 impl Datapath {
     /// Loads the object, pins maps and programs under `pin_dir` (which must
-    /// be on a bpffs and free of a previous run's pins).
+    /// be on a bpffs and free of a previous run's pins). (The PROG_RUN
+    /// tests' entry; the daemon sizes conntrack with `load_with`.)
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn load(pin_dir: &Path, log_datapath: bool) -> Result<Self> {
         Self::load_with(pin_dir, log_datapath, None)
     }
@@ -109,7 +111,7 @@ impl Datapath {
         let level: u8 = if log_datapath { 4 } else { 0 };
         let ct_capacity = ct_max.unwrap_or(kvnet_common::MAX_CT_ENTRIES);
         let mut ebpf = EbpfLoader::new()
-            .set_max_entries(names::MAP_CT, ct_capacity)
+            .map_max_entries(names::MAP_CT, ct_capacity)
             .default_map_pin_directory(pin_dir)
             .override_global("AYA_LOG_LEVEL", &level, false)
             .load(OBJECT)
@@ -461,12 +463,15 @@ impl Datapath {
 
 /// One BPF_PROG_RUN of a kvnet program over a frame: its verdict, the
 /// kernel-measured mean time per run and the frame as the program left it.
+#[cfg_attr(not(test), allow(dead_code))]
 pub struct ProgRun {
     pub verdict: u32,
     pub per_run: std::time::Duration,
     pub frame: Vec<u8>,
 }
 
+// BPF_PROG_RUN: the datapath tests' runner.
+#[cfg_attr(not(test), allow(dead_code))]
 impl Datapath {
     /// Runs `kvnet_xdp` on `frame` as if it arrived on `ingress` (which must
     /// be an existing device of this netns; redirects are not carried out).
@@ -485,6 +490,7 @@ impl Datapath {
     }
 }
 
+#[cfg_attr(not(test), allow(dead_code))]
 fn run<P>(prog: &P, frame: &[u8], ctx: Option<&[u8]>, repeat: u32) -> Result<ProgRun>
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,

@@ -67,6 +67,9 @@ pub struct Switch {
     pub(crate) services: crate::dhcp::service::Services,
     /// Network ids of a running datapath being adopted (daemon restart).
     pub(crate) adopt_ids: BTreeMap<String, u32>,
+    /// Snooped bindings (port ifindex, address) -> what the sweep saw of
+    /// their lease (`security::sweep_bindings`).
+    pub(crate) binding_leases: BTreeMap<(u32, u32), crate::security::LeaseSeen>,
 }
 
 /// Network names end up in logs, JSON and file names: keep them plain.
@@ -116,6 +119,7 @@ impl Switch {
             routed_uplinks: BTreeMap::new(),
             services: Default::default(),
             adopt_ids: BTreeMap::new(),
+            binding_leases: BTreeMap::new(),
         }
     }
 

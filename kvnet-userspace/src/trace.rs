@@ -124,9 +124,9 @@ pub fn run(pin_dir: &Path, args: Args) -> Result<()> {
     // Whatever an earlier trace left behind is not ours.
     while ring.next().is_some() {}
     unsafe {
-        libc::signal(libc::SIGINT, on_signal as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as libc::sighandler_t);
-        libc::signal(libc::SIGPIPE, on_signal as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGPIPE, on_signal as *const () as libc::sighandler_t);
     }
     set(&mut cfg, f)?;
     let r = stream(&mut ring, &args);

@@ -1894,3 +1894,97 @@ fn conntrack_cannot_be_exhausted_by_a_guest_or_through_a_forward() {
     );
     assert!(bystander.ping(OUTSIDE), "bystander after the forward flood");
 }
+
+/// The `ips` of `kvnet port show IFACE --json`.
+fn bound_ips(k: &Kvnet, iface: &str) -> Vec<String> {
+    k.json(&["port", "show", iface]).unwrap()["ips"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_released_lease_unbinds_its_address() {
+    if !privileged() {
+        eprintln!("SKIPPED: needs root");
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    lab.add_outside_with(&format!("{OUTSIDE}/24"), "198.51.100.1/24")
+        .unwrap();
+    let g = lab.add_guest_with("leaser", None).unwrap();
+    g.disable_ipv6().unwrap();
+    let k = Kvnet::start(&lab).unwrap();
+    k.cli(&[
+        "net",
+        "add",
+        "default",
+        "--mode",
+        "nat",
+        "--gateway",
+        "192.168.122.1/24",
+        "--uplink",
+        "up0",
+        "--dhcp-range",
+        "192.168.122.2,192.168.122.254",
+    ])
+    .unwrap();
+    k.cli(&["port", "add", "default", "leaser"]).unwrap();
+    let ip = dhcp(&lab, &g, "leaser");
+    assert_eq!(bound_ips(&k, "leaser"), [ip.clone()]);
+    assert!(g.ping(OUTSIDE), "the leased address works");
+    // The guest gives its lease back: a udhcpc with -R releases when it
+    // is told to quit, once it holds the lease again.
+    let events = lab.work_dir().join("release.events");
+    let script = lab.work_dir().join("release.sh");
+    fs::write(
+        &script,
+        format!("#!/bin/sh\necho \"$1\" >> {}\n", events.display()),
+    )
+    .unwrap();
+    let mut perm = fs::metadata(&script).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+    fs::set_permissions(&script, perm).unwrap();
+    let mut cmd = Command::new("busybox");
+    cmd.args([
+        "udhcpc", "-i", "eth0", "-f", "-R", "-t", "5", "-T", "1", "-s",
+    ])
+    .arg(&script)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let client = lab.spawn(&g.ns, cmd).unwrap();
+    let bound = wait_for(Duration::from_secs(10), || {
+        fs::read_to_string(&events).is_ok_and(|e| e.contains("bound"))
+    });
+    assert!(bound, "udhcpc did not get its lease back");
+    client.signal(Signal::SIGTERM).unwrap();
+    client.wait_timeout(Duration::from_secs(5)).unwrap();
+    let released = wait_for(Duration::from_secs(5), || {
+        k.json(&["dhcp", "leases", "default"])
+            .unwrap()
+            .as_array()
+            .is_some_and(|a| a.is_empty())
+    });
+    assert!(released, "the lease was not released");
+    let leases = k.json(&["dhcp", "leases", "default"]).unwrap();
+    assert_eq!(
+        leases.as_array().map(|a| a.len()),
+        Some(0),
+        "released: {leases}"
+    );
+    // The daemon's walk forgets the binding; the address stops working.
+    let unbound = wait_for(Duration::from_secs(10), || {
+        bound_ips(&k, "leaser").is_empty()
+    });
+    assert!(unbound, "still bound: {:?}", bound_ips(&k, "leaser"));
+    let before = k.port_drops("leaser", "ip_spoof");
+    assert!(
+        !g.ping(OUTSIDE),
+        "a released address still reached the outside"
+    );
+    assert!(k.port_drops("leaser", "ip_spoof") > before);
+}
