@@ -29,6 +29,10 @@ use crate::{
 const L3: usize = ETH_HLEN;
 const AF_INET: u8 = 2;
 const FIB_SKIP_NEIGH: u32 = 1 << 2;
+/// The main table, not the policy rules: a tracked flow's packet back to
+/// its guest is conntrack's decision, and a NAT network's rules refuse
+/// everything forwarded into it (`close_nat_subnet` in the daemon).
+const FIB_DIRECT: u32 = 1 << 0;
 const F_PSEUDO_HDR: u64 = 1 << 4;
 const F_MARK_MANGLED_0: u64 = 1 << 5;
 const ICMP_ECHOREPLY: u8 = 0;
@@ -424,6 +428,17 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig, ingress: u32) -> 
     if p.ttl <= 1 {
         return Nat::ToHost;
     }
+    if new_flow && !fwd {
+        // Into another NAT network: refused here, where it is counted
+        // (the host's own rules would refuse it too).
+        use aya_ebpf::maps::lpm_trie::Key;
+        if maps::NAT_SUBNETS
+            .get(Key::new(32, to.daddr))
+            .is_some_and(|other| *other != net_id)
+        {
+            return Nat::Refused(DropReason::ForeignNet);
+        }
+    }
     let Some(f) = fib(ctx, &p, to.saddr, to.daddr, n.gw_host, FIB_SKIP_NEIGH) else {
         // Unroutable or too big: the host answers with the ICMP error.
         return Nat::ToHost;
@@ -485,9 +500,10 @@ fn to_guest(ctx: &TcContext, p: &Pkt, to: &CtKey, ingress: u32) -> Nat {
     if p.ttl <= 1 || !dec_ttl(ctx, p.ttl) {
         return Nat::Drop;
     }
-    let Some(f) = fib(ctx, p, to.saddr, to.daddr, ingress, 0) else {
+    let Some(f) = fib(ctx, p, to.saddr, to.daddr, ingress, FIB_DIRECT) else {
         // Neighbour unresolved: the kernel resolves it on the way out.
-        let Some(f) = fib(ctx, p, to.saddr, to.daddr, ingress, FIB_SKIP_NEIGH) else {
+        let Some(f) = fib(ctx, p, to.saddr, to.daddr, ingress, FIB_DIRECT | FIB_SKIP_NEIGH)
+        else {
             return Nat::Drop;
         };
         return Nat::Sent(

@@ -54,6 +54,10 @@ pub enum Restore {
         table: String,
         pref: String,
     },
+    /// A policy rule of its own (no table behind it).
+    Rule {
+        pref: String,
+    },
 }
 
 impl Restore {
@@ -64,6 +68,7 @@ impl Restore {
             Restore::NoForward { table, pref } => {
                 ip(&["rule", "del", "pref", pref]).and(ip(&["route", "flush", "table", table]))
             }
+            Restore::Rule { pref } => ip(&["rule", "del", "pref", pref]),
         };
         if let Err(e) = r {
             log::warn!("restoring {self:?}: {e:#}");
@@ -102,6 +107,9 @@ fn ip_link(args: &[&str]) -> Result<()> {
 
 /// Routing table and rule preference kvnet uses for network `id`.
 const NO_FORWARD_BASE: u32 = 27000;
+/// Policy rule preferences of NAT networks' "nothing forwarded in" rules:
+/// three per network (two exceptions, then the block), below the above.
+const NAT_IN_BASE: u32 = 14000;
 
 /// Sets an IPv4 per-interface sysctl, remembering the old value.
 fn set_sysctl(iface: &str, key: &str, value: &str, restore: &mut Vec<Restore>) -> Result<()> {
@@ -304,6 +312,9 @@ impl Switch {
             if let Some(u) = uplink {
                 self.routed_uplink_acquire(&u, name)?;
             }
+            if self.net(name)?.mode == Mode::Nat {
+                self.close_nat_subnet(name, id, host_if, &cidr)?;
+            }
         } else {
             // host-only: anything arriving on the gateway that is not for a
             // host address is unreachable, even with ip_forward on.
@@ -334,6 +345,58 @@ impl Switch {
                 ip(&[
                     "rule", "add", "iif", host_if, "pref", &pref, "table", &table,
                 ])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What the fast path hands the host stack must not reach a NAT
+    /// network's guests either: the host forwards nothing into its subnet
+    /// but what it sends itself or what comes from that network (libvirt's
+    /// FORWARD rules). Replies and port forwards never take this path.
+    fn close_nat_subnet(&mut self, name: &str, id: u32, host_if: &str, cidr: &Cidr) -> Result<()> {
+        let subnet = Cidr {
+            addr: cidr.network(),
+            prefix: cidr.prefix,
+        }
+        .to_string();
+        let table = (NO_FORWARD_BASE + id).to_string();
+        ip(&[
+            "route",
+            "replace",
+            "unreachable",
+            "default",
+            "table",
+            &table,
+        ])?;
+        let base = NAT_IN_BASE + 3 * id;
+        let rules: [(u32, Vec<&str>, &str); 3] = [
+            (base, vec!["iif", "lo"], "main"),
+            (base + 1, vec!["iif", host_if], "main"),
+            (base + 2, vec![], table.as_str()),
+        ];
+        for (pref, sel, lookup) in rules {
+            let pref = pref.to_string();
+            if let Some(n) = self.nets.get_mut(name) {
+                n.restore.push(if lookup == "main" {
+                    Restore::Rule { pref: pref.clone() }
+                } else {
+                    Restore::NoForward {
+                        table: table.clone(),
+                        pref: pref.clone(),
+                    }
+                });
+            }
+            let present = self.dp.adopting
+                && std::process::Command::new("ip")
+                    .args(["rule", "list", "pref", &pref])
+                    .output()
+                    .is_ok_and(|o| !o.stdout.is_empty());
+            if !present {
+                let mut args = vec!["rule", "add"];
+                args.extend(sel);
+                args.extend(["to", &subnet, "pref", &pref, "lookup", lookup]);
+                ip(&args)?;
             }
         }
         Ok(())

@@ -1988,3 +1988,73 @@ fn a_released_lease_unbinds_its_address() {
     );
     assert!(k.port_drops("leaser", "ip_spoof") > before);
 }
+
+#[test]
+fn the_outside_cannot_reach_into_a_nat_network() {
+    if !privileged() {
+        eprintln!("SKIPPED: needs root");
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let out = lab
+        .add_outside_with(&format!("{OUTSIDE}/24"), "198.51.100.1/24")
+        .unwrap();
+    let g = lab.add_guest_with("inner", None).unwrap();
+    g.disable_ipv6().unwrap();
+    let k = Kvnet::start(&lab).unwrap();
+    k.cli(&[
+        "net",
+        "add",
+        "default",
+        "--mode",
+        "nat",
+        "--gateway",
+        "192.168.122.1/24",
+        "--uplink",
+        "up0",
+        "--dhcp-range",
+        "192.168.122.2,192.168.122.254",
+    ])
+    .unwrap();
+    k.cli(&["port", "add", "default", "inner"]).unwrap();
+    let ip = dhcp(&lab, &g, "inner");
+    let gw_iface = k.json(&["net", "show", "default"]).unwrap()["gateway_iface"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The outside knows the way to the guests' subnet (a router would).
+    out.sh("ip route add 192.168.122.0/24 via 198.51.100.1")
+        .unwrap();
+    // Twice: with the guest's neighbour entry flushed on the host (the fast
+    // path cannot finish and hands the packet to the host stack), then
+    // with it resolved (the fast path refuses it itself).
+    for round in ["host stack", "fast path"] {
+        if round == "host stack" {
+            lab.sh(lab.hv(), &format!("ip neigh flush dev {gw_iface}"))
+                .unwrap();
+        }
+        let cap = Capture::start(&g.ns, "eth0").unwrap();
+        let reached = out
+            .exec(&["ping", "-c", "2", "-W", "1", "-p", "6f757473696465", &ip])
+            .is_ok();
+        // Positive control in the same capture: the host itself may reach
+        // the guest.
+        assert!(
+            lab::ping(lab.hv(), &ip),
+            "{round}: the host reaches its guest"
+        );
+        let frames = cap.stop().unwrap();
+        assert!(!reached, "{round}: the outside reached {ip}");
+        let from_outside = frames
+            .iter()
+            .filter(|f| f.ipv4_addrs().is_some_and(|(s, _)| s == OUTSIDE_IP))
+            .count();
+        assert_eq!(from_outside, 0, "{round}: packets from the outside arrived");
+        let from_host = frames
+            .iter()
+            .filter(|f| f.ipv4_addrs().is_some_and(|(s, _)| s == GW_IP))
+            .count();
+        assert!(from_host > 0, "{round}: the capture saw the host's ping");
+    }
+    assert!(g.ping(OUTSIDE), "the guest still reaches the outside");
+}
