@@ -502,8 +502,14 @@ fn to_guest(ctx: &TcContext, p: &Pkt, to: &CtKey, ingress: u32) -> Nat {
     }
     let Some(f) = fib(ctx, p, to.saddr, to.daddr, ingress, FIB_DIRECT) else {
         // Neighbour unresolved: the kernel resolves it on the way out.
-        let Some(f) = fib(ctx, p, to.saddr, to.daddr, ingress, FIB_DIRECT | FIB_SKIP_NEIGH)
-        else {
+        let Some(f) = fib(
+            ctx,
+            p,
+            to.saddr,
+            to.daddr,
+            ingress,
+            FIB_DIRECT | FIB_SKIP_NEIGH,
+        ) else {
             return Nat::Drop;
         };
         return Nat::Sent(
