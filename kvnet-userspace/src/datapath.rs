@@ -488,6 +488,15 @@ impl Datapath {
         let tc: &mut SchedClassifier = program(&mut self.ebpf, names::PROG_TC)?.try_into()?;
         run(tc, frame, None, repeat)
     }
+
+    /// Runs `kvnet_tc` once on `frame` as received on `ifindex` (a device
+    /// of the calling thread's netns: `__sk_buff.ifindex`, offset 40).
+    pub fn run_tc_on(&mut self, frame: &[u8], ifindex: u32) -> Result<ProgRun> {
+        let mut ctx = vec![0u8; 44];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, names::PROG_TC)?.try_into()?;
+        run(tc, frame, Some(&ctx), 1)
+    }
 }
 
 #[cfg_attr(not(test), allow(dead_code))]
@@ -569,6 +578,10 @@ fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {
     ebpf.map_mut(name)
         .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
 }
+
+#[cfg(test)]
+#[path = "datapath_nat_tests.rs"]
+mod nat_tests;
 
 #[cfg(test)]
 #[path = "datapath_tests.rs"]

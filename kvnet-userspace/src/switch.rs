@@ -453,7 +453,7 @@ impl Switch {
     /// VLANs: entries for MACs or VLANs it no longer has go. A MAC another
     /// port claimed on first sight goes to this one when the operator named
     /// it here (`given`); one named for another port stays there.
-    fn sync_owners(
+    pub(crate) fn sync_owners(
         &mut self,
         ifindex: u32,
         net_id: u32,

@@ -1,0 +1,303 @@
+//! NAT guards through BPF_PROG_RUN: which conntrack side a packet may match,
+//! new flows into another network, the per-guest quota and a forward's
+//! rate. Each test runs on a thread of its own in a fresh network namespace
+//! (the FIB lookups need routes and neighbours; nothing touches the test
+//! process's own namespace).
+use std::process::Command;
+
+use kvnet_common::*;
+
+use super::Datapath;
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+const NET: u32 = 21;
+const OTHER: u32 = 22;
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x10];
+const OUT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const GUEST: [u8; 4] = [192, 168, 122, 10];
+const NAT_IP: [u8; 4] = [198, 51, 100, 1];
+const REMOTE: [u8; 4] = [198, 51, 100, 2];
+const OTHER_GUEST: [u8; 4] = [192, 168, 123, 10];
+
+fn sh(cmd: &str) {
+    let o = Command::new("sh").args(["-c", cmd]).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn ifindex(name: &str) -> u32 {
+    nix::net::if_::if_nametoindex(name).unwrap()
+}
+
+fn mac_of(name: &str) -> [u8; 6] {
+    let o = Command::new("ip")
+        .args(["-br", "link", "show", name])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    let m: crate::mac::Mac = text.split_whitespace().nth(2).unwrap().parse().unwrap();
+    m.0
+}
+
+fn be(a: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(a)
+}
+
+/// Ethernet + IPv4 + UDP (checksums left zero: the guards do not read them).
+fn udp(dst: [u8; 6], src: [u8; 6], sip: [u8; 4], dip: [u8; 4], sp: u16, dp: u16) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x08, 0x00, 0x45, 0, 0, 28, 0, 1, 0x40, 0, 64, 17, 0, 0]);
+    f.extend_from_slice(&sip);
+    f.extend_from_slice(&dip);
+    f.extend_from_slice(&sp.to_be_bytes());
+    f.extend_from_slice(&dp.to_be_bytes());
+    f.extend_from_slice(&[0, 8, 0, 0]);
+    f
+}
+
+/// (source, destination) address and port of a frame `udp` built.
+fn tuple(f: &[u8]) -> ([u8; 4], u16, [u8; 4], u16) {
+    let a = |o: usize| [f[o], f[o + 1], f[o + 2], f[o + 3]];
+    let p = |o: usize| u16::from_be_bytes([f[o], f[o + 1]]);
+    (a(26), p(34), a(30), p(36))
+}
+
+struct Nat {
+    dp: Datapath,
+    guest_port: u32,
+    up0: u32,
+    gw_mac: [u8; 6],
+    up_mac: [u8; 6],
+}
+
+impl Nat {
+    fn guest(&mut self, dst: [u8; 4], sport: u16) -> super::ProgRun {
+        let f = udp(self.gw_mac, GUEST_MAC, GUEST, dst, sport, 53);
+        self.dp.run_tc_on(&f, self.guest_port).unwrap()
+    }
+    fn from_guest_port(&mut self, f: &[u8]) -> super::ProgRun {
+        self.dp.run_tc_on(f, self.guest_port).unwrap()
+    }
+    fn from_outside(
+        &mut self,
+        sip: [u8; 4],
+        sport: u16,
+        dip: [u8; 4],
+        dport: u16,
+    ) -> super::ProgRun {
+        let f = udp(self.up_mac, OUT_MAC, sip, dip, sport, dport);
+        self.dp.run_tc_on(&f, self.up0).unwrap()
+    }
+    fn drops(&mut self, r: DropReason) -> u64 {
+        self.dp.stats(self.guest_port).unwrap().drops[r as usize]
+    }
+}
+
+/// A NAT network 192.168.122.0/24 behind gwh (guest port g0), uplink up0
+/// with 198.51.100.1 and the outside 198.51.100.2 as a permanent
+/// neighbour; a second NAT network 192.168.123.0/24 behind gwh2.
+fn nat(ct_quota: u32) -> Nat {
+    sh("ip link set lo up && sysctl -qw net.ipv4.conf.all.forwarding=1");
+    for (a, b) in [
+        ("gwh", "gwp"),
+        ("gwh2", "gwp2"),
+        ("up0", "out0"),
+        ("g0", "g0p"),
+    ] {
+        sh(&format!(
+            "ip link add {a} type veth peer name {b} && ip link set {a} up && ip link set {b} up"
+        ));
+    }
+    sh(
+        "ip addr add 192.168.122.1/24 dev gwh && ip addr add 192.168.123.1/24 dev gwh2 \
+        && ip addr add 198.51.100.1/24 dev up0 \
+        && ip neigh add 198.51.100.2 lladdr 02:00:00:00:00:02 dev up0 nud permanent \
+        && ip neigh add 192.168.122.10 lladdr 52:54:00:00:00:10 dev gwh nud permanent \
+        && ip neigh add 192.168.123.10 lladdr 52:54:00:00:00:11 dev gwh2 nud permanent",
+    );
+    let dir = format!(
+        "/sys/fs/bpf/kvnet-ut-nat-p{}t{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    )
+    .replace(['(', ')'], "");
+    let mut dp = Datapath::load(std::path::Path::new(&dir), false).expect("load datapath");
+    let (guest_port, up0) = (ifindex("g0"), ifindex("up0"));
+    let gw_mac = mac_of("gwh");
+    let up_mac = mac_of("up0");
+    let net = |gw: &str, gw_port: &str, subnet: [u8; 4], quota: u32| NetConfig {
+        gw_host: ifindex(gw),
+        gw_port: ifindex(gw_port),
+        uplink: up0,
+        flags: NET_F_NAT | NET_F_CLOSED,
+        gw_mac: mac_of(gw),
+        nat_ip: be(NAT_IP),
+        subnet: be(subnet),
+        mask: be([255, 255, 255, 0]),
+        port_lo: 20000,
+        port_hi: 20999,
+        gw_ip: be([subnet[0], subnet[1], subnet[2], 1]),
+        ct_quota: quota,
+        ..Default::default()
+    };
+    let mut nets = dp.nets().unwrap();
+    nets.insert(NET, net("gwh", "gwp", [192, 168, 122, 0], ct_quota), 0)
+        .unwrap();
+    nets.insert(OTHER, net("gwh2", "gwp2", [192, 168, 123, 0], 0), 0)
+        .unwrap();
+    drop(nets);
+    let mut gw = dp.gw_hosts().unwrap();
+    gw.insert(ifindex("gwh"), NET, 0).unwrap();
+    gw.insert(ifindex("gwh2"), OTHER, 0).unwrap();
+    drop(gw);
+    let mut subnets = dp.nat_subnets().unwrap();
+    for (s, id) in [([192, 168, 122, 0], NET), ([192, 168, 123, 0], OTHER)] {
+        subnets
+            .insert(&aya::maps::lpm_trie::Key::new(24, be(s)), id, 0)
+            .unwrap();
+    }
+    drop(subnets);
+    let mut ports = dp.ports().unwrap();
+    ports
+        .insert(
+            guest_port,
+            PortConfig {
+                net_id: NET,
+                flags: PORT_F_ROUTED_NET,
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap();
+    ports
+        .insert(
+            up0,
+            PortConfig {
+                flags: PORT_F_UPLINK_ROUTED | PORT_F_UPLINK_NAT,
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap();
+    drop(ports);
+    for i in [guest_port, up0] {
+        dp.reset_stats(i).unwrap();
+    }
+    dp.reset_nat_stats(NET).unwrap();
+    Nat {
+        dp,
+        guest_port,
+        up0,
+        gw_mac,
+        up_mac,
+    }
+}
+
+/// Runs `f` on a thread of its own in a new network namespace.
+fn in_netns(f: impl FnOnce() + Send + 'static) {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: BPF_PROG_RUN datapath tests need root");
+        return;
+    }
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        f()
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e));
+}
+
+#[test]
+fn conntrack_entries_match_only_from_their_own_side() {
+    in_netns(|| {
+        let mut n = nat(0);
+        // A guest's flow out: translated to the uplink address.
+        let out = n.guest(REMOTE, 40000);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        let (src, nport, dst, _) = tuple(&out.frame);
+        assert_eq!((src, dst), (NAT_IP, REMOTE), "translated");
+        // The reply on the uplink goes back to the guest.
+        let back = n.from_outside(REMOTE, 53, NAT_IP, nport);
+        assert_eq!(back.verdict, TC_ACT_REDIRECT);
+        assert_eq!(tuple(&back.frame).2, GUEST, "reply translated back");
+        // The same reply forged by a guest towards its gateway: not
+        // translated, not delivered anywhere but the gateway as it was.
+        let forged = udp(n.gw_mac, GUEST_MAC, REMOTE, NAT_IP, 53, nport);
+        let r = n.from_guest_port(&forged);
+        assert_eq!(tuple(&r.frame), tuple(&forged), "forged reply untouched");
+        // The guest's own side of the flow, arriving on the uplink: no match.
+        let r = n.from_outside(GUEST, 40000, REMOTE, 53);
+        assert_eq!(r.verdict, TC_ACT_OK, "left to the host stack");
+        assert_eq!(tuple(&r.frame), (GUEST, 40000, REMOTE, 53), "untouched");
+    });
+}
+
+#[test]
+fn new_flows_into_another_nat_network_are_refused() {
+    in_netns(|| {
+        let mut n = nat(0);
+        let r = n.guest(OTHER_GUEST, 40000);
+        assert_eq!(r.verdict, TC_ACT_SHOT);
+        assert_eq!(n.drops(DropReason::ForeignNet), 1);
+        // The outside is fine (positive control).
+        assert_eq!(n.guest(REMOTE, 40000).verdict, TC_ACT_REDIRECT);
+        assert_eq!(n.drops(DropReason::ForeignNet), 1);
+    });
+}
+
+#[test]
+fn a_guest_opens_no_more_flows_than_its_quota() {
+    in_netns(|| {
+        let mut n = nat(3);
+        for sport in 40000..40003 {
+            assert_eq!(n.guest(REMOTE, sport).verdict, TC_ACT_REDIRECT, "{sport}");
+        }
+        let r = n.guest(REMOTE, 40003);
+        assert_eq!(r.verdict, TC_ACT_SHOT);
+        assert_eq!(n.drops(DropReason::CtQuota), 1);
+        assert_eq!(n.dp.nat_stats(NET).unwrap().drop_ct_quota, 1);
+        // Its open flows go on.
+        assert_eq!(n.guest(REMOTE, 40001).verdict, TC_ACT_REDIRECT);
+        let quota = n.dp.ct_quota().unwrap().get(&n.guest_port, 0).unwrap();
+        assert_eq!(quota, 3);
+    });
+}
+
+#[test]
+fn a_port_forward_takes_new_flows_at_its_rate() {
+    in_netns(|| {
+        let mut n = nat(0);
+        let key = ForwardKey {
+            ifindex: n.up0,
+            port: 8080,
+            proto: IPPROTO_UDP,
+            _pad: 0,
+        };
+        let target = ForwardTarget {
+            addr: be(GUEST),
+            port: 80,
+            net_id: NET,
+            rate: 1,
+            tokens: 1,
+            ..Default::default()
+        };
+        n.dp.forwards().unwrap().insert(key, target, 0).unwrap();
+        let first = n.from_outside([203, 0, 113, 5], 1000, NAT_IP, 8080);
+        assert_eq!(first.verdict, TC_ACT_REDIRECT);
+        assert_eq!(tuple(&first.frame).2, GUEST, "forwarded");
+        // The bucket is empty: the next new flow waits for the next token.
+        let second = n.from_outside([203, 0, 113, 6], 1000, NAT_IP, 8080);
+        assert_eq!(second.verdict, TC_ACT_SHOT);
+        assert_eq!(n.dp.nat_stats(NET).unwrap().drop_forward_rate, 1);
+        // The flow already let in goes on.
+        let again = n.from_outside([203, 0, 113, 5], 1000, NAT_IP, 8080);
+        assert_eq!(again.verdict, TC_ACT_REDIRECT);
+    });
+}
