@@ -198,6 +198,10 @@ pub struct PortSecurityInfo {
     pub max_macs: u8,
     pub macs: Vec<String>,
     pub ips: Vec<String>,
+    /// Where its MACs are owned (map `mac_owners`): "VID MAC", VID 0 for a
+    /// port without VLANs.
+    #[serde(default)]
+    pub owned: Vec<String>,
     /// Why the protection is what it is, in a sentence.
     pub note: String,
 }
@@ -239,6 +243,7 @@ impl PortSecurityInfo {
             max_macs: pc.max_macs,
             macs,
             ips,
+            owned: Vec::new(),
             note: note.into(),
         }
     }

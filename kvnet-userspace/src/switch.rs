@@ -551,12 +551,21 @@ impl Switch {
             .ports()?
             .get(&ifindex, 0)
             .context("the port is missing from the port map")?;
-        Ok(PortSecurityInfo::of(
-            iface,
-            &net,
-            &pc,
-            role != PortRole::Guest,
-        ))
+        let mut info = PortSecurityInfo::of(iface, &net, &pc, role != PortRole::Guest);
+        let mut owned: Vec<(u16, [u8; 6])> = self
+            .dp
+            .mac_owners()?
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, o)| *o == ifindex)
+            .map(|(k, _)| (k.vid, k.mac))
+            .collect();
+        owned.sort();
+        info.owned = owned
+            .into_iter()
+            .map(|(vid, mac)| format!("{vid} {}", Mac(mac)))
+            .collect();
+        Ok(info)
     }
 
     /// Changes a port's VLAN membership live: new memberships and flood

@@ -2058,3 +2058,74 @@ fn the_outside_cannot_reach_into_a_nat_network() {
     }
     assert!(g.ping(OUTSIDE), "the guest still reaches the outside");
 }
+
+#[test]
+fn a_trunk_guests_mac_is_its_own_in_every_vlan() {
+    if !privileged() {
+        eprintln!("SKIPPED: needs root");
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let trunk = lab.add_guest_with("trunkvm", None).unwrap();
+    let other = lab.add_guest_with("v20", None).unwrap();
+    for g in [&trunk, &other] {
+        g.disable_ipv6().unwrap();
+    }
+    let k = Kvnet::start(&lab).unwrap();
+    k.cli(&["net", "add", "lan"]).unwrap();
+    k.cli(&["port", "add", "lan", "trunkvm", "--trunk", "10,20"])
+        .unwrap();
+    // Room for a second MAC: without the owner, v20 would take it.
+    k.cli(&[
+        "port",
+        "add",
+        "lan",
+        "v20",
+        "--vlan",
+        "20",
+        "--max-macs",
+        "2",
+    ])
+    .unwrap();
+    // The trunk guest is first seen in VLAN 10 only.
+    let first =
+        kvnet_tests::inject::eth_frame_vlan([0xff; 6], trunk.mac, 10, ETH_TEST, b"trunk-v10");
+    inject(&trunk.ns, "eth0", &[first]).unwrap();
+    // Positive control: v20's own MAC is fine.
+    inject(
+        &other.ns,
+        "eth0",
+        &[eth_frame([0xff; 6], other.mac, ETH_TEST, b"v20-own")],
+    )
+    .unwrap();
+    // The daemon's walk makes the trunk guest's MAC its own in VLAN 20 too.
+    let want = [
+        format!("10 {}", mac_fmt(&trunk.mac)),
+        format!("20 {}", mac_fmt(&trunk.mac)),
+    ];
+    let owned_everywhere = wait_for(Duration::from_secs(10), || {
+        k.json(&["port", "show", "trunkvm"]).unwrap()["owned"] == serde_json::json!(want)
+    });
+    assert!(
+        owned_everywhere,
+        "{}",
+        k.json(&["port", "show", "trunkvm"]).unwrap()
+    );
+    // v20 sending from it is refused, though it may own a second MAC.
+    inject(
+        &other.ns,
+        "eth0",
+        &[eth_frame([0xff; 6], trunk.mac, ETH_TEST, b"v20-steal")],
+    )
+    .unwrap();
+    assert!(
+        wait_drops(&k, "v20", "mac_spoof", 1) >= 1,
+        "v20 took the MAC"
+    );
+    let port_show = k.json(&["port", "show", "v20"]).unwrap();
+    assert_eq!(
+        port_show["macs"],
+        serde_json::json!([mac_fmt(&other.mac)]),
+        "{port_show}"
+    );
+}
