@@ -266,13 +266,17 @@ pub fn refill(tokens: u32, last_ns: u64, now: u64, rate: u32) -> (u32, u64) {
         return (tokens, now);
     }
     // Capped so the product cannot overflow (and a bucket fills in 1 s).
-    let elapsed = now.saturating_sub(last_ns).min(2_000_000_000);
+    let elapsed = now.saturating_sub(last_ns);
+    if elapsed >= 2_000_000_000 {
+        return (rate, now);
+    }
     let add = elapsed * rate as u64 / 1_000_000_000;
     if add == 0 {
         return (tokens, last_ns);
     }
     let full = (tokens as u64 + add).min(rate as u64) as u32;
-    (full, now)
+    // The time of the whole tokens only: a fraction carries over.
+    (full, last_ns + add * 1_000_000_000 / rate as u64)
 }
 
 /// NAT counters per network, per-CPU hash `nat_stats` keyed by net id.
@@ -360,6 +364,19 @@ pub struct FdbKey {
     pub net_id: u32,
     pub vid: u16,
     pub mac: [u8; 6],
+}
+
+/// The `mac_owners` key of `mac` in network `net_id`: a guest owns its MAC
+/// in the whole network, whatever VLAN it is seen in (so a trunk guest's MAC
+/// cannot be claimed in another of its VLANs, nor a neighbour's MAC taken
+/// through a VLAN the neighbour is not in).
+#[inline(always)]
+pub fn owner_key(net_id: u32, mac: [u8; 6]) -> FdbKey {
+    FdbKey {
+        net_id,
+        vid: 0,
+        mac,
+    }
 }
 
 /// FDB entry flags.
@@ -625,8 +642,10 @@ mod tests {
     #[test]
     fn token_bucket_refills_at_its_rate_up_to_its_burst() {
         const S: u64 = 1_000_000_000;
-        // Empty, 100/s: 10 ms is one token, 5 ms none (time kept).
+        // Empty, 100/s: 10 ms is one token, 5 ms none (time kept), 15 ms
+        // one token and 5 ms carried over.
         assert_eq!(refill(0, S, S + 10_000_000, 100), (1, S + 10_000_000));
+        assert_eq!(refill(0, S, S + 15_000_000, 100), (1, S + 10_000_000));
         assert_eq!(refill(0, S, S + 5_000_000, 100), (0, S));
         // Never beyond the rate, however long it sat.
         assert_eq!(refill(3, 0, 100 * S, 100), (100, 100 * S));

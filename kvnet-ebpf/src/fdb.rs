@@ -1,6 +1,8 @@
 //! MAC learning and lookup in the `fdb` map.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-use kvnet_common::{FdbEntry, FdbKey, FDB_F_STATIC, FDB_REFRESH_NS, MAX_LEARNED_PER_NET};
+use kvnet_common::{
+    owner_key, FdbEntry, FdbKey, FDB_F_STATIC, FDB_REFRESH_NS, MAX_LEARNED_PER_NET,
+};
 
 use crate::{
     maps::{FDB, FDB_COUNT, MAC_OWNERS},
@@ -27,7 +29,7 @@ pub fn learn(net_id: u32, vid: u16, mac: [u8; 6], ingress: u32, bounded: bool) {
         Some(e) if e.ifindex == ingress => {}
         // New or moved: rare, so the ownership lookup costs nothing per packet.
         found => {
-            if unsafe { MAC_OWNERS.get(&key) }.is_some_and(|o| *o != ingress) {
+            if unsafe { MAC_OWNERS.get(&owner_key(net_id, mac)) }.is_some_and(|o| *o != ingress) {
                 return;
             }
             if found.is_none() {

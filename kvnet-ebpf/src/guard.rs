@@ -13,15 +13,15 @@
 //!
 //! The bindings sit in the port's own map entry, so a well-behaved frame
 //! pays a few compares and no lookup.
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use kvnet_common::{
-    DropReason, FdbKey, PortConfig, ETH_P_8021AD, ETH_P_8021Q, ETH_P_QINQ_9100, IPPROTO_UDP,
-    PORT_F_GUARDED, PORT_F_IP_GUARD, PORT_F_TRUSTED, PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_ROUTED,
-    PORT_IPS, PORT_MACS,
+    owner_key, DropReason, FdbKey, PortConfig, ETH_P_8021AD, ETH_P_8021Q, ETH_P_QINQ_9100,
+    FDB_F_STATIC, IPPROTO_UDP, PORT_F_GUARDED, PORT_F_IP_GUARD, PORT_F_TRUSTED,
+    PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_ROUTED, PORT_IPS, PORT_MACS,
 };
 
 use crate::{
-    maps::{self, MAC_OWNERS, PORTS},
+    maps::{self, FDB, MAC_OWNERS, PORTS},
     parse::{self, ptr_at, Eth, L3},
 };
 
@@ -41,6 +41,7 @@ const ND_REDIRECT: u8 = 137;
 const IPV6_HOPOPTS: u8 = 0;
 const IPV6_FRAGMENT: u8 = 44;
 const IPV6_DSTOPTS: u8 = 60;
+const IPV6_ROUTING: u8 = 43;
 
 /// A VLAN TPID where an upper-layer ethertype belongs: a second tag.
 #[inline(always)]
@@ -62,7 +63,7 @@ pub fn check(
 ) -> Option<DropReason> {
     if port.flags & (PORT_F_TRUSTED | PORT_F_UPLINK_BRIDGED | PORT_F_UPLINK_ROUTED) != 0 {
         // Trusted ports carry the real DHCP servers: learn from their replies.
-        snoop_dhcp(port.net_id, vid, data, data_end, l3);
+        snoop_dhcp(port.net_id, data, data_end, l3);
         return None;
     }
     let guarded = port.flags & PORT_F_GUARDED != 0;
@@ -73,9 +74,15 @@ pub fn check(
     }
     let ip_guard = guarded && (port.flags & PORT_F_IP_GUARD != 0 || port.ip_count != 0);
     match l3.ethertype {
-        parse::ETH_P_IPV4 => ipv4(port, data, data_end, l3.off, ip_guard),
+        parse::ETH_P_IPV4 => ipv4(port, data, data_end, l3.off, guarded, ip_guard, &eth.src),
         parse::ETH_P_ARP if guarded => arp(port, data, data_end, l3.off, &eth.src, ip_guard),
-        parse::ETH_P_IPV6 => ipv6(data, data_end, l3.off, guarded, ip_guard, &eth.src),
+        // IPv6 sources are held to link-local only where kvnet knows every
+        // address (its own DHCP, `--ip`): IPv4 bindings snooped on a bridged
+        // network say nothing about the guest's SLAAC addresses.
+        parse::ETH_P_IPV6 => {
+            let v6_guard = guarded && port.flags & PORT_F_IP_GUARD != 0;
+            ipv6(data, data_end, l3.off, guarded, v6_guard, &eth.src)
+        }
         _ => None,
     }
 }
@@ -102,23 +109,37 @@ fn bound_ip(port: &PortConfig, addr: u32) -> bool {
     false
 }
 
-/// Makes `mac` the port's (sticky) if it may own one more and nobody owns
-/// it in this network and VLAN. Two CPUs claiming for one port at once may
-/// each win a MAC while one slot is written: the port then owns at most
-/// one extra MAC per CPU, never another port's.
+/// A MAC another port sent from this recently is that port's device (a
+/// LAN router behind an uplink, a trusted guest), not free to claim.
+const CLAIM_QUIET_NS: u64 = 30_000_000_000;
+
+/// Makes `mac` the port's (sticky) if it may own one more, nobody owns it
+/// in this network, and no other port has been sending from it lately.
+/// Two CPUs claiming for one port at once may each win a MAC while one
+/// slot is written: the port then owns at most one extra MAC per CPU,
+/// never another port's.
 #[inline(always)]
 fn claim_mac(ingress: u32, port: &PortConfig, vid: u16, mac: [u8; 6]) -> Option<DropReason> {
-    let key = FdbKey {
-        net_id: port.net_id,
-        vid,
-        mac,
-    };
+    let key = owner_key(port.net_id, mac);
     if port.mac_count >= port.max_macs || port.mac_count as usize >= PORT_MACS {
         return match unsafe { MAC_OWNERS.get(&key) } {
             Some(owner) if *owner == ingress => None,
             Some(_) => Some(DropReason::MacSpoof),
             None => Some(DropReason::FdbLimit),
         };
+    }
+    let seen = FdbKey {
+        net_id: port.net_id,
+        vid,
+        mac,
+    };
+    if let Some(e) = unsafe { FDB.get(&seen) } {
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        if e.ifindex != ingress
+            && (e.flags & FDB_F_STATIC != 0 || now.wrapping_sub(e.last_seen_ns) < CLAIM_QUIET_NS)
+        {
+            return Some(DropReason::MacSpoof);
+        }
     }
     if MAC_OWNERS
         .insert(&key, &ingress, BPF_NOEXIST as u64)
@@ -141,14 +162,18 @@ fn claim_mac(ingress: u32, port: &PortConfig, vid: u16, mac: [u8; 6]) -> Option<
     None
 }
 
-/// IPv4: DHCP server messages, and (`ip_guard`) the source binding.
+/// IPv4: DHCP server messages; a guarded port's DHCP requests name its own
+/// MAC (else a guest could release or decline a neighbour's lease, or drain
+/// the pool); and (`ip_guard`) the source binding.
 #[inline(always)]
 fn ipv4(
     port: &PortConfig,
     data: usize,
     data_end: usize,
     off: usize,
+    guarded: bool,
     ip_guard: bool,
+    src: &[u8; 6],
 ) -> Option<DropReason> {
     let Some(ip) = ptr_at::<[u8; 20]>(data, data_end, off) else {
         return ip_guard.then_some(DropReason::Malformed);
@@ -163,19 +188,32 @@ fn ipv4(
     if ip[9] == IPPROTO_UDP && first_fragment {
         // ihl <= 60: the mask shows the verifier what the header check did.
         let l4 = off + (ihl & 0x3c);
-        if let Some(udp) = ptr_at::<[u8; 9]>(data, data_end, l4) {
-            let udp = unsafe { &*udp };
-            let sport = u16::from_be_bytes([udp[0], udp[1]]);
-            let dport = u16::from_be_bytes([udp[2], udp[3]]);
-            // A server's message, whatever port it claims to come from,
-            // and a BOOTREPLY aimed at another server or relay.
-            if sport == DHCP_SERVER_PORT
-                || dport == DHCP_CLIENT_PORT
-                || (dport == DHCP_SERVER_PORT && udp[8] == BOOTREPLY)
-            {
+        // An untrusted port's UDP header must be readable (tc pulls the
+        // headers into the linear part first): no guessing past it.
+        let Some(udp) = ptr_at::<[u8; 8]>(data, data_end, l4) else {
+            return Some(DropReason::Malformed);
+        };
+        let udp = unsafe { &*udp };
+        let sport = u16::from_be_bytes([udp[0], udp[1]]);
+        let dport = u16::from_be_bytes([udp[2], udp[3]]);
+        // A server's message, whatever port it claims to come from.
+        if sport == DHCP_SERVER_PORT || dport == DHCP_CLIENT_PORT {
+            return Some(DropReason::RogueDhcp);
+        }
+        if dport == DHCP_SERVER_PORT {
+            // UDP (8), then BOOTP: op at 0, chaddr at 28.
+            let Some(m) = ptr_at::<[u8; 8 + 34]>(data, data_end, l4) else {
+                return Some(DropReason::Malformed);
+            };
+            let m = unsafe { &*m };
+            if m[8] == BOOTREPLY {
+                // Aimed at another server or relay.
                 return Some(DropReason::RogueDhcp);
             }
-            if saddr == 0 && dport == DHCP_SERVER_PORT {
+            if guarded && [m[36], m[37], m[38], m[39], m[40], m[41]] != *src {
+                return Some(DropReason::MacSpoof);
+            }
+            if saddr == 0 {
                 // A client without an address yet.
                 return None;
             }
@@ -252,10 +290,17 @@ fn ipv6(
     let mut next = h[6];
     let mut l4 = off + 40;
     for _ in 0..3 {
-        if next != IPV6_HOPOPTS && next != IPV6_DSTOPTS && next != IPV6_FRAGMENT {
+        if next != IPV6_HOPOPTS
+            && next != IPV6_DSTOPTS
+            && next != IPV6_ROUTING
+            && next != IPV6_FRAGMENT
+        {
             break;
         }
-        let e = unsafe { &*ptr_at::<[u8; 4]>(data, data_end, l4)? };
+        let Some(e) = ptr_at::<[u8; 4]>(data, data_end, l4) else {
+            return Some(DropReason::Malformed);
+        };
+        let e = unsafe { &*e };
         if next == IPV6_FRAGMENT {
             if u16::from_be_bytes([e[2], e[3]]) & 0xfff8 != 0 {
                 // Not the first fragment: no upper-layer header here.
@@ -271,25 +316,49 @@ fn ipv6(
         IPPROTO_ICMPV6 => {
             // Type, code, checksum: read whole (a one-byte read at a
             // variable offset loses its bounds check to the optimiser).
-            let t = unsafe { (*ptr_at::<[u8; 4]>(data, data_end, l4)?)[0] };
+            let Some(t) = ptr_at::<[u8; 4]>(data, data_end, l4) else {
+                return Some(DropReason::Malformed);
+            };
+            let t = unsafe { (*t)[0] };
             if t == ND_ROUTER_ADVERT || t == ND_REDIRECT {
                 return Some(DropReason::RogueRa);
             }
             if !guarded || (t != ND_NEIGHBOR_SOLICIT && t != ND_NEIGHBOR_ADVERT) {
                 return None;
             }
-            // Header (4), reserved/flags (4), target (16), first option.
-            let nd = unsafe { &*ptr_at::<[u8; 32]>(data, data_end, l4)? };
+            // Header (4), reserved/flags (4), target (16), then options.
+            let Some(nd) = ptr_at::<[u8; 24]>(data, data_end, l4) else {
+                return Some(DropReason::Malformed);
+            };
+            let nd = unsafe { &*nd };
             let target_link_local = nd[8] == 0xfe && nd[9] & 0xc0 == 0x80;
             if t == ND_NEIGHBOR_ADVERT && ip_guard && !target_link_local {
                 return Some(DropReason::ArpSpoof);
             }
-            let ll_opt = (nd[24] == ND_OPT_SOURCE_LL || nd[24] == ND_OPT_TARGET_LL) && nd[25] == 1;
-            (ll_opt && [nd[26], nd[27], nd[28], nd[29], nd[30], nd[31]] != *src)
-                .then_some(DropReason::ArpSpoof)
+            // The link-layer address options (up to two: source and
+            // target) must name the frame's own MAC.
+            let mut o = l4 + 24;
+            for _ in 0..2 {
+                let Some(opt) = ptr_at::<[u8; 8]>(data, data_end, o) else {
+                    return None;
+                };
+                let opt = unsafe { &*opt };
+                if opt[1] == 0 {
+                    return Some(DropReason::Malformed);
+                }
+                let ll = opt[0] == ND_OPT_SOURCE_LL || opt[0] == ND_OPT_TARGET_LL;
+                if ll && [opt[2], opt[3], opt[4], opt[5], opt[6], opt[7]] != *src {
+                    return Some(DropReason::ArpSpoof);
+                }
+                o += (opt[1] as usize & 0x1f) * 8;
+            }
+            None
         }
         IPPROTO_UDP => {
-            let udp = unsafe { &*ptr_at::<[u8; 4]>(data, data_end, l4)? };
+            let Some(udp) = ptr_at::<[u8; 4]>(data, data_end, l4) else {
+                return Some(DropReason::Malformed);
+            };
+            let udp = unsafe { &*udp };
             let sport = u16::from_be_bytes([udp[0], udp[1]]);
             let dport = u16::from_be_bytes([udp[2], udp[3]]);
             (sport == DHCP6_SERVER_PORT || dport == DHCP6_CLIENT_PORT)
@@ -297,7 +366,7 @@ fn ipv6(
         }
         // Extension headers beyond what we look through: a guest has no
         // business hiding a packet that deep.
-        IPV6_HOPOPTS | IPV6_DSTOPTS | IPV6_FRAGMENT => Some(DropReason::RogueRa),
+        IPV6_HOPOPTS | IPV6_DSTOPTS | IPV6_ROUTING | IPV6_FRAGMENT => Some(DropReason::RogueRa),
         _ => None,
     }
 }
@@ -307,7 +376,7 @@ fn ipv6(
 /// the server chose that address for that MAC; the daemon forgets
 /// bindings with the port.
 #[inline(always)]
-fn snoop_dhcp(net_id: u32, vid: u16, data: usize, data_end: usize, l3: &L3) {
+fn snoop_dhcp(net_id: u32, data: usize, data_end: usize, l3: &L3) {
     if l3.ethertype != parse::ETH_P_IPV4 {
         return;
     }
@@ -333,11 +402,7 @@ fn snoop_dhcp(net_id: u32, vid: u16, data: usize, data_end: usize, l3: &L3) {
     if yiaddr == 0 {
         return;
     }
-    let key = FdbKey {
-        net_id,
-        vid,
-        mac: [m[36], m[37], m[38], m[39], m[40], m[41]],
-    };
+    let key = owner_key(net_id, [m[36], m[37], m[38], m[39], m[40], m[41]]);
     let Some(owner) = (unsafe { MAC_OWNERS.get(&key) }).copied() else {
         return;
     };

@@ -32,15 +32,20 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use kvnet_common::{
     DropReason, FloodSet, ETH_P_8021Q, FDB_F_HOST, KVNET_HOST_MARK, PORT_F_BRIDGED_NET,
-    PORT_F_HAIRPIN, PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_NAT, PORT_F_XDP_TX, TRACE_DROP,
-    TRACE_EGRESS, TRACE_FLOOD, TRACE_HOOK_TC, TRACE_HOOK_TC_OUT, TRACE_NAT_IN, TRACE_NAT_OUT,
-    TRACE_PASS, TRACE_ROUTE, TRACE_TO_HOST, TRACE_UNICAST, VLAN_MODE_TRUNK,
+    PORT_F_HAIRPIN, PORT_F_TRUSTED, PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_NAT, PORT_F_UPLINK_ROUTED,
+    PORT_F_XDP_TX, TRACE_DROP, TRACE_EGRESS, TRACE_FLOOD, TRACE_HOOK_TC, TRACE_HOOK_TC_OUT,
+    TRACE_NAT_IN, TRACE_NAT_OUT, TRACE_PASS, TRACE_ROUTE, TRACE_TO_HOST, TRACE_UNICAST,
+    VLAN_MODE_TRUNK,
 };
 
 use crate::{
     route::L3Ctx,
     switch::{Action, Tag},
 };
+
+/// Bytes of an untrusted port's frame tc makes linear before the guards
+/// look (headers, IPv6 extension headers, DHCP up to chaddr).
+const GUARD_PULL_LEN: u32 = 256;
 
 /// bpf_redirect flag: deliver to the device's receive path (its host stack).
 const BPF_F_INGRESS: u64 = 1;
@@ -223,6 +228,14 @@ fn tc_main(ctx: TcContext) -> i32 {
         let skb = &*ctx.skb.skb;
         (skb.vlan_present != 0).then(|| (u16::from_be(skb.vlan_proto as u16), skb.vlan_tci as u16))
     };
+    if port.flags & (PORT_F_TRUSTED | PORT_F_UPLINK_BRIDGED | PORT_F_UPLINK_ROUTED) == 0 {
+        // The guards read headers in place: a guest can hand over an skb
+        // whose headers lie beyond its linear part (virtio hdr_len).
+        let linear = (ctx.data_end() - ctx.data()) as u32;
+        if ctx.len() > linear && linear < GUARD_PULL_LEN {
+            let _ = ctx.pull_data(ctx.len().min(GUARD_PULL_LEN));
+        }
+    }
     // Read once: LLVM may otherwise keep `ctx + offset` around, which the
     // verifier refuses to dereference.
     let (data, data_end) = (ctx.data(), ctx.data_end());

@@ -195,9 +195,9 @@ pub fn decide(
     if let Some(r) = guard::check(ingress, port, data, data_end, &eth, &hdr, vid) {
         return Action::Drop(r);
     }
-    // Tagged egress keeps the PCP and DEI bits a trunk or a trusted port
-    // sent; a guest on an access port gets no say in the priority.
-    let keep = if port.vlan_mode == VLAN_MODE_TRUNK || port.flags & PORT_F_TRUSTED != 0 {
+    // Tagged egress keeps the PCP and DEI bits a trusted or unguarded port
+    // sent; a guarded guest (access or trunk) gets no say in the priority.
+    let keep = if port.flags & PORT_F_TRUSTED != 0 || port.flags & PORT_F_GUARDED == 0 {
         !VLAN_VID_MASK
     } else {
         0

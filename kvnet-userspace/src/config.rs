@@ -840,6 +840,16 @@ impl NetSpec {
     }
 }
 
+/// Whether two ways of writing port security mean the same (MAC case and
+/// separators, a default limit spelled out): a rewrite that changes nothing
+/// must not re-attach the port and lose what it learned.
+fn same_security(a: &SecurityArgs, b: &SecurityArgs) -> bool {
+    match (a.validate(), b.validate()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
 /// A guest port as the switch attaches it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PortSpec {
@@ -1198,7 +1208,7 @@ pub fn plan(sw: &Switch, rt: &Runtime, cfg: &Config) -> Plan {
                     && h.hook == w.hook
                     && h.hairpin == w.hairpin
                     && h.trusted == w.trusted
-                    && h.security == w.security
+                    && same_security(&h.security, &w.security)
                     && !recreated.contains(&w.net);
                 p.ports_changed.push(PortChange {
                     iface: i.clone(),
@@ -1551,7 +1561,7 @@ fn attach(sw: &mut Switch, iface: &str, spec: &PortSpec) -> Result<()> {
                 && h.hook == spec.hook
                 && h.hairpin == spec.hairpin
                 && h.trusted == spec.trusted
-                && h.security == spec.security =>
+                && same_security(&h.security, &spec.security) =>
         {
             let mut a = spec.vlan_args();
             a.no_vlan = a.is_empty();
@@ -1799,6 +1809,23 @@ pub static DOWN: tokio::sync::Notify = tokio::sync::Notify::const_new();
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_same_port_security_written_two_ways_is_the_same() {
+        let args = |mac: &str, max: Option<u8>| SecurityArgs {
+            mac: vec![mac.to_string()],
+            max_macs: max,
+            ..Default::default()
+        };
+        assert!(same_security(
+            &args("52:54:00:AA:BB:CC", None),
+            &args("52-54-00-aa-bb-cc", Some(1))
+        ));
+        assert!(!same_security(
+            &args("52:54:00:aa:bb:cc", None),
+            &args("52:54:00:aa:bb:cc", Some(2))
+        ));
+    }
 
     const GOOD: &str = r#"
 [networks.lab]

@@ -296,9 +296,6 @@ async fn maintain(switch: Arc<Mutex<Switch>>) {
                 if let Err(e) = sw.sweep_bindings() {
                     log::warn!("port security bindings: {e:#}");
                 }
-                if let Err(e) = sw.own_macs_in_all_vlans() {
-                    log::warn!("port security MAC owners: {e:#}");
-                }
                 next_walk = std::time::Instant::now()
                     + WALK_MIN_INTERVAL.max(started.elapsed() * WALK_COST_FACTOR);
             }

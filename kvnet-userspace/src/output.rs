@@ -94,7 +94,7 @@ pub fn port_security(p: &crate::security::PortSecurityInfo) -> Vec<Vec<String>> 
         vec!["max macs".into(), p.max_macs.to_string()],
         vec!["macs".into(), list(&p.macs)],
         vec!["ipv4".into(), list(&p.ips)],
-        vec!["owned (vlan mac)".into(), list(&p.owned)],
+        vec!["owned macs".into(), list(&p.owned)],
         vec!["note".into(), p.note.clone()],
     ]
 }

@@ -198,8 +198,7 @@ pub struct PortSecurityInfo {
     pub max_macs: u8,
     pub macs: Vec<String>,
     pub ips: Vec<String>,
-    /// Where its MACs are owned (map `mac_owners`): "VID MAC", VID 0 for a
-    /// port without VLANs.
+    /// The MACs map `mac_owners` gives this port (network-wide).
     #[serde(default)]
     pub owned: Vec<String>,
     /// Why the protection is what it is, in a sentence.
@@ -366,26 +365,6 @@ fn binding_stays(lease: Option<(bool, u64)>, seen: &mut LeaseSeen, now: u64) -> 
 }
 
 impl crate::switch::Switch {
-    /// A guest on a trunk claims a MAC in the VLAN it is first seen in; its
-    /// other VLANs get the same owner here, so no other port can claim the
-    /// MAC there in the meantime of more than a walk.
-    pub fn own_macs_in_all_vlans(&mut self) -> Result<()> {
-        let trunks: Vec<(u32, String, BTreeSet<u16>, Vec<crate::mac::Mac>)> = self
-            .ports
-            .values()
-            .filter(|p| p.security.guarded && matches!(p.vlan, crate::vlan::VlanCfg::Trunk { .. }))
-            .map(|p| {
-                let vids = p.vlan.memberships().keys().copied().collect();
-                (p.ifindex, p.net.clone(), vids, p.security.macs.clone())
-            })
-            .collect();
-        for (ifindex, net, vids, given) in trunks {
-            let net_id = self.net(&net)?.id;
-            self.sync_owners(ifindex, net_id, &vids, &given)?;
-        }
-        Ok(())
-    }
-
     /// Forgets addresses snooped from DHCP replies that no longer belong
     /// to the guest (released, leased to another MAC, or expired past a
     /// grace) on networks where kvnet serves DHCP. The port entry is read

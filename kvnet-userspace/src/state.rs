@@ -293,6 +293,20 @@ fn finish(sw: &mut Switch) {
             }
         }
     }
+    // MACs owned by ports that vanished while no daemon ran are free again
+    // (a guest coming back on a new tap would otherwise be refused).
+    if let Ok(mut owners) = sw.dp.mac_owners() {
+        let gone: Vec<kvnet_common::FdbKey> = owners
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(k, o)| !ifindexes.contains(o) || !ids.contains(&k.net_id))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &gone {
+            let _ = owners.remove(k);
+        }
+        swept += gone.len();
+    }
     if let Ok(mut m) = sw.dp.vlan_members() {
         let gone: Vec<_> = m
             .keys()

@@ -100,10 +100,6 @@ pub fn resolve_hook(hook: Hook, driver: &str) -> bool {
     }
 }
 
-fn port_security_macs(port: Option<&Port>) -> Vec<Mac> {
-    port.map(|p| p.security.macs.clone()).unwrap_or_default()
-}
-
 fn monotonic_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always available");
@@ -420,7 +416,7 @@ impl Switch {
                     .insert(ifindex, pcfg, 0)
                     .context("writing the port map")
             })
-            .and_then(|_| self.sync_owners(ifindex, net_id, &vids, &security.macs))
+            .and_then(|_| self.sync_owners(ifindex, net_id, &security.macs))
             .and_then(|_| self.write_floods(net_id, &members, &vids))
             .and_then(|_| self.dp.attach(iface, ifindex, xdp));
         if let Err(e) = applied {
@@ -449,17 +445,12 @@ impl Switch {
         Ok(())
     }
 
-    /// Makes `mac_owners` say what the port's entry owns, in each of its
-    /// VLANs: entries for MACs or VLANs it no longer has go. A MAC another
-    /// port claimed on first sight goes to this one when the operator named
-    /// it here (`given`); one named for another port stays there.
-    pub(crate) fn sync_owners(
-        &mut self,
-        ifindex: u32,
-        net_id: u32,
-        vids: &BTreeSet<u16>,
-        given: &[Mac],
-    ) -> Result<()> {
+    /// Makes `mac_owners` hold what the port's entry owns (network-wide,
+    /// see `owner_key`). A MAC another port claimed on first sight goes to
+    /// this one when the operator named it here (`given`); one named for
+    /// another port stays there. Nothing is deleted here: the datapath may
+    /// be claiming for this port right now (owner first, slot after).
+    pub(crate) fn sync_owners(&mut self, ifindex: u32, net_id: u32, given: &[Mac]) -> Result<()> {
         let owned: Vec<[u8; 6]> = self
             .dp
             .ports()?
@@ -467,43 +458,31 @@ impl Switch {
             .map(|p| p.owned_macs().to_vec())
             .unwrap_or_default();
         let mut owners = self.dp.mac_owners()?;
-        let all: Vec<(FdbKey, u32)> = owners.iter().filter_map(|r| r.ok()).collect();
-        for (k, o) in &all {
-            if *o == ifindex && (!vids.contains(&k.vid) || !owned.contains(&k.mac)) {
-                let _ = owners.remove(k);
-            }
-        }
         let mut stolen = Vec::new();
         for mac in &owned {
-            for vid in vids {
-                let key = FdbKey {
-                    net_id,
-                    vid: *vid,
-                    mac: *mac,
-                };
-                match all.iter().find(|(k, _)| *k == key) {
-                    Some((_, o)) if *o == ifindex => continue,
-                    Some((_, o)) if given.contains(&Mac(*mac)) => {
-                        let named_there = self
-                            .ports
-                            .values()
-                            .any(|p| p.ifindex == *o && p.security.macs.contains(&Mac(*mac)));
-                        if named_there {
-                            bail!(
-                                "MAC {} is already given to port '{}'",
-                                Mac(*mac),
-                                self.port_name(*o)
-                            );
-                        }
-                        stolen.push((*o, *mac));
+            let key = kvnet_common::owner_key(net_id, *mac);
+            match owners.get(&key, 0).ok() {
+                Some(o) if o == ifindex => continue,
+                Some(o) if given.contains(&Mac(*mac)) => {
+                    let named_there = self
+                        .ports
+                        .values()
+                        .any(|p| p.ifindex == o && p.security.macs.contains(&Mac(*mac)));
+                    if named_there {
+                        bail!(
+                            "MAC {} is already given to port '{}'",
+                            Mac(*mac),
+                            self.port_name(o)
+                        );
                     }
-                    Some(_) => continue,
-                    None => {}
+                    stolen.push((o, *mac));
                 }
-                owners
-                    .insert(key, ifindex, 0)
-                    .context("writing the MAC owner map")?;
+                Some(_) => continue,
+                None => {}
             }
+            owners
+                .insert(key, ifindex, 0)
+                .context("writing the MAC owner map")?;
         }
         // Off the port that took it on first sight.
         let mut ports = self.dp.ports()?;
@@ -552,19 +531,16 @@ impl Switch {
             .get(&ifindex, 0)
             .context("the port is missing from the port map")?;
         let mut info = PortSecurityInfo::of(iface, &net, &pc, role != PortRole::Guest);
-        let mut owned: Vec<(u16, [u8; 6])> = self
+        let mut owned: Vec<[u8; 6]> = self
             .dp
             .mac_owners()?
             .iter()
             .filter_map(|r| r.ok())
             .filter(|(_, o)| *o == ifindex)
-            .map(|(k, _)| (k.vid, k.mac))
+            .map(|(k, _)| k.mac)
             .collect();
         owned.sort();
-        info.owned = owned
-            .into_iter()
-            .map(|(vid, mac)| format!("{vid} {}", Mac(mac)))
-            .collect();
+        info.owned = owned.into_iter().map(|m| Mac(m).to_string()).collect();
         Ok(info)
     }
 
@@ -631,8 +607,6 @@ impl Switch {
         }
         self.remove_memberships(ifindex, left.iter().copied());
         self.flush_fdb(|k, e| e.ifindex == ifindex && k.net_id == net_id && left.contains(&k.vid))?;
-        let given = port_security_macs(self.ports.get(iface));
-        self.sync_owners(ifindex, net_id, &new_vids, &given)?;
         if gateway_port {
             // Routing and NAT serve the guests of the gateway's VLAN.
             let vid = cfg.port_fields().1;

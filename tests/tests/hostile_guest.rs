@@ -2060,7 +2060,7 @@ fn the_outside_cannot_reach_into_a_nat_network() {
 }
 
 #[test]
-fn a_trunk_guests_mac_is_its_own_in_every_vlan() {
+fn a_trunk_guests_mac_is_its_own_in_every_vlan_at_once() {
     if !privileged() {
         eprintln!("SKIPPED: needs root");
         return;
@@ -2098,19 +2098,12 @@ fn a_trunk_guests_mac_is_its_own_in_every_vlan() {
         &[eth_frame([0xff; 6], other.mac, ETH_TEST, b"v20-own")],
     )
     .unwrap();
-    // The daemon's walk makes the trunk guest's MAC its own in VLAN 20 too.
-    let want = [
-        format!("10 {}", mac_fmt(&trunk.mac)),
-        format!("20 {}", mac_fmt(&trunk.mac)),
-    ];
-    let owned_everywhere = wait_for(Duration::from_secs(10), || {
-        k.json(&["port", "show", "trunkvm"]).unwrap()["owned"] == serde_json::json!(want)
+    // Owned in the whole network at once, whatever VLAN it was seen in.
+    let owned = wait_for(Duration::from_secs(5), || {
+        k.json(&["port", "show", "trunkvm"]).unwrap()["owned"]
+            == serde_json::json!([mac_fmt(&trunk.mac)])
     });
-    assert!(
-        owned_everywhere,
-        "{}",
-        k.json(&["port", "show", "trunkvm"]).unwrap()
-    );
+    assert!(owned, "{}", k.json(&["port", "show", "trunkvm"]).unwrap());
     // v20 sending from it is refused, though it may own a second MAC.
     inject(
         &other.ns,

@@ -301,28 +301,46 @@ fn trunk_uplink_tags_by_vlan_and_delivers_only_into_the_right_vlan() {
         "untagged without native counted"
     );
 
-    // The same MAC in two VLANs on two ports.
+    // The same MAC in two VLANs on two ports (two switches' trunks).
+    let y = [0x02, 0, 0, 0, 0x0e, 0x07];
+    inject(&out.ns, "eth0", &[tagged([0xff; 6], y, 10, 0, b"y-in-v10")]).unwrap();
+    inject(&t2.ns, "eth0", &[tagged([0xff; 6], y, 20, 0, b"y-in-v20")]).unwrap();
+    let where_y = || {
+        let mut w: Vec<(u64, String)> = k
+            .fdb("lan")
+            .iter()
+            .filter(|r| r["mac"] == mac_fmt(&y).as_str())
+            .map(|r| {
+                (
+                    r["vlan"].as_u64().unwrap(),
+                    r["port"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        w.sort();
+        w
+    };
+    let want = [(10, "up0".to_string()), (20, "t2".to_string())];
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while where_y() != want && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(where_y(), want);
+    // A guest (with room for a second MAC) cannot take a MAC the LAN is
+    // using: port security refuses it, the FDB stays.
+    let before = k.port_drops("g1", "mac_spoof");
     inject(
         &g[0].ns,
         "eth0",
-        &[eth_frame([0xff; 6], x, ETH_TEST, b"x-in-v10")],
+        &[eth_frame([0xff; 6], y, ETH_TEST, b"y-from-g1")],
     )
     .unwrap();
-    inject(&out.ns, "eth0", &[tagged([0xff; 6], x, 20, 0, b"x-in-v20")]).unwrap();
-    thread::sleep(Duration::from_millis(200));
-    let mut where_x: Vec<(u64, String)> = k
-        .fdb("lan")
-        .iter()
-        .filter(|r| r["mac"] == mac_fmt(&x).as_str())
-        .map(|r| {
-            (
-                r["vlan"].as_u64().unwrap(),
-                r["port"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
-    where_x.sort();
-    assert_eq!(where_x, [(10, "g1".to_string()), (20, "up0".to_string())]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while k.port_drops("g1", "mac_spoof") == before && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(k.port_drops("g1", "mac_spoof") > before, "g1 took y");
+    assert_eq!(where_y(), want);
 
     // QinQ (802.1ad outer tag) is not a trunk tag: dropped and counted.
     let mut qinq = tagged([0xff; 6], x, 10, 0, b"qinq");
