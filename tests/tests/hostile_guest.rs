@@ -1686,6 +1686,24 @@ fn a_double_tagged_frame_cannot_hop_into_another_vlan() {
 // Conntrack exhaustion: a guest opening flows without end, and spoofed
 // first packets through a port forward, must not fill the table.
 
+/// A libvirt-like NAT network "default" (kvnet's DHCP) behind up0.
+fn default_nat(k: &Kvnet) {
+    k.cli(&[
+        "net",
+        "add",
+        "default",
+        "--mode",
+        "nat",
+        "--gateway",
+        "192.168.122.1/24",
+        "--uplink",
+        "up0",
+        "--dhcp-range",
+        "192.168.122.2,192.168.122.254",
+    ])
+    .unwrap();
+}
+
 /// Flows in `kvnet conntrack list default` whose guest side is `ip`.
 fn flows_of(k: &Kvnet, ip: &str) -> usize {
     k.json(&["conntrack", "list", "default"])
@@ -1726,20 +1744,7 @@ fn conntrack_cannot_be_exhausted_by_a_guest_or_through_a_forward() {
     let bystander = mk("bystander");
     // 2048 entries: 1024 flows, a guest's quota is 128 of them.
     let k = Kvnet::start_with(&lab, &["--ct-max", "2048"]).unwrap();
-    k.cli(&[
-        "net",
-        "add",
-        "default",
-        "--mode",
-        "nat",
-        "--gateway",
-        "192.168.122.1/24",
-        "--uplink",
-        "up0",
-        "--dhcp-range",
-        "192.168.122.2,192.168.122.254",
-    ])
-    .unwrap();
+    default_nat(&k);
     k.cli(&["port", "add", "default", "flooder"]).unwrap();
     k.cli(&["port", "add", "default", "bystander"]).unwrap();
     let fip = dhcp(&lab, &flooder, "flooder");
@@ -1919,20 +1924,7 @@ fn a_released_lease_unbinds_its_address() {
     let g = lab.add_guest_with("leaser", None).unwrap();
     g.disable_ipv6().unwrap();
     let k = Kvnet::start(&lab).unwrap();
-    k.cli(&[
-        "net",
-        "add",
-        "default",
-        "--mode",
-        "nat",
-        "--gateway",
-        "192.168.122.1/24",
-        "--uplink",
-        "up0",
-        "--dhcp-range",
-        "192.168.122.2,192.168.122.254",
-    ])
-    .unwrap();
+    default_nat(&k);
     k.cli(&["port", "add", "default", "leaser"]).unwrap();
     let ip = dhcp(&lab, &g, "leaser");
     assert_eq!(bound_ips(&k, "leaser"), [ip.clone()]);
@@ -2002,20 +1994,7 @@ fn the_outside_cannot_reach_into_a_nat_network() {
     let g = lab.add_guest_with("inner", None).unwrap();
     g.disable_ipv6().unwrap();
     let k = Kvnet::start(&lab).unwrap();
-    k.cli(&[
-        "net",
-        "add",
-        "default",
-        "--mode",
-        "nat",
-        "--gateway",
-        "192.168.122.1/24",
-        "--uplink",
-        "up0",
-        "--dhcp-range",
-        "192.168.122.2,192.168.122.254",
-    ])
-    .unwrap();
+    default_nat(&k);
     k.cli(&["port", "add", "default", "inner"]).unwrap();
     let ip = dhcp(&lab, &g, "inner");
     let gw_iface = k.json(&["net", "show", "default"]).unwrap()["gateway_iface"]
