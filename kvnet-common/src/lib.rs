@@ -25,6 +25,8 @@ pub mod names {
     pub const MAP_MAC_OWNERS: &str = "mac_owners";
     pub const MAP_CT_QUOTA: &str = "ct_quota";
     pub const MAP_FDB_COUNT: &str = "fdb_count";
+    /// One u32: the [`LAYOUT_VERSION`](super::LAYOUT_VERSION) of the pinned datapath.
+    pub const MAP_LAYOUT: &str = "layout";
     pub const PROG_TC_OUT: &str = "kvnet_tc_out";
     pub const PROG_XDP: &str = "kvnet_xdp";
     pub const PROG_TC: &str = "kvnet_tc";
@@ -57,6 +59,13 @@ pub const PORT_IPS: usize = 4;
 pub const DEFAULT_MAX_MACS: u8 = 1;
 /// Owned (network, VLAN, MAC)s: every guest port's MACs plus gateways.
 pub const MAX_MAC_OWNERS: u32 = MAX_PORTS * PORT_MACS as u32 + MAX_NETWORKS;
+
+/// The version of the pinned maps' layouts (key and value types and what
+/// they mean), recorded in the pinned map `layout`. Bump it with any change
+/// to a pinned map and teach `kvnet-userspace/src/layout.rs` to carry the
+/// previous version's contents over, so a running datapath upgrades in place.
+/// 1: the first edition (no `layout` map); 2: port security (issue 13).
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// 802.1Q: valid VIDs are 1..=4094 (0 means "priority tag only", 4095 is
 /// reserved).

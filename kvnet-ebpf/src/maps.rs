@@ -1,13 +1,18 @@
 //! The pinned maps the daemon owns (names in `kvnet_common::names`).
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
 };
 use kvnet_common::{
     CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, ForwardKey, ForwardTarget, NatStats,
     NetConfig, PortConfig, PortStats, VlanMember, VlanMemberKey, MAX_CT_ENTRIES, MAX_FDB_ENTRIES,
     MAX_FLOOD_DOMAINS, MAX_FORWARDS, MAX_MAC_OWNERS, MAX_NETWORKS, MAX_PORTS, MAX_VLAN_MEMBERS,
 };
+
+/// The layout version of these maps (`kvnet_common::LAYOUT_VERSION`),
+/// written by the daemon: what a newer daemon reads to upgrade in place.
+#[map(name = "layout")]
+pub static LAYOUT: Array<u32> = Array::pinned(1, 0);
 
 #[map(name = "ports")]
 pub static PORTS: HashMap<u32, PortConfig> = HashMap::pinned(MAX_PORTS, 0);

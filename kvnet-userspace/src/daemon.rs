@@ -121,9 +121,8 @@ pub fn run(opts: Options) -> Result<()> {
         .map(crate::config::load)
         .transpose()?;
     let dp = if adopt {
-        Datapath::adopt(&opts.pin_dir, opts.log_datapath, Some(opts.ct_max)).context(
-            "adopting the running datapath (`kvnet down` or removing the pin folder starts afresh)",
-        )?
+        Datapath::take_over(&opts.pin_dir, opts.log_datapath, Some(opts.ct_max))
+            .context("taking over the running datapath")?
     } else {
         Datapath::load_with(&opts.pin_dir, opts.log_datapath, Some(opts.ct_max))?
     };
@@ -137,7 +136,39 @@ pub fn run(opts: Options) -> Result<()> {
     let switch = Arc::new(Mutex::new(sw));
     if adopt {
         let mut sw = switch.lock().expect("fresh lock");
-        let plan = crate::state::adopt(&mut sw, &opts.state_dir)?;
+        let upgrading = sw.dp.upgrading_from();
+        let plan = crate::state::adopt(&mut sw, &opts.state_dir);
+        let plan = match upgrading {
+            None => plan?,
+            Some(from) => {
+                // An upgrade commits whole or not at all: any failure puts
+                // the older datapath back as it was.
+                let done = plan.and_then(|p| sw.dp.commit_upgrade().map(|_| p));
+                match done {
+                    Ok(p) => {
+                        eprintln!(
+                            "kvnet: upgraded the running datapath from layout {from} to layout {}",
+                            kvnet_common::LAYOUT_VERSION
+                        );
+                        p
+                    }
+                    Err(e) => {
+                        let left = sw.dp.rollback_upgrade();
+                        for r in crate::state::added_host_settings(&sw, &opts.state_dir) {
+                            r.undo();
+                        }
+                        let how = if left.is_empty() {
+                            "rolled back: the older datapath forwards as before".to_string()
+                        } else {
+                            format!("rolled back except: {}", left.join("; "))
+                        };
+                        return Err(e.context(format!(
+                            "upgrading the running datapath from layout {from} ({how}; the older kvnet can adopt it again)"
+                        )));
+                    }
+                }
+            }
+        };
         if let Some(path) = &opts.config {
             crate::config::with_rt(|rt| rt.source = Some(path.clone()));
             eprintln!(

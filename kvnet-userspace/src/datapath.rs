@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues},
     programs::{
@@ -27,6 +27,14 @@ use kvnet_common::{
 /// The datapath object built by build.rs from kvnet-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kvnet"));
 
+#[cfg(test)]
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
+
+/// Where an upgrade keeps the older datapath's pins until it commits.
+const PREVIOUS: &str = "previous";
+
 /// kvnet's tc filters sit at this priority and handle, so a restarted
 /// daemon finds them and swaps its program in atomically (a cls_bpf
 /// replace at the same priority/handle), with no moment without a filter.
@@ -47,6 +55,45 @@ pub struct Datapath {
     /// On drop, leave programs attached and pinned (daemon stop or
     /// restart); false: detach and unpin everything (`kvnet down`, errors).
     pub keep_on_exit: bool,
+    /// Taking over an older layout's datapath, until it commits.
+    upgrade: Option<Upgrade>,
+}
+
+/// An upgrade in place: this daemon's maps were created fresh and filled
+/// from the older datapath's, whose pins wait under `previous/` so that a
+/// failure can put every interface back on the old programs.
+struct Upgrade {
+    from: u32,
+    /// Pins of the older datapath (maps and programs), moved aside.
+    moved: Vec<String>,
+    /// Interfaces whose program this daemon replaced or added, in order.
+    swapped: Vec<Swapped>,
+    /// The first failure while swapping: the upgrade cannot commit.
+    failed: Option<String>,
+}
+
+struct Swapped {
+    iface: String,
+    ifindex: u32,
+    hook: Hook,
+    /// False: the interface had no kvnet program before.
+    replaced: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    TcIngress,
+    TcEgress,
+    Xdp,
+}
+
+/// `KVNET_FAIL_TAKEOVER=step` makes an upgrade fail at that step (the
+/// rollback's test): `convert`, `swap` (after the first interface), `commit`.
+fn induced_failure(step: &str) -> Result<()> {
+    if std::env::var("KVNET_FAIL_TAKEOVER").is_ok_and(|s| s == step) {
+        bail!("failure induced at step '{step}' (KVNET_FAIL_TAKEOVER)");
+    }
+    Ok(())
 }
 
 #[derive(Default)]
@@ -76,10 +123,12 @@ impl Datapath {
     pub fn load_with(pin_dir: &Path, log_datapath: bool, ct_max: Option<u32>) -> Result<Self> {
         std::fs::create_dir_all(pin_dir)
             .with_context(|| format!("creating the pin folder {}", pin_dir.display()))?;
-        Self::load_pinned(pin_dir, log_datapath, ct_max, false).inspect_err(|_| {
-            // Nothing half-applied: a failed load leaves no pins behind.
-            let _ = std::fs::remove_dir_all(pin_dir);
-        })
+        Self::load_pinned(pin_dir, log_datapath, ct_max, false)
+            .and_then(|dp| crate::layout::record(pin_dir).map(|_| dp))
+            .inspect_err(|_| {
+                // Nothing half-applied: a failed load leaves no pins behind.
+                let _ = std::fs::remove_dir_all(pin_dir);
+            })
     }
 
     /// Takes over a running datapath pinned under `pin_dir`: the pinned
@@ -149,7 +198,227 @@ impl Datapath {
             ct_capacity,
             adopting: false,
             keep_on_exit: false,
+            upgrade: None,
         })
+    }
+
+    /// Takes over the datapath pinned under `pin_dir`: adopts it when its
+    /// layout is this binary's, upgrades it in place when it is an older
+    /// one this binary can carry over, and refuses anything else.
+    pub fn take_over(pin_dir: &Path, log_datapath: bool, ct_max: Option<u32>) -> Result<Self> {
+        match crate::layout::inspect(pin_dir, OBJECT)? {
+            crate::layout::Found::Current => Self::adopt(pin_dir, log_datapath, ct_max),
+            crate::layout::Found::Older { version } => {
+                Self::upgrade(pin_dir, log_datapath, ct_max, version)
+            }
+        }
+    }
+
+    /// The first half of an upgrade: the older datapath's pins move aside
+    /// (it keeps forwarding: its programs hold its maps), this binary's
+    /// maps are created, filled from the old ones and pinned in their
+    /// place. `attach` then swaps programs interface by interface, and
+    /// `commit_upgrade` or `rollback_upgrade` ends it.
+    fn upgrade(pin_dir: &Path, log_datapath: bool, ct_max: Option<u32>, from: u32) -> Result<Self> {
+        let previous = pin_dir.join(PREVIOUS);
+        if previous.exists() {
+            bail!(
+                "{} holds the pins of an upgrade that never finished: run `kvnet down` and start again",
+                previous.display()
+            );
+        }
+        std::fs::create_dir_all(&previous)
+            .with_context(|| format!("creating {}", previous.display()))?;
+        let mut moved = Vec::new();
+        let step = (|| -> Result<Self> {
+            let pinned: Vec<String> = crate::layout::expected(OBJECT)?
+                .into_keys()
+                .chain([names::PROG_XDP, names::PROG_TC, names::PROG_TC_OUT].map(String::from))
+                .filter(|n| pin_dir.join(n).exists())
+                .collect();
+            for name in pinned {
+                std::fs::rename(pin_dir.join(&name), previous.join(&name))
+                    .with_context(|| format!("moving the pin {name} aside"))?;
+                moved.push(name);
+            }
+            let mut dp = Self::load_pinned(pin_dir, log_datapath, ct_max, false)?;
+            // From here on, dropping `dp` must not unpin anything.
+            dp.keep_on_exit = true;
+            let maps: Vec<&String> = moved.iter().filter(|n| !n.starts_with("kvnet_")).collect();
+            for name in maps {
+                let n = crate::layout::carry(
+                    name,
+                    from,
+                    &previous.join(name),
+                    &pin_dir.join(name),
+                    false,
+                )
+                .with_context(|| format!("carrying map {name} over"))?;
+                log::info!("upgrade: map {name}: {n} entries carried over");
+            }
+            crate::layout::record(pin_dir)?;
+            induced_failure("convert")?;
+            Ok(dp)
+        })();
+        match step {
+            Ok(mut dp) => {
+                dp.adopting = true;
+                dp.upgrade = Some(Upgrade {
+                    from,
+                    moved,
+                    swapped: Vec::new(),
+                    failed: None,
+                });
+                Ok(dp)
+            }
+            Err(e) => {
+                restore_pins(pin_dir, &moved);
+                Err(e.context(format!(
+                    "upgrading the datapath from layout {from} (step 'convert'; rolled back: the running datapath is untouched)"
+                )))
+            }
+        }
+    }
+
+    /// The layout an upgrade in progress started from.
+    pub fn upgrading_from(&self) -> Option<u32> {
+        self.upgrade.as_ref().map(|u| u.from)
+    }
+
+    /// Notes a program swap of an upgrade; fails on the induced `swap`
+    /// failure right after the first one.
+    fn swapped(&mut self, iface: &str, ifindex: u32, hook: Hook, replaced: bool) -> Result<()> {
+        let Some(u) = self.upgrade.as_mut() else {
+            return Ok(());
+        };
+        u.swapped.push(Swapped {
+            iface: iface.to_string(),
+            ifindex,
+            hook,
+            replaced,
+        });
+        if let Err(e) = induced_failure("swap") {
+            u.failed.get_or_insert_with(|| format!("{e:#}"));
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Notes a failed swap: the upgrade will roll back.
+    fn swap_failed(&mut self, what: &str, e: &anyhow::Error) {
+        if let Some(u) = self.upgrade.as_mut() {
+            u.failed.get_or_insert_with(|| format!("{what}: {e:#}"));
+        }
+    }
+
+    /// Ends an upgrade whose swaps all succeeded: entries the old datapath
+    /// created while the programs were being swapped are carried over too,
+    /// then the old pins go (and the old maps with the last old program).
+    pub fn commit_upgrade(&mut self) -> Result<()> {
+        let Some(u) = self.upgrade.as_ref() else {
+            return Ok(());
+        };
+        if let Some(why) = &u.failed {
+            bail!("step 'swap': {why}");
+        }
+        induced_failure("commit").context("step 'commit'")?;
+        let previous = self.pin_dir.join(PREVIOUS);
+        let from = u.from;
+        for name in [names::MAP_CT, names::MAP_FDB] {
+            let n = crate::layout::carry(
+                name,
+                from,
+                &previous.join(name),
+                &self.pin_dir.join(name),
+                true,
+            )
+            .with_context(|| format!("step 'commit': carrying map {name} over again"))?;
+            if n > 0 {
+                log::info!("upgrade: map {name}: {n} entries created meanwhile carried over");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&previous);
+        self.upgrade = None;
+        Ok(())
+    }
+
+    /// Undoes an upgrade: every interface gets its old program back (or
+    /// none, where it had none), this daemon's pins go and the old ones
+    /// return. Returns what could not be undone.
+    pub fn rollback_upgrade(&mut self) -> Vec<String> {
+        let Some(u) = self.upgrade.take() else {
+            return Vec::new();
+        };
+        let previous = self.pin_dir.join(PREVIOUS);
+        let mut problems = Vec::new();
+        for s in u.swapped.iter().rev() {
+            let r = if s.replaced {
+                restore_program(&previous, s)
+            } else {
+                self.remove_program(s)
+            };
+            if let Err(e) = r {
+                problems.push(format!("{}: {e:#}", s.iface));
+            }
+        }
+        // Our links must not be detached later by this object's drop.
+        self.keep_on_exit = true;
+        self.forget_links();
+        restore_pins(&self.pin_dir, &u.moved);
+        problems
+    }
+
+    /// Drops aya's handles of every attachment without detaching anything.
+    fn forget_links(&mut self) {
+        for (_, l) in self.links.drain() {
+            if let Some(id) = l.tc {
+                if let Ok(p) = program(&mut self.ebpf, names::PROG_TC)
+                    .and_then(|p| <&mut SchedClassifier>::try_from(p).map_err(Into::into))
+                {
+                    if let Ok(link) = p.take_link(id) {
+                        std::mem::forget(link);
+                    }
+                }
+            }
+            if let Some(id) = l.xdp {
+                if let Ok(p) = program(&mut self.ebpf, names::PROG_XDP)
+                    .and_then(|p| <&mut Xdp>::try_from(p).map_err(Into::into))
+                {
+                    if let Ok(link) = p.take_link(id) {
+                        std::mem::forget(link);
+                    }
+                }
+            }
+        }
+        for (_, id) in self.egress_links.drain() {
+            if let Ok(p) = program(&mut self.ebpf, names::PROG_TC_OUT)
+                .and_then(|p| <&mut SchedClassifier>::try_from(p).map_err(Into::into))
+            {
+                if let Ok(link) = p.take_link(id) {
+                    std::mem::forget(link);
+                }
+            }
+        }
+    }
+
+    /// Takes this daemon's program off an interface the old datapath had
+    /// no program on.
+    fn remove_program(&mut self, s: &Swapped) -> Result<()> {
+        match s.hook {
+            Hook::Xdp => {
+                let _ = std::fs::remove_file(xdp_link_pin(&self.pin_dir, s.ifindex));
+                Ok(())
+            }
+            Hook::TcIngress | Hook::TcEgress => {
+                let t = if s.hook == Hook::TcIngress {
+                    TcAttachType::Ingress
+                } else {
+                    TcAttachType::Egress
+                };
+                let link = SchedClassifierLink::attached(&s.iface, t, TC_PRIO, TC_HANDLE, None)?;
+                aya::programs::links::Link::detach(link).map_err(Into::into)
+            }
+        }
     }
 
     /// Attaches (or, adopting, swaps into the existing filter) `prog` as
@@ -167,8 +436,15 @@ impl Datapath {
                 .map_err(anyhow::Error::from)
                 .and_then(|l| tc.attach_to_link(l).map_err(anyhow::Error::from))
         };
+        let hook = if attach_type == TcAttachType::Ingress {
+            Hook::TcIngress
+        } else {
+            Hook::TcEgress
+        };
+        let ifindex = crate::netdev::ifindex(iface).unwrap_or(0);
         if adopting {
             if let Ok(id) = replace(tc) {
+                self.swapped(iface, ifindex, hook, true)?;
                 return Ok(id);
             }
         }
@@ -177,10 +453,20 @@ impl Datapath {
             handle: TC_HANDLE,
             ..Default::default()
         };
-        match tc.attach_with_options(iface, attach_type, TcAttachOptions::Netlink(opts)) {
+        let r = match tc.attach_with_options(iface, attach_type, TcAttachOptions::Netlink(opts)) {
             Ok(id) => Ok(id),
             // A filter left by a daemon that did not clean up: take it over.
             Err(e) => replace(tc).map_err(|_| anyhow::Error::from(e)),
+        };
+        match r {
+            Ok(id) => {
+                self.swapped(iface, ifindex, hook, false)?;
+                Ok(id)
+            }
+            Err(e) => {
+                self.swap_failed(iface, &e);
+                Err(e)
+            }
         }
     }
 
@@ -201,7 +487,7 @@ impl Datapath {
                         drop(l);
                     }
                     links.xdp_pin = Some(pin);
-                    return Ok(());
+                    return self.swapped(&format!("ifindex {ifindex}"), ifindex, Hook::Xdp, true);
                 }
                 Err(e) => {
                     log::warn!("updating the pinned XDP link of ifindex {ifindex}: {e:#}");
@@ -219,6 +505,7 @@ impl Datapath {
                 // Dropping the PinnedLink closes our fd; the pin keeps it.
                 fd.pin(&pin).context("pinning the XDP link")?;
                 links.xdp_pin = Some(pin);
+                self.swapped(&format!("ifindex {ifindex}"), ifindex, Hook::Xdp, false)?;
             }
             Err(_) => {
                 // A netlink attachment (no bpf_link support): it stays
@@ -524,36 +811,8 @@ impl Drop for Datapath {
     fn drop(&mut self) {
         if self.keep_on_exit {
             // Daemon stop/restart: the filters and pinned links keep
-            // forwarding; forget aya's handles so nothing detaches.
-            for (_, l) in self.links.drain() {
-                if let Some(id) = l.tc {
-                    if let Ok(p) = program(&mut self.ebpf, names::PROG_TC)
-                        .and_then(|p| <&mut SchedClassifier>::try_from(p).map_err(Into::into))
-                    {
-                        if let Ok(link) = p.take_link(id) {
-                            std::mem::forget(link);
-                        }
-                    }
-                }
-                if let Some(id) = l.xdp {
-                    if let Ok(p) = program(&mut self.ebpf, names::PROG_XDP)
-                        .and_then(|p| <&mut Xdp>::try_from(p).map_err(Into::into))
-                    {
-                        if let Ok(link) = p.take_link(id) {
-                            std::mem::forget(link);
-                        }
-                    }
-                }
-            }
-            for (_, id) in self.egress_links.drain() {
-                if let Ok(p) = program(&mut self.ebpf, names::PROG_TC_OUT)
-                    .and_then(|p| <&mut SchedClassifier>::try_from(p).map_err(Into::into))
-                {
-                    if let Ok(link) = p.take_link(id) {
-                        std::mem::forget(link);
-                    }
-                }
-            }
+            // forwarding.
+            self.forget_links();
             return;
         }
         let ports: Vec<u32> = self.links.keys().copied().collect();
@@ -567,6 +826,67 @@ impl Drop for Datapath {
         // Pins outlive the process: removing everything (`kvnet down`) removes them too.
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
+}
+
+/// Puts the older datapath's pins back where they were and removes the
+/// ones this daemon created (the old datapath never had them).
+fn restore_pins(pin_dir: &Path, moved: &[String]) {
+    let previous = pin_dir.join(PREVIOUS);
+    let ours = crate::layout::expected(OBJECT)
+        .map(|m| m.into_keys().collect::<Vec<_>>())
+        .unwrap_or_default();
+    let programs = [names::PROG_XDP, names::PROG_TC, names::PROG_TC_OUT].map(String::from);
+    for name in ours.iter().chain(&programs) {
+        if previous.join(name).exists() || !moved.contains(name) {
+            let _ = std::fs::remove_file(pin_dir.join(name));
+        }
+    }
+    for name in moved {
+        if let Err(e) = std::fs::rename(previous.join(name), pin_dir.join(name)) {
+            eprintln!("kvnet: putting the pin {name} back: {e}");
+        }
+    }
+    let _ = std::fs::remove_dir(&previous);
+}
+
+/// Puts the older datapath's program back on one interface.
+fn restore_program(previous: &Path, s: &Swapped) -> Result<()> {
+    if s.hook == Hook::Xdp {
+        let mut xdp = Xdp::from_pin(
+            previous.join(names::PROG_XDP),
+            aya_obj::programs::XdpAttachType::Interface,
+        )?;
+        let pin = xdp_link_pin(previous.parent().unwrap_or(previous), s.ifindex);
+        let link = XdpLink::try_from(FdLink::from(PinnedLink::from_pin(&pin)?))?;
+        xdp.attach_to_link(link)?;
+        // The pin holds the link; dropping our handle closes only our fd.
+        return Ok(());
+    }
+    let (name, t) = if s.hook == Hook::TcIngress {
+        (names::PROG_TC, TcAttachType::Ingress)
+    } else {
+        (names::PROG_TC_OUT, TcAttachType::Egress)
+    };
+    let mut tc = SchedClassifier::from_pin(previous.join(name))?;
+    let id = match SchedClassifierLink::attached(&s.iface, t, TC_PRIO, TC_HANDLE, None)
+        .map_err(anyhow::Error::from)
+        .and_then(|l| tc.attach_to_link(l).map_err(anyhow::Error::from))
+    {
+        Ok(id) => id,
+        // The filter went with a failed attach: add it again.
+        Err(_) => tc.attach_with_options(
+            &s.iface,
+            t,
+            TcAttachOptions::Netlink(NlOptions {
+                priority: TC_PRIO,
+                handle: TC_HANDLE,
+                ..Default::default()
+            }),
+        )?,
+    };
+    // The filter holds the program; our handle must not detach it.
+    std::mem::forget(tc.take_link(id)?);
+    Ok(())
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {

@@ -4,6 +4,7 @@ mod control;
 mod daemon;
 mod datapath;
 mod gateway;
+mod layout;
 mod libvirt;
 mod nat;
 mod network;

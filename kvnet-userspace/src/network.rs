@@ -39,7 +39,7 @@ impl fmt::Display for PortRole {
 
 /// A host setting kvnet changed, with what it was (kept in the daemon's
 /// state file, so `kvnet down` after a restart still restores it).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Restore {
     Sysctl {
         path: String,
@@ -61,7 +61,7 @@ pub enum Restore {
 }
 
 impl Restore {
-    fn undo(&self) {
+    pub(crate) fn undo(&self) {
         let r = match self {
             Restore::Sysctl { path, old } => gateway::write_sysctl(path, old),
             Restore::Promisc { iface } => ip_link(&["set", "dev", iface, "promisc", "off"]),
@@ -244,8 +244,12 @@ impl Switch {
             None => Ok(()),
         });
         if let Err(e) = built {
-            if let Err(e2) = self.net_del(name) {
-                log::warn!("cleaning up the refused network {name}: {e2:#}");
+            // An upgrade that fails leaves what it adopted (gateway, host
+            // settings) to the older datapath, which still uses it.
+            if self.dp.upgrading_from().is_none() {
+                if let Err(e2) = self.net_del(name) {
+                    log::warn!("cleaning up the refused network {name}: {e2:#}");
+                }
             }
             self.nets.remove(name);
             return Err(e);

@@ -426,3 +426,61 @@ impl crate::switch::Switch {
         Ok(forgotten)
     }
 }
+
+impl crate::switch::Switch {
+    /// Port security bindings for a guest port carried over from a datapath
+    /// that had none (an upgrade from layout 1): the MACs the FDB learned
+    /// on the port, most recent first, and the unexpired DHCP leases of
+    /// those MACs, so guests keep talking through the upgrade. `fill` then
+    /// keeps what the port's limits allow.
+    pub(crate) fn seed_bindings(
+        &mut self,
+        net: &str,
+        net_id: u32,
+        ifindex: u32,
+        mut old: PortConfig,
+    ) -> PortConfig {
+        if old.mac_count > 0 {
+            return old;
+        }
+        let mut learned: Vec<(u64, [u8; 6])> = self
+            .dp
+            .fdb()
+            .map(|f| {
+                f.iter()
+                    .filter_map(|r| r.ok())
+                    .filter(|(k, e)| {
+                        k.net_id == net_id
+                            && e.ifindex == ifindex
+                            && e.flags & kvnet_common::FDB_F_STATIC == 0
+                    })
+                    .map(|(k, e)| (e.last_seen_ns, k.mac))
+                    .collect()
+            })
+            .unwrap_or_default();
+        learned.sort_by(|a, b| b.0.cmp(&a.0));
+        learned.dedup_by_key(|(_, m)| *m);
+        let macs: Vec<[u8; 6]> = learned
+            .into_iter()
+            .map(|(_, m)| m)
+            .take(PORT_MACS)
+            .collect();
+        old.macs[..macs.len()].copy_from_slice(&macs);
+        old.mac_count = macs.len() as u8;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let ips: Vec<u32> = self
+            .services
+            .leases(net)
+            .unwrap_or_default()
+            .iter()
+            .filter(|l| macs.contains(&l.mac.0) && l.expires_unix > now)
+            .map(|l| u32::from(l.ip).to_be())
+            .take(PORT_IPS)
+            .collect();
+        old.ips[..ips.len()].copy_from_slice(&ips);
+        (old.ip_count, old.ip_next, old.ip_fixed) = (ips.len() as u8, ips.len() as u8, 0);
+        old
+    }
+}

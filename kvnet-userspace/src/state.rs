@@ -207,20 +207,27 @@ pub fn adopt(sw: &mut Switch, state_dir: &Path) -> Result<config::Plan> {
             .collect();
     });
     let plan = config::apply(sw, &cfg, false);
+    if let (Err(e), Some(_)) = (&plan, sw.dp.upgrading_from()) {
+        // An upgrade takes everything over or nothing.
+        return Err(anyhow::anyhow!("step 'swap': {e:#}"));
+    }
     if let Err(e) = &plan {
         eprintln!(
             "kvnet: adopting {}: {e:#} (continuing with what could be adopted)",
             running_path.display()
         );
     }
+    // What to restore on `kvnet down`: the previous daemon's list (it
+    // holds the host's original values), plus what this daemon added (an
+    // upgrade's new settings).
     for (n, s) in &saved.nets {
         if let Some(net) = sw.nets.get_mut(n) {
-            net.restore = s.restore.clone();
+            net.restore = merged(&s.restore, &net.restore);
         }
     }
     for (n, r) in &saved.routed_uplinks {
         if let Some(u) = sw.routed_uplinks.get_mut(n) {
-            u.restore = r.clone();
+            u.restore = merged(r, &u.restore);
         }
     }
     config::with_rt(|rt| {
@@ -237,6 +244,34 @@ pub fn adopt(sw: &mut Switch, state_dir: &Path) -> Result<config::Plan> {
     });
     finish(sw);
     plan.or_else(|_| Ok(config::Plan::default()))
+}
+
+fn merged(saved: &[Restore], now: &[Restore]) -> Vec<Restore> {
+    let mut all = saved.to_vec();
+    all.extend(now.iter().filter(|r| !saved.contains(r)).cloned());
+    all
+}
+
+/// Host settings this daemon made that the state files do not list: what
+/// an upgrade that rolls back must undo (the older datapath never had them).
+pub fn added_host_settings(sw: &Switch, state_dir: &Path) -> Vec<Restore> {
+    let saved: Saved = std::fs::read_to_string(state_dir.join(ADOPT))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let known: Vec<&Restore> = saved
+        .nets
+        .values()
+        .flat_map(|n| &n.restore)
+        .chain(saved.routed_uplinks.values().flatten())
+        .collect();
+    sw.nets
+        .values()
+        .flat_map(|n| &n.restore)
+        .chain(sw.routed_uplinks.values().flat_map(|u| &u.restore))
+        .filter(|r| !known.contains(r))
+        .cloned()
+        .collect()
 }
 
 /// Ends an adoption: writes the flood sets once, whole, and sweeps the

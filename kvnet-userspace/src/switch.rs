@@ -401,6 +401,12 @@ impl Switch {
         } else {
             None
         };
+        // Upgraded from a datapath without port security: bind what the
+        // guest was already using.
+        let old = match (old, self.dp.upgrading_from()) {
+            (Some(o), Some(_)) => Some(self.seed_bindings(net, net_id, ifindex, o)),
+            (o, _) => o,
+        };
         security.fill(&mut pcfg, old.as_ref(), dhcp);
         let vids: BTreeSet<u16> = cfg.memberships().keys().copied().collect();
         let mut members = self.members(net);
