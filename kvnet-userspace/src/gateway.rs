@@ -173,7 +173,12 @@ impl Gateway {
 
     /// Deleting one end deletes the pair, its address and routes.
     pub fn destroy(&self) {
-        let _ = ip(&["link", "del", &self.host_if]);
+        Self::remove(&self.host_if);
+    }
+
+    /// Deletes the gateway interface `host_if` (and its peer, the port).
+    pub fn remove(host_if: &str) {
+        let _ = ip(&["link", "del", host_if]);
     }
 }
 

@@ -18,6 +18,7 @@ mod output;
 mod security;
 mod state;
 mod switch;
+mod teardown;
 mod trace;
 mod vlan;
 
@@ -126,8 +127,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Remove everything kvnet installed (programs, pins, interfaces, sysctls) and stop the daemon.
-    Down,
+    /// Remove everything kvnet installed (programs, pins, interfaces, sysctls) and stop the daemon;
+    /// with no daemon running, removes it from the state files and the kernel (as root).
+    Down {
+        /// bpffs folder of kvnet's pins (used when no daemon answers).
+        #[arg(long, env = "KVNET_PIN_DIR", default_value = control::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// The daemon's state folder (used when no daemon answers).
+        #[arg(long, env = "KVNET_STATE_DIR", default_value = dhcp::service::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
     /// Stream per-packet path events from the datapath (as root), filtered
     /// in the kernel; tracing stops at --count events or Ctrl-C.
     Trace {
@@ -483,7 +492,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Ifdown { tap } => done(call(sock, &Request::Ifdown { iface: tap })),
         Cmd::Status { json } => config_cli::status(sock, json),
-        Cmd::Down => config_cli::down(sock),
+        Cmd::Down { pin_dir, state_dir } => config_cli::down(sock, &pin_dir, &state_dir),
         Cmd::Trace {
             pin_dir,
             port,
@@ -768,7 +777,10 @@ mod config_cli {
     }
 
     /// Asks the daemon to tear everything down, and waits until it is gone.
-    pub fn down(sock: &Path) -> Result<()> {
+    pub fn down(sock: &Path, pin_dir: &Path, state_dir: &Path) -> Result<()> {
+        if std::os::unix::net::UnixStream::connect(sock).is_err() {
+            return down_without_daemon(sock, pin_dir, state_dir);
+        }
         call(sock, &Request::Down)?;
         let end = Instant::now() + Duration::from_secs(20);
         while std::os::unix::net::UnixStream::connect(sock).is_ok() || sock.exists() {
@@ -779,6 +791,27 @@ mod config_cli {
         }
         let _: PathBuf = sock.to_path_buf();
         println!("kvnet is down: programs, pins, interfaces and host settings removed");
+        Ok(())
+    }
+
+    /// No daemon answers: remove what kvnet left from the state files and
+    /// the kernel.
+    fn down_without_daemon(sock: &Path, pin_dir: &Path, state_dir: &Path) -> Result<()> {
+        if !nix::unistd::geteuid().is_root() {
+            anyhow::bail!(
+                "no kvnet daemon answers on {}; removing kvnet without one needs root",
+                sock.display()
+            );
+        }
+        let r = crate::teardown::down(pin_dir, state_dir)?;
+        let _ = std::fs::remove_file(sock);
+        println!(
+            "kvnet is down (no daemon was running): filters removed from {} interface(s), {} gateway interface(s) deleted, {} host setting(s) restored, pins {}",
+            r.filters.len(),
+            r.gateways.len(),
+            r.host_settings,
+            if r.pins { "removed" } else { "already gone" }
+        );
         Ok(())
     }
 }

@@ -199,3 +199,86 @@ fn tcp_echo_via_nat(l: &LibvirtLab) -> String {
     echo_server(&l.lab, &l.out.ns, 5001).unwrap();
     tcp_echo(&l.guests[1].ns, OUTSIDE_IP, 5001, 50_000)
 }
+
+/// Issue 22: `kvnet down` works without a daemon (after a crash, a failed
+/// start, or with a datapath this binary cannot read): filters, pins,
+/// gateway interfaces, policy rules and state files all go, and guests no
+/// longer reach the outside.
+#[test]
+fn down_without_a_daemon_removes_everything() {
+    if !privileged() {
+        return;
+    }
+    let l = libvirt_lab();
+    let k = start_with_config(&l);
+    dhcp(&l.lab, &l.guests[0], "g1");
+    assert!(ping_ok(&l.guests[0].ns, OUTSIDE_IP), "positive control");
+    let hv = l.lab.hv().to_string();
+    let rules_before = l.lab.sh(&hv, "ip rule").unwrap();
+    let socket = k.socket().to_path_buf();
+    let bin = k.bin().to_path_buf();
+    k.kill().unwrap();
+    assert!(
+        ping_ok(&l.guests[0].ns, OUTSIDE_IP),
+        "forwarding without the daemon"
+    );
+    let state = l.lab.work_dir().join("state");
+    let pins = l.lab.pin_dir();
+    let down = |what: &str| {
+        let o = l
+            .lab
+            .exec_output(
+                &hv,
+                &[
+                    bin.to_str().unwrap(),
+                    "--socket",
+                    socket.to_str().unwrap(),
+                    "down",
+                    "--pin-dir",
+                    pins.to_str().unwrap(),
+                    "--state-dir",
+                    state.to_str().unwrap(),
+                ],
+            )
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            o.status.success(),
+            "{what}: {out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
+    };
+    let out = down("kvnet down without a daemon");
+    assert!(out.contains("no daemon was running"), "{out}");
+    assert!(out.contains("1 gateway interface(s) deleted"), "{out}");
+    let net = l.lab.sh(&hv, "bpftool net show").unwrap();
+    assert!(!net.contains("kvnet"), "programs left:\n{net}");
+    assert!(!pins.exists(), "pins left");
+    assert!(
+        !l.lab
+            .exec_output(&hv, &["ip", "link", "show", "virbr0"])
+            .unwrap()
+            .status
+            .success(),
+        "gateway left"
+    );
+    let rules_after = l.lab.sh(&hv, "ip rule").unwrap();
+    assert!(
+        rules_before.lines().count() > rules_after.lines().count()
+            && !rules_after.lines().any(|r| r.contains("virbr0")),
+        "kvnet's policy rules left:\n{rules_after}\n(before:\n{rules_before})"
+    );
+    assert!(!state.join("running.toml").exists() && !state.join("adopt.json").exists());
+    assert!(
+        !ping_ok(&l.guests[0].ns, OUTSIDE_IP),
+        "still forwarding after down"
+    );
+    // Nothing left to remove: a second down says so and succeeds.
+    let again = down("a second kvnet down");
+    assert!(again.contains("pins already gone"), "{again}");
+    // And a fresh daemon starts from the config file, not an adoption.
+    let k = start_with_config(&l);
+    assert!(!k.daemon_log().contains("adopted"), "{}", k.daemon_log());
+    k.cli(&["down"]).unwrap();
+}
