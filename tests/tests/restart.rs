@@ -224,6 +224,29 @@ fn down_without_a_daemon_removes_everything() {
     );
     let state = l.lab.work_dir().join("state");
     let pins = l.lab.pin_dir();
+    // A datapath from a kvnet newer than this one (layout 99): the daemon
+    // refuses it in one line that says what to do, and touches nothing.
+    let layout = pins.join("layout");
+    let set = l.lab.sh(
+        &hv,
+        &format!(
+            "bpftool map update pinned {} key 0 0 0 0 value 99 0 0 0",
+            layout.display()
+        ),
+    );
+    assert!(set.is_ok(), "{set:?}");
+    let refused = match Kvnet::start(&l.lab) {
+        Ok(k) => panic!("a daemon took over layout 99:\n{}", k.daemon_log()),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        refused.contains("map layout 99") && refused.contains("run `kvnet down`"),
+        "{refused}"
+    );
+    assert!(
+        ping_ok(&l.guests[0].ns, OUTSIDE_IP),
+        "the refused start changed the running datapath"
+    );
     let down = |what: &str| {
         let o = l
             .lab
