@@ -27,7 +27,7 @@ use kvnet_common::{
 /// The datapath object built by build.rs from kvnet-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kvnet"));
 
-#[cfg(test)]
+/// The eBPF object (kvnet-bench loads its bench programs from it).
 pub fn object() -> &'static [u8] {
     OBJECT
 }
@@ -767,13 +767,13 @@ impl Datapath {
         let md: [u32; 6] = [0, frame.len() as u32, 0, ingress, 0, 0];
         let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
         let xdp: &mut Xdp = program(&mut self.ebpf, names::PROG_XDP)?.try_into()?;
-        run(xdp, frame, Some(&ctx), repeat)
+        prog_run(xdp, frame, Some(&ctx), repeat)
     }
 
     /// Runs `kvnet_tc` on `frame`; the kernel presents it as received on lo.
     pub fn run_tc(&mut self, frame: &[u8], repeat: u32) -> Result<ProgRun> {
         let tc: &mut SchedClassifier = program(&mut self.ebpf, names::PROG_TC)?.try_into()?;
-        run(tc, frame, None, repeat)
+        prog_run(tc, frame, None, repeat)
     }
 
     /// Runs `kvnet_tc` once on `frame` as received on `ifindex` (a device
@@ -782,12 +782,13 @@ impl Datapath {
         let mut ctx = vec![0u8; 44];
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
         let tc: &mut SchedClassifier = program(&mut self.ebpf, names::PROG_TC)?.try_into()?;
-        run(tc, frame, Some(&ctx), 1)
+        prog_run(tc, frame, Some(&ctx), 1)
     }
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
-fn run<P>(prog: &P, frame: &[u8], ctx: Option<&[u8]>, repeat: u32) -> Result<ProgRun>
+/// One BPF_PROG_RUN of `prog` on `frame` (`repeat` times: the result's
+/// duration is the mean).
+pub fn prog_run<P>(prog: &P, frame: &[u8], ctx: Option<&[u8]>, repeat: u32) -> Result<ProgRun>
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
 {

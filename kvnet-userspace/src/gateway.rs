@@ -3,7 +3,7 @@
 //! sockets and the DHCP/DNS servers see an ordinary interface; the other end
 //! is an internal switch port, so the host is just another station on the
 //! network's L2 segment.
-use std::{fmt, net::Ipv4Addr, process::Command, str::FromStr};
+use std::{fmt, net::Ipv4Addr, str::FromStr};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -69,36 +69,13 @@ impl FromStr for Cidr {
     }
 }
 
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running `ip` (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 /// Per-interface IPv4 sysctl of the daemon's network namespace.
 fn sysctl_path(iface: &str, key: &str) -> String {
     format!("/proc/sys/net/ipv4/conf/{iface}/{key}")
 }
 
-pub fn read_sysctl(path: &str) -> Result<String> {
-    Ok(std::fs::read_to_string(path)
-        .with_context(|| format!("reading {path}"))?
-        .trim()
-        .to_string())
-}
-
-pub fn write_sysctl(path: &str, value: &str) -> Result<()> {
-    std::fs::write(path, value).with_context(|| format!("writing {value} to {path}"))
-}
+use crate::host::ip;
+pub use crate::host::{read_sysctl, write_sysctl};
 
 #[derive(Debug)]
 pub struct Gateway {

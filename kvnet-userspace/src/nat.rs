@@ -152,11 +152,7 @@ fn endpoint(addr: u32, port: u16, proto: u8) -> String {
     }
 }
 
-fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
-}
+use crate::host::monotonic_ns;
 
 impl Switch {
     /// Validates a NAT network's options before anything is built.

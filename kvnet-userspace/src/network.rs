@@ -84,26 +84,7 @@ pub struct RoutedUplink {
     pub(crate) restore: Vec<Restore>,
 }
 
-fn ip(args: &[&str]) -> Result<()> {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .context("running `ip`")?;
-    if !out.status.success() {
-        bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-fn ip_link(args: &[&str]) -> Result<()> {
-    let mut a = vec!["link"];
-    a.extend_from_slice(args);
-    ip(&a)
-}
+use crate::host::{ip, ip_link};
 
 /// Routing table and rule preference kvnet uses for network `id`.
 const NO_FORWARD_BASE: u32 = 27000;

@@ -100,11 +100,7 @@ pub fn resolve_hook(hook: Hook, driver: &str) -> bool {
     }
 }
 
-fn monotonic_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always available");
-    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
-}
+use crate::host::monotonic_ns;
 
 impl Switch {
     pub fn new(dp: Datapath) -> Self {

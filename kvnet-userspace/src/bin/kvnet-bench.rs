@@ -16,7 +16,6 @@
 //! * `ctfill DIR N [--remove]`: N synthetic conntrack entries (N/2 flows,
 //!   both directions, TCP established) in the pinned `ct` map under DIR.
 use std::{
-    ffi::CString,
     path::{Path, PathBuf},
     time::Instant,
 };
@@ -36,9 +35,8 @@ use kvnet_common::{
     PORT_F_UPLINK_NAT, PORT_F_UPLINK_ROUTED, PORT_F_XDP_TX, VLAN_MODE_ACCESS, VLAN_MODE_TRUNK,
     VLAN_M_TAGGED,
 };
+use kvnet_userspace::{host::monotonic_ns, netdev::ifindex};
 use serde_json::json;
-
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kvnet"));
 
 const PROGS: &[&str] = &["bench_redirect", "bench_sink", "bench_gen"];
 const MAPS: &[&str] = &["bench_peer", "bench_count"];
@@ -183,25 +181,8 @@ fn load_with(dir: &Path, ct_max: Option<u32>) -> Result<Ebpf> {
     }
     l.default_map_pin_directory(dir)
         .override_global("AYA_LOG_LEVEL", &level, false)
-        .load(OBJECT)
+        .load(kvnet_userspace::datapath::object())
         .context("loading the kvnet eBPF object")
-}
-
-fn ifindex(name: &str) -> Result<u32> {
-    let c = CString::new(name)?;
-    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-        0 => bail!("no interface {name} in this netns"),
-        i => Ok(i),
-    }
-}
-
-fn parse_mac(s: &str) -> Result<[u8; 6]> {
-    let v: Vec<u8> = s
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("bad MAC {s}"))?;
-    v.try_into().map_err(|_| anyhow!("bad MAC {s}"))
 }
 
 fn setup(dir: &Path) -> Result<serde_json::Value> {
@@ -399,14 +380,8 @@ fn run_once<P>(prog: &P, frame: &[u8], ctx: Option<&[u8]>, repeat: u32) -> Resul
 where
     P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = aya::programs::TestRunResult>,
 {
-    let mut out = vec![0u8; frame.len() + 256];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(frame);
-    opts.data_out = Some(&mut out);
-    opts.ctx_in = ctx;
-    opts.repeat = repeat.max(1);
-    let r = prog.test_run(opts).context("BPF_PROG_RUN")?;
-    Ok((r.return_value, r.duration.as_nanos() as f64))
+    let r = kvnet_userspace::datapath::prog_run(prog, frame, ctx, repeat)?;
+    Ok((r.verdict, r.per_run.as_nanos() as f64))
 }
 
 /// Deterministic, locally administered unicast MACs (02:..), distinct per i.
@@ -613,31 +588,6 @@ fn skb_ctx(ifindex: u32) -> Vec<u8> {
     c
 }
 
-/// The MAC of `name` in this netns (SIOCGIFHWADDR: /sys may show another
-/// netns's view).
-fn iface_mac(name: &str) -> Result<[u8; 6]> {
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *d = s as libc::c_char;
-    }
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-    if fd < 0 {
-        bail!("socket: {}", std::io::Error::last_os_error());
-    }
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
-    let err = std::io::Error::last_os_error();
-    unsafe { libc::close(fd) };
-    if rc != 0 {
-        bail!("MAC of {name}: {err}");
-    }
-    let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
-    let mut m = [0u8; 6];
-    for (d, s) in m.iter_mut().zip(sa.sa_data.iter()) {
-        *d = *s as u8;
-    }
-    Ok(m)
-}
-
 fn be_addr(a: [u8; 4]) -> u32 {
     u32::from_ne_bytes(a)
 }
@@ -674,15 +624,6 @@ fn synthetic_flow(i: u32, now: u64) -> [(CtKey, CtEntry); 2] {
         ..e
     };
     [(orig, e), (to.reply(), r)]
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Grows (or shrinks) the synthetic part of `ct` from `have` to `want`
@@ -1072,4 +1013,13 @@ fn paths(
     }
     Ok(json!({"runs": n, "rows": rows, "ct_fill": fills,
         "ifindex": {"a": ia, "b": ib, "gw": igw, "uplink": iup}}))
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    Ok(s.parse::<kvnet_userspace::mac::Mac>()?.0)
+}
+
+/// The MAC of `name` in this netns.
+fn iface_mac(name: &str) -> Result<[u8; 6]> {
+    Ok(kvnet_userspace::netdev::mac(name)?.0)
 }

@@ -1,0 +1,661 @@
+//! The `kvnet` command line: parses it and runs each command (most as a
+//! request to the daemon).
+mod config_cli;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::control::{
+    call, ConntrackRow, FdbRow, ForwardRow, Hook, Mode, NetDetail, NetInfo, NetOpts, PortInfo,
+    Request, StatsReport, VlanArgs, VlanInfo,
+};
+use crate::{config, control, daemon, dhcp, output, security, trace};
+
+#[derive(Parser)]
+#[command(
+    name = "kvnet",
+    version,
+    about = "eBPF/XDP virtual switch and NAT for KVM hosts"
+)]
+struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, env = "KVNET_SOCKET", default_value = control::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon (as root): load the datapath and serve the CLI.
+    Daemon {
+        /// bpffs folder for kvnet's pinned programs and maps.
+        #[arg(long, env = "KVNET_PIN_DIR", default_value = control::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Turn the datapath's debug log (aya-log) on; off keeps it off the hot path.
+        #[arg(long)]
+        log_datapath: bool,
+        /// Persistent state (DHCP leases under DIR/dhcp/NET/).
+        #[arg(long, env = "KVNET_STATE_DIR", default_value = dhcp::service::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Conntrack capacity in entries (a NAT flow takes two); when full,
+        /// established flows go on and new ones are dropped and counted.
+        #[arg(long, default_value_t = kvnet_common::MAX_CT_ENTRIES)]
+        ct_max: u32,
+        /// Config file to start from (default /etc/kvnet/kvnet.toml when it exists).
+        #[arg(long, env = "KVNET_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Networks (switch instances).
+    #[command(subcommand)]
+    Net(NetCmd),
+    /// Switch ports.
+    #[command(subcommand)]
+    Port(PortCmd),
+    /// The MAC table.
+    #[command(subcommand)]
+    Fdb(FdbCmd),
+    /// VLANs and their member ports.
+    #[command(subcommand)]
+    Vlan(VlanCmd),
+    /// Port forwards into a NAT network (DNAT).
+    #[command(subcommand)]
+    Forward(ForwardCmd),
+    /// The NAT connection table.
+    #[command(subcommand)]
+    Conntrack(ConntrackCmd),
+    /// Per-port counters.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    // --- config (issue 9) ---
+    /// Make the running daemon what a config file says, changing only the differences.
+    Apply {
+        file: PathBuf,
+        /// Print the changes without making them.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the running state to the daemon's config file (or FILE).
+    Save { file: Option<PathBuf> },
+    /// Check a config file without a daemon.
+    Check { file: PathBuf },
+    /// Print a libvirt network definition (XML) as kvnet config.
+    ImportLibvirt {
+        file: PathBuf,
+        /// The NIC a nat/routed network uses (default: <forward dev>, else,
+        /// for nat, the interface of the host's default route).
+        #[arg(long)]
+        uplink: Option<String>,
+    },
+    /// qemu/libvirt tap up: attach it (network from KVNET_NET or the port rules).
+    Ifup {
+        tap: String,
+        #[arg(long, env = "KVNET_NET")]
+        net: Option<String>,
+        #[arg(long, env = "KVNET_VLAN")]
+        vlan: Option<String>,
+    },
+    /// qemu/libvirt tap down: detach it.
+    Ifdown { tap: String },
+    /// Daemon, programs, networks, ports and table fill.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove everything kvnet installed (programs, pins, interfaces, sysctls) and stop the daemon;
+    /// with no daemon running, removes it from the state files and the kernel (as root).
+    Down {
+        /// bpffs folder of kvnet's pins (used when no daemon answers).
+        #[arg(long, env = "KVNET_PIN_DIR", default_value = control::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// The daemon's state folder (used when no daemon answers).
+        #[arg(long, env = "KVNET_STATE_DIR", default_value = dhcp::service::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Stream per-packet path events from the datapath (as root), filtered
+    /// in the kernel; tracing stops at --count events or Ctrl-C.
+    Trace {
+        /// bpffs folder of the daemon's pinned maps.
+        #[arg(long, env = "KVNET_PIN_DIR", default_value = control::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Ingress or egress port (name in this namespace, or ifindex).
+        #[arg(long)]
+        port: Option<String>,
+        /// Source or destination MAC.
+        #[arg(long)]
+        mac: Option<String>,
+        /// Source or destination IPv4 address, before or after NAT.
+        #[arg(long)]
+        ip: Option<std::net::Ipv4Addr>,
+        /// tcp, udp or icmp.
+        #[arg(long)]
+        proto: Option<String>,
+        /// Stop after N events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    // --- end config ---
+    // --- DHCP/DNS (issue 7) ---
+    /// DHCP leases of networks with a --dhcp-range.
+    #[command(subcommand)]
+    Dhcp(DhcpCmd),
+    /// Serve DHCP and DNS on one interface in the foreground (testing).
+    #[command(hide = true)]
+    DhcpServe(DhcpServeArgs),
+    /// Show the leases in a DHCP state folder.
+    #[command(hide = true)]
+    DhcpLeases {
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    // --- end DHCP/DNS ---
+}
+
+// --- DHCP/DNS (issue 7) ---
+#[derive(Subcommand)]
+enum DhcpCmd {
+    /// A network's leases: MAC, IP, hostname, expiry (like `virsh net-dhcp-leases`).
+    Leases {
+        net: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct DhcpServeArgs {
+    /// The gateway interface to serve on (only).
+    #[arg(long)]
+    iface: String,
+    /// The gateway address and prefix, e.g. 192.168.122.1/24.
+    #[arg(long)]
+    server_ip: String,
+    /// FIRST,LAST address handed out.
+    #[arg(long)]
+    range: String,
+    /// MAC,IP[,NAME] static host (repeatable).
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+    #[arg(long)]
+    domain: Option<String>,
+    #[arg(long, default_value = "/var/lib/kvnet/dhcp")]
+    state_dir: PathBuf,
+    #[arg(long, default_value_t = 3600)]
+    lease_secs: u64,
+    /// Upstream resolver IP:PORT (repeatable; default: /etc/resolv.conf).
+    #[arg(long = "dns-upstream")]
+    dns_upstream: Vec<std::net::SocketAddr>,
+    /// Serve DHCP only.
+    #[arg(long)]
+    no_dns: bool,
+}
+// --- end DHCP/DNS ---
+
+#[derive(Subcommand)]
+enum ForwardCmd {
+    /// Forward PORT on the uplink's address to a guest's IP:PORT.
+    Add {
+        net: String,
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        #[arg(long)]
+        port: u16,
+        /// GUEST-IP:PORT
+        #[arg(long)]
+        to: String,
+    },
+    Del {
+        net: String,
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+        #[arg(long)]
+        port: u16,
+    },
+    List {
+        net: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConntrackCmd {
+    /// Flows with tuples before and after translation, state, age, counters.
+    List {
+        net: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget every flow of a network (established ones break).
+    Flush { net: String },
+}
+
+#[derive(Subcommand)]
+enum NetCmd {
+    /// Create a network.
+    Add {
+        name: String,
+        /// Seconds before an idle learned MAC is forgotten.
+        #[arg(long)]
+        ageing: Option<u64>,
+        #[arg(long, value_enum, default_value_t = Mode::Isolated)]
+        mode: Mode,
+        /// Gateway address and prefix on the host (host-only, routed), e.g. 192.168.122.1/24.
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Name of the gateway interface (default kvnet-NAME).
+        #[arg(long)]
+        gateway_iface: Option<String>,
+        /// The NIC towards the outside (routed: where return traffic arrives; bridged: the shared LAN).
+        #[arg(long)]
+        uplink: Option<String>,
+        /// Serve DHCP (and DNS on the gateway address) handing out FIRST,LAST.
+        #[arg(long, value_name = "FIRST,LAST")]
+        dhcp_range: Option<String>,
+        /// A static host: MAC,IP[,NAME] (repeatable).
+        #[arg(long = "dhcp-host", value_name = "MAC,IP[,NAME]")]
+        dhcp_hosts: Vec<String>,
+        /// The guests' DNS domain (names answered by the gateway's DNS).
+        #[arg(long)]
+        domain: Option<String>,
+        /// DHCP lease time in seconds (default 3600).
+        #[arg(long, value_name = "SECS")]
+        dhcp_lease: Option<u64>,
+        /// NAT source ports, FIRST-LAST (default 1024-65535, minus the host's ephemeral range).
+        #[arg(long, value_name = "FIRST-LAST")]
+        nat_ports: Option<String>,
+    },
+    /// Show one network: mode, gateway, uplink and each port's hook.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a network and detach its ports.
+    Del { name: String },
+    /// List networks.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a network's settings.
+    Set {
+        name: String,
+        #[arg(long)]
+        ageing: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PortCmd {
+    /// Attach an interface (guest tap, veth end) to a network.
+    Add {
+        net: String,
+        iface: String,
+        /// Let frames go back out of the port they came in on.
+        #[arg(long)]
+        hairpin: bool,
+        #[arg(long, value_enum, default_value_t = Hook::Auto)]
+        hook: Hook,
+        #[command(flatten)]
+        vlan: VlanOpts,
+        /// Trust this port: it may act as a DHCP server and send from any
+        /// MAC (a trunk to another switch); guest ports are guarded.
+        #[arg(long)]
+        trusted: bool,
+        #[command(flatten)]
+        security: security::SecurityArgs,
+    },
+    /// A port's protection (port security) and what it is bound to.
+    Show {
+        iface: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a port's VLAN membership live.
+    Set {
+        iface: String,
+        #[command(flatten)]
+        vlan: VlanOpts,
+        /// Drop the VLAN config: untagged frames only.
+        #[arg(long)]
+        no_vlan: bool,
+    },
+    /// Detach a port and forget its MACs.
+    Del { iface: String },
+    /// List ports.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// VLAN options of `port add` and `port set` (validated by the daemon).
+#[derive(clap::Args)]
+struct VlanOpts {
+    /// Access port of this VLAN (1-4094): untagged on the wire.
+    #[arg(long, value_name = "VID")]
+    vlan: Option<String>,
+    /// Trunk port carrying these VLANs tagged: a list like 10,20,100-199.
+    #[arg(long, value_name = "LIST")]
+    trunk: Option<String>,
+    /// The trunk's native VLAN: untagged frames belong to it.
+    #[arg(long, value_name = "VID")]
+    native: Option<String>,
+}
+
+impl VlanOpts {
+    fn args(self, no_vlan: bool) -> VlanArgs {
+        VlanArgs {
+            vlan: self.vlan,
+            trunk: self.trunk,
+            native: self.native,
+            no_vlan,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum VlanCmd {
+    /// A network's VLANs and member ports with their tagging.
+    Show {
+        net: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum FdbCmd {
+    /// Show a network's MAC table.
+    Show {
+        net: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a static entry (never ages, never overwritten by learning).
+    Add {
+        net: String,
+        mac: String,
+        port: String,
+        /// The VLAN (default: the port's untagged VLAN).
+        #[arg(long, value_name = "VID")]
+        vlan: Option<String>,
+    },
+    /// Delete an entry (from every VLAN unless --vlan).
+    Del {
+        net: String,
+        mac: String,
+        #[arg(long, value_name = "VID")]
+        vlan: Option<String>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kvnet: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let sock = cli.socket.as_path();
+    let done = |r: Result<serde_json::Value>| r.map(|_| ());
+    match cli.cmd {
+        Cmd::Daemon {
+            pin_dir,
+            log_datapath,
+            state_dir,
+            ct_max,
+            config,
+        } => daemon::run(daemon::Options {
+            ct_max,
+            socket: cli.socket.clone(),
+            pin_dir,
+            log_datapath,
+            state_dir,
+            config: config.or_else(|| {
+                let d = PathBuf::from(config::DEFAULT_CONFIG);
+                d.exists().then_some(d)
+            }),
+        }),
+        // --- config (issue 9) ---
+        Cmd::Apply {
+            file,
+            dry_run,
+            json,
+        } => config_cli::apply(sock, &file, dry_run, json),
+        Cmd::Save { file } => {
+            let path = call(
+                sock,
+                &Request::Save {
+                    path: file.map(|f| config_cli::absolute(&f)),
+                },
+            )?;
+            println!("saved to {}", path.as_str().unwrap_or("?"));
+            Ok(())
+        }
+        Cmd::Check { file } => {
+            let cfg = config::load(&file)?;
+            for w in config::warnings(&cfg) {
+                eprintln!("kvnet: warning: {w}");
+            }
+            println!("{}: ok", file.display());
+            Ok(())
+        }
+        Cmd::ImportLibvirt { file, uplink } => config_cli::import_libvirt(&file, uplink.as_deref()),
+        Cmd::Ifup { tap, net, vlan } => {
+            let r = call(
+                sock,
+                &Request::Ifup {
+                    iface: tap.clone(),
+                    net,
+                    vlan,
+                },
+            )?;
+            eprintln!("kvnet: {tap} -> {}", r.as_str().unwrap_or("?"));
+            Ok(())
+        }
+        Cmd::Ifdown { tap } => done(call(sock, &Request::Ifdown { iface: tap })),
+        Cmd::Status { json } => config_cli::status(sock, json),
+        Cmd::Down { pin_dir, state_dir } => config_cli::down(sock, &pin_dir, &state_dir),
+        Cmd::Trace {
+            pin_dir,
+            port,
+            mac,
+            ip,
+            proto,
+            count,
+            json,
+        } => trace::run(
+            &pin_dir,
+            trace::Args {
+                port,
+                mac,
+                ip,
+                proto,
+                count,
+                json,
+            },
+        ),
+        // --- end config ---
+        Cmd::Net(NetCmd::Add {
+            name,
+            ageing,
+            mode,
+            gateway,
+            gateway_iface,
+            uplink,
+            dhcp_range,
+            dhcp_hosts,
+            domain,
+            dhcp_lease,
+            nat_ports,
+        }) => done(call(
+            sock,
+            &Request::NetAdd {
+                name,
+                ageing_secs: ageing,
+                opts: NetOpts {
+                    mode,
+                    gateway,
+                    gateway_iface,
+                    uplink,
+                    dhcp_range,
+                    dhcp_hosts,
+                    domain,
+                    dhcp_lease,
+                    nat_ports,
+                },
+            },
+        )),
+        Cmd::Net(NetCmd::Show { name, json }) => output::show::<NetDetail>(
+            call(sock, &Request::NetShow { name })?,
+            json,
+            output::net_detail,
+        ),
+        Cmd::Net(NetCmd::Del { name }) => done(call(sock, &Request::NetDel { name })),
+        Cmd::Net(NetCmd::Set { name, ageing }) => done(call(
+            sock,
+            &Request::NetSet {
+                name,
+                ageing_secs: ageing,
+            },
+        )),
+        Cmd::Net(NetCmd::List { json }) => {
+            output::show::<Vec<NetInfo>>(call(sock, &Request::NetList)?, json, output::nets)
+        }
+        Cmd::Port(PortCmd::Add {
+            net,
+            iface,
+            hairpin,
+            hook,
+            vlan,
+            trusted,
+            security,
+        }) => done(call(
+            sock,
+            &Request::PortAdd {
+                net,
+                iface,
+                hairpin,
+                hook,
+                vlan: vlan.args(false),
+                trusted,
+                security,
+            },
+        )),
+        Cmd::Port(PortCmd::Show { iface, json }) => output::show::<security::PortSecurityInfo>(
+            call(sock, &Request::PortShow { iface })?,
+            json,
+            output::port_security,
+        ),
+        Cmd::Port(PortCmd::Set {
+            iface,
+            vlan,
+            no_vlan,
+        }) => done(call(
+            sock,
+            &Request::PortSet {
+                iface,
+                vlan: vlan.args(no_vlan),
+            },
+        )),
+        Cmd::Vlan(VlanCmd::Show { net, json }) => output::show::<Vec<VlanInfo>>(
+            call(sock, &Request::VlanShow { net })?,
+            json,
+            output::vlans,
+        ),
+        Cmd::Port(PortCmd::Del { iface }) => done(call(sock, &Request::PortDel { iface })),
+        Cmd::Port(PortCmd::List { json }) => {
+            output::show::<Vec<PortInfo>>(call(sock, &Request::PortList)?, json, output::ports)
+        }
+        Cmd::Fdb(FdbCmd::Show { net, json }) => {
+            output::show::<Vec<FdbRow>>(call(sock, &Request::FdbShow { net })?, json, output::fdb)
+        }
+        Cmd::Fdb(FdbCmd::Add {
+            net,
+            mac,
+            port,
+            vlan,
+        }) => done(call(
+            sock,
+            &Request::FdbAdd {
+                net,
+                mac,
+                port,
+                vlan,
+            },
+        )),
+        Cmd::Fdb(FdbCmd::Del { net, mac, vlan }) => {
+            done(call(sock, &Request::FdbDel { net, mac, vlan }))
+        }
+        Cmd::Stats { json } => {
+            output::show::<StatsReport>(call(sock, &Request::Stats)?, json, output::stats)
+        }
+        Cmd::Forward(ForwardCmd::Add {
+            net,
+            proto,
+            port,
+            to,
+        }) => done(call(
+            sock,
+            &Request::ForwardAdd {
+                net,
+                proto,
+                port,
+                to,
+            },
+        )),
+        Cmd::Forward(ForwardCmd::Del { net, proto, port }) => {
+            done(call(sock, &Request::ForwardDel { net, proto, port }))
+        }
+        Cmd::Forward(ForwardCmd::List { net, json }) => output::show::<Vec<ForwardRow>>(
+            call(sock, &Request::ForwardList { net })?,
+            json,
+            output::forwards,
+        ),
+        Cmd::Conntrack(ConntrackCmd::List { net, json }) => output::show::<Vec<ConntrackRow>>(
+            call(sock, &Request::ConntrackList { net })?,
+            json,
+            output::conntrack,
+        ),
+        Cmd::Conntrack(ConntrackCmd::Flush { net }) => {
+            done(call(sock, &Request::ConntrackFlush { net }))
+        }
+        // --- DHCP/DNS (issue 7) ---
+        Cmd::Dhcp(DhcpCmd::Leases { net, json }) => output::show::<Vec<dhcp::LeaseInfo>>(
+            call(sock, &Request::DhcpLeases { net })?,
+            json,
+            dhcp::service::lease_table,
+        ),
+        Cmd::DhcpServe(a) => dhcp::serve_standalone(dhcp::Standalone {
+            iface: a.iface,
+            server_ip: a.server_ip,
+            range: a.range,
+            hosts: a.hosts,
+            domain: a.domain,
+            state_dir: a.state_dir,
+            lease_secs: a.lease_secs,
+            dns_upstream: a.dns_upstream,
+            no_dns: a.no_dns,
+        }),
+        Cmd::DhcpLeases { state_dir, json } => dhcp::print_leases(&state_dir, json),
+        // --- end DHCP/DNS ---
+    }
+}

@@ -1,0 +1,24 @@
+//! kvnet's daemon, CLI and datapath loader as a library: the `kvnet` binary
+//! and `kvnet-bench` are thin mains over it.
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod datapath;
+pub mod dhcp;
+pub mod dns;
+pub mod gateway;
+pub mod host;
+pub mod layout;
+pub mod libvirt;
+pub mod mac;
+pub mod nat;
+pub mod netdev;
+pub mod network;
+pub mod output;
+pub mod security;
+pub mod state;
+pub mod switch;
+pub mod teardown;
+pub mod trace;
+pub mod vlan;
