@@ -385,3 +385,26 @@ pub struct StatsReport {
     pub ports: Vec<PortStatsRow>,
     pub nat: Vec<NatStatsRow>,
 }
+
+/// How long a learned MAC stays without traffic unless a network says otherwise.
+pub const DEFAULT_AGEING: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Network names end up in logs, JSON and file names: keep them plain.
+pub fn validate_net_name(name: &str) -> anyhow::Result<()> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let starts_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    if name.is_empty() || name.len() > 32 || !ok_chars || !starts_ok {
+        anyhow::bail!(
+            "invalid network name '{name}': use 1-32 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        );
+    }
+    Ok(())
+}
+
+/// libvirt's default NAT port range.
+pub const DEFAULT_NAT_PORTS: (u16, u16) = (1024, 65535);

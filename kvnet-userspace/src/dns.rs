@@ -132,7 +132,7 @@ impl DnsServer {
     /// Listen on `cfg.listen:53` (UDP and TCP) on `cfg.iface` only.
     pub async fn start(cfg: DnsConfig, names: Names) -> Result<DnsHandle> {
         let addr = SocketAddrV4::new(cfg.listen, 53);
-        let udp = crate::dhcp::server::bound_udp_socket(&cfg.iface, addr)
+        let udp = crate::netdev::bound_udp_socket(&cfg.iface, addr)
             .with_context(|| format!("DNS server on {}", cfg.iface))?;
         let tcp = bound_tcp_listener(&cfg.iface, addr)
             .with_context(|| format!("DNS server on {}", cfg.iface))?;

@@ -137,3 +137,34 @@ mod tests {
         assert!(ifindex("waytoolonginterfacename").is_err());
     }
 }
+
+/// A UDP socket on `port` bound to `iface` only (SO_BINDTODEVICE), with
+/// SO_BROADCAST.
+pub fn bound_udp_socket(
+    iface: &str,
+    addr: std::net::SocketAddrV4,
+) -> Result<tokio::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s =
+        Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).context("create UDP socket")?;
+    s.set_reuse_address(true).context("SO_REUSEADDR")?;
+    s.set_broadcast(true).context("SO_BROADCAST")?;
+    s.bind_device(Some(iface.as_bytes()))
+        .with_context(|| format!("bind to interface {iface} (SO_BINDTODEVICE)"))?;
+    s.set_nonblocking(true).context("O_NONBLOCK")?;
+    s.bind(&std::net::SocketAddr::V4(addr).into())
+        .with_context(|| format!("bind UDP {addr} on {iface}"))?;
+    tokio::net::UdpSocket::from_std(s.into()).context("register UDP socket with tokio")
+}
+
+/// The interfaces of the daemon's network namespace (via netlink, so the
+/// namespace of the process, not of the mounted /sys).
+pub fn interfaces() -> Vec<String> {
+    nix::net::if_::if_nameindex()
+        .map(|l| {
+            l.iter()
+                .map(|i| i.name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}

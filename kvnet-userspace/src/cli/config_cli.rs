@@ -8,8 +8,9 @@ use std::{
 use anyhow::{Context, Result};
 
 use crate::{
-    config::{self, Plan, Status},
+    config::{self, Plan},
     control::{call, Request},
+    daemon::status::Status,
 };
 
 pub fn absolute(p: &Path) -> String {
@@ -122,7 +123,7 @@ fn down_without_daemon(sock: &Path, pin_dir: &Path, state_dir: &Path) -> Result<
             sock.display()
         );
     }
-    let r = crate::teardown::down(pin_dir, state_dir)?;
+    let r = crate::daemon::teardown::down(pin_dir, state_dir)?;
     let _ = std::fs::remove_file(sock);
     println!(
         "kvnet is down (no daemon was running): filters removed from {} interface(s), {} gateway interface(s) deleted, {} host setting(s) restored, pins {}",

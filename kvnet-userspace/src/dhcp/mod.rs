@@ -50,7 +50,7 @@ impl DhcpServer {
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("DHCP config for {}", cfg.iface))?;
         let db = leases::LeaseDb::open(&cfg, state_dir, now_unix())?;
-        let sock = server::bound_udp_socket(
+        let sock = crate::netdev::bound_udp_socket(
             &cfg.iface,
             SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, v4::SERVER_PORT),
         )

@@ -1,6 +1,6 @@
 //! The DHCPv4 message flow (RFC 2131) over a UDP socket bound to the gateway
 //! interface.
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -445,22 +445,6 @@ pub fn encode_reply(m: &Message) -> Result<Vec<u8>> {
         buf.resize(v4::MIN_PACKET_SIZE, 0);
     }
     Ok(buf)
-}
-
-/// A UDP socket on `port` bound to `iface` only (SO_BINDTODEVICE), with
-/// SO_BROADCAST.
-pub fn bound_udp_socket(iface: &str, addr: SocketAddrV4) -> Result<tokio::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s =
-        Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).context("create UDP socket")?;
-    s.set_reuse_address(true).context("SO_REUSEADDR")?;
-    s.set_broadcast(true).context("SO_BROADCAST")?;
-    s.bind_device(Some(iface.as_bytes()))
-        .with_context(|| format!("bind to interface {iface} (SO_BINDTODEVICE)"))?;
-    s.set_nonblocking(true).context("O_NONBLOCK")?;
-    s.bind(&SocketAddr::V4(addr).into())
-        .with_context(|| format!("bind UDP {addr} on {iface}"))?;
-    tokio::net::UdpSocket::from_std(s.into()).context("register UDP socket with tokio")
 }
 
 /// Teach the kernel `ip` is at `mac` on `iface` so a unicast reply reaches

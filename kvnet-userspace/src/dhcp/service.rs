@@ -192,16 +192,6 @@ impl Drop for Services {
     }
 }
 
-impl crate::switch::Switch {
-    /// `kvnet dhcp leases NET`: the leases of a network's DHCP server.
-    pub fn dhcp_leases(&self, net: &str) -> Result<Vec<LeaseInfo>> {
-        self.net(net)?;
-        self.services.leases(net).with_context(|| {
-            format!("network '{net}' has no DHCP server (create it with --dhcp-range FIRST,LAST)")
-        })
-    }
-}
-
 /// `kvnet dhcp leases` as a table.
 #[allow(clippy::ptr_arg)]
 pub fn lease_table(rows: &Vec<LeaseInfo>) -> Vec<Vec<String>> {

@@ -547,3 +547,13 @@ impl Switch {
         Ok(NetDetail { net, port_details })
     }
 }
+
+impl Switch {
+    /// `kvnet dhcp leases NET`: the leases of a network's DHCP server.
+    pub fn dhcp_leases(&self, net: &str) -> Result<Vec<crate::dhcp::leases::LeaseInfo>> {
+        self.net(net)?;
+        self.services.leases(net).with_context(|| {
+            format!("network '{net}' has no DHCP server (create it with --dhcp-range FIRST,LAST)")
+        })
+    }
+}

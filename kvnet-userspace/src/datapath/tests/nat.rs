@@ -7,7 +7,7 @@ use std::process::Command;
 
 use kvnet_common::*;
 
-use super::Datapath;
+use crate::datapath::Datapath;
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -78,11 +78,11 @@ struct Nat {
 }
 
 impl Nat {
-    fn guest(&mut self, dst: [u8; 4], sport: u16) -> super::ProgRun {
+    fn guest(&mut self, dst: [u8; 4], sport: u16) -> crate::datapath::ProgRun {
         let f = udp(self.gw_mac, GUEST_MAC, GUEST, dst, sport, 53);
         self.dp.run_tc_on(&f, self.guest_port).unwrap()
     }
-    fn from_guest_port(&mut self, f: &[u8]) -> super::ProgRun {
+    fn from_guest_port(&mut self, f: &[u8]) -> crate::datapath::ProgRun {
         self.dp.run_tc_on(f, self.guest_port).unwrap()
     }
     fn from_outside(
@@ -91,7 +91,7 @@ impl Nat {
         sport: u16,
         dip: [u8; 4],
         dport: u16,
-    ) -> super::ProgRun {
+    ) -> crate::datapath::ProgRun {
         let f = udp(self.up_mac, OUT_MAC, sip, dip, sport, dport);
         self.dp.run_tc_on(&f, self.up0).unwrap()
     }

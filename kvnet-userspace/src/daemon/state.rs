@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{self, Checked, Config, PortSection},
-    network::Restore,
+    switch::network::Restore,
     switch::Switch,
 };
 
@@ -87,11 +87,12 @@ pub fn remove(state_dir: &Path) {
 
 /// The running state, in full: every guest port is listed.
 fn running(sw: &Switch) -> Result<(String, String)> {
-    let mut cfg = config::running_config(sw);
-    let (source, applied, dynamic) =
-        config::with_rt(|rt| (rt.source.clone(), rt.applied.clone(), rt.dynamic.clone()));
+    let mut cfg = crate::daemon::reconcile::running_config(sw);
+    let (source, applied, dynamic) = crate::daemon::reconcile::with_rt(|rt| {
+        (rt.source.clone(), rt.applied.clone(), rt.dynamic.clone())
+    });
     let listed: BTreeSet<String> = cfg.ports.iter().map(|p| p.iface.clone()).collect();
-    for (iface, spec) in config::running_ports(sw) {
+    for (iface, spec) in crate::daemon::reconcile::running_ports(sw) {
         if !listed.contains(&iface) {
             cfg.ports.push(Checked(section(&iface, &spec)));
         }
@@ -199,14 +200,14 @@ pub fn adopt(sw: &mut Switch, state_dir: &Path) -> Result<config::Plan> {
         config::parse("<applied config>", &saved.applied).unwrap_or_default()
     };
     // Explicit `kvnet ifup` ports are wanted by the plan like static ones.
-    config::with_rt(|rt| {
+    crate::daemon::reconcile::with_rt(|rt| {
         rt.dynamic = saved
             .dynamic
             .iter()
             .map(|(i, s)| (i.clone(), s.as_ref().map(|s| s.attach().spec())))
             .collect();
     });
-    let plan = config::apply(sw, &cfg, false);
+    let plan = crate::daemon::reconcile::apply(sw, &cfg, false);
     if let (Err(e), Some(_)) = (&plan, sw.dp.upgrading_from()) {
         // An upgrade takes everything over or nothing.
         return Err(anyhow::anyhow!("step 'swap': {e:#}"));
@@ -230,7 +231,7 @@ pub fn adopt(sw: &mut Switch, state_dir: &Path) -> Result<config::Plan> {
             u.restore = merged(r, &u.restore);
         }
     }
-    config::with_rt(|rt| {
+    crate::daemon::reconcile::with_rt(|rt| {
         rt.source = saved.source.clone();
         rt.applied = applied;
         // Keep only what is attached now.

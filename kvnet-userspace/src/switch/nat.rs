@@ -17,8 +17,7 @@ use crate::{
     switch::Switch,
 };
 
-/// libvirt's default NAT port range.
-pub const DEFAULT_PORTS: (u16, u16) = (1024, 65535);
+pub use crate::control::DEFAULT_NAT_PORTS as DEFAULT_PORTS;
 
 #[derive(Debug, Clone)]
 pub struct NatState {

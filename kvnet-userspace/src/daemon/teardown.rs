@@ -8,10 +8,10 @@ use anyhow::Result;
 use aya::programs::{links::Link, tc::SchedClassifierLink, TcAttachType};
 
 use crate::{
+    daemon::state::{Saved, ADOPT, RUNNING},
     datapath::{TC_HANDLE, TC_PRIO},
     gateway::Gateway,
-    network::Restore,
-    state::{Saved, ADOPT, RUNNING},
+    switch::network::Restore,
 };
 
 /// What was removed, for the user.
@@ -27,13 +27,7 @@ pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Removed> {
     let mut removed = Removed::default();
     // kvnet's filters, wherever they are in this network namespace: they sit
     // at kvnet's own priority and handle.
-    let ifaces = nix::net::if_::if_nameindex()
-        .map(|l| {
-            l.iter()
-                .map(|i| i.name().to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
+    let ifaces = crate::netdev::interfaces();
     for iface in &ifaces {
         for t in [TcAttachType::Ingress, TcAttachType::Egress] {
             let gone = SchedClassifierLink::attached(iface, t, TC_PRIO, TC_HANDLE, None)
@@ -74,7 +68,7 @@ pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Removed> {
             removed.host_settings += 1;
         }
     }
-    crate::state::remove(state_dir);
+    crate::daemon::state::remove(state_dir);
     Ok(removed)
 }
 

@@ -1,5 +1,11 @@
 //! `kvnet daemon`: owns the datapath, serves the control socket, ages the
 //! FDB and notices ports whose interface went away.
+
+pub mod links;
+pub mod reconcile;
+pub mod state;
+pub mod status;
+pub mod teardown;
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -68,7 +74,7 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
 /// programs are pinned and its state files are there.
 fn can_adopt(opts: &Options) -> bool {
     opts.pin_dir.join(kvnet_common::names::PROG_TC).exists()
-        && crate::state::exists(&opts.state_dir)
+        && crate::daemon::state::exists(&opts.state_dir)
 }
 
 /// Returns whether to adopt the running datapath.
@@ -96,7 +102,7 @@ fn preflight(opts: &Options) -> Result<bool> {
             std::fs::remove_dir_all(&opts.pin_dir)
                 .with_context(|| format!("removing stale pins under {}", opts.pin_dir.display()))?;
         }
-        crate::state::remove(&opts.state_dir);
+        crate::daemon::state::remove(&opts.state_dir);
     }
     if let Some(dir) = opts.socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -137,7 +143,7 @@ pub fn run(opts: Options) -> Result<()> {
     if adopt {
         let mut sw = switch.lock().expect("fresh lock");
         let upgrading = sw.dp.upgrading_from();
-        let plan = crate::state::adopt(&mut sw, &opts.state_dir);
+        let plan = crate::daemon::state::adopt(&mut sw, &opts.state_dir);
         let plan = match upgrading {
             None => plan?,
             Some(from) => {
@@ -154,7 +160,7 @@ pub fn run(opts: Options) -> Result<()> {
                     }
                     Err(e) => {
                         let left = sw.dp.rollback_upgrade();
-                        for r in crate::state::added_host_settings(&sw, &opts.state_dir) {
+                        for r in crate::daemon::state::added_host_settings(&sw, &opts.state_dir) {
                             r.undo();
                         }
                         let how = if left.is_empty() {
@@ -170,7 +176,7 @@ pub fn run(opts: Options) -> Result<()> {
             }
         };
         if let Some(path) = &opts.config {
-            crate::config::with_rt(|rt| rt.source = Some(path.clone()));
+            crate::daemon::reconcile::with_rt(|rt| rt.source = Some(path.clone()));
             eprintln!(
                 "kvnet: {} not applied: the running state was adopted (`kvnet apply` or SIGHUP applies it)",
                 path.display()
@@ -184,10 +190,10 @@ pub fn run(opts: Options) -> Result<()> {
         );
     } else if let (Some(cfg), Some(path)) = (&cfg, &opts.config) {
         let mut sw = switch.lock().expect("fresh lock");
-        let plan = crate::config::apply(&mut sw, cfg, false);
+        let plan = crate::daemon::reconcile::apply(&mut sw, cfg, false);
         match plan {
             Ok(plan) => {
-                crate::config::RUNTIME
+                crate::daemon::reconcile::RUNTIME
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .get_or_insert_with(Default::default)
@@ -203,9 +209,9 @@ pub fn run(opts: Options) -> Result<()> {
             }
         }
     }
-    crate::state::enable(&opts.state_dir);
+    crate::daemon::state::enable(&opts.state_dir);
     if let Ok(mut sw) = switch.lock() {
-        crate::state::persist(&sw);
+        crate::daemon::state::persist(&sw);
         // From here on, an exit that is not `kvnet down` (a stop, a
         // crash) leaves the datapath forwarding.
         sw.dp.keep_on_exit = true;
@@ -214,14 +220,14 @@ pub fn run(opts: Options) -> Result<()> {
     if let Ok(mut sw) = switch.lock() {
         match result {
             Ok(Exit::Down) => {
-                crate::state::disable();
+                crate::daemon::state::disable();
                 sw.shutdown();
                 sw.dp.keep_on_exit = false;
-                crate::state::remove(&opts.state_dir);
+                crate::daemon::state::remove(&opts.state_dir);
             }
             Ok(Exit::Stop) | Err(_) => {
-                crate::state::persist(&sw);
-                crate::state::disable();
+                crate::daemon::state::persist(&sw);
+                crate::daemon::state::disable();
                 eprintln!(
                     "kvnet: stopped; the datapath keeps forwarding (state in {}); `kvnet down` removes it",
                     opts.state_dir.display()
@@ -258,7 +264,7 @@ async fn serve(opts: &Options, switch: Arc<Mutex<Switch>>) -> Result<Exit> {
         opts.pin_dir.display()
     );
     tokio::spawn(maintain(switch.clone()));
-    crate::config::watch_links(switch.clone())?;
+    crate::daemon::links::watch_links(switch.clone())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -272,14 +278,14 @@ async fn serve(opts: &Options, switch: Arc<Mutex<Switch>>) -> Result<Exit> {
             _ = int.recv() => break Exit::Stop,
             _ = hup.recv() => {
                 if let Ok(mut sw) = switch.lock() {
-                    match crate::config::reload(&mut sw) {
+                    match crate::daemon::reconcile::reload(&mut sw) {
                         Ok(plan) => eprint!("kvnet: SIGHUP: reloaded:\n{}", plan.render()),
                         Err(e) => eprintln!("kvnet: SIGHUP: {e:#} (running state unchanged)"),
                     }
-                    crate::state::persist(&sw);
+                    crate::daemon::state::persist(&sw);
                 }
             }
-            _ = crate::config::DOWN.notified() => {
+            _ = crate::daemon::status::DOWN.notified() => {
                 // Let the answer to `kvnet down` reach the client first.
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 break Exit::Down;
@@ -310,7 +316,7 @@ async fn maintain(switch: Arc<Mutex<Switch>>) {
             eprintln!("port {iface} vanished: removed");
         }
         if !reaped.is_empty() {
-            crate::state::persist(&sw);
+            crate::daemon::state::persist(&sw);
         }
         if n % 2 == 0 {
             // Table walks are paced by their own cost: with a million
@@ -345,7 +351,7 @@ async fn handle_client(stream: UnixStream, switch: Arc<Mutex<Switch>>) {
             Ok(req) => match switch.lock() {
                 Ok(mut sw) => {
                     let r = respond(dispatch(&mut sw, req));
-                    crate::state::persist(&sw);
+                    crate::daemon::state::persist(&sw);
                     r
                 }
                 Err(_) => respond::<()>(Err(anyhow::anyhow!("daemon state is poisoned"))),
@@ -429,23 +435,26 @@ fn dispatch(sw: &mut Switch, req: Request) -> Result<serde_json::Value> {
             path,
             text,
             dry_run,
-        } => v(crate::config::apply_text(
+        } => v(crate::daemon::reconcile::apply_text(
             sw,
             path.as_deref().map(Path::new),
             &text,
             dry_run,
         )?)?,
-        Request::Save { path } => v(crate::config::save(sw, path.as_deref().map(Path::new))?)?,
-        Request::Ifup { iface, net, vlan } => v(crate::config::ifup(
+        Request::Save { path } => v(crate::daemon::reconcile::save(
+            sw,
+            path.as_deref().map(Path::new),
+        )?)?,
+        Request::Ifup { iface, net, vlan } => v(crate::daemon::links::ifup(
             sw,
             &iface,
             net.as_deref(),
             vlan.as_deref(),
         )?)?,
-        Request::Ifdown { iface } => v(crate::config::ifdown(sw, &iface)?)?,
-        Request::Status => v(crate::config::status(sw)?)?,
+        Request::Ifdown { iface } => v(crate::daemon::links::ifdown(sw, &iface)?)?,
+        Request::Status => v(crate::daemon::status::status(sw)?)?,
         Request::Down => {
-            crate::config::DOWN.notify_one();
+            crate::daemon::status::DOWN.notify_one();
             serde_json::Value::Null
         }
     })

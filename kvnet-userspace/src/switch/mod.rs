@@ -1,6 +1,10 @@
 //! Desired state (networks, ports, static FDB entries) and its reflection in
 //! the datapath maps. Every operation validates first and changes the maps
 //! only when it can finish, undoing its own steps when a later one fails.
+
+pub mod bindings;
+pub mod nat;
+pub mod network;
 use std::{
     collections::{BTreeMap, BTreeSet},
     time::Duration,
@@ -19,12 +23,12 @@ use crate::{
     gateway::Gateway,
     mac::Mac,
     netdev,
-    network::{PortRole, Restore, RoutedUplink},
     security::{PortSecurityInfo, Security, SecurityArgs},
     vlan::{self, Tagging, VlanArgs, VlanCfg},
 };
+use network::{PortRole, Restore, RoutedUplink};
 
-pub const DEFAULT_AGEING: Duration = Duration::from_secs(300);
+pub use crate::control::{validate_net_name, DEFAULT_AGEING};
 
 pub struct Network {
     pub id: u32,
@@ -35,7 +39,7 @@ pub struct Network {
     /// What creating the network changed on the host, undone on delete.
     pub restore: Vec<Restore>,
     /// NAT networks: port range, uplink address, port forwards.
-    pub nat: Option<crate::nat::NatState>,
+    pub nat: Option<self::nat::NatState>,
     /// The options it was created with (DHCP settings for save/restart).
     pub opts: crate::control::NetOpts,
 }
@@ -69,24 +73,7 @@ pub struct Switch {
     pub(crate) adopt_ids: BTreeMap<String, u32>,
     /// Snooped bindings (port ifindex, address) -> what the sweep saw of
     /// their lease (`security::sweep_bindings`).
-    pub(crate) binding_leases: BTreeMap<(u32, u32), crate::security::LeaseSeen>,
-}
-
-/// Network names end up in logs, JSON and file names: keep them plain.
-pub fn validate_net_name(name: &str) -> Result<()> {
-    let ok_chars = name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    let starts_ok = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric());
-    if name.is_empty() || name.len() > 32 || !ok_chars || !starts_ok {
-        bail!(
-            "invalid network name '{name}': use 1-32 letters, digits, '-', '_' or '.', starting with a letter or digit"
-        );
-    }
-    Ok(())
+    pub(crate) binding_leases: BTreeMap<(u32, u32), crate::switch::bindings::LeaseSeen>,
 }
 
 /// Which hook `auto` picks: tc for veth and tap (XDP on a veth turns TSO

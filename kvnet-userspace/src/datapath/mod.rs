@@ -1,5 +1,7 @@
 //! The loaded eBPF object: programs pinned and attached to ports, and typed
 //! access to the maps (pinned by name under the pin folder).
+
+pub mod layout;
 use std::{
     collections::HashMap as StdHashMap,
     path::{Path, PathBuf},
@@ -124,7 +126,7 @@ impl Datapath {
         std::fs::create_dir_all(pin_dir)
             .with_context(|| format!("creating the pin folder {}", pin_dir.display()))?;
         Self::load_pinned(pin_dir, log_datapath, ct_max, false)
-            .and_then(|dp| crate::layout::record(pin_dir).map(|_| dp))
+            .and_then(|dp| crate::datapath::layout::record(pin_dir).map(|_| dp))
             .inspect_err(|_| {
                 // Nothing half-applied: a failed load leaves no pins behind.
                 let _ = std::fs::remove_dir_all(pin_dir);
@@ -206,9 +208,9 @@ impl Datapath {
     /// layout is this binary's, upgrades it in place when it is an older
     /// one this binary can carry over, and refuses anything else.
     pub fn take_over(pin_dir: &Path, log_datapath: bool, ct_max: Option<u32>) -> Result<Self> {
-        match crate::layout::inspect(pin_dir, OBJECT)? {
-            crate::layout::Found::Current => Self::adopt(pin_dir, log_datapath, ct_max),
-            crate::layout::Found::Older { version } => {
+        match crate::datapath::layout::inspect(pin_dir, OBJECT)? {
+            crate::datapath::layout::Found::Current => Self::adopt(pin_dir, log_datapath, ct_max),
+            crate::datapath::layout::Found::Older { version } => {
                 Self::upgrade(pin_dir, log_datapath, ct_max, version)
             }
         }
@@ -231,7 +233,7 @@ impl Datapath {
             .with_context(|| format!("creating {}", previous.display()))?;
         let mut moved = Vec::new();
         let step = (|| -> Result<Self> {
-            let pinned: Vec<String> = crate::layout::expected(OBJECT)?
+            let pinned: Vec<String> = crate::datapath::layout::expected(OBJECT)?
                 .into_keys()
                 .chain([names::PROG_XDP, names::PROG_TC, names::PROG_TC_OUT].map(String::from))
                 .filter(|n| pin_dir.join(n).exists())
@@ -246,7 +248,7 @@ impl Datapath {
             dp.keep_on_exit = true;
             let maps: Vec<&String> = moved.iter().filter(|n| !n.starts_with("kvnet_")).collect();
             for name in maps {
-                let n = crate::layout::carry(
+                let n = crate::datapath::layout::carry(
                     name,
                     from,
                     &previous.join(name),
@@ -256,7 +258,7 @@ impl Datapath {
                 .with_context(|| format!("carrying map {name} over"))?;
                 log::info!("upgrade: map {name}: {n} entries carried over");
             }
-            crate::layout::record(pin_dir)?;
+            crate::datapath::layout::record(pin_dir)?;
             induced_failure("convert")?;
             Ok(dp)
         })();
@@ -325,7 +327,7 @@ impl Datapath {
         let previous = self.pin_dir.join(PREVIOUS);
         let from = u.from;
         for name in [names::MAP_CT, names::MAP_FDB] {
-            let n = crate::layout::carry(
+            let n = crate::datapath::layout::carry(
                 name,
                 from,
                 &previous.join(name),
@@ -833,7 +835,7 @@ impl Drop for Datapath {
 /// ones this daemon created (the old datapath never had them).
 fn restore_pins(pin_dir: &Path, moved: &[String]) {
     let previous = pin_dir.join(PREVIOUS);
-    let ours = crate::layout::expected(OBJECT)
+    let ours = crate::datapath::layout::expected(OBJECT)
         .map(|m| m.into_keys().collect::<Vec<_>>())
         .unwrap_or_default();
     let programs = [names::PROG_XDP, names::PROG_TC, names::PROG_TC_OUT].map(String::from);
@@ -901,9 +903,4 @@ fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {
 }
 
 #[cfg(test)]
-#[path = "datapath_nat_tests.rs"]
-mod nat_tests;
-
-#[cfg(test)]
-#[path = "datapath_tests.rs"]
 mod tests;

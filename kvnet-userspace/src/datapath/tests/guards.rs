@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use kvnet_common::*;
 
-use super::Datapath;
+use crate::datapath::Datapath;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;

@@ -1,0 +1,325 @@
+//! Reading a config file: TOML with file:line:col errors, globs, warnings.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::*;
+use crate::{
+    control::validate_net_name,
+    gateway::{Cidr, Gateway},
+};
+
+/// A shell-style glob: `*`, `?` and `[abc]`/`[a-z]` classes.
+pub fn glob_match(pat: &str, s: &str) -> bool {
+    fn m(p: &[char], s: &[char]) -> bool {
+        match p.first() {
+            None => s.is_empty(),
+            Some('*') => (0..=s.len()).any(|i| m(&p[1..], &s[i..])),
+            Some('?') => !s.is_empty() && m(&p[1..], &s[1..]),
+            Some('[') => {
+                let Some(close) = p.iter().skip(2).position(|c| *c == ']').map(|i| i + 2) else {
+                    return s.first() == Some(&'[') && m(&p[1..], &s[1..]);
+                };
+                let Some(c) = s.first() else { return false };
+                let class = &p[1..close];
+                let (neg, class) = match class.first() {
+                    Some('!') | Some('^') => (true, &class[1..]),
+                    _ => (false, class),
+                };
+                let mut hit = false;
+                let mut i = 0;
+                while i < class.len() {
+                    if i + 2 < class.len() && class[i + 1] == '-' {
+                        hit |= class[i] <= *c && *c <= class[i + 2];
+                        i += 3;
+                    } else {
+                        hit |= class[i] == *c;
+                        i += 1;
+                    }
+                }
+                hit != neg && m(&p[close + 1..], &s[1..])
+            }
+            Some(c) => s.first() == Some(c) && m(&p[1..], &s[1..]),
+        }
+    }
+    let p: Vec<char> = pat.chars().collect();
+    let s: Vec<char> = s.chars().collect();
+    m(&p, &s)
+}
+
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    (line, col)
+}
+
+/// The line of the first line of `text` that starts with `prefix`.
+pub fn line_of(text: &str, needle: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| l.trim_start().starts_with(needle))
+        .map(|i| i + 1)
+}
+
+/// Parses and validates a config file's text. Errors read
+/// `FILE:LINE:COLUMN: reason`.
+pub fn parse(file: &str, text: &str) -> Result<Config> {
+    let cfg: Config = toml::from_str(text).map_err(|e| {
+        let reason = e.message().trim().to_string();
+        match e.span() {
+            Some(span) => {
+                let (l, c) = line_col(text, span.start);
+                anyhow!("{file}:{l}:{c}: {reason}")
+            }
+            None => anyhow!("{file}: {reason}"),
+        }
+    })?;
+    let at = |needle: String| match line_of(text, &needle)
+        .or_else(|| line_of(text, &needle.replacen("[networks.", "[networks.\"", 1)))
+    {
+        Some(l) => format!("{file}:{l}:1"),
+        None => file.to_string(),
+    };
+    for name in cfg.networks.keys() {
+        validate_net_name(name).map_err(|e| anyhow!("{}: {e:#}", at(net_header(name))))?;
+    }
+    // Across sections: overlaps, references, duplicates.
+    let nets: Vec<(&String, Cidr)> = cfg
+        .networks
+        .iter()
+        .filter_map(|(n, s)| Some((n, s.gateway.as_deref()?.parse::<Cidr>().ok()?)))
+        .collect();
+    for (i, (a, ca)) in nets.iter().enumerate() {
+        for (b, cb) in &nets[i + 1..] {
+            if ca.contains(cb.addr) || cb.contains(ca.addr) {
+                bail!(
+                    "{}: gateway {cb} of network '{b}' overlaps network '{a}' ({ca})",
+                    at(net_header(b))
+                );
+            }
+        }
+    }
+    let mut owned: BTreeMap<String, String> = BTreeMap::new();
+    for (n, s) in &cfg.networks {
+        let gw_if = match (&s.gateway, &s.gateway_iface) {
+            (Some(_), Some(i)) => Some(i.clone()),
+            (Some(_), None) => Gateway::default_name(n).ok(),
+            _ => None,
+        };
+        for i in gw_if.into_iter().chain(s.uplink.clone()) {
+            if s.mode == "routed" && Some(&i) == s.uplink.as_ref() {
+                continue; // routed networks may share an uplink
+            }
+            if let Some(other) = owned.insert(i.clone(), n.clone()) {
+                bail!(
+                    "{}: interface '{i}' is used by networks '{other}' and '{n}'",
+                    at(net_header(n))
+                );
+            }
+        }
+    }
+    let mut seen = BTreeSet::new();
+    for p in &cfg.ports {
+        let here = at(format!("iface = \"{}\"", p.iface));
+        if !cfg.networks.contains_key(&p.attach().net) {
+            bail!(
+                "{here}: port '{}' names network '{}', which the file does not define",
+                p.iface,
+                p.attach().net
+            );
+        }
+        if !seen.insert(p.iface.clone()) {
+            bail!("{here}: port '{}' is listed twice", p.iface);
+        }
+        if let Some(n) = owned.get(&p.iface) {
+            bail!(
+                "{here}: '{}' is an interface of network '{n}', not a guest port",
+                p.iface
+            );
+        }
+    }
+    for r in &cfg.rules {
+        if !cfg.networks.contains_key(&r.attach().net) {
+            bail!(
+                "{}: rule '{}' names network '{}', which the file does not define",
+                at(format!("match = \"{}\"", r.pattern)),
+                r.pattern,
+                r.attach().net
+            );
+        }
+    }
+    Ok(cfg)
+}
+
+pub fn net_header(name: &str) -> String {
+    format!("[networks.{name}")
+}
+
+pub fn load(path: &Path) -> Result<Config> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse(&path.display().to_string(), &text)
+}
+
+/// What the daemon cannot apply from a valid file (nothing, today: NAT
+/// port ranges and forwards are applied too).
+pub fn warnings(cfg: &Config) -> Vec<String> {
+    let mut w = Vec::new();
+    for (n, s) in &cfg.networks {
+        if mode_of(&s.mode).is_none() {
+            w.push(format!(
+                "network '{n}': mode {} is not in this kvnet build; the network is skipped",
+                s.mode
+            ));
+        }
+    }
+    w
+}
+
+/// "tcp/8080" -> "192.168.122.13:80": a network's forwards, comparable.
+pub type Forwards = BTreeMap<String, String>;
+
+pub fn forward_key(proto: &str, port: u16) -> String {
+    format!("{proto}/{port}")
+}
+
+pub fn to_toml(cfg: &Config) -> Result<String> {
+    toml::to_string(cfg).context("writing TOML")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{security::SecurityArgs, vlan::VlanCfg};
+
+    #[test]
+    fn the_same_port_security_written_two_ways_is_the_same() {
+        let args = |mac: &str, max: Option<u8>| SecurityArgs {
+            mac: vec![mac.to_string()],
+            max_macs: max,
+            ..Default::default()
+        };
+        assert!(same_security(
+            &args("52:54:00:AA:BB:CC", None),
+            &args("52-54-00-aa-bb-cc", Some(1))
+        ));
+        assert!(!same_security(
+            &args("52:54:00:aa:bb:cc", None),
+            &args("52:54:00:aa:bb:cc", Some(2))
+        ));
+    }
+
+    const GOOD: &str = r#"
+[networks.lab]
+mode = "host-only"
+gateway = "10.9.0.1/24"
+ageing = 60
+
+[networks.lab.dhcp]
+start = "10.9.0.100"
+end = "10.9.0.200"
+hosts = [{ mac = "52:54:00:00:00:01", ip = "10.9.0.5", name = "a" }]
+
+[networks.iso]
+
+[[ports]]
+iface = "p1"
+net = "lab"
+vlan = 10
+
+[[ports]]
+iface = "p2"
+net = "iso"
+trunk = [10, 20]
+native = 1
+
+[[rules]]
+match = "tap-v10-*"
+net = "lab"
+vlan = "10"
+"#;
+
+    #[test]
+    fn parses_a_full_file() {
+        let c = parse("k.toml", GOOD).unwrap();
+        assert_eq!(c.networks.len(), 2);
+        assert_eq!(c.networks["lab"].ageing, Some(60));
+        assert_eq!(c.networks["iso"].mode, "isolated");
+        assert_eq!(c.ports[1].attach().trunk.as_deref(), Some("10,20"));
+        assert_eq!(c.rules[0].attach().vlan, Some(10));
+        let (spec, rule) = wanted(&c, "tap-v10-abc").unwrap();
+        assert!(rule);
+        assert_eq!(spec.vlan, VlanCfg::Access { vid: 10 });
+        assert!(wanted(&c, "tap-v20-abc").is_none());
+        assert!(!wanted(&c, "p1").unwrap().1);
+        // Round trip through the writer.
+        let back = parse("k2.toml", &to_toml(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    fn err(text: &str) -> String {
+        format!("{:#}", parse("f.toml", text).unwrap_err())
+    }
+
+    #[test]
+    fn errors_name_file_line_and_column() {
+        let bad = "\n\n[networks.a]\nmode = \"host-only\"\n\n\ngateway = \"10.0.0.1/33\"\n";
+        let e = err(bad);
+        assert!(e.starts_with("f.toml:7:11:"), "{e}");
+        assert!(e.contains("/33"), "{e}");
+        let e = err("[networks.a]\nmode = \"nated\"\n");
+        assert!(
+            e.starts_with("f.toml:2:8:") && e.contains("unknown mode"),
+            "{e}"
+        );
+        let e = err("[networks.a]\nmode = \"isolated\"\nfoo = 1\n");
+        assert!(e.starts_with("f.toml:3:") && e.contains("foo"), "{e}");
+        let e = err("[networks.a]\n[[ports]]\niface = \"p1\"\nnet = \"a\"\nvlan = 4095\n");
+        assert!(
+            e.starts_with("f.toml:5:8:") && e.contains("reserved"),
+            "{e}"
+        );
+        let e = err("[networks.a]\n[[ports]]\niface = \"p1\"\nnet = \"b\"\n");
+        assert!(e.starts_with("f.toml:3:1:") && e.contains("'b'"), "{e}");
+        let e = err("[networks.a]\nmode = \"routed\"\n");
+        assert!(
+            e.starts_with("f.toml:1:") && e.contains("needs `gateway"),
+            "{e}"
+        );
+        let e = err("[networks.a]\nmode = \"host-only\"\ngateway = \"10.0.0.1/24\"\n[networks.b]\nmode = \"host-only\"\ngateway = \"10.0.0.2/16\"\n");
+        assert!(
+            e.starts_with("f.toml:4:1:") && e.contains("overlaps"),
+            "{e}"
+        );
+        let e =
+            err("[networks.a]\n[[ports]]\niface = \"p1\"\nnet = \"a\"\nvlan = 5\ntrunk = \"6\"\n");
+        assert!(e.contains("exclude each other"), "{e}");
+        let e = err("[networks.\"a b\"]\n");
+        assert!(
+            e.starts_with("f.toml:1:1:") && e.contains("invalid network name"),
+            "{e}"
+        );
+        let e = err("[networks.a]\nmode = \"host-only\"\ngateway = \"10.0.0.1/24\"\n[networks.a.dhcp]\nstart = \"10.0.1.2\"\nend = \"10.0.0.9\"\n");
+        assert!(e.contains("outside the gateway's subnet"), "{e}");
+        let e = err(
+            "[networks.a]\nmode = \"isolated\"\n[networks.a.nat]\nport_range = [1024, 65535]\n",
+        );
+        assert!(e.contains("need mode nat"), "{e}");
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("vnet*", "vnet0"));
+        assert!(glob_match("vnet*", "vnet"));
+        assert!(!glob_match("vnet*", "xvnet0"));
+        assert!(glob_match("tap-web-?", "tap-web-1"));
+        assert!(!glob_match("tap-web-?", "tap-web-12"));
+        assert!(glob_match("tap[0-9]", "tap7"));
+        assert!(!glob_match("tap[!0-9]", "tap7"));
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("a*b*c", "axxbyyc"));
+    }
+}

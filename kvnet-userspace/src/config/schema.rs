@@ -1,0 +1,517 @@
+//! The config file's schema: sections, their checks and deserializers.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use anyhow::Result;
+use serde::{de::Error as _, Deserialize, Deserializer, Serialize};
+
+use super::*;
+use crate::{
+    control::{Hook, Mode, VlanArgs},
+    gateway::Cidr,
+    mac::Mac,
+    security::SecurityArgs,
+    vlan::{self},
+};
+
+/// The whole file.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub networks: BTreeMap<String, Checked<NetSection>>,
+    /// Interfaces attached by name (like `kvnet port add`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<Checked<PortSection>>,
+    /// Interfaces attached when they appear, by a glob on their name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<Checked<RuleSection>>,
+}
+
+/// A section checked as a whole after it parsed (so the error carries
+/// the section's position).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct Checked<T>(pub T);
+
+pub trait Check {
+    fn check(&self) -> Result<(), String>;
+}
+
+impl<'de, T: Deserialize<'de> + Check> Deserialize<'de> for Checked<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = T::deserialize(d)?;
+        v.check().map_err(D::Error::custom)?;
+        Ok(Checked(v))
+    }
+}
+
+impl<T> std::ops::Deref for Checked<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetSection {
+    /// isolated, host-only, routed, bridged (nat once the datapath has it).
+    #[serde(default = "isolated", deserialize_with = "de_mode")]
+    pub mode: String,
+    /// Gateway address with prefix, e.g. 192.168.122.1/24.
+    #[serde(
+        default,
+        deserialize_with = "de_cidr",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub gateway: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "de_ifname",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub gateway_iface: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "de_ifname",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub uplink: Option<String>,
+    /// Seconds before an idle learned MAC is forgotten.
+    #[serde(
+        default,
+        deserialize_with = "de_ageing",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ageing: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp: Option<DhcpSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatSection>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forwards: Vec<ForwardSection>,
+}
+
+pub fn isolated() -> String {
+    "isolated".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DhcpSection {
+    /// First and last address handed out.
+    pub start: Ipv4Addr,
+    pub end: Ipv4Addr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<DhcpHost>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DhcpHost {
+    #[serde(deserialize_with = "de_mac")]
+    pub mac: String,
+    pub ip: Ipv4Addr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatSection {
+    /// Source ports used for translated flows: [first, last].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_range: Option<[u16; 2]>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardSection {
+    /// tcp or udp.
+    pub proto: String,
+    /// The host port.
+    pub port: u16,
+    /// GUEST-IP:PORT.
+    pub to: String,
+}
+
+/// `[[ports]]`: one interface attached by name.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSection {
+    #[serde(deserialize_with = "de_ifname_req")]
+    pub iface: String,
+    // (not a flattened Attach: flattening loses the values' positions)
+    pub net: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<Hook>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hairpin: bool,
+    /// May answer DHCP (a DHCP server guest).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trusted: bool,
+    /// Port security: the guest's MAC(s), extra IPv4 sources, MAC limit,
+    /// or off (see `kvnet port add --help`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mac: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_macs: Option<u8>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_port_security: bool,
+    /// Access VLAN.
+    #[serde(
+        default,
+        deserialize_with = "de_vid",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub vlan: Option<u16>,
+    /// Trunk VLANs: "10,20,100-199" or [10, 20].
+    #[serde(
+        default,
+        deserialize_with = "de_vid_list",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub trunk: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "de_vid",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub native: Option<u16>,
+}
+
+/// `[[rules]]`: interfaces whose name matches `match` (a glob).
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSection {
+    #[serde(rename = "match", deserialize_with = "de_glob")]
+    pub pattern: String,
+    pub net: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<Hook>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hairpin: bool,
+    /// May answer DHCP (a DHCP server guest).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trusted: bool,
+    /// Port security: the guest's MAC(s), extra IPv4 sources, MAC limit,
+    /// or off (see `kvnet port add --help`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mac: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_macs: Option<u8>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_port_security: bool,
+    /// Access VLAN.
+    #[serde(
+        default,
+        deserialize_with = "de_vid",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub vlan: Option<u16>,
+    /// Trunk VLANs: "10,20,100-199" or [10, 20].
+    #[serde(
+        default,
+        deserialize_with = "de_vid_list",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub trunk: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "de_vid",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub native: Option<u16>,
+}
+
+macro_rules! attach_of {
+    ($t:ty) => {
+        impl $t {
+            pub fn attach(&self) -> Attach {
+                Attach {
+                    net: self.net.clone(),
+                    hook: self.hook,
+                    hairpin: self.hairpin,
+                    trusted: self.trusted,
+                    vlan: self.vlan,
+                    trunk: self.trunk.clone(),
+                    native: self.native,
+                    security: SecurityArgs {
+                        mac: self.mac.clone(),
+                        ip: self.ip.clone(),
+                        max_macs: self.max_macs,
+                        no_port_security: self.no_port_security,
+                    },
+                }
+            }
+        }
+    };
+}
+attach_of!(PortSection);
+attach_of!(RuleSection);
+
+/// Where and how an interface joins.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Attach {
+    pub net: String,
+    pub hook: Option<Hook>,
+    pub hairpin: bool,
+    pub trusted: bool,
+    /// Access VLAN.
+    pub vlan: Option<u16>,
+    /// Trunk VLANs: "10,20,100-199" or [10, 20].
+    pub trunk: Option<String>,
+    pub native: Option<u16>,
+    pub security: SecurityArgs,
+}
+
+impl Attach {
+    pub fn vlan_args(&self) -> VlanArgs {
+        VlanArgs {
+            vlan: self.vlan.map(|v| v.to_string()),
+            trunk: self.trunk.clone(),
+            native: self.native.map(|v| v.to_string()),
+            no_vlan: false,
+        }
+    }
+    pub(crate) fn spec(&self) -> PortSpec {
+        PortSpec {
+            net: self.net.clone(),
+            hook: self.hook.unwrap_or(Hook::Auto),
+            hairpin: self.hairpin,
+            trusted: self.trusted,
+            vlan: self.vlan_args().to_cfg().unwrap_or_default(),
+            security: self.security.clone(),
+        }
+    }
+}
+
+impl Attach {
+    fn check(&self) -> Result<()> {
+        self.vlan_args().to_cfg()?;
+        self.security.validate()?;
+        Ok(())
+    }
+}
+
+impl Check for PortSection {
+    fn check(&self) -> Result<(), String> {
+        self.attach()
+            .check()
+            .map_err(|e| format!("port '{}': {e:#}", self.iface))
+    }
+}
+
+impl Check for RuleSection {
+    fn check(&self) -> Result<(), String> {
+        self.attach()
+            .check()
+            .map_err(|e| format!("rule '{}': {e:#}", self.pattern))
+    }
+}
+
+pub fn mode_of(s: &str) -> Option<Mode> {
+    <Mode as clap::ValueEnum>::from_str(s, false).ok()
+}
+
+impl Check for NetSection {
+    fn check(&self) -> Result<(), String> {
+        let m = self.mode.as_str();
+        let gw = self.gateway.is_some();
+        let routes = matches!(m, "host-only" | "routed" | "nat");
+        if !routes && gw {
+            return Err(format!("a {m} network has no gateway; drop `gateway`"));
+        }
+        if routes && !gw {
+            return Err(format!("mode {m} needs `gateway = \"ADDRESS/PREFIX\"`"));
+        }
+        if m == "nat" && self.uplink.is_none() {
+            return Err(
+                "mode nat needs `uplink = \"IFACE\"` (the NIC to masquerade behind)".into(),
+            );
+        }
+        if matches!(m, "isolated" | "host-only") && self.uplink.is_some() {
+            return Err(format!("a {m} network has no uplink; drop `uplink`"));
+        }
+        if m == "bridged" && self.uplink.is_none() {
+            return Err("mode bridged needs `uplink` (the NIC the guests share)".into());
+        }
+        if self.gateway_iface.is_some() && !gw {
+            return Err("`gateway_iface` needs `gateway`".into());
+        }
+        if let Some(d) = &self.dhcp {
+            let Some(cidr) = self.gateway.as_deref().and_then(|g| g.parse::<Cidr>().ok()) else {
+                return Err("`dhcp` needs a gateway (mode host-only, routed or nat)".into());
+            };
+            for (what, ip) in [("start", d.start), ("end", d.end)] {
+                if !cidr.contains(ip) {
+                    return Err(format!(
+                        "dhcp {what} {ip} is outside the gateway's subnet {cidr}"
+                    ));
+                }
+            }
+            if u32::from(d.start) > u32::from(d.end) {
+                return Err(format!("dhcp range {}-{} runs backwards", d.start, d.end));
+            }
+            for h in &d.hosts {
+                if !cidr.contains(h.ip) {
+                    return Err(format!(
+                        "dhcp host {} ({}) is outside the gateway's subnet {cidr}",
+                        h.ip, h.mac
+                    ));
+                }
+            }
+        }
+        if (self.nat.is_some() || !self.forwards.is_empty()) && m != "nat" {
+            return Err(format!("`nat` and `forwards` need mode nat, not {m}"));
+        }
+        if let Some(NatSection {
+            port_range: Some([a, b]),
+        }) = &self.nat
+        {
+            if a > b || *a == 0 {
+                return Err(format!("nat port_range [{a}, {b}] is not a range of ports"));
+            }
+        }
+        let mut keys = BTreeSet::new();
+        for f in &self.forwards {
+            if !matches!(f.proto.as_str(), "tcp" | "udp") {
+                return Err(format!("forward proto '{}': use tcp or udp", f.proto));
+            }
+            if f.port == 0 {
+                return Err("forward port 0 cannot be forwarded".into());
+            }
+            let Ok(to) = f.to.parse::<std::net::SocketAddrV4>() else {
+                return Err(format!("forward to '{}': use GUEST-IP:PORT", f.to));
+            };
+            if to.port() == 0 {
+                return Err(format!("forward to '{}': port 0", f.to));
+            }
+            if let Some(cidr) = self.gateway.as_deref().and_then(|g| g.parse::<Cidr>().ok()) {
+                let a = *to.ip();
+                if !cidr.contains(a)
+                    || a == cidr.addr
+                    || a == cidr.network()
+                    || a == cidr.broadcast()
+                {
+                    return Err(format!(
+                        "forward to '{}': {a} is not a guest address of {cidr}",
+                        f.to
+                    ));
+                }
+            }
+            if !keys.insert((f.proto.clone(), f.port)) {
+                return Err(format!("{} port {} is forwarded twice", f.proto, f.port));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn de_mode<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    if mode_of(&s).is_some() || s == "nat" {
+        return Ok(s);
+    }
+    Err(D::Error::custom(format!(
+        "unknown mode '{s}': use isolated, host-only, routed, bridged or nat"
+    )))
+}
+
+pub fn de_cidr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse::<Cidr>()
+        .map_err(|e| D::Error::custom(format!("{e:#}")))?;
+    Ok(Some(s))
+}
+
+pub fn check_ifname(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 15 || s.contains(['/', ' ', ':']) || s == "." || s == ".." {
+        return Err(format!(
+            "invalid interface name '{s}': 1-15 characters, no '/', ':' or spaces"
+        ));
+    }
+    Ok(())
+}
+
+pub fn de_ifname_req<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    check_ifname(&s).map_err(D::Error::custom)?;
+    Ok(s)
+}
+
+pub fn de_ifname<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    de_ifname_req(d).map(Some)
+}
+
+pub fn de_glob<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() || s.len() > 64 || s.contains(['/', ' ']) {
+        return Err(D::Error::custom(format!(
+            "invalid rule pattern '{s}': a glob on interface names, like vnet* or tap-web-?"
+        )));
+    }
+    Ok(s)
+}
+
+pub fn de_ageing<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    match u64::deserialize(d)? {
+        0 => Err(D::Error::custom("ageing must be at least 1 second")),
+        s => Ok(Some(s)),
+    }
+}
+
+pub fn de_mac<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse::<Mac>()
+        .map_err(|e| D::Error::custom(format!("{e:#}")))?;
+    Ok(s.to_ascii_lowercase())
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum NumOrStr {
+    Num(i64),
+    Str(String),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum ListOrStr {
+    List(Vec<i64>),
+    Str(String),
+}
+
+pub fn de_vid<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    let s = match NumOrStr::deserialize(d)? {
+        NumOrStr::Num(n) => n.to_string(),
+        NumOrStr::Str(s) => s,
+    };
+    vlan::parse_vid(&s)
+        .map(Some)
+        .map_err(|e| D::Error::custom(format!("{e:#}")))
+}
+
+pub fn de_vid_list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s = match ListOrStr::deserialize(d)? {
+        ListOrStr::List(l) => l
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        ListOrStr::Str(s) => s,
+    };
+    let set = vlan::parse_vid_list(&s).map_err(|e| D::Error::custom(format!("{e:#}")))?;
+    Ok(Some(vlan::format_vid_list(&set)))
+}

@@ -1,0 +1,334 @@
+//! What a config file wants, as specs comparable with the running state,
+//! and the plan (the difference) the daemon shows and applies.
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::*;
+use crate::{
+    control::{Hook, NetOpts, VlanArgs, DEFAULT_AGEING},
+    gateway::{Cidr, Gateway},
+    security::SecurityArgs,
+    vlan::{self, VlanCfg},
+};
+
+/// A network as the switch builds it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NetSpec {
+    pub mode: String,
+    pub gateway: Option<String>,
+    pub gateway_iface: Option<String>,
+    pub uplink: Option<String>,
+    pub ageing: u64,
+    /// DHCP settings (from the options the network was created with).
+    pub dhcp: Option<DhcpSection>,
+    /// NAT networks: the source port range (default filled in).
+    pub nat_ports: Option<[u16; 2]>,
+    /// NAT networks: port forwards.
+    pub forwards: Forwards,
+}
+
+impl NetSpec {
+    pub fn of(name: &str, s: &NetSection) -> NetSpec {
+        let gateway = s
+            .gateway
+            .as_deref()
+            .and_then(|g| g.parse::<Cidr>().ok())
+            .map(|c| c.to_string());
+        NetSpec {
+            mode: s.mode.clone(),
+            gateway_iface: match &gateway {
+                Some(_) => s
+                    .gateway_iface
+                    .clone()
+                    .or_else(|| Gateway::default_name(name).ok()),
+                None => None,
+            },
+            gateway,
+            uplink: s.uplink.clone(),
+            ageing: s.ageing.unwrap_or(DEFAULT_AGEING.as_secs()),
+            dhcp: s.dhcp.clone(),
+            nat_ports: (s.mode == "nat").then(|| {
+                s.nat.as_ref().and_then(|n| n.port_range).unwrap_or([
+                    crate::control::DEFAULT_NAT_PORTS.0,
+                    crate::control::DEFAULT_NAT_PORTS.1,
+                ])
+            }),
+            forwards: s
+                .forwards
+                .iter()
+                .map(|f| (forward_key(&f.proto, f.port), f.to.clone()))
+                .collect(),
+        }
+    }
+
+    pub fn opts(&self) -> Option<NetOpts> {
+        Some(NetOpts {
+            mode: mode_of(&self.mode)?,
+            gateway: self.gateway.clone(),
+            gateway_iface: self.gateway_iface.clone(),
+            uplink: self.uplink.clone(),
+            dhcp_range: self.dhcp.as_ref().map(|d| format!("{},{}", d.start, d.end)),
+            dhcp_hosts: self
+                .dhcp
+                .iter()
+                .flat_map(|d| &d.hosts)
+                .map(|h| match &h.name {
+                    Some(n) => format!("{},{},{n}", h.mac, h.ip),
+                    None => format!("{},{}", h.mac, h.ip),
+                })
+                .collect(),
+            domain: self.dhcp.as_ref().and_then(|d| d.domain.clone()),
+            dhcp_lease: self.dhcp.as_ref().and_then(|d| d.lease_secs),
+            nat_ports: self.nat_ports.map(|[a, b]| format!("{a}-{b}")),
+        })
+    }
+
+    /// What differs, and whether only live-changeable settings do.
+    pub fn changes(&self, new: &NetSpec) -> (Vec<String>, bool) {
+        let mut c = Vec::new();
+        let f = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+        if self.mode != new.mode {
+            c.push(format!("mode {} -> {}", self.mode, new.mode));
+        }
+        if self.gateway != new.gateway {
+            c.push(format!(
+                "gateway {} -> {}",
+                f(&self.gateway),
+                f(&new.gateway)
+            ));
+        }
+        if self.gateway_iface != new.gateway_iface {
+            c.push(format!(
+                "gateway_iface {} -> {}",
+                f(&self.gateway_iface),
+                f(&new.gateway_iface)
+            ));
+        }
+        if self.uplink != new.uplink {
+            c.push(format!("uplink {} -> {}", f(&self.uplink), f(&new.uplink)));
+        }
+        if self.dhcp != new.dhcp {
+            c.push("dhcp settings".into());
+        }
+        if self.nat_ports != new.nat_ports {
+            let f = |p: Option<[u16; 2]>| p.map_or("-".into(), |[a, b]| format!("{a}-{b}"));
+            c.push(format!(
+                "nat ports {} -> {}",
+                f(self.nat_ports),
+                f(new.nat_ports)
+            ));
+        }
+        let live = c.is_empty();
+        if self.ageing != new.ageing {
+            c.push(format!("ageing {} -> {}", self.ageing, new.ageing));
+        }
+        // Forwards change live (a recreated network gets all of them anew).
+        for (k, old) in &self.forwards {
+            if new.forwards.get(k) != Some(old) {
+                c.push(format!("- forward {k} -> {old}"));
+            }
+        }
+        for (k, to) in &new.forwards {
+            if self.forwards.get(k) != Some(to) {
+                c.push(format!("+ forward {k} -> {to}"));
+            }
+        }
+        (c, live)
+    }
+}
+
+/// Whether two ways of writing port security mean the same (MAC case and
+/// separators, a default limit spelled out): a rewrite that changes nothing
+/// must not re-attach the port and lose what it learned.
+pub fn same_security(a: &SecurityArgs, b: &SecurityArgs) -> bool {
+    match (a.validate(), b.validate()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// A guest port as the switch attaches it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PortSpec {
+    pub net: String,
+    pub hook: Hook,
+    pub hairpin: bool,
+    pub trusted: bool,
+    pub vlan: VlanCfg,
+    pub security: SecurityArgs,
+}
+
+impl fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.net)?;
+        if self.vlan != VlanCfg::None {
+            write!(f, " ({})", self.vlan)?;
+        }
+        if self.hook != Hook::Auto {
+            write!(f, " hook {:?}", self.hook)?;
+        }
+        if self.hairpin {
+            f.write_str(" hairpin")?;
+        }
+        if self.trusted {
+            f.write_str(" trusted")?;
+        }
+        if self.security.no_port_security {
+            f.write_str(" no-port-security")?;
+        }
+        Ok(())
+    }
+}
+
+impl PortSpec {
+    pub fn vlan_args(&self) -> VlanArgs {
+        let mut a = VlanArgs::default();
+        match &self.vlan {
+            VlanCfg::None => {}
+            VlanCfg::Access { vid } => a.vlan = Some(vid.to_string()),
+            VlanCfg::Trunk { vids, native } => {
+                a.trunk = Some(vlan::format_vid_list(vids));
+                a.native = native.map(|n| n.to_string());
+            }
+        }
+        a
+    }
+    pub(crate) fn attach(&self) -> Attach {
+        let a = self.vlan_args();
+        Attach {
+            net: self.net.clone(),
+            hook: (self.hook != Hook::Auto).then_some(self.hook),
+            hairpin: self.hairpin,
+            trusted: self.trusted,
+            vlan: a.vlan.and_then(|v| v.parse().ok()),
+            trunk: a.trunk,
+            native: a.native.and_then(|v| v.parse().ok()),
+            security: self.security.clone(),
+        }
+    }
+}
+
+/// How `iface` should be attached under `cfg`: a static port first, then
+/// the first rule whose glob matches.
+pub fn wanted(cfg: &Config, iface: &str) -> Option<(PortSpec, bool)> {
+    if let Some(p) = cfg.ports.iter().find(|p| p.iface == iface) {
+        return Some((p.attach().spec(), false));
+    }
+    cfg.rules
+        .iter()
+        .find(|r| glob_match(&r.pattern, iface))
+        .map(|r| (r.attach().spec(), true))
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct NetChange {
+    pub name: String,
+    pub changes: Vec<String>,
+    /// Rebuilt (deleted and added again), or changed live.
+    pub recreate: bool,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct PortChange {
+    pub iface: String,
+    pub from: String,
+    pub to: String,
+    /// VLAN change done live (`port set`), or re-attached.
+    pub live: bool,
+}
+
+/// The diff between the running daemon and a file.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    pub networks_added: Vec<String>,
+    pub networks_removed: Vec<String>,
+    pub networks_changed: Vec<NetChange>,
+    /// (iface, "net (vlan)")
+    pub ports_added: Vec<(String, String)>,
+    pub ports_removed: Vec<String>,
+    pub ports_changed: Vec<PortChange>,
+    /// Static ports whose interface does not exist yet: attached when it appears.
+    pub ports_pending: Vec<String>,
+    pub rules_added: Vec<String>,
+    pub rules_removed: Vec<String>,
+    pub warnings: Vec<String>,
+    pub applied: bool,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.networks_added.is_empty()
+            && self.networks_removed.is_empty()
+            && self.networks_changed.is_empty()
+            && self.ports_added.is_empty()
+            && self.ports_removed.is_empty()
+            && self.ports_changed.is_empty()
+            && self.rules_added.is_empty()
+            && self.rules_removed.is_empty()
+    }
+
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        for n in &self.networks_added {
+            o += &format!("+ network {n}\n");
+        }
+        for n in &self.networks_removed {
+            o += &format!("- network {n}\n");
+        }
+        for c in &self.networks_changed {
+            let how = if c.recreate { "recreated" } else { "live" };
+            o += &format!("~ network {}: {} ({how})\n", c.name, c.changes.join(", "));
+        }
+        for (i, to) in &self.ports_added {
+            o += &format!("+ port {i} -> {to}\n");
+        }
+        for i in &self.ports_removed {
+            o += &format!("- port {i}\n");
+        }
+        for c in &self.ports_changed {
+            let how = if c.live { "live" } else { "re-attached" };
+            o += &format!("~ port {}: {} -> {} ({how})\n", c.iface, c.from, c.to);
+        }
+        for i in &self.ports_pending {
+            o += &format!("  port {i}: interface absent, attached when it appears\n");
+        }
+        for r in &self.rules_added {
+            o += &format!("+ rule {r}\n");
+        }
+        for r in &self.rules_removed {
+            o += &format!("- rule {r}\n");
+        }
+        if self.is_empty() {
+            o += "no changes\n";
+        }
+        o
+    }
+}
+
+/// A network's DHCP settings as a config section, from its options.
+pub fn dhcp_of(o: &NetOpts) -> Option<DhcpSection> {
+    let (a, b) = o.dhcp_range.as_deref()?.split_once(',')?;
+    Some(DhcpSection {
+        start: a.trim().parse().ok()?,
+        end: b.trim().parse().ok()?,
+        lease_secs: o.dhcp_lease,
+        domain: o.domain.clone(),
+        hosts: o
+            .dhcp_hosts
+            .iter()
+            .filter_map(|h| {
+                let mut it = h.split(',').map(str::trim);
+                Some(DhcpHost {
+                    mac: it.next()?.to_ascii_lowercase(),
+                    ip: it.next()?.parse().ok()?,
+                    name: it.next().filter(|n| !n.is_empty()).map(Into::into),
+                })
+            })
+            .collect(),
+    })
+}
+
+pub fn rule_label(r: &RuleSection) -> String {
+    format!("{} -> {}", r.pattern, r.attach().spec())
+}

@@ -1,0 +1,56 @@
+//! `kvnet status`.
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use super::reconcile::with_rt;
+use crate::switch::Switch;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub daemon: String,
+    pub pid: u32,
+    pub pin_dir: String,
+    pub programs: Vec<String>,
+    pub config: Option<String>,
+    pub networks: Vec<String>,
+    pub ports: usize,
+    pub rules: usize,
+    pub fdb_entries: usize,
+    pub fdb_capacity: u32,
+}
+
+pub fn status(sw: &mut Switch) -> Result<Status> {
+    let pin_dir = sw.dp.pin_dir().to_path_buf();
+    let programs = [
+        kvnet_common::names::PROG_XDP,
+        kvnet_common::names::PROG_TC,
+        kvnet_common::names::PROG_TC_OUT,
+    ]
+    .iter()
+    .filter(|p| pin_dir.join(p).exists())
+    .map(|p| p.to_string())
+    .collect();
+    let fdb_entries = sw.dp.fdb()?.keys().filter(|k| k.is_ok()).count();
+    let (config, rules) = with_rt(|rt| {
+        (
+            rt.source.as_ref().map(|p| p.display().to_string()),
+            rt.applied.rules.len(),
+        )
+    });
+    Ok(Status {
+        daemon: "running".into(),
+        pid: std::process::id(),
+        pin_dir: pin_dir.display().to_string(),
+        programs,
+        config,
+        networks: sw.nets.keys().cloned().collect(),
+        ports: sw.ports.len(),
+        rules,
+        fdb_entries,
+        fdb_capacity: kvnet_common::MAX_FDB_ENTRIES,
+    })
+}
+
+/// Set by `kvnet down`: the daemon removes everything and exits.
+pub static DOWN: tokio::sync::Notify = tokio::sync::Notify::const_new();
