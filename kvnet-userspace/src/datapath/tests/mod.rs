@@ -2,3 +2,4 @@
 //! `bpf/tests`): frames in, verdicts, output bytes and map changes out.
 mod guards;
 mod nat;
+mod route;

@@ -9,16 +9,16 @@ use kvnet_common::*;
 
 use crate::datapath::Datapath;
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-const NET: u32 = 21;
+pub(super) const TC_ACT_OK: u32 = 0;
+pub(super) const TC_ACT_SHOT: u32 = 2;
+pub(super) const TC_ACT_REDIRECT: u32 = 7;
+pub(super) const NET: u32 = 21;
 const OTHER: u32 = 22;
-const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x10];
-const OUT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-const GUEST: [u8; 4] = [192, 168, 122, 10];
-const NAT_IP: [u8; 4] = [198, 51, 100, 1];
-const REMOTE: [u8; 4] = [198, 51, 100, 2];
+pub(super) const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x10];
+pub(super) const OUT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub(super) const GUEST: [u8; 4] = [192, 168, 122, 10];
+pub(super) const NAT_IP: [u8; 4] = [198, 51, 100, 1];
+pub(super) const REMOTE: [u8; 4] = [198, 51, 100, 2];
 const OTHER_GUEST: [u8; 4] = [192, 168, 123, 10];
 
 fn sh(cmd: &str) {
@@ -44,12 +44,19 @@ fn mac_of(name: &str) -> [u8; 6] {
     m.0
 }
 
-fn be(a: [u8; 4]) -> u32 {
+pub(super) fn be(a: [u8; 4]) -> u32 {
     u32::from_ne_bytes(a)
 }
 
 /// Ethernet + IPv4 + UDP (checksums left zero: the guards do not read them).
-fn udp(dst: [u8; 6], src: [u8; 6], sip: [u8; 4], dip: [u8; 4], sp: u16, dp: u16) -> Vec<u8> {
+pub(super) fn udp(
+    dst: [u8; 6],
+    src: [u8; 6],
+    sip: [u8; 4],
+    dip: [u8; 4],
+    sp: u16,
+    dp: u16,
+) -> Vec<u8> {
     let mut f = Vec::new();
     f.extend_from_slice(&dst);
     f.extend_from_slice(&src);
@@ -63,18 +70,18 @@ fn udp(dst: [u8; 6], src: [u8; 6], sip: [u8; 4], dip: [u8; 4], sp: u16, dp: u16)
 }
 
 /// (source, destination) address and port of a frame `udp` built.
-fn tuple(f: &[u8]) -> ([u8; 4], u16, [u8; 4], u16) {
+pub(super) fn tuple(f: &[u8]) -> ([u8; 4], u16, [u8; 4], u16) {
     let a = |o: usize| [f[o], f[o + 1], f[o + 2], f[o + 3]];
     let p = |o: usize| u16::from_be_bytes([f[o], f[o + 1]]);
     (a(26), p(34), a(30), p(36))
 }
 
-struct Nat {
-    dp: Datapath,
-    guest_port: u32,
-    up0: u32,
-    gw_mac: [u8; 6],
-    up_mac: [u8; 6],
+pub(super) struct Nat {
+    pub(super) dp: Datapath,
+    pub(super) guest_port: u32,
+    pub(super) up0: u32,
+    pub(super) gw_mac: [u8; 6],
+    pub(super) up_mac: [u8; 6],
 }
 
 impl Nat {
@@ -103,7 +110,7 @@ impl Nat {
 /// A NAT network 192.168.122.0/24 behind gwh (guest port g0), uplink up0
 /// with 198.51.100.1 and the outside 198.51.100.2 as a permanent
 /// neighbour; a second NAT network 192.168.123.0/24 behind gwh2.
-fn nat(ct_quota: u32) -> Nat {
+pub(super) fn nat(ct_quota: u32) -> Nat {
     sh("ip link set lo up && sysctl -qw net.ipv4.conf.all.forwarding=1");
     for (a, b) in [
         ("gwh", "gwp"),
@@ -201,7 +208,7 @@ fn nat(ct_quota: u32) -> Nat {
 }
 
 /// Runs `f` on a thread of its own in a new network namespace.
-fn in_netns(f: impl FnOnce() + Send + 'static) {
+pub(super) fn in_netns(f: impl FnOnce() + Send + 'static) {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("SKIPPED: BPF_PROG_RUN datapath tests need root");
         return;
@@ -299,5 +306,173 @@ fn a_port_forward_takes_new_flows_at_its_rate() {
         // The flow already let in goes on.
         let again = n.from_outside([203, 0, 113, 5], 1000, NAT_IP, 8080);
         assert_eq!(again.verdict, TC_ACT_REDIRECT);
+    });
+}
+
+// ---- translation decisions: new flow, established, reply, ICMP error ----
+
+/// One's-complement sum of `b` as big-endian 16-bit words, folded.
+pub(super) fn csum(b: &[u8], mut acc: u32) -> u16 {
+    for c in b.chunks(2) {
+        acc += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+    }
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+/// The frame's IPv4 header checksum and its UDP (or ICMP) checksum verify.
+pub(super) fn checksums_ok(f: &[u8]) -> bool {
+    let ip = &f[14..34];
+    let proto = ip[9];
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let l4 = &f[34..14 + total];
+    let l4_ok = match proto {
+        17 => {
+            let mut pseudo = Vec::new();
+            pseudo.extend_from_slice(&ip[12..20]);
+            pseudo.extend_from_slice(&[0, 17]);
+            pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            csum(l4, csum(&pseudo, 0) as u32) == 0xffff
+        }
+        1 => csum(l4, 0) == 0xffff,
+        _ => true,
+    };
+    csum(ip, 0) == 0xffff && l4_ok
+}
+
+/// `udp` with valid IPv4 and UDP checksums and a payload.
+pub(super) fn udp_ok(
+    dst: [u8; 6],
+    src: [u8; 6],
+    sip: [u8; 4],
+    dip: [u8; 4],
+    sp: u16,
+    dp: u16,
+) -> Vec<u8> {
+    let mut f = udp(dst, src, sip, dip, sp, dp);
+    f.extend_from_slice(b"kvnet!");
+    let total = (f.len() - 14) as u16;
+    f[16..18].copy_from_slice(&total.to_be_bytes());
+    f[38..40].copy_from_slice(&(total - 20).to_be_bytes());
+    let ip = !csum(&f[14..34], 0);
+    f[24..26].copy_from_slice(&ip.to_be_bytes());
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&f[26..34]);
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&(total - 20).to_be_bytes());
+    let c = !csum(&f[34..], csum(&pseudo, 0) as u32);
+    f[40..42].copy_from_slice(&(if c == 0 { 0xffff } else { c }).to_be_bytes());
+    f
+}
+
+fn ct_len(dp: &mut Datapath) -> usize {
+    dp.ct().unwrap().keys().filter(|k| k.is_ok()).count()
+}
+
+#[test]
+fn a_new_flow_is_translated_tracked_both_ways_and_then_reused() {
+    in_netns(|| {
+        let mut n = nat(0);
+        let f = udp_ok(n.gw_mac, GUEST_MAC, GUEST, REMOTE, 40000, 53);
+        assert!(checksums_ok(&f), "the test frame itself");
+        let out = n.from_guest_port(&f);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        let o = &out.frame;
+        let (src, nport, dst, dport) = tuple(o);
+        assert_eq!((src, dst, dport), (NAT_IP, REMOTE, 53));
+        assert!(
+            (20000..=20999).contains(&nport),
+            "port {nport} from the range"
+        );
+        // The MACs are the neighbour subsystem's, at transmit
+        // (bpf_redirect_neigh): not in what PROG_RUN returns.
+        assert_eq!(o[22], 63, "TTL decremented");
+        assert!(checksums_ok(o), "IPv4 and UDP checksums after translation");
+        assert_eq!(&o[42..], b"kvnet!", "payload intact");
+        assert_eq!(ct_len(&mut n.dp), 2, "both directions tracked");
+        let s = n.dp.nat_stats(NET).unwrap();
+        assert_eq!((s.new_flows, s.translated), (1, 1));
+        // Established: the same translation, no new entries.
+        let again = n.from_guest_port(&f);
+        assert_eq!(tuple(&again.frame).1, nport);
+        assert_eq!(ct_len(&mut n.dp), 2);
+        let s = n.dp.nat_stats(NET).unwrap();
+        assert_eq!((s.new_flows, s.translated), (1, 2));
+        // Another source port is another flow, with another port.
+        let other = n.from_guest_port(&udp_ok(n.gw_mac, GUEST_MAC, GUEST, REMOTE, 40001, 53));
+        assert_ne!(tuple(&other.frame).1, nport);
+        assert_eq!(ct_len(&mut n.dp), 4);
+    });
+}
+
+#[test]
+fn a_reply_is_translated_back_to_the_guest_with_valid_checksums() {
+    in_netns(|| {
+        let mut n = nat(0);
+        let out = n.from_guest_port(&udp_ok(n.gw_mac, GUEST_MAC, GUEST, REMOTE, 40000, 53));
+        let nport = tuple(&out.frame).1;
+        let reply = udp_ok(n.up_mac, OUT_MAC, REMOTE, NAT_IP, 53, nport);
+        let back = n.dp.run_tc_on(&reply, n.up0).unwrap();
+        assert_eq!(back.verdict, TC_ACT_REDIRECT);
+        let b = &back.frame;
+        assert_eq!(tuple(b), (REMOTE, 53, GUEST, 40000), "translated back");
+        assert_eq!(&b[0..6], &GUEST_MAC, "to the guest's MAC");
+        assert!(checksums_ok(b), "checksums after the reverse translation");
+        // A reply to a port nobody uses is not translated: the host has it.
+        let stray = udp_ok(
+            n.up_mac,
+            OUT_MAC,
+            REMOTE,
+            NAT_IP,
+            53,
+            20999 - (nport - 20000),
+        );
+        let r = n.dp.run_tc_on(&stray, n.up0).unwrap();
+        assert_eq!(r.verdict, TC_ACT_OK);
+        assert_eq!(tuple(&r.frame).2, NAT_IP, "untouched");
+    });
+}
+
+#[test]
+fn an_icmp_error_about_a_flow_is_translated_back_inner_header_included() {
+    in_netns(|| {
+        let mut n = nat(0);
+        let out = n.from_guest_port(&udp_ok(n.gw_mac, GUEST_MAC, GUEST, REMOTE, 40000, 53));
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        let nport = tuple(&out.frame).1;
+        // REMOTE answers "port unreachable", quoting the translated packet.
+        let quoted = &out.frame[14..14 + 28];
+        let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(quoted);
+        let c = !csum(&icmp, 0);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        let mut f = Vec::new();
+        f.extend_from_slice(&n.up_mac);
+        f.extend_from_slice(&OUT_MAC);
+        f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+        f.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+        f.extend_from_slice(&[0, 2, 0, 0, 64, 1, 0, 0]);
+        f.extend_from_slice(&REMOTE);
+        f.extend_from_slice(&NAT_IP);
+        let ipc = !csum(&f[14..34], 0);
+        f[24..26].copy_from_slice(&ipc.to_be_bytes());
+        f.extend_from_slice(&icmp);
+        assert!(checksums_ok(&f), "the test frame itself");
+        let r = n.dp.run_tc_on(&f, n.up0).unwrap();
+        assert_eq!(r.verdict, TC_ACT_REDIRECT, "delivered to the guest");
+        let b = &r.frame;
+        assert_eq!(&b[30..34], &GUEST, "outer destination: the guest");
+        let inner = &b[42..];
+        assert_eq!(&inner[12..16], &GUEST, "quoted source: the guest");
+        assert_eq!(
+            u16::from_be_bytes([inner[20], inner[21]]),
+            40000,
+            "quoted source port: the guest's (not {nport})"
+        );
+        assert!(checksums_ok(b), "outer IPv4 and ICMP checksums");
+        assert_eq!(csum(&inner[..20], 0), 0xffff, "quoted IPv4 header checksum");
+        assert_eq!(n.dp.nat_stats(NET).unwrap().icmp_errors, 1);
     });
 }
