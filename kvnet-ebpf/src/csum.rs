@@ -1,9 +1,9 @@
-//! Checksum checks for the XDP hook.
+//! Checksums: the one's-complement fold every rewrite uses, and the check
+//! the XDP hook makes before it redirects on its own.
 
 use crate::parse::{ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4};
 
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
+use kvnet_common::{IPPROTO_TCP, IPPROTO_UDP};
 const IPV4_HLEN: usize = 20;
 /// Longest L4 segment summed in XDP (a 1500-byte MTU frame); longer ones
 /// are left to tc.
@@ -25,7 +25,7 @@ pub fn l4_checksum_complete(data: usize, data_end: usize) -> bool {
         ethertype = unsafe { u16::from_be(*((data + 16) as *const u16)) };
         l3 += 4;
     }
-    if ethertype == 0x86dd {
+    if ethertype == crate::parse::ETH_P_IPV6 {
         return false;
     }
     if ethertype != ETH_P_IPV4 {
@@ -93,10 +93,16 @@ pub fn l4_checksum_complete(data: usize, data_end: usize) -> bool {
         }
         sum += u16::from_ne_bytes([unsafe { *(p as *const u8) }, 0]) as u64;
     }
-    // Four folds bring any sum of < 2^32 words into 16 bits.
+    fold(sum) == 0xffff
+}
+
+/// Folds a one's-complement sum into 16 bits: the datapath's one fold
+/// (four rounds bring any sum of < 2^32 words down).
+#[inline(always)]
+pub fn fold(mut sum: u64) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
-    sum == 0xffff
+    sum as u16
 }

@@ -30,7 +30,7 @@ const DHCP_CLIENT_PORT: u16 = 68;
 const DHCP6_CLIENT_PORT: u16 = 546;
 const DHCP6_SERVER_PORT: u16 = 547;
 const BOOTREPLY: u8 = 2;
-const IPPROTO_ICMPV6: u8 = 58;
+use kvnet_common::IPPROTO_ICMPV6;
 const ND_ROUTER_ADVERT: u8 = 134;
 const ND_NEIGHBOR_SOLICIT: u8 = 135;
 const ND_NEIGHBOR_ADVERT: u8 = 136;

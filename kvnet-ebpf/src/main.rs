@@ -12,6 +12,7 @@
 mod bench;
 mod csum;
 mod fdb;
+mod flood;
 mod guard;
 mod maps;
 mod nat;
@@ -20,27 +21,27 @@ mod route;
 mod stats;
 mod switch;
 mod trace;
+mod vlan;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{
-        bpf_clone_redirect, bpf_redirect, bpf_skb_vlan_pop, bpf_skb_vlan_push, bpf_xdp_adjust_head,
-    },
+    helpers::{bpf_clone_redirect, bpf_redirect},
     macros::xdp,
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
 use kvnet_common::{
-    DropReason, FloodSet, ETH_P_8021Q, FDB_F_HOST, KVNET_HOST_MARK, PORT_F_BRIDGED_NET,
-    PORT_F_HAIRPIN, PORT_F_TRUSTED, PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_NAT, PORT_F_UPLINK_ROUTED,
-    PORT_F_XDP_TX, TRACE_DROP, TRACE_EGRESS, TRACE_FLOOD, TRACE_HOOK_TC, TRACE_HOOK_TC_OUT,
-    TRACE_NAT_IN, TRACE_NAT_OUT, TRACE_PASS, TRACE_ROUTE, TRACE_TO_HOST, TRACE_UNICAST,
-    VLAN_MODE_TRUNK,
+    DropReason, FDB_F_HOST, KVNET_HOST_MARK, PORT_F_BRIDGED_NET, PORT_F_HAIRPIN, PORT_F_TRUSTED,
+    PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_NAT, PORT_F_UPLINK_ROUTED, PORT_F_XDP_TX, TRACE_DROP,
+    TRACE_EGRESS, TRACE_FLOOD, TRACE_HOOK_TC, TRACE_HOOK_TC_OUT, TRACE_NAT_IN, TRACE_NAT_OUT,
+    TRACE_PASS, TRACE_ROUTE, TRACE_TO_HOST, TRACE_UNICAST, VLAN_MODE_TRUNK,
 };
 
 use crate::{
+    flood::{tc_flood, FloodArgs},
     route::L3Ctx,
     switch::{Action, Tag},
+    vlan::{tc_retag, xdp_retag},
 };
 
 /// Bytes of an untrusted port's frame tc makes linear before the guards
@@ -120,84 +121,6 @@ fn xdp_act(ctx: &XdpContext) -> (u32, u32) {
             (rc, egress)
         }
     }
-}
-
-/// Makes the frame carry `want` (a TCI) or no tag, in place: rewrite the
-/// TCI, or move the MACs by 4 bytes and the head with them. False when the
-/// frame could not be changed (it is then untouched).
-#[inline(always)]
-fn xdp_retag(ctx: &XdpContext, tag: &Tag, want: Option<u16>) -> bool {
-    let (data, data_end) = (ctx.data(), ctx.data_end());
-    match (tag.present(), want) {
-        (false, None) => true,
-        (true, Some(tci)) => {
-            if tag.tci != tci {
-                let Some(p) = parse::ptr_at::<[u8; 2]>(data, data_end, 14) else {
-                    return false;
-                };
-                unsafe { *(p as *mut [u8; 2]) = tci.to_be_bytes() };
-            }
-            true
-        }
-        (true, None) => {
-            let Some(p) = parse::ptr_at::<[u8; 16]>(data, data_end, 0) else {
-                return false;
-            };
-            let macs = unsafe { *(p as *const [u8; 12]) };
-            if unsafe { bpf_xdp_adjust_head(ctx.ctx, 4) } != 0 {
-                return false;
-            }
-            let (data, data_end) = (ctx.data(), ctx.data_end());
-            let Some(p) = parse::ptr_at::<[u8; 12]>(data, data_end, 0) else {
-                return false;
-            };
-            unsafe { *(p as *mut [u8; 12]) = macs };
-            true
-        }
-        (false, Some(tci)) => {
-            let Some(p) = parse::ptr_at::<[u8; 12]>(data, data_end, 0) else {
-                return false;
-            };
-            let macs = unsafe { *p };
-            if unsafe { bpf_xdp_adjust_head(ctx.ctx, -4) } != 0 {
-                return false;
-            }
-            let (data, data_end) = (ctx.data(), ctx.data_end());
-            let Some(p) = parse::ptr_at::<[u8; 16]>(data, data_end, 0) else {
-                return false;
-            };
-            let mut h = [0u8; 16];
-            h[..12].copy_from_slice(&macs);
-            h[12..14].copy_from_slice(&ETH_P_8021Q.to_be_bytes());
-            h[14..16].copy_from_slice(&tci.to_be_bytes());
-            unsafe { *(p as *mut [u8; 16]) = h };
-            true
-        }
-    }
-}
-
-/// Makes the skb carry the tag `want` (a TCI) or none; `cur` is the tag
-/// it carries now, in skb metadata or in the packet.
-#[inline(always)]
-fn tc_retag(ctx: &TcContext, cur: &mut Option<u16>, want: Option<u16>) -> bool {
-    if *cur == want {
-        return true;
-    }
-    let skb = ctx.skb.skb as *mut _;
-    if cur.is_some() {
-        // Pops the tag from skb metadata or, failing that, from the packet.
-        if unsafe { bpf_skb_vlan_pop(skb) } != 0 {
-            return false;
-        }
-        *cur = None;
-    }
-    if let Some(tci) = want {
-        if unsafe { bpf_skb_vlan_push(skb, ETH_P_8021Q.to_be(), tci) } != 0 {
-            return false;
-        }
-        *cur = Some(tci);
-    }
-    true
 }
 
 /// The tc entry point, written out instead of `#[classifier]`: the macro's
@@ -467,105 +390,6 @@ fn tc_out_act(ctx: &TcContext) -> i32 {
         }
         _ => TC_ACT_OK,
     }
-}
-
-/// What the flood loop needs, passed through a per-CPU scratch slot.
-#[derive(Clone, Copy)]
-#[repr(C)]
-pub struct FloodArgs {
-    net_id: u32,
-    vid: u32,
-    ingress: u32,
-    hairpin: u32,
-    len: u32,
-    tagged: u32,
-    cur_tci: u32,
-    out_tci: u32,
-    second_start: u32,
-    second_len: u32,
-}
-
-/// Clone-redirects to members [start, start + n) of `set`.
-#[inline(always)]
-fn flood_range(ctx: &TcContext, set: &FloodSet, start: usize, n: usize, a: &FloodArgs) {
-    let skb = ctx.skb.skb as *mut _;
-    for p in 0..kvnet_common::MAX_FLOOD_PORTS {
-        if p >= n {
-            break;
-        }
-        // The mask (MAX_FLOOD_PORTS is a power of two) shows the verifier
-        // the index in bounds; the daemon keeps start + n <= count.
-        let egress = set.ifindex[start.wrapping_add(p) & (kvnet_common::MAX_FLOOD_PORTS - 1)];
-        if egress == a.ingress && a.hairpin == 0 {
-            continue;
-        }
-        if unsafe { bpf_clone_redirect(skb, egress, 0) } == 0 {
-            stats::tx(egress, a.len as u64);
-        }
-    }
-}
-
-/// Clone-redirects the frame to every member of its (network, VLAN) flood
-/// set: untagged members first, then the last `set.tagged` ones tagged. The group matching the frame's tag state goes first, so the tag
-/// changes at most once, between the groups.
-///
-/// The arguments go through a map slot: the verifier then sees the same
-/// (unknown) values whichever way `decide` got here, and checks the loop
-/// once instead of once per path.
-#[inline(always)]
-fn tc_flood(ctx: &TcContext, args: FloodArgs) -> i32 {
-    let Some(slot) = maps::FLOOD_SCRATCH.get_ptr_mut(0) else {
-        return TC_ACT_SHOT;
-    };
-    let a = unsafe {
-        core::ptr::write_volatile(slot, args);
-        core::ptr::read_volatile(slot)
-    };
-    let key = kvnet_common::FloodKey {
-        net_id: a.net_id,
-        vid: a.vid as u16,
-        _pad: 0,
-    };
-    let Some(set) = maps::flood_set(&key) else {
-        return TC_ACT_SHOT;
-    };
-    let out_tci = a.out_tci as u16;
-    let mut cur = (a.tagged != 0).then_some(a.cur_tci as u16);
-    let count = (set.count as usize).min(kvnet_common::MAX_FLOOD_PORTS);
-    let split = count - (set.tagged as usize).min(count);
-    let tagged_first = a.tagged != 0;
-    let (first, second) = if tagged_first {
-        ((split, count - split), (0, split))
-    } else {
-        ((0, split), (split, count - split))
-    };
-    // The second group's bounds go through the slot too: each exit of the
-    // first loop then reaches the second with the same verifier state.
-    unsafe {
-        core::ptr::write_volatile(&mut (*slot).second_start, second.0 as u32);
-        core::ptr::write_volatile(&mut (*slot).second_len, second.1 as u32);
-    }
-    if first.1 > 0 {
-        if tagged_first && !tc_retag(ctx, &mut cur, Some(out_tci)) {
-            return TC_ACT_SHOT;
-        }
-        flood_range(ctx, set, first.0, first.1, &a);
-    }
-    let (start, n) = unsafe {
-        (
-            core::ptr::read_volatile(&(*slot).second_start) as usize,
-            core::ptr::read_volatile(&(*slot).second_len) as usize,
-        )
-    };
-    if n > 0 {
-        let want = if tagged_first { None } else { Some(out_tci) };
-        if !tc_retag(ctx, &mut cur, want) {
-            return TC_ACT_SHOT;
-        }
-        flood_range(ctx, set, start, n, &a);
-    }
-    // The clones carry the frame; the original has nowhere to go.
-    TC_ACT_SHOT
 }
 
 #[cfg(not(test))]

@@ -43,7 +43,8 @@ pub static PORT_STATS: PerCpuHashMap<u32, PortStats> = PerCpuHashMap::pinned(MAX
 
 /// Scratch slot for the tc flood's arguments (see `tc_flood`).
 #[map(name = "flood_scratch")]
-pub static FLOOD_SCRATCH: PerCpuArray<crate::FloodArgs> = PerCpuArray::with_max_entries(1, 0);
+pub static FLOOD_SCRATCH: PerCpuArray<crate::flood::FloodArgs> =
+    PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "vlan_members")]
 pub static VLAN_MEMBERS: HashMap<VlanMemberKey, VlanMember> = HashMap::pinned(MAX_VLAN_MEMBERS, 0);

@@ -9,10 +9,7 @@
 //! from ever handing out the same (remote, port) pair.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, BPF_NOEXIST},
-    helpers::{
-        bpf_fib_lookup, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect,
-        bpf_redirect_neigh,
-    },
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use kvnet_common::{
@@ -24,10 +21,10 @@ use crate::{
     fdb,
     maps::{self, CT, CT_QUOTA, FORWARDS, NAT_STATS},
     parse::ETH_HLEN,
+    route,
 };
 
 const L3: usize = ETH_HLEN;
-const AF_INET: u8 = 2;
 const FIB_SKIP_NEIGH: u32 = 1 << 2;
 /// The main table, not the policy rules: a tracked flow's packet back to
 /// its guest is conntrack's decision, and a NAT network's rules refuse
@@ -216,8 +213,7 @@ fn dec_ttl(ctx: &TcContext, ttl: u8) -> bool {
             .is_ok()
 }
 
-/// FIB lookup for `daddr` as if the packet arrived on `ifindex`; the MTU
-/// is checked against one segment of a GSO packet.
+/// FIB lookup for `daddr` as if the packet arrived on `ifindex`.
 #[inline(always)]
 fn fib(
     ctx: &TcContext,
@@ -227,29 +223,32 @@ fn fib(
     ifindex: u32,
     flags: u32,
 ) -> Option<FibParams> {
-    let gso = unsafe { (*ctx.skb.skb).gso_size } as u16;
-    let mtu_len = if gso == 0 || p.key.proto != IPPROTO_TCP {
-        p.tot_len
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size } as u16;
+    // One segment's headers, read only for GSO packets (the MTU check).
+    let headers = if gso_size == 0 {
+        0
     } else {
-        let doff = (load::<u8>(ctx, p.l4 + 12)? >> 4) as u16 * 4;
-        (p.l4 - L3) as u16 + doff + gso
+        let doff = if p.key.proto == IPPROTO_TCP {
+            load::<u8>(ctx, p.l4 + 12)?
+        } else {
+            0
+        };
+        (p.l4 - L3) as u16 + route::l4_header_len(p.key.proto, doff)
     };
-    let mut f: FibParams = unsafe { core::mem::zeroed() };
-    f.family = AF_INET;
-    f.l4_protocol = p.key.proto;
-    f.ifindex = ifindex;
-    f.__bindgen_anon_1.tot_len = mtu_len;
-    f.__bindgen_anon_3.ipv4_src = saddr;
-    f.__bindgen_anon_4.ipv4_dst = daddr;
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut f,
-            core::mem::size_of::<FibParams>() as i32,
+    route::fib_v4(
+        ctx.skb.skb as *mut _,
+        &route::FibQuery {
+            proto: p.key.proto,
+            tos: 0,
+            saddr,
+            daddr,
+            tot_len: p.tot_len,
+            headers,
+            gso_size,
+            ifindex,
             flags,
-        )
-    };
-    (rc == 0).then_some(f)
+        },
+    )
 }
 
 /// Counts a packet of a flow on its entry: last seen, packets, bytes, TCP
@@ -622,9 +621,7 @@ fn csum_update32(csum: u16, old: u32, new: u32) -> u16 {
     let mut sum = (!u16::from_be(csum)) as u32;
     let (o, nw) = (u32::from_be(old), u32::from_be(new));
     sum += (!(o >> 16) & 0xffff) + (!o & 0xffff) + (nw >> 16) + (nw & 0xffff);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    (!(sum as u16)).to_be()
+    (!crate::csum::fold(sum as u64)).to_be()
 }
 
 /// An ICMP error about a translated flow: the embedded header is our

@@ -1,10 +1,7 @@
 //! Bounded header parsing over [data, data_end); never trusts a length.
 
 pub const ETH_HLEN: usize = 14;
-pub const ETH_P_IPV4: u16 = 0x0800;
-pub const ETH_P_8021Q: u16 = 0x8100;
-pub const ETH_P_ARP: u16 = 0x0806;
-pub const ETH_P_IPV6: u16 = 0x86dd;
+pub use kvnet_common::{ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6};
 
 /// Where the network header starts, past a VLAN tag still in the packet,
 /// and the ethertype that announces it.

@@ -7,10 +7,10 @@ use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::bpf_fib_lookup};
 
 use crate::parse::ptr_at;
 
+use kvnet_common::{IPPROTO_TCP, IPPROTO_UDP};
+
 const AF_INET: u8 = 2;
 const FIB_SUCCESS: i64 = 0;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
 
 /// What a hook gives the core so it can route: its context (for the FIB
 /// helper), the skb's GSO segment size (0 if none) and whether the frame
@@ -26,6 +26,60 @@ pub struct Fib {
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+}
+
+/// What the FIB is asked about one IPv4 packet.
+pub struct FibQuery {
+    pub proto: u8,
+    pub tos: u8,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub tot_len: u16,
+    /// IPv4 + L4 header bytes (GSO packets only): with `gso_size`, the
+    /// length of one segment.
+    pub headers: u16,
+    pub gso_size: u16,
+    pub ifindex: u32,
+    pub flags: u32,
+}
+
+/// The L4 header bytes a GSO segment repeats: TCP's data offset (from the
+/// byte holding it), UDP's 8.
+#[inline(always)]
+pub fn l4_header_len(proto: u8, tcp_doff: u8) -> u16 {
+    match proto {
+        IPPROTO_TCP => ((tcp_doff >> 4) as u16) * 4,
+        IPPROTO_UDP => 8,
+        _ => 0,
+    }
+}
+
+/// The datapath's one FIB lookup. A GSO super-packet leaves as segments:
+/// the MTU is checked against one of them.
+#[inline(always)]
+pub fn fib_v4(ctx: *mut core::ffi::c_void, q: &FibQuery) -> Option<FibParams> {
+    let mtu_len = if q.gso_size == 0 {
+        q.tot_len
+    } else {
+        q.headers + q.gso_size
+    };
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = q.proto;
+    p.ifindex = q.ifindex;
+    p.__bindgen_anon_1.tot_len = mtu_len;
+    p.__bindgen_anon_2.tos = q.tos;
+    p.__bindgen_anon_3.ipv4_src = q.saddr;
+    p.__bindgen_anon_4.ipv4_dst = q.daddr;
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx,
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            q.flags,
+        )
+    };
+    (rc == FIB_SUCCESS).then_some(p)
 }
 
 /// Looks the IPv4 packet at `l3` up as if it arrived on `ifindex`. None
@@ -44,34 +98,30 @@ pub fn lookup_v4(
         return None;
     }
     let ihl = ((h[0] & 0xf) as usize) * 4;
-    let tot_len = u16::from_be_bytes([h[2], h[3]]);
-    // A GSO super-packet leaves as segments: check the MTU against one.
-    let mtu_len = if l3c.gso_size == 0 {
-        tot_len
+    let headers = if l3c.gso_size == 0 {
+        0
     } else {
-        let l4_hlen = match h[9] {
-            IPPROTO_TCP => {
-                let t = unsafe { &*ptr_at::<[u8; 13]>(data, data_end, l3 + ihl)? };
-                ((t[12] >> 4) as u16) * 4
-            }
-            IPPROTO_UDP => 8,
-            _ => 0,
+        let doff = if h[9] == IPPROTO_TCP {
+            unsafe { (*ptr_at::<[u8; 13]>(data, data_end, l3 + ihl)?)[12] }
+        } else {
+            0
         };
-        ihl as u16 + l4_hlen + l3c.gso_size
+        ihl as u16 + l4_header_len(h[9], doff)
     };
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = h[9];
-    p.ifindex = ifindex;
-    p.__bindgen_anon_1.tot_len = mtu_len;
-    p.__bindgen_anon_2.tos = h[1];
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([h[12], h[13], h[14], h[15]]);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([h[16], h[17], h[18], h[19]]);
-    let rc =
-        unsafe { bpf_fib_lookup(l3c.ctx, &mut p, core::mem::size_of::<FibParams>() as i32, 0) };
-    if rc != FIB_SUCCESS {
-        return None;
-    }
+    let p = fib_v4(
+        l3c.ctx,
+        &FibQuery {
+            proto: h[9],
+            tos: h[1],
+            saddr: u32::from_ne_bytes([h[12], h[13], h[14], h[15]]),
+            daddr: u32::from_ne_bytes([h[16], h[17], h[18], h[19]]),
+            tot_len: u16::from_be_bytes([h[2], h[3]]),
+            headers,
+            gso_size: l3c.gso_size,
+            ifindex,
+            flags: 0,
+        },
+    )?;
     Some(Fib {
         ifindex: p.ifindex,
         smac: p.smac,
@@ -92,10 +142,8 @@ pub fn rewrite_v4(data: usize, data_end: usize, l3: usize, fib: &Fib) -> bool {
     h[8] = h[8].wrapping_sub(1);
     let new = u16::from_be_bytes([h[8], h[9]]);
     let csum = u16::from_be_bytes([h[10], h[11]]);
-    let mut sum = (!csum as u32) + (!old as u32) + new as u32;
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    let c = (!(sum as u16)).to_be_bytes();
+    let sum = (!csum as u64) + (!old as u64) + new as u64;
+    let c = (!crate::csum::fold(sum)).to_be_bytes();
     h[10] = c[0];
     h[11] = c[1];
     let Some(eth) = ptr_at::<[u8; 12]>(data, data_end, 0) else {

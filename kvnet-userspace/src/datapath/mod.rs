@@ -306,6 +306,31 @@ impl Datapath {
         Ok(())
     }
 
+    /// `swapped` for a tc link this object now owns: when the upgrade fails
+    /// there, the link is forgotten (not detached when the program goes), so
+    /// the rollback's old program stays on the filter.
+    fn swapped_or_forget(
+        &mut self,
+        prog: &str,
+        id: SchedClassifierLinkId,
+        iface: &str,
+        ifindex: u32,
+        hook: Hook,
+        replaced: bool,
+    ) -> Result<SchedClassifierLinkId> {
+        let Err(e) = self.swapped(iface, ifindex, hook, replaced) else {
+            return Ok(id);
+        };
+        if let Ok(tc) = program(&mut self.ebpf, prog)
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).map_err(anyhow::Error::from))
+        {
+            if let Ok(link) = tc.take_link(id) {
+                std::mem::forget(link);
+            }
+        }
+        Err(e)
+    }
+
     /// Notes a failed swap: the upgrade will roll back.
     fn swap_failed(&mut self, what: &str, e: &anyhow::Error) {
         if let Some(u) = self.upgrade.as_mut() {
@@ -446,8 +471,7 @@ impl Datapath {
         let ifindex = crate::netdev::ifindex(iface).unwrap_or(0);
         if adopting {
             if let Ok(id) = replace(tc) {
-                self.swapped(iface, ifindex, hook, true)?;
-                return Ok(id);
+                return self.swapped_or_forget(prog, id, iface, ifindex, hook, true);
             }
         }
         let opts = NlOptions {
@@ -461,10 +485,7 @@ impl Datapath {
             Err(e) => replace(tc).map_err(|_| anyhow::Error::from(e)),
         };
         match r {
-            Ok(id) => {
-                self.swapped(iface, ifindex, hook, false)?;
-                Ok(id)
-            }
+            Ok(id) => self.swapped_or_forget(prog, id, iface, ifindex, hook, false),
             Err(e) => {
                 self.swap_failed(iface, &e);
                 Err(e)
@@ -781,8 +802,19 @@ impl Datapath {
     /// Runs `kvnet_tc` once on `frame` as received on `ifindex` (a device
     /// of the calling thread's netns: `__sk_buff.ifindex`, offset 40).
     pub fn run_tc_on(&mut self, frame: &[u8], ifindex: u32) -> Result<ProgRun> {
-        let mut ctx = vec![0u8; 44];
+        self.run_tc_gso(frame, ifindex, 0)
+    }
+
+    /// `run_tc_on` for a GSO super-packet of `gso_size`-byte segments
+    /// (`__sk_buff.gso_segs`/`gso_size`, offsets 164 and 176).
+    pub fn run_tc_gso(&mut self, frame: &[u8], ifindex: u32, gso_size: u32) -> Result<ProgRun> {
+        let mut ctx = vec![0u8; if gso_size == 0 { 44 } else { 180 }];
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        if gso_size != 0 {
+            let segs = (frame.len() as u32).div_ceil(gso_size);
+            ctx[164..168].copy_from_slice(&segs.to_ne_bytes());
+            ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+        }
         let tc: &mut SchedClassifier = program(&mut self.ebpf, names::PROG_TC)?.try_into()?;
         prog_run(tc, frame, Some(&ctx), 1)
     }

@@ -476,3 +476,31 @@ fn an_icmp_error_about_a_flow_is_translated_back_inner_header_included() {
         assert_eq!(n.dp.nat_stats(NET).unwrap().icmp_errors, 1);
     });
 }
+
+/// Review finding (issue 14): NAT checked the MTU against a UDP GSO
+/// packet's whole length, so QUIC/USO uploads through NAT were black-holed;
+/// one FIB lookup now checks one segment, as routing always did.
+#[test]
+fn a_udp_gso_packet_is_translated_when_its_segments_fit_the_mtu() {
+    in_netns(|| {
+        let mut n = nat(0);
+        let upload = |sport: u16| {
+            let mut f = udp(n.gw_mac, GUEST_MAC, GUEST, REMOTE, sport, 443);
+            f.resize(14 + 2200, 0x55);
+            let total = (f.len() - 14) as u16;
+            f[16..18].copy_from_slice(&total.to_be_bytes());
+            f[38..40].copy_from_slice(&(total - 20).to_be_bytes());
+            f
+        };
+        // Positive control: segments that do not fit go untranslated to the
+        // gateway's host, which answers "fragmentation needed".
+        let r = n.dp.run_tc_gso(&upload(40001), n.guest_port, 1600).unwrap();
+        assert_eq!(tuple(&r.frame).0, GUEST, "1600-byte segments do not fit");
+        let r = n.dp.run_tc_gso(&upload(40000), n.guest_port, 1200).unwrap();
+        assert_eq!(
+            r.verdict, TC_ACT_REDIRECT,
+            "segments of 1200 fit a 1500 MTU"
+        );
+        assert_eq!(tuple(&r.frame).0, NAT_IP, "translated");
+    });
+}

@@ -1,0 +1,86 @@
+//! Retagging a frame for its egress port, in each hook.
+use aya_ebpf::{
+    helpers::{bpf_skb_vlan_pop, bpf_skb_vlan_push, bpf_xdp_adjust_head},
+    programs::{TcContext, XdpContext},
+};
+use kvnet_common::ETH_P_8021Q;
+
+use crate::{parse, switch::Tag};
+
+/// Makes the frame carry `want` (a TCI) or no tag, in place: rewrite the
+/// TCI, or move the MACs by 4 bytes and the head with them. False when the
+/// frame could not be changed (it is then untouched).
+#[inline(always)]
+pub fn xdp_retag(ctx: &XdpContext, tag: &Tag, want: Option<u16>) -> bool {
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    match (tag.present(), want) {
+        (false, None) => true,
+        (true, Some(tci)) => {
+            if tag.tci != tci {
+                let Some(p) = parse::ptr_at::<[u8; 2]>(data, data_end, 14) else {
+                    return false;
+                };
+                unsafe { *(p as *mut [u8; 2]) = tci.to_be_bytes() };
+            }
+            true
+        }
+        (true, None) => {
+            let Some(p) = parse::ptr_at::<[u8; 16]>(data, data_end, 0) else {
+                return false;
+            };
+            let macs = unsafe { *(p as *const [u8; 12]) };
+            if unsafe { bpf_xdp_adjust_head(ctx.ctx, 4) } != 0 {
+                return false;
+            }
+            let (data, data_end) = (ctx.data(), ctx.data_end());
+            let Some(p) = parse::ptr_at::<[u8; 12]>(data, data_end, 0) else {
+                return false;
+            };
+            unsafe { *(p as *mut [u8; 12]) = macs };
+            true
+        }
+        (false, Some(tci)) => {
+            let Some(p) = parse::ptr_at::<[u8; 12]>(data, data_end, 0) else {
+                return false;
+            };
+            let macs = unsafe { *p };
+            if unsafe { bpf_xdp_adjust_head(ctx.ctx, -4) } != 0 {
+                return false;
+            }
+            let (data, data_end) = (ctx.data(), ctx.data_end());
+            let Some(p) = parse::ptr_at::<[u8; 16]>(data, data_end, 0) else {
+                return false;
+            };
+            let mut h = [0u8; 16];
+            h[..12].copy_from_slice(&macs);
+            h[12..14].copy_from_slice(&ETH_P_8021Q.to_be_bytes());
+            h[14..16].copy_from_slice(&tci.to_be_bytes());
+            unsafe { *(p as *mut [u8; 16]) = h };
+            true
+        }
+    }
+}
+
+/// Makes the skb carry the tag `want` (a TCI) or none; `cur` is the tag
+/// it carries now, in skb metadata or in the packet.
+#[inline(always)]
+pub fn tc_retag(ctx: &TcContext, cur: &mut Option<u16>, want: Option<u16>) -> bool {
+    if *cur == want {
+        return true;
+    }
+    let skb = ctx.skb.skb as *mut _;
+    if cur.is_some() {
+        // Pops the tag from skb metadata or, failing that, from the packet.
+        if unsafe { bpf_skb_vlan_pop(skb) } != 0 {
+            return false;
+        }
+        *cur = None;
+    }
+    if let Some(tci) = want {
+        if unsafe { bpf_skb_vlan_push(skb, ETH_P_8021Q.to_be(), tci) } != 0 {
+            return false;
+        }
+        *cur = Some(tci);
+    }
+    true
+}
