@@ -28,6 +28,14 @@ pub fn kvnet_bin() -> Result<PathBuf> {
     bail!("kvnet binary not found: set KVNET_BIN or run `cargo xtask build`")
 }
 
+/// How a daemon expected to fail ended ([`Kvnet::start_must_fail`]).
+#[derive(Debug)]
+pub struct DaemonFailure {
+    pub status: std::process::ExitStatus,
+    /// Its stderr.
+    pub log: String,
+}
+
 /// A kvnet daemon running in a lab's hypervisor namespace.
 pub struct Kvnet {
     bin: PathBuf,
@@ -44,29 +52,19 @@ impl Kvnet {
     }
 
     pub fn start_with(lab: &Lab, extra: &[&str]) -> Result<Kvnet> {
-        crate::mount_bpffs_if_needed()?;
-        let bin = kvnet_bin()?;
-        let socket = lab.socket_path();
-        let log = lab.work_dir().join("kvnet-daemon.log");
-        let log_file =
-            std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let mut cmd = Command::new(&bin);
-        cmd.arg("--socket")
-            .arg(&socket)
-            .arg("daemon")
-            .arg("--pin-dir")
-            .arg(lab.pin_dir())
-            .arg("--state-dir")
-            .arg(lab.work_dir().join("state"));
-        cmd.args(extra);
-        cmd.stdout(Stdio::null()).stderr(log_file);
-        let daemon = lab.spawn(lab.hv(), cmd)?;
-        let k = Kvnet {
-            bin,
-            socket,
-            log,
-            daemon: Some(daemon),
-        };
+        Self::start_bin(lab, &kvnet_bin()?, extra, &[])
+    }
+
+    /// [`Kvnet::start_with`] for the daemon of an explicit binary `bin`
+    /// (another kvnet version, for upgrade tests), with extra environment
+    /// variables; the CLI calls of the returned handle use `bin` too.
+    pub fn start_bin(
+        lab: &Lab,
+        bin: &Path,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<Kvnet> {
+        let k = Self::spawn_daemon(lab, bin, extra, envs)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if k.try_cli(&["net", "list", "--json"])?.status.success() {
@@ -85,6 +83,67 @@ impl Kvnet {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Starts the daemon of `bin` like [`Kvnet::start_bin`] but expects it
+    /// to fail: waits up to `timeout` for it to exit and returns its exit
+    /// status and log (stderr). An error if it exits successfully or is
+    /// still running then (it is stopped first).
+    pub fn start_must_fail(
+        lab: &Lab,
+        bin: &Path,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<DaemonFailure> {
+        let mut k = Self::spawn_daemon(lab, bin, extra, envs)?;
+        let d = k.daemon.take().expect("just spawned");
+        match d.wait_timeout(timeout)? {
+            Some(status) if !status.success() => Ok(DaemonFailure {
+                status,
+                log: k.daemon_log(),
+            }),
+            Some(status) => bail!(
+                "kvnet daemon exited with {status} but should have failed:\n{}",
+                k.daemon_log()
+            ),
+            None => {
+                d.stop()?;
+                bail!(
+                    "kvnet daemon still running after {timeout:?} but should have failed:\n{}",
+                    k.daemon_log()
+                )
+            }
+        }
+    }
+
+    /// `bin daemon` in the lab's hv namespace with the lab's pin folder,
+    /// state folder and socket, its stderr in the lab's daemon log.
+    fn spawn_daemon(lab: &Lab, bin: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Result<Kvnet> {
+        crate::mount_bpffs_if_needed()?;
+        let bin = bin.to_path_buf();
+        let socket = lab.socket_path();
+        let log = lab.work_dir().join("kvnet-daemon.log");
+        let log_file =
+            std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--socket")
+            .arg(&socket)
+            .arg("daemon")
+            .arg("--pin-dir")
+            .arg(lab.pin_dir())
+            .arg("--state-dir")
+            .arg(lab.work_dir().join("state"));
+        cmd.args(extra);
+        cmd.envs(envs.iter().copied());
+        cmd.stdout(Stdio::null()).stderr(log_file);
+        let daemon = lab.spawn(lab.hv(), cmd)?;
+        Ok(Kvnet {
+            bin,
+            socket,
+            log,
+            daemon: Some(daemon),
+        })
     }
 
     pub fn daemon_log(&self) -> String {

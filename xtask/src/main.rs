@@ -11,6 +11,7 @@ mod lab;
 mod run;
 mod setup;
 mod test;
+mod upgrade;
 
 use std::path::{Path, PathBuf};
 
@@ -54,6 +55,13 @@ enum Cmd {
         /// Test name filter and other test-harness arguments, after `--`.
         #[arg(last = true)]
         filter: Vec<String>,
+    },
+    /// Upgrade in place: build the kvnet of an older revision (git worktree
+    /// under target/upgrade-from/) and run the upgrade tests from it to this one.
+    UpgradeTest {
+        /// The older revision (default: the last one with the previous map layout).
+        #[arg(long, value_name = "REV", default_value = upgrade::PREVIOUS_LAYOUT_REV)]
+        from: String,
     },
     /// Keep a lab (hypervisor namespace + 3 guests) around for manual poking.
     Lab {
@@ -103,6 +111,7 @@ fn real_main() -> Result<()> {
             test_threads,
             harness_args: filter,
         }),
+        Cmd::UpgradeTest { from } => upgrade::upgrade_test(&from),
         Cmd::Lab { action } => lab::lab(action),
         Cmd::Bench { quick } => bench::bench(quick),
         Cmd::DemoAsRoot { kvnet } => demo::run(&kvnet),

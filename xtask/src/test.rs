@@ -35,8 +35,11 @@ pub fn test(opts: &Options) -> Result<()> {
             results.push(phase("leftover cleanup (before)", lab::cleanup_leftovers()));
             let mut e2e = e2e_tests(&kvnet, opts);
             results.push(phase("end-to-end tests", cmd::run_status(&mut e2e)));
-            // The newcomer's first command must keep working: run the demo.
             if cmd::is_root() && opts.harness_args.is_empty() {
+                // Upgrade in place from the previous layout's kvnet.
+                let (name, r) = crate::upgrade::phase(&kvnet);
+                results.push(phase(name, r));
+                // The newcomer's first command must keep working: run the demo.
                 results.push(phase("demo (cargo xtask run)", crate::demo::run(&kvnet)));
             }
             results.push(phase("leftover cleanup (after)", lab::cleanup_leftovers()));
@@ -94,7 +97,9 @@ fn e2e_tests(kvnet: &std::path::Path, opts: &Options) -> Command {
         .arg("--")
         .arg(format!("--test-threads={threads}"))
         .args(&opts.harness_args)
-        .env("KVNET_BIN", kvnet);
+        .env("KVNET_BIN", kvnet)
+        // The upgrade tests run in their own phase (they skip without it).
+        .env_remove("KVNET_OLD_BIN");
     if !cmd::is_root() {
         // Build as the user, run only the test binaries as root.
         c.env(runner_env_var(), "sudo -E");
@@ -104,7 +109,7 @@ fn e2e_tests(kvnet: &std::path::Path, opts: &Options) -> Command {
 }
 
 /// `CARGO_TARGET_<HOST TRIPLE>_RUNNER` for the host this xtask runs on.
-fn runner_env_var() -> String {
+pub(crate) fn runner_env_var() -> String {
     let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
     format!(
         "CARGO_TARGET_{}_RUNNER",
