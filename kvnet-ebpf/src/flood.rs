@@ -1,8 +1,15 @@
 //! Floods in tc: clone-redirect to every member of a (network, VLAN).
-use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_clone_redirect, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_SHOT, helpers::bpf_clone_redirect, macros::map, maps::PerCpuArray,
+    programs::TcContext,
+};
 use kvnet_common::FloodSet;
 
 use crate::{maps, stats, vlan::tc_retag};
+
+/// Scratch slot for the tc flood's arguments (see `tc_flood`).
+#[map(name = "flood_scratch")]
+pub static FLOOD_SCRATCH: PerCpuArray<FloodArgs> = PerCpuArray::with_max_entries(1, 0);
 
 /// What the flood loop needs, passed through a per-CPU scratch slot.
 #[derive(Clone, Copy)]
@@ -49,7 +56,7 @@ fn flood_range(ctx: &TcContext, set: &FloodSet, start: usize, n: usize, a: &Floo
 /// once instead of once per path.
 #[inline(always)]
 pub fn tc_flood(ctx: &TcContext, args: FloodArgs) -> i32 {
-    let Some(slot) = maps::FLOOD_SCRATCH.get_ptr_mut(0) else {
+    let Some(slot) = FLOOD_SCRATCH.get_ptr_mut(0) else {
         return TC_ACT_SHOT;
     };
     let a = unsafe {

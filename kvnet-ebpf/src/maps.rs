@@ -1,7 +1,7 @@
 //! The pinned maps the daemon owns (names in `kvnet_common::names`).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, PerCpuHashMap},
 };
 use kvnet_common::{
     CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, ForwardKey, ForwardTarget, NatStats,
@@ -40,11 +40,6 @@ pub static FLOOD: HashMap<FloodKey, FloodSet> = HashMap::pinned(MAX_FLOOD_DOMAIN
 
 #[map(name = "port_stats")]
 pub static PORT_STATS: PerCpuHashMap<u32, PortStats> = PerCpuHashMap::pinned(MAX_PORTS, 0);
-
-/// Scratch slot for the tc flood's arguments (see `tc_flood`).
-#[map(name = "flood_scratch")]
-pub static FLOOD_SCRATCH: PerCpuArray<crate::flood::FloodArgs> =
-    PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "vlan_members")]
 pub static VLAN_MEMBERS: HashMap<VlanMemberKey, VlanMember> = HashMap::pinned(MAX_VLAN_MEMBERS, 0);

@@ -5,61 +5,12 @@ use kvnet_common::{
     PORT_F_UPLINK_ROUTED, VLAN_MODE_NONE, VLAN_MODE_TRUNK, VLAN_M_TAGGED, VLAN_VID_MASK,
 };
 
+pub use crate::vlan::Tag;
 use crate::{
     fdb, guard, maps, parse,
     route::{self, L3Ctx},
     stats,
 };
-
-/// The outer VLAN tag a frame arrived with, wherever it sits: in the packet
-/// after the MACs, or (tc) already moved into skb->vlan_tci by the kernel.
-#[derive(Clone, Copy)]
-pub struct Tag {
-    /// 0 when untagged.
-    pub tpid: u16,
-    pub tci: u16,
-    /// The tag is in the packet bytes (else in skb metadata, or absent).
-    pub in_packet: bool,
-}
-
-impl Tag {
-    pub const NONE: Tag = Tag {
-        tpid: 0,
-        tci: 0,
-        in_packet: false,
-    };
-
-    #[inline(always)]
-    pub fn present(&self) -> bool {
-        self.tpid != 0
-    }
-
-    /// The tag from the packet bytes, or `hw` (tpid, tci) when the kernel
-    /// already took it out of the packet.
-    #[inline(always)]
-    pub fn of(data: usize, data_end: usize, hw: Option<(u16, u16)>) -> Tag {
-        if let Some((tpid, tci)) = hw {
-            return Tag {
-                tpid,
-                tci,
-                in_packet: false,
-            };
-        }
-        let Some(h) = parse::ptr_at::<[u8; 4]>(data, data_end, 12) else {
-            return Tag::NONE;
-        };
-        let h = unsafe { &*h };
-        let tpid = u16::from_be_bytes([h[0], h[1]]);
-        if !guard::is_tag(tpid) {
-            return Tag::NONE;
-        }
-        Tag {
-            tpid,
-            tci: u16::from_be_bytes([h[2], h[3]]),
-            in_packet: true,
-        }
-    }
-}
 
 pub enum Action {
     /// Not kvnet's business: let the host stack have it.

@@ -8,6 +8,7 @@ mod build;
 mod cmd;
 mod demo;
 mod lab;
+mod layering;
 mod run;
 mod setup;
 mod test;
