@@ -1,0 +1,28 @@
+//! Table sizes and per-port limits: what the maps are created with.
+/// Largest number of ports one network (flood domain) can hold: the tc
+/// flood loop is bounded by it.
+pub const MAX_FLOOD_PORTS: usize = 64;
+pub const MAX_PORTS: u32 = 4096;
+pub const MAX_FDB_ENTRIES: u32 = 1 << 20;
+pub const MAX_NETWORKS: u32 = 4096;
+/// Default conntrack capacity (entries; a flow takes two). The daemon can
+/// size it at load (`--ct-max`).
+pub const MAX_CT_ENTRIES: u32 = 262_144;
+pub const MAX_FORWARDS: u32 = 4096;
+/// Flood domains: one per (network, VLAN) in use.
+pub const MAX_FLOOD_DOMAINS: u32 = 16384;
+/// (port, VLAN) memberships across all ports.
+pub const MAX_VLAN_MEMBERS: u32 = 65536;
+/// Learned MACs one network may hold: ports without port security (uplinks,
+/// trunks to other switches) learn freely up to this, so a flood from the
+/// LAN cannot take the whole FDB. Guest ports are bounded by their own
+/// `max_macs` and never lose an entry to it (nothing is evicted).
+pub const MAX_LEARNED_PER_NET: u32 = 65536;
+/// MACs a guest port can own ([`PortConfig::macs`]).
+pub const PORT_MACS: usize = 4;
+/// IPv4 source bindings a guest port can hold ([`PortConfig::ips`]).
+pub const PORT_IPS: usize = 4;
+/// MACs a guarded port may own unless told otherwise (`--max-macs`).
+pub const DEFAULT_MAX_MACS: u8 = 1;
+/// Owned (network, VLAN, MAC)s: every guest port's MACs plus gateways.
+pub const MAX_MAC_OWNERS: u32 = MAX_PORTS * PORT_MACS as u32 + MAX_NETWORKS;

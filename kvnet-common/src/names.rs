@@ -1,0 +1,24 @@
+//! Names of the pinned maps and programs, as `bpftool` shows them (the
+//! kernel keeps 15 characters of an object name).
+
+pub const MAP_PORTS: &str = "ports";
+pub const MAP_FDB: &str = "fdb";
+pub const MAP_FLOOD: &str = "flood";
+pub const MAP_PORT_STATS: &str = "port_stats";
+pub const MAP_VLAN_MEMBERS: &str = "vlan_members";
+pub const MAP_NETS: &str = "nets";
+pub const MAP_GW_HOSTS: &str = "gw_hosts";
+pub const MAP_CT: &str = "ct";
+pub const MAP_FORWARDS: &str = "forwards";
+pub const MAP_NAT_STATS: &str = "nat_stats";
+pub const MAP_NAT_SUBNETS: &str = "nat_subnets";
+pub const MAP_TRACE_CFG: &str = "trace_cfg";
+pub const MAP_TRACE: &str = "trace";
+pub const MAP_MAC_OWNERS: &str = "mac_owners";
+pub const MAP_CT_QUOTA: &str = "ct_quota";
+pub const MAP_FDB_COUNT: &str = "fdb_count";
+/// One u32: the [`LAYOUT_VERSION`](super::LAYOUT_VERSION) of the pinned datapath.
+pub const MAP_LAYOUT: &str = "layout";
+pub const PROG_TC_OUT: &str = "kvnet_tc_out";
+pub const PROG_XDP: &str = "kvnet_xdp";
+pub const PROG_TC: &str = "kvnet_tc";
