@@ -178,19 +178,9 @@ impl Switch {
         let nat_ip = netdev::ipv4(uplink)?.with_context(|| {
             format!("uplink '{uplink}' has no IPv4 address to masquerade behind")
         })?;
-        for (other, n) in &self.nets {
-            if let (Some(s), Some(u)) = (&n.nat, &n.uplink) {
-                if u == uplink && s.ports.0 <= ports.1 && ports.0 <= s.ports.1 {
-                    bail!(
-                        "NAT ports {}-{} overlap network '{other}' ({}-{}) on uplink '{uplink}'",
-                        ports.0,
-                        ports.1,
-                        s.ports.0,
-                        s.ports.1
-                    );
-                }
-            }
-        }
+        // Networks on one uplink share its address's port space, ranges
+        // overlapping or not: a port is reserved by the conntrack entry of
+        // its reply direction, whichever network takes it.
         Ok(Some(NatState {
             ports,
             nat_ip,
