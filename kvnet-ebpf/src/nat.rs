@@ -277,7 +277,12 @@ fn touch(e: *mut CtEntry, len: u64, tcp_flags: u8) {
         if tcp_flags & 0x10 != 0 {
             seen |= CT_F_ACK;
         }
-        if (*e).flags & seen != seen {
+        let closed = CT_F_FIN | CT_F_RST;
+        if seen & CT_F_SYN != 0 && (*e).flags & closed != 0 {
+            // A SYN on a tuple whose connection closed: a new connection
+            // (a client reusing its port), not the old one's flags.
+            (*e).flags = ((*e).flags & !(closed | CT_F_SYN | CT_F_ACK)) | seen;
+        } else if (*e).flags & seen != seen {
             (*e).flags |= seen;
         }
     }

@@ -34,7 +34,12 @@ pub fn graph(src: &Path) -> std::io::Result<Graph> {
             let top = rel
                 .components()
                 .next()
-                .map(|c| c.as_os_str().to_string_lossy().trim_end_matches(".rs").to_string())
+                .map(|c| {
+                    c.as_os_str()
+                        .to_string_lossy()
+                        .trim_end_matches(".rs")
+                        .to_string()
+                })
                 .unwrap_or_default();
             if matches!(top.as_str(), "lib" | "main") {
                 continue;
@@ -145,7 +150,10 @@ mod tests {
     #[test]
     fn the_daemon_has_no_import_circles() {
         let g = graph(&root().join("kvnet-userspace/src")).unwrap();
-        assert!(g.contains_key("switch") && g.contains_key("config"), "{g:?}");
+        assert!(
+            g.contains_key("switch") && g.contains_key("config"),
+            "{g:?}"
+        );
         assert_eq!(circles(&g), Vec::<Vec<String>>::new(), "{g:#?}");
     }
 

@@ -504,3 +504,69 @@ fn a_udp_gso_packet_is_translated_when_its_segments_fit_the_mtu() {
         assert_eq!(tuple(&r.frame).0, NAT_IP, "translated");
     });
 }
+
+/// Ethernet + IPv4 + TCP with `flags` (checksums left zero: NAT adjusts
+/// them incrementally and reads nothing else).
+fn tcp(
+    dst: [u8; 6],
+    src: [u8; 6],
+    sip: [u8; 4],
+    dip: [u8; 4],
+    sp: u16,
+    dp: u16,
+    flags: u8,
+) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x08, 0x00, 0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0]);
+    f.extend_from_slice(&sip);
+    f.extend_from_slice(&dip);
+    f.extend_from_slice(&sp.to_be_bytes());
+    f.extend_from_slice(&dp.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    f
+}
+
+/// Review finding (issue 14): TCP state flags were sticky, so a client
+/// reusing its port after a close had its new connection treated as
+/// closing (and expired early by the GC). A SYN after FIN/RST starts over.
+#[test]
+fn a_syn_on_a_closed_tuple_starts_a_fresh_connection() {
+    in_netns(|| {
+        let mut n = nat(0);
+        let (syn, fin_ack, rst) = (0x02, 0x11, 0x04);
+        let send = |n: &mut Nat, flags: u8| {
+            let f = tcp(n.gw_mac, GUEST_MAC, GUEST, REMOTE, 40000, 80, flags);
+            assert_eq!(n.from_guest_port(&f).verdict, TC_ACT_REDIRECT);
+        };
+        let flags = |n: &mut Nat| -> u32 {
+            let key = CtKey {
+                saddr: be(GUEST),
+                daddr: be(REMOTE),
+                sport: 40000,
+                dport: 80,
+                proto: IPPROTO_TCP,
+                ..Default::default()
+            };
+            n.dp.ct()
+                .unwrap()
+                .get(&key, 0)
+                .expect("the flow's entry")
+                .flags
+        };
+        send(&mut n, syn);
+        send(&mut n, fin_ack);
+        assert_ne!(flags(&mut n) & CT_F_FIN, 0, "the close is seen");
+        send(&mut n, syn);
+        let f = flags(&mut n);
+        assert_eq!(f & (CT_F_FIN | CT_F_RST | CT_F_ACK), 0, "fresh: {f:#x}");
+        assert_ne!(f & CT_F_SYN, 0);
+        assert_ne!(f & CT_F_ORIGINAL, 0, "still the original direction");
+        // The same after a reset.
+        send(&mut n, rst);
+        assert_ne!(flags(&mut n) & CT_F_RST, 0);
+        send(&mut n, syn);
+        assert_eq!(flags(&mut n) & CT_F_RST, 0);
+    });
+}
