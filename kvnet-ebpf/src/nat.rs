@@ -78,7 +78,7 @@ fn count(net_id: u32, f: impl FnOnce(&mut NatStats)) {
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<Pkt> {
     let vihl: u8 = load(ctx, L3)?;
-    if vihl >> 4 != 4 {
+    if vihl >> 4 != 4 || vihl & 0xf < 5 {
         return None;
     }
     let l4 = L3 + ((vihl & 0xf) as usize) * 4;
@@ -638,6 +638,9 @@ fn icmp_error(ctx: &TcContext, p: &Pkt, ingress: u32) -> Nat {
     let Some(evihl) = load::<u8>(ctx, eip) else {
         return Nat::Skip;
     };
+    if evihl >> 4 != 4 || evihl & 0xf < 5 {
+        return Nat::Skip;
+    }
     let el4 = eip + ((evihl & 0xf) as usize) * 4;
     let Some(eproto) = load::<u8>(ctx, eip + 9) else {
         return Nat::Skip;

@@ -93,8 +93,9 @@ pub fn lookup_v4(
     ifindex: u32,
 ) -> Option<Fib> {
     let h = unsafe { &*ptr_at::<[u8; 20]>(data, data_end, l3)? };
-    if h[0] >> 4 != 4 || h[8] <= 1 {
-        // Not IPv4, or the TTL expires here: the host sends time-exceeded.
+    if h[0] >> 4 != 4 || h[0] & 0xf < 5 || h[8] <= 1 {
+        // Not IPv4 (or a header shorter than 20 bytes), or the TTL expires
+        // here: the host drops it or sends time-exceeded.
         return None;
     }
     let ihl = ((h[0] & 0xf) as usize) * 4;

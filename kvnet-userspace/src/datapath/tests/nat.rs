@@ -570,3 +570,19 @@ fn a_syn_on_a_closed_tuple_starts_a_fresh_connection() {
         assert_eq!(flags(&mut n) & CT_F_RST, 0);
     });
 }
+
+/// Review finding (issue 14): an IPv4 header length below 20 bytes was
+/// accepted, and the ports read from inside the IP header.
+#[test]
+fn a_header_shorter_than_twenty_bytes_is_not_translated() {
+    in_netns(|| {
+        let mut n = nat(0);
+        let mut f = udp(n.gw_mac, GUEST_MAC, GUEST, REMOTE, 40000, 53);
+        f[14] = 0x44;
+        let r = n.from_guest_port(&f);
+        assert_eq!(&r.frame[26..30], &GUEST, "not translated");
+        assert_eq!(n.dp.nat_stats(NET).unwrap().translated, 0);
+        // Control: the same with IHL 5 is.
+        assert_eq!(tuple(&n.guest(REMOTE, 40000).frame).0, NAT_IP);
+    });
+}

@@ -101,3 +101,23 @@ fn traffic_for_a_guest_on_the_uplink_goes_straight_to_its_port() {
         assert_eq!(n.dp.run_tc_on(&other, n.up0).unwrap().verdict, TC_ACT_OK);
     });
 }
+
+/// Review finding (issue 14): a header length below 20 bytes was routed.
+#[test]
+fn a_header_shorter_than_twenty_bytes_is_not_routed() {
+    in_netns(|| {
+        let mut n = routed();
+        let mut f = udp_ok(n.gw_mac, GUEST_MAC, GUEST, REMOTE, 40000, 53);
+        f[14] = 0x44;
+        let r = n.dp.run_tc_on(&f, n.guest_port).unwrap();
+        assert_eq!(
+            r.frame, f,
+            "untouched (to the gateway's host, which drops it)"
+        );
+        assert_eq!(n.dp.stats(n.guest_port).unwrap().routed, 0);
+        // Control: IHL 5 is routed.
+        f[14] = 0x45;
+        let r = n.dp.run_tc_on(&f, n.guest_port).unwrap();
+        assert_eq!(r.frame[22], 63);
+    });
+}
