@@ -117,6 +117,27 @@ fn time_scale() -> f64 {
         .unwrap_or(1.0)
 }
 
+/// Whether a flow (its original entry and the reply's) has been idle past
+/// its state's timeout at `now`.
+fn idle_past_timeout(e: &CtEntry, reply: Option<&CtEntry>, now: u64) -> bool {
+    let (_, limit) = state(e, reply);
+    let last = reply.map_or(e.last_seen_ns, |r| r.last_seen_ns.max(e.last_seen_ns));
+    now.saturating_sub(last) as f64 / 1e9 > limit / time_scale()
+}
+
+/// The flows of a conntrack snapshot idle past their timeout: (original
+/// key, reply key).
+pub(crate) fn conntrack_gc_candidates(
+    all: &std::collections::HashMap<CtKey, CtEntry>,
+    now: u64,
+) -> Vec<(CtKey, CtKey)> {
+    all.iter()
+        .filter(|(_, e)| e.flags & CT_F_ORIGINAL != 0)
+        .filter(|(_, e)| idle_past_timeout(e, all.get(&e.rewrite.reply()), now))
+        .map(|(k, e)| (*k, e.rewrite.reply()))
+        .collect()
+}
+
 /// (state name, timeout) of a flow from its two entries.
 fn state(orig: &CtEntry, reply: Option<&CtEntry>) -> (&'static str, f64) {
     let rflags = reply.map_or(0, |r| r.flags);
@@ -482,6 +503,28 @@ impl Switch {
         self.ct_flush_id(id)
     }
 
+    /// The candidates still idle now, read again from the map: the walk
+    /// that found them can take seconds on a large table, and a flow that
+    /// came back to life meanwhile stays. Returns the keys to delete.
+    pub(crate) fn conntrack_gc_still_idle(
+        &mut self,
+        candidates: Vec<(CtKey, CtKey)>,
+    ) -> Result<Vec<CtKey>> {
+        let ct = self.dp.ct()?;
+        let mut doomed = Vec::new();
+        for (k, rkey) in candidates {
+            let Ok(e) = ct.get(&k, 0) else {
+                continue;
+            };
+            let reply = ct.get(&rkey, 0).ok();
+            if idle_past_timeout(&e, reply.as_ref(), monotonic_ns()) {
+                doomed.push(k);
+                doomed.push(rkey);
+            }
+        }
+        Ok(doomed)
+    }
+
     /// Deletes flows idle past their state's timeout (both entries).
     pub fn conntrack_gc(&mut self) -> Result<usize> {
         let all: std::collections::HashMap<CtKey, CtEntry> =
@@ -489,19 +532,9 @@ impl Switch {
         if all.is_empty() {
             return Ok(0);
         }
+        let candidates = conntrack_gc_candidates(&all, monotonic_ns());
+        let mut doomed = self.conntrack_gc_still_idle(candidates)?;
         let now = monotonic_ns();
-        let scale = time_scale();
-        let mut doomed = Vec::new();
-        for (k, e) in all.iter().filter(|(_, e)| e.flags & CT_F_ORIGINAL != 0) {
-            let rkey = e.rewrite.reply();
-            let reply = all.get(&rkey);
-            let (_, limit) = state(e, reply);
-            let last = reply.map_or(e.last_seen_ns, |r| r.last_seen_ns.max(e.last_seen_ns));
-            if now.saturating_sub(last) as f64 / 1e9 > limit / scale {
-                doomed.push(*k);
-                doomed.push(rkey);
-            }
-        }
         // Reply entries whose original vanished (a half-created flow).
         for (k, e) in all.iter().filter(|(_, e)| e.flags & CT_F_ORIGINAL == 0) {
             if !all.contains_key(&e.rewrite.reply())

@@ -586,3 +586,42 @@ fn a_header_shorter_than_twenty_bytes_is_not_translated() {
         assert_eq!(tuple(&n.guest(REMOTE, 40000).frame).0, NAT_IP);
     });
 }
+
+/// Review finding (issue 14): the conntrack GC deleted what a snapshot
+/// said was idle, even when the flow came back while the (long) walk ran.
+#[test]
+fn the_conntrack_gc_keeps_a_flow_that_came_back_during_its_walk() {
+    in_netns(|| {
+        let n = nat(0);
+        let (guest_port, gw_mac) = (n.guest_port, n.gw_mac);
+        let mut sw = crate::switch::Switch::new(n.dp);
+        let frame = udp(gw_mac, GUEST_MAC, GUEST, REMOTE, 40000, 53);
+        let out = sw.dp.run_tc_on(&frame, guest_port).unwrap();
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        // Both entries idle for an hour.
+        let age = |sw: &mut crate::switch::Switch| {
+            let mut ct = sw.dp.ct().unwrap();
+            let all: Vec<_> = ct.iter().filter_map(|r| r.ok()).collect();
+            for (k, mut e) in all {
+                e.last_seen_ns = e.last_seen_ns.saturating_sub(3_600_000_000_000);
+                ct.insert(k, e, 0).unwrap();
+            }
+        };
+        let snapshot = |sw: &mut crate::switch::Switch| {
+            let all: std::collections::HashMap<_, _> =
+                sw.dp.ct().unwrap().iter().filter_map(|r| r.ok()).collect();
+            crate::switch::nat::conntrack_gc_candidates(&all, crate::host::monotonic_ns())
+        };
+        age(&mut sw);
+        let candidates = snapshot(&mut sw);
+        assert_eq!(candidates.len(), 1, "the idle flow is a candidate");
+        // The guest sends again while the GC is still walking.
+        sw.dp.run_tc_on(&frame, guest_port).unwrap();
+        let doomed = sw.conntrack_gc_still_idle(candidates).unwrap();
+        assert!(doomed.is_empty(), "a live flow is kept: {doomed:?}");
+        // Control: idle again, it goes.
+        age(&mut sw);
+        let candidates = snapshot(&mut sw);
+        assert_eq!(sw.conntrack_gc_still_idle(candidates).unwrap().len(), 2);
+    });
+}
