@@ -625,3 +625,22 @@ fn the_conntrack_gc_keeps_a_flow_that_came_back_during_its_walk() {
         assert_eq!(sw.conntrack_gc_still_idle(candidates).unwrap().len(), 2);
     });
 }
+
+/// Review finding (issue 14): on a multi-homed host, a destination routed
+/// out of another interface got the uplink's address anyway.
+#[test]
+fn only_what_leaves_by_the_uplink_is_masqueraded() {
+    in_netns(|| {
+        let mut n = nat(0);
+        sh(
+            "ip link add other0 type veth peer name other1 && ip link set other0 up \
+            && ip link set other1 up && ip addr add 203.0.113.1/24 dev other0 \
+            && ip neigh add 203.0.113.5 lladdr 02:00:00:00:00:05 dev other0 nud permanent",
+        );
+        let r = n.guest([203, 0, 113, 5], 40000);
+        assert_eq!(tuple(&r.frame).0, GUEST, "not translated: the host has it");
+        assert_eq!(n.dp.nat_stats(NET).unwrap().new_flows, 0, "no flow tracked");
+        // Control: the uplink's side is.
+        assert_eq!(tuple(&n.guest(REMOTE, 40000).frame).0, NAT_IP);
+    });
+}
