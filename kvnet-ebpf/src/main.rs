@@ -364,31 +364,41 @@ fn tc_out_act(ctx: &TcContext) -> i32 {
         _ => return TC_ACT_OK,
     }
     let len = ctx.len();
-    if parse::is_multicast(&eth.dst) {
-        stats::flooded(uplink);
-        tc_flood(
-            &ctx,
-            FloodArgs {
-                net_id,
-                vid: 0,
-                ingress: uplink,
-                hairpin: 0,
-                len,
-                tagged: 0,
-                cur_tci: 0,
-                out_tci: 0,
-                second_start: 0,
-                second_len: 0,
-            },
-        );
-        return TC_ACT_OK;
-    }
-    match fdb::lookup_entry(net_id, 0, eth.dst) {
-        Some((egress, flags)) if egress != uplink && flags & FDB_F_HOST == 0 => {
+    let egress = if parse::is_multicast(&eth.dst) {
+        None
+    } else {
+        match fdb::lookup_entry(net_id, 0, eth.dst) {
+            Some((egress, flags)) if egress != uplink && flags & FDB_F_HOST == 0 => Some(egress),
+            // Behind the uplink (or the host's own): the wire has it.
+            Some(_) => return TC_ACT_OK,
+            // Unknown, as a bridge floods it: to the guests and the wire.
+            None => None,
+        }
+    };
+    match egress {
+        Some(egress) => {
             stats::tx(egress, len as u64);
             unsafe { bpf_redirect(egress, 0) as i32 }
         }
-        _ => TC_ACT_OK,
+        None => {
+            stats::flooded(uplink);
+            tc_flood(
+                &ctx,
+                FloodArgs {
+                    net_id,
+                    vid: 0,
+                    ingress: uplink,
+                    hairpin: 0,
+                    len,
+                    tagged: 0,
+                    cur_tci: 0,
+                    out_tci: 0,
+                    second_start: 0,
+                    second_len: 0,
+                },
+            );
+            TC_ACT_OK
+        }
     }
 }
 

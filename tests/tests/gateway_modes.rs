@@ -339,3 +339,47 @@ fn bad_gateway_and_uplink_input_is_refused() {
         "no interface left half-made"
     );
 }
+
+/// Review finding (issue 14): on a bridged network, the host's frame to a
+/// guest whose MAC had aged out of the FDB went only to the wire, never to
+/// the guests (a bridge floods unknown unicast to every port).
+#[test]
+fn the_host_reaches_a_guest_whose_mac_left_the_fdb() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let _out = outside(&lab);
+    let g1 = guest(&lab, "p1", "198.51.100.11/24", None);
+    let k = Kvnet::start(&lab).unwrap();
+    k.cli(&["net", "add", "lan", "--mode", "bridged", "--uplink", "up0"])
+        .unwrap();
+    k.cli(&["port", "add", "lan", "p1"]).unwrap();
+    let once = |ns: &str, ip: &str| {
+        kvnet_tests::lab::exec_output(ns, &["ping", "-c", "1", "-W", "1", ip])
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(once(lab.hv(), "198.51.100.11"), "positive control");
+    let mac = g1
+        .sh("ip -br link show eth0")
+        .unwrap()
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_string();
+    // The host keeps the guest's neighbour entry, the switch forgets the MAC.
+    lab.sh(
+        lab.hv(),
+        &format!("ip neigh replace 198.51.100.11 lladdr {mac} dev up0 nud permanent"),
+    )
+    .unwrap();
+    k.cli(&["fdb", "del", "lan", &mac]).unwrap();
+    assert!(
+        !k.json(&["fdb", "show", "lan"])
+            .unwrap()
+            .to_string()
+            .contains(&mac),
+        "the MAC is gone"
+    );
+    assert!(once(lab.hv(), "198.51.100.11"), "flooded to the guests");
+}
