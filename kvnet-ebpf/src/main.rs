@@ -1,4 +1,4 @@
-//! kvnet datapath: one switching core ([`switch::decide`]) run from two hooks.
+//! kvnet datapath: one pipeline ([`pipeline::decide`]) run from two hooks.
 //!
 //! * `kvnet_tc` (tc clsact ingress) sees every frame as an skb, so it can
 //!   carry GSO super-packets and checksum-offloaded frames, and flood by
@@ -17,9 +17,9 @@ mod guard;
 mod maps;
 mod nat;
 mod parse;
+mod pipeline;
 mod route;
 mod stats;
-mod switch;
 mod trace;
 mod vlan;
 
@@ -39,8 +39,8 @@ use kvnet_common::{
 
 use crate::{
     flood::{tc_flood, FloodArgs},
+    pipeline::{Tag, Verdict},
     route::L3Ctx,
-    switch::{Action, Tag},
     vlan::{tc_retag, xdp_retag},
 };
 
@@ -78,14 +78,14 @@ fn xdp_act(ctx: &XdpContext) -> (u32, u32) {
         return (xdp_action::XDP_PASS, 0);
     }
     // No routing context: routed and host-bound frames go on to tc.
-    match switch::decide(ingress, &port, data, data_end, &tag, None) {
-        Action::Pass
-        | Action::Flood(..)
-        | Action::Route(_)
-        | Action::ToHost(_)
-        | Action::NatOut(_)
-        | Action::NatIn => (xdp_action::XDP_PASS, 0),
-        Action::Drop(reason) => {
+    match pipeline::decide(ingress, &port, data, data_end, &tag, None) {
+        Verdict::Pass
+        | Verdict::Flood { .. }
+        | Verdict::Route { .. }
+        | Verdict::ToHost { .. }
+        | Verdict::NatOut { .. }
+        | Verdict::NatIn => (xdp_action::XDP_PASS, 0),
+        Verdict::Drop(reason) => {
             stats::rx(ingress, len);
             stats::drop(ingress, reason);
             // Off unless the daemon runs with --log-datapath (AYA_LOG_LEVEL).
@@ -95,7 +95,11 @@ fn xdp_act(ctx: &XdpContext) -> (u32, u32) {
             );
             (xdp_action::XDP_DROP, reason as u32)
         }
-        Action::Unicast(egress, egress_flags, out_tci) => {
+        Verdict::Unicast {
+            egress,
+            egress_flags,
+            out_tci,
+        } => {
             if egress_flags & PORT_F_XDP_TX == 0 {
                 return (xdp_action::XDP_PASS, 0);
             }
@@ -172,20 +176,20 @@ fn tc_main(ctx: TcContext) -> i32 {
             to_us: skb.pkt_type == 0,
         }
     };
-    let action = switch::decide(ingress, &port, data, data_end, &tag, Some(l3));
+    let action = pipeline::decide(ingress, &port, data, data_end, &tag, Some(l3));
     // One counter lookup for "seen" and "received" (the hot path's cost is
     // mostly hash lookups).
-    stats::seen_tc_rx(ingress, len, !matches!(action, Action::Pass));
+    stats::seen_tc_rx(ingress, len, !matches!(action, Verdict::Pass));
     if trace::on() {
         let (code, egress, reason) = match &action {
-            Action::Pass => (TRACE_PASS, 0, 0),
-            Action::Drop(r) => (TRACE_DROP, 0, *r as u8 + 1),
-            Action::Unicast(e, _, _) => (TRACE_UNICAST, *e, 0),
-            Action::Flood(..) => (TRACE_FLOOD, 0, 0),
-            Action::Route(e) => (TRACE_ROUTE, *e, 0),
-            Action::ToHost(e) => (TRACE_TO_HOST, *e, 0),
-            Action::NatOut(_) => (TRACE_NAT_OUT, 0, 0),
-            Action::NatIn => (TRACE_NAT_IN, 0, 0),
+            Verdict::Pass => (TRACE_PASS, 0, 0),
+            Verdict::Drop(r) => (TRACE_DROP, 0, *r as u8 + 1),
+            Verdict::Unicast { egress, .. } => (TRACE_UNICAST, *egress, 0),
+            Verdict::Flood { .. } => (TRACE_FLOOD, 0, 0),
+            Verdict::Route { egress } => (TRACE_ROUTE, *egress, 0),
+            Verdict::ToHost { uplink } => (TRACE_TO_HOST, *uplink, 0),
+            Verdict::NatOut { .. } => (TRACE_NAT_OUT, 0, 0),
+            Verdict::NatIn => (TRACE_NAT_IN, 0, 0),
         };
         let vid = tag.tci & kvnet_common::VLAN_VID_MASK;
         trace::begin_tc(&ctx, TRACE_HOOK_TC, ingress, vid, code, egress, reason);
@@ -207,16 +211,16 @@ fn tc_act(
     ingress: u32,
     len: u64,
     port: &kvnet_common::PortConfig,
-    action: Action,
-    tag: &switch::Tag,
+    action: Verdict,
+    tag: &Tag,
     l3: L3Ctx,
     data: usize,
     data_end: usize,
 ) -> i32 {
     let mut cur = tag.present().then_some(tag.tci);
     match action {
-        Action::Pass => TC_ACT_OK,
-        Action::Drop(reason) => {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Drop(reason) => {
             stats::drop(ingress, reason);
             debug!(
                 &ctx,
@@ -224,7 +228,9 @@ fn tc_act(
             );
             TC_ACT_SHOT
         }
-        Action::Unicast(egress, _, out_tci) => {
+        Verdict::Unicast {
+            egress, out_tci, ..
+        } => {
             if !tc_retag(&ctx, &mut cur, out_tci) {
                 stats::drop(ingress, DropReason::RedirectFailed);
                 return TC_ACT_SHOT;
@@ -233,11 +239,11 @@ fn tc_act(
             stats::tx(egress, len);
             rc
         }
-        Action::Route(egress) => {
+        Verdict::Route { egress } => {
             stats::tx(egress, len);
             unsafe { bpf_redirect(egress, 0) as i32 }
         }
-        Action::NatOut(net_id) => {
+        Verdict::NatOut { net_id } => {
             let Some(n) = maps::net(net_id) else {
                 return TC_ACT_SHOT;
             };
@@ -259,7 +265,7 @@ fn tc_act(
                 }
             }
         }
-        Action::NatIn => match nat::from_uplink(&ctx, ingress) {
+        Verdict::NatIn => match nat::from_uplink(&ctx, ingress) {
             nat::Nat::Sent(rc, egress) => {
                 stats::routed(ingress);
                 trace::egress(egress);
@@ -269,12 +275,12 @@ fn tc_act(
             nat::Nat::Skip | nat::Nat::ToHost => {
                 // Not a NAT flow: a routed network's traffic, or the host's.
                 // Skip: nat touched nothing, the packet pointers still hold.
-                match switch::from_routed_uplink(ingress, data, data_end, tag, Some(l3)) {
-                    Action::Route(egress) => {
+                match pipeline::from_uplink(ingress, data, data_end, tag, Some(l3)) {
+                    Verdict::Route { egress } => {
                         stats::tx(egress, len);
                         unsafe { bpf_redirect(egress, 0) as i32 }
                     }
-                    Action::Drop(reason) => {
+                    Verdict::Drop(reason) => {
                         stats::drop(ingress, reason);
                         TC_ACT_SHOT
                     }
@@ -282,12 +288,15 @@ fn tc_act(
                 }
             }
         },
-        Action::ToHost(uplink) => {
+        Verdict::ToHost { uplink } => {
             stats::to_host(ingress);
             ctx.set_mark(KVNET_HOST_MARK);
             unsafe { bpf_redirect(uplink, BPF_F_INGRESS) as i32 }
         }
-        Action::Flood(key, out_tci) => {
+        Verdict::Flood {
+            domain: key,
+            out_tci,
+        } => {
             stats::flooded(ingress);
             if port.flags & PORT_F_BRIDGED_NET != 0 && key.vid == 0 && cur.is_none() {
                 // A bridged network's broadcast also reaches the host stack.
