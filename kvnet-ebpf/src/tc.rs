@@ -1,0 +1,296 @@
+//! The tc hooks: ingress carries out every verdict (redirects, floods,
+//! NAT, host delivery); egress on uplinks guards NAT and delivers the host's
+//! frames on a bridged network to its guests.
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::{bpf_clone_redirect, bpf_redirect},
+    programs::TcContext,
+};
+use aya_log_ebpf::debug;
+use kvnet_common::{
+    DropReason, FDB_F_HOST, KVNET_HOST_MARK, PORT_F_BRIDGED_NET, PORT_F_HAIRPIN, PORT_F_TRUSTED,
+    PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_NAT, PORT_F_UPLINK_ROUTED, TRACE_DROP, TRACE_EGRESS,
+    TRACE_FLOOD, TRACE_HOOK_TC, TRACE_HOOK_TC_OUT, TRACE_NAT_IN, TRACE_NAT_OUT, TRACE_PASS,
+    TRACE_ROUTE, TRACE_TO_HOST, TRACE_UNICAST,
+};
+
+use crate::{
+    flood::{tc_flood, FloodArgs},
+    pipeline::{Tag, Verdict},
+    route::L3Ctx,
+    vlan::tc_retag,
+};
+
+use crate::{fdb, maps, nat, parse, pipeline, stats, trace};
+
+/// Bytes of an untrusted port's frame tc makes linear before the guards
+/// look (headers, IPv6 extension headers, DHCP up to chaddr).
+const GUARD_PULL_LEN: u32 = 256;
+
+/// bpf_redirect flag: deliver to the device's receive path (its host stack).
+const BPF_F_INGRESS: u64 = 1;
+
+#[inline(always)]
+pub fn ingress(ctx: TcContext) -> i32 {
+    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    let len = ctx.len() as u64;
+    let Some(port) = maps::port(ingress) else {
+        return TC_ACT_OK;
+    };
+    if unsafe { (*ctx.skb.skb).mark } == KVNET_HOST_MARK {
+        // Handed to this uplink's host stack by kvnet itself.
+        ctx.set_mark(0);
+        return TC_ACT_OK;
+    }
+    // On receive the kernel has usually moved the outer tag into
+    // skb->vlan_tci already; BPF_PROG_RUN and XDP_PASSed frames may not.
+    let hw = unsafe {
+        let skb = &*ctx.skb.skb;
+        (skb.vlan_present != 0).then(|| (u16::from_be(skb.vlan_proto as u16), skb.vlan_tci as u16))
+    };
+    if port.flags & (PORT_F_TRUSTED | PORT_F_UPLINK_BRIDGED | PORT_F_UPLINK_ROUTED) == 0 {
+        // The guards read headers in place: a guest can hand over an skb
+        // whose headers lie beyond its linear part (virtio hdr_len).
+        let linear = (ctx.data_end() - ctx.data()) as u32;
+        if ctx.len() > linear && linear < GUARD_PULL_LEN {
+            let _ = ctx.pull_data(ctx.len().min(GUARD_PULL_LEN));
+        }
+    }
+    // Read once: LLVM may otherwise keep `ctx + offset` around, which the
+    // verifier refuses to dereference.
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let tag = Tag::of(data, data_end, hw);
+    let l3 = unsafe {
+        let skb = &*ctx.skb.skb;
+        L3Ctx {
+            ctx: ctx.skb.skb as *mut _,
+            gso_size: skb.gso_size as u16,
+            // PACKET_HOST: addressed to this interface's MAC.
+            to_us: skb.pkt_type == 0,
+        }
+    };
+    let action = pipeline::decide(ingress, &port, data, data_end, &tag, Some(l3));
+    // One counter lookup for "seen" and "received" (the hot path's cost is
+    // mostly hash lookups).
+    stats::seen_tc_rx(ingress, len, !matches!(action, Verdict::Pass));
+    if trace::on() {
+        let (code, egress, reason) = match &action {
+            Verdict::Pass => (TRACE_PASS, 0, 0),
+            Verdict::Drop(r) => (TRACE_DROP, 0, *r as u8 + 1),
+            Verdict::Unicast { egress, .. } => (TRACE_UNICAST, *egress, 0),
+            Verdict::Flood { .. } => (TRACE_FLOOD, 0, 0),
+            Verdict::Route { egress } => (TRACE_ROUTE, *egress, 0),
+            Verdict::ToHost { uplink } => (TRACE_TO_HOST, *uplink, 0),
+            Verdict::NatOut { .. } => (TRACE_NAT_OUT, 0, 0),
+            Verdict::NatIn => (TRACE_NAT_IN, 0, 0),
+        };
+        let vid = tag.tci & kvnet_common::VLAN_VID_MASK;
+        trace::begin_tc(&ctx, TRACE_HOOK_TC, ingress, vid, code, egress, reason);
+    }
+    let rc = tc_act(&ctx, ingress, len, &port, action, &tag, l3, data, data_end);
+    // Looked up again rather than carried: the verifier then checks the
+    // verdict paths once, not once per tracing state.
+    if trace::on() {
+        trace::finish_tc(&ctx, rc);
+    }
+    rc
+}
+
+/// The tc verdict for `action`: redirects, floods, NAT.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tc_act(
+    ctx: &TcContext,
+    ingress: u32,
+    len: u64,
+    port: &kvnet_common::PortConfig,
+    action: Verdict,
+    tag: &Tag,
+    l3: L3Ctx,
+    data: usize,
+    data_end: usize,
+) -> i32 {
+    let mut cur = tag.present().then_some(tag.tci);
+    match action {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Drop(reason) => {
+            stats::drop(ingress, reason);
+            debug!(
+                &ctx,
+                "tc drop on ifindex {}: reason {}", ingress, reason as u32
+            );
+            TC_ACT_SHOT
+        }
+        Verdict::Unicast {
+            egress, out_tci, ..
+        } => {
+            if !tc_retag(&ctx, &mut cur, out_tci) {
+                stats::drop(ingress, DropReason::RedirectFailed);
+                return TC_ACT_SHOT;
+            }
+            let rc = unsafe { bpf_redirect(egress, 0) } as i32;
+            stats::tx(egress, len);
+            rc
+        }
+        Verdict::Route { egress } => {
+            stats::tx(egress, len);
+            unsafe { bpf_redirect(egress, 0) as i32 }
+        }
+        Verdict::NatOut { net_id } => {
+            let Some(n) = maps::net(net_id) else {
+                return TC_ACT_SHOT;
+            };
+            match nat::from_guest(&ctx, net_id, &n, ingress) {
+                nat::Nat::Sent(rc, egress) => {
+                    stats::routed(ingress);
+                    trace::egress(egress);
+                    rc
+                }
+                nat::Nat::Drop => TC_ACT_SHOT,
+                nat::Nat::Refused(reason) => {
+                    stats::drop(ingress, reason);
+                    TC_ACT_SHOT
+                }
+                // Not translated: to the gateway, i.e. the host stack.
+                nat::Nat::Skip | nat::Nat::ToHost => {
+                    stats::tx(n.gw_port, len);
+                    unsafe { bpf_redirect(n.gw_port, 0) as i32 }
+                }
+            }
+        }
+        Verdict::NatIn => match nat::from_uplink(&ctx, ingress) {
+            nat::Nat::Sent(rc, egress) => {
+                stats::routed(ingress);
+                trace::egress(egress);
+                rc
+            }
+            nat::Nat::Drop | nat::Nat::Refused(_) => TC_ACT_SHOT,
+            nat::Nat::Skip | nat::Nat::ToHost => {
+                // Not a NAT flow: a routed network's traffic, or the host's.
+                // Skip: nat touched nothing, the packet pointers still hold.
+                match pipeline::from_uplink(ingress, data, data_end, tag, Some(l3)) {
+                    Verdict::Route { egress } => {
+                        stats::tx(egress, len);
+                        unsafe { bpf_redirect(egress, 0) as i32 }
+                    }
+                    Verdict::Drop(reason) => {
+                        stats::drop(ingress, reason);
+                        TC_ACT_SHOT
+                    }
+                    _ => TC_ACT_OK,
+                }
+            }
+        },
+        Verdict::ToHost { uplink } => {
+            stats::to_host(ingress);
+            ctx.set_mark(KVNET_HOST_MARK);
+            unsafe { bpf_redirect(uplink, BPF_F_INGRESS) as i32 }
+        }
+        Verdict::Flood {
+            domain: key,
+            out_tci,
+        } => {
+            stats::flooded(ingress);
+            if port.flags & PORT_F_BRIDGED_NET != 0 && key.vid == 0 && cur.is_none() {
+                // A bridged network's broadcast also reaches the host stack.
+                if let Some(n) = maps::net(key.net_id) {
+                    ctx.set_mark(KVNET_HOST_MARK);
+                    unsafe { bpf_clone_redirect(ctx.skb.skb as *mut _, n.uplink, BPF_F_INGRESS) };
+                    ctx.set_mark(0);
+                }
+            }
+            let rc = tc_flood(
+                &ctx,
+                FloodArgs {
+                    net_id: key.net_id,
+                    vid: key.vid as u32,
+                    ingress,
+                    hairpin: port.flags & PORT_F_HAIRPIN,
+                    len: len as u32,
+                    tagged: cur.is_some() as u32,
+                    cur_tci: cur.unwrap_or(0) as u32,
+                    out_tci: out_tci as u32,
+                    second_start: 0,
+                    second_len: 0,
+                },
+            );
+            if port.flags & PORT_F_UPLINK_BRIDGED != 0 {
+                // From the LAN: the original goes on up the host's stack.
+                return TC_ACT_OK;
+            }
+            rc
+        }
+    }
+}
+
+#[inline(always)]
+pub fn egress(ctx: TcContext) -> i32 {
+    let rc = tc_out_act(&ctx);
+    if trace::on() {
+        let uplink = unsafe { (*ctx.skb.skb).ifindex };
+        trace::begin_tc(&ctx, TRACE_HOOK_TC_OUT, uplink, 0, TRACE_EGRESS, 0, 0);
+        trace::finish_tc(&ctx, rc);
+    }
+    rc
+}
+
+#[inline(always)]
+fn tc_out_act(ctx: &TcContext) -> i32 {
+    let uplink = unsafe { (*ctx.skb.skb).ifindex };
+    let Some(port) = maps::port(uplink) else {
+        return TC_ACT_OK;
+    };
+    if port.flags & PORT_F_UPLINK_NAT != 0 {
+        // A NAT uplink: a guest's packet that reached it untranslated
+        // (through the host stack) must not leave with the guest's address.
+        return nat::guard_uplink(&ctx);
+    }
+    if port.flags & PORT_F_UPLINK_BRIDGED == 0 || unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        return TC_ACT_OK;
+    }
+    let Some(eth) = parse::eth(ctx.data(), ctx.data_end()) else {
+        return TC_ACT_OK;
+    };
+    let net_id = port.net_id;
+    match fdb::lookup_entry(net_id, 0, eth.src) {
+        Some((_, flags)) if flags & FDB_F_HOST != 0 => {}
+        _ => return TC_ACT_OK,
+    }
+    let len = ctx.len();
+    let egress = if parse::is_multicast(&eth.dst) {
+        None
+    } else {
+        match fdb::lookup_entry(net_id, 0, eth.dst) {
+            Some((egress, flags)) if egress != uplink && flags & FDB_F_HOST == 0 => Some(egress),
+            // Behind the uplink (or the host's own): the wire has it.
+            Some(_) => return TC_ACT_OK,
+            // Unknown, as a bridge floods it: to the guests and the wire.
+            None => None,
+        }
+    };
+    match egress {
+        Some(egress) => {
+            stats::tx(egress, len as u64);
+            unsafe { bpf_redirect(egress, 0) as i32 }
+        }
+        None => {
+            stats::flooded(uplink);
+            tc_flood(
+                &ctx,
+                FloodArgs {
+                    net_id,
+                    vid: 0,
+                    ingress: uplink,
+                    hairpin: 0,
+                    len,
+                    tagged: 0,
+                    cur_tci: 0,
+                    out_tci: 0,
+                    second_start: 0,
+                    second_len: 0,
+                },
+            );
+            TC_ACT_OK
+        }
+    }
+}

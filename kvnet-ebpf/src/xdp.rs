@@ -1,0 +1,77 @@
+//! The XDP hook: finishes what it can without an skb (known unicast to
+//! ports that take XDP redirects, drops) and hands the rest to tc.
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, programs::XdpContext};
+use aya_log_ebpf::debug;
+use kvnet_common::{DropReason, PORT_F_XDP_TX, VLAN_MODE_TRUNK};
+
+use crate::{
+    csum, maps,
+    pipeline::{self, Tag, Verdict},
+    stats,
+    vlan::xdp_retag,
+};
+
+#[inline(always)]
+pub fn run(ctx: &XdpContext) -> (u32, u32) {
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let len = (data_end - data) as u64;
+    let Some(port) = maps::port(ingress) else {
+        return (xdp_action::XDP_PASS, 0);
+    };
+    stats::seen_xdp(ingress);
+    let tag = Tag::of(data, data_end, None);
+    // A NIC with rx VLAN offload strips the tag before XDP sees it; only
+    // tc can tell an untagged frame on a trunk from a stripped tagged one.
+    if port.vlan_mode == VLAN_MODE_TRUNK && !tag.present() {
+        return (xdp_action::XDP_PASS, 0);
+    }
+    // No routing context: routed and host-bound frames go on to tc.
+    match pipeline::decide(ingress, &port, data, data_end, &tag, None) {
+        Verdict::Pass
+        | Verdict::Flood { .. }
+        | Verdict::Route { .. }
+        | Verdict::ToHost { .. }
+        | Verdict::NatOut { .. }
+        | Verdict::NatIn => (xdp_action::XDP_PASS, 0),
+        Verdict::Drop(reason) => {
+            stats::rx(ingress, len);
+            stats::drop(ingress, reason);
+            // Off unless the daemon runs with --log-datapath (AYA_LOG_LEVEL).
+            debug!(
+                ctx,
+                "xdp drop on ifindex {}: reason {}", ingress, reason as u32
+            );
+            (xdp_action::XDP_DROP, reason as u32)
+        }
+        Verdict::Unicast {
+            egress,
+            egress_flags,
+            out_tci,
+        } => {
+            if egress_flags & PORT_F_XDP_TX == 0 {
+                return (xdp_action::XDP_PASS, 0);
+            }
+            // A guest with tx checksum offload hands us TCP/UDP frames whose
+            // checksum holds only the pseudo-header sum; XDP cannot see that
+            // flag and the receiver would drop them, so frames whose L4
+            // checksum we cannot vouch for go on to tc, which keeps the skb.
+            if !csum::l4_checksum_complete(data, data_end) {
+                return (xdp_action::XDP_PASS, 0);
+            }
+            if !xdp_retag(ctx, &tag, out_tci) {
+                // No headroom for the tag: tc pushes it instead.
+                return (xdp_action::XDP_PASS, 0);
+            }
+            let len = (ctx.data_end() - ctx.data()) as u64;
+            stats::rx(ingress, len);
+            let rc = unsafe { bpf_redirect(egress, 0) } as u32;
+            if rc == xdp_action::XDP_REDIRECT {
+                stats::tx(egress, len);
+            } else {
+                stats::drop(ingress, DropReason::RedirectFailed);
+            }
+            (rc, egress)
+        }
+    }
+}
