@@ -1,4 +1,5 @@
-//! Benchmark-only programs, loaded by `kvnet-bench` (never by the daemon):
+//! Benchmark-only programs, an object of their own (`kvnet-bench`), loaded
+//! by the `kvnet-bench` tool and never by the daemon:
 //!
 //! * `bench_redirect` (tc): the "limit". It only `bpf_redirect`s a frame
 //!   from its ingress port to the peer named in `bench_peer`, the least any
@@ -8,6 +9,9 @@
 //! * `bench_gen` (XDP): XDP_TX. Run through BPF_PROG_RUN in live-frames mode
 //!   with the ingress device set to a guest's eth0, every frame is sent out
 //!   of that eth0: a generator that costs almost nothing per frame.
+#![no_std]
+#![no_main]
+
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK},
     helpers::bpf_redirect,
@@ -49,3 +53,13 @@ pub fn bench_sink(ctx: XdpContext) -> u32 {
 pub fn bench_gen(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -12,7 +12,6 @@
 #![no_std]
 #![no_main]
 
-mod bench;
 mod csum;
 mod fdb;
 mod flood;

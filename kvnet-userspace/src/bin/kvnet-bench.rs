@@ -2,7 +2,7 @@
 //! one thing and prints one JSON object on stdout; xtask runs it inside the
 //! right lab namespace (ifindexes and BPF_PROG_RUN's `lo` are per netns).
 //!
-//! * `setup DIR`: loads the object's bench programs (`bench_redirect`,
+//! * `setup DIR`: loads the bench object's programs (`bench_redirect`,
 //!   `bench_sink`, `bench_gen`) and pins them with their maps under DIR, for
 //!   `tc ... object-pinned` and `ip link ... xdp pinned`.
 //! * `peer DIR A B`: the limit program redirects A -> B and B -> A.
@@ -165,10 +165,6 @@ fn main() {
     }
 }
 
-fn load(dir: &Path) -> Result<Ebpf> {
-    load_with(dir, None)
-}
-
 /// The conntrack capacity the bench daemon runs with (`--ct-max`).
 pub const CT_MAX: u32 = 2_200_000;
 
@@ -185,8 +181,18 @@ fn load_with(dir: &Path, ct_max: Option<u32>) -> Result<Ebpf> {
         .context("loading the kvnet eBPF object")
 }
 
+/// The bench programs' own object (`bench_redirect`, `bench_sink`,
+/// `bench_gen` and their maps).
+fn load_bench(dir: &Path) -> Result<Ebpf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .load(kvnet_userspace::datapath::bench_object())
+        .context("loading the kvnet-bench eBPF object")
+}
+
 fn setup(dir: &Path) -> Result<serde_json::Value> {
-    let mut ebpf = load(dir)?;
+    let mut ebpf = load_bench(dir)?;
     for name in PROGS {
         let prog = ebpf
             .program_mut(name)
@@ -348,7 +354,7 @@ fn gen(
     let ifi = ifindex(iface)?;
     // A fresh load of the generator; the object's maps are the ones pinned
     // under DIR by `setup`, so nothing big is allocated again.
-    let mut ebpf = load(dir)?;
+    let mut ebpf = load_bench(dir)?;
     let prog: &mut Xdp = ebpf
         .program_mut("bench_gen")
         .ok_or_else(|| anyhow!("bench_gen missing"))?
@@ -402,8 +408,9 @@ fn cost(
     let (ia, ib) = (ifindex(a)?, ifindex(b)?);
     let lo = ifindex("lo")?;
     let mut ebpf = load_with(dir, Some(CT_MAX))?;
-    for name in [names::PROG_TC, "bench_redirect"] {
-        let p: &mut SchedClassifier = ebpf
+    let mut limit = load_bench(dir)?;
+    for (obj, name) in [(&mut ebpf, names::PROG_TC), (&mut limit, "bench_redirect")] {
+        let p: &mut SchedClassifier = obj
             .program_mut(name)
             .ok_or_else(|| anyhow!("{name} missing"))?
             .try_into()?;
@@ -466,7 +473,7 @@ fn cost(
             0,
         )?;
         let mut peer: HashMap<&mut MapData, u32, u32> =
-            HashMap::try_from(ebpf.map_mut("bench_peer").unwrap())?;
+            HashMap::try_from(limit.map_mut("bench_peer").unwrap())?;
         peer.insert(lo, ib, 0)?;
     }
     let src = [0x02, 0xaa, 0, 0, 0, 1];
@@ -563,7 +570,7 @@ fn cost(
             repeat,
         )?;
         set_ports(&mut ebpf, 0, false)?;
-        measure(&mut ebpf, "unicast", "bench_redirect", &unicast, repeat)?;
+        measure(&mut limit, "unicast", "bench_redirect", &unicast, repeat)?;
         // Floods clone the frame into both real veths: far fewer repeats.
         measure(
             &mut ebpf,
@@ -723,8 +730,9 @@ fn paths(
     let (ia, ib, igw, iup) = (ifindex(a)?, ifindex(b)?, ifindex(gw)?, ifindex(up)?);
     let up_mac = iface_mac(up)?;
     let mut ebpf = load_with(dir, Some(CT_MAX))?;
-    for name in [names::PROG_TC, "bench_redirect"] {
-        let p: &mut SchedClassifier = ebpf
+    let mut limit = load_bench(dir)?;
+    for (obj, name) in [(&mut ebpf, names::PROG_TC), (&mut limit, "bench_redirect")] {
+        let p: &mut SchedClassifier = obj
             .program_mut(name)
             .ok_or_else(|| anyhow!("{name} missing"))?
             .try_into()?;
@@ -846,7 +854,7 @@ fn paths(
     let o_ip = [192, 168, 77, 2];
     {
         let mut peer: HashMap<&mut MapData, u32, u32> =
-            HashMap::try_from(ebpf.map_mut("bench_peer").unwrap())?;
+            HashMap::try_from(limit.map_mut("bench_peer").unwrap())?;
         peer.insert(ia, ib, 0)?;
     }
     let access = PortConfig {
@@ -865,7 +873,7 @@ fn paths(
         &[(ia, guarded(access, guest, g_ip)), (ib, trunk)],
     )?;
     let plain = |vid| move |_| ip_frame(guest, other, g_ip, [10, 0, 0, 2], 12345, 5001, vid);
-    run(&ebpf, "unicast", "bench_redirect", 0, ia, &mut plain(None))?;
+    run(&limit, "unicast", "bench_redirect", 0, ia, &mut plain(None))?;
     // VLAN push: access (untagged) -> trunk (tagged).
     run(&ebpf, "vlan-push", names::PROG_TC, 0, ia, &mut plain(None))?;
     // VLAN pop: trunk (tagged in the packet) -> access.

@@ -29,9 +29,15 @@ use kvnet_common::{
 /// The datapath object built by build.rs from kvnet-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kvnet"));
 
-/// The eBPF object (kvnet-bench loads its bench programs from it).
+/// The datapath's eBPF object.
 pub fn object() -> &'static [u8] {
     OBJECT
+}
+
+/// The benchmark's own eBPF object (`kvnet-bench`): the redirect-only
+/// limit, a sink and a generator, never loaded by the daemon.
+pub fn bench_object() -> &'static [u8] {
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kvnet-bench"))
 }
 
 /// Where an upgrade keeps the older datapath's pins until it commits.
