@@ -74,7 +74,7 @@ pub struct NetOpts {
     /// NAT source port range, e.g. 1024-65535 (libvirt's default).
     #[serde(default)]
     pub nat_ports: Option<String>,
-    /// DHCP (issue 7): FIRST,LAST addresses handed out; needs a gateway.
+    /// DHCP: FIRST,LAST addresses handed out; needs a gateway.
     #[serde(default)]
     pub dhcp_range: Option<String>,
     /// MAC,IP[,NAME] static hosts.
@@ -179,7 +179,6 @@ pub enum Request {
     DhcpLeases {
         net: String,
     },
-    // --- config (issue 9) ---
     /// Reconcile with a config file's text (`kvnet apply`).
     Apply {
         path: Option<String>,
@@ -202,7 +201,6 @@ pub enum Request {
     Status,
     /// Remove everything kvnet installed and exit (`kvnet down`).
     Down,
-    // --- end config ---
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -408,3 +406,15 @@ pub fn validate_net_name(name: &str) -> anyhow::Result<()> {
 
 /// libvirt's default NAT port range.
 pub const DEFAULT_NAT_PORTS: (u16, u16) = (1024, 65535);
+
+/// An IP protocol number as the CLI shows it.
+pub fn proto_name(p: u8) -> String {
+    use kvnet_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
+    match p {
+        IPPROTO_TCP => "tcp".into(),
+        IPPROTO_UDP => "udp".into(),
+        IPPROTO_ICMP => "icmp".into(),
+        0 => "-".into(),
+        o => o.to_string(),
+    }
+}

@@ -70,15 +70,7 @@ pub fn proto_number(p: &str) -> Result<u8> {
     })
 }
 
-fn proto_name(p: u8) -> String {
-    match p {
-        IPPROTO_TCP => "tcp".into(),
-        IPPROTO_UDP => "udp".into(),
-        IPPROTO_ICMP => "icmp".into(),
-        0 => "-".into(),
-        o => o.to_string(),
-    }
-}
+use crate::control::proto_name;
 
 /// The filter `args` ask for, enabled.
 pub fn filter(args: &Args) -> Result<TraceFilter> {

@@ -71,7 +71,6 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    // --- config (issue 9) ---
     /// Make the running daemon what a config file says, changing only the differences.
     Apply {
         file: PathBuf,
@@ -143,8 +142,6 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    // --- end config ---
-    // --- DHCP/DNS (issue 7) ---
     /// DHCP leases of networks with a --dhcp-range.
     #[command(subcommand)]
     Dhcp(DhcpCmd),
@@ -159,10 +156,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    // --- end DHCP/DNS ---
 }
 
-// --- DHCP/DNS (issue 7) ---
 #[derive(Subcommand)]
 enum DhcpCmd {
     /// A network's leases: MAC, IP, hostname, expiry (like `virsh net-dhcp-leases`).
@@ -200,7 +195,6 @@ struct DhcpServeArgs {
     #[arg(long)]
     no_dns: bool,
 }
-// --- end DHCP/DNS ---
 
 #[derive(Subcommand)]
 enum ForwardCmd {
@@ -434,7 +428,6 @@ fn run(cli: Cli) -> Result<()> {
                 d.exists().then_some(d)
             }),
         }),
-        // --- config (issue 9) ---
         Cmd::Apply {
             file,
             dry_run,
@@ -493,7 +486,6 @@ fn run(cli: Cli) -> Result<()> {
                 json,
             },
         ),
-        // --- end config ---
         Cmd::Net(NetCmd::Add {
             name,
             ageing,
@@ -638,7 +630,6 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Conntrack(ConntrackCmd::Flush { net }) => {
             done(call(sock, &Request::ConntrackFlush { net }))
         }
-        // --- DHCP/DNS (issue 7) ---
         Cmd::Dhcp(DhcpCmd::Leases { net, json }) => output::show::<Vec<dhcp::LeaseInfo>>(
             call(sock, &Request::DhcpLeases { net })?,
             json,
@@ -656,6 +647,5 @@ fn run(cli: Cli) -> Result<()> {
             no_dns: a.no_dns,
         }),
         Cmd::DhcpLeases { state_dir, json } => dhcp::print_leases(&state_dir, json),
-        // --- end DHCP/DNS ---
     }
 }

@@ -37,7 +37,7 @@ pub struct Options {
     pub state_dir: PathBuf,
     /// Conntrack capacity (entries).
     pub ct_max: u32,
-    /// Config file to start from (issue 9); None: none.
+    /// Config file to start from; None: none.
     pub config: Option<PathBuf>,
 }
 
@@ -430,7 +430,6 @@ fn dispatch(sw: &mut Switch, req: Request) -> Result<serde_json::Value> {
         Request::ConntrackList { net } => v(sw.conntrack_list(&net)?)?,
         Request::ConntrackFlush { net } => v(sw.conntrack_flush(&net)?)?,
         Request::DhcpLeases { net } => v(sw.dhcp_leases(&net)?)?,
-        // --- config (issue 9) ---
         Request::Apply {
             path,
             text,

@@ -1,4 +1,4 @@
-//! Restart without loss (issue 9, point 4): the daemon's running state,
+//! Restart without loss: the daemon's running state,
 //! written to `<state-dir>` on every change, and its adoption by the next
 //! daemon.
 //!

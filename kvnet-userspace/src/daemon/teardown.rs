@@ -1,4 +1,4 @@
-//! `kvnet down` when no daemon answers (issue 22): everything kvnet
+//! `kvnet down` when no daemon answers: everything kvnet
 //! installed is removed from what the state files and the kernel say, without
 //! loading the datapath, so it also works for a datapath whose layout this
 //! binary cannot read (a newer or an unknown one) or after a failed start.

@@ -1,4 +1,4 @@
-//! Versioned map layouts (issue 22): what a pinned datapath is, whether
+//! Versioned map layouts: what a pinned datapath is, whether
 //! this kvnet can read it, and how an older one's contents are carried over
 //! into freshly created maps during an upgrade in place.
 //!

@@ -15,7 +15,7 @@ use aya::{
         tc::{
             self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcHandle,
         },
-        xdp::{XdpLink, XdpLinkId},
+        xdp::XdpLink,
         SchedClassifier, TcAttachType, TestRun, TestRunOptions, TestRunResult, Xdp, XdpMode,
     },
     util::nr_cpus,
@@ -107,10 +107,9 @@ fn induced_failure(step: &str) -> Result<()> {
 #[derive(Default)]
 struct PortLinks {
     tc: Option<SchedClassifierLinkId>,
-    /// XDP through a bpf_link, pinned (survives the daemon).
+    /// XDP through a bpf_link, pinned (survives the daemon). XDP is only
+    /// attached that way (a netlink attachment is refused).
     xdp_pin: Option<PathBuf>,
-    /// XDP through netlink (old kernels): survives the daemon by itself.
-    xdp: Option<XdpLinkId>,
 }
 
 /// Where an XDP link of `ifindex` is pinned.
@@ -413,15 +412,6 @@ impl Datapath {
                     }
                 }
             }
-            if let Some(id) = l.xdp {
-                if let Ok(p) = program(&mut self.ebpf, names::PROG_XDP)
-                    .and_then(|p| <&mut Xdp>::try_from(p).map_err(Into::into))
-                {
-                    if let Ok(link) = p.take_link(id) {
-                        std::mem::forget(link);
-                    }
-                }
-            }
         }
         for (_, id) in self.egress_links.drain() {
             if let Ok(p) = program(&mut self.ebpf, names::PROG_TC_OUT)
@@ -688,13 +678,6 @@ impl Datapath {
             // The pin held the link: without it (and our fd, closed long
             // ago) the link goes, and XDP with it.
             let _ = std::fs::remove_file(pin);
-        }
-        if let Some(id) = links.xdp {
-            if let Ok(xdp) = program(&mut self.ebpf, names::PROG_XDP)
-                .and_then(|p| <&mut Xdp>::try_from(p).map_err(anyhow::Error::from))
-            {
-                let _ = xdp.detach(id);
-            }
         }
         if let Some(id) = links.tc {
             if let Ok(tc) = program(&mut self.ebpf, names::PROG_TC)

@@ -67,7 +67,7 @@ pub struct Switch {
     pub(crate) ports: BTreeMap<String, Port>,
     /// Uplinks of routed networks, shared by those networks.
     pub(crate) routed_uplinks: BTreeMap<String, RoutedUplink>,
-    /// DHCP and DNS servers of networks with a `--dhcp-range` (issue 7).
+    /// DHCP and DNS servers of networks with a `--dhcp-range`.
     pub(crate) services: crate::dhcp::service::Services,
     /// Network ids of a running datapath being adopted (daemon restart).
     pub(crate) adopt_ids: BTreeMap<String, u32>,

@@ -57,14 +57,7 @@ pub fn parse_proto(s: &str) -> Result<u8> {
     }
 }
 
-fn proto_name(p: u8) -> &'static str {
-    match p {
-        IPPROTO_TCP => "tcp",
-        IPPROTO_UDP => "udp",
-        IPPROTO_ICMP => "icmp",
-        _ => "?",
-    }
-}
+use crate::control::proto_name;
 
 /// The host's ephemeral port range: never handed out, so host sockets are
 /// never hijacked by a guest flow's translation.

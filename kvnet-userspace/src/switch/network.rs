@@ -173,7 +173,7 @@ impl Switch {
                 }
             }
         }
-        // DHCP/DNS (issue 7): checked whole before anything is built.
+        // DHCP/DNS: checked whole before anything is built.
         let dhcp = crate::dhcp::service::plan(opts, gateway.as_ref(), gw_name.as_deref())?;
         let nat = self.nat_plan(opts, opts.uplink.as_deref())?;
         // A restarted daemon gives networks back their ids (the datapath's
