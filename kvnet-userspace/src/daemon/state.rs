@@ -312,80 +312,28 @@ fn finish(sw: &mut Switch) {
             let _ = f.remove(k);
         }
     }
-    let mut swept = 0usize;
-    if let Ok(mut ports) = sw.dp.ports() {
-        let gone: Vec<u32> = ports
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !ifindexes.contains(k))
-            .collect();
-        for k in &gone {
-            let _ = ports.remove(k);
-        }
-        swept += gone.len();
-        if let Ok(mut st) = sw.dp.port_stats() {
-            for k in &gone {
-                let _ = st.remove(k);
-            }
+    let live_port = |i: &u32| ifindexes.contains(i);
+    let live_net = |n: &u32| ids.contains(n);
+    let gone_ports = sweep(sw.dp.ports(), |k, _| !live_port(k));
+    if let Ok(mut st) = sw.dp.port_stats() {
+        for k in &gone_ports {
+            let _ = st.remove(k);
         }
     }
     // MACs owned by ports that vanished while no daemon ran are free again
     // (a guest coming back on a new tap would otherwise be refused).
-    if let Ok(mut owners) = sw.dp.mac_owners() {
-        let gone: Vec<kvnet_common::FdbKey> = owners
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(k, o)| !ifindexes.contains(o) || !ids.contains(&k.net_id))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &gone {
-            let _ = owners.remove(k);
-        }
-        swept += gone.len();
-    }
-    if let Ok(mut m) = sw.dp.vlan_members() {
-        let gone: Vec<_> = m
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !ifindexes.contains(&k.ifindex))
-            .collect();
-        for k in &gone {
-            let _ = m.remove(k);
-        }
-    }
-    if let Ok(mut fdb) = sw.dp.fdb() {
-        let gone: Vec<_> = fdb
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(k, e)| !ifindexes.contains(&e.ifindex) || !ids.contains(&k.net_id))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &gone {
-            let _ = fdb.remove(k);
-        }
-        swept += gone.len();
-    }
-    if let Ok(mut m) = sw.dp.nets() {
-        let gone: Vec<u32> = m
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| !ids.contains(k))
-            .collect();
-        for k in &gone {
-            let _ = m.remove(k);
-        }
-    }
-    if let Ok(mut m) = sw.dp.gw_hosts() {
-        let gone: Vec<u32> = m
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(_, id)| !ids.contains(id))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &gone {
-            let _ = m.remove(k);
-        }
-    }
+    let swept = gone_ports.len()
+        + sweep(sw.dp.mac_owners(), |k, o| {
+            !live_port(o) || !live_net(&k.net_id)
+        })
+        .len()
+        + sweep(sw.dp.fdb(), |k, e| {
+            !live_port(&e.ifindex) || !live_net(&k.net_id)
+        })
+        .len();
+    sweep(sw.dp.vlan_members(), |k, _| !live_port(&k.ifindex));
+    sweep(sw.dp.nets(), |k, _| !live_net(k));
+    sweep(sw.dp.gw_hosts(), |_, id| !live_net(id));
     // XDP links of ports that are no longer XDP ports.
     let xdp: BTreeSet<u32> = sw
         .ports
@@ -408,4 +356,24 @@ fn finish(sw: &mut Switch) {
     if swept > 0 {
         eprintln!("kvnet: adoption swept {swept} stale datapath entries");
     }
+}
+
+/// Removes the entries of `map` that `stale` picks; returns their keys.
+fn sweep<K: aya::Pod, V: aya::Pod>(
+    map: Result<aya::maps::HashMap<&mut aya::maps::MapData, K, V>>,
+    stale: impl Fn(&K, &V) -> bool,
+) -> Vec<K> {
+    let Ok(mut m) = map else {
+        return Vec::new();
+    };
+    let gone: Vec<K> = m
+        .iter()
+        .filter_map(|r| r.ok())
+        .filter(|(k, v)| stale(k, v))
+        .map(|(k, _)| k)
+        .collect();
+    for k in &gone {
+        let _ = m.remove(k);
+    }
+    gone
 }

@@ -27,7 +27,7 @@ use kvnet_common::{
 };
 
 /// The datapath object built by build.rs from kvnet-ebpf.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kvnet"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kvnet-datapath"));
 
 /// The datapath's eBPF object.
 pub fn object() -> &'static [u8] {
