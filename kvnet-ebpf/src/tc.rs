@@ -11,7 +11,7 @@ use kvnet_common::{
     DropReason, FDB_F_HOST, KVNET_HOST_MARK, PORT_F_BRIDGED_NET, PORT_F_HAIRPIN, PORT_F_TRUSTED,
     PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_NAT, PORT_F_UPLINK_ROUTED, TRACE_DROP, TRACE_EGRESS,
     TRACE_FLOOD, TRACE_HOOK_TC, TRACE_HOOK_TC_OUT, TRACE_NAT_IN, TRACE_NAT_OUT, TRACE_PASS,
-    TRACE_ROUTE, TRACE_TO_HOST, TRACE_UNICAST,
+    TRACE_ROUTE, TRACE_TO_HOST, TRACE_UNICAST, VLAN_MODE_TRUNK, VLAN_M_TAGGED,
 };
 
 use crate::{
@@ -133,6 +133,11 @@ fn tc_act(
             rc
         }
         Verdict::Route { egress } => {
+            // Routed: the gateway's VLAN ends here, the egress port's begins.
+            if !tc_retag(&ctx, &mut cur, None) || !tag_for_port(&ctx, egress) {
+                stats::drop(ingress, DropReason::RedirectFailed);
+                return TC_ACT_SHOT;
+            }
             stats::tx(egress, len);
             unsafe { bpf_redirect(egress, 0) as i32 }
         }
@@ -140,8 +145,17 @@ fn tc_act(
             let Some(n) = maps::net(net_id) else {
                 return TC_ACT_SHOT;
             };
+            // A trunk guest's tag (the gateway's VLAN) stays on this side.
+            if !tc_retag(&ctx, &mut cur, None) {
+                stats::drop(ingress, DropReason::RedirectFailed);
+                return TC_ACT_SHOT;
+            }
             match nat::from_guest(&ctx, net_id, &n, ingress) {
                 nat::Nat::Sent(rc, egress) => {
+                    // A forward back into the network: to a guest's port.
+                    if !tag_for_port(&ctx, egress) {
+                        return TC_ACT_SHOT;
+                    }
                     stats::routed(ingress);
                     trace::egress(egress);
                     rc
@@ -160,6 +174,9 @@ fn tc_act(
         }
         Verdict::NatIn => match nat::from_uplink(&ctx, ingress) {
             nat::Nat::Sent(rc, egress) => {
+                if !tag_for_port(&ctx, egress) {
+                    return TC_ACT_SHOT;
+                }
                 stats::routed(ingress);
                 trace::egress(egress);
                 rc
@@ -170,6 +187,9 @@ fn tc_act(
                 // Skip: nat touched nothing, the packet pointers still hold.
                 match pipeline::from_uplink(ingress, data, data_end, tag, Some(l3)) {
                     Verdict::Route { egress } => {
+                        if !tag_for_port(&ctx, egress) {
+                            return TC_ACT_SHOT;
+                        }
                         stats::tx(egress, len);
                         unsafe { bpf_redirect(egress, 0) as i32 }
                     }
@@ -292,5 +312,27 @@ fn tc_out_act(ctx: &TcContext) -> i32 {
             );
             TC_ACT_OK
         }
+    }
+}
+
+/// Routed and translated frames into a guest's port carry its network's
+/// gateway VLAN as the port does: tagged on a trunk that has it tagged,
+/// untagged anywhere else. False if the tag could not be pushed.
+#[inline(always)]
+fn tag_for_port(ctx: &TcContext, egress: u32) -> bool {
+    let Some(p) = maps::port(egress) else {
+        return true;
+    };
+    if p.vlan_mode != VLAN_MODE_TRUNK {
+        return true;
+    }
+    let Some(n) = maps::net(p.net_id) else {
+        return true;
+    };
+    match maps::vlan_member(egress, n.gw_vid) {
+        Some(f) if n.gw_vid != 0 && f & VLAN_M_TAGGED != 0 => {
+            tc_retag(ctx, &mut None, Some(n.gw_vid))
+        }
+        _ => true,
     }
 }
