@@ -109,7 +109,61 @@ impl Capture {
             .to_string()
     }
 
-    /// Stop tcpdump (SIGINT) and return the captured frames.
+    /// The frames captured so far. tcpdump writes each frame as it comes
+    /// (`-U`); a record still being written is left for the next read.
+    pub fn frames(&self) -> Result<Vec<Frame>> {
+        let buf = match fs::read(&self.file) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("read {} of {}", self.file.display(), self.what))
+            }
+        };
+        // The file header is written with the first frame.
+        if buf.len() < 24 {
+            return Ok(Vec::new());
+        }
+        parse_pcap(&buf).with_context(|| format!("parse capture of {}", self.what))
+    }
+
+    /// Waits until `done` holds for the frames captured so far (a positive
+    /// control: the frame sent last along the path under test), then stops
+    /// tcpdump and returns every frame. Frames sent before the control on
+    /// the same path are in by then: no fixed settling time. An error
+    /// naming `what` if `done` does not hold within `timeout`.
+    pub fn stop_when(
+        mut self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&[Frame]) -> bool,
+    ) -> Result<Vec<Frame>> {
+        let end = Instant::now() + timeout;
+        loop {
+            let frames = self.frames()?;
+            if done(&frames) {
+                break;
+            }
+            if Instant::now() >= end {
+                let last = &frames[frames.len().saturating_sub(5)..];
+                bail!(
+                    "{}: {what} not captured within {timeout:?} ({} frames, the last: {last:?})",
+                    self.what,
+                    frames.len()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.terminate()
+            .with_context(|| format!("stop {}", self.what))?;
+        let buf = fs::read(&self.file)
+            .with_context(|| format!("read {} of {}", self.file.display(), self.what))?;
+        parse_pcap(&buf).with_context(|| format!("parse capture of {}", self.what))
+    }
+
+    /// Stop tcpdump (SIGINT) and return the captured frames, after a short
+    /// settling time for frames still in flight. Where a frame must NOT
+    /// arrive, prefer [`Capture::stop_when`] on a control frame.
     pub fn stop(mut self) -> Result<Vec<Frame>> {
         thread::sleep(SETTLE);
         self.terminate()

@@ -148,9 +148,40 @@ pub fn read_mac(ns: &str, iface: &str) -> Result<[u8; 6]> {
     crate::inject::mac_parse(addr).with_context(|| format!("MAC of {iface} in netns {ns}"))
 }
 
-/// Whether `ip` answers from namespace `ns` (two pings, 1 s timeout each).
+/// How many of `count` pings from namespace `ns` to `ip` (0.2 s apart,
+/// 1 s timeout each) were answered, read from ping's summary line (its
+/// exit status only says "at least one"). 0 if ping could not send.
+pub fn ping_replies(ns: &str, ip: &str, count: u32) -> u32 {
+    let c = count.to_string();
+    let Ok(o) = exec_output(ns, &["ping", "-c", &c, "-i", "0.2", "-W", "1", ip]) else {
+        return 0;
+    };
+    parse_ping_received(&String::from_utf8_lossy(&o.stdout))
+}
+
+/// The "N received" of ping's summary ("2 packets transmitted, 2
+/// received, ..."); duplicates are not counted; 0 without a summary.
+pub fn parse_ping_received(text: &str) -> u32 {
+    text.lines()
+        .find(|l| l.contains("packets transmitted"))
+        .and_then(|l| {
+            l.split(',')
+                .map(str::trim)
+                .find_map(|f| f.strip_suffix(" received"))
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether `ip` answers both of two pings from namespace `ns`.
 pub fn ping(ns: &str, ip: &str) -> bool {
-    exec(ns, &["ping", "-c", "2", "-i", "0.2", "-W", "1", ip]).is_ok()
+    ping_replies(ns, ip, 2) == 2
+}
+
+/// Whether `ip` answers neither of two pings from namespace `ns`: what an
+/// isolation check asserts (`!ping` would pass with one reply of two).
+pub fn ping_unanswered(ns: &str, ip: &str) -> bool {
+    ping_replies(ns, ip, 2) == 0
 }
 
 /// Add an address (`10.0.0.1/24`) to `iface` in `ns`.
@@ -184,9 +215,13 @@ impl GuestPort {
     pub fn sh(&self, cmd: &str) -> Result<String> {
         sh(&self.ns, cmd)
     }
-    /// See [`ping`].
+    /// See [`ping`]: every reply.
     pub fn ping(&self, ip: &str) -> bool {
         ping(&self.ns, ip)
+    }
+    /// See [`ping_unanswered`]: no reply at all.
+    pub fn ping_unanswered(&self, ip: &str) -> bool {
+        ping_unanswered(&self.ns, ip)
     }
     /// Turns IPv6 off in the guest, so that no IPv6 chatter (router
     /// solicitations, DAD) refreshes FDB entries or fills captures behind a
@@ -355,6 +390,20 @@ impl Lab {
         exec(hv, &["ip", "link", "set", hv_name, "up"])?;
         exec(peer_ns, &["ip", "link", "set", peer, "up"])?;
         Ok(())
+    }
+
+    /// A bare namespace `kvnet-<suffix>-<role>` (only `lo`, up), removed
+    /// with the lab: for hosts beyond the outside, wired by the test.
+    pub fn add_netns(&self, role: &str) -> Result<String> {
+        if role.is_empty() || !role.chars().all(|c| c.is_ascii_alphanumeric()) {
+            bail!("invalid namespace role {role:?} (letters and digits)");
+        }
+        let ns = format!("{PREFIX}{}-{role}", self.suffix);
+        if locked(&self.namespaces).contains(&ns) {
+            bail!("netns {ns} already exists in this lab");
+        }
+        self.add_ns(&ns)?;
+        Ok(ns)
     }
 
     /// A real tap device `name` in the hv namespace (up), for a qemu guest.
@@ -595,6 +644,23 @@ mod tests {
         );
         assert_eq!(suffix_pid("kvnet-foo"), None);
         assert_eq!(suffix_pid("kvnet-p12x3abc-g1"), Some(12));
+    }
+
+    #[test]
+    fn ping_summary() {
+        let all = "--- 10.0.0.2 ping statistics ---\n\
+                   2 packets transmitted, 2 received, 0% packet loss, time 201ms\n";
+        assert_eq!(parse_ping_received(all), 2);
+        let half = "2 packets transmitted, 1 received, 50% packet loss, time 1002ms\n";
+        assert_eq!(parse_ping_received(half), 1);
+        let dup = "2 packets transmitted, 1 received, +1 duplicates, 50% packet loss\n";
+        assert_eq!(parse_ping_received(dup), 1);
+        let err = "2 packets transmitted, 0 received, +2 errors, 100% packet loss\n";
+        assert_eq!(parse_ping_received(err), 0);
+        assert_eq!(
+            parse_ping_received("ping: connect: Network is unreachable\n"),
+            0
+        );
     }
 
     #[test]

@@ -73,9 +73,9 @@ fn wait_for(t: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Both of two pings answered.
 fn ping_ok(ns: &str, ip: &str) -> bool {
-    kvnet_tests::lab::exec_output(ns, &["ping", "-c", "2", "-i", "0.2", "-W", "1", ip])
-        .is_ok_and(|o| o.status.success())
+    kvnet_tests::lab::ping(ns, ip)
 }
 
 /// The old daemon, started like `start_with_config` starts this one: the
@@ -849,7 +849,7 @@ fn down_and_check(l: &LibvirtLab, k: &Kvnet) {
         "gateway left"
     );
     assert!(
-        !ping_ok(&l.guests[0].ns, OUTSIDE_IP),
+        kvnet_tests::lab::ping_unanswered(&l.guests[0].ns, OUTSIDE_IP),
         "still forwarding after down"
     );
 }

@@ -5,7 +5,7 @@
 use std::{
     process::{Command, Stdio},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use kvnet_tests::{
@@ -47,6 +47,25 @@ fn tagged(dst: [u8; 6], src: [u8; 6], vid: u16, pcp: u8, payload: &[u8]) -> Vec<
     f
 }
 
+/// The members of VLAN `vid` in a `kvnet vlan show --json` listing, as
+/// "port:tagging".
+fn members(vlans: &serde_json::Value, vid: u64) -> Vec<String> {
+    vlans
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["vid"] == vid)
+        .flat_map(|v| v["ports"].as_array().unwrap().iter())
+        .map(|p| {
+            format!(
+                "{}:{}",
+                p["port"].as_str().unwrap(),
+                p["tagging"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
 /// iperf3 TCP from `client` to `server_ip` (served in `server_ns`): moves
 /// real data and the receiver sees no bad checksums.
 fn iperf(lab: &Lab, client: &GuestPort, server_ns: &str, server_ip: &str) {
@@ -80,11 +99,23 @@ fn access_vlans_isolate_guests_and_a_live_move_joins_them() {
     let c2 = Capture::start(&g[1].ns, "eth0").unwrap();
     let c3 = Capture::start(&g[2].ns, "eth0").unwrap();
     assert!(g[0].ping("10.40.0.3"), "g1 -> g3 in VLAN 10");
-    assert!(!g[0].ping("10.40.0.2"), "g1 reached g2 across VLANs");
-    assert!(!g[1].ping("10.40.0.1"), "g2 reached g1 across VLANs");
+    assert!(
+        g[0].ping_unanswered("10.40.0.2"),
+        "g1 reached g2 across VLANs"
+    );
+    assert!(
+        g[1].ping_unanswered("10.40.0.1"),
+        "g2 reached g1 across VLANs"
+    );
     broadcast_from(&g[0], b"bcast-v10");
+    // The broadcast is flooded to g2 (if it leaks) as it is to g3: once g3
+    // has it, g2's capture holds whatever leaked.
+    let f3 = c3
+        .stop_when("the VLAN 10 broadcast", Duration::from_secs(3), |f| {
+            count_frames(f, |f| has_payload(f, b"bcast-v10")) > 0
+        })
+        .unwrap();
     let f2 = c2.stop().unwrap();
-    let f3 = c3.stop().unwrap();
     assert_eq!(
         count_frames(&f2, |f| f.src_mac() == g[0].mac || f.src_mac() == g[2].mac),
         0,
@@ -107,30 +138,8 @@ fn access_vlans_isolate_guests_and_a_live_move_joins_them() {
         (Some(10), Some("g1"))
     );
     let vlans = k.json(&["vlan", "show", "lan"]).unwrap();
-    let members = |vid: u64| -> Vec<String> {
-        vlans
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["vid"] == vid)
-            .map(|v| {
-                v["ports"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|p| {
-                        format!(
-                            "{}:{}",
-                            p["port"].as_str().unwrap(),
-                            p["tagging"].as_str().unwrap()
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    assert_eq!(members(10), ["g1:untagged", "g3:untagged"]);
-    assert_eq!(members(20), ["g2:untagged"]);
+    assert_eq!(members(&vlans, 10), ["g1:untagged", "g3:untagged"]);
+    assert_eq!(members(&vlans, 20), ["g2:untagged"]);
     let table = k.cli(&["vlan", "show", "lan"]).unwrap();
     assert!(
         table.contains("VLAN") && table.contains("access"),
@@ -141,24 +150,41 @@ fn access_vlans_isolate_guests_and_a_live_move_joins_them() {
     iperf(&lab, &g[0], &g[2].ns, "10.40.0.3");
 
     // Move g2 into VLAN 10 live: no restart, g1 <-> g3 traffic keeps going.
+    // 60 pings 50 ms apart, each awaited: every one must be answered.
+    let ping_log = lab.work_dir().join("bg-ping.log");
     let mut bg = Command::new("ping");
-    bg.args(["-i", "0.05", "-w", "3", "10.40.0.3"])
-        .stdout(Stdio::null())
+    bg.args(["-c", "60", "-i", "0.05", "-W", "1", "10.40.0.3"])
+        .stdout(std::fs::File::create(&ping_log).unwrap())
         .stderr(Stdio::null());
     let bg = lab.spawn(&g[0].ns, bg).unwrap();
-    thread::sleep(Duration::from_millis(300));
+    let ping_text = || std::fs::read_to_string(&ping_log).unwrap_or_default();
+    let t0 = Instant::now();
+    while !ping_text().contains("bytes from") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "background ping got no reply: {}",
+            ping_text()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
     k.cli(&["port", "set", "g2", "--vlan", "10"]).unwrap();
     assert!(g[0].ping("10.40.0.2"), "g1 -> g2 after the move");
     assert!(g[1].ping("10.40.0.3"), "g2 -> g3 after the move");
+    assert!(bg.is_running(), "the move outlasted the background ping");
+    bg.wait_timeout(Duration::from_secs(8)).unwrap();
+    let text = ping_text();
     assert!(
-        bg.wait_timeout(Duration::from_secs(5))
-            .unwrap()
-            .unwrap()
-            .success(),
-        "g1 -> g3 pings lost during the move"
+        text.contains("60 packets transmitted, 60 received"),
+        "g1 -> g3 pings lost during the move:\n{text}"
     );
-    assert_eq!(members(10).len(), 2, "old listing unchanged");
+    // The listing read again after the move: g2 joined VLAN 10, and
+    // VLAN 20, left without members, is gone.
     let vlans = k.json(&["vlan", "show", "lan"]).unwrap();
+    assert_eq!(
+        members(&vlans, 10),
+        ["g1:untagged", "g2:untagged", "g3:untagged"],
+        "VLAN 10 after the move: {vlans}"
+    );
     assert!(
         vlans.as_array().unwrap().iter().all(|v| v["vid"] != 20),
         "VLAN 20 has no members left: {vlans}"
@@ -236,10 +262,35 @@ fn trunk_uplink_tags_by_vlan_and_delivers_only_into_the_right_vlan() {
         &[tagged(g[0].mac, x, 10, 0, b"out-uni-g1")],
     )
     .unwrap();
-    let fo = co.stop().unwrap();
-    let ft = ct.stop().unwrap();
-    let f1 = c1.stop().unwrap();
-    let f2 = c2.stop().unwrap();
+    // Positive control, sent last from the trunk: a VLAN 20 broadcast
+    // reaches t2 and g2. Once a capture has the last frame that reaches
+    // it, it holds everything sent before that could have leaked.
+    inject(
+        &out.ns,
+        "eth0",
+        &[tagged([0xff; 6], x, 20, 0, b"out-ctl-last")],
+    )
+    .unwrap();
+    let wait = Duration::from_secs(3);
+    let has_all = |ps: &'static [&'static [u8]]| {
+        move |f: &[Frame]| ps.iter().all(|p| f.iter().any(|f| has_payload(f, p)))
+    };
+    let fo = co
+        .stop_when(
+            "g1's and g2's broadcasts",
+            wait,
+            has_all(&[b"from-g1", b"from-g2"]),
+        )
+        .unwrap();
+    let ft = ct
+        .stop_when("the last trunk frame", wait, has_all(&[b"out-ctl-last"]))
+        .unwrap();
+    let f1 = c1
+        .stop_when("the unicast to g1", wait, has_all(&[b"out-uni-g1"]))
+        .unwrap();
+    let f2 = c2
+        .stop_when("the last trunk frame", wait, has_all(&[b"out-ctl-last"]))
+        .unwrap();
 
     let one = |frames: &[Frame], p: &[u8]| -> Frame {
         let m: Vec<&Frame> = frames.iter().filter(|f| has_payload(f, p)).collect();
@@ -346,11 +397,17 @@ fn trunk_uplink_tags_by_vlan_and_delivers_only_into_the_right_vlan() {
     let mut qinq = tagged([0xff; 6], x, 10, 0, b"qinq");
     qinq.splice(12..12, [0x88, 0xa8, 0x00, 0x0a]);
     let c1 = Capture::start(&g[0].ns, "eth0").unwrap();
-    inject(&out.ns, "eth0", &[qinq]).unwrap();
-    assert_eq!(
-        count_frames(&c1.stop().unwrap(), |f| has_payload(f, b"qinq")),
-        0
-    );
+    // Control: the same frame with only its VLAN 10 tag, sent after.
+    inject(
+        &out.ns,
+        "eth0",
+        &[qinq, tagged([0xff; 6], x, 10, 0, b"qctl-v10")],
+    )
+    .unwrap();
+    let f1 = c1
+        .stop_when("the single-tagged control", wait, has_all(&[b"qctl-v10"]))
+        .unwrap();
+    assert_eq!(count_frames(&f1, |f| has_payload(f, b"qinq")), 0, "{f1:?}");
     assert!(k.port_drops("up0", "qinq") >= 1, "QinQ counted");
 
     // A native VLAN: untagged frames belong to it and leave untagged.
@@ -359,17 +416,31 @@ fn trunk_uplink_tags_by_vlan_and_delivers_only_into_the_right_vlan() {
     let co = Capture::start(&out.ns, "eth0").unwrap();
     let c1 = Capture::start(&g[0].ns, "eth0").unwrap();
     let c2 = Capture::start(&g[1].ns, "eth0").unwrap();
+    // The untagged frame, then a VLAN 20 control for g2 behind it.
     inject(
         &out.ns,
         "eth0",
-        &[eth_frame([0xff; 6], x, ETH_TEST, b"native-in")],
+        &[
+            eth_frame([0xff; 6], x, ETH_TEST, b"native-in"),
+            tagged([0xff; 6], x, 20, 0, b"nctl-v20"),
+        ],
     )
     .unwrap();
     broadcast_from(&g[0], b"native-out");
     broadcast_from(&g[1], b"still-v20");
-    let fo = co.stop().unwrap();
-    let f1 = c1.stop().unwrap();
-    let f2 = c2.stop().unwrap();
+    let fo = co
+        .stop_when(
+            "both guests' broadcasts",
+            wait,
+            has_all(&[b"native-out", b"still-v20"]),
+        )
+        .unwrap();
+    let f1 = c1
+        .stop_when("the untagged frame", wait, has_all(&[b"native-in"]))
+        .unwrap();
+    let f2 = c2
+        .stop_when("the VLAN 20 control", wait, has_all(&[b"nctl-v20"]))
+        .unwrap();
     assert_eq!(
         tag(&one(&f1, b"native-in")),
         None,
@@ -446,11 +517,11 @@ fn two_hosts_joined_by_a_trunk_keep_vlans_apart() {
     assert!(ga[0].ping("10.42.0.2"), "VLAN 10 across hosts");
     assert!(ga[1].ping("10.42.0.12"), "VLAN 20 across hosts");
     assert!(
-        !ga[0].ping("10.42.0.12"),
+        ga[0].ping_unanswered("10.42.0.12"),
         "VLAN 10 reached VLAN 20 on host B"
     );
     assert!(
-        !gb[1].ping("10.42.0.1"),
+        gb[1].ping_unanswered("10.42.0.1"),
         "VLAN 20 reached VLAN 10 on host A"
     );
     let frames = cap.stop().unwrap();
