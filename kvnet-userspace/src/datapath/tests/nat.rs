@@ -48,6 +48,28 @@ pub(super) fn be(a: [u8; 4]) -> u32 {
     u32::from_ne_bytes(a)
 }
 
+/// Ethernet + IPv4 (protocol `proto`, no options) + `l4`, checksums left
+/// zero: the guards do not read them, NAT adjusts them incrementally.
+fn ipv4_frame(
+    dst: [u8; 6],
+    src: [u8; 6],
+    sip: [u8; 4],
+    dip: [u8; 4],
+    proto: u8,
+    l4: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+    f.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 1, 0x40, 0, 64, proto, 0, 0]);
+    f.extend_from_slice(&sip);
+    f.extend_from_slice(&dip);
+    f.extend_from_slice(l4);
+    f
+}
+
 /// Ethernet + IPv4 + UDP (checksums left zero: the guards do not read them).
 pub(super) fn udp(
     dst: [u8; 6],
@@ -57,16 +79,11 @@ pub(super) fn udp(
     sp: u16,
     dp: u16,
 ) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&[0x08, 0x00, 0x45, 0, 0, 28, 0, 1, 0x40, 0, 64, 17, 0, 0]);
-    f.extend_from_slice(&sip);
-    f.extend_from_slice(&dip);
-    f.extend_from_slice(&sp.to_be_bytes());
-    f.extend_from_slice(&dp.to_be_bytes());
-    f.extend_from_slice(&[0, 8, 0, 0]);
-    f
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sp.to_be_bytes());
+    l4.extend_from_slice(&dp.to_be_bytes());
+    l4.extend_from_slice(&[0, 8, 0, 0]);
+    ipv4_frame(dst, src, sip, dip, 17, &l4)
 }
 
 /// (source, destination) address and port of a frame `udp` built.
@@ -505,8 +522,8 @@ fn a_udp_gso_packet_is_translated_when_its_segments_fit_the_mtu() {
     });
 }
 
-/// Ethernet + IPv4 + TCP with `flags` (checksums left zero: NAT adjusts
-/// them incrementally and reads nothing else).
+/// Ethernet + IPv4 + TCP with `flags` (checksums left zero).
+#[allow(clippy::too_many_arguments)]
 fn tcp(
     dst: [u8; 6],
     src: [u8; 6],
@@ -516,16 +533,11 @@ fn tcp(
     dp: u16,
     flags: u8,
 ) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&[0x08, 0x00, 0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0]);
-    f.extend_from_slice(&sip);
-    f.extend_from_slice(&dip);
-    f.extend_from_slice(&sp.to_be_bytes());
-    f.extend_from_slice(&dp.to_be_bytes());
-    f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    f
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sp.to_be_bytes());
+    l4.extend_from_slice(&dp.to_be_bytes());
+    l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    ipv4_frame(dst, src, sip, dip, 6, &l4)
 }
 
 /// Review finding (issue 14): TCP state flags were sticky, so a client
