@@ -447,11 +447,12 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig, ingress: u32) -> 
         // Unroutable or too big: the host answers with the ICMP error.
         return Nat::ToHost;
     };
-    // Masquerading is for what leaves by the uplink (libvirt's `-o dev`):
-    // a destination the host routes out of another interface is not given
-    // the uplink's address; the host stack has it untranslated.
+    // A NAT network leaves by its uplink only (libvirt's FORWARD rules
+    // accept `-o dev` and reject the rest): a destination the host routes
+    // out of another interface gets neither the uplink's address nor the
+    // guest's.
     if f.ifindex != n.uplink && maps::gw_host_net(f.ifindex).is_none() {
-        return Nat::ToHost;
+        return Nat::Refused(DropReason::ForeignNet);
     }
     if new_flow && !fwd {
         // Into another kvnet network: only a routed one takes it.

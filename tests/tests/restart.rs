@@ -78,24 +78,6 @@ fn tc_prog_id(lab: &kvnet_tests::Lab, iface: &str) -> String {
         .unwrap_or_else(|| panic!("no kvnet_tc on {iface}:\n{net}"))
 }
 
-fn leases(k: &Kvnet) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = k
-        .json(&["dhcp", "leases", "default"])
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            (
-                l["mac"].as_str().unwrap_or_default().to_string(),
-                l["ip"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn kill_9_during_a_nat_transfer_loses_nothing_and_the_restart_adopts() {
     if !privileged() {

@@ -814,24 +814,6 @@ fn a_takeover_that_fails_half_way_leaves_the_old_datapath_forwarding() {
     down_and_check(&l, &k);
 }
 
-fn leases(k: &Kvnet) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = k
-        .json(&["dhcp", "leases", "default"])
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            (
-                l["mac"].as_str().unwrap_or_default().to_string(),
-                l["ip"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 /// `kvnet down`: no program, pin, gateway or forwarding left.
 fn down_and_check(l: &LibvirtLab, k: &Kvnet) {
     assert!(ping_ok(&l.guests[0].ns, OUTSIDE_IP), "control before down");

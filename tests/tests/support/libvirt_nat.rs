@@ -165,3 +165,22 @@ pub fn start_with_config(l: &LibvirtLab) -> Kvnet {
 pub fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// The default network's DHCP leases, (MAC, IP), sorted.
+pub fn leases(k: &Kvnet) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = k
+        .json(&["dhcp", "leases", "default"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["mac"].as_str().unwrap_or_default().to_string(),
+                l["ip"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
