@@ -388,19 +388,8 @@ impl Switch {
     }
 
     fn build_bridged(&mut self, name: &str, id: u32, uplink: &str) -> Result<()> {
-        self.port_add_inner(
-            name,
-            uplink,
-            false,
-            Hook::Auto,
-            &VlanArgs::default(),
-            PORT_F_UPLINK_BRIDGED,
-            PortRole::Uplink,
-            Security {
-                guarded: false,
-                ..Security::default()
-            },
-        )?;
+        // The host's own MAC first: from the moment the uplink is a port,
+        // frames for the host must go up its stack, not be flooded.
         let ifindex = netdev::ifindex(uplink)?;
         let host_mac = netdev::mac(uplink)?;
         let host = FdbEntry {
@@ -420,6 +409,19 @@ impl Switch {
                 0,
             )
             .context("writing the FDB")?;
+        self.port_add_inner(
+            name,
+            uplink,
+            false,
+            Hook::Auto,
+            &VlanArgs::default(),
+            PORT_F_UPLINK_BRIDGED,
+            PortRole::Uplink,
+            Security {
+                guarded: false,
+                ..Security::default()
+            },
+        )?;
         let mut cfg = self.dp.nets()?.get(&id, 0).unwrap_or_default();
         cfg.uplink = ifindex;
         self.dp
