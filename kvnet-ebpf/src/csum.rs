@@ -1,10 +1,9 @@
 //! Checksums: the one's-complement fold every rewrite uses, and the check
 //! the XDP hook makes before it redirects on its own.
 
-use crate::parse::{ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4};
+use crate::parse::{self, ETH_HLEN, ETH_P_8021Q, ETH_P_IPV4, IPV4_HLEN};
 
 use kvnet_common::{IPPROTO_TCP, IPPROTO_UDP};
-const IPV4_HLEN: usize = 20;
 /// Longest L4 segment summed in XDP (a 1500-byte MTU frame); longer ones
 /// are left to tc.
 const MAX_L4_WORDS: usize = 740;
@@ -35,19 +34,19 @@ pub fn l4_checksum_complete(data: usize, data_end: usize) -> bool {
     if ip + IPV4_HLEN > data_end {
         return true;
     }
-    let (ver_ihl, proto) = unsafe { (*(ip as *const u8), *((ip + 9) as *const u8)) };
+    let Some(hdr) = parse::ipv4(data, data_end, l3) else {
+        return false;
+    };
+    let proto = hdr.proto;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return true;
     }
-    if ver_ihl != 0x45 {
+    // Fragments carry no complete L4 segment to check; options are left
+    // to tc.
+    if hdr.hlen != IPV4_HLEN || hdr.is_fragment() {
         return false;
     }
-    let frag = unsafe { u16::from_be(*((ip + 6) as *const u16)) };
-    if frag & 0x3fff != 0 {
-        // Fragments carry no complete L4 segment to check.
-        return false;
-    }
-    let total = unsafe { u16::from_be(*((ip + 2) as *const u16)) } as usize;
+    let total = hdr.tot_len as usize;
     if total < IPV4_HLEN {
         return false;
     }

@@ -175,19 +175,14 @@ fn ipv4(
     ip_guard: bool,
     src: &[u8; 6],
 ) -> Option<DropReason> {
-    let Some(ip) = ptr_at::<[u8; 20]>(data, data_end, off) else {
+    let Some(ip) = parse::ipv4(data, data_end, off) else {
+        // Too short for an IPv4 header, or not one.
         return ip_guard.then_some(DropReason::Malformed);
     };
-    let ip = unsafe { &*ip };
-    let saddr = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
-    let ihl = ((ip[0] & 0x0f) as usize) * 4;
-    if ip[0] >> 4 != 4 || ihl < 20 {
-        return ip_guard.then_some(DropReason::Malformed);
-    }
-    let first_fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff == 0;
-    if ip[9] == IPPROTO_UDP && first_fragment {
-        // ihl <= 60: the mask shows the verifier what the header check did.
-        let l4 = off + (ihl & 0x3c);
+    let saddr = ip.saddr;
+    if ip.proto == IPPROTO_UDP && ip.is_first_fragment() {
+        // hlen <= 60: the mask shows the verifier what the parser checked.
+        let l4 = off + (ip.hlen & 0x3c);
         // An untrusted port's UDP header must be readable (tc pulls the
         // headers into the linear part first): no guessing past it.
         let Some(udp) = ptr_at::<[u8; 8]>(data, data_end, l4) else {
@@ -380,11 +375,10 @@ fn snoop_dhcp(net_id: u32, data: usize, data_end: usize, l3: &L3) {
     if l3.ethertype != parse::ETH_P_IPV4 {
         return;
     }
-    let Some(ip) = ptr_at::<[u8; 20]>(data, data_end, l3.off) else {
+    let Some(ip) = parse::ipv4(data, data_end, l3.off) else {
         return;
     };
-    let ip = unsafe { &*ip };
-    if ip[0] != 0x45 || ip[9] != IPPROTO_UDP {
+    if ip.hlen != parse::IPV4_HLEN || ip.proto != IPPROTO_UDP {
         return;
     }
     // UDP (8) then BOOTP up to chaddr: op(1) .. yiaddr at 16, chaddr at 28.

@@ -20,7 +20,7 @@ use kvnet_common::{
 use crate::{
     fdb,
     maps::{self, CT, CT_QUOTA, FORWARDS, NAT_STATS},
-    parse::ETH_HLEN,
+    parse::{self, ETH_HLEN},
     route,
 };
 
@@ -76,20 +76,16 @@ fn count(net_id: u32, f: impl FnOnce(&mut NatStats)) {
 
 /// Parses IPv4 TCP/UDP/ICMP at L3; None for anything else or fragments.
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Option<Pkt> {
-    let vihl: u8 = load(ctx, L3)?;
-    if vihl >> 4 != 4 || vihl & 0xf < 5 {
+fn packet(ctx: &TcContext) -> Option<Pkt> {
+    let ip = parse::ipv4_skb(ctx, L3)?;
+    if ip.is_fragment() {
         return None;
     }
-    let l4 = L3 + ((vihl & 0xf) as usize) * 4;
-    let frag = u16::from_be(load::<u16>(ctx, L3 + 6)?);
-    if frag & 0x3fff != 0 {
-        return None;
-    }
-    let proto: u8 = load(ctx, L3 + 9)?;
+    let l4 = L3 + ip.hlen;
+    let proto = ip.proto;
     let mut key = CtKey {
-        saddr: load(ctx, L3 + 12)?,
-        daddr: load(ctx, L3 + 16)?,
+        saddr: ip.saddr,
+        daddr: ip.daddr,
         proto,
         ..Default::default()
     };
@@ -117,8 +113,8 @@ fn parse(ctx: &TcContext) -> Option<Pkt> {
     Some(Pkt {
         key,
         l4,
-        ttl: load(ctx, L3 + 8)?,
-        tot_len: u16::from_be(load::<u16>(ctx, L3 + 2)?),
+        ttl: ip.ttl,
+        tot_len: ip.tot_len,
         icmp_type,
         tcp_flags,
     })
@@ -380,7 +376,7 @@ fn is_multicast_or_bcast(addr: u32) -> bool {
 /// reached from inside), then route it.
 #[inline(always)]
 pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig, ingress: u32) -> Nat {
-    let Some(p) = parse(ctx) else {
+    let Some(p) = packet(ctx) else {
         return Nat::Skip;
     };
     if p.key.proto == IPPROTO_ICMP && p.icmp_type != ICMP_ECHO && p.icmp_type != ICMP_ECHOREPLY {
@@ -551,7 +547,7 @@ fn to_guest(ctx: &TcContext, p: &Pkt, to: &CtKey, ingress: u32) -> Nat {
 /// flows to port forwards, and ICMP errors about translated flows.
 #[inline(always)]
 pub fn from_uplink(ctx: &TcContext, ingress: u32) -> Nat {
-    let Some(p) = parse(ctx) else {
+    let Some(p) = packet(ctx) else {
         return Nat::Skip;
     };
     if p.key.proto == IPPROTO_ICMP
@@ -642,20 +638,11 @@ fn csum_update32(csum: u16, old: u32, new: u32) -> u16 {
 #[inline(always)]
 fn icmp_error(ctx: &TcContext, p: &Pkt, ingress: u32) -> Nat {
     let eip = p.l4 + 8;
-    let Some(evihl) = load::<u8>(ctx, eip) else {
+    let Some(embedded) = parse::ipv4_skb(ctx, eip) else {
         return Nat::Skip;
     };
-    if evihl >> 4 != 4 || evihl & 0xf < 5 {
-        return Nat::Skip;
-    }
-    let el4 = eip + ((evihl & 0xf) as usize) * 4;
-    let Some(eproto) = load::<u8>(ctx, eip + 9) else {
-        return Nat::Skip;
-    };
-    let (Some(esaddr), Some(edaddr)) = (load::<u32>(ctx, eip + 12), load::<u32>(ctx, eip + 16))
-    else {
-        return Nat::Skip;
-    };
+    let el4 = eip + embedded.hlen;
+    let (eproto, esaddr, edaddr) = (embedded.proto, embedded.saddr, embedded.daddr);
     // The embedded packet as we sent it: (nat, remote, nport, rport).
     let mut sent = CtKey {
         saddr: esaddr,
@@ -739,10 +726,10 @@ pub fn guard_uplink(ctx: &TcContext) -> i32 {
     if unsafe { (*ctx.skb.skb).protocol } != (0x0800u16).to_be() as u32 {
         return TC_ACT_OK;
     }
-    let Some(saddr) = load::<u32>(ctx, L3 + 12) else {
+    let Some(ip) = parse::ipv4_skb(ctx, L3) else {
         return TC_ACT_OK;
     };
-    match maps::NAT_SUBNETS.get(Key::new(32, saddr)) {
+    match maps::NAT_SUBNETS.get(Key::new(32, ip.saddr)) {
         Some(net_id) => {
             let net_id = *net_id;
             count(net_id, |s| s.drop_untranslated += 1);

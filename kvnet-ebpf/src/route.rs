@@ -5,7 +5,7 @@
 //! neighbour so the next packet takes the fast path.
 use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::bpf_fib_lookup};
 
-use crate::parse::ptr_at;
+use crate::parse::{self, ptr_at};
 
 use kvnet_common::{IPPROTO_TCP, IPPROTO_UDP};
 
@@ -92,31 +92,29 @@ pub fn lookup_v4(
     l3: usize,
     ifindex: u32,
 ) -> Option<Fib> {
-    let h = unsafe { &*ptr_at::<[u8; 20]>(data, data_end, l3)? };
-    if h[0] >> 4 != 4 || h[0] & 0xf < 5 || h[8] <= 1 {
-        // Not IPv4 (or a header shorter than 20 bytes), or the TTL expires
-        // here: the host drops it or sends time-exceeded.
+    let ip = parse::ipv4(data, data_end, l3)?;
+    if ip.ttl <= 1 {
+        // The TTL expires here: the host drops it or sends time-exceeded.
         return None;
     }
-    let ihl = ((h[0] & 0xf) as usize) * 4;
     let headers = if l3c.gso_size == 0 {
         0
     } else {
-        let doff = if h[9] == IPPROTO_TCP {
-            unsafe { (*ptr_at::<[u8; 13]>(data, data_end, l3 + ihl)?)[12] }
+        let doff = if ip.proto == IPPROTO_TCP {
+            unsafe { (*ptr_at::<[u8; 13]>(data, data_end, l3 + ip.hlen)?)[12] }
         } else {
             0
         };
-        ihl as u16 + l4_header_len(h[9], doff)
+        ip.hlen as u16 + l4_header_len(ip.proto, doff)
     };
     let p = fib_v4(
         l3c.ctx,
         &FibQuery {
-            proto: h[9],
-            tos: h[1],
-            saddr: u32::from_ne_bytes([h[12], h[13], h[14], h[15]]),
-            daddr: u32::from_ne_bytes([h[16], h[17], h[18], h[19]]),
-            tot_len: u16::from_be_bytes([h[2], h[3]]),
+            proto: ip.proto,
+            tos: ip.tos,
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            tot_len: ip.tot_len,
             headers,
             gso_size: l3c.gso_size,
             ifindex,

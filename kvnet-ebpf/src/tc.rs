@@ -134,12 +134,11 @@ fn tc_act(
         }
         Verdict::Route { egress } => {
             // Routed: the gateway's VLAN ends here, the egress port's begins.
-            if !tc_retag(&ctx, &mut cur, None) || !tag_for_port(&ctx, egress) {
+            if !tc_retag(&ctx, &mut cur, None) {
                 stats::drop(ingress, DropReason::RedirectFailed);
                 return TC_ACT_SHOT;
             }
-            stats::tx(egress, len);
-            unsafe { bpf_redirect(egress, 0) as i32 }
+            route_to(ctx, ingress, egress, len)
         }
         Verdict::NatOut { net_id } => {
             let Some(n) = maps::net(net_id) else {
@@ -151,15 +150,8 @@ fn tc_act(
                 return TC_ACT_SHOT;
             }
             match nat::from_guest(&ctx, net_id, &n, ingress) {
-                nat::Nat::Sent(rc, egress) => {
-                    // A forward back into the network: to a guest's port.
-                    if !tag_for_port(&ctx, egress) {
-                        return TC_ACT_SHOT;
-                    }
-                    stats::routed(ingress);
-                    trace::egress(egress);
-                    rc
-                }
+                // Possibly a forward back into the network, to a guest's port.
+                nat::Nat::Sent(rc, egress) => nat_sent(ctx, ingress, rc, egress),
                 nat::Nat::Drop => TC_ACT_SHOT,
                 nat::Nat::Refused(reason) => {
                     stats::drop(ingress, reason);
@@ -173,26 +165,13 @@ fn tc_act(
             }
         }
         Verdict::NatIn => match nat::from_uplink(&ctx, ingress) {
-            nat::Nat::Sent(rc, egress) => {
-                if !tag_for_port(&ctx, egress) {
-                    return TC_ACT_SHOT;
-                }
-                stats::routed(ingress);
-                trace::egress(egress);
-                rc
-            }
+            nat::Nat::Sent(rc, egress) => nat_sent(ctx, ingress, rc, egress),
             nat::Nat::Drop | nat::Nat::Refused(_) => TC_ACT_SHOT,
             nat::Nat::Skip | nat::Nat::ToHost => {
                 // Not a NAT flow: a routed network's traffic, or the host's.
                 // Skip: nat touched nothing, the packet pointers still hold.
                 match pipeline::from_uplink(ingress, data, data_end, tag, Some(l3)) {
-                    Verdict::Route { egress } => {
-                        if !tag_for_port(&ctx, egress) {
-                            return TC_ACT_SHOT;
-                        }
-                        stats::tx(egress, len);
-                        unsafe { bpf_redirect(egress, 0) as i32 }
-                    }
+                    Verdict::Route { egress } => route_to(ctx, ingress, egress, len),
                     Verdict::Drop(reason) => {
                         stats::drop(ingress, reason);
                         TC_ACT_SHOT
@@ -243,9 +222,33 @@ fn tc_act(
     }
 }
 
+/// Sends a routed frame (no tag left on it) out of `egress`, tagged for
+/// that port when it is a trunk in the gateway's VLAN.
+#[inline(always)]
+fn route_to(ctx: &TcContext, ingress: u32, egress: u32, len: u64) -> i32 {
+    if !tag_for_port(ctx, egress) {
+        stats::drop(ingress, DropReason::RedirectFailed);
+        return TC_ACT_SHOT;
+    }
+    stats::tx(egress, len);
+    unsafe { bpf_redirect(egress, 0) as i32 }
+}
+
+/// Finishes a frame NAT translated and redirected to `egress`.
+#[inline(always)]
+fn nat_sent(ctx: &TcContext, ingress: u32, rc: i32, egress: u32) -> i32 {
+    if !tag_for_port(ctx, egress) {
+        stats::drop(ingress, DropReason::RedirectFailed);
+        return TC_ACT_SHOT;
+    }
+    stats::routed(ingress);
+    trace::egress(egress);
+    rc
+}
+
 #[inline(always)]
 pub fn egress(ctx: TcContext) -> i32 {
-    let rc = tc_out_act(&ctx);
+    let rc = egress_act(&ctx);
     if trace::on() {
         let uplink = unsafe { (*ctx.skb.skb).ifindex };
         trace::begin_tc(&ctx, TRACE_HOOK_TC_OUT, uplink, 0, TRACE_EGRESS, 0, 0);
@@ -255,7 +258,7 @@ pub fn egress(ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn tc_out_act(ctx: &TcContext) -> i32 {
+fn egress_act(ctx: &TcContext) -> i32 {
     let uplink = unsafe { (*ctx.skb.skb).ifindex };
     let Some(port) = maps::port(uplink) else {
         return TC_ACT_OK;

@@ -49,14 +49,13 @@ fn skb_tuple(ctx: &TcContext) -> CtKey {
     if u16::from_be(et) != parse::ETH_P_IPV4 {
         return k;
     }
-    let l3 = parse::ETH_HLEN;
-    let Ok(vihl) = ctx.load::<u8>(l3) else {
+    let Some(ip) = parse::ipv4_skb(ctx, parse::ETH_HLEN) else {
         return k;
     };
-    let l4 = l3 + ((vihl & 0xf) as usize) * 4;
-    k.proto = ctx.load::<u8>(l3 + 9).unwrap_or(0);
-    k.saddr = ctx.load::<u32>(l3 + 12).unwrap_or(0);
-    k.daddr = ctx.load::<u32>(l3 + 16).unwrap_or(0);
+    let l4 = parse::ETH_HLEN + ip.hlen;
+    k.proto = ip.proto;
+    k.saddr = ip.saddr;
+    k.daddr = ip.daddr;
     match k.proto {
         IPPROTO_TCP | IPPROTO_UDP => {
             k.sport = u16::from_be(ctx.load::<u16>(l4).unwrap_or(0));
@@ -144,27 +143,20 @@ pub fn xdp(ctx: &XdpContext, rc: u32, aux: u32) {
     }
     let mut k = CtKey::default();
     ev.vid = 0;
-    if let Some(h) = parse::ptr_at::<[u8; 18]>(data, data_end, 0) {
-        let h = unsafe { &*h };
-        ev.dst_mac = [h[0], h[1], h[2], h[3], h[4], h[5]];
-        ev.src_mac = [h[6], h[7], h[8], h[9], h[10], h[11]];
-        let et = u16::from_be_bytes([h[12], h[13]]);
-        let mut l3 = parse::ETH_HLEN;
-        if et == kvnet_common::ETH_P_8021Q {
-            ev.vid = u16::from_be_bytes([h[14], h[15]]) & kvnet_common::VLAN_VID_MASK;
-            l3 += 4;
+    if let Some(eth) = parse::eth(data, data_end) {
+        ev.dst_mac = eth.dst;
+        ev.src_mac = eth.src;
+        let tagged = eth.ethertype == kvnet_common::ETH_P_8021Q;
+        let tag = crate::vlan::Tag::of(data, data_end, None);
+        if tagged {
+            ev.vid = tag.tci & kvnet_common::VLAN_VID_MASK;
         }
-        let inner = if l3 == parse::ETH_HLEN {
-            et
-        } else {
-            u16::from_be_bytes([h[16], h[17]])
-        };
-        if inner == parse::ETH_P_IPV4 {
-            if let Some(ip) = parse::ptr_at::<[u8; 20]>(data, data_end, l3) {
-                let ip = unsafe { &*ip };
-                k.proto = ip[9];
-                k.saddr = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
-                k.daddr = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
+        let l3 = parse::l3(data, data_end, &eth, tagged);
+        if l3.ethertype == parse::ETH_P_IPV4 {
+            if let Some(ip) = parse::ipv4(data, data_end, l3.off) {
+                k.proto = ip.proto;
+                k.saddr = ip.saddr;
+                k.daddr = ip.daddr;
             }
         }
     }

@@ -8,6 +8,7 @@ mod build;
 mod cmd;
 mod demo;
 mod lab;
+#[cfg(test)]
 mod layering;
 mod run;
 mod setup;
