@@ -284,6 +284,28 @@ fn touch(e: *mut CtEntry, len: u64, tcp_flags: u8) {
     }
 }
 
+/// How [`create`] opened a flow.
+#[derive(PartialEq, Eq)]
+enum Opened {
+    /// Its two entries are ours.
+    New,
+    /// Another CPU created the same flow first: `to` is now its translation.
+    Joined,
+}
+
+const EEXIST: i32 = -17;
+
+/// The translation another CPU gave `orig` while this one was creating it.
+#[inline(always)]
+fn winner(orig: &CtKey, to: &mut CtKey) -> Option<Opened> {
+    let e = unsafe { CT.get(orig) }?;
+    if e.flags & CT_F_ORIGINAL == 0 {
+        return None;
+    }
+    *to = e.rewrite;
+    Some(Opened::Joined)
+}
+
 /// Creates both entries of a flow `orig` -> `to`. For SNAT (`alloc`), the
 /// source port of `to` is chosen here. None: refused (counted).
 #[inline(always)]
@@ -295,7 +317,7 @@ fn create(
     alloc: bool,
     flags: u32,
     port: u32,
-) -> Option<()> {
+) -> Option<Opened> {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut rev = CtEntry {
         rewrite: orig.reply(),
@@ -328,7 +350,7 @@ fn create(
                     break;
                 }
                 // -EEXIST: port taken for that destination; else the table is full.
-                Err(e) if e == -17 => continue,
+                Err(e) if e == EEXIST => continue,
                 Err(_) => {
                     full = true;
                     break;
@@ -345,19 +367,34 @@ fn create(
             });
             return None;
         }
-    } else if CT.insert(&to.reply(), &rev, BPF_NOEXIST as u64).is_err() {
+    } else if let Err(e) = CT.insert(&to.reply(), &rev, BPF_NOEXIST as u64) {
+        // A forward's reply tuple is fixed: it exists when another CPU is
+        // opening this very flow, whose translation is `to` as well.
+        if e == EEXIST {
+            if let Some(r) = unsafe { CT.get(&to.reply()) } {
+                if r.rewrite == orig.reply() {
+                    return Some(Opened::Joined);
+                }
+            }
+        }
         count(net_id, |s| s.drop_table_full += 1);
         return None;
     }
     rev.rewrite = *to;
     rev.flags = flags | CT_F_ORIGINAL;
-    if CT.insert(orig, &rev, BPF_NOEXIST as u64).is_err() {
+    if let Err(e) = CT.insert(orig, &rev, BPF_NOEXIST as u64) {
         let _ = CT.remove(&to.reply());
+        if e == EEXIST {
+            // Another CPU won the race for this flow: use its entry.
+            if let Some(joined) = winner(orig, to) {
+                return Some(joined);
+            }
+        }
         count(net_id, |s| s.drop_table_full += 1);
         return None;
     }
     count(net_id, |s| s.new_flows += 1);
-    Some(())
+    Some(Opened::New)
 }
 
 #[inline(always)]
@@ -464,8 +501,8 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig, ingress: u32) -> 
         count(net_id, |s| s.drop_ct_quota += 1);
         return Nat::Refused(DropReason::CtQuota);
     }
-    if new_flow
-        && create(
+    let opened = if new_flow {
+        let Some(o) = create(
             net_id,
             n,
             &p.key,
@@ -473,13 +510,16 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig, ingress: u32) -> 
             true,
             if fwd { CT_F_DNAT } else { 0 },
             ingress,
-        )
-        .is_none()
-    {
-        return Nat::Drop;
-    }
-    if new_flow {
+        ) else {
+            return Nat::Drop;
+        };
         entry = CT.get_ptr_mut(&p.key);
+        Some(o)
+    } else {
+        None
+    };
+    // The flow counts against the quota of the CPU that created it only.
+    if opened == Some(Opened::New) {
         match CT_QUOTA.get_ptr_mut(&ingress) {
             Some(c) => unsafe { *c += 1 },
             None => {

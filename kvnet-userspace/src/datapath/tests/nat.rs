@@ -659,3 +659,70 @@ fn only_what_leaves_by_the_uplink_is_masqueraded() {
         assert_eq!(tuple(&n.guest(REMOTE, 40000).frame).0, NAT_IP);
     });
 }
+
+#[test]
+fn two_cpus_opening_one_flow_both_use_the_winners_translation() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Each flow's first packet runs on both CPUs at once; a CPU that finds
+    // the flow created under it must use that entry, not drop the packet.
+    const FLOWS: u16 = 4000;
+    in_netns(|| {
+        let n = nat(0);
+        let tc: &aya::programs::SchedClassifier =
+            n.dp.ebpf
+                .program(names::PROG_TC)
+                .unwrap()
+                .try_into()
+                .unwrap();
+        let mut ctx = vec![0u8; 44];
+        ctx[40..44].copy_from_slice(&n.guest_port.to_ne_bytes());
+        let frames: Vec<Vec<u8>> = (0..FLOWS)
+            .map(|i| udp(n.gw_mac, GUEST_MAC, GUEST, REMOTE, 40000, 1000 + i))
+            .collect();
+        // A spinning start line per flow: a blocking barrier's wake-ups are
+        // further apart than the race window.
+        let arrived = AtomicU32::new(0);
+        let run = |cpu: u32| {
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &{
+                let mut set = nix::sched::CpuSet::new();
+                let _ = set.set(cpu as usize);
+                set
+            });
+            let mut out = Vec::with_capacity(frames.len());
+            for (i, f) in frames.iter().enumerate() {
+                arrived.fetch_add(1, Ordering::SeqCst);
+                while arrived.load(Ordering::SeqCst) < 2 * (i as u32 + 1) {
+                    std::hint::spin_loop();
+                }
+                let r = crate::datapath::prog_run(tc, f, Some(&ctx), 1).unwrap();
+                out.push((r.verdict, tuple(&r.frame).1));
+            }
+            out
+        };
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| run(0));
+            let b = s.spawn(|| run(1));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        let mut dropped = 0;
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            if x.0 != TC_ACT_REDIRECT || y.0 != TC_ACT_REDIRECT {
+                dropped += 1;
+                continue;
+            }
+            assert_eq!(x.1, y.1, "flow {i}: both CPUs' packets leave with one port");
+        }
+        let mut n = n;
+        let s = n.dp.nat_stats(NET).unwrap();
+        assert_eq!(
+            (dropped, s.drop_table_full, s.new_flows),
+            (0, 0, FLOWS as u64),
+            "no packet of a flow opened on two CPUs at once is dropped, and each flow is opened once"
+        );
+        assert_eq!(
+            ct_len(&mut n.dp),
+            2 * FLOWS as usize,
+            "no entry left behind by a loser"
+        );
+    });
+}
