@@ -9,7 +9,10 @@
 //! from ever handing out the same (remote, port) pair.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, BPF_NOEXIST},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh},
+    helpers::{
+        bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh,
+        bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
+    },
     programs::TcContext,
 };
 use kvnet_common::{
@@ -284,6 +287,91 @@ fn touch(e: *mut CtEntry, len: u64, tcp_flags: u8) {
     }
 }
 
+/// The source ports masquerade hands out: the network's range without the
+/// host's ephemeral range, so every try is a port that may be taken.
+struct PortRange {
+    lo: u32,
+    /// Ports in the range, the ephemeral ones not counted.
+    size: u32,
+    /// The ephemeral ports inside the range: `skip` ports from `skip_at`.
+    skip_at: u32,
+    skip: u32,
+}
+
+impl PortRange {
+    #[inline(always)]
+    fn of(n: &NetConfig) -> PortRange {
+        let (lo, hi) = (n.port_lo as u32, n.port_hi as u32);
+        let (slo, shi) = (n.skip_lo as u32, n.skip_hi as u32);
+        let (skip_at, end) = (slo.max(lo), shi.min(hi));
+        let skip = if slo <= shi && skip_at <= end {
+            end - skip_at + 1
+        } else {
+            0
+        };
+        PortRange {
+            lo,
+            size: (hi + 1).saturating_sub(lo).saturating_sub(skip),
+            skip_at,
+            skip,
+        }
+    }
+
+    /// The port random number `x` names; None when nothing is left.
+    #[inline(always)]
+    fn pick(&self, x: u32) -> Option<u16> {
+        if self.size == 0 {
+            return None;
+        }
+        let mut port = self.lo + x % self.size;
+        if self.skip != 0 && port >= self.skip_at {
+            port += self.skip;
+        }
+        Some(port as u16)
+    }
+}
+
+/// A port the uplink address serves: a port forward's, or a host socket's
+/// that the reply of `to` from `port` would reach (a listener, say).
+#[inline(always)]
+fn port_in_use(ctx: &TcContext, n: &NetConfig, to: &CtKey, port: u16) -> bool {
+    let fwd = ForwardKey {
+        ifindex: n.uplink,
+        port,
+        proto: to.proto,
+        _pad: 0,
+    };
+    if unsafe { FORWARDS.get(&fwd) }.is_some() {
+        return true;
+    }
+    if to.proto != IPPROTO_TCP && to.proto != IPPROTO_UDP {
+        return false;
+    }
+    // struct bpf_sock_tuple.ipv4, seen from the reply: remote -> us.
+    let mut tuple = [0u8; 12];
+    tuple[0..4].copy_from_slice(&to.daddr.to_ne_bytes());
+    tuple[4..8].copy_from_slice(&to.saddr.to_ne_bytes());
+    tuple[8..10].copy_from_slice(&to.dport.to_be_bytes());
+    tuple[10..12].copy_from_slice(&port.to_be_bytes());
+    let skb = ctx.skb.skb as *mut core::ffi::c_void;
+    let t = tuple.as_mut_ptr() as *mut _;
+    let sk = unsafe {
+        if to.proto == IPPROTO_TCP {
+            bpf_sk_lookup_tcp(skb, t, 12, CURRENT_NETNS, 0)
+        } else {
+            bpf_sk_lookup_udp(skb, t, 12, CURRENT_NETNS, 0)
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    unsafe { bpf_sk_release(sk as *mut _) };
+    true
+}
+
+/// BPF_F_CURRENT_NETNS: the namespace of the device the packet is on.
+const CURRENT_NETNS: u64 = u64::MAX;
+
 /// How [`create`] opened a flow.
 #[derive(PartialEq, Eq)]
 enum Opened {
@@ -309,7 +397,9 @@ fn winner(orig: &CtKey, to: &mut CtKey) -> Option<Opened> {
 /// Creates both entries of a flow `orig` -> `to`. For SNAT (`alloc`), the
 /// source port of `to` is chosen here. None: refused (counted).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn create(
+    ctx: &TcContext,
     net_id: u32,
     n: &NetConfig,
     orig: &CtKey,
@@ -329,20 +419,18 @@ fn create(
         ..Default::default()
     };
     if alloc {
-        let lo = n.port_lo as u32;
-        let size = (n.port_hi as u32).wrapping_sub(lo) + 1;
+        let range = PortRange::of(n);
         let start = unsafe { bpf_get_prandom_u32() };
         let mut found = false;
         let mut full = false;
         for i in 0..PORT_TRIES {
-            let x = start.wrapping_add(i.wrapping_mul(7919));
-            // `size` is never 0 (port_hi >= port_lo); the test keeps the
-            // verifier free of a division-by-zero panic path.
-            let port = lo + if size == 0 { 0 } else { x % size };
-            if port >= n.skip_lo as u32 && port <= n.skip_hi as u32 {
+            let Some(port) = range.pick(start.wrapping_add(i.wrapping_mul(7919))) else {
+                break;
+            };
+            if port_in_use(ctx, n, to, port) {
                 continue;
             }
-            to.sport = port as u16;
+            to.sport = port;
             let rkey = to.reply();
             match CT.insert(&rkey, &rev, BPF_NOEXIST as u64) {
                 Ok(()) => {
@@ -503,6 +591,7 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig, ingress: u32) -> 
     }
     let opened = if new_flow {
         let Some(o) = create(
+            ctx,
             net_id,
             n,
             &p.key,
@@ -644,7 +733,7 @@ pub fn from_uplink(ctx: &TcContext, ingress: u32) -> Nat {
                 dport: t.port,
                 ..p.key
             };
-            if create(t.net_id, &n, &p.key, &mut to, false, CT_F_DNAT, 0).is_none() {
+            if create(ctx, t.net_id, &n, &p.key, &mut to, false, CT_F_DNAT, 0).is_none() {
                 return Nat::Drop;
             }
             entry = CT.get_ptr_mut(&p.key);

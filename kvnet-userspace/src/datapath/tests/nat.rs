@@ -726,3 +726,74 @@ fn two_cpus_opening_one_flow_both_use_the_winners_translation() {
         );
     });
 }
+
+impl Nat {
+    /// Narrows the NAT network's source ports to [lo, hi] without the
+    /// host's ephemeral [skip_lo, skip_hi].
+    fn port_range(&mut self, lo: u16, hi: u16, skip_lo: u16, skip_hi: u16) {
+        let mut nets = self.dp.nets().unwrap();
+        let mut cfg = nets.get(&NET, 0).unwrap();
+        (cfg.port_lo, cfg.port_hi, cfg.skip_lo, cfg.skip_hi) = (lo, hi, skip_lo, skip_hi);
+        nets.insert(NET, cfg, 0).unwrap();
+    }
+}
+
+#[test]
+fn every_port_try_is_outside_the_hosts_ephemeral_range() {
+    in_netns(|| {
+        let mut n = nat(0);
+        // Ten usable ports: a try that lands on the host's ephemeral range
+        // is no try at all, so ten flows to one destination all get one.
+        n.port_range(20000, 20999, 20000, 20989);
+        let mut ports = std::collections::BTreeSet::new();
+        for sport in 0..10 {
+            let out = n.guest(REMOTE, 40000 + sport);
+            assert_eq!(out.verdict, TC_ACT_REDIRECT, "flow {sport} translated");
+            ports.insert(tuple(&out.frame).1);
+        }
+        assert_eq!(
+            ports.into_iter().collect::<Vec<_>>(),
+            (20990..=20999).collect::<Vec<_>>()
+        );
+        let s = n.dp.nat_stats(NET).unwrap();
+        assert_eq!((s.new_flows, s.drop_no_port), (10, 0));
+        // The eleventh finds the range used up: refused, as such.
+        assert_eq!(n.guest(REMOTE, 40010).verdict, TC_ACT_SHOT);
+        assert_eq!(n.dp.nat_stats(NET).unwrap().drop_no_port, 1);
+    });
+}
+
+#[test]
+fn masquerade_never_takes_a_forwarded_port_or_one_a_host_socket_serves() {
+    in_netns(|| {
+        let mut n = nat(0);
+        n.port_range(20000, 20009, 0, 0);
+        // 20000-20004 are forwarded, 20005-20008 have host sockets on the
+        // uplink's address: 20009 is the one port left.
+        for port in 20000..=20004 {
+            let key = ForwardKey {
+                ifindex: n.up0,
+                port,
+                proto: IPPROTO_UDP,
+                _pad: 0,
+            };
+            let target = ForwardTarget {
+                addr: be(GUEST),
+                port: 80,
+                net_id: NET,
+                ..Default::default()
+            };
+            n.dp.forwards().unwrap().insert(key, target, 0).unwrap();
+        }
+        let _host_sockets: Vec<std::net::UdpSocket> = (20005..=20008)
+            .map(|p| std::net::UdpSocket::bind((std::net::Ipv4Addr::from(NAT_IP), p)).unwrap())
+            .collect();
+        for i in 0..3u16 {
+            // One destination port per flow: each may have port 20009.
+            let f = udp(n.gw_mac, GUEST_MAC, GUEST, REMOTE, 40000, 53 + i);
+            let out = n.from_guest_port(&f);
+            assert_eq!(out.verdict, TC_ACT_REDIRECT, "flow {i} translated");
+            assert_eq!(tuple(&out.frame).1, 20009, "flow {i}: the one free port");
+        }
+    });
+}
