@@ -46,7 +46,9 @@ pub struct CtEntry {
     /// The guest port that opened the flow (0: opened from outside), what
     /// its quota counts ([`NetConfig::ct_quota`], map `ct_quota`).
     pub port: u32,
-    pub _pad: u32,
+    /// TCP: the sequence number after the last segment this direction's
+    /// sender sent (0: none seen yet), what a RST must be near to count.
+    pub seq_end: u32,
 }
 
 /// The entry of the direction that opened the flow.

@@ -522,7 +522,7 @@ fn a_udp_gso_packet_is_translated_when_its_segments_fit_the_mtu() {
     });
 }
 
-/// Ethernet + IPv4 + TCP with `flags` (checksums left zero).
+/// Ethernet + IPv4 + TCP with `flags`, sequence 1 (checksums left zero).
 #[allow(clippy::too_many_arguments)]
 fn tcp(
     dst: [u8; 6],
@@ -533,11 +533,25 @@ fn tcp(
     dp: u16,
     flags: u8,
 ) -> Vec<u8> {
+    tcp_seq(dst, src, (sip, sp), (dip, dp), flags, 1)
+}
+
+/// Ethernet + IPv4 + TCP from `from` to `to` with `flags` and sequence
+/// number `seq` (checksums left zero).
+fn tcp_seq(
+    dst: [u8; 6],
+    src: [u8; 6],
+    from: ([u8; 4], u16),
+    to: ([u8; 4], u16),
+    flags: u8,
+    seq: u32,
+) -> Vec<u8> {
     let mut l4 = Vec::new();
-    l4.extend_from_slice(&sp.to_be_bytes());
-    l4.extend_from_slice(&dp.to_be_bytes());
-    l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    ipv4_frame(dst, src, sip, dip, 6, &l4)
+    l4.extend_from_slice(&from.1.to_be_bytes());
+    l4.extend_from_slice(&to.1.to_be_bytes());
+    l4.extend_from_slice(&seq.to_be_bytes());
+    l4.extend_from_slice(&[0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    ipv4_frame(dst, src, from.0, to.0, 6, &l4)
 }
 
 /// Review finding (issue 14): TCP state flags were sticky, so a client
@@ -795,5 +809,58 @@ fn masquerade_never_takes_a_forwarded_port_or_one_a_host_socket_serves() {
             assert_eq!(out.verdict, TC_ACT_REDIRECT, "flow {i} translated");
             assert_eq!(tuple(&out.frame).1, 20009, "flow {i}: the one free port");
         }
+    });
+}
+
+/// Review finding (issue 14): any RST on a flow's tuple marked it closed
+/// (and the GC then expired it within seconds), whatever its sequence
+/// number: one spoofed packet tore down a guest's connection.
+#[test]
+fn a_reset_far_from_the_senders_sequence_does_not_close_the_flow() {
+    in_netns(|| {
+        let mut n = nat(0);
+        let (syn, syn_ack, rst) = (0x02, 0x12, 0x04);
+        let syn = tcp_seq(n.gw_mac, GUEST_MAC, (GUEST, 40000), (REMOTE, 80), syn, 1000);
+        let out = n.from_guest_port(&syn);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        let nport = tuple(&out.frame).1;
+        let from_remote = |n: &mut Nat, flags: u8, seq: u32| {
+            let f = tcp_seq(n.up_mac, OUT_MAC, (REMOTE, 80), (NAT_IP, nport), flags, seq);
+            n.dp.run_tc_on(&f, n.up0).unwrap().verdict
+        };
+        let reply_flags = |n: &mut Nat| -> u32 {
+            let key = CtKey {
+                saddr: be(REMOTE),
+                daddr: be(NAT_IP),
+                sport: 80,
+                dport: nport,
+                proto: IPPROTO_TCP,
+                ..Default::default()
+            };
+            n.dp.ct()
+                .unwrap()
+                .get(&key, 0)
+                .expect("the reply entry")
+                .flags
+        };
+        assert_eq!(from_remote(&mut n, syn_ack, 5000), TC_ACT_REDIRECT);
+        // A reset 300 MB away from what the remote has sent: still passed
+        // on (the guest's stack judges it), but the flow stays open.
+        assert_eq!(
+            from_remote(&mut n, rst, 5001 + 300_000_000),
+            TC_ACT_REDIRECT
+        );
+        assert_eq!(
+            reply_flags(&mut n) & CT_F_RST,
+            0,
+            "a guessed reset closes nothing"
+        );
+        // Control: the remote's own reset, at its next sequence number.
+        assert_eq!(from_remote(&mut n, rst, 5001), TC_ACT_REDIRECT);
+        assert_ne!(
+            reply_flags(&mut n) & CT_F_RST,
+            0,
+            "the real reset closes the flow"
+        );
     });
 }
