@@ -257,6 +257,7 @@ fn fib(
             saddr,
             daddr,
             tot_len: p.tot_len,
+            l3_len: ctx.len().saturating_sub(L3 as u32),
             headers,
             gso_size,
             ifindex,

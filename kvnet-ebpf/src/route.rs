@@ -20,6 +20,8 @@ pub struct L3Ctx {
     pub ctx: *mut core::ffi::c_void,
     pub gso_size: u16,
     pub to_us: bool,
+    /// The frame's whole length (skb->len).
+    pub len: u32,
 }
 
 pub struct Fib {
@@ -35,6 +37,9 @@ pub struct FibQuery {
     pub saddr: u32,
     pub daddr: u32,
     pub tot_len: u16,
+    /// What the frame really carries from the IPv4 header on: a sender
+    /// cannot slip an oversized frame past the MTU with a small `tot_len`.
+    pub l3_len: u32,
     /// IPv4 + L4 header bytes (GSO packets only): with `gso_size`, the
     /// length of one segment.
     pub headers: u16,
@@ -59,7 +64,8 @@ pub fn l4_header_len(proto: u8, tcp_doff: u8) -> u16 {
 #[inline(always)]
 pub fn fib_v4(ctx: *mut core::ffi::c_void, q: &FibQuery) -> Option<FibParams> {
     let mtu_len = if q.gso_size == 0 {
-        q.tot_len
+        // Capped: a length past 65535 fails any MTU check as 65535 does.
+        (q.tot_len as u32).max(q.l3_len).min(u16::MAX as u32) as u16
     } else {
         q.headers + q.gso_size
     };
@@ -115,6 +121,7 @@ pub fn lookup_v4(
             saddr: ip.saddr,
             daddr: ip.daddr,
             tot_len: ip.tot_len,
+            l3_len: l3c.len.saturating_sub(l3 as u32),
             headers,
             gso_size: l3c.gso_size,
             ifindex,

@@ -67,6 +67,7 @@ pub fn ingress(ctx: TcContext) -> i32 {
             gso_size: skb.gso_size as u16,
             // PACKET_HOST: addressed to this interface's MAC.
             to_us: skb.pkt_type == 0,
+            len: skb.len,
         }
     };
     let action = pipeline::decide(ingress, &port, data, data_end, &tag, Some(l3));

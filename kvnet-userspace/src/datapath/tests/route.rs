@@ -121,3 +121,39 @@ fn a_header_shorter_than_twenty_bytes_is_not_routed() {
         assert_eq!(r.frame[22], 63);
     });
 }
+
+/// Review finding (issue 14): the MTU check trusted the IPv4 header's
+/// total length, so a frame far larger than the uplink's MTU was routed
+/// (or translated) in the fast path when its header claimed a small one.
+#[test]
+fn a_frame_longer_than_its_header_claims_is_checked_at_its_real_length() {
+    // (frame, the same frame 2000 bytes longer, 20 bytes longer)
+    let frames = |n: &Nat| {
+        let f = udp_ok(n.gw_mac, GUEST_MAC, GUEST, REMOTE, 40000, 53);
+        let (mut long, mut padded) = (f.clone(), f.clone());
+        long.resize(f.len() + 2000, 0);
+        padded.resize(f.len() + 20, 0);
+        (long, padded)
+    };
+    in_netns(move || {
+        let mut n = routed();
+        let (long, padded) = frames(&n);
+        let r = n.dp.run_tc_on(&long, n.guest_port).unwrap();
+        assert_eq!(
+            r.frame, long,
+            "untouched: the host's stack trims or refuses it"
+        );
+        assert_eq!(n.dp.stats(n.guest_port).unwrap().routed, 0);
+        // Control: a few bytes of trailer fit the MTU and are routed.
+        assert_eq!(n.dp.run_tc_on(&padded, n.guest_port).unwrap().frame[22], 63);
+    });
+    in_netns(move || {
+        let mut n = nat(0);
+        let (long, padded) = frames(&n);
+        let r = n.dp.run_tc_on(&long, n.guest_port).unwrap();
+        assert_eq!(&r.frame[26..30], &GUEST, "not translated");
+        assert_eq!(n.dp.nat_stats(NET).unwrap().translated, 0);
+        let r = n.dp.run_tc_on(&padded, n.guest_port).unwrap();
+        assert_eq!(tuple(&r.frame).0, NAT_IP, "control: translated");
+    });
+}
