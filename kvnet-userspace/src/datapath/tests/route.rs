@@ -139,8 +139,9 @@ fn a_frame_longer_than_its_header_claims_is_checked_at_its_real_length() {
         let mut n = routed();
         let (long, padded) = frames(&n);
         let r = n.dp.run_tc_on(&long, n.guest_port).unwrap();
-        assert_eq!(
-            r.frame, long,
+        // Compared whole but not printed: 2 kB of zeros say nothing.
+        assert!(
+            r.frame == long,
             "untouched: the host's stack trims or refuses it"
         );
         assert_eq!(n.dp.stats(n.guest_port).unwrap().routed, 0);
