@@ -17,3 +17,4 @@ pub mod security;
 pub mod switch;
 pub mod trace;
 pub mod vlan;
+pub mod xdp_features;

@@ -369,7 +369,7 @@ impl Switch {
         if xdp {
             flags |= PORT_F_XDP;
         }
-        if driver != "veth" {
+        if takes_xdp_redirects(iface, ifindex, &driver) {
             flags |= PORT_F_XDP_TX;
         }
         let base = PortConfig {
@@ -905,6 +905,25 @@ impl Switch {
             "detached all ports; pins under {} removed",
             self.dp.pin_dir().display()
         );
+    }
+}
+
+/// Whether XDP may redirect frames to this port: its driver has
+/// `ndo_xdp_xmit` (the kernel says so from 6.3 on; before, every driver is
+/// assumed to), and it is no veth, whose `ndo_xdp_xmit` needs an XDP
+/// program or GRO on the peer. Otherwise the XDP hook hands frames for
+/// the port to tc, which can always send them.
+fn takes_xdp_redirects(iface: &str, ifindex: u32, driver: &str) -> bool {
+    if driver == "veth" {
+        return false;
+    }
+    match crate::xdp_features::of(ifindex) {
+        Ok(Some(features)) => features & crate::xdp_features::XDP_ACT_NDO_XMIT != 0,
+        Ok(None) => true,
+        Err(e) => {
+            log::warn!("{iface}: XDP features unknown ({e:#}): frames for it go through tc");
+            false
+        }
     }
 }
 
