@@ -356,6 +356,15 @@ impl PortRange {
         }
     }
 
+    /// Whether `port` is one this range hands out.
+    #[inline(always)]
+    fn contains(&self, port: u16) -> bool {
+        let p = port as u32;
+        p >= self.lo
+            && p < self.lo + self.size + self.skip
+            && !(self.skip != 0 && p >= self.skip_at && p < self.skip_at + self.skip)
+    }
+
     /// The port random number `x` names; None when nothing is left.
     #[inline(always)]
     fn pick(&self, x: u32) -> Option<u16> {
@@ -463,8 +472,16 @@ fn create(
         let mut found = false;
         let mut full = false;
         for i in 0..PORT_TRIES {
-            let Some(port) = range.pick(start.wrapping_add(i.wrapping_mul(7919))) else {
-                break;
+            // The guest's own port first, when the range has it (port
+            // preservation, as Linux's masquerade does): peer-to-peer
+            // applications that predict their mapping keep working.
+            let port = if i == 0 && range.contains(orig.sport) {
+                orig.sport
+            } else {
+                let Some(p) = range.pick(start.wrapping_add(i.wrapping_mul(7919))) else {
+                    break;
+                };
+                p
             };
             if port_in_use(ctx, n, to, port) {
                 continue;

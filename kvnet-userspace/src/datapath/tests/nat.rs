@@ -864,3 +864,27 @@ fn a_reset_far_from_the_senders_sequence_does_not_close_the_flow() {
         );
     });
 }
+
+/// Issue 14, point 4: a guest's source port is kept when the range has it
+/// and no other flow to that destination holds it (port preservation).
+#[test]
+fn a_guests_source_port_is_kept_when_it_is_free() {
+    in_netns(|| {
+        let mut n = nat(0);
+        let out = n.guest(REMOTE, 20500);
+        assert_eq!(tuple(&out.frame).1, 20500, "kept");
+        // To another destination as well: one mapping for both.
+        let f = udp(n.gw_mac, GUEST_MAC, GUEST, REMOTE, 20500, 54);
+        assert_eq!(tuple(&n.from_guest_port(&f).frame).1, 20500);
+        // Outside the range, or in the host's ephemeral part: a port from it.
+        let out = n.guest(REMOTE, 40000);
+        assert!((20000..=20999).contains(&tuple(&out.frame).1));
+        n.port_range(20000, 20999, 20400, 20600);
+        let out = n.guest(REMOTE, 20501);
+        let p = tuple(&out.frame).1;
+        assert!(
+            (20000..20400).contains(&p) || (20601..=20999).contains(&p),
+            "{p}"
+        );
+    });
+}
