@@ -561,6 +561,9 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig, ingress: u32) -> 
         return Nat::Skip;
     };
     if p.key.proto == IPPROTO_ICMP && p.icmp_type != ICMP_ECHO && p.icmp_type != ICMP_ECHOREPLY {
+        if is_icmp_error(p.icmp_type) {
+            return icmp_error_from_guest(ctx, &p, net_id, n);
+        }
         return Nat::Skip;
     }
     // One lookup for an established flow: the entry is translated from and
@@ -735,12 +738,7 @@ pub fn from_uplink(ctx: &TcContext, ingress: u32) -> Nat {
     let Some(p) = packet(ctx) else {
         return Nat::Skip;
     };
-    if p.key.proto == IPPROTO_ICMP
-        && matches!(
-            p.icmp_type,
-            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
-        )
-    {
+    if p.key.proto == IPPROTO_ICMP && is_icmp_error(p.icmp_type) {
         return icmp_error(ctx, &p, ingress);
     }
     // The outside's side of flows only: a masquerade flow's original
@@ -898,6 +896,93 @@ fn icmp_error(ctx: &TcContext, p: &Pkt, ingress: u32) -> Nat {
         ..Default::default()
     };
     to_guest(ctx, p, &to, ingress)
+}
+
+#[inline(always)]
+fn is_icmp_error(icmp_type: u8) -> bool {
+    matches!(
+        icmp_type,
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
+    )
+}
+
+/// An ICMP error a guest sends about a TCP/UDP packet it received on a
+/// translated flow (port unreachable to a port forward's client, say): the
+/// embedded header is that packet as translated for the guest. Put the
+/// uplink's address and port back in it and in the outer source, then
+/// route it out. Only about packets to the sender itself, on a flow of its
+/// own network: a guest cannot send errors about a neighbour's flows.
+#[inline(always)]
+fn icmp_error_from_guest(ctx: &TcContext, p: &Pkt, net_id: u32, n: &NetConfig) -> Nat {
+    let eip = p.l4 + 8;
+    let Some(embedded) = parse::ipv4_skb(ctx, eip) else {
+        return Nat::Skip;
+    };
+    let guest = p.key.saddr;
+    if embedded.daddr != guest || (embedded.proto != IPPROTO_TCP && embedded.proto != IPPROTO_UDP) {
+        return Nat::Skip;
+    }
+    let el4 = eip + embedded.hlen;
+    let (Some(sport), Some(dport)) = (load::<u16>(ctx, el4), load::<u16>(ctx, el4 + 2)) else {
+        return Nat::Skip;
+    };
+    let received = CtKey {
+        saddr: embedded.saddr,
+        daddr: guest,
+        sport: u16::from_be(sport),
+        dport: u16::from_be(dport),
+        proto: embedded.proto,
+        ..Default::default()
+    };
+    // The guest's side of that flow: what its packets to the remote become.
+    let Some(e) = (unsafe { CT.get(&received.reply()) }).copied() else {
+        return Nat::Skip;
+    };
+    if e.net_id != net_id {
+        return Nat::Skip;
+    }
+    let (nat, nport) = (e.rewrite.saddr, e.rewrite.sport.to_be());
+    if p.ttl <= 1 {
+        return Nat::ToHost;
+    }
+    let Some(f) = fib(ctx, p, nat, p.key.daddr, n.gw_host, FIB_SKIP_NEIGH) else {
+        return Nat::ToHost;
+    };
+    if f.ifindex != n.uplink {
+        return Nat::Refused(DropReason::ForeignNet);
+    }
+    let icmp_csum = p.l4 + 2;
+    let Some(ecsum) = load::<u16>(ctx, eip + 10) else {
+        return Nat::Drop;
+    };
+    let new_ecsum = csum_update32(ecsum, guest, nat);
+    // Outer source (the IP header checksum only: ICMP's does not cover it),
+    // then the embedded destination, its header checksum and port.
+    if ctx.store(L3 + 12, &nat, 0).is_err()
+        || ctx
+            .l3_csum_replace(L3 + 10, guest as u64, nat as u64, 4)
+            .is_err()
+        || ctx.store(eip + 16, &nat, 0).is_err()
+        || ctx
+            .l4_csum_replace(icmp_csum, guest as u64, nat as u64, 4)
+            .is_err()
+        || ctx.store(eip + 10, &new_ecsum, 0).is_err()
+        || ctx
+            .l4_csum_replace(icmp_csum, ecsum as u64, new_ecsum as u64, 2)
+            .is_err()
+        || ctx.store(el4 + 2, &nport, 0).is_err()
+        || ctx
+            .l4_csum_replace(icmp_csum, dport as u64, nport as u64, 2)
+            .is_err()
+        || !dec_ttl(ctx, p.ttl)
+    {
+        return Nat::Drop;
+    }
+    count(net_id, |s| s.icmp_errors += 1);
+    Nat::Sent(
+        unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) } as i32,
+        f.ifindex,
+    )
 }
 
 /// tc egress on a NAT uplink: drops IPv4 whose source is a NAT network's

@@ -888,3 +888,87 @@ fn a_guests_source_port_is_kept_when_it_is_free() {
         );
     });
 }
+
+/// An ICMP error of `icmp_type`/`code` from `src` to `dst` quoting
+/// `quoted` (an IPv4 header and 8 bytes), every checksum valid.
+fn icmp_error_frame(
+    macs: ([u8; 6], [u8; 6]),
+    src: [u8; 4],
+    dst: [u8; 4],
+    (icmp_type, code): (u8, u8),
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut icmp = vec![icmp_type, code, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(quoted);
+    let c = !csum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::new();
+    f.extend_from_slice(&macs.0);
+    f.extend_from_slice(&macs.1);
+    f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+    f.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 2, 0, 0, 64, 1, 0, 0]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    let ipc = !csum(&f[14..34], 0);
+    f[24..26].copy_from_slice(&ipc.to_be_bytes());
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// Review finding (issue 14): a guest's ICMP errors (port unreachable to
+/// a port forward's client, say) went to the host untranslated and were
+/// dropped at the uplink. They now leave with the uplink's address and
+/// port in both headers; a guest cannot send one about another's flow.
+#[test]
+fn a_guests_icmp_error_about_a_forwarded_flow_leaves_translated() {
+    in_netns(|| {
+        let mut n = nat(0);
+        let key = ForwardKey {
+            ifindex: n.up0,
+            port: 8080,
+            proto: IPPROTO_UDP,
+            _pad: 0,
+        };
+        let target = ForwardTarget {
+            addr: be(GUEST),
+            port: 80,
+            net_id: NET,
+            ..Default::default()
+        };
+        n.dp.forwards().unwrap().insert(key, target, 0).unwrap();
+        // The client's datagram, as the guest receives it.
+        let client = udp_ok(n.up_mac, OUT_MAC, REMOTE, NAT_IP, 1000, 8080);
+        let inbound = n.dp.run_tc_on(&client, n.up0).unwrap();
+        assert_eq!(inbound.verdict, TC_ACT_REDIRECT);
+        assert_eq!(tuple(&inbound.frame), (REMOTE, 1000, GUEST, 80));
+        let quoted = inbound.frame[14..14 + 28].to_vec();
+        let gw_mac = n.gw_mac;
+        let error = |from: [u8; 4], quoted: &[u8]| {
+            icmp_error_frame((gw_mac, GUEST_MAC), from, REMOTE, (3, 3), quoted)
+        };
+        let f = error(GUEST, &quoted);
+        assert!(checksums_ok(&f), "the test frame itself");
+        let r = n.from_guest_port(&f);
+        assert_eq!(r.verdict, TC_ACT_REDIRECT, "sent out");
+        let b = &r.frame;
+        assert_eq!(&b[26..30], &NAT_IP, "outer source: the uplink's address");
+        assert_eq!(&b[30..34], &REMOTE);
+        let inner = &b[42..];
+        assert_eq!(&inner[16..20], &NAT_IP, "quoted destination");
+        assert_eq!(
+            u16::from_be_bytes([inner[22], inner[23]]),
+            8080,
+            "quoted port"
+        );
+        assert!(checksums_ok(b), "outer IPv4 and ICMP checksums");
+        assert_eq!(csum(&inner[..20], 0), 0xffff, "quoted IPv4 header checksum");
+        assert_eq!(n.dp.nat_stats(NET).unwrap().icmp_errors, 1);
+        // Another guest's address quoted: not this guest's flow, untouched.
+        let mut other = quoted.clone();
+        other[16..20].copy_from_slice(&[192, 168, 122, 11]);
+        let r = n.from_guest_port(&error(GUEST, &other));
+        assert_eq!(&r.frame[26..30], &GUEST, "not translated");
+        assert_eq!(n.dp.nat_stats(NET).unwrap().icmp_errors, 1);
+    });
+}
