@@ -11,7 +11,7 @@ use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, BPF_NOEXIST},
     helpers::{
         bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh,
-        bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_change_tail,
     },
     programs::TcContext,
 };
@@ -66,6 +66,9 @@ struct Pkt {
     /// TCP: the segment's sequence number and the one after it.
     seq: u32,
     seq_next: u32,
+    /// Don't Fragment, a header of 20 bytes (no options).
+    df: bool,
+    plain_header: bool,
 }
 
 #[inline(always)]
@@ -135,6 +138,8 @@ fn packet(ctx: &TcContext) -> Option<Pkt> {
         tcp_flags,
         seq,
         seq_next,
+        df: ip.frag & 0x4000 != 0,
+        plain_header: ip.hlen == parse::IPV4_HLEN,
     })
 }
 
@@ -236,14 +241,14 @@ fn fib(
     daddr: u32,
     ifindex: u32,
     flags: u32,
-) -> Option<FibParams> {
+) -> Result<FibParams, route::FibMiss> {
     let gso_size = unsafe { (*ctx.skb.skb).gso_size } as u16;
     // One segment's headers, read only for GSO packets (the MTU check).
     let headers = if gso_size == 0 {
         0
     } else {
         let doff = if p.key.proto == IPPROTO_TCP {
-            load::<u8>(ctx, p.l4 + 12)?
+            load::<u8>(ctx, p.l4 + 12).ok_or(route::FibMiss::Other)?
         } else {
             0
         };
@@ -623,7 +628,7 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig, ingress: u32) -> 
             return Nat::Refused(DropReason::ForeignNet);
         }
     }
-    let Some(f) = fib(ctx, &p, to.saddr, to.daddr, n.gw_host, FIB_SKIP_NEIGH) else {
+    let Ok(f) = fib(ctx, &p, to.saddr, to.daddr, n.gw_host, FIB_SKIP_NEIGH) else {
         // Unroutable or too big: the host answers with the ICMP error.
         return Nat::ToHost;
     };
@@ -695,22 +700,28 @@ fn to_guest(ctx: &TcContext, p: &Pkt, to: &CtKey, ingress: u32) -> Nat {
     if p.ttl <= 1 || !dec_ttl(ctx, p.ttl) {
         return Nat::Drop;
     }
-    let Some(f) = fib(ctx, p, to.saddr, to.daddr, ingress, FIB_DIRECT) else {
-        // Neighbour unresolved: the kernel resolves it on the way out.
-        let Some(f) = fib(
-            ctx,
-            p,
-            to.saddr,
-            to.daddr,
-            ingress,
-            FIB_DIRECT | FIB_SKIP_NEIGH,
-        ) else {
-            return Nat::Drop;
-        };
-        return Nat::Sent(
-            unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) } as i32,
-            f.ifindex,
-        );
+    let f = match fib(ctx, p, to.saddr, to.daddr, ingress, FIB_DIRECT) {
+        Ok(f) => f,
+        // Larger than the guest's network takes: the sender must learn so
+        // (PMTUD through a port forward or a masquerade reply).
+        Err(route::FibMiss::FragNeeded(mtu)) => return frag_needed(ctx, p, ingress, mtu),
+        Err(route::FibMiss::Other) => {
+            // Neighbour unresolved: the kernel resolves it on the way out.
+            let Ok(f) = fib(
+                ctx,
+                p,
+                to.saddr,
+                to.daddr,
+                ingress,
+                FIB_DIRECT | FIB_SKIP_NEIGH,
+            ) else {
+                return Nat::Drop;
+            };
+            return Nat::Sent(
+                unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) } as i32,
+                f.ifindex,
+            );
+        }
     };
     let macs: [u8; 12] = {
         let mut m = [0u8; 12];
@@ -729,6 +740,89 @@ fn to_guest(ctx: &TcContext, p: &Pkt, to: &CtKey, ingress: u32) -> Nat {
         }
     }
     Nat::Sent(unsafe { bpf_redirect(egress, 0) } as i32, egress)
+}
+
+/// ICMP "fragmentation needed", type 3 code 4.
+const ICMP_FRAG_NEEDED: u8 = 4;
+/// The IPv4 header and 8 bytes an ICMP error quotes.
+const QUOTE_LEN: usize = 28;
+/// Where the quote lies in the error: past Ethernet, IPv4 and ICMP headers.
+const QUOTE: usize = ETH_HLEN + 20 + 8;
+const BPF_ADJ_ROOM_MAC: u32 = 1;
+
+/// A packet from outside, already translated for its guest, is larger
+/// than the guest's network takes (`mtu`). The host stack cannot answer
+/// for it (the packet was addressed to the uplink itself), so kvnet turns
+/// it, in place, into the ICMP "fragmentation needed" its sender needs,
+/// quoting the packet as the sender sent it, and sends that back out of
+/// the uplink. Without DF the packet is dropped (kvnet does not fragment).
+#[inline(always)]
+fn frag_needed(ctx: &TcContext, p: &Pkt, ingress: u32, mtu: u16) -> Nat {
+    let gso = unsafe { (*ctx.skb.skb).gso_size };
+    if !p.df
+        || !p.plain_header
+        || gso != 0
+        || (p.key.proto != IPPROTO_TCP && p.key.proto != IPPROTO_UDP)
+    {
+        return Nat::Drop;
+    }
+    // Keep the quote (IPv4 header + 8 bytes) and open room for the new
+    // IPv4 and ICMP headers in front of it.
+    let skb = ctx.skb.skb as *mut _;
+    if unsafe { bpf_skb_change_tail(skb, (ETH_HLEN + QUOTE_LEN) as u32, 0) } != 0
+        || ctx
+            .adjust_room((QUOTE - ETH_HLEN) as i32, BPF_ADJ_ROOM_MAC, 0)
+            .is_err()
+        || ctx.pull_data((QUOTE + QUOTE_LEN) as u32).is_err()
+    {
+        return Nat::Drop;
+    }
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Some(f) = parse::ptr_at::<[u8; QUOTE + QUOTE_LEN]>(data, data_end, 0) else {
+        return Nat::Drop;
+    };
+    let f = unsafe { &mut *(f as *mut [u8; QUOTE + QUOTE_LEN]) };
+    // Back to where it came from: the MACs swap.
+    for i in 0..6 {
+        f.swap(i, i + 6);
+    }
+    // Undo the translation in the quote: the sender matches it against
+    // what it sent (to the uplink's address and port). Its TTL is one less
+    // and its L4 checksum the translated one; receivers check neither.
+    f[QUOTE + 16..QUOTE + 20].copy_from_slice(&p.key.daddr.to_ne_bytes());
+    f[QUOTE + 22..QUOTE + 24].copy_from_slice(&p.key.dport.to_be_bytes());
+    f[QUOTE + 10] = 0;
+    f[QUOTE + 11] = 0;
+    let q = !crate::csum::fold(sum_words(&f[QUOTE..QUOTE + 20]));
+    f[QUOTE + 10..QUOTE + 12].copy_from_slice(&q.to_be_bytes());
+    let ip = ETH_HLEN;
+    f[ip..ip + 20].fill(0);
+    f[ip] = 0x45;
+    f[ip + 2..ip + 4].copy_from_slice(&((20 + 8 + QUOTE_LEN) as u16).to_be_bytes());
+    f[ip + 8] = 64;
+    f[ip + 9] = IPPROTO_ICMP;
+    f[ip + 12..ip + 16].copy_from_slice(&p.key.daddr.to_ne_bytes());
+    f[ip + 16..ip + 20].copy_from_slice(&p.key.saddr.to_ne_bytes());
+    let c = !crate::csum::fold(sum_words(&f[ip..ip + 20]));
+    f[ip + 10..ip + 12].copy_from_slice(&c.to_be_bytes());
+    let icmp = ip + 20;
+    f[icmp..QUOTE].fill(0);
+    f[icmp] = ICMP_DEST_UNREACH;
+    f[icmp + 1] = ICMP_FRAG_NEEDED;
+    f[icmp + 6..icmp + 8].copy_from_slice(&mtu.to_be_bytes());
+    let c = !crate::csum::fold(sum_words(&f[icmp..]));
+    f[icmp + 2..icmp + 4].copy_from_slice(&c.to_be_bytes());
+    Nat::Sent(unsafe { bpf_redirect(ingress, 0) } as i32, ingress)
+}
+
+/// The one's-complement sum of big-endian 16-bit words (even length).
+#[inline(always)]
+fn sum_words(b: &[u8]) -> u64 {
+    let mut sum = 0u64;
+    for w in b.chunks_exact(2) {
+        sum += u16::from_be_bytes([w[0], w[1]]) as u64;
+    }
+    sum
 }
 
 /// A packet arriving on a NAT uplink: replies of translated flows, new
@@ -945,7 +1039,7 @@ fn icmp_error_from_guest(ctx: &TcContext, p: &Pkt, net_id: u32, n: &NetConfig) -
     if p.ttl <= 1 {
         return Nat::ToHost;
     }
-    let Some(f) = fib(ctx, p, nat, p.key.daddr, n.gw_host, FIB_SKIP_NEIGH) else {
+    let Ok(f) = fib(ctx, p, nat, p.key.daddr, n.gw_host, FIB_SKIP_NEIGH) else {
         return Nat::ToHost;
     };
     if f.ifindex != n.uplink {

@@ -11,6 +11,15 @@ use kvnet_common::{IPPROTO_TCP, IPPROTO_UDP};
 
 const AF_INET: u8 = 2;
 const FIB_SUCCESS: i64 = 0;
+const FIB_FRAG_NEEDED: i64 = 8;
+
+/// Why the FIB did not give a next hop.
+pub enum FibMiss {
+    /// The packet is larger than the egress MTU, which is this.
+    FragNeeded(u16),
+    /// No route, a local destination, an unresolved neighbour, ...
+    Other,
+}
 
 /// What a hook gives the core so it can route: its context (for the FIB
 /// helper), the skb's GSO segment size (0 if none) and whether the frame
@@ -62,7 +71,7 @@ pub fn l4_header_len(proto: u8, tcp_doff: u8) -> u16 {
 /// The datapath's one FIB lookup. A GSO super-packet leaves as segments:
 /// the MTU is checked against one of them.
 #[inline(always)]
-pub fn fib_v4(ctx: *mut core::ffi::c_void, q: &FibQuery) -> Option<FibParams> {
+pub fn fib_v4(ctx: *mut core::ffi::c_void, q: &FibQuery) -> Result<FibParams, FibMiss> {
     let mtu_len = if q.gso_size == 0 {
         // Capped: a length past 65535 fails any MTU check as 65535 does.
         (q.tot_len as u32).max(q.l3_len).min(u16::MAX as u32) as u16
@@ -85,7 +94,13 @@ pub fn fib_v4(ctx: *mut core::ffi::c_void, q: &FibQuery) -> Option<FibParams> {
             q.flags,
         )
     };
-    (rc == FIB_SUCCESS).then_some(p)
+    match rc {
+        FIB_SUCCESS => Ok(p),
+        FIB_FRAG_NEEDED => Err(FibMiss::FragNeeded(unsafe {
+            p.__bindgen_anon_1.mtu_result
+        })),
+        _ => Err(FibMiss::Other),
+    }
 }
 
 /// Looks the IPv4 packet at `l3` up as if it arrived on `ifindex`. None
@@ -127,7 +142,8 @@ pub fn lookup_v4(
             ifindex,
             flags: 0,
         },
-    )?;
+    )
+    .ok()?;
     Some(Fib {
         ifindex: p.ifindex,
         smac: p.smac,

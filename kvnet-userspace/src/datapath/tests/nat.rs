@@ -972,3 +972,68 @@ fn a_guests_icmp_error_about_a_forwarded_flow_leaves_translated() {
         assert_eq!(n.dp.nat_stats(NET).unwrap().icmp_errors, 1);
     });
 }
+
+/// Review finding (issue 14): PMTUD from the outside's side. A packet
+/// through a port forward larger than the guest's network takes was
+/// dropped in silence (the FIB said "fragmentation needed" and nobody
+/// told the sender). kvnet now answers with the ICMP error itself,
+/// quoting the packet as the sender sent it.
+#[test]
+fn a_forwarded_packet_too_big_for_the_guests_network_is_answered_with_frag_needed() {
+    in_netns(|| {
+        let mut n = nat(0);
+        sh("ip link set gwh mtu 1280");
+        let key = ForwardKey {
+            ifindex: n.up0,
+            port: 8080,
+            proto: IPPROTO_UDP,
+            _pad: 0,
+        };
+        let target = ForwardTarget {
+            addr: be(GUEST),
+            port: 80,
+            net_id: NET,
+            ..Default::default()
+        };
+        n.dp.forwards().unwrap().insert(key, target, 0).unwrap();
+        // 1328 bytes of IPv4 with DF set.
+        let big = |n: &Nat, payload: usize| {
+            let mut f = udp(n.up_mac, OUT_MAC, REMOTE, NAT_IP, 1000, 8080);
+            f.resize(14 + 28 + payload, 0);
+            f[16..18].copy_from_slice(&((28 + payload) as u16).to_be_bytes());
+            f[38..40].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
+            f
+        };
+        let r = n.dp.run_tc_on(&big(&n, 1300), n.up0).unwrap();
+        assert_eq!(r.verdict, TC_ACT_REDIRECT, "answered");
+        let b = &r.frame;
+        assert_eq!(b.len(), 14 + 20 + 8 + 28, "{b:?}");
+        assert_eq!(
+            (&b[0..6], &b[6..12]),
+            (&OUT_MAC[..], &n.up_mac[..]),
+            "back to the sender's hop"
+        );
+        assert_eq!(
+            (&b[26..30], &b[30..34], b[23]),
+            (&NAT_IP[..], &REMOTE[..], 1)
+        );
+        assert_eq!((b[34], b[35]), (3, 4), "fragmentation needed");
+        assert_eq!(
+            u16::from_be_bytes([b[40], b[41]]),
+            1280,
+            "the guest network's MTU"
+        );
+        let quote = &b[42..];
+        assert_eq!(
+            (&quote[12..16], &quote[16..20]),
+            (&REMOTE[..], &NAT_IP[..]),
+            "as sent"
+        );
+        assert_eq!(u16::from_be_bytes([quote[22], quote[23]]), 8080, "as sent");
+        assert!(checksums_ok(b), "IPv4 and ICMP checksums");
+        assert_eq!(csum(&quote[..20], 0), 0xffff, "quoted header checksum");
+        // Control: what fits goes on to the guest.
+        let r = n.dp.run_tc_on(&big(&n, 1200), n.up0).unwrap();
+        assert_eq!(tuple(&r.frame), (REMOTE, 1000, GUEST, 80));
+    });
+}
