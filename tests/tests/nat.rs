@@ -223,7 +223,7 @@ import socket, time
 ok = 0
 end = time.time() + 6
 while time.time() < end:
-    s = socket.create_connection(("198.51.100.2", 5001), timeout=3); s.sendall(b"host"); assert s.recv(10) == b"host"; s.close(); ok += 1
+    s = socket.create_connection(("198.51.100.2", 5001), timeout=10); s.sendall(b"host"); assert s.recv(10) == b"host"; s.close(); ok += 1
 print("host-ok", ok)
 "#;
     let mut hc = Command::new("python3");
@@ -331,6 +331,10 @@ print("closed", flush=True)
         .unwrap()
         .read_to_string(&mut out)
         .unwrap();
+    // Its traceback, if it failed, says why.
+    if let Some(mut e) = host.stderr.take() {
+        let _ = e.read_to_string(&mut out);
+    }
     println!("host connections: {}", out.trim());
     let host_ok: u32 = out
         .split_whitespace()
