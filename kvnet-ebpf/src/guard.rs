@@ -255,6 +255,12 @@ fn arp(
     None
 }
 
+/// Where a guarded port's NS/NA must end, counted from the frame's start:
+/// what tc makes linear for the guards (`GUARD_PULL_LEN`).
+pub const ND_MAX_END: usize = 256;
+/// Options of 8 bytes or more that fit there after the NS/NA header.
+const ND_MAX_OPTIONS: usize = (ND_MAX_END - 14 - 40 - 24) / 8 + 1;
+
 /// IPv6: router advertisements, redirects and DHCPv6 server messages are
 /// a router's and a server's to send; with `ip_guard`, sources are
 /// link-local (or unspecified, for DAD) only. Neighbour discovery from a
@@ -330,12 +336,22 @@ fn ipv6(
             if t == ND_NEIGHBOR_ADVERT && ip_guard && !target_link_local {
                 return Some(DropReason::ArpSpoof);
             }
-            // The link-layer address options (up to two: source and
-            // target) must name the frame's own MAC.
+            // Every link-layer address option, wherever in the list, must
+            // name the frame's own MAC. The whole message lies within the
+            // bytes tc makes linear (no NS/NA needs more), so every option
+            // is read and none hides past them.
+            let end = off + 40 + u16::from_be_bytes([h[4], h[5]]) as usize;
+            if end > ND_MAX_END {
+                return Some(DropReason::Malformed);
+            }
             let mut o = l4 + 24;
-            for _ in 0..2 {
-                let Some(opt) = ptr_at::<[u8; 8]>(data, data_end, o) else {
+            for _ in 0..ND_MAX_OPTIONS {
+                if o + 8 > end {
                     return None;
+                }
+                let Some(opt) = ptr_at::<[u8; 8]>(data, data_end, o) else {
+                    // Shorter than its IPv6 payload length says.
+                    return Some(DropReason::Malformed);
                 };
                 let opt = unsafe { &*opt };
                 if opt[1] == 0 {
@@ -345,7 +361,7 @@ fn ipv6(
                 if ll && [opt[2], opt[3], opt[4], opt[5], opt[6], opt[7]] != *src {
                     return Some(DropReason::ArpSpoof);
                 }
-                o += (opt[1] as usize & 0x1f) * 8;
+                o += opt[1] as usize * 8;
             }
             None
         }

@@ -25,7 +25,7 @@ use crate::{fdb, maps, nat, parse, pipeline, stats, trace};
 
 /// Bytes of an untrusted port's frame tc makes linear before the guards
 /// look (headers, IPv6 extension headers, DHCP up to chaddr).
-const GUARD_PULL_LEN: u32 = 256;
+const GUARD_PULL_LEN: u32 = crate::guard::ND_MAX_END as u32;
 
 /// bpf_redirect flag: deliver to the device's receive path (its host stack).
 const BPF_F_INGRESS: u64 = 1;
@@ -191,7 +191,13 @@ fn tc_act(
             out_tci,
         } => {
             stats::flooded(ingress);
-            if port.flags & PORT_F_BRIDGED_NET != 0 && key.vid == 0 && cur.is_none() {
+            if port.flags & PORT_F_UPLINK_BRIDGED != 0 {
+                // From the LAN: the host's stack gets the frame as it came,
+                // a clone taken before the flood retags the original.
+                ctx.set_mark(KVNET_HOST_MARK);
+                unsafe { bpf_clone_redirect(ctx.skb.skb as *mut _, ingress, BPF_F_INGRESS) };
+                ctx.set_mark(0);
+            } else if port.flags & PORT_F_BRIDGED_NET != 0 && key.vid == 0 && cur.is_none() {
                 // A bridged network's broadcast also reaches the host stack.
                 if let Some(n) = maps::net(key.net_id) {
                     ctx.set_mark(KVNET_HOST_MARK);
@@ -199,7 +205,7 @@ fn tc_act(
                     ctx.set_mark(0);
                 }
             }
-            let rc = tc_flood(
+            tc_flood(
                 &ctx,
                 FloodArgs {
                     net_id: key.net_id,
@@ -213,12 +219,7 @@ fn tc_act(
                     second_start: 0,
                     second_len: 0,
                 },
-            );
-            if port.flags & PORT_F_UPLINK_BRIDGED != 0 {
-                // From the LAN: the original goes on up the host's stack.
-                return TC_ACT_OK;
-            }
-            rc
+            )
         }
     }
 }

@@ -63,11 +63,12 @@ pub fn run(ctx: &XdpContext) -> (u32, u32) {
                 // No headroom for the tag: tc pushes it instead.
                 return (xdp_action::XDP_PASS, 0);
             }
-            let len = (ctx.data_end() - ctx.data()) as u64;
+            // Received as it came, sent as retagged.
             stats::rx(ingress, len);
+            let sent = (ctx.data_end() - ctx.data()) as u64;
             let rc = unsafe { bpf_redirect(egress, 0) } as u32;
             if rc == xdp_action::XDP_REDIRECT {
-                stats::tx(egress, len);
+                stats::tx(egress, sent);
             } else {
                 stats::drop(ingress, DropReason::RedirectFailed);
             }

@@ -7,6 +7,7 @@ mod bench;
 mod build;
 mod cmd;
 mod demo;
+mod fuzz;
 mod lab;
 #[cfg(test)]
 mod layering;
@@ -65,6 +66,19 @@ enum Cmd {
         #[arg(long, value_name = "REV", default_value = upgrade::PREVIOUS_LAYOUT_REV)]
         from: String,
     },
+    /// Differential fuzzing: random map states and frames through the datapath
+    /// (BPF_PROG_RUN, both hooks) and its model; fails with a minimal reproducer.
+    Fuzz {
+        /// Frames to run.
+        #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+        frames: u64,
+        /// Seed (default: from the clock, printed so the run can be repeated).
+        #[arg(long, value_name = "S")]
+        seed: Option<u64>,
+        /// Run the seeded slice of the unit tests instead (`cargo xtask test`'s).
+        #[arg(long, conflicts_with_all = ["frames", "seed"])]
+        slice: bool,
+    },
     /// Keep a lab (hypervisor namespace + 3 guests) around for manual poking.
     Lab {
         #[command(subcommand)]
@@ -114,6 +128,11 @@ fn real_main() -> Result<()> {
             harness_args: filter,
         }),
         Cmd::UpgradeTest { from } => upgrade::upgrade_test(&from),
+        Cmd::Fuzz {
+            frames,
+            seed,
+            slice,
+        } => fuzz::fuzz(frames, seed, slice),
         Cmd::Lab { action } => lab::lab(action),
         Cmd::Bench { quick } => bench::bench(quick),
         Cmd::DemoAsRoot { kvnet } => demo::run(&kvnet),
