@@ -16,6 +16,12 @@ pub struct FdbKey {
     pub mac: [u8; 6],
 }
 
+/// The VID of the network-wide entry learning keeps beside each VLAN's
+/// (never a real VID): which port sent from a MAC last, in any VLAN, so the
+/// MAC guard refuses a claim on a MAC busy in another VLAN. Not a
+/// forwarding entry: listings and counts leave it out.
+pub const FDB_VID_ANY: u16 = 0xffff;
+
 /// The `mac_owners` key of `mac` in network `net_id`: a guest owns its MAC
 /// in the whole network, whatever VLAN it is seen in (so a trunk guest's MAC
 /// cannot be claimed in another of its VLANs, nor a neighbour's MAC taken

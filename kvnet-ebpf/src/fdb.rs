@@ -1,7 +1,7 @@
 //! MAC learning and lookup in the `fdb` map.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use kvnet_common::{
-    owner_key, FdbEntry, FdbKey, FDB_F_STATIC, FDB_REFRESH_NS, MAX_LEARNED_PER_NET,
+    owner_key, FdbEntry, FdbKey, FDB_F_STATIC, FDB_REFRESH_NS, FDB_VID_ANY, MAX_LEARNED_PER_NET,
 };
 
 use crate::{
@@ -56,6 +56,13 @@ pub fn learn(net_id: u32, vid: u16, mac: [u8; 6], ingress: u32, bounded: bool) {
         last_seen_ns: now,
     };
     let _ = FDB.insert(&key, &entry, 0);
+    // The network-wide entry, written as rarely as the VLAN's.
+    let any = FdbKey {
+        net_id,
+        vid: FDB_VID_ANY,
+        mac,
+    };
+    let _ = FDB.insert(&any, &entry, 0);
 }
 
 #[inline(always)]

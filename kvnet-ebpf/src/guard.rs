@@ -16,7 +16,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use kvnet_common::{
     owner_key, DropReason, FdbKey, PortConfig, ETH_P_8021AD, ETH_P_8021Q, ETH_P_QINQ_9100,
-    FDB_F_STATIC, IPPROTO_UDP, PORT_F_GUARDED, PORT_F_IP_GUARD, PORT_F_TRUSTED,
+    FDB_F_STATIC, FDB_VID_ANY, IPPROTO_UDP, PORT_F_GUARDED, PORT_F_IP_GUARD, PORT_F_TRUSTED,
     PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_ROUTED, PORT_IPS, PORT_MACS,
 };
 
@@ -128,17 +128,22 @@ fn claim_mac(ingress: u32, port: &PortConfig, vid: u16, mac: [u8; 6]) -> Option<
             None => Some(DropReason::FdbLimit),
         };
     }
-    let seen = FdbKey {
-        net_id: port.net_id,
-        vid,
-        mac,
-    };
-    if let Some(e) = unsafe { FDB.get(&seen) } {
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
-        if e.ifindex != ingress
-            && (e.flags & FDB_F_STATIC != 0 || now.wrapping_sub(e.last_seen_ns) < CLAIM_QUIET_NS)
-        {
-            return Some(DropReason::MacSpoof);
+    // Busy elsewhere: in this VLAN (static entries included), or in any
+    // (a router on a trunk quiet in this VLAN but not in another).
+    for v in [vid, FDB_VID_ANY] {
+        let seen = FdbKey {
+            net_id: port.net_id,
+            vid: v,
+            mac,
+        };
+        if let Some(e) = unsafe { FDB.get(&seen) } {
+            let now = unsafe { bpf_ktime_get_coarse_ns() };
+            if e.ifindex != ingress
+                && (e.flags & FDB_F_STATIC != 0
+                    || now.wrapping_sub(e.last_seen_ns) < CLAIM_QUIET_NS)
+            {
+                return Some(DropReason::MacSpoof);
+            }
         }
     }
     if MAC_OWNERS

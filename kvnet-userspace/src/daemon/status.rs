@@ -31,7 +31,12 @@ pub fn status(sw: &mut Switch) -> Result<Status> {
     .filter(|p| pin_dir.join(p).exists())
     .map(|p| p.to_string())
     .collect();
-    let fdb_entries = sw.dp.fdb()?.keys().filter(|k| k.is_ok()).count();
+    let fdb_entries = sw
+        .dp
+        .fdb()?
+        .keys()
+        .filter(|k| k.as_ref().is_ok_and(|k| k.vid != kvnet_common::FDB_VID_ANY))
+        .count();
     let (config, rules) = with_rt(|rt| {
         (
             rt.source.as_ref().map(|p| p.display().to_string()),

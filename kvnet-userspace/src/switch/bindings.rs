@@ -120,6 +120,7 @@ impl super::Switch {
                     .filter_map(|r| r.ok())
                     .filter(|(k, e)| {
                         k.net_id == net_id
+                            && k.vid != kvnet_common::FDB_VID_ANY
                             && e.ifindex == ifindex
                             && e.flags & kvnet_common::FDB_F_STATIC == 0
                     })

@@ -13,8 +13,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use kvnet_common::{
     FdbEntry, FdbKey, FloodKey, FloodSet, PortConfig, VlanMember, VlanMemberKey, DROP_REASON_NAMES,
-    FDB_F_STATIC, MAX_FLOOD_PORTS, PORT_F_HAIRPIN, PORT_F_TRUSTED, PORT_F_XDP, PORT_F_XDP_TX,
-    VLAN_M_TAGGED,
+    FDB_F_STATIC, FDB_VID_ANY, MAX_FLOOD_PORTS, PORT_F_HAIRPIN, PORT_F_TRUSTED, PORT_F_XDP,
+    PORT_F_XDP_TX, VLAN_M_TAGGED,
 };
 
 use crate::{
@@ -713,7 +713,7 @@ impl Switch {
             .fdb()?
             .iter()
             .filter_map(|r| r.ok())
-            .filter(|(k, _)| k.net_id == id)
+            .filter(|(k, _)| k.net_id == id && k.vid != FDB_VID_ANY)
             .collect();
         let mut rows: Vec<FdbRow> = entries
             .into_iter()
@@ -816,7 +816,7 @@ impl Switch {
     fn recount_learned(&mut self) -> Result<()> {
         let mut held: BTreeMap<u32, u32> = BTreeMap::new();
         for (k, e) in self.dp.fdb()?.iter().filter_map(|r| r.ok()) {
-            if e.flags & FDB_F_STATIC == 0 {
+            if e.flags & FDB_F_STATIC == 0 && k.vid != FDB_VID_ANY {
                 *held.entry(k.net_id).or_default() += 1;
             }
         }

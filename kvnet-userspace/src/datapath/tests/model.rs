@@ -95,11 +95,7 @@ pub struct MapState {
 /// `KNOWN`, each a bug reported and not fixed yet): off, the model says
 /// what kvnet should do; on, what the datapath does today.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Quirks {
-    /// A MAC another port sent from lately (or holds statically) is
-    /// claimable unless that was in the claiming frame's own VLAN.
-    pub claim_quiet_per_vlan: bool,
-}
+pub struct Quirks {}
 
 /// One frame offered to one hook.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -307,11 +303,13 @@ pub fn run(st: &mut MapState, env: &Env, inp: &Input) -> Outcome {
     run_with(st, env, inp, &Quirks::default())
 }
 
-/// `run`, with the datapath's known quirks `q`.
-pub fn run_with(st: &mut MapState, env: &Env, inp: &Input, q: &Quirks) -> Outcome {
+/// `run`, with the datapath's known quirks.
+/// No quirk is modelled today (`KNOWN` is empty): every one found was
+/// fixed. A new one gets a field in [`Quirks`], read where it applies.
+pub fn run_with(st: &mut MapState, env: &Env, inp: &Input, _quirks: &Quirks) -> Outcome {
     match inp.hook {
-        Hook::Xdp => xdp(st, env, inp, q),
-        Hook::Tc => tc(st, env, inp, q),
+        Hook::Xdp => xdp(st, env, inp),
+        Hook::Tc => tc(st, env, inp),
     }
 }
 
@@ -349,7 +347,6 @@ fn decide(
     inp: &Input,
     port: &PortConfig,
     tc: bool,
-    q: &Quirks,
     path: &mut String,
 ) -> Verdict {
     let f = &inp.frame;
@@ -368,7 +365,7 @@ fn decide(
         path.push_str("uplink:host ");
         return Verdict::Pass;
     }
-    let a = match admit(st, inp, port, tag, q, path) {
+    let a = match admit(st, inp, port, tag, path) {
         Ok(a) => a,
         Err(r) => return Verdict::Drop(r),
     };
@@ -389,7 +386,6 @@ fn admit(
     inp: &Input,
     port: &PortConfig,
     tag: Option<Tag>,
-    q: &Quirks,
     path: &mut String,
 ) -> Result<Admitted, DropReason> {
     let f = &inp.frame;
@@ -410,7 +406,7 @@ fn admit(
     if is_tag(inner) {
         return Err(DropReason::DoubleTag);
     }
-    if let Some(r) = guard(st, inp, port, &src, inner, l3off, vid, q, path) {
+    if let Some(r) = guard(st, inp, port, &src, inner, l3off, vid, path) {
         return Err(r);
     }
     // A guarded guest gets no say in the priority (PCP, DEI) of the tags
@@ -474,7 +470,6 @@ fn guard(
     ethertype: u16,
     l3: usize,
     vid: u16,
-    q: &Quirks,
     path: &mut String,
 ) -> Option<DropReason> {
     let f = &inp.frame;
@@ -487,7 +482,7 @@ fn guard(
     }
     let guarded = port.flags & PORT_F_GUARDED != 0;
     if guarded && !port.owned_macs().contains(src) {
-        if let Some(r) = claim_mac(st, inp.ingress, port, vid, *src, q) {
+        if let Some(r) = claim_mac(st, inp.ingress, port, vid, *src) {
             return Some(r);
         }
         path.push_str("claimed ");
@@ -517,7 +512,6 @@ fn claim_mac(
     port: &PortConfig,
     vid: u16,
     mac: [u8; 6],
-    q: &Quirks,
 ) -> Option<DropReason> {
     let owner_now = owner(st, port.net_id, mac);
     if port.mac_count >= port.max_macs || port.mac_count as usize >= PORT_MACS {
@@ -527,12 +521,18 @@ fn claim_mac(
             None => Some(DropReason::FdbLimit),
         };
     }
-    let used_elsewhere = st.fdb.iter().any(|(k, e)| {
-        k.net_id == port.net_id
-            && k.mac == mac
-            && (k.vid == vid || !q.claim_quiet_per_vlan)
-            && e.ifindex != ingress
-            && (e.flags & FDB_F_STATIC != 0 || e.last_seen_ns != AGE_ANCIENT)
+    // In this VLAN, or (the network-wide entry learning keeps) in any.
+    let used_elsewhere = [vid, FDB_VID_ANY].iter().any(|&v| {
+        st.fdb
+            .get(&FdbKey {
+                net_id: port.net_id,
+                vid: v,
+                mac,
+            })
+            .is_some_and(|e| {
+                e.ifindex != ingress
+                    && (e.flags & FDB_F_STATIC != 0 || e.last_seen_ns != AGE_ANCIENT)
+            })
     });
     if used_elsewhere {
         return Some(DropReason::MacSpoof);
@@ -838,13 +838,19 @@ fn learn(st: &mut MapState, net_id: u32, vid: u16, mac: [u8; 6], ingress: u32, b
             }
         }
     }
+    let entry = FdbEntry {
+        ifindex: ingress,
+        flags: 0,
+        last_seen_ns: AGE_FRESH,
+    };
+    st.fdb.insert(key, entry);
+    // The network-wide entry beside it (the MAC guard's "busy anywhere").
     st.fdb.insert(
-        key,
-        FdbEntry {
-            ifindex: ingress,
-            flags: 0,
-            last_seen_ns: AGE_FRESH,
+        FdbKey {
+            vid: FDB_VID_ANY,
+            ..key
         },
+        entry,
     );
 }
 
@@ -935,7 +941,7 @@ fn to_port(st: &MapState, ingress: u32, port: &PortConfig, egress: u32, a: &Admi
 
 // ---------------------------------------------------------------- XDP
 
-fn xdp(st: &mut MapState, env: &Env, inp: &Input, q: &Quirks) -> Outcome {
+fn xdp(st: &mut MapState, env: &Env, inp: &Input) -> Outcome {
     let f = &inp.frame;
     let mut path = String::from("xdp ");
     let Some(port) = st.ports.get(&inp.ingress).copied() else {
@@ -953,7 +959,7 @@ fn xdp(st: &mut MapState, env: &Env, inp: &Input, q: &Quirks) -> Outcome {
         o.decision = "trunk-untagged".into();
         return o;
     }
-    let v = decide(st, env, inp, &port, false, q, &mut path);
+    let v = decide(st, env, inp, &port, false, &mut path);
     path.push_str(&format!("{v:?}"));
     let name = v.name();
     let mut o = xdp_act(st, inp, v, tag, path);
@@ -1116,7 +1122,7 @@ impl Skb {
     }
 }
 
-fn tc(st: &mut MapState, env: &Env, inp: &Input, q: &Quirks) -> Outcome {
+fn tc(st: &mut MapState, env: &Env, inp: &Input) -> Outcome {
     let f = &inp.frame;
     let len = f.len() as u64;
     let mut path = String::from("tc ");
@@ -1134,7 +1140,7 @@ fn tc(st: &mut MapState, env: &Env, inp: &Input, q: &Quirks) -> Outcome {
         o.decision = "host-mark".into();
         return o;
     }
-    let v = decide(st, env, inp, &port, true, q, &mut path);
+    let v = decide(st, env, inp, &port, true, &mut path);
     path.push_str(&format!("{v:?}"));
     let name = v.name();
     stat(st, inp.ingress, |s| {
