@@ -17,19 +17,19 @@ pub fn l4_checksum_complete(data: usize, data_end: usize) -> bool {
     if data + ETH_HLEN + 4 + IPV4_HLEN > data_end {
         return data + ETH_HLEN + IPV4_HLEN > data_end;
     }
-    let mut ethertype = unsafe { u16::from_be(*((data + 12) as *const u16)) };
+    let Some(eth) = parse::eth(data, data_end) else {
+        return true;
+    };
     // Look past one 802.1Q tag.
-    let mut l3 = ETH_HLEN;
-    if ethertype == ETH_P_8021Q {
-        ethertype = unsafe { u16::from_be(*((data + 16) as *const u16)) };
-        l3 += 4;
-    }
-    if ethertype == crate::parse::ETH_P_IPV6 {
+    let tagged = eth.ethertype == ETH_P_8021Q;
+    let l3 = parse::l3(data, data_end, &eth, tagged);
+    if l3.ethertype == crate::parse::ETH_P_IPV6 {
         return false;
     }
-    if ethertype != ETH_P_IPV4 {
+    if l3.ethertype != ETH_P_IPV4 {
         return true;
     }
+    let l3 = if tagged { ETH_HLEN + 4 } else { ETH_HLEN };
     let ip = data + l3;
     if ip + IPV4_HLEN > data_end {
         return true;
@@ -64,12 +64,11 @@ pub fn l4_checksum_complete(data: usize, data_end: usize) -> bool {
         }
     }
     // Pseudo-header, summed in memory order like the payload.
+    // (The addresses are in memory order already: their halves are the
+    // 16-bit words a load would give.)
     let mut sum: u64 = 0;
-    unsafe {
-        sum += *((ip + 12) as *const u16) as u64;
-        sum += *((ip + 14) as *const u16) as u64;
-        sum += *((ip + 16) as *const u16) as u64;
-        sum += *((ip + 18) as *const u16) as u64;
+    for a in [hdr.saddr, hdr.daddr] {
+        sum += (a & 0xffff) as u64 + (a >> 16) as u64;
     }
     sum += u16::from_ne_bytes([0, proto]) as u64;
     sum += u16::from_ne_bytes((l4_len as u16).to_be_bytes()) as u64;
