@@ -2039,10 +2039,7 @@ fn gen_flows(r: &Rng, st: &mut MapState) {
 
 // ---------------------------------------------------------------- frames
 
-/// Internet checksum of `b` (with `acc` added), ready to store.
-fn csum(b: &[u8], acc: u64) -> u16 {
-    !model::fold(model::sum16(b, acc))
-}
+use super::frames::checksum as csum;
 
 /// The L4 checksum's field offset within the L4 header, if any.
 fn l4_sum_off(proto: u8) -> Option<usize> {

@@ -149,14 +149,8 @@ const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xa];
 const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xb];
 const BCAST: [u8; 6] = [0xff; 6];
 
-fn csum(data: &[u8], mut sum: u32) -> u16 {
-    for c in data.chunks(2) {
-        sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+fn csum(data: &[u8], sum: u32) -> u16 {
+    super::frames::checksum(data, sum as u64)
 }
 
 /// Ethernet + IPv4 + UDP; `good_l4` false leaves the pseudo-header-only sum

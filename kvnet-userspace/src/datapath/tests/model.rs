@@ -203,20 +203,7 @@ fn ipv4_at(f: &[u8], off: usize) -> Option<Ipv4> {
     })
 }
 
-/// One's-complement sum of big-endian 16-bit words (odd tail padded).
-pub fn sum16(b: &[u8], mut acc: u64) -> u64 {
-    for c in b.chunks(2) {
-        acc += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u64;
-    }
-    acc
-}
-
-pub fn fold(mut s: u64) -> u16 {
-    while s >> 16 != 0 {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    s as u16
-}
+pub use super::frames::{fold, sum16};
 
 // ---------------------------------------------------------------- the maps
 

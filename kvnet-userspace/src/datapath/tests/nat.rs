@@ -329,14 +329,8 @@ fn a_port_forward_takes_new_flows_at_its_rate() {
 // ---- translation decisions: new flow, established, reply, ICMP error ----
 
 /// One's-complement sum of `b` as big-endian 16-bit words, folded.
-pub(super) fn csum(b: &[u8], mut acc: u32) -> u16 {
-    for c in b.chunks(2) {
-        acc += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
-    }
-    while acc >> 16 != 0 {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
+pub(super) fn csum(b: &[u8], acc: u32) -> u16 {
+    super::frames::fold(super::frames::sum16(b, acc as u64))
 }
 
 /// The frame's IPv4 header checksum and its UDP (or ICMP) checksum verify.
