@@ -1005,3 +1005,54 @@ fn a_trunk_guest_in_the_gateways_vlan_is_translated_untagged_and_answered_tagged
     assert_eq!(req[0].vlan_id(), None, "untagged on the uplink");
     assert_eq!(req[0].ipv4_addrs().unwrap().0, UPLINK_IP, "translated");
 }
+
+/// Review finding (issue 14), on the wire: PMTUD from the outside's side.
+/// A datagram through a port forward that is larger than the guest
+/// network's MTU was dropped in silence; the sender now gets ICMP
+/// "fragmentation needed" from the uplink address and lowers its path MTU.
+#[test]
+fn an_outside_sender_learns_the_guest_networks_mtu_through_a_forward() {
+    if !privileged() {
+        return;
+    }
+    let t = nat_lab(1, &[]);
+    t.lab
+        .sh(t.lab.hv(), "ip link set kvnet-nat mtu 1280")
+        .unwrap();
+    t.k.cli(&[
+        "forward",
+        "add",
+        "nat",
+        "--proto",
+        "udp",
+        "--port",
+        "5000",
+        "--to",
+        "10.50.0.11:5000",
+    ])
+    .unwrap();
+    let path_mtu = || t.out.sh("ip route get 198.51.100.1").unwrap();
+    assert!(
+        !path_mtu().contains("mtu 1280"),
+        "no path MTU learned yet: {}",
+        path_mtu()
+    );
+    // 1400 bytes with DF (IP_MTU_DISCOVER = IP_PMTUDISC_DO), sent until
+    // the kernel has learned the path MTU or 5 s have passed.
+    let send = "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+                s.setsockopt(socket.IPPROTO_IP, 10, 2); \
+                s.sendto(b'x' * 1400, ('198.51.100.1', 5000))";
+    let t0 = Instant::now();
+    loop {
+        let _ = t.out.sh(&format!("python3 -c \"{send}\""));
+        if path_mtu().contains("mtu 1280") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the sender never learned the guest network's MTU: {}",
+            path_mtu()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
