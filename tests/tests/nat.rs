@@ -1056,3 +1056,45 @@ fn an_outside_sender_learns_the_guest_networks_mtu_through_a_forward() {
         thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Review finding (issue 14), on the wire: a guest's ICMP errors about a
+/// forwarded flow. A client's datagram to a forwarded port nobody listens
+/// on in the guest is answered by the guest with "port unreachable"; the
+/// error used to reach the host untranslated and die at the uplink, so the
+/// client waited. Now its connected socket is refused at once.
+#[test]
+fn a_forwards_client_hears_the_guests_port_unreachable() {
+    if !privileged() {
+        return;
+    }
+    let t = nat_lab(1, &[]);
+    t.k.cli(&[
+        "forward",
+        "add",
+        "nat",
+        "--proto",
+        "udp",
+        "--port",
+        "5001",
+        "--to",
+        "10.50.0.11:5001",
+    ])
+    .unwrap();
+    // Sent until the answer comes (the guest's first reply may wait for
+    // ARP); each try waits 1 s for it.
+    let client = "import socket\n\
+                  s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                  s.connect(('198.51.100.1', 5001)); s.settimeout(1)\n\
+                  for _ in range(5):\n\
+                  \x20   s.send(b'anyone?')\n\
+                  \x20   try:\n\
+                  \x20       s.recv(100)\n\
+                  \x20   except ConnectionRefusedError:\n\
+                  \x20       print('refused'); break\n\
+                  \x20   except socket.timeout:\n\
+                  \x20       print('timeout')\n";
+    let script = t.lab.work_dir().join("udp-client.py");
+    std::fs::write(&script, client).unwrap();
+    let out = t.out.sh(&format!("python3 {}", script.display())).unwrap();
+    assert!(out.contains("refused"), "the client never heard: {out}");
+}
