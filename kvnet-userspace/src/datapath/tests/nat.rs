@@ -298,21 +298,7 @@ fn a_guest_opens_no_more_flows_than_its_quota() {
 fn a_port_forward_takes_new_flows_at_its_rate() {
     in_netns(|| {
         let mut n = nat(0);
-        let key = ForwardKey {
-            ifindex: n.up0,
-            port: 8080,
-            proto: IPPROTO_UDP,
-            _pad: 0,
-        };
-        let target = ForwardTarget {
-            addr: be(GUEST),
-            port: 80,
-            net_id: NET,
-            rate: 1,
-            tokens: 1,
-            ..Default::default()
-        };
-        n.dp.forwards().unwrap().insert(key, target, 0).unwrap();
+        n.forward_udp(8080, 1);
         let first = n.from_outside([203, 0, 113, 5], 1000, NAT_IP, 8080);
         assert_eq!(first.verdict, TC_ACT_REDIRECT);
         assert_eq!(tuple(&first.frame).2, GUEST, "forwarded");
@@ -736,6 +722,26 @@ fn two_cpus_opening_one_flow_both_use_the_winners_translation() {
 }
 
 impl Nat {
+    /// Forwards UDP `port` of the uplink address to the guest's port 80,
+    /// at `rate` new flows a second (0: unlimited, one token to start).
+    fn forward_udp(&mut self, port: u16, rate: u32) {
+        let key = ForwardKey {
+            ifindex: self.up0,
+            port,
+            proto: IPPROTO_UDP,
+            _pad: 0,
+        };
+        let target = ForwardTarget {
+            addr: be(GUEST),
+            port: 80,
+            net_id: NET,
+            rate,
+            tokens: rate.min(1),
+            ..Default::default()
+        };
+        self.dp.forwards().unwrap().insert(key, target, 0).unwrap();
+    }
+
     /// Narrows the NAT network's source ports to [lo, hi] without the
     /// host's ephemeral [skip_lo, skip_hi].
     fn port_range(&mut self, lo: u16, hi: u16, skip_lo: u16, skip_hi: u16) {
@@ -779,19 +785,7 @@ fn masquerade_never_takes_a_forwarded_port_or_one_a_host_socket_serves() {
         // 20000-20004 are forwarded, 20005-20008 have host sockets on the
         // uplink's address: 20009 is the one port left.
         for port in 20000..=20004 {
-            let key = ForwardKey {
-                ifindex: n.up0,
-                port,
-                proto: IPPROTO_UDP,
-                _pad: 0,
-            };
-            let target = ForwardTarget {
-                addr: be(GUEST),
-                port: 80,
-                net_id: NET,
-                ..Default::default()
-            };
-            n.dp.forwards().unwrap().insert(key, target, 0).unwrap();
+            n.forward_udp(port, 0);
         }
         let _host_sockets: Vec<std::net::UdpSocket> = (20005..=20008)
             .map(|p| std::net::UdpSocket::bind((std::net::Ipv4Addr::from(NAT_IP), p)).unwrap())
@@ -918,19 +912,7 @@ fn icmp_error_frame(
 fn a_guests_icmp_error_about_a_forwarded_flow_leaves_translated() {
     in_netns(|| {
         let mut n = nat(0);
-        let key = ForwardKey {
-            ifindex: n.up0,
-            port: 8080,
-            proto: IPPROTO_UDP,
-            _pad: 0,
-        };
-        let target = ForwardTarget {
-            addr: be(GUEST),
-            port: 80,
-            net_id: NET,
-            ..Default::default()
-        };
-        n.dp.forwards().unwrap().insert(key, target, 0).unwrap();
+        n.forward_udp(8080, 0);
         // The client's datagram, as the guest receives it.
         let client = udp_ok(n.up_mac, OUT_MAC, REMOTE, NAT_IP, 1000, 8080);
         let inbound = n.dp.run_tc_on(&client, n.up0).unwrap();
@@ -977,19 +959,7 @@ fn a_forwarded_packet_too_big_for_the_guests_network_is_answered_with_frag_neede
     in_netns(|| {
         let mut n = nat(0);
         sh("ip link set gwh mtu 1280");
-        let key = ForwardKey {
-            ifindex: n.up0,
-            port: 8080,
-            proto: IPPROTO_UDP,
-            _pad: 0,
-        };
-        let target = ForwardTarget {
-            addr: be(GUEST),
-            port: 80,
-            net_id: NET,
-            ..Default::default()
-        };
-        n.dp.forwards().unwrap().insert(key, target, 0).unwrap();
+        n.forward_udp(8080, 0);
         // 1328 bytes of IPv4 with DF set.
         let big = |n: &Nat, payload: usize| {
             let mut f = udp(n.up_mac, OUT_MAC, REMOTE, NAT_IP, 1000, 8080);
