@@ -1098,3 +1098,111 @@ fn a_forwards_client_hears_the_guests_port_unreachable() {
     let out = t.out.sh(&format!("python3 {}", script.display())).unwrap();
     assert!(out.contains("refused"), "the client never heard: {out}");
 }
+
+/// Review finding (issue 14), on the wire: a spoofed reset far from the
+/// remote's sequence numbers closed a guest's tracked connection (and the
+/// conntrack GC then deleted it under the guest). Now it changes nothing:
+/// the flow stays established and the connection goes on.
+#[test]
+fn a_guessed_reset_from_outside_does_not_close_a_guests_connection() {
+    if !privileged() {
+        return;
+    }
+    let t = nat_lab(1, &[]);
+    echo_server(&t.lab, &t.out.ns, 5000).unwrap();
+    let flag = t.lab.work_dir().join("go-on");
+    let client = format!(
+        r#"
+import socket, os, time
+s = socket.create_connection(("198.51.100.2", 5000), timeout=5)
+s.sendall(b"one"); assert s.recv(10) == b"one"
+print("open", flush=True)
+while not os.path.exists("{}"): time.sleep(0.05)
+s.sendall(b"two"); print("after", s.recv(10).decode(), flush=True)
+"#,
+        flag.display()
+    );
+    let log = t.lab.work_dir().join("rst-client.log");
+    let mut c = Command::new("python3");
+    c.args(["-c", &client])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new().append(true).open(&log).unwrap(),
+        ));
+    let mut proc = t.lab.spawn(&t.guests[0].ns, c).unwrap();
+    let established = || -> Option<(String, u16)> {
+        let ct = t.k.json(&["conntrack", "list", "nat"]).ok()?;
+        let row = ct
+            .as_array()?
+            .iter()
+            .find(|r| {
+                r["proto"] == "tcp"
+                    && r["orig"]
+                        .as_str()
+                        .is_some_and(|o| o.ends_with("198.51.100.2:5000"))
+            })?
+            .clone();
+        // "198.51.100.1:NPORT -> 198.51.100.2:5000"
+        let nport = row["translated"]
+            .as_str()?
+            .split(" -> ")
+            .next()?
+            .rsplit(':')
+            .next()?;
+        Some((row["state"].as_str()?.to_string(), nport.parse().ok()?))
+    };
+    let t0 = Instant::now();
+    let nport = loop {
+        if let Some((state, nport)) = established() {
+            if state == "established" && std::fs::read_to_string(&log).unwrap().contains("open") {
+                break nport;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no established flow"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    // A reset from the remote's address and port, 300 MB off its
+    // sequence, injected on the outside's wire (checksums valid).
+    let uplink_mac = kvnet_tests::lab::read_mac(t.lab.hv(), &t.out.hv_if).unwrap();
+    let (remote, uplink) = ([198, 51, 100, 2], [198, 51, 100, 1]);
+    let mut tcp = Vec::new();
+    tcp.extend_from_slice(&5000u16.to_be_bytes());
+    tcp.extend_from_slice(&nport.to_be_bytes());
+    tcp.extend_from_slice(&300_000_000u32.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 0, 0x50, 0x04, 0, 0, 0, 0, 0, 0]);
+    let mut ph = Vec::new();
+    ph.extend_from_slice(&remote);
+    ph.extend_from_slice(&uplink);
+    ph.extend_from_slice(&[0, 6, 0, 20]);
+    let c = !fold(sum16(&tcp, sum16(&ph, 0)));
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0];
+    ip.extend_from_slice(&remote);
+    ip.extend_from_slice(&uplink);
+    let c = !fold(sum16(&ip, 0));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    ip.extend(tcp);
+    let rst = kvnet_tests::eth_frame(uplink_mac, t.out.mac, 0x0800, &ip);
+    inject(&t.out.ns, &t.out.iface, &[rst.clone(), rst]).unwrap();
+    // The state must stay established for longer than the GC takes to
+    // delete a closed flow (timeouts 100x shorter here).
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(500) {
+        assert_eq!(
+            established().map(|(s, _)| s).as_deref(),
+            Some("established"),
+            "a guessed reset closed the flow"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::write(&flag, "").unwrap();
+    assert!(proc
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .is_some_and(|s| s.success()));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("after two"), "the connection went on: {text}");
+}
