@@ -1129,7 +1129,7 @@ s.sendall(b"two"); print("after", s.recv(10).decode(), flush=True)
         .stderr(Stdio::from(
             std::fs::OpenOptions::new().append(true).open(&log).unwrap(),
         ));
-    let mut proc = t.lab.spawn(&t.guests[0].ns, c).unwrap();
+    let proc = t.lab.spawn(&t.guests[0].ns, c).unwrap();
     let established = || -> Option<(String, u16)> {
         let ct = t.k.json(&["conntrack", "list", "nat"]).ok()?;
         let row = ct
