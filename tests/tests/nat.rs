@@ -92,6 +92,25 @@ fn fold(mut s: u32) -> u16 {
     s as u16
 }
 
+/// `python3 -c code args...` in `ns`, in the background, stdout and
+/// stderr in `log`.
+fn python_logged(
+    lab: &Lab,
+    ns: &str,
+    code: &str,
+    args: &[&std::ffi::OsStr],
+    log: &std::path::Path,
+) -> kvnet_tests::Proc {
+    let mut c = Command::new("python3");
+    c.args(["-c", code])
+        .args(args)
+        .stdout(std::fs::File::create(log).unwrap())
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new().append(true).open(log).unwrap(),
+        ));
+    lab.spawn(ns, c).unwrap()
+}
+
 /// Verifies the IPv4 header checksum and the TCP/UDP/ICMP checksum of a
 /// captured frame (full checksums: the sender had offloads off).
 fn checksums_ok(f: &Frame) -> bool {
@@ -250,14 +269,13 @@ print("closed", flush=True)
     let mut logs = Vec::new();
     for g in &t.guests {
         let log = t.lab.work_dir().join(format!("clients-{}.log", g.hv_if));
-        let mut c = Command::new("python3");
-        c.args(["-c", client])
-            .arg(&flag)
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::from(
-                std::fs::OpenOptions::new().append(true).open(&log).unwrap(),
-            ));
-        clients.push(t.lab.spawn(&g.ns, c).unwrap());
+        clients.push(python_logged(
+            &t.lab,
+            &g.ns,
+            client,
+            &[flag.as_os_str()],
+            &log,
+        ));
         logs.push(log);
     }
     // Wait until all 2001 connections are up (the table holds them).
@@ -1123,13 +1141,7 @@ s.sendall(b"two"); print("after", s.recv(10).decode(), flush=True)
         flag.display()
     );
     let log = t.lab.work_dir().join("rst-client.log");
-    let mut c = Command::new("python3");
-    c.args(["-c", &client])
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(Stdio::from(
-            std::fs::OpenOptions::new().append(true).open(&log).unwrap(),
-        ));
-    let proc = t.lab.spawn(&t.guests[0].ns, c).unwrap();
+    let proc = python_logged(&t.lab, &t.guests[0].ns, &client, &[], &log);
     let established = || -> Option<(String, u16)> {
         let ct = t.k.json(&["conntrack", "list", "nat"]).ok()?;
         let row = ct
