@@ -441,21 +441,7 @@ fn an_icmp_error_about_a_flow_is_translated_back_inner_header_included() {
         let nport = tuple(&out.frame).1;
         // REMOTE answers "port unreachable", quoting the translated packet.
         let quoted = &out.frame[14..14 + 28];
-        let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
-        icmp.extend_from_slice(quoted);
-        let c = !csum(&icmp, 0);
-        icmp[2..4].copy_from_slice(&c.to_be_bytes());
-        let mut f = Vec::new();
-        f.extend_from_slice(&n.up_mac);
-        f.extend_from_slice(&OUT_MAC);
-        f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
-        f.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
-        f.extend_from_slice(&[0, 2, 0, 0, 64, 1, 0, 0]);
-        f.extend_from_slice(&REMOTE);
-        f.extend_from_slice(&NAT_IP);
-        let ipc = !csum(&f[14..34], 0);
-        f[24..26].copy_from_slice(&ipc.to_be_bytes());
-        f.extend_from_slice(&icmp);
+        let f = icmp_error_frame((n.up_mac, OUT_MAC), REMOTE, NAT_IP, (3, 3), quoted);
         assert!(checksums_ok(&f), "the test frame itself");
         let r = n.dp.run_tc_on(&f, n.up0).unwrap();
         assert_eq!(r.verdict, TC_ACT_REDIRECT, "delivered to the guest");
