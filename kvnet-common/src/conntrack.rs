@@ -1,4 +1,5 @@
-//! Conntrack (map `ct`), port forwards (map `forwards`) and their rate.
+//! Conntrack (map `ct`), port forwards (map `forwards`) and their rate,
+//! fragments in flight (map `nat_frags`) and UDP mappings (map `nat_mappings`).
 use bytemuck::{Pod, Zeroable};
 
 /// A connection tuple as a packet carries it (addresses network order,
@@ -114,3 +115,73 @@ pub fn refill(tokens: u32, last_ns: u64, now: u64, rate: u32) -> (u32, u64) {
     // The time of the whole tokens only: a fraction carries over.
     (full, last_ns + add * 1_000_000_000 / rate as u64)
 }
+
+/// A fragmented datagram, map `nat_frags` (LRU): its tuple as it arrives
+/// (addresses network order) and its IP ID. Later fragments carry no L4
+/// header; the first one's ports are kept here for them, as Cilium does.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// What the first fragment of a datagram carried: its ports (as [`CtKey`]
+/// has them) and, for ICMP, its type.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
+    pub icmp_type: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A UDP mapping of a NAT network with endpoint-independent mapping
+/// (RFC 4787), map `nat_mappings`: one guest socket keeps one uplink port
+/// whatever the remote. Each mapping has two entries: the guest's side
+/// (guest address and port -> uplink address and port) and the uplink's
+/// (uplink address and port -> guest's), which also reserves the port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct NatMapKey {
+    /// Network order.
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    /// [`MAP_SIDE_GUEST`] or [`MAP_SIDE_UPLINK`].
+    pub side: u8,
+}
+
+pub const MAP_SIDE_GUEST: u8 = 0;
+pub const MAP_SIDE_UPLINK: u8 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NatMapping {
+    /// The other side's address (network order) and port.
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+    pub net_id: u32,
+    /// The guest's switch port (ifindex): flows opened from outside through
+    /// the mapping count against its quota.
+    pub guest_port: u32,
+    pub created_ns: u64,
+}
+
+/// A token bucket shared by every CPU, map `icmp_rate`: the ICMP errors
+/// kvnet itself sends (frag-needed), at most [`ICMP_RATE`] a second, as the
+/// kernel limits its own (net.ipv4.icmp_msgs_per_sec).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RateBucket {
+    pub tokens: u32,
+    pub _pad: u32,
+    pub last_ns: u64,
+}
+
+pub const ICMP_RATE: u32 = 1000;

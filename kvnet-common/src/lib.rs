@@ -28,8 +28,9 @@ pub use trace::*;
 /// they mean), recorded in the pinned map `layout`. Bump it with any change
 /// to a pinned map and teach `kvnet-userspace/src/datapath/layout.rs` to carry the
 /// previous version's contents over, so a running datapath upgrades in place.
-/// 1: the first edition (no `layout` map); 2: port security (issue 13).
-pub const LAYOUT_VERSION: u32 = 2;
+/// 1: the first edition (no `layout` map); 2: port security (issue 13);
+/// 3: NAT fragments, UDP mappings, ICMP rate and more NAT counters.
+pub const LAYOUT_VERSION: u32 = 3;
 
 #[cfg(feature = "user")]
 mod user {
@@ -49,6 +50,11 @@ mod user {
     unsafe impl aya::Pod for NatStats {}
     unsafe impl aya::Pod for VlanMemberKey {}
     unsafe impl aya::Pod for VlanMember {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragPorts {}
+    unsafe impl aya::Pod for NatMapKey {}
+    unsafe impl aya::Pod for NatMapping {}
+    unsafe impl aya::Pod for RateBucket {}
 }
 
 #[cfg(test)]
@@ -87,6 +93,12 @@ mod tests {
         assert_eq!(size_of::<CtEntry>(), 64);
         assert_eq!(size_of::<ForwardKey>(), 8);
         assert_eq!(size_of::<ForwardTarget>(), 32);
+        assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(size_of::<FragPorts>(), 8);
+        assert_eq!(size_of::<NatMapKey>(), 8);
+        assert_eq!(size_of::<NatMapping>(), 24);
+        assert_eq!(size_of::<RateBucket>(), 16);
+        assert_eq!(size_of::<NatStats>(), 15 * 8);
         assert_eq!(size_of::<TraceFilter>(), 20);
         assert_eq!(size_of::<TraceEvent>(), 80);
     }

@@ -26,3 +26,7 @@ pub const PORT_IPS: usize = 4;
 pub const DEFAULT_MAX_MACS: u8 = 1;
 /// Owned (network, VLAN, MAC)s: every guest port's MACs plus gateways.
 pub const MAX_MAC_OWNERS: u32 = MAX_PORTS * PORT_MACS as u32 + MAX_NETWORKS;
+/// Fragmented datagrams in flight through the NAT (LRU: the oldest go).
+pub const MAX_NAT_FRAGS: u32 = 16384;
+/// UDP mappings (two entries each) of endpoint-independent NAT networks.
+pub const MAX_NAT_MAPPINGS: u32 = 131_072;

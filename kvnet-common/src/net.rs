@@ -41,3 +41,7 @@ pub const NET_F_NAT: u32 = 1 << 0;
 /// The network accepts no new connections routed in from other kvnet
 /// networks or the outside (NAT and host-only, as libvirt's FORWARD rules).
 pub const NET_F_CLOSED: u32 = 1 << 1;
+/// UDP leaves with endpoint-independent mapping and filtering (RFC 4787
+/// REQ-1, REQ-8): one guest socket, one uplink port, reachable from any
+/// remote once mapped (`--nat-udp eim`). Off: a mapping per remote.
+pub const NET_F_NAT_UDP_EIM: u32 = 1 << 2;

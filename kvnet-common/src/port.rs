@@ -48,6 +48,11 @@ pub const PORT_F_GUARDED: u32 = 1 << 9;
 /// in [`PortConfig::ips`] (0.0.0.0 DHCP/probes allowed). A guarded port
 /// with bindings learned by DHCP snooping is checked the same way.
 pub const PORT_F_IP_GUARD: u32 = 1 << 10;
+/// The device may hand a frame to XDP with its VLAN tag already taken out
+/// into skb metadata (rx VLAN offload, a veth passing on its peer's
+/// offloaded tag, a macvlan's lower device), where XDP cannot see it: the
+/// XDP hook sends frames without an in-band tag on to tc, which can.
+pub const PORT_F_RX_VLAN_STRIPPED: u32 = 1 << 11;
 
 /// skb->mark of frames kvnet hands to a host stack through an uplink's
 /// ingress (bridged mode); the uplink's own program lets them pass.

@@ -23,6 +23,19 @@ pub struct NatStats {
     pub drop_forward_rate: u64,
     /// New flows of a guest that has its quota of open flows.
     pub drop_ct_quota: u64,
+    /// Fragments after the first translated (by the first one's ports).
+    pub fragments: u64,
+    /// Later fragments from a guest whose first fragment was not seen.
+    pub drop_frag_unknown: u64,
+    /// ICMP frag-needed kvnet sent for outside packets too big for the
+    /// guests' network, and those its rate limit held back.
+    pub frag_needed_sent: u64,
+    pub frag_needed_limited: u64,
+    /// TCP segments too far from their sender's sequence to change a flow's
+    /// state (a guessed RST, say): passed on, not believed.
+    pub out_of_window: u64,
+    /// Flows opened from outside through an endpoint-independent mapping.
+    pub eif_flows: u64,
 }
 
 impl NatStats {
@@ -36,6 +49,12 @@ impl NatStats {
         self.drop_untranslated += o.drop_untranslated;
         self.drop_forward_rate += o.drop_forward_rate;
         self.drop_ct_quota += o.drop_ct_quota;
+        self.fragments += o.fragments;
+        self.drop_frag_unknown += o.drop_frag_unknown;
+        self.frag_needed_sent += o.frag_needed_sent;
+        self.frag_needed_limited += o.frag_needed_limited;
+        self.out_of_window += o.out_of_window;
+        self.eif_flows += o.eif_flows;
     }
 }
 

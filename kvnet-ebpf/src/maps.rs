@@ -1,12 +1,13 @@
 //! The pinned maps the daemon owns (names in `kvnet_common::names`).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use kvnet_common::{
-    CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, ForwardKey, ForwardTarget, NatStats,
-    NetConfig, PortConfig, PortStats, VlanMember, VlanMemberKey, MAX_CT_ENTRIES, MAX_FDB_ENTRIES,
-    MAX_FLOOD_DOMAINS, MAX_FORWARDS, MAX_MAC_OWNERS, MAX_NETWORKS, MAX_PORTS, MAX_VLAN_MEMBERS,
+    CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, ForwardKey, ForwardTarget, FragKey,
+    FragPorts, NatMapKey, NatMapping, NatStats, NetConfig, PortConfig, PortStats, RateBucket,
+    VlanMember, VlanMemberKey, MAX_CT_ENTRIES, MAX_FDB_ENTRIES, MAX_FLOOD_DOMAINS, MAX_FORWARDS,
+    MAX_MAC_OWNERS, MAX_NAT_FRAGS, MAX_NAT_MAPPINGS, MAX_NETWORKS, MAX_PORTS, MAX_VLAN_MEMBERS,
 };
 
 /// The layout version of these maps (`kvnet_common::LAYOUT_VERSION`),
@@ -55,6 +56,30 @@ pub static FORWARDS: HashMap<ForwardKey, ForwardTarget> = HashMap::pinned(MAX_FO
 /// uplink untranslated.
 #[map(name = "nat_subnets")]
 pub static NAT_SUBNETS: LpmTrie<u32, u32> = LpmTrie::pinned(MAX_NETWORKS, 0);
+
+/// Fragmented datagrams through the NAT: the first fragment's ports, for
+/// the fragments after it (least recently used go first).
+#[map(name = "nat_frags")]
+pub static NAT_FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(MAX_NAT_FRAGS, 0);
+
+/// Endpoint-independent UDP mappings, both sides of each.
+#[map(name = "nat_mappings")]
+pub static NAT_MAPPINGS: HashMap<NatMapKey, NatMapping> = HashMap::pinned(MAX_NAT_MAPPINGS, 0);
+
+/// Where NAT builds a new flow's entries (one per CPU, not pinned): the
+/// path's stack has no room for them.
+#[map(name = "ct_scratch")]
+pub static CT_SCRATCH: PerCpuArray<CtEntry> = PerCpuArray::with_max_entries(1, 0);
+
+/// The FIB helper's argument, one per CPU (not pinned): 64 bytes the
+/// datapath's stack does not have.
+#[map(name = "fib_scratch")]
+pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// The rate of the ICMP errors kvnet sends itself.
+#[map(name = "icmp_rate")]
+pub static ICMP_RATE: Array<RateBucket> = Array::pinned(1, 0);
 
 #[map(name = "nat_stats")]
 pub static NAT_STATS: PerCpuHashMap<u32, NatStats> = PerCpuHashMap::pinned(MAX_NETWORKS, 0);

@@ -8,7 +8,7 @@
 //! BPF_NOEXIST: the kernel's atomic insert is the lock that keeps two CPUs
 //! from ever handing out the same (remote, port) pair.
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh,
         bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release, bpf_skb_change_tail,
@@ -16,13 +16,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use kvnet_common::{
-    CtEntry, CtKey, DropReason, ForwardKey, NatStats, NetConfig, CT_F_ACK, CT_F_DNAT, CT_F_FIN,
-    CT_F_ORIGINAL, CT_F_RST, CT_F_SYN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NET_F_CLOSED,
+    CtEntry, CtKey, DropReason, ForwardKey, FragKey, FragPorts, NatMapKey, NatMapping, NatStats,
+    NetConfig, CT_F_ACK, CT_F_DNAT, CT_F_FIN, CT_F_ORIGINAL, CT_F_RST, CT_F_SYN, IPPROTO_ICMP,
+    IPPROTO_TCP, IPPROTO_UDP, MAP_SIDE_GUEST, MAP_SIDE_UPLINK, NET_F_CLOSED, NET_F_NAT_UDP_EIM,
 };
 
 use crate::{
     fdb,
-    maps::{self, CT, CT_QUOTA, FORWARDS, NAT_STATS},
+    maps::{self, CT, CT_QUOTA, FORWARDS, NAT_FRAGS, NAT_MAPPINGS, NAT_STATS},
     parse::{self, ETH_HLEN},
     route,
 };
@@ -43,22 +44,67 @@ const ICMP_PARAMETERPROB: u8 = 12;
 const PORT_TRIES: u32 = 24;
 
 /// What the NAT stage did with a packet.
-pub enum Nat {
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum NatKind {
     /// Not a NAT matter: route or switch it as usual.
     Skip,
     /// Let the host stack have it untranslated (TTL expiring, MTU).
     ToHost,
     Drop,
-    /// Translated and sent: the tc verdict and the interface it went to.
-    Sent(i32, u32),
-    /// Refused by policy (counted on the ingress port under the reason):
+    /// Translated and sent: `rc` is the tc verdict, `egress` the interface.
+    Sent,
+    /// Refused by policy (counted on the ingress port under `reason`):
     /// a new flow into another closed network, or over the guest's quota.
-    Refused(DropReason),
+    Refused,
+}
+
+/// The NAT stage's outcome. A struct, not an enum with payloads: every
+/// field is always written, so no path hands the verifier an undefined
+/// register (which an enum's unused payload can be).
+#[derive(Clone, Copy)]
+pub struct Nat {
+    pub kind: NatKind,
+    pub rc: i32,
+    pub egress: u32,
+    pub reason: DropReason,
+}
+
+impl Nat {
+    const fn of(kind: NatKind) -> Nat {
+        Nat {
+            kind,
+            rc: 0,
+            egress: 0,
+            reason: DropReason::Malformed,
+        }
+    }
+    pub const SKIP: Nat = Nat::of(NatKind::Skip);
+    pub const TO_HOST: Nat = Nat::of(NatKind::ToHost);
+    pub const DROP: Nat = Nat::of(NatKind::Drop);
+
+    #[inline(always)]
+    fn sent(rc: i32, egress: u32) -> Nat {
+        Nat {
+            rc,
+            egress,
+            ..Nat::of(NatKind::Sent)
+        }
+    }
+
+    #[inline(always)]
+    fn refused(reason: DropReason) -> Nat {
+        Nat {
+            reason,
+            ..Nat::of(NatKind::Refused)
+        }
+    }
 }
 
 struct Pkt {
     key: CtKey,
-    l4: usize,
+    /// Where the L4 header is (past Ethernet and IPv4): 16 bits, as the
+    /// NAT path has little stack to spare.
+    l4_off: u16,
     ttl: u8,
     tot_len: u16,
     icmp_type: u8,
@@ -69,6 +115,18 @@ struct Pkt {
     /// Don't Fragment, a header of 20 bytes (no options).
     df: bool,
     plain_header: bool,
+    /// IP identification, and 1 if more fragments follow (a first
+    /// fragment), computed without a branch: a constant per path would
+    /// make the verifier walk the NAT path once per value.
+    id: u16,
+    more_frags: u8,
+}
+
+impl Pkt {
+    #[inline(always)]
+    fn l4(&self) -> usize {
+        self.l4_off as usize
+    }
 }
 
 #[inline(always)]
@@ -83,11 +141,12 @@ fn count(net_id: u32, f: impl FnOnce(&mut NatStats)) {
     }
 }
 
-/// Parses IPv4 TCP/UDP/ICMP at L3; None for anything else or fragments.
+/// Parses IPv4 TCP/UDP/ICMP at L3; None for anything else and for later
+/// fragments (no L4 header: [`later_fragment`] has them).
 #[inline(always)]
 fn packet(ctx: &TcContext) -> Option<Pkt> {
     let ip = parse::ipv4_skb(ctx, L3)?;
-    if ip.is_fragment() {
+    if !ip.is_first_fragment() {
         return None;
     }
     let l4 = L3 + ip.hlen;
@@ -131,7 +190,7 @@ fn packet(ctx: &TcContext) -> Option<Pkt> {
     }
     Some(Pkt {
         key,
-        l4,
+        l4_off: l4 as u16,
         ttl: ip.ttl,
         tot_len: ip.tot_len,
         icmp_type,
@@ -140,7 +199,162 @@ fn packet(ctx: &TcContext) -> Option<Pkt> {
         seq_next,
         df: ip.frag & 0x4000 != 0,
         plain_header: ip.hlen == parse::IPV4_HLEN,
+        id: ip.id,
+        more_frags: ((ip.frag >> 13) & 1) as u8,
     })
+}
+
+/// Keeps a first fragment's ports (as it arrived) for the fragments after
+/// it.
+#[inline(always)]
+fn first_fragment_done(p: &Pkt) {
+    if p.more_frags == 0 {
+        return;
+    }
+    let fk = FragKey {
+        saddr: p.key.saddr,
+        daddr: p.key.daddr,
+        id: p.id,
+        proto: p.key.proto,
+        _pad: 0,
+    };
+    let first = FragPorts {
+        sport: p.key.sport,
+        dport: p.key.dport,
+        icmp_type: p.icmp_type,
+        _pad: [0; 3],
+    };
+    let _ = NAT_FRAGS.insert(&fk, &first, 0);
+}
+
+/// A later fragment (no L4 header) of a datagram whose first fragment was
+/// translated: its tuple, the first's ports with its own addresses.
+#[inline(always)]
+fn later_fragment(ctx: &TcContext) -> Option<Pkt> {
+    let ip = parse::ipv4_skb(ctx, L3)?;
+    if ip.is_first_fragment() {
+        return None;
+    }
+    let fk = FragKey {
+        saddr: ip.saddr,
+        daddr: ip.daddr,
+        id: ip.id,
+        proto: ip.proto,
+        _pad: 0,
+    };
+    let first = unsafe { NAT_FRAGS.get(&fk) }?;
+    Some(Pkt {
+        key: CtKey {
+            saddr: ip.saddr,
+            daddr: ip.daddr,
+            sport: first.sport,
+            dport: first.dport,
+            proto: ip.proto,
+            _pad: [0; 3],
+        },
+        l4_off: (L3 + ip.hlen) as u16,
+        ttl: ip.ttl,
+        tot_len: ip.tot_len,
+        icmp_type: first.icmp_type,
+        tcp_flags: 0,
+        seq: 0,
+        seq_next: 0,
+        df: false,
+        plain_header: ip.hlen == parse::IPV4_HLEN,
+        id: ip.id,
+        more_frags: 0,
+    })
+}
+
+/// Rewrites the addresses of a later fragment (the IP header checksum
+/// only: the L4 checksum, in the first fragment, was fixed there).
+#[inline(always)]
+fn apply_addrs(ctx: &TcContext, from: &CtKey, to: &CtKey) -> bool {
+    for (off, old, new) in [
+        (L3 + 12, from.saddr, to.saddr),
+        (L3 + 16, from.daddr, to.daddr),
+    ] {
+        if old != new
+            && (ctx.store(off, &new, 0).is_err()
+                || ctx
+                    .l3_csum_replace(L3 + 10, old as u64, new as u64, 4)
+                    .is_err())
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// A guest's later fragment to the gateway: translated as its flow's first
+/// fragment was, routed where that one went.
+#[inline(always)]
+fn fragment_from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig) -> Nat {
+    let Some(ip) = parse::ipv4_skb(ctx, L3) else {
+        return Nat::SKIP;
+    };
+    if ip.is_first_fragment()
+        || in_subnet(n, ip.daddr)
+        || is_multicast_or_bcast(ip.daddr)
+        || !in_subnet(n, ip.saddr)
+    {
+        // Not a fragment, or one for the host: not a NAT matter.
+        return Nat::SKIP;
+    }
+    let flow = later_fragment(ctx).and_then(|p| {
+        let e = CT
+            .get_ptr_mut(&p.key)
+            .filter(|e| unsafe { (**e).net_id } == net_id)?;
+        Some((p, e))
+    });
+    let Some((p, e)) = flow else {
+        // Its first fragment was never translated: no flow to follow.
+        count(net_id, |s| s.drop_frag_unknown += 1);
+        return Nat::DROP;
+    };
+    let to = unsafe { (*e).rewrite };
+    if p.ttl <= 1 {
+        return Nat::TO_HOST;
+    }
+    let Ok(egress) = fib_egress(ctx, &p, to.saddr, to.daddr, n.gw_host) else {
+        return Nat::TO_HOST;
+    };
+    if egress != n.uplink && maps::gw_host_net(egress).is_none() {
+        return Nat::refused(DropReason::ForeignNet);
+    }
+    if !apply_addrs(ctx, &p.key, &to) || !dec_ttl(ctx, p.ttl) {
+        return Nat::DROP;
+    }
+    touch_counts(e, &p);
+    count(net_id, |s| s.fragments += 1);
+    Nat::sent(
+        unsafe { bpf_redirect_neigh(egress, core::ptr::null_mut(), 0, 0) } as i32,
+        egress,
+    )
+}
+
+/// A later fragment from outside of a datagram whose first fragment was
+/// translated for a guest. None: not ours (the host's own, say).
+#[inline(always)]
+fn fragment_from_uplink(ctx: &TcContext, ingress: u32) -> Nat {
+    let Some(p) = later_fragment(ctx) else {
+        return Nat::SKIP;
+    };
+    let Some(e) = CT.get_ptr_mut(&p.key).filter(|e| {
+        let flags = unsafe { (**e).flags };
+        flags & CT_F_ORIGINAL == 0 || flags & CT_F_DNAT != 0
+    }) else {
+        return Nat::SKIP;
+    };
+    let mut to = unsafe { (*e).rewrite };
+    if !apply_addrs(ctx, &p.key, &to) {
+        return Nat::DROP;
+    }
+    touch_counts(e, &p);
+    let net_id = unsafe { (*e).net_id };
+    count(net_id, |s| s.fragments += 1);
+    to.proto = p.key.proto;
+    to_guest(ctx, &p, &to, ingress, net_id)
 }
 
 #[inline(always)]
@@ -157,7 +371,7 @@ fn l4_csum_off(proto: u8) -> usize {
 #[inline(always)]
 fn apply(ctx: &TcContext, p: &Pkt, to: &CtKey) -> bool {
     let proto = p.key.proto;
-    let csum = p.l4 + l4_csum_off(proto);
+    let csum = p.l4() + l4_csum_off(proto);
     let pseudo = if proto == IPPROTO_ICMP {
         0
     } else {
@@ -195,12 +409,12 @@ fn apply(ctx: &TcContext, p: &Pkt, to: &CtKey) -> bool {
     let (old_s, new_s, old_d, new_d) = (p.key.sport, to.sport, p.key.dport, to.dport);
     let ports: [(usize, u16, u16); 2] = if proto == IPPROTO_ICMP {
         if p.icmp_type == ICMP_ECHO {
-            [(p.l4 + 4, old_s, new_s), (0, 0, 0)]
+            [(p.l4() + 4, old_s, new_s), (0, 0, 0)]
         } else {
-            [(p.l4 + 4, old_d, new_d), (0, 0, 0)]
+            [(p.l4() + 4, old_d, new_d), (0, 0, 0)]
         }
     } else {
-        [(p.l4, old_s, new_s), (p.l4 + 2, old_d, new_d)]
+        [(p.l4(), old_s, new_s), (p.l4() + 2, old_d, new_d)]
     };
     for (off, old, new) in ports {
         if off != 0 && old != new {
@@ -241,18 +455,18 @@ fn fib(
     daddr: u32,
     ifindex: u32,
     flags: u32,
-) -> Result<FibParams, route::FibMiss> {
+) -> Result<route::Fib, route::FibMiss> {
     let gso_size = unsafe { (*ctx.skb.skb).gso_size } as u16;
     // One segment's headers, read only for GSO packets (the MTU check).
     let headers = if gso_size == 0 {
         0
     } else {
         let doff = if p.key.proto == IPPROTO_TCP {
-            load::<u8>(ctx, p.l4 + 12).ok_or(route::FibMiss::Other)?
+            load::<u8>(ctx, p.l4() + 12).ok_or(route::FibMiss::Other)?
         } else {
             0
         };
-        (p.l4 - L3) as u16 + route::l4_header_len(p.key.proto, doff)
+        (p.l4() - L3) as u16 + route::l4_header_len(p.key.proto, doff)
     };
     route::fib_v4(
         ctx.skb.skb as *mut _,
@@ -271,6 +485,21 @@ fn fib(
     )
 }
 
+/// Counts a packet on its flow's entry: last seen, packets, bytes.
+#[inline(always)]
+fn touch_counts(e: *mut CtEntry, p: &Pkt) {
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    unsafe {
+        // Plain adds: the bpfel target has no atomic RMW here; two CPUs
+        // racing on one flow may lose a count, never a translation.
+        (*e).packets += 1;
+        (*e).bytes += p.tot_len as u64;
+        if now.wrapping_sub((*e).last_seen_ns) > 1_000_000_000 {
+            (*e).last_seen_ns = now;
+        }
+    }
+}
+
 /// How far from what its sender has sent a TCP segment may lie and still
 /// be the flow's (either way: retransmissions lie behind). A blind guess at
 /// a flow's sequence falls in with a chance of 1 in 2048.
@@ -281,15 +510,8 @@ const SEQ_WINDOW: u32 = 1 << 20;
 /// to keep the line quiet).
 #[inline(always)]
 fn touch(e: *mut CtEntry, p: &Pkt) {
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    touch_counts(e, p);
     unsafe {
-        // Plain adds: the bpfel target has no atomic RMW here; two CPUs
-        // racing on one flow may lose a count, never a translation.
-        (*e).packets += 1;
-        (*e).bytes += p.tot_len as u64;
-        if now.wrapping_sub((*e).last_seen_ns) > 1_000_000_000 {
-            (*e).last_seen_ns = now;
-        }
         if p.key.proto != IPPROTO_TCP {
             return;
         }
@@ -320,6 +542,7 @@ fn touch(e: *mut CtEntry, p: &Pkt) {
             // Far from anything its sender sent: a guess at the flow (a
             // spoofed RST, say). It goes on for the receiver to judge,
             // as Linux conntrack lets it, but changes nothing here.
+            count((*e).net_id, |s| s.out_of_window += 1);
             return;
         }
         if known == 0 || (p.seq_next.wrapping_sub(known) as i32) > 0 {
@@ -400,6 +623,17 @@ fn port_in_use(ctx: &TcContext, n: &NetConfig, to: &CtKey, port: u16) -> bool {
     if to.proto != IPPROTO_TCP && to.proto != IPPROTO_UDP {
         return false;
     }
+    // A guest socket's endpoint-independent mapping holds its port towards
+    // every remote.
+    let mapped = NatMapKey {
+        addr: to.saddr,
+        port,
+        proto: to.proto,
+        side: MAP_SIDE_UPLINK,
+    };
+    if to.proto == IPPROTO_UDP && unsafe { NAT_MAPPINGS.get(&mapped) }.is_some() {
+        return true;
+    }
     // struct bpf_sock_tuple.ipv4, seen from the reply: remote -> us.
     let mut tuple = [0u8; 12];
     tuple[0..4].copy_from_slice(&to.daddr.to_ne_bytes());
@@ -424,6 +658,63 @@ fn port_in_use(ctx: &TcContext, n: &NetConfig, to: &CtKey, port: u16) -> bool {
 
 /// BPF_F_CURRENT_NETNS: the namespace of the device the packet is on.
 const CURRENT_NETNS: u64 = u64::MAX;
+
+/// The uplink port of the guest socket `orig` comes from, if it has an
+/// endpoint-independent mapping on the uplink's current address.
+#[inline(always)]
+fn mapped_port(n: &NetConfig, orig: &CtKey) -> Option<u16> {
+    let key = NatMapKey {
+        addr: orig.saddr,
+        port: orig.sport,
+        proto: orig.proto,
+        side: MAP_SIDE_GUEST,
+    };
+    let m = unsafe { NAT_MAPPINGS.get(&key) }?;
+    (m.addr == n.nat_ip).then_some(m.port)
+}
+
+/// Maps the guest socket of `orig` to the uplink port of `to` for every
+/// remote, unless it has a mapping. The uplink's side is written first and
+/// only if free: it is what reserves the port.
+#[inline(always)]
+fn map_socket(net_id: u32, n: &NetConfig, orig: &CtKey, to: &CtKey, guest_port: u32) {
+    if n.flags & NET_F_NAT_UDP_EIM == 0
+        || orig.proto != IPPROTO_UDP
+        || mapped_port(n, orig).is_some()
+    {
+        return;
+    }
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let uplink = NatMapKey {
+        addr: to.saddr,
+        port: to.sport,
+        proto: to.proto,
+        side: MAP_SIDE_UPLINK,
+    };
+    let mut m = NatMapping {
+        addr: orig.saddr,
+        port: orig.sport,
+        _pad: 0,
+        net_id,
+        guest_port,
+        created_ns: now,
+    };
+    if NAT_MAPPINGS
+        .insert(&uplink, &m, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        return;
+    }
+    let guest = NatMapKey {
+        addr: orig.saddr,
+        port: orig.sport,
+        proto: orig.proto,
+        side: MAP_SIDE_GUEST,
+    };
+    m.addr = to.saddr;
+    m.port = to.sport;
+    let _ = NAT_MAPPINGS.insert(&guest, &m, 0);
+}
 
 /// How [`create`] opened a flow.
 #[derive(PartialEq, Eq)]
@@ -462,21 +753,41 @@ fn create(
     port: u32,
 ) -> Option<Opened> {
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let mut rev = CtEntry {
-        rewrite: orig.reply(),
-        net_id,
-        flags,
-        created_ns: now,
-        last_seen_ns: now,
-        port,
-        ..Default::default()
-    };
+    // The entries are built in per-CPU scratch memory: 64 bytes the NAT
+    // path's stack does not have.
+    let rev = maps::CT_SCRATCH.get_ptr_mut(0)?;
+    let rev = unsafe { &mut *rev };
+    rev.rewrite = orig.reply();
+    rev.net_id = net_id;
+    rev.flags = flags;
+    rev.created_ns = now;
+    rev.last_seen_ns = now;
+    rev.packets = 0;
+    rev.bytes = 0;
+    rev.port = port;
+    rev.seq_end = 0;
     if alloc {
         let range = PortRange::of(n);
         let start = unsafe { bpf_get_prandom_u32() };
         let mut found = false;
         let mut full = false;
+        // UDP of an endpoint-independent network: the socket's mapping
+        // (its port is in use, by it). Tried apart from the loop, which the
+        // verifier then walks once, not once per outcome.
+        if n.flags & NET_F_NAT_UDP_EIM != 0 && orig.proto == IPPROTO_UDP && flags & CT_F_DNAT == 0 {
+            if let Some(mapped) = mapped_port(n, orig) {
+                to.sport = mapped;
+                match CT.insert(&to.reply(), &*rev, BPF_NOEXIST as u64) {
+                    Ok(()) => found = true,
+                    Err(e) if e == EEXIST => {}
+                    Err(_) => full = true,
+                }
+            }
+        }
         for i in 0..PORT_TRIES {
+            if found || full {
+                break;
+            }
             // The guest's own port first, when the range has it (port
             // preservation, as Linux's masquerade does): peer-to-peer
             // applications that predict their mapping keep working.
@@ -493,7 +804,7 @@ fn create(
             }
             to.sport = port;
             let rkey = to.reply();
-            match CT.insert(&rkey, &rev, BPF_NOEXIST as u64) {
+            match CT.insert(&rkey, &*rev, BPF_NOEXIST as u64) {
                 Ok(()) => {
                     found = true;
                     break;
@@ -516,7 +827,7 @@ fn create(
             });
             return None;
         }
-    } else if let Err(e) = CT.insert(&to.reply(), &rev, BPF_NOEXIST as u64) {
+    } else if let Err(e) = CT.insert(&to.reply(), &*rev, BPF_NOEXIST as u64) {
         // A forward's reply tuple is fixed: it exists when another CPU is
         // opening this very flow, whose translation is `to` as well.
         if e == EEXIST {
@@ -531,7 +842,7 @@ fn create(
     }
     rev.rewrite = *to;
     rev.flags = flags | CT_F_ORIGINAL;
-    if let Err(e) = CT.insert(orig, &rev, BPF_NOEXIST as u64) {
+    if let Err(e) = CT.insert(orig, &*rev, BPF_NOEXIST as u64) {
         let _ = CT.remove(&to.reply());
         if e == EEXIST {
             // Another CPU won the race for this flow: use its entry.
@@ -544,6 +855,17 @@ fn create(
     }
     count(net_id, |s| s.new_flows += 1);
     Some(Opened::New)
+}
+
+/// One more flow open on a guest's port (its quota, map `ct_quota`).
+#[inline(always)]
+fn quota_add(port: u32) {
+    match CT_QUOTA.get_ptr_mut(&port) {
+        Some(c) => unsafe { *c += 1 },
+        None => {
+            let _ = CT_QUOTA.insert(&port, &1, 0);
+        }
+    }
 }
 
 #[inline(always)]
@@ -563,13 +885,13 @@ fn is_multicast_or_bcast(addr: u32) -> bool {
 #[inline(always)]
 pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig, ingress: u32) -> Nat {
     let Some(p) = packet(ctx) else {
-        return Nat::Skip;
+        return fragment_from_guest(ctx, net_id, n);
     };
     if p.key.proto == IPPROTO_ICMP && p.icmp_type != ICMP_ECHO && p.icmp_type != ICMP_ECHOREPLY {
         if is_icmp_error(p.icmp_type) {
             return icmp_error_from_guest(ctx, &p, net_id, n);
         }
-        return Nat::Skip;
+        return Nat::SKIP;
     }
     // One lookup for an established flow: the entry is translated from and
     // counted through the same pointer. Only this network's guests' side
@@ -586,7 +908,7 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig, ingress: u32) -> 
                 || is_multicast_or_bcast(p.key.daddr)
                 || !in_subnet(n, p.key.saddr)
             {
-                return Nat::Skip;
+                return Nat::SKIP;
             }
             let mut to = CtKey {
                 saddr: n.nat_ip,
@@ -608,14 +930,14 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig, ingress: u32) -> 
                         to.dport = t.port;
                         fwd = true;
                     }
-                    None => return Nat::Skip,
+                    None => return Nat::SKIP,
                 }
             }
             (to, true, fwd)
         }
     };
     if p.ttl <= 1 {
-        return Nat::ToHost;
+        return Nat::TO_HOST;
     }
     if new_flow && !fwd {
         // Into another NAT network: refused here, where it is counted
@@ -625,25 +947,25 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig, ingress: u32) -> 
             .get(Key::new(32, to.daddr))
             .is_some_and(|other| *other != net_id)
         {
-            return Nat::Refused(DropReason::ForeignNet);
+            return Nat::refused(DropReason::ForeignNet);
         }
     }
-    let Ok(f) = fib(ctx, &p, to.saddr, to.daddr, n.gw_host, FIB_SKIP_NEIGH) else {
+    let Ok(egress) = fib_egress(ctx, &p, to.saddr, to.daddr, n.gw_host) else {
         // Unroutable or too big: the host answers with the ICMP error.
-        return Nat::ToHost;
+        return Nat::TO_HOST;
     };
     // A NAT network leaves by its uplink only (libvirt's FORWARD rules
     // accept `-o dev` and reject the rest): a destination the host routes
     // out of another interface gets neither the uplink's address nor the
     // guest's.
-    if f.ifindex != n.uplink && maps::gw_host_net(f.ifindex).is_none() {
-        return Nat::Refused(DropReason::ForeignNet);
+    if egress != n.uplink && maps::gw_host_net(egress).is_none() {
+        return Nat::refused(DropReason::ForeignNet);
     }
     if new_flow && !fwd {
         // Into another kvnet network: only a routed one takes it.
-        if let Some(other) = maps::gw_host_net(f.ifindex) {
+        if let Some(other) = maps::gw_host_net(egress) {
             if other != net_id && maps::net(other).is_none_or(|o| o.flags & NET_F_CLOSED != 0) {
-                return Nat::Refused(DropReason::ForeignNet);
+                return Nat::refused(DropReason::ForeignNet);
             }
         }
     }
@@ -651,7 +973,7 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig, ingress: u32) -> 
     let used = unsafe { CT_QUOTA.get(&ingress) }.copied().unwrap_or(0);
     if new_flow && n.ct_quota != 0 && used >= n.ct_quota {
         count(net_id, |s| s.drop_ct_quota += 1);
-        return Nat::Refused(DropReason::CtQuota);
+        return Nat::refused(DropReason::CtQuota);
     }
     let opened = if new_flow {
         let Some(o) = create(
@@ -664,7 +986,7 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig, ingress: u32) -> 
             if fwd { CT_F_DNAT } else { 0 },
             ingress,
         ) else {
-            return Nat::Drop;
+            return Nat::DROP;
         };
         entry = CT.get_ptr_mut(&p.key);
         Some(o)
@@ -673,38 +995,51 @@ pub fn from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig, ingress: u32) -> 
     };
     // The flow counts against the quota of the CPU that created it only.
     if opened == Some(Opened::New) {
-        match CT_QUOTA.get_ptr_mut(&ingress) {
-            Some(c) => unsafe { *c += 1 },
-            None => {
-                let _ = CT_QUOTA.insert(&ingress, &1, 0);
-            }
+        quota_add(ingress);
+        if !fwd {
+            map_socket(net_id, n, &p.key, &to, ingress);
         }
     }
     if !apply(ctx, &p, &to) || !dec_ttl(ctx, p.ttl) {
-        return Nat::Drop;
+        return Nat::DROP;
     }
     if let Some(e) = entry {
         touch(e, &p);
     }
+    first_fragment_done(&p);
     count(net_id, |s| s.translated += 1);
-    Nat::Sent(
-        unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) } as i32,
-        f.ifindex,
+    Nat::sent(
+        unsafe { bpf_redirect_neigh(egress, core::ptr::null_mut(), 0, 0) } as i32,
+        egress,
     )
+}
+
+/// The interface the FIB sends `daddr` out of (the neighbour is resolved on
+/// the way out). Only the index is kept: the whole lookup is 64 bytes of a
+/// stack the NAT path has little of.
+#[inline(always)]
+fn fib_egress(
+    ctx: &TcContext,
+    p: &Pkt,
+    saddr: u32,
+    daddr: u32,
+    ifindex: u32,
+) -> Result<u32, route::FibMiss> {
+    fib(ctx, p, saddr, daddr, ifindex, FIB_SKIP_NEIGH).map(|f| f.ifindex)
 }
 
 /// Sends a translated packet arriving from outside on to its guest: via
 /// the FIB to the network's gateway, then straight to the guest's port.
 #[inline(always)]
-fn to_guest(ctx: &TcContext, p: &Pkt, to: &CtKey, ingress: u32) -> Nat {
+fn to_guest(ctx: &TcContext, p: &Pkt, to: &CtKey, ingress: u32, net_id: u32) -> Nat {
     if p.ttl <= 1 || !dec_ttl(ctx, p.ttl) {
-        return Nat::Drop;
+        return Nat::DROP;
     }
     let f = match fib(ctx, p, to.saddr, to.daddr, ingress, FIB_DIRECT) {
         Ok(f) => f,
         // Larger than the guest's network takes: the sender must learn so
         // (PMTUD through a port forward or a masquerade reply).
-        Err(route::FibMiss::FragNeeded(mtu)) => return frag_needed(ctx, p, ingress, mtu),
+        Err(route::FibMiss::FragNeeded(mtu)) => return frag_needed(ctx, p, ingress, mtu, net_id),
         Err(route::FibMiss::Other) => {
             // Neighbour unresolved: the kernel resolves it on the way out.
             let Ok(f) = fib(
@@ -715,9 +1050,9 @@ fn to_guest(ctx: &TcContext, p: &Pkt, to: &CtKey, ingress: u32) -> Nat {
                 ingress,
                 FIB_DIRECT | FIB_SKIP_NEIGH,
             ) else {
-                return Nat::Drop;
+                return Nat::DROP;
             };
-            return Nat::Sent(
+            return Nat::sent(
                 unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) } as i32,
                 f.ifindex,
             );
@@ -730,7 +1065,7 @@ fn to_guest(ctx: &TcContext, p: &Pkt, to: &CtKey, ingress: u32) -> Nat {
         m
     };
     if ctx.store(0, &macs, 0).is_err() {
-        return Nat::Drop;
+        return Nat::DROP;
     }
     let mut egress = f.ifindex;
     if let Some(net) = maps::gw_host_net(f.ifindex) {
@@ -739,7 +1074,7 @@ fn to_guest(ctx: &TcContext, p: &Pkt, to: &CtKey, ingress: u32) -> Nat {
             egress = port;
         }
     }
-    Nat::Sent(unsafe { bpf_redirect(egress, 0) } as i32, egress)
+    Nat::sent(unsafe { bpf_redirect(egress, 0) } as i32, egress)
 }
 
 /// ICMP "fragmentation needed", type 3 code 4.
@@ -757,14 +1092,19 @@ const BPF_ADJ_ROOM_MAC: u32 = 1;
 /// quoting the packet as the sender sent it, and sends that back out of
 /// the uplink. Without DF the packet is dropped (kvnet does not fragment).
 #[inline(always)]
-fn frag_needed(ctx: &TcContext, p: &Pkt, ingress: u32, mtu: u16) -> Nat {
+fn frag_needed(ctx: &TcContext, p: &Pkt, ingress: u32, mtu: u16, net_id: u32) -> Nat {
     let gso = unsafe { (*ctx.skb.skb).gso_size };
     if !p.df
         || !p.plain_header
         || gso != 0
         || (p.key.proto != IPPROTO_TCP && p.key.proto != IPPROTO_UDP)
     {
-        return Nat::Drop;
+        return Nat::DROP;
+    }
+    // A spoofed sender could aim these at a victim: as few as the kernel's own.
+    if !icmp_rate_allows() {
+        count(net_id, |s| s.frag_needed_limited += 1);
+        return Nat::DROP;
     }
     // Keep the quote (IPv4 header + 8 bytes) and open room for the new
     // IPv4 and ICMP headers in front of it.
@@ -775,11 +1115,11 @@ fn frag_needed(ctx: &TcContext, p: &Pkt, ingress: u32, mtu: u16) -> Nat {
             .is_err()
         || ctx.pull_data((QUOTE + QUOTE_LEN) as u32).is_err()
     {
-        return Nat::Drop;
+        return Nat::DROP;
     }
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let Some(f) = parse::ptr_at::<[u8; QUOTE + QUOTE_LEN]>(data, data_end, 0) else {
-        return Nat::Drop;
+        return Nat::DROP;
     };
     let f = unsafe { &mut *(f as *mut [u8; QUOTE + QUOTE_LEN]) };
     // Back to where it came from: the MACs swap.
@@ -812,7 +1152,28 @@ fn frag_needed(ctx: &TcContext, p: &Pkt, ingress: u32, mtu: u16) -> Nat {
     f[icmp + 6..icmp + 8].copy_from_slice(&mtu.to_be_bytes());
     let c = !crate::csum::fold(sum_words(&f[icmp..]));
     f[icmp + 2..icmp + 4].copy_from_slice(&c.to_be_bytes());
-    Nat::Sent(unsafe { bpf_redirect(ingress, 0) } as i32, ingress)
+    count(net_id, |s| s.frag_needed_sent += 1);
+    Nat::sent(unsafe { bpf_redirect(ingress, 0) } as i32, ingress)
+}
+
+/// Takes a token of the ICMP errors kvnet sends itself (map `icmp_rate`,
+/// shared by every CPU: a lost update costs a token, never a limit).
+#[inline(always)]
+fn icmp_rate_allows() -> bool {
+    let Some(b) = maps::ICMP_RATE.get_ptr_mut(0) else {
+        return false;
+    };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let (tokens, last) =
+        unsafe { kvnet_common::refill((*b).tokens, (*b).last_ns, now, kvnet_common::ICMP_RATE) };
+    if tokens == 0 {
+        return false;
+    }
+    unsafe {
+        (*b).tokens = tokens - 1;
+        (*b).last_ns = last;
+    }
+    true
 }
 
 /// The one's-complement sum of big-endian 16-bit words (even length).
@@ -830,7 +1191,7 @@ fn sum_words(b: &[u8]) -> u64 {
 #[inline(always)]
 pub fn from_uplink(ctx: &TcContext, ingress: u32) -> Nat {
     let Some(p) = packet(ctx) else {
-        return Nat::Skip;
+        return fragment_from_uplink(ctx, ingress);
     };
     if p.key.proto == IPPROTO_ICMP && is_icmp_error(p.icmp_type) {
         return icmp_error(ctx, &p, ingress);
@@ -845,59 +1206,110 @@ pub fn from_uplink(ctx: &TcContext, ingress: u32) -> Nat {
         Some(e) => unsafe { (*e).rewrite },
         None => {
             if p.key.proto == IPPROTO_ICMP {
-                return Nat::Skip;
+                return Nat::SKIP;
             }
-            let fk = ForwardKey {
-                ifindex: ingress,
-                port: p.key.dport,
-                proto: p.key.proto,
-                _pad: 0,
+            let (net_id, mut to, guest_port) = match opening(&p, ingress) {
+                Ok(o) => o,
+                Err(nat) => return nat,
             };
-            let Some(fwd) = FORWARDS.get_ptr_mut(&fk) else {
-                return Nat::Skip;
+            let Some(n) = maps::net(net_id) else {
+                return Nat::SKIP;
             };
-            let t = unsafe { *fwd };
-            let Some(n) = maps::net(t.net_id) else {
-                return Nat::Skip;
+            let Some(opened) = create(
+                ctx, net_id, &n, &p.key, &mut to, false, CT_F_DNAT, guest_port,
+            ) else {
+                return Nat::DROP;
             };
-            if p.key.daddr != n.nat_ip {
-                return Nat::Skip;
-            }
-            if t.rate != 0 {
-                // Spoofed first packets from anywhere must not fill the table.
-                let now = unsafe { bpf_ktime_get_coarse_ns() };
-                let (tokens, last) = kvnet_common::refill(t.tokens, t.last_ns, now, t.rate);
-                if tokens == 0 {
-                    count(t.net_id, |s| s.drop_forward_rate += 1);
-                    return Nat::Drop;
-                }
-                unsafe {
-                    (*fwd).tokens = tokens - 1;
-                    (*fwd).last_ns = last;
-                }
-            }
-            let mut to = CtKey {
-                daddr: t.addr,
-                dport: t.port,
-                ..p.key
-            };
-            if create(ctx, t.net_id, &n, &p.key, &mut to, false, CT_F_DNAT, 0).is_none() {
-                return Nat::Drop;
+            if guest_port != 0 && opened == Opened::New {
+                quota_add(guest_port);
+                count(net_id, |s| s.eif_flows += 1);
             }
             entry = CT.get_ptr_mut(&p.key);
             to
         }
     };
     if !apply(ctx, &p, &to) {
-        return Nat::Drop;
+        return Nat::DROP;
     }
+    let mut net_id = 0;
     if let Some(e) = entry {
         touch(e, &p);
-        let net_id = unsafe { (*e).net_id };
+        net_id = unsafe { (*e).net_id };
+        first_fragment_done(&p);
         count(net_id, |s| s.translated += 1);
     }
     to.proto = p.key.proto;
-    to_guest(ctx, &p, &to, ingress)
+    to_guest(ctx, &p, &to, ingress, net_id)
+}
+
+/// Who a new flow from outside opens to: a port forward's target, or a
+/// guest socket's endpoint-independent UDP mapping (filtering is
+/// endpoint-independent too: anyone may answer a STUN-discovered address).
+/// (net id, translation, the guest port whose quota the flow counts
+/// against: 0 for forwards, which have a rate instead.)
+#[inline(always)]
+fn opening(p: &Pkt, ingress: u32) -> Result<(u32, CtKey, u32), Nat> {
+    let fk = ForwardKey {
+        ifindex: ingress,
+        port: p.key.dport,
+        proto: p.key.proto,
+        _pad: 0,
+    };
+    if let Some(fwd) = FORWARDS.get_ptr_mut(&fk) {
+        let t = unsafe { *fwd };
+        if maps::net(t.net_id).is_none_or(|n| p.key.daddr != n.nat_ip) {
+            return Err(Nat::SKIP);
+        }
+        if t.rate != 0 {
+            // Spoofed first packets from anywhere must not fill the table.
+            let now = unsafe { bpf_ktime_get_coarse_ns() };
+            let (tokens, last) = kvnet_common::refill(t.tokens, t.last_ns, now, t.rate);
+            if tokens == 0 {
+                count(t.net_id, |s| s.drop_forward_rate += 1);
+                return Err(Nat::DROP);
+            }
+            unsafe {
+                (*fwd).tokens = tokens - 1;
+                (*fwd).last_ns = last;
+            }
+        }
+        let to = CtKey {
+            daddr: t.addr,
+            dport: t.port,
+            ..p.key
+        };
+        return Ok((t.net_id, to, 0));
+    }
+    if p.key.proto != IPPROTO_UDP {
+        return Err(Nat::SKIP);
+    }
+    let key = NatMapKey {
+        addr: p.key.daddr,
+        port: p.key.dport,
+        proto: IPPROTO_UDP,
+        side: MAP_SIDE_UPLINK,
+    };
+    let Some(m) = (unsafe { NAT_MAPPINGS.get(&key) }).copied() else {
+        return Err(Nat::SKIP);
+    };
+    let Some(n) = maps::net(m.net_id) else {
+        return Err(Nat::SKIP);
+    };
+    if n.flags & NET_F_NAT_UDP_EIM == 0 || n.nat_ip != p.key.daddr || n.uplink != ingress {
+        return Err(Nat::SKIP);
+    }
+    // So no remote can fill the table through one guest's mapping.
+    let used = unsafe { CT_QUOTA.get(&m.guest_port) }.copied().unwrap_or(0);
+    if n.ct_quota != 0 && used >= n.ct_quota {
+        count(m.net_id, |s| s.drop_ct_quota += 1);
+        return Err(Nat::DROP);
+    }
+    let to = CtKey {
+        daddr: m.addr,
+        dport: m.port,
+        ..p.key
+    };
+    Ok((m.net_id, to, m.guest_port))
 }
 
 /// RFC 1624 incremental update of a checksum for a 32-bit field change.
@@ -914,9 +1326,9 @@ fn csum_update32(csum: u16, old: u32, new: u32) -> u16 {
 /// the outer destination, so traceroute and PMTUD work from guests.
 #[inline(always)]
 fn icmp_error(ctx: &TcContext, p: &Pkt, ingress: u32) -> Nat {
-    let eip = p.l4 + 8;
+    let eip = p.l4() + 8;
     let Some(embedded) = parse::ipv4_skb(ctx, eip) else {
-        return Nat::Skip;
+        return Nat::SKIP;
     };
     let el4 = eip + embedded.hlen;
     let (eproto, esaddr, edaddr) = (embedded.proto, embedded.saddr, embedded.daddr);
@@ -931,7 +1343,7 @@ fn icmp_error(ctx: &TcContext, p: &Pkt, ingress: u32) -> Nat {
     match eproto {
         IPPROTO_TCP | IPPROTO_UDP => {
             let (Some(s), Some(d)) = (load::<u16>(ctx, el4), load::<u16>(ctx, el4 + 2)) else {
-                return Nat::Skip;
+                return Nat::SKIP;
             };
             sent.sport = u16::from_be(s);
             sent.dport = u16::from_be(d);
@@ -939,30 +1351,30 @@ fn icmp_error(ctx: &TcContext, p: &Pkt, ingress: u32) -> Nat {
         }
         IPPROTO_ICMP => {
             let Some(id) = load::<u16>(ctx, el4 + 4) else {
-                return Nat::Skip;
+                return Nat::SKIP;
             };
             sent.sport = u16::from_be(id);
             port_off = el4 + 4;
         }
-        _ => return Nat::Skip,
+        _ => return Nat::SKIP,
     }
     let Some(e) = (unsafe { CT.get(&sent.reply()) }).copied() else {
-        return Nat::Skip;
+        return Nat::SKIP;
     };
     // e.rewrite = (remote, guest, rport, gport): the guest is its dest.
     let (guest, gport) = (e.rewrite.daddr, e.rewrite.dport);
-    let icmp_csum = p.l4 + 2;
+    let icmp_csum = p.l4() + 2;
     // Outer destination (IP header checksum only: ICMP's does not cover it).
     if ctx.store(L3 + 16, &guest, 0).is_err()
         || ctx
             .l3_csum_replace(L3 + 10, p.key.daddr as u64, guest as u64, 4)
             .is_err()
     {
-        return Nat::Drop;
+        return Nat::DROP;
     }
     // Embedded source address and its header checksum.
     let Some(ecsum) = load::<u16>(ctx, eip + 10) else {
-        return Nat::Drop;
+        return Nat::DROP;
     };
     let new_ecsum = csum_update32(ecsum, esaddr, guest);
     let old_port = sent.sport.to_be();
@@ -980,7 +1392,7 @@ fn icmp_error(ctx: &TcContext, p: &Pkt, ingress: u32) -> Nat {
             .l4_csum_replace(icmp_csum, old_port as u64, new_port as u64, 2)
             .is_err()
     {
-        return Nat::Drop;
+        return Nat::DROP;
     }
     count(e.net_id, |s| s.icmp_errors += 1);
     let to = CtKey {
@@ -989,7 +1401,7 @@ fn icmp_error(ctx: &TcContext, p: &Pkt, ingress: u32) -> Nat {
         proto: IPPROTO_ICMP,
         ..Default::default()
     };
-    to_guest(ctx, p, &to, ingress)
+    to_guest(ctx, p, &to, ingress, e.net_id)
 }
 
 #[inline(always)]
@@ -1008,17 +1420,17 @@ fn is_icmp_error(icmp_type: u8) -> bool {
 /// own network: a guest cannot send errors about a neighbour's flows.
 #[inline(always)]
 fn icmp_error_from_guest(ctx: &TcContext, p: &Pkt, net_id: u32, n: &NetConfig) -> Nat {
-    let eip = p.l4 + 8;
+    let eip = p.l4() + 8;
     let Some(embedded) = parse::ipv4_skb(ctx, eip) else {
-        return Nat::Skip;
+        return Nat::SKIP;
     };
     let guest = p.key.saddr;
     if embedded.daddr != guest || (embedded.proto != IPPROTO_TCP && embedded.proto != IPPROTO_UDP) {
-        return Nat::Skip;
+        return Nat::SKIP;
     }
     let el4 = eip + embedded.hlen;
     let (Some(sport), Some(dport)) = (load::<u16>(ctx, el4), load::<u16>(ctx, el4 + 2)) else {
-        return Nat::Skip;
+        return Nat::SKIP;
     };
     let received = CtKey {
         saddr: embedded.saddr,
@@ -1030,24 +1442,24 @@ fn icmp_error_from_guest(ctx: &TcContext, p: &Pkt, net_id: u32, n: &NetConfig) -
     };
     // The guest's side of that flow: what its packets to the remote become.
     let Some(e) = (unsafe { CT.get(&received.reply()) }).copied() else {
-        return Nat::Skip;
+        return Nat::SKIP;
     };
     if e.net_id != net_id {
-        return Nat::Skip;
+        return Nat::SKIP;
     }
     let (nat, nport) = (e.rewrite.saddr, e.rewrite.sport.to_be());
     if p.ttl <= 1 {
-        return Nat::ToHost;
+        return Nat::TO_HOST;
     }
-    let Ok(f) = fib(ctx, p, nat, p.key.daddr, n.gw_host, FIB_SKIP_NEIGH) else {
-        return Nat::ToHost;
+    let Ok(egress) = fib_egress(ctx, p, nat, p.key.daddr, n.gw_host) else {
+        return Nat::TO_HOST;
     };
-    if f.ifindex != n.uplink {
-        return Nat::Refused(DropReason::ForeignNet);
+    if egress != n.uplink {
+        return Nat::refused(DropReason::ForeignNet);
     }
-    let icmp_csum = p.l4 + 2;
+    let icmp_csum = p.l4() + 2;
     let Some(ecsum) = load::<u16>(ctx, eip + 10) else {
-        return Nat::Drop;
+        return Nat::DROP;
     };
     let new_ecsum = csum_update32(ecsum, guest, nat);
     // Outer source (the IP header checksum only: ICMP's does not cover it),
@@ -1070,12 +1482,12 @@ fn icmp_error_from_guest(ctx: &TcContext, p: &Pkt, net_id: u32, n: &NetConfig) -
             .is_err()
         || !dec_ttl(ctx, p.ttl)
     {
-        return Nat::Drop;
+        return Nat::DROP;
     }
     count(net_id, |s| s.icmp_errors += 1);
-    Nat::Sent(
-        unsafe { bpf_redirect_neigh(f.ifindex, core::ptr::null_mut(), 0, 0) } as i32,
-        f.ifindex,
+    Nat::sent(
+        unsafe { bpf_redirect_neigh(egress, core::ptr::null_mut(), 0, 0) } as i32,
+        egress,
     )
 }
 

@@ -77,6 +77,8 @@ pub struct Ipv4 {
     /// Total length as the header claims it (host order): not checked
     /// against the frame, callers that rely on it must.
     pub tot_len: u16,
+    /// Identification (host order): what the fragments of one datagram share.
+    pub id: u16,
     /// Flags and fragment offset (host order).
     pub frag: u16,
     pub ttl: u8,
@@ -110,6 +112,7 @@ pub fn ipv4_from(h: &[u8; IPV4_HLEN]) -> Option<Ipv4> {
     Some(Ipv4 {
         tos: h[1],
         tot_len: u16::from_be_bytes([h[2], h[3]]),
+        id: u16::from_be_bytes([h[4], h[5]]),
         frag: u16::from_be_bytes([h[6], h[7]]),
         ttl: h[8],
         proto: h[9],

@@ -69,16 +69,23 @@ pub fn l4_header_len(proto: u8, tcp_doff: u8) -> u16 {
 }
 
 /// The datapath's one FIB lookup. A GSO super-packet leaves as segments:
-/// the MTU is checked against one of them.
+/// the MTU is checked against one of them. The helper's 64-byte argument
+/// lives in per-CPU scratch memory (map `fib_scratch`), not on the stack.
 #[inline(always)]
-pub fn fib_v4(ctx: *mut core::ffi::c_void, q: &FibQuery) -> Result<FibParams, FibMiss> {
+pub fn fib_v4(ctx: *mut core::ffi::c_void, q: &FibQuery) -> Result<Fib, FibMiss> {
     let mtu_len = if q.gso_size == 0 {
         // Capped: a length past 65535 fails any MTU check as 65535 does.
         (q.tot_len as u32).max(q.l3_len).min(u16::MAX as u32) as u16
     } else {
         q.headers + q.gso_size
     };
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    let Some(p) = crate::maps::FIB_SCRATCH.get_ptr_mut(0) else {
+        return Err(FibMiss::Other);
+    };
+    let p: &mut FibParams = unsafe {
+        core::ptr::write_bytes(p, 0, 1);
+        &mut *p
+    };
     p.family = AF_INET;
     p.l4_protocol = q.proto;
     p.ifindex = q.ifindex;
@@ -86,16 +93,13 @@ pub fn fib_v4(ctx: *mut core::ffi::c_void, q: &FibQuery) -> Result<FibParams, Fi
     p.__bindgen_anon_2.tos = q.tos;
     p.__bindgen_anon_3.ipv4_src = q.saddr;
     p.__bindgen_anon_4.ipv4_dst = q.daddr;
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx,
-            &mut p,
-            core::mem::size_of::<FibParams>() as i32,
-            q.flags,
-        )
-    };
+    let rc = unsafe { bpf_fib_lookup(ctx, p, core::mem::size_of::<FibParams>() as i32, q.flags) };
     match rc {
-        FIB_SUCCESS => Ok(p),
+        FIB_SUCCESS => Ok(Fib {
+            ifindex: p.ifindex,
+            smac: p.smac,
+            dmac: p.dmac,
+        }),
         FIB_FRAG_NEEDED => Err(FibMiss::FragNeeded(unsafe {
             p.__bindgen_anon_1.mtu_result
         })),
@@ -128,7 +132,7 @@ pub fn lookup_v4(
         };
         ip.hlen as u16 + l4_header_len(ip.proto, doff)
     };
-    let p = fib_v4(
+    fib_v4(
         l3c.ctx,
         &FibQuery {
             proto: ip.proto,
@@ -143,12 +147,7 @@ pub fn lookup_v4(
             flags: 0,
         },
     )
-    .ok()?;
-    Some(Fib {
-        ifindex: p.ifindex,
-        smac: p.smac,
-        dmac: p.dmac,
-    })
+    .ok()
 }
 
 /// Rewrites the frame for its next hop: MACs, TTL - 1 and the IP header

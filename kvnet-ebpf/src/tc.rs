@@ -21,7 +21,11 @@ use crate::{
     vlan::tc_retag,
 };
 
-use crate::{fdb, maps, nat, parse, pipeline, stats, trace};
+use crate::{
+    fdb, maps,
+    nat::{self, Nat, NatKind},
+    parse, pipeline, stats, trace,
+};
 
 /// Bytes of an untrusted port's frame tc makes linear before the guards
 /// look (headers, IPv6 extension headers, DHCP up to chaddr).
@@ -150,25 +154,37 @@ fn tc_act(
                 stats::drop(ingress, DropReason::RedirectFailed);
                 return TC_ACT_SHOT;
             }
-            match nat::from_guest(&ctx, net_id, &n, ingress) {
+            let done = nat::from_guest(&ctx, net_id, &n, ingress);
+            match done.kind {
                 // Possibly a forward back into the network, to a guest's port.
-                nat::Nat::Sent(rc, egress) => nat_sent(ctx, ingress, rc, egress),
-                nat::Nat::Drop => TC_ACT_SHOT,
-                nat::Nat::Refused(reason) => {
-                    stats::drop(ingress, reason);
+                NatKind::Sent => nat_sent(ctx, ingress, done.rc, done.egress),
+                NatKind::Drop => TC_ACT_SHOT,
+                NatKind::Refused => {
+                    stats::drop(ingress, done.reason);
                     TC_ACT_SHOT
                 }
                 // Not translated: to the gateway, i.e. the host stack.
-                nat::Nat::Skip | nat::Nat::ToHost => {
+                NatKind::Skip | NatKind::ToHost => {
                     stats::tx(n.gw_port, len);
                     unsafe { bpf_redirect(n.gw_port, 0) as i32 }
                 }
             }
         }
         Verdict::NatIn => match nat::from_uplink(&ctx, ingress) {
-            nat::Nat::Sent(rc, egress) => nat_sent(ctx, ingress, rc, egress),
-            nat::Nat::Drop | nat::Nat::Refused(_) => TC_ACT_SHOT,
-            nat::Nat::Skip | nat::Nat::ToHost => {
+            Nat {
+                kind: NatKind::Sent,
+                rc,
+                egress,
+                ..
+            } => nat_sent(ctx, ingress, rc, egress),
+            Nat {
+                kind: NatKind::Drop | NatKind::Refused,
+                ..
+            } => TC_ACT_SHOT,
+            Nat {
+                kind: NatKind::Skip | NatKind::ToHost,
+                ..
+            } => {
                 // Not a NAT flow: a routed network's traffic, or the host's.
                 // Skip: nat touched nothing, the packet pointers still hold.
                 match pipeline::from_uplink(ingress, data, data_end, tag, Some(l3)) {

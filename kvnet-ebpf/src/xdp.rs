@@ -2,7 +2,7 @@
 //! ports that take XDP redirects, drops) and hands the rest to tc.
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, programs::XdpContext};
 use aya_log_ebpf::debug;
-use kvnet_common::{DropReason, PORT_F_XDP_TX, VLAN_MODE_TRUNK};
+use kvnet_common::{DropReason, PORT_F_RX_VLAN_STRIPPED, PORT_F_XDP_TX, VLAN_MODE_TRUNK};
 
 use crate::{
     csum, maps,
@@ -22,8 +22,12 @@ pub fn run(ctx: &XdpContext) -> (u32, u32) {
     stats::seen_xdp(ingress);
     let tag = Tag::of(data, data_end, None);
     // A NIC with rx VLAN offload strips the tag before XDP sees it; only
-    // tc can tell an untagged frame on a trunk from a stripped tagged one.
-    if port.vlan_mode == VLAN_MODE_TRUNK && !tag.present() {
+    // tc can tell an untagged frame from a stripped tagged one. On a trunk
+    // whatever the device; elsewhere on devices the daemon found stripping,
+    // where a tagged frame XDP took for untagged would join the access VLAN.
+    if !tag.present()
+        && (port.vlan_mode == VLAN_MODE_TRUNK || port.flags & PORT_F_RX_VLAN_STRIPPED != 0)
+    {
         return (xdp_action::XDP_PASS, 0);
     }
     // No routing context: routed and host-bound frames go on to tc.

@@ -74,6 +74,9 @@ pub struct NetOpts {
     /// NAT source port range, e.g. 1024-65535 (libvirt's default).
     #[serde(default)]
     pub nat_ports: Option<String>,
+    /// NAT: how UDP is mapped (default eim).
+    #[serde(default)]
+    pub nat_udp: Option<NatUdp>,
     /// DHCP: FIRST,LAST addresses handed out; needs a gateway.
     #[serde(default)]
     pub dhcp_range: Option<String>,
@@ -223,6 +226,9 @@ pub struct NetInfo {
     pub uplink: Option<String>,
     pub ageing_secs: u64,
     pub ports: Vec<String>,
+    /// NAT networks: how UDP is mapped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat_udp: Option<NatUdp>,
 }
 
 /// `kvnet net show`: the network and its ports with their hooks.
@@ -370,6 +376,21 @@ pub struct NatStatsRow {
     pub translated: u64,
     pub new_flows: u64,
     pub icmp_errors: u64,
+    /// Fragments after the first, translated by the first one's flow.
+    #[serde(default)]
+    pub fragments: u64,
+    /// ICMP frag-needed kvnet answered outside senders with.
+    #[serde(default)]
+    pub frag_needed_sent: u64,
+    /// TCP segments too far from their sender's sequence to be believed.
+    #[serde(default)]
+    pub out_of_window: u64,
+    /// Flows opened from outside through an endpoint-independent mapping.
+    #[serde(default)]
+    pub eif_flows: u64,
+    /// Endpoint-independent UDP mappings in use.
+    #[serde(default)]
+    pub udp_mappings: u64,
     pub drops: BTreeMap<String, u64>,
     /// Conntrack entries in use (two per flow) and the table's capacity.
     pub table_entries: u64,
@@ -406,6 +427,29 @@ pub fn validate_net_name(name: &str) -> anyhow::Result<()> {
 
 /// libvirt's default NAT port range.
 pub const DEFAULT_NAT_PORTS: (u16, u16) = (1024, 65535);
+
+/// How a NAT network maps UDP (RFC 4787).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum NatUdp {
+    /// Endpoint-independent mapping and filtering: one guest socket keeps
+    /// one uplink port whatever the remote, and any remote may answer it
+    /// (STUN and peer-to-peer applications work).
+    #[default]
+    Eim,
+    /// A mapping per remote, answered by that remote only (Linux's
+    /// masquerade without port preservation).
+    Symmetric,
+}
+
+impl std::fmt::Display for NatUdp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NatUdp::Eim => "eim",
+            NatUdp::Symmetric => "symmetric",
+        })
+    }
+}
 
 /// An IP protocol number as the CLI shows it.
 pub fn proto_name(p: u8) -> String {

@@ -101,6 +101,7 @@ pub fn import_with(
                 let end: u16 = p.attribute("end").unwrap_or("65535").parse()?;
                 sec.nat = Some(NatSection {
                     port_range: Some([start, end]),
+                    udp: None,
                 });
             }
             if child(nat, "address").is_some() {

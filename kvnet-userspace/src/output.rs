@@ -74,6 +74,9 @@ pub fn nets(nets: &Vec<NetInfo>) -> Vec<Vec<String>> {
 /// `kvnet net show`: the network's line, then its ports.
 pub fn net_detail(d: &NetDetail) -> Vec<Vec<String>> {
     let mut rows = nets(&vec![d.net.clone()]);
+    if let Some(udp) = d.net.nat_udp {
+        rows.push(vec!["nat udp".into(), udp.to_string()]);
+    }
     rows.push(vec![]);
     rows.extend(ports(&d.port_details));
     rows
@@ -209,6 +212,8 @@ pub fn stats(r: &StatsReport) -> Vec<Vec<String>> {
             "translated",
             "new_flows",
             "icmp_errors",
+            "fragments",
+            "udp_mappings",
             "table",
             "ports_in_use",
             "drops",
@@ -225,6 +230,8 @@ pub fn stats(r: &StatsReport) -> Vec<Vec<String>> {
                 n.translated.to_string(),
                 n.new_flows.to_string(),
                 n.icmp_errors.to_string(),
+                n.fragments.to_string(),
+                n.udp_mappings.to_string(),
                 format!("{}/{}", n.table_entries, n.table_capacity),
                 n.ports_in_use.to_string(),
                 if drops.is_empty() {

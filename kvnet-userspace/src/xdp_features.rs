@@ -2,17 +2,21 @@
 //! generic-netlink family (Linux 6.3+): above all whether XDP_REDIRECT may
 //! send *to* it (`ndo_xdp_xmit`). Without that a redirect to the port fails
 //! and the frame is lost, so the XDP hook must hand such frames to tc.
-use anyhow::{anyhow, bail, Context, Result};
-use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
-use netlink_packet_generic::{
-    ctrl::{nlas::GenlCtrlAttrs, GenlCtrl, GenlCtrlCmd},
-    GenlFamily, GenlHeader, GenlMessage,
-};
+use anyhow::{Context, Result};
 use netlink_packet_utils::{
-    nla::{DefaultNla, Nla, NlaBuffer, NlasIterator},
-    DecodeError, Emitable, Parseable, ParseableParametrized,
+    nla::{DefaultNla, Nla, NlaBuffer},
+    DecodeError, Parseable,
 };
-use netlink_sys::{protocols::NETLINK_GENERIC, Socket, SocketAddr};
+
+use crate::genl::{query, Family};
+
+/// The `netdev` family.
+#[derive(Debug)]
+struct Netdev;
+
+impl Family for Netdev {
+    const NAME: &'static str = "netdev";
+}
 
 const NETDEV_CMD_DEV_GET: u8 = 1;
 const NETDEV_A_DEV_IFINDEX: u16 = 1;
@@ -68,128 +72,20 @@ impl<'a, T: AsRef<[u8]> + ?Sized> Parseable<NlaBuffer<&'a T>> for DevAttr {
     }
 }
 
-/// A `netdev` DEV_GET request or its answer.
-#[derive(Debug)]
-struct Dev {
-    cmd: u8,
-    attrs: Vec<DevAttr>,
-}
-
-impl GenlFamily for Dev {
-    fn family_name() -> &'static str {
-        "netdev"
-    }
-    fn command(&self) -> u8 {
-        self.cmd
-    }
-    fn version(&self) -> u8 {
-        1
-    }
-}
-
-impl Emitable for Dev {
-    fn buffer_len(&self) -> usize {
-        self.attrs.as_slice().buffer_len()
-    }
-    fn emit(&self, buffer: &mut [u8]) {
-        self.attrs.as_slice().emit(buffer)
-    }
-}
-
-impl ParseableParametrized<[u8], GenlHeader> for Dev {
-    fn parse_with_param(buf: &[u8], header: GenlHeader) -> Result<Self, DecodeError> {
-        let attrs = NlasIterator::new(buf)
-            .map(|nla| nla.and_then(|nla| DevAttr::parse(&nla)))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Dev {
-            cmd: header.cmd,
-            attrs,
-        })
-    }
-}
-
-fn socket() -> Result<Socket> {
-    let mut s = Socket::new(NETLINK_GENERIC).context("generic netlink socket")?;
-    s.bind_auto()
-        .context("binding the generic netlink socket")?;
-    s.connect(&SocketAddr::new(0, 0))
-        .context("connecting the generic netlink socket")?;
-    Ok(s)
-}
-
-/// Sends one request and returns the first answer's payload.
-fn ask<F>(sock: &Socket, msg: GenlMessage<F>) -> Result<GenlMessage<F>>
-where
-    F: GenlFamily + Emitable + ParseableParametrized<[u8], GenlHeader> + std::fmt::Debug,
-{
-    let mut nl = NetlinkMessage::from(msg);
-    nl.header.flags = NLM_F_REQUEST;
-    nl.finalize();
-    let mut tx = vec![0u8; nl.buffer_len()];
-    nl.serialize(&mut tx);
-    sock.send(&tx, 0)
-        .context("sending a generic netlink request")?;
-    let mut rx = vec![0u8; 8192];
-    let n = sock
-        .recv(&mut &mut rx[..], 0)
-        .context("receiving a generic netlink answer")?;
-    let answer = NetlinkMessage::<GenlMessage<F>>::deserialize(&rx[..n])
-        .map_err(|e| anyhow!("an undecodable generic netlink answer: {e}"))?;
-    match answer.payload {
-        NetlinkPayload::InnerMessage(m) => Ok(m),
-        NetlinkPayload::Error(e) => Err(std::io::Error::from(e.to_io()).into()),
-        other => bail!("unexpected generic netlink answer {other:?}"),
-    }
-}
-
-/// The `netdev` family's id; None on kernels before 6.3, which lack it.
-fn family_id(sock: &Socket) -> Result<Option<u16>> {
-    let mut req = GenlMessage::from_payload(GenlCtrl {
-        cmd: GenlCtrlCmd::GetFamily,
-        nlas: vec![GenlCtrlAttrs::FamilyName(Dev::family_name().into())],
-    });
-    req.finalize();
-    match ask(sock, req) {
-        Ok(m) => Ok(m.payload.nlas.iter().find_map(|a| match a {
-            GenlCtrlAttrs::FamilyId(id) => Some(*id),
-            _ => None,
-        })),
-        Err(e)
-            if e.downcast_ref::<std::io::Error>()
-                .and_then(|e| e.raw_os_error())
-                == Some(libc::ENOENT) =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(e.context("looking up the netdev netlink family")),
-    }
-}
-
 /// The XDP features (`NETDEV_XDP_ACT_*` bits) of device `ifindex`; None
 /// when the kernel cannot tell (no `netdev` family).
 pub fn of(ifindex: u32) -> Result<Option<u64>> {
-    let sock = socket()?;
-    let Some(id) = family_id(&sock)? else {
-        return Ok(None);
-    };
-    let mut req = GenlMessage::from_payload(Dev {
-        cmd: NETDEV_CMD_DEV_GET,
-        attrs: vec![DevAttr::Ifindex(ifindex)],
-    });
-    req.set_resolved_family_id(id);
-    req.finalize();
-    let answer = ask(&sock, req).with_context(|| format!("XDP features of ifindex {ifindex}"))?;
-    Ok(Some(
-        answer
-            .payload
-            .attrs
+    let answer = query::<Netdev, _>(NETDEV_CMD_DEV_GET, vec![DevAttr::Ifindex(ifindex)])
+        .with_context(|| format!("XDP features of ifindex {ifindex}"))?;
+    Ok(answer.map(|a| {
+        a.attrs
             .iter()
             .find_map(|a| match a {
                 DevAttr::XdpFeatures(f) => Some(*f),
                 _ => None,
             })
-            .unwrap_or(0),
-    ))
+            .unwrap_or(0)
+    }))
 }
 
 #[cfg(test)]

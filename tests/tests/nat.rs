@@ -8,70 +8,25 @@ use std::{
 };
 
 use kvnet_tests::inject::{eth_frame_vlan, inject, mac_fmt, mac_parse};
-use kvnet_tests::{
-    kvnet::{kvnet_bin, Kvnet},
-    lab::privileged,
-    tools, Capture, Frame, GuestPort, Lab, Outside,
-};
+use kvnet_tests::{lab::privileged, tools, Capture, Frame, Lab};
 use serde_json::Value;
 use tools::{echo_server, py};
 
 const UPLINK_IP: [u8; 4] = [198, 51, 100, 1];
 
-struct Nat {
-    lab: Lab,
-    out: Outside,
-    guests: Vec<GuestPort>,
-    k: Kvnet,
+#[path = "support/nat_lab.rs"]
+mod nat_lab;
+use nat_lab::{nat_lab_with, Nat};
+
+/// The NAT lab with conntrack timeouts 100x shorter, for the daemon only.
+fn nat_lab(n: usize, daemon_args: &[&str]) -> Nat {
+    nat_lab_with(n, daemon_args, &[("KVNET_CT_TIME_SCALE", "100")], &[])
 }
 
-/// Guests 10.50.0.11.. behind gateway 10.50.0.1 (NAT network "nat"); the
-/// outside at 198.51.100.2 knows no route to the guests.
-fn nat_lab(n: usize, daemon_args: &[&str]) -> Nat {
-    let lab = Lab::new().unwrap();
-    let out = lab
-        .add_outside_with("198.51.100.2/24", "198.51.100.1/24")
-        .unwrap();
-    let guests: Vec<GuestPort> = (0..n)
-        .map(|i| {
-            let g = lab
-                .add_guest_with(&format!("vm{i}"), Some(&format!("10.50.0.{}/24", 11 + i)))
-                .unwrap();
-            g.disable_ipv6().unwrap();
-            g.sh("ip route add default via 10.50.0.1").unwrap();
-            g
-        })
-        .collect();
-    // Conntrack timeouts 100x shorter, for the daemon only (set_var would
-    // change the environment of every test thread of this process).
-    let k = Kvnet::start_bin(
-        &lab,
-        &kvnet_bin().unwrap(),
-        daemon_args,
-        &[("KVNET_CT_TIME_SCALE", "100")],
-    )
-    .unwrap();
-    k.cli(&[
-        "net",
-        "add",
-        "nat",
-        "--mode",
-        "nat",
-        "--gateway",
-        "10.50.0.1/24",
-        "--uplink",
-        "up0",
-    ])
-    .unwrap();
-    for g in &guests {
-        k.cli(&["port", "add", "nat", &g.hv_if]).unwrap();
-    }
-    Nat {
-        lab,
-        out,
-        guests,
-        k,
-    }
+/// The MAC of the NAT network's gateway interface (kvnet-nat).
+fn gateway_mac(t: &Nat) -> [u8; 6] {
+    let link = t.lab.sh(t.lab.hv(), "ip -br link show kvnet-nat").unwrap();
+    mac_parse(link.split_whitespace().nth(2).unwrap()).unwrap()
 }
 
 fn ipv4_src(f: &Frame) -> Option<[u8; 4]> {
@@ -974,15 +929,7 @@ fn a_trunk_guest_in_the_gateways_vlan_is_translated_untagged_and_answered_tagged
         .unwrap()
         .to_string();
     t.k.cli(&["port", "set", &gw_port, "--vlan", "10"]).unwrap();
-    let gw_mac = mac_parse(
-        t.lab
-            .sh(t.lab.hv(), "ip -br link show kvnet-nat")
-            .unwrap()
-            .split_whitespace()
-            .nth(2)
-            .unwrap(),
-    )
-    .unwrap();
+    let gw_mac = gateway_mac(&t);
     // This kernel has no 802.1Q: the guest's tagged frames are written raw,
     // and the gateway is told its MAC (the guest cannot answer ARP tagged).
     t.lab
@@ -1217,4 +1164,58 @@ s.sendall(b"two"); print("after", s.recv(10).decode(), flush=True)
         .is_some_and(|s| s.success()));
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("after two"), "the connection went on: {text}");
+}
+
+/// Review finding (issue 14), on the wire: NAT's MTU check trusted the
+/// IPv4 header's total length. A guest's frame longer than its header
+/// says, and longer than the uplink's MTU, left the uplink at its full
+/// length. It is now checked at its real length: too big for the uplink,
+/// it goes to the host stack (which trims it to its header's length and
+/// whose forward the uplink's guard stops), never out at 1474 bytes.
+#[test]
+fn a_frame_longer_than_its_header_says_never_leaves_past_the_uplinks_mtu() {
+    if !privileged() {
+        return;
+    }
+    let t = nat_lab(1, &[]);
+    let g = &t.guests[0];
+    t.lab.sh(t.lab.hv(), "ip link set up0 mtu 1400").unwrap();
+    let gw_mac = gateway_mac(&t);
+    let untranslated = || {
+        t.k.json(&["stats"]).unwrap()["nat"][0]["drops"]["untranslated"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = untranslated();
+    let cap = Capture::start(&t.out.ns, "eth0").unwrap();
+    // An echo request whose header says 39 bytes, in 1460 bytes of IPv4.
+    let mut ip = icmp_echo([10, 50, 0, 11], [198, 51, 100, 2], 0x7a11);
+    ip.resize(1460, 0);
+    let frame = kvnet_tests::eth_frame(gw_mac, g.mac, 0x0800, &ip);
+    inject(&g.ns, "eth0", &[frame]).unwrap();
+    // Control, sent after it on the same path: an ordinary ping arrives.
+    assert!(g.ping("198.51.100.2"), "an ordinary ping goes through");
+    let frames = cap
+        .stop_when("the ordinary echo requests", Duration::from_secs(5), |fs| {
+            fs.iter().any(|f| f.icmp_type() == Some(8))
+        })
+        .unwrap();
+    let oversize: Vec<usize> = frames
+        .iter()
+        .map(|f| f.data.len())
+        .filter(|len| *len > 1400 + 14)
+        .collect();
+    assert!(
+        oversize.is_empty(),
+        "frames past the uplink's MTU left it: {oversize:?}"
+    );
+    // Where it went instead: the host stack, and the uplink's guard.
+    let t0 = Instant::now();
+    while untranslated() <= before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "the trimmed packet never reached the uplink's guard"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -33,9 +33,16 @@ const FWD_PORT: u16 = 2222;
 const GUEST2_ECHO: u16 = 5002;
 /// A UDP sink in the outside namespace, for the source-address checks.
 const SINK_PORT: u16 = 9999;
-/// The value size of the pinned `ports` map in layout 1 (no port security).
-const LAYOUT1_PORTS_VALUE: u64 = 16;
-const UPGRADED: &str = "upgraded the running datapath from layout 1 to layout 2";
+/// This version's map layout (kvnet_common::LAYOUT_VERSION).
+const LAYOUT: u32 = 3;
+
+/// What the daemon says when it upgraded from the old datapath's layout.
+fn upgraded(old: &Shape) -> String {
+    format!(
+        "upgraded the running datapath from layout {} to layout {LAYOUT}",
+        old.layout
+    )
+}
 
 /// The older kvnet binary, from `KVNET_OLD_BIN`; `None` (after saying why)
 /// when unset or not root. Set but missing is an error, not a skip.
@@ -112,10 +119,31 @@ fn pinned_map(l: &LibvirtLab, name: &str) -> Option<Value> {
     Some(serde_json::from_slice(&o.stdout).unwrap())
 }
 
-/// The value size of the pinned `ports` map.
-fn ports_value_size(l: &LibvirtLab) -> u64 {
-    let m = pinned_map(l, "ports").expect("no pinned map `ports`");
+/// The value size of a pinned map.
+fn value_size(l: &LibvirtLab, name: &str) -> u64 {
+    let m = pinned_map(l, name).unwrap_or_else(|| panic!("no pinned map `{name}`"));
     m["bytes_value"].as_u64().unwrap_or_else(|| panic!("{m}"))
+}
+
+/// What tells the pinned datapath's layout: its version (1: no `layout`
+/// map, the first edition) and the value sizes of maps that changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Shape {
+    layout: u32,
+    ports: u64,
+    nat_stats: u64,
+}
+
+fn shape(l: &LibvirtLab) -> Shape {
+    Shape {
+        layout: if pin(l, "layout").exists() {
+            layout_version(l)
+        } else {
+            1
+        },
+        ports: value_size(l, "ports"),
+        nat_stats: value_size(l, "nat_stats"),
+    }
 }
 
 /// The version in the pinned `layout` map (key 0, a little-endian u32).
@@ -141,18 +169,12 @@ fn layout_version(l: &LibvirtLab) -> u32 {
     u32::from_le_bytes(bytes[..4].try_into().unwrap())
 }
 
-/// The old datapath's pins, untouched: `ports` of layout 1's size, no
-/// `layout` map, nothing moved aside under `previous/`.
-fn assert_old_pins(l: &LibvirtLab, when: &str) {
-    assert_eq!(
-        ports_value_size(l),
-        LAYOUT1_PORTS_VALUE,
-        "{when}: the pinned `ports` map is not layout 1's"
-    );
-    assert!(
-        pinned_map(l, "layout").is_none() && !pin(l, "layout").exists(),
-        "{when}: a `layout` map is pinned"
-    );
+/// The old datapath's pins, untouched: the shape they had under the old
+/// daemon, an older layout than this version's, nothing moved aside under
+/// `previous/`.
+fn assert_old_pins(l: &LibvirtLab, old: &Shape, when: &str) {
+    assert_eq!(&shape(l), old, "{when}: the pinned maps changed shape");
+    assert!(old.layout < LAYOUT, "{when}: not an older layout: {old:?}");
     assert!(
         !pin(l, "previous").exists(),
         "{when}: old pins left under previous/"
@@ -442,7 +464,8 @@ fn an_old_datapath_is_upgraded_under_a_nat_transfer() {
     let l = libvirt_lab();
     let k = start_old_with_config(&l, &old);
     // The pins are the old layout's: what this test is about.
-    assert_old_pins(&l, "under the old daemon");
+    let old_shape = shape(&l);
+    assert_old_pins(&l, &old_shape, "under the old daemon");
     assert_eq!(dhcp(&l.lab, &l.guests[0], "g1"), GUEST1_IP);
     let ip2 = dhcp(&l.lab, &l.guests[1], "g2");
     let leases_before = leases(&k);
@@ -470,9 +493,10 @@ fn an_old_datapath_is_upgraded_under_a_nat_transfer() {
         "port forward under the old daemon: {r}"
     );
 
-    // Source addresses under the old datapath, which has no port security:
-    // a forged one leaves translated like the guest's own. This is the
-    // control for the hostile check after the upgrade.
+    // Source addresses under the old datapath. Layout 1 had no port
+    // security: a forged one leaves translated like the guest's own, the
+    // control for the hostile check after the upgrade. Later layouts
+    // refuse it already.
     let forged = if ip2 == "192.168.122.200" {
         "192.168.122.201"
     } else {
@@ -483,20 +507,33 @@ fn an_old_datapath_is_upgraded_under_a_nat_transfer() {
         &l.guests[0].ns,
         &[(forged, 40001, "old-forged"), (GUEST1_IP, 40003, "old-own")],
     );
-    assert!(
-        wait_for(Duration::from_secs(5), || !sink_lines(&sink, "old-own")
-            .is_empty()
-            && !sink_lines(&sink, "old-forged").is_empty()),
-        "control: under the old datapath both the own and the forged source arrive: {}",
-        fs::read_to_string(&sink).unwrap_or_default()
-    );
-    assert!(
-        sink_lines(&sink, "old-forged")
-            .iter()
-            .all(|l| l.starts_with(&format!("{UPLINK_IP} "))),
-        "{:?}",
-        sink_lines(&sink, "old-forged")
-    );
+    if old_shape.layout == 1 {
+        assert!(
+            wait_for(Duration::from_secs(5), || !sink_lines(&sink, "old-own")
+                .is_empty()
+                && !sink_lines(&sink, "old-forged").is_empty()),
+            "control: under the old datapath both the own and the forged source arrive: {}",
+            fs::read_to_string(&sink).unwrap_or_default()
+        );
+        assert!(
+            sink_lines(&sink, "old-forged")
+                .iter()
+                .all(|l| l.starts_with(&format!("{UPLINK_IP} "))),
+            "{:?}",
+            sink_lines(&sink, "old-forged")
+        );
+    } else {
+        assert!(
+            wait_for(Duration::from_secs(5), || !sink_lines(&sink, "old-own")
+                .is_empty()),
+            "the own source arrives under the old datapath: {}",
+            fs::read_to_string(&sink).unwrap_or_default()
+        );
+        assert!(
+            sink_lines(&sink, "old-forged").is_empty(),
+            "the old datapath's port security refuses the forged source"
+        );
+    }
 
     // A connection through the forward held open across the upgrade, and
     // 10 s of TCP from guest1 to the outside through the NAT.
@@ -543,7 +580,7 @@ fn an_old_datapath_is_upgraded_under_a_nat_transfer() {
     let took = t0.elapsed();
     let log = k.daemon_log();
     assert!(
-        log.contains(UPGRADED) && log.contains("adopted the running datapath"),
+        log.contains(&upgraded(&old_shape)) && log.contains("adopted the running datapath"),
         "{log}"
     );
     assert!(took < Duration::from_secs(10), "the upgrade took {took:?}");
@@ -551,11 +588,11 @@ fn an_old_datapath_is_upgraded_under_a_nat_transfer() {
         transfer.client.is_running(),
         "iperf3 ended during the upgrade"
     );
-    assert_eq!(layout_version(&l), 2, "the pinned `layout` map");
-    assert_ne!(
-        ports_value_size(&l),
-        LAYOUT1_PORTS_VALUE,
-        "`ports` still has layout 1's size"
+    assert_eq!(layout_version(&l), LAYOUT, "the pinned `layout` map");
+    let new_shape = shape(&l);
+    assert!(
+        new_shape.ports != old_shape.ports || new_shape.nat_stats != old_shape.nat_stats,
+        "the maps still have the old layout's sizes: {new_shape:?}"
     );
     assert!(
         !pin(&l, "previous").exists(),
@@ -563,9 +600,7 @@ fn an_old_datapath_is_upgraded_under_a_nat_transfer() {
     );
     let progs_after = attached(&l);
     eprintln!(
-        "upgrade: took {took:?}; `ports` value size {} -> {}; programs {progs_before:?} -> {progs_after:?}",
-        LAYOUT1_PORTS_VALUE,
-        ports_value_size(&l)
+        "upgrade: took {took:?}; maps {old_shape:?} -> {new_shape:?}; programs {progs_before:?} -> {progs_after:?}"
     );
     assert_eq!(
         progs_after.keys().collect::<Vec<_>>(),
@@ -703,7 +738,8 @@ fn a_takeover_that_fails_half_way_leaves_the_old_datapath_forwarding() {
     let head = head_bin();
     let l = libvirt_lab();
     let k = start_old_with_config(&l, &old);
-    assert_old_pins(&l, "under the old daemon");
+    let old_shape = shape(&l);
+    assert_old_pins(&l, &old_shape, "under the old daemon");
     assert_eq!(dhcp(&l.lab, &l.guests[0], "g1"), GUEST1_IP);
     dhcp(&l.lab, &l.guests[1], "g2");
     let g2_mac = mac_fmt(&l.guests[1].mac);
@@ -741,10 +777,10 @@ fn a_takeover_that_fails_half_way_leaves_the_old_datapath_forwarding() {
             failed.status
         );
         assert!(
-            !err.contains(UPGRADED),
+            !err.contains(&upgraded(&old_shape)),
             "KVNET_FAIL_TAKEOVER={step} says it upgraded:\n{err}"
         );
-        assert_old_pins(&l, &format!("after the failed '{step}'"));
+        assert_old_pins(&l, &old_shape, &format!("after the failed '{step}'"));
         let why = |what: &str| {
             format!(
                 "after the failed '{step}': {what}\nprograms now {:?}\nbefore {progs_before:?}\nits log:\n{err}",
@@ -799,8 +835,12 @@ fn a_takeover_that_fails_half_way_leaves_the_old_datapath_forwarding() {
 
     // Without the failure, this version upgrades.
     let k = Kvnet::start_bin(&l.lab, &head, &[], &[]).unwrap();
-    assert!(k.daemon_log().contains(UPGRADED), "{}", k.daemon_log());
-    assert_eq!(layout_version(&l), 2, "the pinned `layout` map");
+    assert!(
+        k.daemon_log().contains(&upgraded(&old_shape)),
+        "{}",
+        k.daemon_log()
+    );
+    assert_eq!(layout_version(&l), LAYOUT, "the pinned `layout` map");
     assert!(
         ping_ok(&l.guests[0].ns, OUTSIDE_IP),
         "guest1 after the upgrade"

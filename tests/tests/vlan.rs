@@ -626,3 +626,269 @@ fn bad_vlan_input_is_refused_clearly_and_changes_nothing() {
     let p2 = k.port("p2").unwrap();
     assert_eq!(p2["vlan"], "-");
 }
+
+/// Makes `iface` in namespace `ns` send every frame with a VLAN `vid` tag
+/// in skb metadata, as a NIC's tx VLAN offload or tc act_vlan leaves it
+/// (this kernel has no act_vlan): a tc egress program of five instructions
+/// that calls `bpf_skb_vlan_push`. Off again with `tc filter del dev IFACE
+/// egress`.
+fn push_vlan_in_metadata(lab: &Lab, ns: &str, iface: &str, vid: u16) -> anyhow::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    /// One eBPF instruction (little-endian `struct bpf_insn`).
+    const fn insn(code: u8, dst: u8, imm: i32) -> u64 {
+        code as u64 | (dst as u64) << 8 | (imm as u32 as u64) << 32
+    }
+    const MOV64_IMM: u8 = 0xb7;
+    let prog = [
+        insn(MOV64_IMM, 2, i32::from(0x8100u16.to_be())), // r2 = vlan_proto (be16)
+        insn(MOV64_IMM, 3, i32::from(vid)),               // r3 = vlan_tci
+        insn(0x85, 0, 18),     // call bpf_skb_vlan_push(r1 = skb, r2, r3)
+        insn(MOV64_IMM, 0, 0), // r0 = TC_ACT_OK
+        insn(0x95, 0, 0),      // exit
+    ];
+    let license = c"GPL";
+    // union bpf_attr for BPF_PROG_LOAD, the fields up to the log.
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+    }
+    let attr = ProgLoad {
+        prog_type: 3, // BPF_PROG_TYPE_SCHED_CLS
+        insn_cnt: prog.len() as u32,
+        insns: prog.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+    };
+    let bpf = |cmd: i32, attr: *const libc::c_void, size: usize| {
+        // SAFETY: attr points at a live bpf_attr prefix of `size` bytes.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    };
+    let fd = bpf(5, (&attr as *const ProgLoad).cast(), size_of::<ProgLoad>())
+        .map_err(|e| anyhow::anyhow!("loading the VLAN push program: {e}"))?;
+    // SAFETY: a fresh descriptor the kernel just gave us.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // tc takes a pinned program; the filter holds it once attached.
+    let pin = format!(
+        "{}/kvnet-{}-vlanpush",
+        kvnet_tests::lab::BPFFS,
+        lab.suffix()
+    );
+    lab.remove_on_drop(&pin);
+    let pin_c = std::ffi::CString::new(pin.clone())?;
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let attr = ObjPin {
+        pathname: pin_c.as_ptr() as u64,
+        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+        file_flags: 0,
+    };
+    bpf(6, (&attr as *const ObjPin).cast(), size_of::<ObjPin>())
+        .map_err(|e| anyhow::anyhow!("pinning the VLAN push program at {pin}: {e}"))?;
+    let attached = lab.sh(
+        ns,
+        &format!(
+            "tc qdisc replace dev {iface} clsact && \
+             tc filter add dev {iface} egress bpf direct-action object-pinned {pin}"
+        ),
+    );
+    let _ = std::fs::remove_file(&pin);
+    attached.map(|_| ())
+}
+
+/// The guest's end of a tap in the hv namespace, as qemu holds it: frames
+/// the switch sends the guest are read here. A capture would not do: XDP
+/// redirects into a tap go straight to its queue, past tcpdump.
+struct TapEnd {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl TapEnd {
+    fn open(lab: &Lab, tap: &str) -> anyhow::Result<TapEnd> {
+        use anyhow::Context;
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let hv = std::fs::File::open(kvnet_tests::lab::netns_path(lab.hv()))?;
+        let name = tap.as_bytes().to_vec();
+        // The tap is looked up in the namespace /dev/net/tun was opened in.
+        thread::scope(|s| {
+            s.spawn(|| -> anyhow::Result<TapEnd> {
+                nix::sched::setns(&hv, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+                // SAFETY: plain libc calls with checked results.
+                let raw = unsafe {
+                    libc::open(
+                        c"/dev/net/tun".as_ptr(),
+                        libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+                    )
+                };
+                if raw < 0 {
+                    return Err(std::io::Error::last_os_error()).context("open /dev/net/tun");
+                }
+                // SAFETY: a fresh descriptor we own.
+                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                #[repr(C)]
+                struct IfReq {
+                    name: [u8; 16],
+                    flags: u16,
+                    _pad: [u8; 22],
+                }
+                let mut req = IfReq {
+                    name: [0; 16],
+                    flags: (libc::IFF_TAP | libc::IFF_NO_PI) as u16,
+                    _pad: [0; 22],
+                };
+                req.name[..name.len().min(15)].copy_from_slice(&name[..name.len().min(15)]);
+                let rc = unsafe {
+                    libc::ioctl(
+                        std::os::fd::AsRawFd::as_raw_fd(&fd),
+                        libc::TUNSETIFF,
+                        &mut req as *mut IfReq,
+                    )
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error()).context("TUNSETIFF");
+                }
+                Ok(TapEnd { fd })
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("tap opener panicked"))?
+        })
+        .with_context(|| format!("attaching to tap {tap}"))
+    }
+
+    /// Sends `frame` into the switch, as the guest.
+    fn send(&self, frame: &[u8]) {
+        let n = nix::unistd::write(&self.fd, frame).unwrap();
+        assert_eq!(n, frame.len());
+    }
+
+    /// Reads what the tap delivers until `done` holds for it (or `timeout`
+    /// passes, then panics naming `what`).
+    fn read_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&[Frame]) -> bool,
+    ) -> Vec<Frame> {
+        use std::os::fd::AsRawFd;
+        let deadline = Instant::now() + timeout;
+        let mut frames = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while !done(&frames) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "tap: no {what} within {timeout:?}: {frames:?}"
+            );
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+            // SAFETY: one pollfd, ours.
+            if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
+                continue;
+            }
+            match nix::unistd::read(self.fd.as_raw_fd(), &mut buf) {
+                Ok(n) => frames.push(Frame::new(buf[..n].to_vec())),
+                Err(nix::errno::Errno::EAGAIN) => {}
+                Err(e) => panic!("reading the tap: {e}"),
+            }
+        }
+        frames
+    }
+}
+
+/// Issue 14: an access port whose device hands XDP frames with the VLAN
+/// tag already taken out into skb metadata (a veth passing on its peer's
+/// offloaded tag; a NIC with rx VLAN offload). XDP sees such a frame as
+/// untagged; switching it into the access VLAN would let a guest on an
+/// access port reach it with any tag. It must go on to tc, which sees the
+/// tag and drops it (`vlan_not_allowed`). The frame is known unicast to a
+/// tap, the case XDP finishes itself (a flood goes to tc anyway).
+#[test]
+fn xdp_access_port_drops_a_tag_its_device_stripped() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let g = lab
+        .add_ipv4_guests(&[("g1", "10.44.0.1/24"), ("g2", "10.44.0.2/24")])
+        .unwrap();
+    for x in &g {
+        x.disable_ipv6().unwrap();
+    }
+    let tap = lab.add_tap("tap0").unwrap();
+    let t = TapEnd::open(&lab, &tap).unwrap();
+    let k = Kvnet::start(&lab).unwrap();
+    k.cli(&["net", "add", "lan"]).unwrap();
+    // g1's XDP program is the one that must not be fooled.
+    k.cli(&["port", "add", "lan", "g1", "--vlan", "10", "--hook", "xdp"])
+        .unwrap();
+    k.cli(&["port", "add", "lan", "g2", "--vlan", "10"])
+        .unwrap();
+    k.cli(&["port", "add", "lan", &tap, "--vlan", "10"])
+        .unwrap();
+
+    // Positive control: untagged traffic from g1 flows.
+    assert!(g[0].ping("10.44.0.2"), "g1 -> g2 untagged");
+    // The tap's guest speaks first, so the switch knows its MAC.
+    let tmac = [0x02, 0, 0, 0, 0x0e, 0x21];
+    t.send(&eth_frame([0xff; 6], tmac, ETH_TEST, b"tap-hello"));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while k.fdb_port_of("lan", &tmac).as_deref() != Some(tap.as_str()) {
+        assert!(Instant::now() < deadline, "tap0's MAC not learned");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let to_tap = |p: &[u8]| eth_frame(tmac, g[0].mac, ETH_TEST, p);
+    let got = |p: &'static [u8]| move |f: &[Frame]| f.iter().any(|f| has_payload(f, p));
+    // Known unicast from g1 into the tap: through g1's XDP program.
+    let xdp_before = k.port_stats("g1").unwrap()["xdp_seen"].as_u64().unwrap();
+    inject(&g[0].ns, "eth0", &[to_tap(b"plain-1")]).unwrap();
+    let f = t.read_until("plain-1", Duration::from_secs(3), got(b"plain-1"));
+    assert_eq!(
+        count_frames(&f, |f| has_payload(f, b"plain-1") && tag(f).is_none()),
+        1
+    );
+    assert!(
+        k.port_stats("g1").unwrap()["xdp_seen"].as_u64().unwrap() > xdp_before,
+        "g1's XDP program saw nothing: the test would prove nothing"
+    );
+
+    // The same frame tagged VLAN 20, the tag in metadata: an access port
+    // drops every tagged frame.
+    push_vlan_in_metadata(&lab, &g[0].ns, "eth0", 20).unwrap();
+    let drops = k.port_drops("g1", "vlan_not_allowed");
+    inject(&g[0].ns, "eth0", &[to_tap(b"stripped-v20")]).unwrap();
+    g[0].sh("tc filter del dev eth0 egress").unwrap();
+    // Control, sent after it on the same path: once the tap has it, it
+    // has whatever leaked before.
+    inject(&g[0].ns, "eth0", &[to_tap(b"plain-2")]).unwrap();
+    let f = t.read_until("plain-2", Duration::from_secs(3), got(b"plain-2"));
+    assert_eq!(
+        count_frames(&f, |f| has_payload(f, b"stripped-v20")),
+        0,
+        "a frame tagged VLAN 20 reached VLAN 10 through g1's access port: {f:?}"
+    );
+    assert!(
+        k.port_drops("g1", "vlan_not_allowed") > drops,
+        "the tagged frame was not counted as vlan_not_allowed"
+    );
+    assert!(g[0].ping("10.44.0.2"), "g1 -> g2 untagged, after");
+}

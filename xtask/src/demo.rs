@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use kvnet_tests::{
     guest::{default_cache_dir, Image, Vm, VmSpec, READY},
     kvnet::Kvnet,
-    tools, GuestPort, Lab,
+    tools, GuestPort, Lab, Outside,
 };
 
 fn step(n: u32, title: &str) {
@@ -42,6 +42,56 @@ fn verdict(ok: bool) -> &'static str {
     } else {
         "unreachable"
     }
+}
+
+/// A UDP reflector answering each datagram with the address and port it
+/// came from, as a STUN server does.
+const REFLECTOR: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 3478))
+while True:
+    d, a = s.recvfrom(64)
+    s.sendto(("%s:%d" % a).encode(), a)
+"#;
+
+/// One guest socket asks two reflectors what they see.
+const STUN_CLIENT: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 45000))
+s.settimeout(2)
+for server in ("198.51.100.2", "198.51.100.3"):
+    for _ in range(3):
+        s.sendto(b"?", (server, 3478))
+        try:
+            print(server, s.recvfrom(64)[0].decode())
+            break
+        except socket.timeout:
+            pass
+"#;
+
+/// Endpoint-independent mapping (the NAT's default for UDP): one guest
+/// socket, two outside servers, one mapped address and port.
+fn stun_check(lab: &Lab, out: &Outside, guest: &GuestPort) -> Result<bool> {
+    out.sh("ip addr add 198.51.100.3/24 dev eth0")?;
+    let mut reflector = Command::new("python3");
+    reflector
+        .args(["-c", REFLECTOR])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    lab.spawn(&out.ns, reflector)?;
+    let seen = lab.exec_output(&guest.ns, &["python3", "-c", STUN_CLIENT])?;
+    let text = String::from_utf8_lossy(&seen.stdout).to_string();
+    let mapped: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    println!("  UDP from guest port 45000, as two outside servers see it:");
+    for l in text.lines() {
+        println!("    {l}");
+    }
+    Ok(mapped.len() == 2 && mapped[0] == mapped[1])
 }
 
 pub fn run(kvnet: &Path) -> Result<()> {
@@ -237,6 +287,12 @@ pub fn run(kvnet: &Path) -> Result<()> {
             true,
         );
     }
+    let one_mapping = stun_check(&lab, &out, &nat_guest)?;
+    expect(
+        "one mapping for one guest socket, whatever the remote (EIM)",
+        one_mapping,
+        true,
+    );
 
     step(
         7,

@@ -15,10 +15,12 @@ use anyhow::{bail, Context, Result};
 
 use crate::{build, cmd, lab, setup, workspace_root};
 
-/// The last released revision with the previous map layout (layout 1:
-/// before port security; kvnet_common::LAYOUT_VERSION 2 is the current
-/// one). Move it forward when LAYOUT_VERSION changes again.
-pub const PREVIOUS_LAYOUT_REV: &str = "fa4f158";
+/// The last released revision with the previous map layout (layout 2:
+/// port security, before NAT fragments and UDP mappings;
+/// kvnet_common::LAYOUT_VERSION 3 is the current one). Move it forward
+/// when LAYOUT_VERSION changes again. Layout 1 (fa4f158) is still carried
+/// (`--from fa4f158`).
+pub const PREVIOUS_LAYOUT_REV: &str = "d483672";
 
 /// The name of the `cargo xtask test` phase.
 pub const PHASE: &str = "upgrade from the previous layout";
@@ -99,7 +101,10 @@ fn run(from: &str, rev: &str, kvnet: &Path) -> Result<bool> {
     let base = workspace_root().join("target").join("upgrade-from");
     let tree = worktree_dir(&base, rev);
     ensure_worktree(&tree, rev)?;
-    let old = build_old(&tree, &base)?;
+    // A target folder per revision: cargo hashes path dependencies relative
+    // to the workspace, so two old trees sharing one would reuse each
+    // other's kvnet-common as fresh.
+    let old = build_old(&tree, &tree.with_extension("target"))?;
     println!(
         "upgrade-test: old kvnet {}, new kvnet {}",
         old.display(),

@@ -269,6 +269,10 @@ enum NetCmd {
         /// NAT source ports, FIRST-LAST (default 1024-65535, minus the host's ephemeral range).
         #[arg(long, value_name = "FIRST-LAST")]
         nat_ports: Option<String>,
+        /// NAT: UDP mapping, endpoint-independent (eim: STUN and peer-to-peer
+        /// work; any remote may answer a mapped socket) or one per remote.
+        #[arg(long, value_name = "MODE")]
+        nat_udp: Option<crate::control::NatUdp>,
     },
     /// Show one network: mode, gateway, uplink and each port's hook.
     Show {
@@ -498,6 +502,7 @@ fn run(cli: Cli) -> Result<()> {
             domain,
             dhcp_lease,
             nat_ports,
+            nat_udp,
         }) => done(call(
             sock,
             &Request::NetAdd {
@@ -513,6 +518,7 @@ fn run(cli: Cli) -> Result<()> {
                     domain,
                     dhcp_lease,
                     nat_ports,
+                    nat_udp,
                 },
             },
         )),

@@ -308,6 +308,11 @@ vlan = "10"
             "[networks.a]\nmode = \"isolated\"\n[networks.a.nat]\nport_range = [1024, 65535]\n",
         );
         assert!(e.contains("need mode nat"), "{e}");
+        let e = err("[networks.a]\nmode = \"nat\"\ngateway = \"10.0.0.1/24\"\nuplink = \"up0\"\n[networks.a.nat]\nudp = \"cone\"\n");
+        assert!(
+            e.starts_with("f.toml:6:") && e.contains("eim") && e.contains("symmetric"),
+            "{e}"
+        );
     }
 
     #[test]

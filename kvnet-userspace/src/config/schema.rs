@@ -129,6 +129,9 @@ pub struct NatSection {
     /// Source ports used for translated flows: [first, last].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_range: Option<[u16; 2]>,
+    /// UDP mapping: "eim" (endpoint-independent, the default) or "symmetric".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<crate::control::NatUdp>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -378,6 +381,7 @@ impl Check for NetSection {
         }
         if let Some(NatSection {
             port_range: Some([a, b]),
+            ..
         }) = &self.nat
         {
             if a > b || *a == 0 {

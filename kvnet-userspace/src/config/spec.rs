@@ -24,6 +24,8 @@ pub struct NetSpec {
     pub dhcp: Option<DhcpSection>,
     /// NAT networks: the source port range (default filled in).
     pub nat_ports: Option<[u16; 2]>,
+    /// NAT networks: how UDP is mapped (default filled in).
+    pub nat_udp: Option<crate::control::NatUdp>,
     /// NAT networks: port forwards.
     pub forwards: Forwards,
 }
@@ -54,6 +56,8 @@ impl NetSpec {
                     crate::control::DEFAULT_NAT_PORTS.1,
                 ])
             }),
+            nat_udp: (s.mode == "nat")
+                .then(|| s.nat.as_ref().and_then(|n| n.udp).unwrap_or_default()),
             forwards: s
                 .forwards
                 .iter()
@@ -81,6 +85,7 @@ impl NetSpec {
             domain: self.dhcp.as_ref().and_then(|d| d.domain.clone()),
             dhcp_lease: self.dhcp.as_ref().and_then(|d| d.lease_secs),
             nat_ports: self.nat_ports.map(|[a, b]| format!("{a}-{b}")),
+            nat_udp: self.nat_udp,
         })
     }
 
@@ -118,6 +123,10 @@ impl NetSpec {
                 f(self.nat_ports),
                 f(new.nat_ports)
             ));
+        }
+        if self.nat_udp != new.nat_udp {
+            let f = |u: Option<crate::control::NatUdp>| u.map_or("-".into(), |u| u.to_string());
+            c.push(format!("nat udp {} -> {}", f(self.nat_udp), f(new.nat_udp)));
         }
         let live = c.is_empty();
         if self.ageing != new.ageing {

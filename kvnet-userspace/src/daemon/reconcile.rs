@@ -55,6 +55,7 @@ fn running_nets(sw: &Switch, _rt: &Runtime) -> BTreeMap<String, NetSpec> {
                     ageing: n.ageing.as_secs(),
                     dhcp: dhcp_of(&n.opts),
                     nat_ports: n.nat.as_ref().map(|s| [s.ports.0, s.ports.1]),
+                    nat_udp: n.nat.as_ref().map(|s| s.udp),
                     forwards: n
                         .nat
                         .iter()
@@ -382,11 +383,15 @@ pub fn running_config(sw: &Switch) -> Config {
                 crate::control::DEFAULT_NAT_PORTS.1,
             ];
             let old_ports = sec.nat.as_ref().and_then(|n| n.port_range);
+            let old_udp = sec.nat.as_ref().and_then(|n| n.udp);
             if s.nat_ports.is_none() {
                 sec.nat = None;
-            } else if s.nat_ports != Some(old_ports.unwrap_or(default_ports)) {
+            } else if s.nat_ports != Some(old_ports.unwrap_or(default_ports))
+                || s.nat_udp != Some(old_udp.unwrap_or_default())
+            {
                 sec.nat = Some(NatSection {
                     port_range: s.nat_ports,
+                    udp: s.nat_udp.filter(|u| *u != Default::default()),
                 });
             }
             let same_forwards = NetSpec::of(&n, &sec).forwards == s.forwards;

@@ -153,7 +153,7 @@ pub fn inspect(pin_dir: &Path, object: &[u8]) -> Result<Found> {
 }
 
 /// Older layouts this binary carries over.
-pub const CARRIED_FROM: &[u32] = &[1];
+pub const CARRIED_FROM: &[u32] = &[1, 2];
 
 /// Turns one old value (one CPU's, for per-CPU maps) into the new layout.
 type Convert = fn(&[u8]) -> Vec<u8>;
@@ -167,6 +167,8 @@ fn converter(version: u32, name: &str) -> Option<Convert> {
         (1, names::MAP_FORWARDS) => Some(|o| v1::widen(o, v1::FORWARD_TARGET, 5)),
         (1, names::MAP_NAT_STATS) => Some(|o| v1::widen(o, v1::NAT_STATS, 6)),
         (1, names::MAP_PORT_STATS) => Some(v1::port_stats),
+        // Layout 3 appended NAT counters; its new maps start empty.
+        (2, names::MAP_NAT_STATS) => Some(|o| v1::widen(o, v2::NAT_STATS, 6)),
         _ => None,
     }
 }
@@ -217,6 +219,12 @@ mod v1 {
         v[88..88 + 72].copy_from_slice(&old[80..152]);
         v
     }
+}
+
+/// Layout 2 (port security, up to d483672): the value sizes layout 3 grew.
+mod v2 {
+    /// 9 counters; layout 3 appended 6.
+    pub const NAT_STATS: usize = 9 * 8;
 }
 
 /// The per-CPU slot size of a value (the kernel rounds up to 8 bytes).
@@ -400,6 +408,19 @@ mod tests {
         let ct: CtEntry = *bytemuck::from_bytes(&converter(1, names::MAP_CT).unwrap()(&old));
         assert_eq!(ct.bytes, 7);
         assert_eq!(ct.port, 0, "an old flow counts against no quota");
+    }
+
+    #[test]
+    fn layout_2_nat_counters_keep_their_places_and_the_new_ones_start_at_zero() {
+        let old: Vec<u8> = (0..9u64).flat_map(|i| (i + 1).to_ne_bytes()).collect();
+        let new = converter(2, names::MAP_NAT_STATS).unwrap()(&old);
+        let s: kvnet_common::NatStats = *bytemuck::from_bytes(&new);
+        assert_eq!((s.translated, s.drop_ct_quota), (1, 9));
+        assert_eq!((s.fragments, s.eif_flows), (0, 0));
+        // Nothing else of layout 2 changed shape: no other conversion.
+        for name in [names::MAP_PORTS, names::MAP_CT, names::MAP_PORT_STATS] {
+            assert!(converter(2, name).is_none(), "{name}");
+        }
     }
 
     #[test]

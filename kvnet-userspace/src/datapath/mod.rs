@@ -23,7 +23,8 @@ use aya::{
 };
 use kvnet_common::{
     names, CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, ForwardKey, ForwardTarget,
-    NatStats, NetConfig, PortConfig, PortStats, VlanMember, VlanMemberKey,
+    FragKey, FragPorts, NatMapKey, NatMapping, NatStats, NetConfig, PortConfig, PortStats,
+    VlanMember, VlanMemberKey,
 };
 
 /// The datapath object built by build.rs from kvnet-ebpf.
@@ -613,6 +614,22 @@ impl Datapath {
 
     pub fn ct(&mut self) -> Result<HashMap<&mut MapData, CtKey, CtEntry>> {
         Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_CT)?)?)
+    }
+
+    /// Fragmented datagrams in flight through the NAT (LRU).
+    pub fn nat_frags(&mut self) -> Result<HashMap<&mut MapData, FragKey, FragPorts>> {
+        Ok(HashMap::try_from(map(
+            &mut self.ebpf,
+            names::MAP_NAT_FRAGS,
+        )?)?)
+    }
+
+    /// Endpoint-independent UDP mappings, both sides of each.
+    pub fn nat_mappings(&mut self) -> Result<HashMap<&mut MapData, NatMapKey, NatMapping>> {
+        Ok(HashMap::try_from(map(
+            &mut self.ebpf,
+            names::MAP_NAT_MAPPINGS,
+        )?)?)
     }
 
     pub fn forwards(&mut self) -> Result<HashMap<&mut MapData, ForwardKey, ForwardTarget>> {

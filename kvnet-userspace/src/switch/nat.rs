@@ -5,9 +5,9 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::{bail, Context, Result};
 use kvnet_common::{
-    CtEntry, CtKey, ForwardKey, ForwardTarget, NetConfig, CT_F_DNAT, CT_F_FIN, CT_F_ORIGINAL,
-    CT_F_RST, DEFAULT_CT_QUOTA_SHARE, DEFAULT_FORWARD_RATE, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
-    NET_F_NAT, PORT_F_UPLINK_NAT,
+    CtEntry, CtKey, ForwardKey, ForwardTarget, NatMapKey, NatMapping, NetConfig, CT_F_DNAT,
+    CT_F_FIN, CT_F_ORIGINAL, CT_F_RST, DEFAULT_CT_QUOTA_SHARE, DEFAULT_FORWARD_RATE, IPPROTO_ICMP,
+    IPPROTO_TCP, IPPROTO_UDP, MAP_SIDE_UPLINK, NET_F_NAT, NET_F_NAT_UDP_EIM, PORT_F_UPLINK_NAT,
 };
 
 use crate::{
@@ -23,6 +23,7 @@ pub use crate::control::DEFAULT_NAT_PORTS as DEFAULT_PORTS;
 pub struct NatState {
     pub ports: (u16, u16),
     pub nat_ip: Ipv4Addr,
+    pub udp: crate::control::NatUdp,
     /// (proto, port on the uplink address) -> guest address and port.
     pub forwards: BTreeMap<(u8, u16), (Ipv4Addr, u16)>,
 }
@@ -167,6 +168,33 @@ fn endpoint(addr: u32, port: u16, proto: u8) -> String {
 
 use crate::host::monotonic_ns;
 
+/// How long a new UDP mapping is kept before its flow must be seen.
+const MAPPING_GRACE_NS: u64 = 5_000_000_000;
+
+/// One side of an endpoint-independent mapping, seen from the uplink.
+pub(crate) struct MappingView {
+    pub net_id: u32,
+    pub uplink_addr: u32,
+    pub uplink_port: u16,
+    pub created_ns: u64,
+}
+
+impl MappingView {
+    fn of(k: &NatMapKey, m: &NatMapping) -> MappingView {
+        let (uplink_addr, uplink_port) = if k.side == MAP_SIDE_UPLINK {
+            (k.addr, k.port)
+        } else {
+            (m.addr, m.port)
+        };
+        MappingView {
+            net_id: m.net_id,
+            uplink_addr,
+            uplink_port,
+            created_ns: m.created_ns,
+        }
+    }
+}
+
 impl Switch {
     /// Validates a NAT network's options before anything is built.
     pub(crate) fn nat_plan(
@@ -177,6 +205,9 @@ impl Switch {
         if opts.mode != Mode::Nat {
             if opts.nat_ports.is_some() {
                 bail!("--nat-ports is for --mode nat");
+            }
+            if opts.nat_udp.is_some() {
+                bail!("--nat-udp is for --mode nat");
             }
             return Ok(None);
         }
@@ -198,6 +229,7 @@ impl Switch {
         Ok(Some(NatState {
             ports,
             nat_ip,
+            udp: opts.nat_udp.unwrap_or_default(),
             forwards: BTreeMap::new(),
         }))
     }
@@ -219,6 +251,11 @@ impl Switch {
             .get(&id, 0)
             .context("the network's datapath entry")?;
         cfg.flags |= NET_F_NAT;
+        if state.udp == crate::control::NatUdp::Eim {
+            cfg.flags |= NET_F_NAT_UDP_EIM;
+        } else {
+            cfg.flags &= !NET_F_NAT_UDP_EIM;
+        }
         // No guest may hold more than its share of the table.
         cfg.ct_quota = (self.dp.ct_capacity / 2 / DEFAULT_CT_QUOTA_SHARE).max(MIN_CT_QUOTA);
         cfg.nat_ip = u32::from(state.nat_ip).to_be();
@@ -291,6 +328,7 @@ impl Switch {
             }
         }
         let _ = self.ct_flush_id(id);
+        let _ = self.nat_mappings_drop(|m| m.net_id == id);
         self.dp.remove_nat_stats(id);
         if let Some(cidr) = self
             .nets
@@ -559,7 +597,35 @@ impl Switch {
         }
         let gone: std::collections::HashSet<&CtKey> = doomed.iter().collect();
         self.recount_ct_quota(all.iter().filter(|(k, _)| !gone.contains(k)))?;
+        // A UDP mapping lives as long as a flow uses its uplink port.
+        let used: std::collections::HashSet<(u32, u16)> = all
+            .iter()
+            .filter(|(k, _)| k.proto == IPPROTO_UDP && !gone.contains(k))
+            .map(|(_, e)| (e.rewrite.saddr, e.rewrite.sport))
+            .collect();
+        let now = monotonic_ns();
+        self.nat_mappings_drop(|m| {
+            // Just made: its first flow may not be in this walk's snapshot.
+            now.saturating_sub(m.created_ns) > MAPPING_GRACE_NS
+                && !used.contains(&(m.uplink_addr, m.uplink_port))
+        })?;
         Ok(doomed.len())
+    }
+
+    /// Deletes the endpoint-independent mappings (both sides) `doomed`
+    /// says so of. Returns how many mappings went.
+    fn nat_mappings_drop(&mut self, doomed: impl Fn(&MappingView) -> bool) -> Result<usize> {
+        let mut maps = self.dp.nat_mappings()?;
+        let all: Vec<(NatMapKey, NatMapping)> = maps.iter().filter_map(|r| r.ok()).collect();
+        let mut n = 0;
+        for (k, m) in &all {
+            let view = MappingView::of(k, m);
+            if doomed(&view) {
+                let _ = maps.remove(k);
+                n += (k.side == MAP_SIDE_UPLINK) as usize;
+            }
+        }
+        Ok(n)
     }
 
     /// Each guest port's open flows, recounted from the entries left: the
@@ -629,6 +695,12 @@ impl Switch {
             return Ok(Vec::new());
         }
         let all = self.ct_entries()?;
+        let mut mappings: std::collections::HashMap<u32, u64> = Default::default();
+        for (k, m) in self.dp.nat_mappings()?.iter().filter_map(|r| r.ok()) {
+            if k.side == MAP_SIDE_UPLINK {
+                *mappings.entry(m.net_id).or_default() += 1;
+            }
+        }
         let mut rows = Vec::new();
         for (net, id) in nats {
             let s = self.dp.nat_stats(id)?;
@@ -643,6 +715,11 @@ impl Switch {
                 translated: s.translated,
                 new_flows: s.new_flows,
                 icmp_errors: s.icmp_errors,
+                fragments: s.fragments,
+                frag_needed_sent: s.frag_needed_sent,
+                out_of_window: s.out_of_window,
+                eif_flows: s.eif_flows,
+                udp_mappings: *mappings.get(&id).unwrap_or(&0),
                 drops: BTreeMap::from([
                     ("table_full".to_string(), s.drop_table_full),
                     ("no_port".to_string(), s.drop_no_port),
@@ -650,6 +727,8 @@ impl Switch {
                     ("untranslated".to_string(), s.drop_untranslated),
                     ("forward_rate".to_string(), s.drop_forward_rate),
                     ("ct_quota".to_string(), s.drop_ct_quota),
+                    ("frag_unknown".to_string(), s.drop_frag_unknown),
+                    ("frag_needed_limited".to_string(), s.frag_needed_limited),
                 ]),
                 table_entries: entries,
                 table_capacity: self.dp.ct_capacity as u64,

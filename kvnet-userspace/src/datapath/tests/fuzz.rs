@@ -231,6 +231,8 @@ fn load(lab: &mut Lab, st: &MapState) {
     clear(&mut dp.ct().unwrap());
     clear(&mut dp.forwards().unwrap());
     clear(&mut dp.ct_quota().unwrap());
+    clear(&mut dp.nat_mappings().unwrap());
+    clear(&mut dp.nat_frags().unwrap());
     clear_percpu(&mut dp.port_stats().unwrap());
     clear_percpu(&mut nat_stats_map(dp));
     {
@@ -1172,7 +1174,7 @@ fn age_name(a: u64) -> &'static str {
 }
 
 fn flag_names(flags: u32) -> String {
-    const NAMES: [&str; 11] = [
+    const NAMES: [&str; 12] = [
         "HAIRPIN",
         "XDP",
         "XDP_TX",
@@ -1184,6 +1186,7 @@ fn flag_names(flags: u32) -> String {
         "UPLINK_NAT",
         "GUARDED",
         "IP_GUARD",
+        "RX_VLAN_STRIPPED",
     ];
     let mut v: Vec<String> = (0..32)
         .filter(|b| flags & (1 << b) != 0)
@@ -1703,6 +1706,7 @@ fn gen_state(r: &Rng, lab: &Lab) -> MapState {
             (12, PORT_F_HAIRPIN),
             (50, PORT_F_XDP_TX),
             (50, PORT_F_XDP),
+            (10, PORT_F_RX_VLAN_STRIPPED),
         ] {
             if r.chance(pct) {
                 flags |= f;
@@ -1710,7 +1714,7 @@ fn gen_state(r: &Rng, lab: &Lab) -> MapState {
         }
         if r.chance(3) {
             // An odd combination the daemon does not make.
-            flags ^= 1 << r.below(11);
+            flags ^= 1 << r.below(12);
         }
         let vlan = gen_vlan(r);
         add_port(&mut st, r, g, net, flags, vlan, true);

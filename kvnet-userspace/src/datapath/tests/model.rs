@@ -939,11 +939,14 @@ fn xdp(st: &mut MapState, env: &Env, inp: &Input) -> Outcome {
     };
     stat(st, inp.ingress, |s| s.xdp_seen += 1);
     let tag = outer_tag(f);
-    // A NIC may have stripped a tag XDP cannot see: tc tells.
-    if port.vlan_mode == VLAN_MODE_TRUNK && tag.is_none() {
-        path.push_str("trunk-untagged:to-tc");
+    // A NIC may have stripped a tag XDP cannot see: tc tells, on a trunk
+    // and on a device the daemon found stripping.
+    if tag.is_none()
+        && (port.vlan_mode == VLAN_MODE_TRUNK || port.flags & PORT_F_RX_VLAN_STRIPPED != 0)
+    {
+        path.push_str("untagged-maybe-stripped:to-tc");
         let mut o = outcome(XDP_PASS, f, path);
-        o.decision = "trunk-untagged".into();
+        o.decision = "untagged-maybe-stripped".into();
         return o;
     }
     let v = decide(st, env, inp, &port, false, &mut path);
@@ -1287,9 +1290,11 @@ enum Nat {
     Skip,
     ToHost,
     Refused(DropReason),
+    /// A later fragment with no translated first fragment (none is, here).
+    FragUnknown,
 }
 
-/// IPv4 TCP/UDP/ICMP at offset 14 (not a fragment): the tuple as
+/// IPv4 TCP/UDP/ICMP at offset 14 (a whole packet or a first fragment): the tuple as
 /// conntrack keys it, the L4 offset, TTL, total length, ICMP type; TCP's
 /// flags, sequence number and the one after the segment.
 struct Pkt {
@@ -1305,7 +1310,7 @@ struct Pkt {
 
 fn packet(f: &[u8]) -> Option<Pkt> {
     let ip = ipv4_at(f, 14)?;
-    if ip.frag & 0x3fff != 0 {
+    if ip.frag & 0x1fff != 0 {
         return None;
     }
     let l4 = 14 + ip.hlen;
@@ -1388,6 +1393,11 @@ fn nat_out(
             drop_stat(st, inp.ingress, reason);
             TC_ACT_SHOT
         }
+        Nat::FragUnknown => {
+            path.push_str(" fragment-unknown");
+            nat_count(st, net_id, |s| s.drop_frag_unknown += 1);
+            TC_ACT_SHOT
+        }
         Nat::Skip | Nat::ToHost => {
             path.push_str(" to-gateway");
             stat(st, n.gw_port, |s| {
@@ -1403,7 +1413,18 @@ fn nat_out(
 /// nat.rs `from_guest` up to its FIB lookup, which fails here.
 fn from_guest(st: &MapState, f: &[u8], net_id: u32, n: &NetConfig) -> Nat {
     let Some(p) = packet(f) else {
-        return Nat::Skip;
+        // nat.rs `fragment_from_guest`: a later fragment leaving the
+        // network follows its first fragment's flow, and no first
+        // fragment was translated here (the FIB sends nothing).
+        let Some(ip) = ipv4_at(f, 14) else {
+            return Nat::Skip;
+        };
+        let d = ip.daddr;
+        let multicast = d.to_ne_bytes()[0] >= 224 || d == u32::MAX;
+        if ip.frag & 0x1fff == 0 || in_subnet(n, d) || multicast || !in_subnet(n, ip.saddr) {
+            return Nat::Skip;
+        }
+        return Nat::FragUnknown;
     };
     if p.key.proto == IPPROTO_ICMP && p.icmp_type != 8 && p.icmp_type != 0 {
         return Nat::Skip;
@@ -1515,8 +1536,11 @@ fn nat_in(st: &mut MapState, inp: &Input, skb: &mut Skb, path: &mut String) -> u
         return TC_ACT_SHOT;
     }
     if let Some(entry) = st.ct.get_mut(&p.key) {
-        touch(entry, &p);
+        let believed = touch(entry, &p);
         let net_id = entry.net_id;
+        if !believed {
+            nat_count(st, net_id, |s| s.out_of_window += 1);
+        }
         nat_count(st, net_id, |s| s.translated += 1);
     }
     path.push_str(" translated");
@@ -1764,12 +1788,12 @@ const SEQ_WINDOW: u32 = 1 << 20;
 /// Counts a packet on its conntrack entry: packets, bytes and, for TCP,
 /// the flags and next sequence number of its sender. A SYN on a closed
 /// tuple starts the connection over; a segment far from the sequence its
-/// sender is at (a blind guess, a spoofed RST) changes no state.
-fn touch(e: &mut CtEntry, p: &Pkt) {
+/// sender is at (a blind guess, a spoofed RST) changes no state: false.
+fn touch(e: &mut CtEntry, p: &Pkt) -> bool {
     e.packets += 1;
     e.bytes += p.tot_len as u64;
     if p.key.proto != IPPROTO_TCP {
-        return;
+        return true;
     }
     let f = p.tcp_flags;
     let mut seen = 0;
@@ -1787,17 +1811,18 @@ fn touch(e: &mut CtEntry, p: &Pkt) {
     if seen & CT_F_SYN != 0 && e.flags & closed != 0 {
         e.flags = (e.flags & !(closed | CT_F_SYN | CT_F_ACK)) | seen;
         e.seq_end = p.seq_next;
-        return;
+        return true;
     }
     let known = e.seq_end;
     let distance = p.seq.wrapping_sub(known).wrapping_add(SEQ_WINDOW);
     if known != 0 && distance > 2 * SEQ_WINDOW {
-        return;
+        return false;
     }
     if known == 0 || (p.seq_next.wrapping_sub(known) as i32) > 0 {
         e.seq_end = p.seq_next;
     }
     e.flags |= seen;
+    true
 }
 
 #[cfg(test)]
