@@ -5,6 +5,7 @@ pub mod links;
 pub mod reconcile;
 pub mod state;
 pub mod status;
+pub mod supervise;
 pub mod teardown;
 use std::{
     path::{Path, PathBuf},
@@ -216,6 +217,7 @@ pub fn run(opts: Options) -> Result<()> {
         // crash) leaves the datapath forwarding.
         sw.dp.keep_on_exit = true;
     }
+    crate::daemon::supervise::crash_on_panic();
     let result = rt.block_on(serve(&opts, switch.clone()));
     if let Ok(mut sw) = switch.lock() {
         match result {
@@ -263,6 +265,7 @@ async fn serve(opts: &Options, switch: Arc<Mutex<Switch>>) -> Result<Exit> {
         opts.socket.display(),
         opts.pin_dir.display()
     );
+    crate::daemon::supervise::notify("READY=1");
     tokio::spawn(maintain(switch.clone()));
     crate::daemon::links::watch_links(switch.clone())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -293,6 +296,7 @@ async fn serve(opts: &Options, switch: Arc<Mutex<Switch>>) -> Result<Exit> {
         }
     };
     eprintln!("kvnet daemon stopping");
+    crate::daemon::supervise::notify("STOPPING=1");
     Ok(exit)
 }
 
@@ -306,10 +310,14 @@ async fn maintain(switch: Arc<Mutex<Switch>>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut n: u64 = 0;
     let mut next_walk = std::time::Instant::now();
+    let mut watchdog = crate::daemon::supervise::Watchdog::from_env();
     loop {
         tick.tick().await;
         n += 1;
         let Ok(mut sw) = switch.lock() else { return };
+        if let Some(w) = watchdog.as_mut() {
+            w.tick();
+        }
         sw.flush_log();
         let reaped = sw.reap_vanished_ports();
         for iface in &reaped {
@@ -383,6 +391,7 @@ fn respond<T: Serialize>(r: Result<T>) -> Response {
 
 fn dispatch(sw: &mut Switch, req: Request) -> Result<serde_json::Value> {
     use serde_json::to_value as v;
+    crate::daemon::supervise::panic_if_asked(&req);
     Ok(match req {
         Request::NetAdd {
             name,
