@@ -191,6 +191,9 @@ pub enum Request {
     /// Write the running state as a config file (`kvnet save`).
     Save {
         path: Option<String>,
+        /// Write even outside the config directory.
+        #[serde(default)]
+        force: bool,
     },
     /// A hypervisor tap came up (`kvnet ifup`): attach by env or rule.
     Ifup {
@@ -204,6 +207,53 @@ pub enum Request {
     Status,
     /// Remove everything kvnet installed and exit (`kvnet down`).
     Down,
+}
+
+impl Request {
+    /// Whether the request only reads: what a member of the read-only
+    /// group (`kvnet daemon --ro-group`) may send. No `_` arm: a new
+    /// request must be classified here before it compiles.
+    pub fn read_only(&self) -> bool {
+        match self {
+            Request::NetShow { .. }
+            | Request::NetList
+            | Request::PortShow { .. }
+            | Request::PortList
+            | Request::VlanShow { .. }
+            | Request::FdbShow { .. }
+            | Request::ForwardList { .. }
+            | Request::ConntrackList { .. }
+            | Request::Stats
+            | Request::DhcpLeases { .. }
+            | Request::Status => true,
+            // A dry run only computes the plan; nothing is applied or remembered.
+            Request::Apply { dry_run, .. } => *dry_run,
+            Request::NetAdd { .. }
+            | Request::NetDel { .. }
+            | Request::NetSet { .. }
+            | Request::PortAdd { .. }
+            | Request::PortSet { .. }
+            | Request::PortDel { .. }
+            | Request::FdbAdd { .. }
+            | Request::FdbDel { .. }
+            | Request::ForwardAdd { .. }
+            | Request::ForwardDel { .. }
+            | Request::ConntrackFlush { .. }
+            // Writes a file as root.
+            | Request::Save { .. }
+            | Request::Ifup { .. }
+            | Request::Ifdown { .. }
+            | Request::Down => false,
+        }
+    }
+
+    /// The request's name on the wire (its `op`), for messages.
+    pub fn op(&self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v["op"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "request".into())
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -321,15 +371,16 @@ pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
     stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
-    (&stream)
-        .write_all(line.as_bytes())
-        .context("sending the request to the daemon")?;
+    let sent = (&stream).write_all(line.as_bytes());
     let mut reader = BufReader::new(&stream);
     let mut answer = String::new();
-    reader
-        .read_line(&mut answer)
-        .context("reading the daemon's answer")?;
+    // A daemon refusing the connection (permission) or the request (too
+    // long) answers and closes, maybe before it read everything: its
+    // answer says why, better than our broken pipe.
+    let read = reader.read_line(&mut answer);
     if answer.is_empty() {
+        sent.context("sending the request to the daemon")?;
+        read.context("reading the daemon's answer")?;
         return Err(anyhow!(
             "the daemon closed the connection without answering"
         ));
@@ -460,5 +511,197 @@ pub fn proto_name(p: u8) -> String {
         IPPROTO_ICMP => "icmp".into(),
         0 => "-".into(),
         o => o.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One request of each kind, with whether a read-only client may send it.
+    fn every_request() -> Vec<(Request, bool)> {
+        let s = |v: &str| v.to_string();
+        vec![
+            (
+                Request::NetAdd {
+                    name: s("n"),
+                    ageing_secs: None,
+                    opts: NetOpts::default(),
+                },
+                false,
+            ),
+            (Request::NetShow { name: s("n") }, true),
+            (
+                Request::ForwardAdd {
+                    net: s("n"),
+                    proto: s("tcp"),
+                    port: 1,
+                    to: s("10.0.0.2:1"),
+                },
+                false,
+            ),
+            (
+                Request::ForwardDel {
+                    net: s("n"),
+                    proto: s("tcp"),
+                    port: 1,
+                },
+                false,
+            ),
+            (Request::ForwardList { net: s("n") }, true),
+            (Request::ConntrackList { net: s("n") }, true),
+            (Request::ConntrackFlush { net: s("n") }, false),
+            (Request::NetDel { name: s("n") }, false),
+            (Request::NetList, true),
+            (
+                Request::NetSet {
+                    name: s("n"),
+                    ageing_secs: Some(1),
+                },
+                false,
+            ),
+            (
+                Request::PortAdd {
+                    net: s("n"),
+                    iface: s("p"),
+                    hairpin: false,
+                    hook: Hook::Auto,
+                    vlan: VlanArgs::default(),
+                    trusted: false,
+                    security: Default::default(),
+                },
+                false,
+            ),
+            (Request::PortShow { iface: s("p") }, true),
+            (
+                Request::PortSet {
+                    iface: s("p"),
+                    vlan: VlanArgs::default(),
+                },
+                false,
+            ),
+            (Request::VlanShow { net: s("n") }, true),
+            (Request::PortDel { iface: s("p") }, false),
+            (Request::PortList, true),
+            (Request::FdbShow { net: s("n") }, true),
+            (
+                Request::FdbAdd {
+                    net: s("n"),
+                    mac: s("02:00:00:00:00:01"),
+                    port: s("p"),
+                    vlan: None,
+                },
+                false,
+            ),
+            (
+                Request::FdbDel {
+                    net: s("n"),
+                    mac: s("02:00:00:00:00:01"),
+                    vlan: None,
+                },
+                false,
+            ),
+            (Request::Stats, true),
+            (Request::DhcpLeases { net: s("n") }, true),
+            (
+                Request::Apply {
+                    path: None,
+                    text: String::new(),
+                    dry_run: false,
+                },
+                false,
+            ),
+            (
+                Request::Apply {
+                    path: None,
+                    text: String::new(),
+                    dry_run: true,
+                },
+                true,
+            ),
+            (
+                Request::Save {
+                    path: None,
+                    force: false,
+                },
+                false,
+            ),
+            (
+                Request::Ifup {
+                    iface: s("p"),
+                    net: None,
+                    vlan: None,
+                },
+                false,
+            ),
+            (Request::Ifdown { iface: s("p") }, false),
+            (Request::Status, true),
+            (Request::Down, false),
+        ]
+    }
+
+    /// Which kind a request is. No `_` arm: a new request fails to compile
+    /// here until it is numbered, and the test below until `every_request`
+    /// lists it with its classification.
+    fn kind(r: &Request) -> usize {
+        match r {
+            Request::NetAdd { .. } => 0,
+            Request::NetShow { .. } => 1,
+            Request::ForwardAdd { .. } => 2,
+            Request::ForwardDel { .. } => 3,
+            Request::ForwardList { .. } => 4,
+            Request::ConntrackList { .. } => 5,
+            Request::ConntrackFlush { .. } => 6,
+            Request::NetDel { .. } => 7,
+            Request::NetList => 8,
+            Request::NetSet { .. } => 9,
+            Request::PortAdd { .. } => 10,
+            Request::PortShow { .. } => 11,
+            Request::PortSet { .. } => 12,
+            Request::VlanShow { .. } => 13,
+            Request::PortDel { .. } => 14,
+            Request::PortList => 15,
+            Request::FdbShow { .. } => 16,
+            Request::FdbAdd { .. } => 17,
+            Request::FdbDel { .. } => 18,
+            Request::Stats => 19,
+            Request::DhcpLeases { .. } => 20,
+            Request::Apply { .. } => 21,
+            Request::Save { .. } => 22,
+            Request::Ifup { .. } => 23,
+            Request::Ifdown { .. } => 24,
+            Request::Status => 25,
+            Request::Down => 26,
+        }
+    }
+    const KINDS: usize = 27;
+
+    #[test]
+    fn every_request_is_classified_read_only_or_not() {
+        let all = every_request();
+        let kinds: std::collections::BTreeSet<usize> = all.iter().map(|(r, _)| kind(r)).collect();
+        assert_eq!(kinds, (0..KINDS).collect(), "every kind of request listed");
+        for (r, read_only) in &all {
+            assert_eq!(r.read_only(), *read_only, "{}: {r:?}", r.op());
+        }
+        // Both answers occur (the check above could not pass with a constant).
+        assert!(all.iter().any(|(r, _)| r.read_only()));
+        assert!(all.iter().any(|(r, _)| !r.read_only()));
+    }
+
+    #[test]
+    fn requests_as_on_the_wire() {
+        let r: Request = serde_json::from_str(r#"{"op":"net_list"}"#).unwrap();
+        assert!(r.read_only());
+        assert_eq!(r.op(), "net_list");
+        // An older client's save has no `force`: not forced.
+        let r: Request =
+            serde_json::from_str(r#"{"op":"save","path":"/etc/kvnet/x.toml"}"#).unwrap();
+        assert!(matches!(r, Request::Save { force: false, .. }));
+        assert!(!r.read_only());
+        let r: Request =
+            serde_json::from_str(r#"{"op":"apply","path":null,"text":"","dry_run":true}"#).unwrap();
+        assert!(r.read_only());
+        assert_eq!(r.op(), "apply");
     }
 }

@@ -135,6 +135,10 @@ impl Kvnet {
             .arg("--state-dir")
             .arg(lab.work_dir().join("state"));
         cmd.args(extra);
+        // The socket's groups: root's own, so a lab never creates the
+        // host's `kvnet` groups (a test of them passes its own by flag).
+        cmd.env("KVNET_SOCKET_GROUP", "root")
+            .env("KVNET_RO_GROUP", "root");
         cmd.envs(envs.iter().copied());
         cmd.stdout(Stdio::null()).stderr(log_file);
         let daemon = lab.spawn(lab.hv(), cmd)?;

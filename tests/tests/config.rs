@@ -180,6 +180,46 @@ fn apply_changes_only_the_diff_and_a_bad_file_changes_nothing() {
     );
     let e = k.cli_err(&["apply", s(&bad2)]).unwrap();
     assert!(e.contains("bad2.toml:4:1:") && e.contains("'nope'"), "{e}");
+    // Issue 15: `check` runs exactly the validation `apply` runs. A DHCP
+    // range holding the gateway and a 1 s lease passed `check` and failed
+    // half-way through `apply`; both now refuse them, with the same words.
+    for (name, dhcp, why) in [
+        (
+            "gw.toml",
+            "start = \"10.71.0.1\"\nend = \"10.71.0.50\"",
+            "gateway's own address",
+        ),
+        (
+            "lease.toml",
+            "start = \"10.71.0.10\"\nend = \"10.71.0.50\"\nlease_secs = 1",
+            "--dhcp-lease 1s",
+        ),
+    ] {
+        let f = write(
+            &lab,
+            name,
+            &format!("{BASE}\n[networks.dh]\nmode = \"host-only\"\ngateway = \"10.71.0.1/24\"\n[networks.dh.dhcp]\n{dhcp}\n"),
+        );
+        let checked = k.try_cli(&["check", s(&f)]).unwrap();
+        let said = String::from_utf8_lossy(&checked.stderr).to_string();
+        assert!(
+            !checked.status.success() && said.contains(why),
+            "check: {said}"
+        );
+        let e = k.cli_err(&["apply", s(&f)]).unwrap();
+        assert!(e.contains(why), "apply: {e}");
+    }
+    // A file that defines nothing would remove every network: `check` warns,
+    // `apply` refuses while networks run.
+    let empty = write(&lab, "empty.toml", "# nothing here\n");
+    let checked = k.try_cli(&["check", s(&empty)]).unwrap();
+    assert!(
+        checked.status.success()
+            && String::from_utf8_lossy(&checked.stderr).contains("defines no networks"),
+        "{checked:?}"
+    );
+    let e = k.cli_err(&["apply", s(&empty)]).unwrap();
+    assert!(e.contains("would remove all"), "{e}");
     assert_eq!(
         (nets(&k), ports(&k)),
         before,
@@ -624,4 +664,100 @@ fn libvirt_default_network_imported_and_applied_is_a_working_nat() {
     );
     assert!(ping(&l.guests[1], OUTSIDE_IP));
     k.cli(&["down"]).unwrap();
+}
+
+/// Issue 15, point 3: DHCP settings change live. A static host and the
+/// domain are changed with `kvnet apply` while guest1 sends through the
+/// NAT: the network is not rebuilt (its ports keep their programs, its
+/// conntrack its flows), no segment is lost, and the new settings serve
+/// (guest1 is known as guest1.lab.test from then on).
+#[test]
+fn dhcp_hosts_and_domain_change_live_under_a_nat_transfer() {
+    use kvnet_tests::tools::snmp;
+    use libvirt_nat::*;
+    if !privileged() {
+        return;
+    }
+    let l = libvirt_lab();
+    let k = start_with_config(&l);
+    assert_eq!(dhcp(&l.lab, &l.guests[0], "g1"), "192.168.122.13");
+    let g1 = &l.guests[0];
+    let lookup = || {
+        g1.sh("busybox nslookup guest1.lab.test 192.168.122.1 2>&1 || true")
+            .unwrap_or_default()
+    };
+    assert!(
+        !lookup().contains("192.168.122.13"),
+        "control: no domain yet: {}",
+        lookup()
+    );
+    let prog = |iface: &str| {
+        l.lab
+            .sh(l.lab.hv(), &format!("tc filter show dev {iface} ingress"))
+            .unwrap()
+    };
+    let prog_before = prog("vnet0");
+
+    let mut srv = std::process::Command::new("iperf3");
+    srv.args(["-s", "-1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    l.lab.spawn(&l.out.ns, srv).unwrap();
+    wait_until("iperf3 listening", Duration::from_secs(5), || {
+        l.out
+            .sh("ss -Hltn 'sport = :5201'")
+            .is_ok_and(|s| !s.trim().is_empty())
+    });
+    let report = l.lab.work_dir().join("iperf3.json");
+    let mut cli = std::process::Command::new("sh");
+    cli.args([
+        "-c",
+        &format!(
+            "iperf3 -c {OUTSIDE_IP} -t 6 -b 500M -J > {} 2>&1",
+            report.display()
+        ),
+    ]);
+    let client = l.lab.spawn(&g1.ns, cli).unwrap();
+    let flows = || -> Vec<(String, String)> {
+        let ct = k.json(&["conntrack", "list", "default"]).unwrap();
+        let mut v: Vec<(String, String)> = ct
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["orig"].as_str().unwrap_or_default().ends_with(":5201"))
+            .map(|r| (r["orig"].to_string(), r["translated"].to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    wait_until(
+        "iperf3's connections in conntrack",
+        Duration::from_secs(5),
+        || flows().len() >= 2,
+    );
+    let flows_before = flows();
+    let retrans0 = snmp(&g1.ns, "Tcp", "RetransSegs");
+
+    // The change: a new static host and a domain.
+    let text = std::fs::read_to_string(&l.config).unwrap().replace(
+        "[networks.default.dhcp]\n",
+        "[networks.default.dhcp]\ndomain = \"lab.test\"\n",
+    ) + "\n[[networks.default.dhcp.hosts]]\nmac = \"52:54:00:00:00:99\"\nip = \"192.168.122.99\"\nname = \"spare\"\n";
+    let changed = write(&l.lab, "changed.toml", &text);
+    let diff = k.cli(&["apply", "--dry-run", s(&changed)]).unwrap();
+    assert_eq!(diff, "~ network default: dhcp settings (live)\n");
+    assert_eq!(k.cli(&["apply", s(&changed)]).unwrap(), diff);
+
+    assert!(client.is_running(), "the transfer ended before the change");
+    assert_eq!(flows(), flows_before, "conntrack kept its flows");
+    assert_eq!(prog("vnet0"), prog_before, "the port was not re-attached");
+    wait_until("guest1.lab.test answered", Duration::from_secs(5), || {
+        lookup().contains("192.168.122.13")
+    });
+    let st = client.wait_timeout(Duration::from_secs(20)).unwrap();
+    let report = std::fs::read_to_string(&report).unwrap_or_default();
+    assert!(st.is_some_and(|s| s.success()), "iperf3: {report}");
+    let retrans = snmp(&g1.ns, "Tcp", "RetransSegs") - retrans0;
+    assert_eq!(retrans, 0, "segments lost across the change");
+    assert_eq!(leases(&k).len(), 1, "guest1's lease kept: {:?}", leases(&k));
 }

@@ -47,6 +47,15 @@ enum Cmd {
         /// Config file to start from (default /etc/kvnet/kvnet.toml when it exists).
         #[arg(long, env = "KVNET_CONFIG")]
         config: Option<PathBuf>,
+        /// The control socket's group (created if absent): root and its
+        /// members may use every command.
+        #[arg(long, env = "KVNET_SOCKET_GROUP", default_value = daemon::access::DEFAULT_GROUP,
+              value_parser = daemon::access::group_name)]
+        socket_group: String,
+        /// A group (created if absent) whose members may only list and show.
+        #[arg(long, env = "KVNET_RO_GROUP", default_value = daemon::access::DEFAULT_RO_GROUP,
+              value_parser = daemon::access::group_name)]
+        ro_group: String,
     },
     /// Networks (switch instances).
     #[command(subcommand)]
@@ -81,7 +90,13 @@ enum Cmd {
         json: bool,
     },
     /// Write the running state to the daemon's config file (or FILE).
-    Save { file: Option<PathBuf> },
+    Save {
+        file: Option<PathBuf>,
+        /// Write FILE even outside the config directory (/etc/kvnet or the
+        /// daemon's file's folder).
+        #[arg(long)]
+        force: bool,
+    },
     /// Check a config file without a daemon.
     Check { file: PathBuf },
     /// Print a libvirt network definition (XML) as kvnet config.
@@ -421,6 +436,8 @@ fn run(cli: Cli) -> Result<()> {
             state_dir,
             ct_max,
             config,
+            socket_group,
+            ro_group,
         } => daemon::run(daemon::Options {
             ct_max,
             socket: cli.socket.clone(),
@@ -431,17 +448,20 @@ fn run(cli: Cli) -> Result<()> {
                 let d = PathBuf::from(config::DEFAULT_CONFIG);
                 d.exists().then_some(d)
             }),
+            socket_group,
+            ro_group,
         }),
         Cmd::Apply {
             file,
             dry_run,
             json,
         } => config_cli::apply(sock, &file, dry_run, json),
-        Cmd::Save { file } => {
+        Cmd::Save { file, force } => {
             let path = call(
                 sock,
                 &Request::Save {
                     path: file.map(|f| config_cli::absolute(&f)),
+                    force,
                 },
             )?;
             println!("saved to {}", path.as_str().unwrap_or("?"));
@@ -449,8 +469,17 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Check { file } => {
             let cfg = config::load(&file)?;
+            // Exactly what `apply` checks before it changes anything.
+            crate::daemon::reconcile::validate(&cfg)
+                .map_err(|e| e.context(file.display().to_string()))?;
             for w in config::warnings(&cfg) {
                 eprintln!("kvnet: warning: {w}");
+            }
+            if crate::daemon::reconcile::is_empty(&cfg) {
+                eprintln!(
+                    "kvnet: warning: {} defines no networks, ports or rules: `kvnet apply` refuses it while networks run (it would remove them all)",
+                    file.display()
+                );
             }
             println!("{}: ok", file.display());
             Ok(())

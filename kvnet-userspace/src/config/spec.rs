@@ -113,9 +113,6 @@ impl NetSpec {
         if self.uplink != new.uplink {
             c.push(format!("uplink {} -> {}", f(&self.uplink), f(&new.uplink)));
         }
-        if self.dhcp != new.dhcp {
-            c.push("dhcp settings".into());
-        }
         if self.nat_ports != new.nat_ports {
             let f = |p: Option<[u16; 2]>| p.map_or("-".into(), |[a, b]| format!("{a}-{b}"));
             c.push(format!(
@@ -129,6 +126,10 @@ impl NetSpec {
             c.push(format!("nat udp {} -> {}", f(self.nat_udp), f(new.nat_udp)));
         }
         let live = c.is_empty();
+        // DHCP settings change live: the servers restart, nothing else.
+        if self.dhcp != new.dhcp {
+            c.push("dhcp settings".into());
+        }
         if self.ageing != new.ageing {
             c.push(format!("ageing {} -> {}", self.ageing, new.ageing));
         }

@@ -1,6 +1,7 @@
 //! `kvnet daemon`: owns the datapath, serves the control socket, ages the
 //! FDB and notices ports whose interface went away.
 
+pub mod access;
 pub mod links;
 pub mod reconcile;
 pub mod state;
@@ -16,8 +17,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
+    io::{AsyncWriteExt, BufReader},
+    net::{unix::OwnedWriteHalf, UnixListener, UnixStream},
     signal::unix::{signal, SignalKind},
 };
 
@@ -40,6 +41,10 @@ pub struct Options {
     pub ct_max: u32,
     /// Config file to start from; None: none.
     pub config: Option<PathBuf>,
+    /// The control socket's group: root and its members may do anything.
+    pub socket_group: String,
+    /// Its members may only send requests that change nothing.
+    pub ro_group: String,
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -258,11 +263,17 @@ pub fn run(opts: Options) -> Result<()> {
 }
 
 async fn serve(opts: &Options, switch: Arc<Mutex<Switch>>) -> Result<Exit> {
+    let policy = Arc::new(access::Policy::setup(&opts.socket_group, &opts.ro_group));
     let listener = UnixListener::bind(&opts.socket)
         .with_context(|| format!("listening on {}", opts.socket.display()))?;
+    // Every connection's credentials are checked too; the mode keeps
+    // strangers from even connecting.
+    policy.secure_socket(&opts.socket)?;
     eprintln!(
-        "kvnet daemon ready: control socket {}, pins under {}",
+        "kvnet daemon ready: control socket {} (group {}, read-only group {}), pins under {}",
         opts.socket.display(),
+        opts.socket_group,
+        opts.ro_group,
         opts.pin_dir.display()
     );
     crate::daemon::supervise::notify("READY=1");
@@ -275,7 +286,7 @@ async fn serve(opts: &Options, switch: Arc<Mutex<Switch>>) -> Result<Exit> {
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _) = accepted.context("accepting a control connection")?;
-                tokio::spawn(handle_client(stream, switch.clone()));
+                tokio::spawn(handle_client(stream, switch.clone(), policy.clone()));
             }
             _ = term.recv() => break Exit::Stop,
             _ = int.recv() => break Exit::Stop,
@@ -351,27 +362,87 @@ async fn maintain(switch: Arc<Mutex<Switch>>) {
     }
 }
 
-async fn handle_client(stream: UnixStream, switch: Arc<Mutex<Switch>>) {
+async fn handle_client(
+    stream: UnixStream,
+    switch: Arc<Mutex<Switch>>,
+    policy: Arc<access::Policy>,
+) {
+    let peer = match access::Peer::of(&stream) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("kvnet: control connection dropped: {e:#}");
+            return;
+        }
+    };
+    let allowed = policy.access(&peer);
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let resp = match serde_json::from_str::<Request>(&line) {
+    let Some(allowed) = allowed else {
+        let why = policy.refusal(&peer);
+        eprintln!(
+            "kvnet: control connection from {} refused: {why}",
+            peer.describe()
+        );
+        let _ = answer(&mut write, respond::<()>(Err(anyhow::anyhow!(why)))).await;
+        return;
+    };
+    let mut reader = BufReader::new(read);
+    loop {
+        let line = match access::read_request(
+            &mut reader,
+            access::MAX_REQUEST,
+            access::IDLE_TIMEOUT,
+        )
+        .await
+        {
+            Ok(access::Incoming::Line(line)) => line,
+            Ok(access::Incoming::TooLong) => {
+                let why = format!(
+                    "request refused: longer than {} MiB without a newline (one JSON request per line); connection closed",
+                    access::MAX_REQUEST >> 20
+                );
+                eprintln!("kvnet: control connection from {}: {why}", peer.describe());
+                let _ = answer(&mut write, respond::<()>(Err(anyhow::anyhow!(why)))).await;
+                return;
+            }
+            // Gone, silent for too long, or broken: nothing to answer.
+            Ok(access::Incoming::Closed | access::Incoming::Idle) | Err(_) => return,
+        };
+        let resp = match serde_json::from_slice::<Request>(&line) {
+            Ok(req) if allowed == access::Access::ReadOnly && !req.read_only() => {
+                let why = policy.refusal_read_only(&peer, &req);
+                eprintln!("kvnet: {} refused: {why}", peer.describe());
+                respond::<()>(Err(anyhow::anyhow!(why)))
+            }
             Ok(req) => match switch.lock() {
                 Ok(mut sw) => {
-                    let r = respond(dispatch(&mut sw, req));
-                    crate::daemon::state::persist(&sw);
+                    let read_only = req.read_only();
+                    let r = respond(dispatch(&mut sw, req, peer.uid == 0));
+                    // A read changed nothing to write down.
+                    if !read_only {
+                        crate::daemon::state::persist(&sw);
+                    }
                     r
                 }
                 Err(_) => respond::<()>(Err(anyhow::anyhow!("daemon state is poisoned"))),
             },
             Err(e) => respond::<()>(Err(anyhow::anyhow!("malformed request: {e}"))),
         };
-        let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
-        out.push('\n');
-        if write.write_all(out.as_bytes()).await.is_err() {
+        if answer(&mut write, resp).await.is_err() {
             return;
         }
     }
+}
+
+/// Writes one response line; a client that stops reading is given up on
+/// after the idle timeout.
+async fn answer(write: &mut OwnedWriteHalf, resp: Response) -> Result<()> {
+    let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
+    out.push('\n');
+    tokio::time::timeout(access::IDLE_TIMEOUT, write.write_all(out.as_bytes()))
+        .await
+        .context("the client did not read its answer")?
+        .context("writing the answer")?;
+    Ok(())
 }
 
 fn respond<T: Serialize>(r: Result<T>) -> Response {
@@ -389,7 +460,11 @@ fn respond<T: Serialize>(r: Result<T>) -> Response {
     }
 }
 
-fn dispatch(sw: &mut Switch, req: Request) -> Result<serde_json::Value> {
+/// Carries out a request. `root`: the client is uid 0. Others of the
+/// kvnet group may change the switch, never make the root daemon write a
+/// file of their choosing: no `save --force`, and a file they apply does
+/// not become the daemon's file (where `save` and SIGHUP go).
+fn dispatch(sw: &mut Switch, req: Request, root: bool) -> Result<serde_json::Value> {
     use serde_json::to_value as v;
     crate::daemon::supervise::panic_if_asked(&req);
     Ok(match req {
@@ -448,11 +523,20 @@ fn dispatch(sw: &mut Switch, req: Request) -> Result<serde_json::Value> {
             path.as_deref().map(Path::new),
             &text,
             dry_run,
+            root,
         )?)?,
-        Request::Save { path } => v(crate::daemon::reconcile::save(
-            sw,
-            path.as_deref().map(Path::new),
-        )?)?,
+        Request::Save { path, force } => {
+            if force && !root {
+                anyhow::bail!(
+                    "`save --force` writes any file as root: only root may force it; save into the config directory"
+                );
+            }
+            v(crate::daemon::reconcile::save(
+                sw,
+                path.as_deref().map(Path::new),
+                force,
+            )?)?
+        }
         Request::Ifup { iface, net, vlan } => v(crate::daemon::links::ifup(
             sw,
             &iface,

@@ -202,6 +202,42 @@ pub fn plan(sw: &Switch, rt: &Runtime, cfg: &Config) -> Plan {
 }
 
 /// Checks against the host what the file alone cannot tell (uplinks exist).
+/// A config checked as `net add` checks each network's options (DHCP
+/// range, hosts, domain, lease time; NAT ports), before anything changes.
+/// `kvnet check` runs exactly this, without a daemon; `apply` runs it
+/// first. What depends on this host's interfaces is checked by `apply`
+/// alone (its preflight).
+pub fn validate(cfg: &Config) -> Result<()> {
+    for (name, s) in &cfg.networks {
+        let spec = NetSpec::of(name, s);
+        let Some(opts) = spec.opts() else {
+            // An unknown mode: a warning, the network is skipped.
+            continue;
+        };
+        let gateway = spec
+            .gateway
+            .as_deref()
+            .map(|g| g.parse::<crate::gateway::Cidr>())
+            .transpose()
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("network '{name}'"))?;
+        crate::dhcp::service::plan(&opts, gateway.as_ref(), spec.gateway_iface.as_deref())
+            .with_context(|| format!("network '{name}': dhcp"))?;
+        if let Some(r) = &opts.nat_ports {
+            let range = crate::switch::nat::parse_port_range(r)?;
+            crate::switch::nat::effective_ports(range, crate::switch::nat::host_ephemeral_range())
+                .with_context(|| format!("network '{name}': nat port_range"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `cfg` defines nothing at all: applied, it would remove every
+/// network and port.
+pub fn is_empty(cfg: &Config) -> bool {
+    cfg.networks.is_empty() && cfg.ports.is_empty() && cfg.rules.is_empty()
+}
+
 fn preflight(cfg: &Config, plan: &Plan) -> Result<()> {
     for n in plan.networks_added.iter().chain(
         plan.networks_changed
@@ -221,6 +257,13 @@ fn preflight(cfg: &Config, plan: &Plan) -> Result<()> {
 
 /// Makes the running state what `cfg` says, touching only the differences.
 pub fn apply(sw: &mut Switch, cfg: &Config, dry_run: bool) -> Result<Plan> {
+    validate(cfg)?;
+    if is_empty(cfg) && !sw.nets.is_empty() {
+        bail!(
+            "the file defines no networks, ports or rules: applying it would remove all {} running networks; remove them with `kvnet net del`, or everything with `kvnet down`",
+            sw.nets.len()
+        );
+    }
     let mut plan = with_rt(|rt| plan(sw, rt, cfg));
     preflight(cfg, &plan)?;
     if dry_run {
@@ -270,6 +313,11 @@ pub fn apply(sw: &mut Switch, cfg: &Config, dry_run: bool) -> Result<Plan> {
             add_net(sw, &c.name)?;
         } else {
             sw.net_set(&c.name, Some(want[&c.name].ageing))?;
+            if have_nets[&c.name].dhcp != want[&c.name].dhcp {
+                let opts = want[&c.name].opts().context("mode unavailable")?;
+                sw.net_set_dhcp(&c.name, &opts)
+                    .with_context(|| format!("network '{}': dhcp settings", c.name))?;
+            }
             let (old, new) = (&have_nets[&c.name].forwards, &want[&c.name].forwards);
             for (k, to) in old {
                 if new.get(k) != Some(to) {
@@ -341,11 +389,19 @@ pub fn apply(sw: &mut Switch, cfg: &Config, dry_run: bool) -> Result<Plan> {
 }
 
 /// Parses `text` and applies it; remembers `path` as the daemon's file.
-pub fn apply_text(sw: &mut Switch, path: Option<&Path>, text: &str, dry_run: bool) -> Result<Plan> {
+/// Applies a config's text; `path` names it in errors and, with
+/// `adopt_path`, becomes the daemon's file (where `save` and SIGHUP go).
+pub fn apply_text(
+    sw: &mut Switch,
+    path: Option<&Path>,
+    text: &str,
+    dry_run: bool,
+    adopt_path: bool,
+) -> Result<Plan> {
     let label = path.map(|p| p.display().to_string());
     let cfg = parse(label.as_deref().unwrap_or("<config>"), text)?;
     let plan = apply(sw, &cfg, dry_run)?;
-    if !dry_run {
+    if !dry_run && adopt_path {
         if let Some(p) = path {
             with_rt(|rt| rt.source = Some(p.to_path_buf()));
         }
@@ -358,7 +414,7 @@ pub fn reload(sw: &mut Switch) -> Result<Plan> {
     let path = with_rt(|rt| rt.source.clone()).context("the daemon has no config file")?;
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    apply_text(sw, Some(&path), &text, false)
+    apply_text(sw, Some(&path), &text, false, true)
 }
 
 /// The running state as a config file: networks (with the pass-through
@@ -453,12 +509,94 @@ pub fn running_config(sw: &Switch) -> Config {
     })
 }
 
-/// `kvnet save [FILE]`: writes the running state; returns the path.
-pub fn save(sw: &Switch, path: Option<&Path>) -> Result<PathBuf> {
+/// Where `kvnet save` writes without `--force`: /etc/kvnet and the folder
+/// of the daemon's file (the one it started from or last applied).
+pub fn config_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Path::new(DEFAULT_CONFIG)
+        .parent()
+        .map(Path::to_path_buf)
+        .into_iter()
+        .collect();
+    let source = with_rt(|rt| rt.source.clone());
+    if let Some(d) = source.as_deref().and_then(Path::parent) {
+        if !dirs.iter().any(|x| x == d) {
+            dirs.push(d.to_path_buf());
+        }
+    }
+    dirs
+}
+
+/// The path with symlinks resolved as far as it exists, the rest appended:
+/// a link inside a config folder must not lead out of it.
+fn resolved(path: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut p = path;
+    loop {
+        if let Ok(real) = p.canonicalize() {
+            return rest.iter().rev().fold(real, |acc, c| acc.join(c));
+        }
+        match (p.parent(), p.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                p = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
+/// A save without `--force` stays inside a config folder: the daemon is
+/// root, and a client in the kvnet group must not make it write just any
+/// file.
+pub fn check_save_path(path: &Path, dirs: &[PathBuf]) -> Result<()> {
+    let shown = dirs
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let how = format!(
+        "save into the config directory ({shown}), or pass --force (`kvnet save PATH --force`) to write it anyway"
+    );
+    if !path.is_absolute() {
+        bail!(
+            "refusing to save to {}: not an absolute path; {how}",
+            path.display()
+        );
+    }
+    if path
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        bail!(
+            "refusing to save to {}: the path has '..' in it; {how}",
+            path.display()
+        );
+    }
+    let inside = |d: &PathBuf| {
+        path.parent().is_some_and(|p| p.starts_with(d))
+            && path
+                .parent()
+                .is_some_and(|p| resolved(p).starts_with(resolved(d)))
+    };
+    if !dirs.iter().any(inside) {
+        bail!(
+            "refusing to save to {}: it is outside the config directory; {how}",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// `kvnet save [FILE] [--force]`: writes the running state; returns the
+/// path. Without `force`, only into the config directory.
+pub fn save(sw: &Switch, path: Option<&Path>, force: bool) -> Result<PathBuf> {
     let path = match path {
         Some(p) => p.to_path_buf(),
         None => with_rt(|rt| rt.source.clone()).unwrap_or_else(|| DEFAULT_CONFIG.into()),
     };
+    if !force {
+        check_save_path(&path, &config_dirs())?;
+    }
     let text = format!(
         "# kvnet configuration, written by `kvnet save`\n{}",
         to_toml(&running_config(sw))?
@@ -469,8 +607,63 @@ pub fn save(sw: &Switch, path: Option<&Path>) -> Result<PathBuf> {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     let tmp = path.with_extension("toml.tmp");
-    std::fs::write(&tmp, &text).with_context(|| format!("writing {}", tmp.display()))?;
+    // A fresh file, never through a link someone left at its name.
+    let _ = std::fs::remove_file(&tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
+    written.with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
     with_rt(|rt| rt.source = Some(path.clone()));
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saves_stay_in_the_config_directory() {
+        /// Removes the scratch folder even when an assertion fails.
+        struct Scratch(PathBuf);
+        impl Drop for Scratch {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let base = std::env::temp_dir().join(format!("kvnet-save-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let _scratch = Scratch(base.clone());
+        let conf = base.join("conf");
+        let other = base.join("other");
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        std::os::unix::fs::symlink(&other, conf.join("link")).unwrap();
+        let dirs = vec![PathBuf::from("/etc/kvnet"), conf.clone()];
+        let ok = |p: &Path| check_save_path(p, &dirs);
+        // Inside: the folder itself, a subfolder yet to be made, /etc/kvnet.
+        assert!(ok(&conf.join("kvnet.toml")).is_ok());
+        assert!(ok(&conf.join("new/sub/kvnet.toml")).is_ok());
+        assert!(ok(Path::new("/etc/kvnet/kvnet.toml")).is_ok());
+        // Outside, by name, by '..', by a link, relative, a prefix that is
+        // not a folder of it.
+        let outside = [
+            other.join("x.toml"),
+            PathBuf::from("/etc/shadow"),
+            conf.join("../other/x.toml"),
+            conf.join("link/x.toml"),
+            conf.join("link/new/x.toml"),
+            PathBuf::from("kvnet.toml"),
+            PathBuf::from(format!("{}-evil/x.toml", conf.display())),
+        ];
+        for p in &outside {
+            let e = ok(p).expect_err(&p.display().to_string()).to_string();
+            assert!(e.contains("--force"), "{e}");
+            assert!(e.contains(&conf.display().to_string()), "{e}");
+        }
+        let e = ok(&other.join("x.toml")).unwrap_err().to_string();
+        assert!(e.contains("outside the config directory"), "{e}");
+    }
 }

@@ -29,7 +29,8 @@ pub struct Counters {
     pub informs: AtomicU64,
     /// DISCOVERs left unanswered because the pool was empty.
     pub exhausted: AtomicU64,
-    /// Valid messages that needed no answer (another server chosen, ...).
+    /// Valid messages that needed no answer (another server chosen, a
+    /// relay named: kvnet serves its own links only, ...).
     pub ignored: AtomicU64,
 }
 
@@ -86,8 +87,6 @@ pub enum Dest {
     /// yiaddr:68 to a client without an address yet: needs a neighbour
     /// entry for its MAC (else falls back to broadcast).
     Hardware(Ipv4Addr, Mac),
-    /// A relay agent: giaddr:67.
-    Relay(Ipv4Addr),
 }
 
 /// A server's state: config and leases.
@@ -143,7 +142,6 @@ impl Core {
             .set_htype(HType::Eth)
             .set_xid(req.xid())
             .set_flags(req.flags())
-            .set_giaddr(req.giaddr())
             .set_chaddr(req.chaddr());
         m.opts_mut().insert(DhcpOption::MessageType(mt));
         m.opts_mut()
@@ -190,9 +188,7 @@ impl Core {
 
     /// Where an OFFER/ACK goes.
     fn dest(req: &Message, yiaddr: Ipv4Addr, mac: Mac) -> Dest {
-        if !req.giaddr().is_unspecified() {
-            Dest::Relay(req.giaddr())
-        } else if !req.ciaddr().is_unspecified() {
+        if !req.ciaddr().is_unspecified() {
             Dest::Unicast(req.ciaddr())
         } else if req.flags().broadcast() {
             Dest::Broadcast
@@ -208,12 +204,7 @@ impl Core {
         m.opts_mut().insert(DhcpOption::Message(why.to_string()));
         // RFC 2131 4.3.2: a NAK without relay is broadcast.
         m.set_flags(Flags::default().set_broadcast());
-        let dest = if req.giaddr().is_unspecified() {
-            Dest::Broadcast
-        } else {
-            Dest::Relay(req.giaddr())
-        };
-        Some((m, dest))
+        Some((m, Dest::Broadcast))
     }
 
     fn ack(
@@ -257,6 +248,18 @@ impl Core {
             bump(&counters.malformed);
             return None;
         };
+        // kvnet serves the guests on its own links, never through a relay:
+        // a guest that sets giaddr would have the answer sent wherever it
+        // names (a reflection at the host or the outside).
+        if !req.giaddr().is_unspecified() {
+            bump(&counters.ignored);
+            log::info!(
+                "dhcp {}: ignored a request from {mac} naming relay {}",
+                self.cfg.iface,
+                req.giaddr()
+            );
+            return None;
+        }
         match mt {
             MessageType::Discover => {
                 let Some(ip) = self.db.choose(&mac, requested_ip(req), now) else {
@@ -351,12 +354,7 @@ impl Core {
                 let mut m = self.reply(req, MessageType::Ack);
                 m.set_ciaddr(ci);
                 self.add_config_options(&mut m, false, None);
-                let dest = if req.giaddr().is_unspecified() {
-                    Dest::Unicast(ci)
-                } else {
-                    Dest::Relay(req.giaddr())
-                };
-                Some((m, dest))
+                Some((m, Dest::Unicast(ci)))
             }
             _ => {
                 bump(&counters.ignored);
@@ -501,7 +499,6 @@ pub async fn send_reply(
     let to = match dest {
         Dest::Broadcast => SocketAddrV4::new(Ipv4Addr::BROADCAST, v4::CLIENT_PORT),
         Dest::Unicast(ip) => SocketAddrV4::new(ip, v4::CLIENT_PORT),
-        Dest::Relay(ip) => SocketAddrV4::new(ip, v4::SERVER_PORT),
         Dest::Hardware(ip, mac) => match set_neighbour(sock, iface, ip, mac) {
             Ok(()) => SocketAddrV4::new(ip, v4::CLIENT_PORT),
             Err(e) => {
@@ -555,6 +552,23 @@ mod tests {
         let mut buf = Vec::new();
         m.encode(&mut Encoder::new(&mut buf)).unwrap();
         decode_request(&buf).unwrap()
+    }
+
+    /// Issue 15: a guest naming a relay (giaddr) would have the answer sent
+    /// wherever it names; kvnet has no relays and ignores such requests.
+    #[test]
+    fn a_request_naming_a_relay_is_ignored() {
+        let (mut c, dir) = core("giaddr");
+        let n = Counters::default();
+        let mut relayed = msg(MAC1, MessageType::Discover, vec![]);
+        relayed.set_giaddr(ip("198.51.100.1"));
+        assert!(c.handle(&relayed, 1000, &n).is_none());
+        assert_eq!(n.ignored.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // Control: the same request without it is answered.
+        let direct = msg(MAC1, MessageType::Discover, vec![]);
+        let (_, dest) = c.handle(&direct, 1000, &n).unwrap();
+        assert_eq!(dest, Dest::Hardware(ip("10.6.0.10"), Mac(MAC1)));
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

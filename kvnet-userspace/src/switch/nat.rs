@@ -74,7 +74,10 @@ pub fn host_ephemeral_range() -> (u16, u16) {
 
 /// The port range after removing the host's ephemeral one: what is left
 /// must still be worth having.
-fn effective_ports((lo, hi): (u16, u16), (elo, ehi): (u16, u16)) -> Result<(u16, u16, u16, u16)> {
+pub fn effective_ports(
+    (lo, hi): (u16, u16),
+    (elo, ehi): (u16, u16),
+) -> Result<(u16, u16, u16, u16)> {
     let total = (hi - lo) as u32 + 1;
     let overlap = if ehi < lo || elo > hi {
         0

@@ -551,6 +551,44 @@ impl Switch {
 }
 
 impl Switch {
+    /// Changes a network's DHCP settings (range, static hosts, domain,
+    /// lease time: those of `from`) live. Its DHCP and DNS servers restart
+    /// with the new settings and the leases they hold on disk; the gateway,
+    /// ports, FDB and conntrack are untouched. A refused change leaves the
+    /// old settings and servers as they were.
+    pub fn net_set_dhcp(&mut self, name: &str, from: &NetOpts) -> Result<()> {
+        let net = self.net(name)?;
+        let mut opts = net.opts.clone();
+        opts.dhcp_range = from.dhcp_range.clone();
+        opts.dhcp_hosts = from.dhcp_hosts.clone();
+        opts.domain = from.domain.clone();
+        opts.dhcp_lease = from.dhcp_lease;
+        let cidr = net.gateway.as_ref().map(|g| g.cidr);
+        let host_if = net.gateway.as_ref().map(|g| g.host_if.clone());
+        let new = crate::dhcp::service::plan(&opts, cidr.as_ref(), host_if.as_deref())
+            .with_context(|| format!("network '{name}'"))?;
+        let old = crate::dhcp::service::plan(&net.opts, cidr.as_ref(), host_if.as_deref())
+            .ok()
+            .flatten();
+        self.services.stop(name);
+        if let Some(cfg) = new {
+            if let Err(e) = self.services.start(name, cfg) {
+                if let Some(old) = old {
+                    if let Err(e2) = self.services.start(name, old) {
+                        log::warn!("network {name}: restoring its DHCP server: {e2:#}");
+                    }
+                }
+                return Err(e.context(format!(
+                    "network '{name}': starting DHCP with the new settings (the old ones stay)"
+                )));
+            }
+        }
+        if let Some(n) = self.nets.get_mut(name) {
+            n.opts = opts;
+        }
+        Ok(())
+    }
+
     /// `kvnet dhcp leases NET`: the leases of a network's DHCP server.
     pub fn dhcp_leases(&self, net: &str) -> Result<Vec<crate::dhcp::leases::LeaseInfo>> {
         self.net(net)?;
