@@ -182,6 +182,23 @@ pub enum Request {
     DhcpLeases {
         net: String,
     },
+    /// Change a network's DHCP settings live (`kvnet net set`, `kvnet dhcp
+    /// host add|del`): what is given replaces, what is not stays.
+    DhcpSet {
+        net: String,
+        #[serde(default)]
+        range: Option<String>,
+        #[serde(default)]
+        domain: Option<String>,
+        #[serde(default)]
+        lease_secs: Option<u64>,
+        /// MAC,IP[,NAME] to add (replacing one of the same MAC).
+        #[serde(default)]
+        host_add: Option<String>,
+        /// A static host's MAC to remove.
+        #[serde(default)]
+        host_del: Option<String>,
+    },
     /// Reconcile with a config file's text (`kvnet apply`).
     Apply {
         path: Option<String>,
@@ -231,6 +248,7 @@ impl Request {
             Request::NetAdd { .. }
             | Request::NetDel { .. }
             | Request::NetSet { .. }
+            | Request::DhcpSet { .. }
             | Request::PortAdd { .. }
             | Request::PortSet { .. }
             | Request::PortDel { .. }
@@ -604,6 +622,17 @@ mod tests {
             (Request::Stats, true),
             (Request::DhcpLeases { net: s("n") }, true),
             (
+                Request::DhcpSet {
+                    net: s("n"),
+                    range: None,
+                    domain: Some(s("lab.test")),
+                    lease_secs: None,
+                    host_add: None,
+                    host_del: None,
+                },
+                false,
+            ),
+            (
                 Request::Apply {
                     path: None,
                     text: String::new(),
@@ -672,9 +701,10 @@ mod tests {
             Request::Ifdown { .. } => 24,
             Request::Status => 25,
             Request::Down => 26,
+            Request::DhcpSet { .. } => 27,
         }
     }
-    const KINDS: usize = 27;
+    const KINDS: usize = 28;
 
     #[test]
     fn every_request_is_classified_read_only_or_not() {

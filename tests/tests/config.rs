@@ -754,6 +754,37 @@ fn dhcp_hosts_and_domain_change_live_under_a_nat_transfer() {
     wait_until("guest1.lab.test answered", Duration::from_secs(5), || {
         lookup().contains("192.168.122.13")
     });
+    // The same live, from the command line: a static host added and
+    // removed again (the file then matches the running state), a domain.
+    k.cli(&[
+        "dhcp",
+        "host",
+        "add",
+        "default",
+        "52:54:00:00:00:98,192.168.122.98,other",
+    ])
+    .unwrap();
+    assert_eq!(
+        k.cli(&["apply", "--dry-run", s(&changed)]).unwrap(),
+        "~ network default: dhcp settings (live)\n"
+    );
+    k.cli(&["dhcp", "host", "del", "default", "52:54:00:00:00:98"])
+        .unwrap();
+    assert_eq!(
+        k.cli(&["apply", "--dry-run", s(&changed)]).unwrap(),
+        "no changes\n"
+    );
+    let e = k
+        .cli_err(&["dhcp", "host", "del", "default", "52:54:00:00:00:98"])
+        .unwrap();
+    assert!(e.contains("no static DHCP host"), "{e}");
+    k.cli(&["net", "set", "default", "--domain", "other.test"])
+        .unwrap();
+    wait_until("guest1.other.test answered", Duration::from_secs(5), || {
+        g1.sh("busybox nslookup guest1.other.test 192.168.122.1 2>&1 || true")
+            .unwrap_or_default()
+            .contains("192.168.122.13")
+    });
     let st = client.wait_timeout(Duration::from_secs(20)).unwrap();
     let report = std::fs::read_to_string(&report).unwrap_or_default();
     assert!(st.is_some_and(|s| s.success()), "iperf3: {report}");

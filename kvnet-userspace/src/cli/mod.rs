@@ -181,6 +181,21 @@ enum DhcpCmd {
         #[arg(long)]
         json: bool,
     },
+    /// A network's static hosts, changed live (leases and traffic stay).
+    #[command(subcommand)]
+    Host(DhcpHostCmd),
+}
+
+#[derive(Subcommand)]
+enum DhcpHostCmd {
+    /// Add (or replace, by MAC) a static host: MAC,IP[,NAME].
+    Add {
+        net: String,
+        #[arg(value_name = "MAC,IP[,NAME]")]
+        host: String,
+    },
+    /// Remove a static host by its MAC.
+    Del { net: String, mac: String },
 }
 
 #[derive(clap::Args)]
@@ -307,6 +322,15 @@ enum NetCmd {
         name: String,
         #[arg(long)]
         ageing: Option<u64>,
+        /// DHCP range FIRST,LAST, changed live (as the next three).
+        #[arg(long, value_name = "FIRST,LAST")]
+        dhcp_range: Option<String>,
+        /// The guests' DNS domain.
+        #[arg(long)]
+        domain: Option<String>,
+        /// DHCP lease time in seconds.
+        #[arg(long, value_name = "SECS")]
+        dhcp_lease: Option<u64>,
     },
 }
 
@@ -557,13 +581,56 @@ fn run(cli: Cli) -> Result<()> {
             output::net_detail,
         ),
         Cmd::Net(NetCmd::Del { name }) => done(call(sock, &Request::NetDel { name })),
-        Cmd::Net(NetCmd::Set { name, ageing }) => done(call(
-            sock,
-            &Request::NetSet {
-                name,
-                ageing_secs: ageing,
-            },
-        )),
+        Cmd::Net(NetCmd::Set {
+            name,
+            ageing,
+            dhcp_range,
+            domain,
+            dhcp_lease,
+        }) => {
+            if ageing.is_some()
+                || (dhcp_range.is_none() && domain.is_none() && dhcp_lease.is_none())
+            {
+                call(
+                    sock,
+                    &Request::NetSet {
+                        name: name.clone(),
+                        ageing_secs: ageing,
+                    },
+                )?;
+            }
+            if dhcp_range.is_some() || domain.is_some() || dhcp_lease.is_some() {
+                call(
+                    sock,
+                    &Request::DhcpSet {
+                        net: name,
+                        range: dhcp_range,
+                        domain,
+                        lease_secs: dhcp_lease,
+                        host_add: None,
+                        host_del: None,
+                    },
+                )?;
+            }
+            Ok(())
+        }
+        Cmd::Dhcp(DhcpCmd::Host(h)) => {
+            let (net, host_add, host_del) = match h {
+                DhcpHostCmd::Add { net, host } => (net, Some(host), None),
+                DhcpHostCmd::Del { net, mac } => (net, None, Some(mac)),
+            };
+            done(call(
+                sock,
+                &Request::DhcpSet {
+                    net,
+                    range: None,
+                    domain: None,
+                    lease_secs: None,
+                    host_add,
+                    host_del,
+                },
+            ))
+        }
         Cmd::Net(NetCmd::List { json }) => {
             output::show::<Vec<NetInfo>>(call(sock, &Request::NetList)?, json, output::nets)
         }

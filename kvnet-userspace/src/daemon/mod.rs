@@ -514,6 +514,14 @@ fn dispatch(sw: &mut Switch, req: Request, root: bool) -> Result<serde_json::Val
         Request::ConntrackList { net } => v(sw.conntrack_list(&net)?)?,
         Request::ConntrackFlush { net } => v(sw.conntrack_flush(&net)?)?,
         Request::DhcpLeases { net } => v(sw.dhcp_leases(&net)?)?,
+        Request::DhcpSet {
+            net,
+            range,
+            domain,
+            lease_secs,
+            host_add,
+            host_del,
+        } => v(sw.dhcp_set(&net, range, domain, lease_secs, host_add, host_del)?)?,
         Request::Apply {
             path,
             text,

@@ -589,6 +589,50 @@ impl Switch {
         Ok(())
     }
 
+    /// `kvnet net set --dhcp-*` and `kvnet dhcp host add|del`: the
+    /// network's DHCP settings with what is given replaced, changed live.
+    pub fn dhcp_set(
+        &mut self,
+        name: &str,
+        range: Option<String>,
+        domain: Option<String>,
+        lease_secs: Option<u64>,
+        host_add: Option<String>,
+        host_del: Option<String>,
+    ) -> Result<()> {
+        let mut opts = self.net(name)?.opts.clone();
+        if range.is_some() {
+            opts.dhcp_range = range;
+        }
+        if domain.is_some() {
+            opts.domain = domain;
+        }
+        if lease_secs.is_some() {
+            opts.dhcp_lease = lease_secs;
+        }
+        let mac_of = |h: &str| {
+            h.split(',')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        };
+        if let Some(mac) = host_del {
+            let mac = mac.trim().to_ascii_lowercase();
+            let before = opts.dhcp_hosts.len();
+            opts.dhcp_hosts.retain(|h| mac_of(h) != mac);
+            if opts.dhcp_hosts.len() == before {
+                bail!("network '{name}' has no static DHCP host {mac}");
+            }
+        }
+        if let Some(h) = host_add {
+            let mac = mac_of(&h);
+            opts.dhcp_hosts.retain(|x| mac_of(x) != mac);
+            opts.dhcp_hosts.push(h);
+        }
+        self.net_set_dhcp(name, &opts)
+    }
+
     /// `kvnet dhcp leases NET`: the leases of a network's DHCP server.
     pub fn dhcp_leases(&self, net: &str) -> Result<Vec<crate::dhcp::leases::LeaseInfo>> {
         self.net(net)?;
