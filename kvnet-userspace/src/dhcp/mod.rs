@@ -62,7 +62,11 @@ impl DhcpServer {
             cfg.range.1,
             db.leases().len()
         );
-        let core = Arc::new(Mutex::new(Core { cfg, db }));
+        let core = Arc::new(Mutex::new(Core {
+            cfg,
+            db,
+            limiter: Default::default(),
+        }));
         let counters = Arc::new(Counters::default());
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(serve(sock, core.clone(), counters.clone(), stopped));

@@ -32,6 +32,8 @@ pub struct Counters {
     /// Valid messages that needed no answer (another server chosen, a
     /// relay named: kvnet serves its own links only, ...).
     pub ignored: AtomicU64,
+    /// Messages beyond a client's rate ([`CLIENT_RATE`] a second).
+    pub rate_limited: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -46,6 +48,7 @@ pub struct CountersSnapshot {
     pub informs: u64,
     pub exhausted: u64,
     pub ignored: u64,
+    pub rate_limited: u64,
 }
 
 impl Counters {
@@ -62,6 +65,7 @@ impl Counters {
             informs: g(&self.informs),
             exhausted: g(&self.exhausted),
             ignored: g(&self.ignored),
+            rate_limited: g(&self.rate_limited),
         }
     }
 }
@@ -93,6 +97,38 @@ pub enum Dest {
 pub struct Core {
     pub cfg: DhcpConfig,
     pub db: LeaseDb,
+    pub limiter: ClientLimiter,
+}
+
+/// Messages one client (by MAC) may send a second: a real client sends a
+/// handful; a guest spamming REQUESTs would make the server write its
+/// lease file for each, and stall DHCP and DNS for every network.
+pub const CLIENT_RATE: u32 = 10;
+/// Clients followed at once; past it, only this second's stay.
+const CLIENTS_FOLLOWED: usize = 4096;
+
+/// A fixed one-second window of messages per client.
+#[derive(Default)]
+pub struct ClientLimiter {
+    seen: std::collections::HashMap<Mac, (u64, u32)>,
+}
+
+impl ClientLimiter {
+    /// Whether `mac` may send one more message in second `now`.
+    pub fn allow(&mut self, mac: Mac, now: u64) -> bool {
+        if self.seen.len() >= CLIENTS_FOLLOWED && !self.seen.contains_key(&mac) {
+            self.seen.retain(|_, (sec, _)| *sec == now);
+        }
+        let (sec, n) = self.seen.entry(mac).or_insert((now, 0));
+        if *sec != now {
+            (*sec, *n) = (now, 0);
+        }
+        if *n >= CLIENT_RATE {
+            return false;
+        }
+        *n += 1;
+        true
+    }
 }
 
 /// The client's hostname (option 12), reduced to a valid DNS label.
@@ -248,6 +284,10 @@ impl Core {
             bump(&counters.malformed);
             return None;
         };
+        if !self.limiter.allow(mac, now) {
+            bump(&counters.rate_limited);
+            return None;
+        }
         // kvnet serves the guests on its own links, never through a relay:
         // a guest that sets giaddr would have the answer sent wherever it
         // names (a reflection at the host or the outside).
@@ -522,6 +562,7 @@ mod tests {
         s.parse().unwrap()
     }
     const MAC1: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
+    const MAC2: [u8; 6] = [0x52, 0x54, 0, 0, 0, 2];
 
     fn core(tag: &str) -> (Core, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("kvnet-dhcp-srv-{tag}-{}", std::process::id()));
@@ -538,7 +579,14 @@ mod tests {
         cfg.hosts
             .push(parse_host("52:54:00:00:00:09,10.6.0.9,fixed").unwrap());
         let db = LeaseDb::open(&cfg, &dir, 1000).unwrap();
-        (Core { cfg, db }, dir)
+        (
+            Core {
+                cfg,
+                db,
+                limiter: Default::default(),
+            },
+            dir,
+        )
     }
 
     fn msg(mac: [u8; 6], mt: MessageType, opts: Vec<DhcpOption>) -> Message {
@@ -552,6 +600,26 @@ mod tests {
         let mut buf = Vec::new();
         m.encode(&mut Encoder::new(&mut buf)).unwrap();
         decode_request(&buf).unwrap()
+    }
+
+    /// Issue 15: one client's flood is cut at its rate, others are served.
+    #[test]
+    fn a_client_beyond_its_rate_is_not_answered_and_others_are() {
+        let (mut c, dir) = core("rate");
+        let n = Counters::default();
+        let discover = |mac| msg(mac, MessageType::Discover, vec![]);
+        for i in 0..CLIENT_RATE {
+            assert!(c.handle(&discover(MAC1), 1000, &n).is_some(), "message {i}");
+        }
+        assert!(
+            c.handle(&discover(MAC1), 1000, &n).is_none(),
+            "over the rate"
+        );
+        assert_eq!(n.rate_limited.load(Ordering::Relaxed), 1);
+        // Another client in the same second, and the first in the next.
+        assert!(c.handle(&discover(MAC2), 1000, &n).is_some());
+        assert!(c.handle(&discover(MAC1), 1001, &n).is_some());
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// Issue 15: a guest naming a relay (giaddr) would have the answer sent
