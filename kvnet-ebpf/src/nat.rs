@@ -230,8 +230,7 @@ fn first_fragment_done(p: &Pkt) {
 /// A later fragment (no L4 header) of a datagram whose first fragment was
 /// translated: its tuple, the first's ports with its own addresses.
 #[inline(always)]
-fn later_fragment(ctx: &TcContext) -> Option<Pkt> {
-    let ip = parse::ipv4_skb(ctx, L3)?;
+fn later_fragment(ip: &parse::Ipv4) -> Option<Pkt> {
     if ip.is_first_fragment() {
         return None;
     }
@@ -301,7 +300,7 @@ fn fragment_from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig) -> Nat {
         // Not a fragment, or one for the host: not a NAT matter.
         return Nat::SKIP;
     }
-    let flow = later_fragment(ctx).and_then(|p| {
+    let flow = later_fragment(&ip).and_then(|p| {
         let e = CT
             .get_ptr_mut(&p.key)
             .filter(|e| unsafe { (**e).net_id } == net_id)?;
@@ -337,7 +336,7 @@ fn fragment_from_guest(ctx: &TcContext, net_id: u32, n: &NetConfig) -> Nat {
 /// translated for a guest. None: not ours (the host's own, say).
 #[inline(always)]
 fn fragment_from_uplink(ctx: &TcContext, ingress: u32) -> Nat {
-    let Some(p) = later_fragment(ctx) else {
+    let Some(p) = parse::ipv4_skb(ctx, L3).and_then(|ip| later_fragment(&ip)) else {
         return Nat::SKIP;
     };
     let Some(e) = CT.get_ptr_mut(&p.key).filter(|e| {

@@ -169,20 +169,7 @@ mod tests {
     /// does (fixed off); and the answer follows `ethtool -k` name by name.
     #[test]
     fn rx_vlan_offload_as_ethtool_reports_it() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIPPED: needs root for a private network namespace");
-            return;
-        }
-        std::thread::spawn(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let sh = |c: &str| {
-                let out = std::process::Command::new("sh")
-                    .args(["-c", c])
-                    .output()
-                    .unwrap();
-                assert!(out.status.success(), "{c}: {out:?}");
-                String::from_utf8_lossy(&out.stdout).into_owned()
-            };
+        crate::genl::in_private_netns(|sh| {
             sh("ip link add ev0 type veth peer name ev1 && ip tuntap add dev et0 mode tap");
             let idx = |n: &str| nix::net::if_::if_nametoindex(n).unwrap();
             let veth = idx("ev0");
@@ -228,8 +215,6 @@ mod tests {
             assert!(rows > 20, "{table}");
             // An ifindex that names nothing is an error, not "no".
             assert!(strips_rx_vlan(0x7fff_fff0).is_err());
-        })
-        .join()
-        .unwrap();
+        });
     }
 }

@@ -155,3 +155,28 @@ where
     req.finalize();
     Ok(Some(ask(&sock, req)?.payload))
 }
+
+/// For the device-query tests: `f` in a private network namespace of its
+/// own (a thread that unshares), given a shell that fails the test on any
+/// error and returns stdout. Skipped without root.
+#[cfg(test)]
+pub(crate) fn in_private_netns(f: impl FnOnce(&dyn Fn(&str) -> String) + Send + 'static) {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: needs root for a private network namespace");
+        return;
+    }
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let sh = |c: &str| {
+            let out = std::process::Command::new("sh")
+                .args(["-c", c])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{c}: {out:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        f(&sh)
+    })
+    .join()
+    .unwrap();
+}

@@ -95,19 +95,7 @@ mod tests {
     /// Taps take XDP redirects, macvlans do not (kernel facts since 6.3).
     #[test]
     fn taps_take_redirects_and_macvlans_do_not() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIPPED: needs root for a private network namespace");
-            return;
-        }
-        std::thread::spawn(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let sh = |c: &str| {
-                let ok = std::process::Command::new("sh")
-                    .args(["-c", c])
-                    .status()
-                    .unwrap();
-                assert!(ok.success(), "{c}");
-            };
+        crate::genl::in_private_netns(|sh| {
             sh(
                 "ip tuntap add dev xt0 mode tap && ip link add xl0 type veth peer name xl1 \
                 && ip link add xm0 link xl0 type macvlan mode passthru",
@@ -117,8 +105,6 @@ mod tests {
             let macvlan = of(idx("xm0")).unwrap().expect("a 6.3+ kernel");
             assert_ne!(tap & XDP_ACT_NDO_XMIT, 0, "tap: {tap:#x}");
             assert_eq!(macvlan & XDP_ACT_NDO_XMIT, 0, "macvlan: {macvlan:#x}");
-        })
-        .join()
-        .unwrap();
+        });
     }
 }
