@@ -130,6 +130,12 @@ pub enum Request {
     NetSet {
         name: String,
         ageing_secs: Option<u64>,
+        /// A NAT network's port range FIRST-LAST, changed live.
+        #[serde(default)]
+        nat_ports: Option<String>,
+        /// A NAT network's UDP mapping, changed live.
+        #[serde(default)]
+        nat_udp: Option<NatUdp>,
     },
     PortAdd {
         net: String,
@@ -575,6 +581,8 @@ mod tests {
                 Request::NetSet {
                     name: s("n"),
                     ageing_secs: Some(1),
+                    nat_ports: None,
+                    nat_udp: None,
                 },
                 false,
             ),

@@ -37,6 +37,27 @@ pub struct DaemonFailure {
 }
 
 /// A kvnet daemon running in a lab's hypervisor namespace.
+/// `kvnet down` of `bin` with no daemon running, in the lab's hv
+/// namespace: from the lab's state files and pins alone.
+pub fn down_without_daemon(lab: &Lab, bin: &Path) -> Result<Output> {
+    let (socket, pins) = (lab.socket_path(), lab.pin_dir());
+    let state = lab.work_dir().join("state");
+    let arg = |p: &Path| p.to_string_lossy().into_owned();
+    lab.exec_output(
+        lab.hv(),
+        &[
+            &arg(bin),
+            "--socket",
+            &arg(&socket),
+            "down",
+            "--pin-dir",
+            &arg(&pins),
+            "--state-dir",
+            &arg(&state),
+        ],
+    )
+}
+
 pub struct Kvnet {
     bin: PathBuf,
     socket: PathBuf,

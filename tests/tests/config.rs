@@ -785,6 +785,51 @@ fn dhcp_hosts_and_domain_change_live_under_a_nat_transfer() {
             .unwrap_or_default()
             .contains("192.168.122.13")
     });
+    // The NAT port range, live: running flows keep their ports, new ones
+    // take theirs from the new range.
+    let udp_flow_port = |dst: u16| -> Option<u16> {
+        let ct = k.json(&["conntrack", "list", "default"]).unwrap();
+        ct.as_array().unwrap().iter().find_map(|r| {
+            let orig = r["orig"].as_str().unwrap_or_default();
+            (orig.ends_with(&format!(":{dst}")) && r["proto"] == "udp")
+                .then(|| r["translated"].as_str().unwrap_or_default())
+                .and_then(|t| t.split(" -> ").next()?.rsplit(':').next()?.parse().ok())
+        })
+    };
+    k.cli(&["net", "set", "default", "--nat-ports", "2000-2999"])
+        .unwrap();
+    // One datagram from a chosen source port.
+    let send_udp = |sport: u16, dport: u16| {
+        g1.sh(&format!(
+            "/usr/bin/python3 -c \"import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('', {sport})); s.sendto(b'x', ('{OUTSIDE_IP}', {dport}))\""
+        ))
+        .unwrap();
+    };
+    send_udp(1409, 9);
+    wait_until(
+        "the new UDP flow in conntrack",
+        Duration::from_secs(5),
+        || udp_flow_port(9).is_some(),
+    );
+    let p = udp_flow_port(9).unwrap();
+    assert!((2000..=2999).contains(&p), "a new flow took port {p}");
+    assert_eq!(flows(), flows_before, "the range change kept the flows");
+    assert!(client.is_running(), "the transfer ended before the change");
+    assert_eq!(
+        k.cli(&["apply", "--dry-run", s(&changed)]).unwrap(),
+        "~ network default: nat ports 2000-2999 -> 1024-65535, dhcp settings (live)\n"
+    );
+    k.cli(&["apply", s(&changed)]).unwrap();
+    assert_eq!(flows(), flows_before, "apply kept the flows");
+    send_udp(1410, 10);
+    wait_until(
+        "the next UDP flow in conntrack",
+        Duration::from_secs(5),
+        || udp_flow_port(10).is_some(),
+    );
+    let p = udp_flow_port(10).unwrap();
+    // In the whole range again, the guest's own port is kept.
+    assert_eq!(p, 1410, "back to the whole range");
     let st = client.wait_timeout(Duration::from_secs(20)).unwrap();
     let report = std::fs::read_to_string(&report).unwrap_or_default();
     assert!(st.is_some_and(|s| s.success()), "iperf3: {report}");

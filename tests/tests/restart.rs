@@ -308,7 +308,6 @@ fn down_without_a_daemon_removes_everything() {
     assert!(lab::ping(&l.guests[0].ns, OUTSIDE_IP), "positive control");
     let hv = l.lab.hv().to_string();
     let rules_before = l.lab.sh(&hv, "ip rule").unwrap();
-    let socket = k.socket().to_path_buf();
     let bin = k.bin().to_path_buf();
     k.kill().unwrap();
     assert!(
@@ -341,22 +340,7 @@ fn down_without_a_daemon_removes_everything() {
         "the refused start changed the running datapath"
     );
     let down = |what: &str| {
-        let o = l
-            .lab
-            .exec_output(
-                &hv,
-                &[
-                    bin.to_str().unwrap(),
-                    "--socket",
-                    socket.to_str().unwrap(),
-                    "down",
-                    "--pin-dir",
-                    pins.to_str().unwrap(),
-                    "--state-dir",
-                    state.to_str().unwrap(),
-                ],
-            )
-            .unwrap();
+        let o = kvnet_tests::kvnet::down_without_daemon(&l.lab, &bin).unwrap();
         let out = String::from_utf8_lossy(&o.stdout).into_owned();
         assert!(
             o.status.success(),

@@ -331,6 +331,12 @@ enum NetCmd {
         /// DHCP lease time in seconds.
         #[arg(long, value_name = "SECS")]
         dhcp_lease: Option<u64>,
+        /// A NAT network's port range, changed live: flows keep their ports.
+        #[arg(long, value_name = "FIRST-LAST")]
+        nat_ports: Option<String>,
+        /// A NAT network's UDP mapping, changed live.
+        #[arg(long, value_name = "MODE")]
+        nat_udp: Option<crate::control::NatUdp>,
     },
 }
 
@@ -587,15 +593,18 @@ fn run(cli: Cli) -> Result<()> {
             dhcp_range,
             domain,
             dhcp_lease,
+            nat_ports,
+            nat_udp,
         }) => {
-            if ageing.is_some()
-                || (dhcp_range.is_none() && domain.is_none() && dhcp_lease.is_none())
-            {
+            let dhcp = dhcp_range.is_some() || domain.is_some() || dhcp_lease.is_some();
+            if ageing.is_some() || nat_ports.is_some() || nat_udp.is_some() || !dhcp {
                 call(
                     sock,
                     &Request::NetSet {
                         name: name.clone(),
                         ageing_secs: ageing,
+                        nat_ports,
+                        nat_udp,
                     },
                 )?;
             }

@@ -113,6 +113,9 @@ impl NetSpec {
         if self.uplink != new.uplink {
             c.push(format!("uplink {} -> {}", f(&self.uplink), f(&new.uplink)));
         }
+        let live = c.is_empty();
+        // The NAT port range and UDP mapping change live too (flows keep
+        // their ports).
         if self.nat_ports != new.nat_ports {
             let f = |p: Option<[u16; 2]>| p.map_or("-".into(), |[a, b]| format!("{a}-{b}"));
             c.push(format!(
@@ -125,7 +128,6 @@ impl NetSpec {
             let f = |u: Option<crate::control::NatUdp>| u.map_or("-".into(), |u| u.to_string());
             c.push(format!("nat udp {} -> {}", f(self.nat_udp), f(new.nat_udp)));
         }
-        let live = c.is_empty();
         // DHCP settings change live: the servers restart, nothing else.
         if self.dhcp != new.dhcp {
             c.push("dhcp settings".into());

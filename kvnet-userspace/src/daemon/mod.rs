@@ -102,6 +102,12 @@ fn preflight(opts: &Options) -> Result<bool> {
     // leftovers (and state files without pins are from before a reboot or
     // a `kvnet down`: the config file is what starts then).
     let _ = std::fs::remove_file(&opts.socket);
+    // A daemon killed in the middle of a change: undo what it had begun,
+    // so what follows starts from the last state it wrote down.
+    for undone in crate::switch::journal::recover(&opts.state_dir, &opts.pin_dir)? {
+        eprintln!("kvnet: a change in flight when the last daemon died: {undone}");
+    }
+    crate::switch::journal::enable(&opts.state_dir);
     let adopt = can_adopt(opts);
     if !adopt {
         if opts.pin_dir.exists() {
@@ -476,7 +482,18 @@ fn dispatch(sw: &mut Switch, req: Request, root: bool) -> Result<serde_json::Val
         Request::NetShow { name } => v(sw.net_show(&name)?)?,
         Request::NetDel { name } => v(sw.net_del(&name)?)?,
         Request::NetList => v(sw.net_list())?,
-        Request::NetSet { name, ageing_secs } => v(sw.net_set(&name, ageing_secs)?)?,
+        Request::NetSet {
+            name,
+            ageing_secs,
+            nat_ports,
+            nat_udp,
+        } => {
+            sw.net_set(&name, ageing_secs)?;
+            if nat_ports.is_some() || nat_udp.is_some() {
+                sw.net_set_nat(&name, nat_ports.as_deref(), nat_udp)?;
+            }
+            v(())?
+        }
         Request::PortAdd {
             net,
             iface,

@@ -255,7 +255,9 @@ fn preflight(cfg: &Config, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-/// Makes the running state what `cfg` says, touching only the differences.
+/// Makes the running state what `cfg` says, touching only the differences:
+/// all of it, or, when a step fails, none of it (what was done is rolled
+/// back to the running state as it was).
 pub fn apply(sw: &mut Switch, cfg: &Config, dry_run: bool) -> Result<Plan> {
     validate(cfg)?;
     if is_empty(cfg) && !sw.nets.is_empty() {
@@ -264,11 +266,38 @@ pub fn apply(sw: &mut Switch, cfg: &Config, dry_run: bool) -> Result<Plan> {
             sw.nets.len()
         );
     }
-    let mut plan = with_rt(|rt| plan(sw, rt, cfg));
+    let plan = with_rt(|rt| plan(sw, rt, cfg));
     preflight(cfg, &plan)?;
     if dry_run {
         return Ok(plan);
     }
+    // An upgrade or adoption takes over whatever it can: no rollback there
+    // (the caller decides), and nothing ran before it to roll back to.
+    if sw.dp.adopting {
+        return execute(sw, cfg, plan);
+    }
+    let before = running_config(sw);
+    let before_rt = with_rt(|rt| (rt.applied.clone(), rt.dynamic.clone()));
+    match execute(sw, cfg, plan) {
+        Ok(plan) => Ok(plan),
+        Err(e) => {
+            with_rt(|rt| (rt.applied, rt.dynamic) = before_rt.clone());
+            let back = with_rt(|rt| self::plan(sw, rt, &before));
+            match execute(sw, &before, back) {
+                Ok(_) => {
+                    with_rt(|rt| (rt.applied, rt.dynamic) = before_rt);
+                    Err(e.context("nothing applied: the running state was rolled back"))
+                }
+                Err(e2) => Err(e.context(format!(
+                    "rolling back to the running state failed too ({e2:#}); `kvnet apply` the previous file again or `kvnet save` to see what runs"
+                ))),
+            }
+        }
+    }
+}
+
+/// Runs a plan, step by step; the first failing step ends it.
+fn execute(sw: &mut Switch, cfg: &Config, mut plan: Plan) -> Result<Plan> {
     let have_nets = with_rt(|rt| running_nets(sw, rt));
     let want: BTreeMap<String, NetSpec> = cfg
         .networks
@@ -313,6 +342,12 @@ pub fn apply(sw: &mut Switch, cfg: &Config, dry_run: bool) -> Result<Plan> {
             add_net(sw, &c.name)?;
         } else {
             sw.net_set(&c.name, Some(want[&c.name].ageing))?;
+            let (h, w) = (&have_nets[&c.name], &want[&c.name]);
+            if h.nat_ports != w.nat_ports || h.nat_udp != w.nat_udp {
+                let ports = w.nat_ports.map(|[a, b]| format!("{a}-{b}"));
+                sw.net_set_nat(&c.name, ports.as_deref(), w.nat_udp)
+                    .with_context(|| format!("network '{}': nat settings", c.name))?;
+            }
             if have_nets[&c.name].dhcp != want[&c.name].dhcp {
                 let opts = want[&c.name].opts().context("mode unavailable")?;
                 sw.net_set_dhcp(&c.name, &opts)

@@ -83,6 +83,7 @@ pub fn exists(state_dir: &Path) -> bool {
 pub fn remove(state_dir: &Path) {
     let _ = std::fs::remove_file(state_dir.join(RUNNING));
     let _ = std::fs::remove_file(state_dir.join(ADOPT));
+    let _ = std::fs::remove_file(state_dir.join(crate::switch::journal::JOURNAL));
 }
 
 /// The running state, in full: every guest port is listed.
@@ -150,9 +151,17 @@ fn section(iface: &str, spec: &config::PortSpec) -> PortSection {
     }
 }
 
+/// Durable before the journal closes: a crash of the host, not only of the
+/// daemon, must find either the old state or the new one.
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(text.as_bytes())?;
+            f.sync_all()
+        })
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
@@ -166,6 +175,7 @@ pub fn persist(sw: &Switch) {
     let r = running(sw).and_then(|(toml, json)| {
         let both = format!("{toml}\n{json}");
         if both == p.last {
+            crate::switch::journal::close();
             return Ok(());
         }
         std::fs::create_dir_all(&p.dir).with_context(|| format!("creating {}", p.dir.display()))?;
@@ -174,6 +184,8 @@ pub fn persist(sw: &Switch) {
         write_atomic(&p.dir.join(ADOPT), &json)?;
         write_atomic(&p.dir.join(RUNNING), &toml)?;
         p.last = both;
+        // What the journal held is in the state files now, or undone.
+        crate::switch::journal::close();
         Ok(())
     });
     if let Err(e) = r {

@@ -25,6 +25,10 @@ pub struct Removed {
 
 pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Removed> {
     let mut removed = Removed::default();
+    // What a killed daemon had begun is not in the state files: undo it.
+    if let Ok(undone) = crate::switch::journal::recover(state_dir, pin_dir) {
+        removed.host_settings += undone.len();
+    }
     // kvnet's filters, wherever they are in this network namespace: they sit
     // at kvnet's own priority and handle.
     let ifaces = crate::netdev::interfaces();

@@ -114,7 +114,7 @@ struct PortLinks {
 }
 
 /// Where an XDP link of `ifindex` is pinned.
-fn xdp_link_pin(pin_dir: &Path, ifindex: u32) -> PathBuf {
+pub(crate) fn xdp_link_pin(pin_dir: &Path, ifindex: u32) -> PathBuf {
     pin_dir.join("links").join(format!("xdp_{ifindex}"))
 }
 

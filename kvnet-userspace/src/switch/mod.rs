@@ -3,6 +3,7 @@
 //! only when it can finish, undoing its own steps when a later one fails.
 
 pub mod bindings;
+pub mod journal;
 pub mod nat;
 pub mod network;
 use std::{
@@ -400,6 +401,12 @@ impl Switch {
         let mut members = self.members(net);
         let before = members.clone();
         members.push((ifindex, cfg.clone()));
+        if !self.dp.adopting {
+            journal::record(journal::Undo::Programs {
+                iface: iface.to_string(),
+                ifindex,
+            })?;
+        }
         let applied = self
             .dp
             .reset_stats(ifindex)

@@ -280,6 +280,61 @@ impl Switch {
         self.set_uplink_nat_flag(&uplink)
     }
 
+    /// `kvnet net set --nat-ports/--nat-udp`, and `apply` of those: changed
+    /// live. Flows keep the ports they have (their conntrack entries stay);
+    /// new flows take ports from the new range. Leaving endpoint-independent
+    /// UDP drops the network's mappings, so no flow keeps a filtering the
+    /// network no longer has.
+    pub fn net_set_nat(
+        &mut self,
+        name: &str,
+        ports: Option<&str>,
+        udp: Option<crate::control::NatUdp>,
+    ) -> Result<()> {
+        let net = self.net(name)?;
+        let id = net.id;
+        let state = net
+            .nat
+            .as_ref()
+            .with_context(|| format!("network '{name}' is not a NAT network"))?;
+        let range = match ports {
+            Some(r) => parse_port_range(r).with_context(|| format!("network '{name}'"))?,
+            None => state.ports,
+        };
+        let udp = udp.unwrap_or(state.udp);
+        let (lo, hi, elo, ehi) = effective_ports(range, host_ephemeral_range())
+            .with_context(|| format!("network '{name}': nat ports"))?;
+        let left_eim = state.udp == crate::control::NatUdp::Eim && udp != state.udp;
+        let mut cfg = self
+            .dp
+            .nets()?
+            .get(&id, 0)
+            .context("the network's datapath entry")?;
+        (cfg.port_lo, cfg.port_hi, cfg.skip_lo, cfg.skip_hi) = (lo, hi, elo, ehi);
+        if udp == crate::control::NatUdp::Eim {
+            cfg.flags |= NET_F_NAT_UDP_EIM;
+        } else {
+            cfg.flags &= !NET_F_NAT_UDP_EIM;
+        }
+        self.dp
+            .nets()?
+            .insert(id, cfg, 0)
+            .context("writing the network map")?;
+        if left_eim {
+            self.nat_mappings_drop(|m| m.net_id == id)?;
+        }
+        let nat_ports = format!("{}-{}", range.0, range.1);
+        if let Some(n) = self.nets.get_mut(name) {
+            if let Some(s) = n.nat.as_mut() {
+                s.ports = range;
+                s.udp = udp;
+            }
+            n.opts.nat_ports = Some(nat_ports);
+            n.opts.nat_udp = Some(udp);
+        }
+        Ok(())
+    }
+
     /// PORT_F_UPLINK_NAT on a routed uplink iff one of its networks NATs.
     fn set_uplink_nat_flag(&mut self, uplink: &str) -> Result<()> {
         let Some(u) = self.routed_uplinks.get(uplink) else {
@@ -301,6 +356,12 @@ impl Switch {
         }
         // The egress guard stops guest packets that escaped translation.
         if any_nat && !self.dp.has_egress(ifindex) {
+            if !self.dp.adopting {
+                crate::switch::journal::record(crate::switch::journal::Undo::Programs {
+                    iface: uplink.to_string(),
+                    ifindex,
+                })?;
+            }
             self.dp.attach_egress(uplink, ifindex)?;
         } else if !any_nat && self.dp.has_egress(ifindex) {
             self.dp.detach_egress(ifindex);

@@ -61,6 +61,16 @@ pub enum Restore {
 }
 
 impl Restore {
+    /// What it restores, for the log.
+    pub fn describe(&self) -> String {
+        match self {
+            Restore::Sysctl { path, old } => format!("{path} = {old}"),
+            Restore::Promisc { iface } => format!("promiscuous mode of {iface}"),
+            Restore::NoForward { table, pref } => format!("rule {pref} and table {table}"),
+            Restore::Rule { pref } => format!("rule {pref}"),
+        }
+    }
+
     pub(crate) fn undo(&self) {
         let r = match self {
             Restore::Sysctl { path, old } => gateway::write_sysctl(path, old),
@@ -85,6 +95,7 @@ pub struct RoutedUplink {
 }
 
 use crate::host::{ip, ip_link};
+use crate::switch::journal::{self, Undo};
 
 /// Routing table and rule preference kvnet uses for network `id`.
 const NO_FORWARD_BASE: u32 = 27000;
@@ -97,8 +108,13 @@ fn set_sysctl(iface: &str, key: &str, value: &str, restore: &mut Vec<Restore>) -
     let path = format!("/proc/sys/net/ipv4/conf/{iface}/{key}");
     let old = gateway::read_sysctl(&path)?;
     if old != value {
+        let r = Restore::Sysctl {
+            path: path.clone(),
+            old,
+        };
+        journal::record(Undo::Setting(r.clone()))?;
         gateway::write_sysctl(&path, value)?;
-        restore.push(Restore::Sysctl { path, old });
+        restore.push(r);
     }
     Ok(())
 }
@@ -244,6 +260,9 @@ impl Switch {
         let gw = if self.dp.adopting && netdev::ifindex(host_if).is_ok() {
             Gateway::adopt(host_if, id, cidr, routed)?
         } else {
+            journal::record(Undo::Link {
+                iface: host_if.to_string(),
+            })?;
             Gateway::create(host_if, id, cidr, routed)?
         };
         let port_if = gw.port_if.clone();
@@ -307,6 +326,11 @@ impl Switch {
                 (NO_FORWARD_BASE + id).to_string(),
                 (NO_FORWARD_BASE + id).to_string(),
             );
+            if !self.dp.adopting {
+                journal::record(Undo::Table {
+                    table: table.clone(),
+                })?;
+            }
             ip(&[
                 "route",
                 "replace",
@@ -327,6 +351,7 @@ impl Switch {
                     .output()
                     .is_ok_and(|o| !o.stdout.is_empty());
             if !present {
+                journal::record(Undo::Setting(Restore::Rule { pref: pref.clone() }))?;
                 ip(&[
                     "rule", "add", "iif", host_if, "pref", &pref, "table", &table,
                 ])?;
@@ -346,6 +371,11 @@ impl Switch {
         }
         .to_string();
         let table = (NO_FORWARD_BASE + id).to_string();
+        if !self.dp.adopting {
+            journal::record(Undo::Table {
+                table: table.clone(),
+            })?;
+        }
         ip(&[
             "route",
             "replace",
@@ -362,15 +392,16 @@ impl Switch {
         ];
         for (pref, sel, lookup) in rules {
             let pref = pref.to_string();
+            let r = if lookup == "main" {
+                Restore::Rule { pref: pref.clone() }
+            } else {
+                Restore::NoForward {
+                    table: table.clone(),
+                    pref: pref.clone(),
+                }
+            };
             if let Some(n) = self.nets.get_mut(name) {
-                n.restore.push(if lookup == "main" {
-                    Restore::Rule { pref: pref.clone() }
-                } else {
-                    Restore::NoForward {
-                        table: table.clone(),
-                        pref: pref.clone(),
-                    }
-                });
+                n.restore.push(r);
             }
             let present = self.dp.adopting
                 && std::process::Command::new("ip")
@@ -378,6 +409,7 @@ impl Switch {
                     .output()
                     .is_ok_and(|o| !o.stdout.is_empty());
             if !present {
+                journal::record(Undo::Setting(Restore::Rule { pref: pref.clone() }))?;
                 let mut args = vec!["rule", "add"];
                 args.extend(sel);
                 args.extend(["to", &subnet, "pref", &pref, "lookup", lookup]);
@@ -430,6 +462,9 @@ impl Switch {
             .context("writing the network map")?;
         self.dp.attach_egress(uplink, ifindex)?;
         // Frames for guests' MACs must reach us from the LAN.
+        journal::record(Undo::Setting(Restore::Promisc {
+            iface: uplink.to_string(),
+        }))?;
         ip_link(&["set", "dev", uplink, "promisc", "on"])?;
         if let Some(n) = self.nets.get_mut(name) {
             n.restore.push(Restore::Promisc {
@@ -461,6 +496,12 @@ impl Switch {
             flags: PORT_F_UPLINK_ROUTED | nat_mark,
             ..Default::default()
         };
+        if !self.dp.adopting {
+            journal::record(Undo::Programs {
+                iface: uplink.to_string(),
+                ifindex,
+            })?;
+        }
         let applied = self
             .dp
             .reset_stats(ifindex)
