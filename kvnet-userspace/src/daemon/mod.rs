@@ -358,7 +358,7 @@ async fn maintain(switch: Arc<Mutex<Switch>>) {
         }
         // The netlink watcher follows uplink addresses as they change; this
         // slow re-read only backs it up should it ever stop.
-        if n % UPLINK_FALLBACK_TICKS == 0 {
+        if n.is_multiple_of(UPLINK_FALLBACK_TICKS) {
             if let Err(e) = sw.nat_follow_uplinks() {
                 log::warn!("following uplink addresses: {e:#}");
             }
