@@ -74,8 +74,8 @@ fn sysctl_path(iface: &str, key: &str) -> String {
     format!("/proc/sys/net/ipv4/conf/{iface}/{key}")
 }
 
-use crate::host::ip;
 pub use crate::host::{read_sysctl, write_sysctl};
+use crate::rtnl;
 
 #[derive(Debug)]
 pub struct Gateway {
@@ -100,19 +100,17 @@ impl Gateway {
             bail!("interface '{host_if}' already exists; choose another gateway interface name");
         }
         let port_if = format!("kvgw{net_id}");
-        ip(&[
-            "link", "add", host_if, "type", "veth", "peer", "name", &port_if,
-        ])
-        .with_context(|| format!("creating the gateway interface {host_if}"))?;
+        rtnl::link_add_veth(host_if, &port_if)
+            .with_context(|| format!("creating the gateway interface {host_if}"))?;
         let gw = Gateway {
             host_if: host_if.to_string(),
             port_if,
             cidr,
         };
-        let setup = (|| {
-            ip(&["addr", "add", &cidr.to_string(), "dev", host_if])?;
-            ip(&["link", "set", &gw.port_if, "up"])?;
-            ip(&["link", "set", host_if, "up"])?;
+        let setup = (|| -> Result<()> {
+            rtnl::addr_add(host_if, cidr, false)?;
+            rtnl::link_set_up(&gw.port_if)?;
+            rtnl::link_set_up(host_if)?;
             gw.set_forwarding(forwarding)
         })();
         if let Err(e) = setup {
@@ -132,9 +130,9 @@ impl Gateway {
         };
         crate::netdev::ifindex(&gw.port_if)
             .with_context(|| format!("adopting gateway {host_if}: its peer is gone"))?;
-        ip(&["addr", "replace", &cidr.to_string(), "dev", host_if])?;
-        ip(&["link", "set", &gw.port_if, "up"])?;
-        ip(&["link", "set", host_if, "up"])?;
+        rtnl::addr_add(host_if, cidr, true)?;
+        rtnl::link_set_up(&gw.port_if)?;
+        rtnl::link_set_up(host_if)?;
         gw.set_forwarding(forwarding)?;
         Ok(gw)
     }
@@ -155,7 +153,12 @@ impl Gateway {
 
     /// Deletes the gateway interface `host_if` (and its peer, the port).
     pub fn remove(host_if: &str) {
-        let _ = ip(&["link", "del", host_if]);
+        // Gone already is fine: removal is best effort on teardown paths.
+        if let Err(e) = rtnl::link_del(host_if) {
+            if e.errno() != Some(nix::errno::Errno::ENODEV) {
+                log::warn!("{e}");
+            }
+        }
     }
 }
 

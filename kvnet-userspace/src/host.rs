@@ -1,31 +1,7 @@
-//! The host around the datapath: iproute2 commands, sysctls and the
-//! monotonic clock the datapath's timestamps use, in one place.
-use std::process::Command;
-
-use anyhow::{bail, Context, Result};
-
-/// Runs `ip ARGS` (iproute2); its stderr is the error.
-pub fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running `ip` (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// `ip link ARGS`.
-pub fn ip_link(args: &[&str]) -> Result<()> {
-    let mut a = vec!["link"];
-    a.extend_from_slice(args);
-    ip(&a)
-}
+//! The host around the datapath: sysctls and the monotonic clock the
+//! datapath's timestamps use, in one place (links, addresses, routes and
+//! rules are in `rtnl`).
+use anyhow::{Context, Result};
 
 pub fn read_sysctl(path: &str) -> Result<String> {
     Ok(std::fs::read_to_string(path)

@@ -15,6 +15,7 @@ pub mod libvirt;
 pub mod mac;
 pub mod netdev;
 pub mod output;
+pub mod rtnl;
 pub mod security;
 pub mod switch;
 pub mod trace;

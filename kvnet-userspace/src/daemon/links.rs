@@ -16,9 +16,11 @@ use crate::{
 
 /// `kvnet ifup TAP`: attach by explicit settings (env) or by rule.
 pub fn ifup(sw: &mut Switch, iface: &str, net: Option<&str>, vlan: Option<&str>) -> Result<String> {
-    let _ = std::process::Command::new("ip")
-        .args(["link", "set", "dev", iface, "up"])
-        .status();
+    // Best effort, as a tap's creator usually brings it up itself; attach
+    // below reports a missing interface.
+    if let Err(e) = crate::rtnl::link_set_up(iface) {
+        log::debug!("{e}");
+    }
     let (spec, explicit) = match net {
         Some(n) => {
             let vlan = VlanArgs {
@@ -148,35 +150,12 @@ pub fn link_removed(sw: &mut Switch, iface: &str) -> bool {
     !sw.reap_vanished_ports().is_empty()
 }
 
-/// Follows RTM_NEWLINK/RTM_DELLINK on a netlink socket (RTMGRP_LINK) and
-/// attaches/detaches ports; runs on its own thread for the daemon's life.
+/// Follows link events (RTMGRP_LINK) to attach/detach ports, and IPv4
+/// address events (RTMGRP_IPV4_IFADDR) so NAT networks follow their
+/// uplink's address at once; runs on its own thread for the daemon's life.
 pub fn watch_links(switch: std::sync::Arc<Mutex<Switch>>) -> Result<()> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    // SAFETY: plain socket(2)/bind(2) on a fresh fd we own.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("opening a netlink socket");
-    }
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as u16;
-    addr.nl_groups = libc::RTMGRP_LINK as u32;
-    let rc = unsafe {
-        libc::bind(
-            sock.as_raw_fd(),
-            &addr as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error()).context("binding to RTMGRP_LINK");
-    }
+    let sock =
+        crate::rtnl::event_socket().context("subscribing to link and address events (netlink)")?;
     // Weak: the daemon's exit drops the switch (and with it the pins).
     let switch = std::sync::Arc::downgrade(&switch);
     std::thread::Builder::new()
@@ -184,42 +163,67 @@ pub fn watch_links(switch: std::sync::Arc<Mutex<Switch>>) -> Result<()> {
         .spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
             loop {
-                let n =
-                    unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-                if n < 0 {
-                    let e = std::io::Error::last_os_error();
-                    if e.raw_os_error() == Some(libc::ENOBUFS) {
+                let n = match sock.recv(&mut &mut buf[..], 0) {
+                    Ok(n) => n.min(buf.len()),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                         // Missed events: catch up with a full scan.
                         let Some(switch) = switch.upgrade() else {
                             return;
                         };
-                        if let Ok(mut sw) = switch.lock() {
-                            for i in netdev::interfaces() {
-                                link_added(&mut sw, &i);
-                            }
+                        let Ok(mut sw) = switch.lock() else { return };
+                        for i in netdev::interfaces() {
+                            link_added(&mut sw, &i);
                         }
+                        follow_uplinks(&mut sw);
                         continue;
                     }
-                    if e.kind() == std::io::ErrorKind::Interrupted {
-                        continue;
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        log::warn!("netlink watcher stopped: {e}");
+                        return;
                     }
-                    log::warn!("netlink watcher stopped: {e}");
-                    return;
+                };
+                // Parsed before taking the lock; the lock is held for the
+                // switch's own work only.
+                let mut links = Vec::new();
+                let mut address_changed = false;
+                for m in crate::rtnl::messages(&buf[..n]) {
+                    let m = match m {
+                        Ok(m) => m,
+                        Err(e) => {
+                            log::warn!("netlink watcher: {e}");
+                            continue;
+                        }
+                    };
+                    let netlink_packet_core::NetlinkPayload::InnerMessage(m) = m.payload else {
+                        continue;
+                    };
+                    if let Some(ev) = crate::rtnl::link_event(&m) {
+                        links.push(ev);
+                    } else if crate::rtnl::ipv4_address_event(&m).is_some() {
+                        address_changed = true;
+                    }
+                }
+                if links.is_empty() && !address_changed {
+                    continue;
                 }
                 let Some(switch) = switch.upgrade() else {
                     return;
                 };
-                for (ty, name) in parse_link_msgs(&buf[..n as usize]) {
-                    let Ok(mut sw) = switch.lock() else { return };
-                    if ty == libc::RTM_NEWLINK {
+                let Ok(mut sw) = switch.lock() else { return };
+                for (added, name) in links {
+                    if added {
                         if let Some(what) = link_added(&mut sw, &name) {
                             eprintln!("port {what}: attached (interface appeared)");
                             crate::daemon::state::persist(&sw);
                         }
-                    } else if ty == libc::RTM_DELLINK && link_removed(&mut sw, &name) {
+                    } else if link_removed(&mut sw, &name) {
                         eprintln!("port {name} vanished: removed");
                         crate::daemon::state::persist(&sw);
                     }
+                }
+                if address_changed {
+                    follow_uplinks(&mut sw);
                 }
             }
         })
@@ -227,68 +231,10 @@ pub fn watch_links(switch: std::sync::Arc<Mutex<Switch>>) -> Result<()> {
     Ok(())
 }
 
-/// (message type, IFLA_IFNAME) of each link message in a netlink datagram.
-fn parse_link_msgs(mut b: &[u8]) -> Vec<(u16, String)> {
-    const NLMSG_HDR: usize = 16;
-    const IFINFO: usize = 16;
-    let mut out = Vec::new();
-    while b.len() >= NLMSG_HDR {
-        let len = u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize;
-        let ty = u16::from_ne_bytes(b[4..6].try_into().unwrap());
-        if len < NLMSG_HDR || len > b.len() {
-            break;
-        }
-        if ty == libc::RTM_NEWLINK || ty == libc::RTM_DELLINK {
-            let msg = &b[..len];
-            let mut off = NLMSG_HDR + IFINFO;
-            while off + 4 <= len {
-                let alen = u16::from_ne_bytes([msg[off], msg[off + 1]]) as usize;
-                let aty = u16::from_ne_bytes([msg[off + 2], msg[off + 3]]);
-                if alen < 4 || off + alen > len {
-                    break;
-                }
-                if aty == libc::IFLA_IFNAME {
-                    let v = &msg[off + 4..off + alen];
-                    let v = v.split(|c| *c == 0).next().unwrap_or_default();
-                    out.push((ty, String::from_utf8_lossy(v).into_owned()));
-                }
-                off += (alen + 3) & !3;
-            }
-        }
-        let step = (len + 3) & !3;
-        if step >= b.len() {
-            break;
-        }
-        b = &b[step..];
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn netlink_link_messages() {
-        // nlmsghdr(16) + ifinfomsg(16) + IFLA_IFNAME "tap0\0" padded.
-        let mut m = Vec::new();
-        let attr_len = 4 + 5;
-        let total = 16 + 16 + ((attr_len + 3) & !3);
-        m.extend_from_slice(&(total as u32).to_ne_bytes());
-        m.extend_from_slice(&libc::RTM_NEWLINK.to_ne_bytes());
-        m.extend_from_slice(&[0; 10]);
-        m.extend_from_slice(&[0; 16]);
-        m.extend_from_slice(&(attr_len as u16).to_ne_bytes());
-        m.extend_from_slice(&libc::IFLA_IFNAME.to_ne_bytes());
-        m.extend_from_slice(b"tap0\0\0\0\0");
-        let mut two = m.clone();
-        two.extend_from_slice(&m);
-        assert_eq!(
-            parse_link_msgs(&two),
-            vec![
-                (libc::RTM_NEWLINK, "tap0".to_string()),
-                (libc::RTM_NEWLINK, "tap0".to_string())
-            ]
-        );
+/// An IPv4 address came or went somewhere: NAT networks re-read their
+/// uplink's (one ioctl per NAT uplink, so any address event will do).
+fn follow_uplinks(sw: &mut Switch) {
+    if let Err(e) = sw.nat_follow_uplinks() {
+        log::warn!("following uplink addresses: {e:#}");
     }
 }

@@ -361,12 +361,19 @@ async fn maintain(switch: Arc<Mutex<Switch>>) {
                 next_walk = std::time::Instant::now()
                     + WALK_MIN_INTERVAL.max(started.elapsed() * WALK_COST_FACTOR);
             }
+        }
+        // The netlink watcher follows uplink addresses as they change; this
+        // slow re-read only backs it up should it ever stop.
+        if n.is_multiple_of(UPLINK_FALLBACK_TICKS) {
             if let Err(e) = sw.nat_follow_uplinks() {
                 log::warn!("following uplink addresses: {e:#}");
             }
         }
     }
 }
+
+/// 30 s in 500 ms ticks.
+const UPLINK_FALLBACK_TICKS: u64 = 60;
 
 async fn handle_client(
     stream: UnixStream,

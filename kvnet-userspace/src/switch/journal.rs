@@ -153,7 +153,11 @@ fn undo(u: &Undo, pin_dir: &Path) {
         }
         Undo::Setting(r) => r.undo(),
         Undo::Table { table } => {
-            if let Err(e) = crate::host::ip(&["route", "flush", "table", table]) {
+            let flushed = table
+                .parse::<u32>()
+                .map_err(anyhow::Error::from)
+                .and_then(|t| Ok(crate::rtnl::route_flush_table(t)?));
+            if let Err(e) = flushed {
                 log::warn!("flushing routing table {table}: {e:#}");
             }
         }

@@ -716,7 +716,8 @@ impl Switch {
     }
 
     /// Follows the uplink's address (DHCP on the host): new flows use the
-    /// new one at once.
+    /// new one at once. The netlink watcher calls it on every IPv4 address
+    /// event (daemon/links.rs).
     pub fn nat_follow_uplinks(&mut self) -> Result<()> {
         let nats: Vec<(String, u32, String, Ipv4Addr)> = self
             .nets

@@ -74,11 +74,13 @@ impl Restore {
     pub(crate) fn undo(&self) {
         let r = match self {
             Restore::Sysctl { path, old } => gateway::write_sysctl(path, old),
-            Restore::Promisc { iface } => ip_link(&["set", "dev", iface, "promisc", "off"]),
-            Restore::NoForward { table, pref } => {
-                ip(&["rule", "del", "pref", pref]).and(ip(&["route", "flush", "table", table]))
-            }
-            Restore::Rule { pref } => ip(&["rule", "del", "pref", pref]),
+            Restore::Promisc { iface } => rtnl::link_set_promisc(iface, false).map_err(Into::into),
+            Restore::NoForward { table, pref } => number(pref).and_then(|pref| {
+                let rule = rtnl::rule_del(pref);
+                let flushed = number(table).and_then(|t| Ok(rtnl::route_flush_table(t)?));
+                rule.map_err(anyhow::Error::from).and(flushed)
+            }),
+            Restore::Rule { pref } => number(pref).and_then(|p| Ok(rtnl::rule_del(p)?)),
         };
         if let Err(e) = r {
             log::warn!("restoring {self:?}: {e:#}");
@@ -94,8 +96,14 @@ pub struct RoutedUplink {
     pub(crate) restore: Vec<Restore>,
 }
 
-use crate::host::{ip, ip_link};
+use crate::rtnl;
 use crate::switch::journal::{self, Undo};
+
+/// A rule preference or table number as the state file keeps it.
+fn number(s: &str) -> Result<u32> {
+    s.parse()
+        .with_context(|| format!("'{s}' is not a rule preference or table number"))
+}
 
 /// Routing table and rule preference kvnet uses for network `id`.
 const NO_FORWARD_BASE: u32 = 27000;
@@ -322,39 +330,30 @@ impl Switch {
         } else {
             // host-only: anything arriving on the gateway that is not for a
             // host address is unreachable, even with ip_forward on.
-            let (table, pref) = (
-                (NO_FORWARD_BASE + id).to_string(),
-                (NO_FORWARD_BASE + id).to_string(),
-            );
+            let (table, pref) = (NO_FORWARD_BASE + id, NO_FORWARD_BASE + id);
             if !self.dp.adopting {
                 journal::record(Undo::Table {
-                    table: table.clone(),
+                    table: table.to_string(),
                 })?;
             }
-            ip(&[
-                "route",
-                "replace",
-                "unreachable",
-                "default",
-                "table",
-                &table,
-            ])?;
+            rtnl::route_replace_unreachable_default(table)?;
             if let Some(n) = self.nets.get_mut(name) {
                 n.restore.push(Restore::NoForward {
-                    table: table.clone(),
-                    pref: pref.clone(),
+                    table: table.to_string(),
+                    pref: pref.to_string(),
                 });
             }
-            let present = self.dp.adopting
-                && std::process::Command::new("ip")
-                    .args(["rule", "list", "pref", &pref])
-                    .output()
-                    .is_ok_and(|o| !o.stdout.is_empty());
-            if !present {
-                journal::record(Undo::Setting(Restore::Rule { pref: pref.clone() }))?;
-                ip(&[
-                    "rule", "add", "iif", host_if, "pref", &pref, "table", &table,
-                ])?;
+            // An adopted network keeps the rule its first daemon added.
+            if !(self.dp.adopting && rtnl::rule_exists(pref)?) {
+                journal::record(Undo::Setting(Restore::Rule {
+                    pref: pref.to_string(),
+                }))?;
+                rtnl::rule_add(&rtnl::Rule {
+                    pref,
+                    iif: Some(host_if.to_string()),
+                    to: None,
+                    table,
+                })?;
             }
         }
         Ok(())
@@ -368,52 +367,43 @@ impl Switch {
         let subnet = Cidr {
             addr: cidr.network(),
             prefix: cidr.prefix,
-        }
-        .to_string();
-        let table = (NO_FORWARD_BASE + id).to_string();
+        };
+        let table = NO_FORWARD_BASE + id;
         if !self.dp.adopting {
             journal::record(Undo::Table {
-                table: table.clone(),
+                table: table.to_string(),
             })?;
         }
-        ip(&[
-            "route",
-            "replace",
-            "unreachable",
-            "default",
-            "table",
-            &table,
-        ])?;
+        rtnl::route_replace_unreachable_default(table)?;
         let base = NAT_IN_BASE + 3 * id;
-        let rules: [(u32, Vec<&str>, &str); 3] = [
-            (base, vec!["iif", "lo"], "main"),
-            (base + 1, vec!["iif", host_if], "main"),
-            (base + 2, vec![], table.as_str()),
+        let rules = [
+            (base, Some("lo"), rtnl::TABLE_MAIN),
+            (base + 1, Some(host_if), rtnl::TABLE_MAIN),
+            (base + 2, None, table),
         ];
-        for (pref, sel, lookup) in rules {
-            let pref = pref.to_string();
-            let r = if lookup == "main" {
-                Restore::Rule { pref: pref.clone() }
-            } else {
-                Restore::NoForward {
-                    table: table.clone(),
-                    pref: pref.clone(),
-                }
-            };
+        for (pref, iif, lookup) in rules {
             if let Some(n) = self.nets.get_mut(name) {
-                n.restore.push(r);
+                n.restore.push(if lookup == rtnl::TABLE_MAIN {
+                    Restore::Rule {
+                        pref: pref.to_string(),
+                    }
+                } else {
+                    Restore::NoForward {
+                        table: table.to_string(),
+                        pref: pref.to_string(),
+                    }
+                });
             }
-            let present = self.dp.adopting
-                && std::process::Command::new("ip")
-                    .args(["rule", "list", "pref", &pref])
-                    .output()
-                    .is_ok_and(|o| !o.stdout.is_empty());
-            if !present {
-                journal::record(Undo::Setting(Restore::Rule { pref: pref.clone() }))?;
-                let mut args = vec!["rule", "add"];
-                args.extend(sel);
-                args.extend(["to", &subnet, "pref", &pref, "lookup", lookup]);
-                ip(&args)?;
+            if !(self.dp.adopting && rtnl::rule_exists(pref)?) {
+                journal::record(Undo::Setting(Restore::Rule {
+                    pref: pref.to_string(),
+                }))?;
+                rtnl::rule_add(&rtnl::Rule {
+                    pref,
+                    iif: iif.map(Into::into),
+                    to: Some(subnet),
+                    table: lookup,
+                })?;
             }
         }
         Ok(())
@@ -465,7 +455,7 @@ impl Switch {
         journal::record(Undo::Setting(Restore::Promisc {
             iface: uplink.to_string(),
         }))?;
-        ip_link(&["set", "dev", uplink, "promisc", "on"])?;
+        rtnl::link_set_promisc(uplink, true)?;
         if let Some(n) = self.nets.get_mut(name) {
             n.restore.push(Restore::Promisc {
                 iface: uplink.to_string(),
