@@ -297,13 +297,17 @@ async fn serve(opts: &Options, switch: Arc<Mutex<Switch>>) -> Result<Exit> {
             _ = term.recv() => break Exit::Stop,
             _ = int.recv() => break Exit::Stop,
             _ = hup.recv() => {
-                if let Ok(mut sw) = switch.lock() {
-                    match crate::daemon::reconcile::reload(&mut sw) {
-                        Ok(plan) => eprint!("kvnet: SIGHUP: reloaded:\n{}", plan.render()),
-                        Err(e) => eprintln!("kvnet: SIGHUP: {e:#} (running state unchanged)"),
+                let switch = switch.clone();
+                // Like a request: applied off the async workers.
+                tokio::task::spawn_blocking(move || {
+                    if let Ok(mut sw) = switch.lock() {
+                        match crate::daemon::reconcile::reload(&mut sw) {
+                            Ok(plan) => eprint!("kvnet: SIGHUP: reloaded:\n{}", plan.render()),
+                            Err(e) => eprintln!("kvnet: SIGHUP: {e:#} (running state unchanged)"),
+                        }
+                        crate::daemon::state::persist(&sw);
                     }
-                    crate::daemon::state::persist(&sw);
-                }
+                });
             }
             _ = crate::daemon::status::DOWN.notified() => {
                 // Let the answer to `kvnet down` reach the client first.
@@ -325,14 +329,44 @@ const WALK_COST_FACTOR: u32 = 20;
 /// Housekeeping: vanished ports every half second, FDB ageing every second.
 async fn maintain(switch: Arc<Mutex<Switch>>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let mut n: u64 = 0;
-    let mut next_walk = std::time::Instant::now();
-    let mut watchdog = crate::daemon::supervise::Watchdog::from_env();
+    let mut state = Housekeeping {
+        n: 0,
+        next_walk: std::time::Instant::now(),
+        watchdog: crate::daemon::supervise::Watchdog::from_env(),
+    };
     loop {
         tick.tick().await;
-        n += 1;
-        let Ok(mut sw) = switch.lock() else { return };
-        if let Some(w) = watchdog.as_mut() {
+        let sw = switch.clone();
+        // Off the async workers: a walk of a million conntrack entries
+        // blocks, and the workers must keep accepting and answering.
+        let done = tokio::task::spawn_blocking(move || {
+            let alive = state.tick(&sw);
+            (state, alive)
+        })
+        .await;
+        match done {
+            Ok((s, true)) => state = s,
+            _ => return,
+        }
+    }
+}
+
+struct Housekeeping {
+    n: u64,
+    next_walk: std::time::Instant,
+    watchdog: Option<crate::daemon::supervise::Watchdog>,
+}
+
+impl Housekeeping {
+    /// One tick; false once the switch is gone.
+    fn tick(&mut self, switch: &Mutex<Switch>) -> bool {
+        self.n += 1;
+        let Ok(mut sw) = switch.lock() else {
+            return false;
+        };
+        // Pinged with the lock held: a request stuck holding it stops the
+        // pings, and systemd restarts the daemon.
+        if let Some(w) = self.watchdog.as_mut() {
             w.tick();
         }
         sw.flush_log();
@@ -343,32 +377,31 @@ async fn maintain(switch: Arc<Mutex<Switch>>) {
         if !reaped.is_empty() {
             crate::daemon::state::persist(&sw);
         }
-        if n % 2 == 0 {
-            // Table walks are paced by their own cost: with a million
-            // entries a walk takes a while, and running it every second
-            // would eat a core and hold the control socket.
-            if std::time::Instant::now() >= next_walk {
-                let started = std::time::Instant::now();
-                if let Err(e) = sw.age_fdb() {
-                    log::warn!("FDB ageing: {e:#}");
-                }
-                if let Err(e) = sw.conntrack_gc() {
-                    log::warn!("conntrack GC: {e:#}");
-                }
-                if let Err(e) = sw.sweep_bindings() {
-                    log::warn!("port security bindings: {e:#}");
-                }
-                next_walk = std::time::Instant::now()
-                    + WALK_MIN_INTERVAL.max(started.elapsed() * WALK_COST_FACTOR);
+        // Table walks are paced by their own cost: with a million entries
+        // a walk takes a while, and running it every second would eat a
+        // core and hold the control socket.
+        if self.n.is_multiple_of(2) && std::time::Instant::now() >= self.next_walk {
+            let started = std::time::Instant::now();
+            if let Err(e) = sw.age_fdb() {
+                log::warn!("FDB ageing: {e:#}");
             }
+            if let Err(e) = sw.conntrack_gc() {
+                log::warn!("conntrack GC: {e:#}");
+            }
+            if let Err(e) = sw.sweep_bindings() {
+                log::warn!("port security bindings: {e:#}");
+            }
+            self.next_walk = std::time::Instant::now()
+                + WALK_MIN_INTERVAL.max(started.elapsed() * WALK_COST_FACTOR);
         }
         // The netlink watcher follows uplink addresses as they change; this
         // slow re-read only backs it up should it ever stop.
-        if n.is_multiple_of(UPLINK_FALLBACK_TICKS) {
+        if self.n.is_multiple_of(UPLINK_FALLBACK_TICKS) {
             if let Err(e) = sw.nat_follow_uplinks() {
                 log::warn!("following uplink addresses: {e:#}");
             }
         }
+        true
     }
 }
 
@@ -426,18 +459,25 @@ async fn handle_client(
                 eprintln!("kvnet: {} refused: {why}", peer.describe());
                 respond::<()>(Err(anyhow::anyhow!(why)))
             }
-            Ok(req) => match switch.lock() {
-                Ok(mut sw) => {
-                    let read_only = req.read_only();
-                    let r = respond(dispatch(&mut sw, req, peer.uid == 0));
-                    // A read changed nothing to write down.
-                    if !read_only {
-                        crate::daemon::state::persist(&sw);
+            Ok(req) => {
+                let (switch, root) = (switch.clone(), peer.uid == 0);
+                // Requests block (netlink, map walks, DHCP servers joined):
+                // off the async workers, which keep serving other clients.
+                tokio::task::spawn_blocking(move || match switch.lock() {
+                    Ok(mut sw) => {
+                        let read_only = req.read_only();
+                        let r = respond(dispatch(&mut sw, req, root));
+                        // A read changed nothing to write down.
+                        if !read_only {
+                            crate::daemon::state::persist(&sw);
+                        }
+                        r
                     }
-                    r
-                }
-                Err(_) => respond::<()>(Err(anyhow::anyhow!("daemon state is poisoned"))),
-            },
+                    Err(_) => respond::<()>(Err(anyhow::anyhow!("daemon state is poisoned"))),
+                })
+                .await
+                .unwrap_or_else(|e| respond::<()>(Err(anyhow::anyhow!("the request failed: {e}"))))
+            }
             Err(e) => respond::<()>(Err(anyhow::anyhow!("malformed request: {e}"))),
         };
         if answer(&mut write, resp).await.is_err() {
