@@ -53,7 +53,18 @@ pub fn received(v: &Value) -> (u64, f64) {
 /// A counter of `/proc/net/snmp` in `ns`: `field` of the `proto` lines
 /// (e.g. "Tcp", "InCsumErrors").
 pub fn snmp(ns: &str, proto: &str, field: &str) -> u64 {
-    let s = lab::sh(ns, "cat /proc/net/snmp").unwrap();
+    proc_net_counter(ns, "snmp", proto, field)
+}
+
+/// A counter of `/proc/net/netstat` in `ns` (`TcpExt`, `IpExt`).
+pub fn netstat(ns: &str, proto: &str, field: &str) -> u64 {
+    proc_net_counter(ns, "netstat", proto, field)
+}
+
+/// `/proc/net/snmp` and `/proc/net/netstat` share a layout: a header line
+/// and a value line per protocol.
+fn proc_net_counter(ns: &str, file: &str, proto: &str, field: &str) -> u64 {
+    let s = lab::sh(ns, &format!("cat /proc/net/{file}")).unwrap();
     let mut lines = s.lines().filter(|l| l.starts_with(&format!("{proto}:")));
     let (h, v) = (lines.next().unwrap(), lines.next().unwrap());
     let i = h.split_whitespace().position(|x| x == field).unwrap();
