@@ -80,7 +80,10 @@ pub fn status(sock: &Path, json: bool) -> Result<()> {
         return Ok(());
     }
     let s: Status = serde_json::from_value(data)?;
-    println!("daemon:   {} (pid {})", s.daemon, s.pid);
+    println!(
+        "daemon:   {} (pid {}, kvnet {})",
+        s.daemon, s.pid, s.version
+    );
     println!("config:   {}", s.config.as_deref().unwrap_or("(none)"));
     println!("pins:     {}", s.pin_dir);
     println!("programs: {}", s.programs.join(", "));

@@ -56,6 +56,9 @@ enum Cmd {
         #[arg(long, env = "KVNET_RO_GROUP", default_value = daemon::access::DEFAULT_RO_GROUP,
               value_parser = daemon::access::group_name)]
         ro_group: String,
+        /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
+        #[arg(long, env = "KVNET_METRICS", value_name = "ADDR:PORT")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Networks (switch instances).
     #[command(subcommand)]
@@ -468,6 +471,7 @@ fn run(cli: Cli) -> Result<()> {
             config,
             socket_group,
             ro_group,
+            metrics,
         } => daemon::run(daemon::Options {
             ct_max,
             socket: cli.socket.clone(),
@@ -480,6 +484,7 @@ fn run(cli: Cli) -> Result<()> {
             }),
             socket_group,
             ro_group,
+            metrics,
         }),
         Cmd::Apply {
             file,

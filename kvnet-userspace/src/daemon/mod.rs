@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod links;
+pub mod metrics;
 pub mod reconcile;
 pub mod state;
 pub mod status;
@@ -45,6 +46,8 @@ pub struct Options {
     pub socket_group: String,
     /// Its members may only send requests that change nothing.
     pub ro_group: String,
+    /// Where Prometheus scrapes `/metrics`; None: not served.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -282,6 +285,9 @@ async fn serve(opts: &Options, switch: Arc<Mutex<Switch>>) -> Result<Exit> {
         opts.ro_group,
         opts.pin_dir.display()
     );
+    if let Some(addr) = opts.metrics {
+        crate::daemon::metrics::serve(addr, switch.clone()).await?;
+    }
     crate::daemon::supervise::notify("READY=1");
     tokio::spawn(maintain(switch.clone()));
     crate::daemon::links::watch_links(switch.clone())?;

@@ -9,6 +9,9 @@ use crate::switch::Switch;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub daemon: String,
+    /// The running daemon's kvnet version.
+    #[serde(default)]
+    pub version: String,
     pub pid: u32,
     pub pin_dir: String,
     pub programs: Vec<String>,
@@ -45,6 +48,7 @@ pub fn status(sw: &mut Switch) -> Result<Status> {
     });
     Ok(Status {
         daemon: "running".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
         pin_dir: pin_dir.display().to_string(),
         programs,
