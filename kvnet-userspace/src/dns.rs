@@ -131,6 +131,8 @@ struct Followed {
     /// of any means the file was replaced or written.
     stamp: Option<(u64, u64, i64, i64, u64)>,
     checked: Option<Instant>,
+    /// Whether it was read before.
+    read: bool,
 }
 
 /// The forwarder's upstream resolvers, fixed or followed from a
@@ -160,6 +162,7 @@ impl Resolvers {
                     path,
                     stamp: None,
                     checked: None,
+                    read: false,
                 }),
             ),
         };
@@ -217,13 +220,22 @@ impl Resolvers {
             }
         };
         f.stamp = Some(stamp);
+        let first_read = !std::mem::replace(&mut f.read, true);
         let new: Vec<SocketAddr> = parse_resolv_conf(&text)
             .into_iter()
             .map(|a| SocketAddr::new(a.ip(), self.port))
             .filter(|u| u.ip() != self.me.ip())
             .collect();
         if new != **list {
-            log::info!(
+            // The first read is routine; a change later is worth seeing
+            // in the daemon's default log.
+            let level = if first_read {
+                log::Level::Info
+            } else {
+                log::Level::Warn
+            };
+            log::log!(
+                level,
                 "{}: upstream resolvers from {}: {:?} (were {:?})",
                 self.who,
                 f.path.display(),
