@@ -478,6 +478,9 @@ pub struct NatStatsRow {
 pub struct StatsReport {
     pub ports: Vec<PortStatsRow>,
     pub nat: Vec<NatStatsRow>,
+    /// DHCP and DNS counters of networks with a `--dhcp-range`.
+    #[serde(default)]
+    pub services: Vec<crate::dhcp::service::NetServiceStats>,
 }
 
 /// How long a learned MAC stays without traffic unless a network says otherwise.

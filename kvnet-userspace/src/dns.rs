@@ -1,16 +1,18 @@
 //! DNS on a network's gateway address, as libvirt's dnsmasq answers it: A
 //! and PTR for guest hostnames (DHCP leases and static hosts) in the
 //! network's domain, everything else forwarded to the host's upstream
-//! resolvers with a TTL-bound cache; UDP and TCP.
-use std::collections::HashMap;
+//! resolvers (followed when resolv.conf changes) with a TTL-bound cache
+//! bounded in entries and bytes; UDP and TCP, each serving task
+//! supervised (restarted with a fresh socket when it fails).
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, PTR};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
@@ -19,12 +21,22 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{watch, Semaphore};
 
+use crate::dhcp::supervise::supervise;
+
 /// TTL of the answers made from leases (dnsmasq's local-ttl is 0: leases
 /// change).
 pub const LOCAL_TTL: u32 = 0;
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 const TCP_IDLE: Duration = Duration::from_secs(10);
 const MAX_CACHE: usize = 4096;
+/// The most the cached answers may hold, counted as their names and wire
+/// size (records' names and data) plus [`ENTRY_OVERHEAD`] each: large
+/// answers cannot grow the cache past it.
+pub const MAX_CACHE_BYTES: usize = 4 << 20;
+/// What an entry costs besides its answer (key, map slots, bookkeeping).
+const ENTRY_OVERHEAD: usize = 128;
+/// How often a resolv.conf is looked at for changes (one stat).
+const RESOLV_CHECK_EVERY: Duration = Duration::from_secs(2);
 const MAX_CACHE_TTL: u32 = 3600;
 /// Negative answers without an SOA are kept this long.
 const NEG_TTL: u32 = 60;
@@ -35,6 +47,8 @@ pub type Names = Arc<dyn Fn() -> Vec<(String, Ipv4Addr)> + Send + Sync>;
 
 #[derive(Debug, Clone)]
 pub struct DnsConfig {
+    /// The network, for logs.
+    pub net: String,
     /// The gateway address to listen on (port 53).
     pub listen: Ipv4Addr,
     /// The gateway interface (SO_BINDTODEVICE).
@@ -42,7 +56,17 @@ pub struct DnsConfig {
     /// The network's domain: `NAME.DOMAIN` answered from `names`.
     pub domain: Option<String>,
     /// Where other names go (the host's resolvers).
-    pub upstream: Vec<SocketAddr>,
+    pub upstream: Upstream,
+}
+
+/// Where the forwarder's resolvers come from.
+#[derive(Debug, Clone)]
+pub enum Upstream {
+    /// These, always.
+    Fixed(Vec<SocketAddr>),
+    /// The `nameserver` lines of this resolv.conf, read again when it
+    /// changes.
+    ResolvConf(PathBuf),
 }
 
 #[derive(Default, Debug)]
@@ -58,6 +82,10 @@ pub struct Counters {
     pub upstream_failures: AtomicU64,
     /// Dropped because too many queries were in flight.
     pub overload: AtomicU64,
+    /// Cached answers dropped to make room (not expiry).
+    pub cache_evictions: AtomicU64,
+    /// Times a serving task (UDP or TCP) failed and was started again.
+    pub restarts: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -70,6 +98,11 @@ pub struct CountersSnapshot {
     pub forwarded: u64,
     pub upstream_failures: u64,
     pub overload: u64,
+    pub cache_evictions: u64,
+    /// Answers in the cache and their bytes (as [`MAX_CACHE_BYTES`] counts).
+    pub cache_entries: u64,
+    pub cache_bytes: u64,
+    pub restarts: u64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -77,13 +110,6 @@ fn bump(c: &AtomicU64) {
 }
 
 /// `nameserver` lines of a resolv.conf, port 53 (IPv4 and IPv6).
-pub fn upstream_from_resolv_conf(path: &Path) -> Vec<SocketAddr> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Vec::new();
-    };
-    parse_resolv_conf(&text)
-}
-
 pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
     text.lines()
         .filter_map(|l| {
@@ -98,10 +124,246 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// The state of a followed resolv.conf.
+struct Followed {
+    path: PathBuf,
+    /// (device, inode, mtime s, mtime ns, size) when last read; a change
+    /// of any means the file was replaced or written.
+    stamp: Option<(u64, u64, i64, i64, u64)>,
+    checked: Option<Instant>,
+    /// Whether it was read before.
+    read: bool,
+}
+
+/// The forwarder's upstream resolvers, fixed or followed from a
+/// resolv.conf (looked at, with one stat, at most every
+/// [`RESOLV_CHECK_EVERY`] when a query is forwarded).
+struct Resolvers {
+    /// Where they are logged from.
+    who: String,
+    /// Never forward to ourselves.
+    me: SocketAddr,
+    /// The resolvers' port (53; another in tests).
+    port: u16,
+    check_every: Duration,
+    state: Mutex<(Arc<Vec<SocketAddr>>, Option<Followed>)>,
+}
+
+impl Resolvers {
+    fn new(who: String, me: SocketAddr, up: Upstream) -> Resolvers {
+        let (list, followed) = match up {
+            Upstream::Fixed(mut v) => {
+                v.retain(|u| *u != me);
+                (v, None)
+            }
+            Upstream::ResolvConf(path) => (
+                Vec::new(),
+                Some(Followed {
+                    path,
+                    stamp: None,
+                    checked: None,
+                    read: false,
+                }),
+            ),
+        };
+        Resolvers {
+            who,
+            me,
+            port: 53,
+            check_every: RESOLV_CHECK_EVERY,
+            state: Mutex::new((Arc::new(list), followed)),
+        }
+    }
+
+    /// The resolvers now, re-read if the followed file changed.
+    fn current(&self) -> Arc<Vec<SocketAddr>> {
+        let mut st = lock(&self.state);
+        let (list, followed) = &mut *st;
+        let Some(f) = followed else {
+            return list.clone();
+        };
+        if f.checked.is_some_and(|t| t.elapsed() < self.check_every) {
+            return list.clone();
+        }
+        f.checked = Some(Instant::now());
+        use std::os::unix::fs::MetadataExt;
+        let meta = match std::fs::metadata(&f.path) {
+            Ok(m) => m,
+            Err(e) => {
+                // Being replaced, or gone: keep what we have.
+                if f.stamp.take().is_some() {
+                    log::warn!(
+                        "{}: {}: {e}; keeping resolvers {:?}",
+                        self.who,
+                        f.path.display(),
+                        list
+                    );
+                }
+                return list.clone();
+            }
+        };
+        let stamp = (
+            meta.dev(),
+            meta.ino(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.size(),
+        );
+        if f.stamp == Some(stamp) {
+            return list.clone();
+        }
+        let text = match std::fs::read_to_string(&f.path) {
+            Ok(t) => t,
+            Err(e) => {
+                log::warn!("{}: read {}: {e}", self.who, f.path.display());
+                return list.clone();
+            }
+        };
+        f.stamp = Some(stamp);
+        let first_read = !std::mem::replace(&mut f.read, true);
+        let new: Vec<SocketAddr> = parse_resolv_conf(&text)
+            .into_iter()
+            .map(|a| SocketAddr::new(a.ip(), self.port))
+            .filter(|u| u.ip() != self.me.ip())
+            .collect();
+        if new != **list {
+            // The first read is routine; a change later is worth seeing
+            // in the daemon's default log.
+            let level = if first_read {
+                log::Level::Info
+            } else {
+                log::Level::Warn
+            };
+            log::log!(
+                level,
+                "{}: upstream resolvers from {}: {:?} (were {:?})",
+                self.who,
+                f.path.display(),
+                new,
+                list
+            );
+            *list = Arc::new(new);
+        }
+        list.clone()
+    }
+}
+
+type CacheKey = (String, u16, u16);
+
 struct CacheEntry {
     msg: Message,
     at: Instant,
     ttl: u32,
+    /// What it counts against [`MAX_CACHE_BYTES`].
+    bytes: usize,
+    /// Its place in the use order (higher: used later).
+    used: u64,
+}
+
+impl CacheEntry {
+    fn expired(&self) -> bool {
+        self.at.elapsed().as_secs() >= u64::from(self.ttl)
+    }
+}
+
+/// Cached answers, bounded in entries and bytes; the least recently used
+/// go first (after the expired ones) when one more does not fit.
+struct Cache {
+    map: HashMap<CacheKey, CacheEntry>,
+    /// `used` -> key, oldest first.
+    order: BTreeMap<u64, CacheKey>,
+    next_use: u64,
+    bytes: usize,
+    max_bytes: usize,
+    max_entries: usize,
+    /// When the expired were last swept out (at most once a second).
+    swept: Option<Instant>,
+}
+
+impl Cache {
+    fn new(max_entries: usize, max_bytes: usize) -> Cache {
+        Cache {
+            map: HashMap::new(),
+            order: BTreeMap::new(),
+            next_use: 0,
+            bytes: 0,
+            max_bytes,
+            max_entries,
+            swept: None,
+        }
+    }
+
+    fn remove(&mut self, key: &CacheKey) -> Option<CacheEntry> {
+        let e = self.map.remove(key)?;
+        self.order.remove(&e.used);
+        self.bytes -= e.bytes;
+        Some(e)
+    }
+
+    /// The live entry of `key`, now the most recently used.
+    fn get(&mut self, key: &CacheKey) -> Option<&CacheEntry> {
+        if self.map.get(key)?.expired() {
+            self.remove(key);
+            return None;
+        }
+        self.next_use += 1;
+        let used = self.next_use;
+        let e = self.map.get_mut(key)?;
+        self.order.remove(&e.used);
+        e.used = used;
+        self.order.insert(used, key.clone());
+        Some(e)
+    }
+
+    /// Caches `msg`; returns how many entries were evicted for room.
+    fn insert(&mut self, key: CacheKey, msg: Message, wire_len: usize, ttl: u32) -> u64 {
+        let bytes = key.0.len() + wire_len + ENTRY_OVERHEAD;
+        self.remove(&key);
+        if bytes > self.max_bytes {
+            return 0;
+        }
+        let fits = |c: &Cache| c.map.len() < c.max_entries && c.bytes + bytes <= c.max_bytes;
+        if !fits(self)
+            && self
+                .swept
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            self.swept = Some(Instant::now());
+            let dead: Vec<CacheKey> = self
+                .map
+                .iter()
+                .filter(|(_, e)| e.expired())
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in dead {
+                self.remove(&k);
+            }
+        }
+        let mut evicted = 0;
+        while !fits(self) {
+            let Some((_, oldest)) = self.order.pop_first() else {
+                break;
+            };
+            if let Some(e) = self.map.remove(&oldest) {
+                self.bytes -= e.bytes;
+                evicted += 1;
+            }
+        }
+        self.next_use += 1;
+        self.order.insert(self.next_use, key.clone());
+        self.bytes += bytes;
+        self.map.insert(
+            key,
+            CacheEntry {
+                msg,
+                at: Instant::now(),
+                ttl,
+                bytes,
+                used: self.next_use,
+            },
+        );
+        evicted
+    }
 }
 
 struct Inner {
@@ -109,7 +371,8 @@ struct Inner {
     /// Lowercase domain without the trailing dot.
     domain: Option<String>,
     names: Names,
-    cache: Mutex<HashMap<(String, u16, u16), CacheEntry>>,
+    upstream: Resolvers,
+    cache: Mutex<Cache>,
     counters: Counters,
     inflight: Arc<Semaphore>,
 }
@@ -129,22 +392,18 @@ fn random_u16() -> u16 {
 }
 
 impl DnsServer {
-    /// Listen on `cfg.listen:53` (UDP and TCP) on `cfg.iface` only.
+    /// Listen on `cfg.listen:53` (UDP and TCP) on `cfg.iface` only, each
+    /// in a supervised task.
     pub async fn start(cfg: DnsConfig, names: Names) -> Result<DnsHandle> {
         let addr = SocketAddrV4::new(cfg.listen, 53);
         let udp = crate::netdev::bound_udp_socket(&cfg.iface, addr)
             .with_context(|| format!("DNS server on {}", cfg.iface))?;
         let tcp = bound_tcp_listener(&cfg.iface, addr)
             .with_context(|| format!("DNS server on {}", cfg.iface))?;
-        let mut cfg = cfg;
-        // Never forward to ourselves.
-        let me = SocketAddr::V4(addr);
-        cfg.upstream.retain(|u| *u != me);
-        if cfg.upstream.is_empty() {
-            log::warn!(
-                "dns {}: no upstream resolvers: only local names resolve",
-                cfg.iface
-            );
+        let who = format!("dns of network {} ({})", cfg.net, cfg.iface);
+        let upstream = Resolvers::new(who.clone(), SocketAddr::V4(addr), cfg.upstream.clone());
+        if upstream.current().is_empty() {
+            log::warn!("{who}: no upstream resolvers: only local names resolve");
         }
         let domain = cfg
             .domain
@@ -154,33 +413,55 @@ impl DnsServer {
             cfg,
             domain,
             names,
-            cache: Mutex::new(HashMap::new()),
+            upstream,
+            cache: Mutex::new(Cache::new(MAX_CACHE, MAX_CACHE_BYTES)),
             counters: Counters::default(),
             inflight: Arc::new(Semaphore::new(MAX_INFLIGHT)),
         });
         let (stop, stopped) = watch::channel(false);
-        let tasks = vec![
-            tokio::spawn(serve_udp(Arc::new(udp), inner.clone(), stopped.clone())),
-            tokio::spawn(serve_tcp(tcp, inner.clone(), stopped)),
-        ];
+        let restarts = inner.counters.restarts.clone();
+        let mut first_udp = Some(udp);
+        let (i, s) = (inner.clone(), stopped.clone());
+        let udp_task = supervise(
+            who.clone(),
+            "dns-udp",
+            restarts.clone(),
+            stopped.clone(),
+            move |_| {
+                let sock = first_udp.take();
+                let (inner, stopped) = (i.clone(), s.clone());
+                async move {
+                    let sock = match sock {
+                        Some(s) => s,
+                        None => crate::netdev::bound_udp_socket(&inner.cfg.iface, addr)
+                            .with_context(|| format!("DNS server on {}", inner.cfg.iface))?,
+                    };
+                    serve_udp(Arc::new(sock), inner, stopped).await
+                }
+            },
+        );
+        let mut first_tcp = Some(tcp);
+        let (i, s) = (inner.clone(), stopped.clone());
+        let tcp_task = supervise(who, "dns-tcp", restarts, stopped, move |_| {
+            let listener = first_tcp.take();
+            let (inner, stopped) = (i.clone(), s.clone());
+            async move {
+                let listener = match listener {
+                    Some(l) => l,
+                    None => bound_tcp_listener(&inner.cfg.iface, addr)
+                        .with_context(|| format!("DNS server on {}", inner.cfg.iface))?,
+                };
+                serve_tcp(listener, inner, stopped).await
+            }
+        });
+        let tasks = vec![tokio::spawn(udp_task), tokio::spawn(tcp_task)];
         Ok(DnsHandle { inner, stop, tasks })
     }
 }
 
 impl DnsHandle {
     pub fn counters(&self) -> CountersSnapshot {
-        let c = &self.inner.counters;
-        let g = |x: &AtomicU64| x.load(Ordering::Relaxed);
-        CountersSnapshot {
-            udp_queries: g(&c.udp_queries),
-            tcp_queries: g(&c.tcp_queries),
-            malformed: g(&c.malformed),
-            local_answers: g(&c.local_answers),
-            cache_hits: g(&c.cache_hits),
-            forwarded: g(&c.forwarded),
-            upstream_failures: g(&c.upstream_failures),
-            overload: g(&c.overload),
-        }
+        self.inner.counters()
     }
 
     pub async fn stop(self) {
@@ -205,20 +486,23 @@ fn bound_tcp_listener(iface: &str, addr: SocketAddrV4) -> Result<TcpListener> {
     TcpListener::from_std(s.into()).context("register TCP listener with tokio")
 }
 
-async fn serve_udp(sock: Arc<UdpSocket>, inner: Arc<Inner>, mut stopped: watch::Receiver<bool>) {
+/// Serves UDP queries until `stopped`; an error when the socket fails.
+async fn serve_udp(
+    sock: Arc<UdpSocket>,
+    inner: Arc<Inner>,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<()> {
     let mut buf = vec![0u8; 4096];
     loop {
         tokio::select! {
-            _ = stopped.changed() => break,
+            _ = crate::dhcp::supervise::stopped(&mut stopped) => return Ok(()),
             r = sock.recv_from(&mut buf) => {
-                let (n, from) = match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        log::warn!("dns {}: receive: {e}", inner.cfg.iface);
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
+                // A bound UDP socket fails only when something is wrong
+                // with it: the supervisor binds a new one.
+                let (n, from) = r.with_context(|| format!("receive on {}", inner.cfg.iface))?;
+                if crate::dhcp::supervise::fail_once("dns-udp") {
+                    bail!("KVNET_FAIL_ON=dns-udp: failing as asked");
+                }
                 bump(&inner.counters.udp_queries);
                 let Ok(permit) = inner.inflight.clone().try_acquire_owned() else {
                     bump(&inner.counters.overload);
@@ -239,20 +523,47 @@ async fn serve_udp(sock: Arc<UdpSocket>, inner: Arc<Inner>, mut stopped: watch::
     }
 }
 
-async fn serve_tcp(listener: TcpListener, inner: Arc<Inner>, mut stopped: watch::Receiver<bool>) {
+/// Whether an accept error concerns one connection or a passing shortage
+/// (go on) rather than the listener (restart it).
+fn accept_error_passes(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | OutOfMemory
+    ) || matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPROTO | libc::EPERM
+        )
+    )
+}
+
+/// Serves TCP connections until `stopped`; an error when the listener
+/// fails.
+async fn serve_tcp(
+    listener: TcpListener,
+    inner: Arc<Inner>,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<()> {
     let conns = Arc::new(Semaphore::new(MAX_TCP_CONNS));
     loop {
         tokio::select! {
-            _ = stopped.changed() => break,
+            _ = crate::dhcp::supervise::stopped(&mut stopped) => return Ok(()),
             r = listener.accept() => {
                 let (stream, from) = match r {
                     Ok(x) => x,
-                    Err(e) => {
+                    Err(e) if accept_error_passes(&e) => {
                         log::warn!("dns {}: accept: {e}", inner.cfg.iface);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("accept on {}", inner.cfg.iface))
+                    }
                 };
+                if crate::dhcp::supervise::fail_once("dns-tcp") {
+                    bail!("KVNET_FAIL_ON=dns-tcp: failing as asked");
+                }
                 let Ok(permit) = conns.clone().try_acquire_owned() else {
                     bump(&inner.counters.overload);
                     continue;
@@ -494,11 +805,8 @@ impl Inner {
         let mut cache = lock(&self.cache);
         let e = cache.get(&key)?;
         let age = u32::try_from(e.at.elapsed().as_secs()).unwrap_or(u32::MAX);
-        if age >= e.ttl {
-            cache.remove(&key);
-            return None;
-        }
         let mut m = e.msg.clone();
+        drop(cache);
         m.metadata.id = req.metadata.id;
         m.metadata.recursion_desired = req.metadata.recursion_desired;
         m.queries = req.queries.clone();
@@ -527,21 +835,34 @@ impl Inner {
         if ttl == 0 {
             return;
         }
-        let mut cache = lock(&self.cache);
-        if cache.len() >= MAX_CACHE {
-            cache.retain(|_, e| e.at.elapsed().as_secs() < u64::from(e.ttl));
-            if cache.len() >= MAX_CACHE {
-                cache.clear();
-            }
+        let Some(wire) = encode(resp) else { return };
+        let evicted = lock(&self.cache).insert(key, resp.clone(), wire.len(), ttl);
+        self.counters
+            .cache_evictions
+            .fetch_add(evicted, Ordering::Relaxed);
+    }
+
+    fn counters(&self) -> CountersSnapshot {
+        let c = &self.counters;
+        let g = |x: &AtomicU64| x.load(Ordering::Relaxed);
+        let (entries, bytes) = {
+            let cache = lock(&self.cache);
+            (cache.map.len() as u64, cache.bytes as u64)
+        };
+        CountersSnapshot {
+            udp_queries: g(&c.udp_queries),
+            tcp_queries: g(&c.tcp_queries),
+            malformed: g(&c.malformed),
+            local_answers: g(&c.local_answers),
+            cache_hits: g(&c.cache_hits),
+            forwarded: g(&c.forwarded),
+            upstream_failures: g(&c.upstream_failures),
+            overload: g(&c.overload),
+            cache_evictions: g(&c.cache_evictions),
+            cache_entries: entries,
+            cache_bytes: bytes,
+            restarts: g(&c.restarts),
         }
-        cache.insert(
-            key,
-            CacheEntry {
-                msg: resp.clone(),
-                at: Instant::now(),
-                ttl,
-            },
-        );
     }
 
     /// Ask the upstreams in turn; the first valid answer wins.
@@ -549,7 +870,7 @@ impl Inner {
         let mut out = req.clone();
         out.metadata.id = random_u16();
         let bytes = out.to_vec().ok()?;
-        for up in &self.cfg.upstream {
+        for up in self.upstream.current().iter() {
             let r = match forward_udp(*up, &bytes).await {
                 Ok(r) if r.metadata.truncation && via_tcp => forward_tcp(*up, &bytes).await,
                 r => r,
@@ -628,16 +949,23 @@ mod tests {
                 ("web".to_string(), Ipv4Addr::new(10, 7, 0, 5)),
             ]
         });
+        inner_with(domain, names, Upstream::Fixed(vec![]))
+    }
+
+    fn inner_with(domain: Option<&str>, names: Names, upstream: Upstream) -> Inner {
+        let me: SocketAddr = "10.7.0.1:53".parse().unwrap();
         Inner {
             cfg: DnsConfig {
+                net: "n".into(),
                 listen: Ipv4Addr::new(10, 7, 0, 1),
                 iface: "br0".into(),
                 domain: domain.map(String::from),
-                upstream: vec![],
+                upstream: upstream.clone(),
             },
             domain: domain.map(String::from),
             names,
-            cache: Mutex::new(HashMap::new()),
+            upstream: Resolvers::new("dns test".into(), me, upstream),
+            cache: Mutex::new(Cache::new(MAX_CACHE, MAX_CACHE_BYTES)),
             counters: Counters::default(),
             inflight: Arc::new(Semaphore::new(1)),
         }
@@ -720,6 +1048,7 @@ mod tests {
         assert!(i.cached(&query("example.com.", RecordType::AAAA)).is_none());
         // Expired entries are not served.
         lock(&i.cache)
+            .map
             .values_mut()
             .for_each(|e| e.at -= Duration::from_secs(31));
         assert!(i.cached(&q2).is_none());
@@ -763,6 +1092,132 @@ mod tests {
             ResponseCode::ServFail
         );
         assert_eq!(i.counters.upstream_failures.load(Ordering::Relaxed), 1);
+    }
+
+    /// A response to `name` with `n` TXT records of 255 bytes.
+    fn big_answer(name: &str, n: usize) -> (Message, Message) {
+        use hickory_proto::rr::rdata::TXT;
+        let q = query(name, RecordType::TXT);
+        let mut resp = Message::response(q.metadata.id, OpCode::Query);
+        resp.queries = q.queries.clone();
+        for i in 0..n {
+            resp.add_answer(Record::from_rdata(
+                Name::from_ascii(name).unwrap(),
+                300,
+                RData::TXT(TXT::new(vec![format!("{i:0>255}")])),
+            ));
+        }
+        (q, resp)
+    }
+
+    #[test]
+    fn dns_cache_is_bounded_in_bytes_and_evicts_least_recently_used() {
+        let i = inner(None);
+        let (q0, r0) = big_answer("n0.example.", 20);
+        let one = r0.to_vec().unwrap().len();
+        assert!(one > 5000, "{one}");
+        i.store(&q0, &r0);
+        // Four times the budget in large answers; n0 used all along.
+        let n = 4 * MAX_CACHE_BYTES / one;
+        for k in 1..n {
+            let (q, r) = big_answer(&format!("n{k}.example."), 20);
+            i.store(&q, &r);
+            assert!(i.cached(&q0).is_some(), "n0 evicted at {k}");
+            let c = i.counters();
+            assert!(c.cache_bytes as usize <= MAX_CACHE_BYTES, "{c:?}");
+        }
+        let c = i.counters();
+        assert!(c.cache_entries < n as u64 / 3, "{c:?}");
+        assert!(c.cache_bytes as usize > MAX_CACHE_BYTES - 2 * one, "{c:?}");
+        assert_eq!(c.cache_evictions + c.cache_entries, n as u64, "{c:?}");
+        // The oldest unused went, the newest stayed.
+        assert!(i.cached(&big_answer("n1.example.", 1).0).is_none());
+        let last = format!("n{}.example.", n - 1);
+        assert!(i.cached(&big_answer(&last, 1).0).is_some());
+        // The entry count still bounds many small answers.
+        let mut c = Cache::new(3, MAX_CACHE_BYTES);
+        for k in 0..5u16 {
+            c.insert((format!("s{k}."), 1, 1), Message::query(), 40, 60);
+        }
+        assert_eq!(c.map.len(), 3);
+        // An answer larger than the whole budget is not cached at all.
+        let mut c = Cache::new(10, 1000);
+        assert_eq!(c.insert(("x.".into(), 1, 1), Message::query(), 2000, 60), 0);
+        assert_eq!((c.map.len(), c.bytes), (0, 0));
+    }
+
+    /// A fake upstream on `addr` answering every A query with `answer`.
+    async fn fake_upstream(addr: SocketAddr, answer: Ipv4Addr) -> tokio::task::JoinHandle<()> {
+        let s = UdpSocket::bind(addr).await.unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                let q = Message::from_vec(&buf[..n]).unwrap();
+                let mut r = Message::response(q.metadata.id, OpCode::Query);
+                r.queries = q.queries.clone();
+                r.add_answer(Record::from_rdata(
+                    q.queries[0].name().clone(),
+                    0,
+                    RData::A(A(answer)),
+                ));
+                s.send_to(&r.to_vec().unwrap(), from).await.unwrap();
+            }
+        })
+    }
+
+    /// The first answer's data of `name`'s A query.
+    async fn ask(i: &Inner, name: &str) -> RData {
+        let q = query(name, RecordType::A).to_vec().unwrap();
+        let r = i.answer(&q, false).await.unwrap();
+        Message::from_vec(&r).unwrap().answers[0].data.clone()
+    }
+
+    #[tokio::test]
+    async fn dns_upstreams_follow_resolv_conf_changes() {
+        let dir = std::env::temp_dir().join(format!("kvnet-dns-resolv-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("resolv.conf");
+        // Two fake resolvers on one port of two loopback addresses.
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = a.local_addr().unwrap().port();
+        drop(a);
+        let up1 = SocketAddr::from(([127, 0, 0, 1], port));
+        let up2 = SocketAddr::from(([127, 0, 0, 2], port));
+        let _f1 = fake_upstream(up1, Ipv4Addr::new(1, 1, 1, 1)).await;
+        let _f2 = fake_upstream(up2, Ipv4Addr::new(2, 2, 2, 2)).await;
+        std::fs::write(&path, "nameserver 127.0.0.1\n").unwrap();
+        let mut i = inner_with(None, Arc::new(Vec::new), Upstream::ResolvConf(path.clone()));
+        i.upstream.port = port;
+        i.upstream.check_every = Duration::ZERO;
+        assert_eq!(
+            ask(&i, "a.example.").await,
+            RData::A(A(Ipv4Addr::new(1, 1, 1, 1)))
+        );
+        // Replaced (a new file renamed over it, as resolvconf does); the
+        // gateway itself is never used.
+        let tmp = dir.join("resolv.conf.new");
+        std::fs::write(&tmp, "nameserver 10.7.0.1\nnameserver 127.0.0.2\n").unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert_eq!(*i.upstream.current(), vec![up2]);
+        assert_eq!(
+            ask(&i, "b.example.").await,
+            RData::A(A(Ipv4Addr::new(2, 2, 2, 2)))
+        );
+        // Written in place: followed too.
+        std::fs::write(&path, "nameserver 127.0.0.1\n# longer now\n").unwrap();
+        assert_eq!(
+            ask(&i, "c.example.").await,
+            RData::A(A(Ipv4Addr::new(1, 1, 1, 1)))
+        );
+        // Gone: the last list stays.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(*i.upstream.current(), vec![up1]);
+        // Between checks the file is not looked at.
+        i.upstream.check_every = Duration::from_secs(3600);
+        std::fs::write(&path, "nameserver 127.0.0.2\n").unwrap();
+        assert_eq!(*i.upstream.current(), vec![up1]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -242,6 +242,50 @@ pub fn stats(r: &StatsReport) -> Vec<Vec<String>> {
             ]);
         }
     }
+    if !r.services.is_empty() {
+        rows.push(vec![]);
+        rows.push(header(&[
+            "dhcp network",
+            "acks",
+            "naks",
+            "rate_limited",
+            "lease_writes",
+            "restarts",
+            "dns queries",
+            "forwarded",
+            "cache_hits",
+            "cache_bytes",
+            "evictions",
+            "restarts",
+        ]));
+        // Counters the daemon did not send show as "-".
+        let n = |v: &serde_json::Value, k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_u64)
+                .map_or_else(|| "-".to_string(), |x| x.to_string())
+        };
+        for x in &r.services {
+            let (h, d) = (&x.dhcp, &x.dns);
+            let queries = ["udp_queries", "tcp_queries"]
+                .iter()
+                .filter_map(|k| d.get(*k).and_then(serde_json::Value::as_u64))
+                .sum::<u64>();
+            rows.push(vec![
+                x.net.clone(),
+                n(h, "acks"),
+                n(h, "naks"),
+                n(h, "rate_limited"),
+                n(h, "lease_writes"),
+                n(h, "restarts"),
+                queries.to_string(),
+                n(d, "forwarded"),
+                n(d, "cache_hits"),
+                n(d, "cache_bytes"),
+                n(d, "cache_evictions"),
+                n(d, "restarts"),
+            ]);
+        }
+    }
     rows
 }
 

@@ -572,6 +572,7 @@ fn dispatch(sw: &mut Switch, req: Request, root: bool) -> Result<serde_json::Val
         Request::Stats => v(crate::control::StatsReport {
             ports: sw.stats()?,
             nat: sw.nat_stats()?,
+            services: sw.services.stats(),
         })?,
         Request::ForwardAdd {
             net,

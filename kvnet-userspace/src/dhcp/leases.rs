@@ -1,14 +1,24 @@
 //! The lease database: which MAC holds which address until when, kept in a
 //! JSON file in the state folder (written atomically: temp file, fsync,
 //! rename, fsync of the folder) and reloaded on start.
+//!
+//! The file is written by a [`Writer`] thread, off the serving task: each
+//! change hands it a snapshot of the whole database, and it writes only
+//! the newest one, so changes made while a write is under way share the
+//! next write and its fsyncs (group commit). A [`Ticket`] says when a
+//! change is on disk; the server sends an ACK only then.
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use super::config::{in_subnet, DhcpConfig};
 use crate::mac::Mac;
@@ -53,31 +63,237 @@ struct FileFormat {
     leases: BTreeMap<Ipv4Addr, Entry>,
 }
 
+/// Where the writer puts a snapshot (the lease file; a test's stand-in).
+pub type Sink = Box<dyn FnMut(&[u8]) -> Result<()> + Send>;
+
+/// A failed write is tried again after this, doubling up to
+/// [`RETRY_MAX`], unless a newer snapshot comes first.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// What the writer has done: snapshots are numbered in the order they
+/// were handed over, and each contains all changes before it.
+#[derive(Clone, Debug, Default)]
+struct Progress {
+    /// Every snapshot up to this one was written or failed.
+    attempted: u64,
+    /// Every change up to this snapshot is on disk.
+    written: u64,
+    /// Why the last write failed.
+    error: Option<Arc<str>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// The number of the newest snapshot handed over.
+    submitted: u64,
+    /// The newest snapshot not yet taken by the writer.
+    next: Option<(u64, Vec<u8>)>,
+    closing: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    /// Writes of the file (each one fsync of it and one of its folder).
+    writes: AtomicU64,
+    failures: AtomicU64,
+}
+
+fn lock_queue(s: &Shared) -> MutexGuard<'_, Queue> {
+    s.queue.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The lease file's writer thread. Dropping it writes what is pending and
+/// waits for the thread.
+struct Writer {
+    shared: Arc<Shared>,
+    done: watch::Receiver<Progress>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Waits until a change is durable.
+#[derive(Clone)]
+pub struct Ticket {
+    snapshot: u64,
+    done: watch::Receiver<Progress>,
+}
+
+impl Ticket {
+    /// Ok once the snapshot with the change (or a newer one) is on disk;
+    /// an error when its write failed.
+    pub async fn durable(mut self) -> Result<()> {
+        let want = self.snapshot;
+        let p = self
+            .done
+            .wait_for(|p| p.attempted >= want || p.written >= want)
+            .await
+            .map_err(|_| anyhow!("the lease writer ended"))?
+            .clone();
+        if p.written >= want {
+            return Ok(());
+        }
+        Err(anyhow!(
+            "{}",
+            p.error.as_deref().unwrap_or("lease file not written")
+        ))
+    }
+}
+
+impl Writer {
+    fn spawn(name: &str, sink: Sink) -> Result<Writer> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            writes: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        });
+        let (tx, done) = watch::channel(Progress::default());
+        let s = shared.clone();
+        let who = name.to_string();
+        let thread = std::thread::Builder::new()
+            .name(format!("kvnet-leases-{name}"))
+            .spawn(move || write_loop(&who, &s, sink, &tx))
+            .context("start the lease writer thread")?;
+        Ok(Writer {
+            shared,
+            done,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands over a snapshot; any older one not yet taken is dropped.
+    fn submit(&self, data: Vec<u8>) -> u64 {
+        let mut q = lock_queue(&self.shared);
+        q.submitted += 1;
+        let n = q.submitted;
+        q.next = Some((n, data));
+        self.shared.wake.notify_one();
+        n
+    }
+
+    fn ticket(&self) -> Ticket {
+        Ticket {
+            snapshot: lock_queue(&self.shared).submitted,
+            done: self.done.clone(),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        lock_queue(&self.shared).closing = true;
+        self.shared.wake.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn write_loop(who: &str, s: &Shared, mut sink: Sink, done: &watch::Sender<Progress>) {
+    let mut retry = RETRY_FIRST;
+    let mut failed: Option<(u64, Vec<u8>)> = None;
+    let mut failed_before = false;
+    let mut last_try = false;
+    loop {
+        let (n, data) = {
+            let mut q = lock_queue(s);
+            loop {
+                if let Some(x) = q.next.take() {
+                    // A newer snapshot holds everything a failed one had.
+                    failed = None;
+                    break x;
+                }
+                if let Some(x) = failed.take() {
+                    if q.closing {
+                        // One last try before the thread ends.
+                        if last_try {
+                            return;
+                        }
+                        last_try = true;
+                        break x;
+                    }
+                    let (g, waited) = s
+                        .wake
+                        .wait_timeout(q, retry)
+                        .unwrap_or_else(|e| e.into_inner());
+                    q = g;
+                    if waited.timed_out() && q.next.is_none() {
+                        retry = (retry * 2).min(RETRY_MAX);
+                        break x;
+                    }
+                    failed = Some(x);
+                    continue;
+                }
+                if q.closing {
+                    return;
+                }
+                q = s.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let r = sink(&data);
+        s.writes.fetch_add(1, Ordering::Relaxed);
+        match r {
+            Ok(()) => {
+                if failed_before {
+                    log::info!("dhcp {who}: lease file written again");
+                }
+                failed_before = false;
+                retry = RETRY_FIRST;
+                done.send_modify(|p| {
+                    p.attempted = p.attempted.max(n);
+                    p.written = p.written.max(n);
+                    p.error = None;
+                });
+            }
+            Err(e) => {
+                s.failures.fetch_add(1, Ordering::Relaxed);
+                let why = format!("{e:#}");
+                log::error!("dhcp {who}: writing the lease file: {why}; trying again in {retry:?}");
+                done.send_modify(|p| {
+                    p.attempted = p.attempted.max(n);
+                    p.error = Some(why.into());
+                });
+                failed = Some((n, data));
+                failed_before = true;
+            }
+        }
+    }
+}
+
 pub struct LeaseDb {
-    path: PathBuf,
     range: (u32, u32),
     net: (Ipv4Addr, u8),
     statics: Vec<super::StaticHost>,
     entries: BTreeMap<Ipv4Addr, Entry>,
+    writer: Writer,
 }
 
 impl LeaseDb {
-    /// Open (and load, if present) the lease file in `state_dir`.
+    /// Open (and load, if present) the lease file in `state_dir`; changes
+    /// are written to it by a writer thread.
     pub fn open(cfg: &DhcpConfig, state_dir: &Path, now: u64) -> Result<LeaseDb> {
+        let path = state_dir.join(LEASE_FILE);
+        let p = path.clone();
+        Self::open_with(cfg, state_dir, now, Box::new(move |d| write_atomic(&p, d)))
+    }
+
+    /// [`LeaseDb::open`] with the snapshots going to `sink`.
+    pub fn open_with(cfg: &DhcpConfig, state_dir: &Path, now: u64, sink: Sink) -> Result<LeaseDb> {
         fs::create_dir_all(state_dir)
             .with_context(|| format!("create DHCP state folder {}", state_dir.display()))?;
         let path = state_dir.join(LEASE_FILE);
         let mut db = LeaseDb {
-            path,
             range: (u32::from(cfg.range.0), u32::from(cfg.range.1)),
             net: (cfg.server_ip, cfg.prefix),
             statics: cfg.hosts.clone(),
             entries: BTreeMap::new(),
+            writer: Writer::spawn(&cfg.iface, sink)?,
         };
-        match fs::read(&db.path) {
+        match fs::read(&path) {
             Ok(bytes) => {
                 let f: FileFormat = serde_json::from_slice(&bytes)
-                    .with_context(|| format!("parse lease file {}", db.path.display()))?;
+                    .with_context(|| format!("parse lease file {}", path.display()))?;
                 for (ip, e) in f.leases {
                     // Drop what no longer fits the config (range or static
                     // hosts changed while we were down).
@@ -88,9 +304,7 @@ impl LeaseDb {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(e).with_context(|| format!("read lease file {}", db.path.display()))
-            }
+            Err(e) => return Err(e).with_context(|| format!("read lease file {}", path.display())),
         }
         Ok(db)
     }
@@ -190,7 +404,8 @@ impl LeaseDb {
         }
     }
 
-    /// Bind `ip` to `mac` until `expires_unix` and persist.
+    /// Bind `ip` to `mac` until `expires_unix` and persist (see
+    /// [`LeaseDb::ticket`]).
     pub fn bind(
         &mut self,
         mac: Mac,
@@ -274,8 +489,22 @@ impl LeaseDb {
             .collect()
     }
 
-    /// Write the bound and declined entries: temp file, fsync, rename,
-    /// fsync the folder.
+    /// Waits until every change so far is on disk.
+    pub fn ticket(&self) -> Ticket {
+        self.writer.ticket()
+    }
+
+    /// (file writes, failed writes) so far.
+    pub fn write_counts(&self) -> (u64, u64) {
+        let s = &self.writer.shared;
+        (
+            s.writes.load(Ordering::Relaxed),
+            s.failures.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Hand the bound and declined entries to the writer (temp file,
+    /// fsync, rename, fsync the folder); [`LeaseDb::ticket`] waits for it.
     pub fn save(&self) -> Result<()> {
         let f = FileFormat {
             version: 1,
@@ -286,7 +515,8 @@ impl LeaseDb {
                 .map(|(ip, e)| (*ip, e.clone()))
                 .collect(),
         };
-        write_atomic(&self.path, &serde_json::to_vec_pretty(&f)?)
+        self.writer.submit(serde_json::to_vec_pretty(&f)?);
+        Ok(())
     }
 }
 
@@ -344,6 +574,7 @@ pub fn read_leases(state_dir: &Path) -> Result<Vec<LeaseInfo>> {
 mod tests {
     use super::*;
     use crate::dhcp::config::parse_host;
+    use std::path::PathBuf;
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
@@ -456,6 +687,127 @@ mod tests {
             e.contains("parse lease file") && e.contains(LEASE_FILE),
             "{e}"
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A sink writing the real file, whose first write waits until the
+    /// test lets it go (says when it started on `started`).
+    fn gated_sink(
+        path: PathBuf,
+    ) -> (
+        Sink,
+        std::sync::mpsc::Receiver<()>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let mut first = true;
+        let sink: Sink = Box::new(move |d| {
+            if std::mem::take(&mut first) {
+                let _ = started_tx.send(());
+                let _ = go_rx.recv();
+            }
+            write_atomic(&path, d)
+        });
+        (sink, started, go)
+    }
+
+    #[tokio::test]
+    async fn dhcp_lease_writes_are_grouped_and_durable_before_ack() {
+        let dir = tmpdir("group");
+        let mut c = cfg();
+        c.range = (ip("10.5.0.100"), ip("10.5.0.200"));
+        let (sink, started, go) = gated_sink(dir.join(LEASE_FILE));
+        let mut db = LeaseDb::open_with(&c, &dir, 1000, sink).unwrap();
+        // The first lease's write starts and is held up...
+        db.bind(mac(1), ip("10.5.0.100"), None, 5000).unwrap();
+        let mut tickets = vec![db.ticket()];
+        started.recv().unwrap();
+        // ...while 49 more clients are ACKed.
+        const N: u8 = 50;
+        for n in 2..=N {
+            db.bind(mac(n), ip(&format!("10.5.0.{}", 99 + n)), None, 5000)
+                .unwrap();
+            tickets.push(db.ticket());
+        }
+        // None of them may be answered yet: nothing is on disk.
+        let early = tokio::time::timeout(Duration::from_millis(100), tickets[0].clone().durable());
+        assert!(early.await.is_err(), "durable before its write ended");
+        assert!(read_leases(&dir).unwrap().is_empty());
+        go.send(()).unwrap();
+        for t in tickets {
+            tokio::time::timeout(Duration::from_secs(10), t.durable())
+                .await
+                .expect("written")
+                .unwrap();
+        }
+        // Every acknowledged lease is on disk, and 50 ACKs cost 2 writes.
+        assert_eq!(read_leases(&dir).unwrap().len(), usize::from(N));
+        assert_eq!(db.write_counts(), (2, 0));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn dhcp_concurrent_acks_share_fsyncs_of_the_real_file() {
+        let dir = tmpdir("concurrent");
+        let mut c = cfg();
+        c.range = (ip("10.5.0.100"), ip("10.5.0.250"));
+        let db = Arc::new(Mutex::new(LeaseDb::open(&c, &dir, 1000).unwrap()));
+        // 100 requests at once, each waiting for its lease on disk like
+        // the server's ACK does.
+        const N: u8 = 100;
+        let tasks: Vec<_> = (1..=N)
+            .map(|n| {
+                let (db, dir) = (db.clone(), dir.clone());
+                tokio::spawn(async move {
+                    let t = {
+                        let mut db = db.lock().unwrap();
+                        db.bind(mac(n), ip(&format!("10.5.0.{}", 99 + n)), None, 5000)
+                            .unwrap();
+                        db.ticket()
+                    };
+                    t.durable().await.unwrap();
+                    // Acknowledged: on disk.
+                    let l = read_leases(&dir).unwrap();
+                    assert!(l.iter().any(|l| l.mac == mac(n)), "{n}: {l:?}");
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let (writes, failures) = db.lock().unwrap().write_counts();
+        assert_eq!(failures, 0);
+        assert!(writes >= 1 && writes < u64::from(N), "{writes} writes");
+        assert_eq!(read_leases(&dir).unwrap().len(), usize::from(N));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn dhcp_failed_lease_write_is_reported_and_retried() {
+        let dir = tmpdir("fail");
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let f = fail.clone();
+        let path = dir.join(LEASE_FILE);
+        let sink: Sink = Box::new(move |d| {
+            if f.load(Ordering::SeqCst) {
+                anyhow::bail!("disk full");
+            }
+            write_atomic(&path, d)
+        });
+        let mut db = LeaseDb::open_with(&cfg(), &dir, 1000, sink).unwrap();
+        db.bind(mac(1), ip("10.5.0.10"), None, 5000).unwrap();
+        let e = db.ticket().durable().await.unwrap_err();
+        assert!(e.to_string().contains("disk full"), "{e}");
+        // The writer tries again by itself once the disk is back.
+        fail.store(false, Ordering::SeqCst);
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while read_leases(&dir).unwrap().is_empty() {
+            assert!(std::time::Instant::now() < end, "not retried");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(db.write_counts().1 >= 1);
+        drop(db);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -8,15 +8,17 @@ pub mod config;
 pub mod leases;
 pub mod server;
 pub mod service;
+pub mod supervise;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use dhcproto::v4;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 pub use config::{parse_cidr, parse_host, parse_range, DhcpConfig, StaticHost};
 pub use leases::LeaseInfo;
@@ -26,6 +28,9 @@ use server::{now_unix, Core};
 
 /// How often expired leases are reclaimed.
 const RECLAIM_EVERY: Duration = Duration::from_secs(5);
+/// ACKs waiting for their lease to be on disk; past it, the serving loop
+/// waits (so a flood cannot queue without bound).
+const MAX_PENDING_ACKS: usize = 256;
 
 pub struct DhcpServer;
 
@@ -34,6 +39,7 @@ pub struct DhcpServer;
 pub struct DhcpHandle {
     core: Arc<Mutex<Core>>,
     counters: Arc<Counters>,
+    restarts: Arc<AtomicU64>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -42,19 +48,23 @@ fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
     core.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+fn bind_socket(iface: &str) -> Result<tokio::net::UdpSocket> {
+    crate::netdev::bound_udp_socket(
+        iface,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, v4::SERVER_PORT),
+    )
+    .with_context(|| format!("DHCP server on {iface}"))
+}
+
 impl DhcpServer {
     /// Validate `cfg`, load the leases in `state_dir`, bind UDP port 67 on
-    /// `cfg.iface` only and serve in a spawned task.
-    pub async fn start(cfg: DhcpConfig, state_dir: &Path) -> Result<DhcpHandle> {
+    /// `cfg.iface` only and serve network `net` in a supervised task.
+    pub async fn start(net: &str, cfg: DhcpConfig, state_dir: &Path) -> Result<DhcpHandle> {
         cfg.validate()
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("DHCP config for {}", cfg.iface))?;
         let db = leases::LeaseDb::open(&cfg, state_dir, now_unix())?;
-        let sock = crate::netdev::bound_udp_socket(
-            &cfg.iface,
-            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, v4::SERVER_PORT),
-        )
-        .with_context(|| format!("DHCP server on {}", cfg.iface))?;
+        let sock = bind_socket(&cfg.iface)?;
         log::info!(
             "dhcp {}: serving {}-{} ({} leases loaded)",
             cfg.iface,
@@ -62,64 +72,111 @@ impl DhcpServer {
             cfg.range.1,
             db.leases().len()
         );
+        let iface = cfg.iface.clone();
         let core = Arc::new(Mutex::new(Core {
             cfg,
             db,
             limiter: Default::default(),
         }));
         let counters = Arc::new(Counters::default());
+        let restarts = Arc::new(AtomicU64::new(0));
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(serve(sock, core.clone(), counters.clone(), stopped));
+        let mut first = Some(sock);
+        let (c, n, s) = (core.clone(), counters.clone(), stopped.clone());
+        let task = tokio::spawn(supervise::supervise(
+            format!("dhcp of network {net} ({iface})"),
+            "dhcp-serve",
+            restarts.clone(),
+            stopped,
+            move |_| {
+                let sock = first.take();
+                let (core, counters, stopped, iface) =
+                    (c.clone(), n.clone(), s.clone(), iface.clone());
+                async move {
+                    // The first run has the socket bound at start; a
+                    // restart binds a fresh one.
+                    let sock = match sock {
+                        Some(s) => s,
+                        None => bind_socket(&iface)?,
+                    };
+                    serve(sock, core, counters, stopped).await
+                }
+            },
+        ));
         Ok(DhcpHandle {
             core,
             counters,
+            restarts,
             stop,
             task,
         })
     }
 }
 
+/// Serves until `stopped`; an error when the socket fails.
 async fn serve(
     sock: tokio::net::UdpSocket,
     core: Arc<Mutex<Core>>,
     counters: Arc<Counters>,
     mut stopped: watch::Receiver<bool>,
-) {
+) -> Result<()> {
     let iface = lock(&core).cfg.iface.clone();
+    let sock = Arc::new(sock);
+    let pending = Arc::new(Semaphore::new(MAX_PENDING_ACKS));
     let mut buf = vec![0u8; 1500];
     let mut tick = tokio::time::interval(RECLAIM_EVERY);
     loop {
         tokio::select! {
-            _ = stopped.changed() => break,
+            _ = supervise::stopped(&mut stopped) => return Ok(()),
             _ = tick.tick() => {
                 if let Err(e) = lock(&core).db.reclaim(now_unix()) {
                     log::error!("dhcp {iface}: reclaiming expired leases: {e:#}");
                 }
             }
             r = sock.recv_from(&mut buf) => {
-                let (n, from) = match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        log::warn!("dhcp {iface}: receive: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                counters.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // A bound UDP socket fails only when something is wrong
+                // with it: the supervisor binds a new one.
+                let (n, from) = r.with_context(|| format!("receive on {iface}"))?;
+                if supervise::fail_once("dhcp-serve") {
+                    bail!("KVNET_FAIL_ON=dhcp-serve: failing as asked");
+                }
+                counters.received.fetch_add(1, Ordering::Relaxed);
                 let req = match server::decode_request(&buf[..n]) {
                     Ok(m) => m,
                     Err(why) => {
-                        counters.malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        counters.malformed.fetch_add(1, Ordering::Relaxed);
                         log::debug!("dhcp {iface}: dropped {n} bytes from {from}: {why}");
                         continue;
                     }
                 };
-                let reply = lock(&core).handle(&req, now_unix(), &counters);
-                if let Some((m, dest)) = reply {
+                let Some((m, dest, durable)) = lock(&core).handle_durable(&req, now_unix(), &counters) else {
+                    continue;
+                };
+                let Some(ticket) = durable else {
                     if let Err(e) = server::send_reply(&sock, &iface, &m, dest).await {
                         log::warn!("dhcp {iface}: {e:#}");
                     }
-                }
+                    continue;
+                };
+                // The ACK leaves once its lease is on disk; meanwhile the
+                // next requests are served, and their leases share the
+                // same write.
+                let permit = pending.clone().acquire_owned().await.context("pending ACKs")?;
+                let (sock, iface) = (sock.clone(), iface.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    if let Err(e) = ticket.durable().await {
+                        // As before the writer: the client still gets its
+                        // address; the writer tries again.
+                        log::error!(
+                            "dhcp {iface}: lease {} not on disk, ACK sent anyway: {e:#}",
+                            m.yiaddr()
+                        );
+                    }
+                    if let Err(e) = server::send_reply(&sock, &iface, &m, dest).await {
+                        log::warn!("dhcp {iface}: {e:#}");
+                    }
+                });
             }
         }
     }
@@ -134,7 +191,10 @@ impl DhcpHandle {
     }
 
     pub fn counters(&self) -> CountersSnapshot {
-        self.counters.snapshot()
+        let mut c = self.counters.snapshot();
+        (c.lease_writes, c.lease_write_failures) = lock(&self.core).db.write_counts();
+        c.restarts = self.restarts.load(Ordering::Relaxed);
+        c
     }
 
     /// Hostname-to-address pairs for DNS: static hosts with a name, then
@@ -201,18 +261,19 @@ pub fn serve_standalone(o: Standalone) -> Result<()> {
         .build()
         .context("start tokio runtime")?;
     rt.block_on(async move {
-        let dhcp = DhcpServer::start(cfg, &o.state_dir).await?;
+        let dhcp = DhcpServer::start(&o.iface, cfg, &o.state_dir).await?;
         let dns = if o.no_dns {
             None
         } else {
             let upstream = if o.dns_upstream.is_empty() {
-                crate::dns::upstream_from_resolv_conf(Path::new("/etc/resolv.conf"))
+                crate::dns::Upstream::ResolvConf(PathBuf::from(service::RESOLV_CONF))
             } else {
-                o.dns_upstream.clone()
+                crate::dns::Upstream::Fixed(o.dns_upstream.clone())
             };
             Some(
                 crate::dns::DnsServer::start(
                     crate::dns::DnsConfig {
+                        net: o.iface.clone(),
                         listen: server_ip,
                         iface: o.iface.clone(),
                         domain: o.domain.clone(),

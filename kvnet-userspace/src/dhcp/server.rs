@@ -49,6 +49,12 @@ pub struct CountersSnapshot {
     pub exhausted: u64,
     pub ignored: u64,
     pub rate_limited: u64,
+    /// Writes of the lease file (one fsync each, however many leases
+    /// changed: they share a write).
+    pub lease_writes: u64,
+    pub lease_write_failures: u64,
+    /// Times the serving task ended on an error and was started again.
+    pub restarts: u64,
 }
 
 impl Counters {
@@ -66,6 +72,10 @@ impl Counters {
             exhausted: g(&self.exhausted),
             ignored: g(&self.ignored),
             rate_limited: g(&self.rate_limited),
+            // Kept by the lease writer and the supervisor (DhcpHandle).
+            lease_writes: 0,
+            lease_write_failures: 0,
+            restarts: 0,
         }
     }
 }
@@ -254,7 +264,8 @@ impl Core {
         let hostname = self.hostname_for(&mac, req);
         let expires = now + u64::from(self.lease_secs());
         if let Err(e) = self.db.bind(mac, ip, hostname.clone(), expires) {
-            // The client still gets its address; the next write may work.
+            // The client still gets its address; the next change may be
+            // saved.
             log::error!(
                 "dhcp {}: persisting lease {ip} for {mac}: {e:#}",
                 self.cfg.iface
@@ -270,6 +281,21 @@ impl Core {
         m.set_yiaddr(ip).set_ciaddr(req.ciaddr());
         self.add_config_options(&mut m, true, hostname.as_deref());
         Some((m, Self::dest(req, ip, mac)))
+    }
+
+    /// [`Core::handle`], and for an ACK of a lease what to wait on before
+    /// sending it: the lease on disk.
+    pub fn handle_durable(
+        &mut self,
+        req: &Message,
+        now: u64,
+        counters: &Counters,
+    ) -> Option<(Message, Dest, Option<super::leases::Ticket>)> {
+        let (m, dest) = self.handle(req, now, counters)?;
+        let lease = m.opts().msg_type() == Some(MessageType::Ack)
+            && m.opts().get(OptionCode::AddressLeaseTime).is_some();
+        let ticket = lease.then(|| self.db.ticket());
+        Some((m, dest, ticket))
     }
 
     /// One request in, at most one reply out.

@@ -4,24 +4,31 @@
 //! The servers run on their own small tokio runtime, so starting and
 //! stopping them (from the daemon's synchronous dispatch, under the switch
 //! lock) never waits on the control plane's runtime or lock.
-use std::{
-    collections::BTreeMap,
-    future::Future,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{collections::BTreeMap, future::Future, path::PathBuf, time::Duration};
 
 use anyhow::{anyhow, bail, Context, Result};
+
+use serde::{Deserialize, Serialize};
 
 use super::{config, DhcpConfig, DhcpHandle, DhcpServer, LeaseInfo};
 use crate::{
     control::NetOpts,
-    dns::{DnsConfig, DnsHandle, DnsServer},
+    dns::{DnsConfig, DnsHandle, DnsServer, Upstream},
     gateway::Cidr,
 };
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/kvnet";
+/// Where the forwarders' upstream resolvers come from (followed).
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// The DHCP and DNS counters of a network (`kvnet stats`). Kept as JSON
+/// values: the CLI prints what the daemon sends, whatever its version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetServiceStats {
+    pub net: String,
+    pub dhcp: serde_json::Value,
+    pub dns: serde_json::Value,
+}
 
 /// The running servers of one network.
 struct NetServers {
@@ -32,6 +39,7 @@ struct NetServers {
 pub struct Services {
     /// `<state-dir>`; leases live in `<state-dir>/dhcp/<NET>/`.
     state_dir: PathBuf,
+    resolv_conf: PathBuf,
     rt: Option<tokio::runtime::Runtime>,
     running: BTreeMap<String, NetServers>,
 }
@@ -87,17 +95,11 @@ pub fn plan(
     Ok(Some(cfg))
 }
 
-/// The host's resolvers for the forwarder, without the gateway itself.
-fn upstream(gw: SocketAddr) -> Vec<SocketAddr> {
-    let mut v = crate::dns::upstream_from_resolv_conf(Path::new("/etc/resolv.conf"));
-    v.retain(|u| *u != gw);
-    v
-}
-
 impl Services {
     pub fn new(state_dir: PathBuf) -> Self {
         Services {
             state_dir,
+            resolv_conf: PathBuf::from(RESOLV_CONF),
             rt: None,
             running: BTreeMap::new(),
         }
@@ -139,13 +141,15 @@ impl Services {
         }
         let dir = self.net_dir(net);
         let dns_cfg = DnsConfig {
+            net: net.to_string(),
             listen: cfg.server_ip,
             iface: cfg.iface.clone(),
             domain: cfg.domain.clone(),
-            upstream: upstream(SocketAddr::new(cfg.server_ip.into(), 53)),
+            upstream: Upstream::ResolvConf(self.resolv_conf.clone()),
         };
+        let name = net.to_string();
         let servers = self.run(async move {
-            let dhcp = DhcpServer::start(cfg, &dir).await?;
+            let dhcp = DhcpServer::start(&name, cfg, &dir).await?;
             match DnsServer::start(dns_cfg, dhcp.names()).await {
                 Ok(dns) => Ok(NetServers { dhcp, dns }),
                 Err(e) => {
@@ -177,6 +181,18 @@ impl Services {
 
     pub fn leases(&self, net: &str) -> Option<Vec<LeaseInfo>> {
         self.running.get(net).map(|s| s.dhcp.leases())
+    }
+
+    /// The counters of every network's servers, by network name.
+    pub fn stats(&self) -> Vec<NetServiceStats> {
+        self.running
+            .iter()
+            .map(|(net, s)| NetServiceStats {
+                net: net.clone(),
+                dhcp: serde_json::to_value(s.dhcp.counters()).unwrap_or_default(),
+                dns: serde_json::to_value(s.dns.counters()).unwrap_or_default(),
+            })
+            .collect()
     }
 }
 
