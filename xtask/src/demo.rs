@@ -94,6 +94,9 @@ fn stun_check(lab: &Lab, out: &Outside, guest: &GuestPort) -> Result<bool> {
     Ok(mapped.len() == 2 && mapped[0] == mapped[1])
 }
 
+/// Where the demo's daemon serves Prometheus metrics (hv's loopback).
+const METRICS: &str = "127.0.0.1:9477";
+
 pub fn run(kvnet: &Path) -> Result<()> {
     std::env::set_var("KVNET_BIN", kvnet);
     let mut failures = Vec::new();
@@ -135,7 +138,9 @@ pub fn run(kvnet: &Path) -> Result<()> {
     );
 
     step(2, "kvnet daemon in the hypervisor namespace");
-    let k = Kvnet::start(&lab)?;
+    // Loopback up: Prometheus scrapes the daemon there (step 10).
+    lab.sh(lab.hv(), "ip link set lo up")?;
+    let k = Kvnet::start_with(&lab, &["--metrics", METRICS])?;
     println!(
         "control socket {}, pins under {}",
         k.socket().display(),
@@ -363,6 +368,42 @@ pub fn run(kvnet: &Path) -> Result<()> {
         lab.sh(lab.hv(), &format!("ls {}", lab.pin_dir().display()))?
     );
     show(&k, &["net", "list"])?;
+    println!(
+        "$ curl -s http://{METRICS}/metrics | grep -E 'rx_packets|nat_translated'   (Prometheus)"
+    );
+    let scrape = lab.sh(
+        lab.hv(),
+        &format!("bash -c 'exec 3<>/dev/tcp/{}; printf \"GET /metrics HTTP/1.0\\r\\n\\r\\n\" >&3; cat <&3'", METRICS.replace(':', "/")),
+    )?;
+    let body = scrape.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    for l in body
+        .lines()
+        .filter(|l| {
+            !l.starts_with('#') && (l.contains("rx_packets") || l.contains("nat_translated"))
+        })
+        .take(8)
+    {
+        println!("{l}");
+    }
+    let checked = (|| -> Result<std::process::Output> {
+        use std::io::Write;
+        let mut c = std::process::Command::new(crate::setup::PROMTOOL)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        c.stdin
+            .take()
+            .context("promtool's stdin")?
+            .write_all(body.as_bytes())?;
+        Ok(c.wait_with_output()?)
+    })();
+    let promtool_ok = checked.as_ref().is_ok_and(|o| o.status.success());
+    println!("$ ... | promtool check metrics -> {}", verdict(promtool_ok));
+    if !promtool_ok {
+        failures.push(format!("promtool check metrics: {checked:?}"));
+    }
 
     step(
         11,

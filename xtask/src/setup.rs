@@ -116,6 +116,7 @@ pub fn ensure(mode: Mode) -> Result<()> {
     debian_packages(&mut report)?;
     bpffs(&mut report)?;
     bpf_linker(&mut report)?;
+    promtool(&mut report)?;
     report.finish()
 }
 
@@ -156,6 +157,69 @@ fn as_root_hint(command: &str) -> String {
     } else {
         format!("sudo {command}")
     }
+}
+
+// ---------------------------------------------------------------- promtool
+
+/// Where setup puts Prometheus's `promtool` (the metrics tests check the
+/// daemon's endpoint with `promtool check metrics`). Taken out of Debian's
+/// `prometheus` package rather than installing it: the package would also
+/// install and start a Prometheus server on this machine.
+pub const PROMTOOL: &str = "/usr/local/lib/kvnet/promtool";
+
+fn promtool(report: &mut Report) -> Result<()> {
+    const ITEM: &str = "promtool (from Debian's prometheus)";
+    if let Ok(out) = cmd::probe(Command::new(PROMTOOL).arg("--version")) {
+        if out.status.success() {
+            let version = String::from_utf8_lossy(&out.stdout);
+            let version = version.lines().next().unwrap_or("").trim().to_string();
+            report.present(ITEM, &format!(" ({version})"));
+            return Ok(());
+        }
+    }
+    let fix = "cargo xtask setup";
+    if !report.installs() {
+        report.missing(ITEM, " (not found)", fix);
+        return Ok(());
+    }
+    report.installing(ITEM, "apt-get download prometheus, promtool extracted");
+    let dir = std::env::temp_dir().join(format!("kvnet-promtool-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    // apt fetches as its own user `_apt`, which must be able to write here.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+    let result = (|| -> Result<()> {
+        let download = || {
+            let mut c = Command::new("apt-get");
+            c.args(["download", "prometheus"]).current_dir(&dir);
+            cmd::run(&mut c)
+        };
+        if download().is_err() {
+            // Stale package lists: refresh them once.
+            cmd::run(Command::new("apt-get").arg("update"))?;
+            download()?;
+        }
+        let deb = std::fs::read_dir(&dir)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .context("apt-get download left no .deb")?;
+        let target = Path::new(PROMTOOL);
+        let parent = target.parent().context("PROMTOOL has a folder")?;
+        std::fs::create_dir_all(parent)?;
+        let tmp = parent.join("promtool.tmp");
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg("dpkg-deb --fsys-tarfile \"$1\" | tar -xO ./usr/bin/promtool > \"$2\"")
+            .arg("sh")
+            .arg(&deb)
+            .arg(&tmp);
+        cmd::run(&mut c)?;
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        std::fs::rename(&tmp, target)?;
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result.with_context(|| format!("installing promtool to {PROMTOOL}"))
 }
 
 // ---------------------------------------------------------------- rust-src

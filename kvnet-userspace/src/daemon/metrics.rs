@@ -1,7 +1,7 @@
 //! `kvnet daemon --metrics ADDR:PORT`: the switch's counters for
-//! Prometheus, read from the datapath's maps at each scrape and encoded
-//! by `prometheus-client` (OpenMetrics text, which Prometheus and
-//! `promtool check metrics` read).
+//! Prometheus, read from the datapath's maps at each scrape and encoded by
+//! the `prometheus` crate in the text exposition format (what Prometheus
+//! scrapes and `promtool check metrics` checks).
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -9,12 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder},
-    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
-    registry::Registry,
-};
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -22,6 +17,7 @@ use tokio::{
 
 use crate::{
     control::{NatStatsRow, PortStatsRow},
+    dhcp::service::NetServiceStats,
     switch::Switch,
 };
 
@@ -29,8 +25,8 @@ use crate::{
 const MAX_HEAD: usize = 8 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The OpenMetrics media type, as `prometheus-client` encodes it.
-const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The text exposition format's media type.
+const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Listens on `addr` and answers `GET /metrics`.
 pub async fn serve(addr: SocketAddr, switch: Arc<Mutex<Switch>>) -> Result<()> {
@@ -121,6 +117,9 @@ struct Scrape {
     networks: Vec<(String, String)>,
     fdb_entries: u64,
     fdb_capacity: u64,
+    services: Vec<NetServiceStats>,
+    /// Leases bound, by network.
+    leases: Vec<(String, u64)>,
 }
 
 impl Scrape {
@@ -136,51 +135,75 @@ impl Scrape {
                 .collect(),
             fdb_entries: status.fdb_entries as u64,
             fdb_capacity: status.fdb_capacity as u64,
+            leases: sw
+                .nets
+                .keys()
+                .filter_map(|n| Some((n.clone(), sw.services.leases(n)?.len() as u64)))
+                .collect(),
+            services: sw.services.stats(),
         })
     }
 
     fn render(self) -> Result<String> {
-        let mut registry = Registry::default();
-        registry.register_collector(Box::new(self));
+        let registry = Registry::new();
+        self.families(&registry).context("building the metrics")?;
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry)
+        prometheus::TextEncoder::new()
+            .encode_utf8(&registry.gather(), &mut text)
             .context("encoding the metrics")?;
         Ok(text)
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MetricType {
+    Counter,
+    Gauge,
+}
+
 type Labels = Vec<(&'static str, String)>;
 
-/// One metric family: its series, each a label set and a value.
+fn label_values(l: &Labels) -> Vec<&str> {
+    l.iter().map(|(_, v)| v.as_str()).collect()
+}
+
+/// One metric family: its series, each a label set and a value; counters
+/// get their `_total` suffix here. A family without series is left out.
 fn family(
-    enc: &mut DescriptorEncoder,
+    reg: &Registry,
     name: &str,
     help: &str,
     kind: MetricType,
     series: impl IntoIterator<Item = (Labels, u64)>,
-) -> std::fmt::Result {
-    let mut m = enc.encode_descriptor(name, help, None, kind)?;
-    for (labels, value) in series {
-        if labels.is_empty() {
-            // A single unlabelled series: `name value`, not `name{} value`.
-            return encode_value(kind, m, value);
+) -> Result<()> {
+    let series: Vec<(Labels, u64)> = series.into_iter().collect();
+    let Some((first, _)) = series.first() else {
+        return Ok(());
+    };
+    let names: Vec<&str> = first.iter().map(|(k, _)| *k).collect();
+    match kind {
+        MetricType::Counter => {
+            let v = IntCounterVec::new(Opts::new(format!("{name}_total"), help), &names)?;
+            for (l, n) in &series {
+                v.get_metric_with_label_values(&label_values(l))?.inc_by(*n);
+            }
+            reg.register(Box::new(v))?;
         }
-        encode_value(kind, m.encode_family(&labels)?, value)?;
+        MetricType::Gauge => {
+            let v = IntGaugeVec::new(Opts::new(name, help), &names)?;
+            for (l, n) in &series {
+                v.get_metric_with_label_values(&label_values(l))?
+                    .set(i64::try_from(*n).unwrap_or(i64::MAX));
+            }
+            reg.register(Box::new(v))?;
+        }
     }
     Ok(())
 }
 
-fn encode_value(kind: MetricType, s: MetricEncoder, value: u64) -> std::fmt::Result {
-    match kind {
-        MetricType::Counter => ConstCounter::new(value).encode(s),
-        _ => ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(s),
-    }
-}
-
-impl Collector for Scrape {
-    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+impl Scrape {
+    fn families(&self, e: &Registry) -> Result<()> {
         use MetricType::{Counter, Gauge};
-        let e = &mut enc;
         family(
             e,
             "kvnet_build_info",
@@ -357,8 +380,75 @@ impl Collector for Scrape {
                 })
             }),
         )?;
+        family(
+            e,
+            "kvnet_dhcp_leases",
+            "DHCP leases bound",
+            Gauge,
+            self.leases
+                .iter()
+                .map(|(n, c)| (vec![("net", n.clone())], *c)),
+        )?;
+        // The servers' own counters, each a series by its name: what the
+        // DHCP server did (received, acks, rate_limited, restarts...) and
+        // what DNS did (queries, answers, cache use...).
+        let dhcp = |g| service_series(&self.services, |s| &s.dhcp, &[], g);
+        family(
+            e,
+            "kvnet_dhcp_events",
+            "DHCP server events, by kind",
+            Counter,
+            dhcp(false)
+                .into_iter()
+                .map(|(n, k, v)| (vec![("net", n), ("event", k)], v)),
+        )?;
+        const DNS_GAUGES: &[&str] = &["cache_entries", "cache_bytes"];
+        let dns = |g| service_series(&self.services, |s| &s.dns, DNS_GAUGES, g);
+        family(
+            e,
+            "kvnet_dns_events",
+            "DNS server events, by kind (queries, answers, cache hits...)",
+            Counter,
+            dns(false)
+                .into_iter()
+                .map(|(n, k, v)| (vec![("net", n), ("event", k)], v)),
+        )?;
+        family(
+            e,
+            "kvnet_dns_cache",
+            "The DNS cache's fill: answers (entries) and bytes",
+            Gauge,
+            dns(true).into_iter().map(|(n, k, v)| {
+                let what = k.trim_start_matches("cache_").to_string();
+                (vec![("net", n), ("what", what)], v)
+            }),
+        )?;
         Ok(())
     }
+}
+
+/// (network, counter name, value) of the servers' counters: the gauges
+/// among them, or the rest.
+fn service_series(
+    services: &[NetServiceStats],
+    pick: fn(&NetServiceStats) -> &serde_json::Value,
+    gauges: &[&str],
+    want_gauges: bool,
+) -> Vec<(String, String, u64)> {
+    let mut out = Vec::new();
+    for s in services {
+        let Some(fields) = pick(s).as_object() else {
+            continue;
+        };
+        for (k, v) in fields {
+            if let Some(v) = v.as_u64() {
+                if gauges.contains(&k.as_str()) == want_gauges {
+                    out.push((s.net.clone(), k.clone(), v));
+                }
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -381,7 +471,7 @@ mod tests {
     }
 
     #[test]
-    fn a_scrape_encodes_as_openmetrics() {
+    fn a_scrape_encodes_in_the_text_format() {
         let mut drops = std::collections::BTreeMap::new();
         drops.insert("spoofed_source".to_string(), 3);
         let s = Scrape {
@@ -399,20 +489,20 @@ mod tests {
         };
         let text = s.render().unwrap();
         assert!(
-            text.contains("# TYPE kvnet_port_rx_packets counter"),
+            text.contains("# TYPE kvnet_port_rx_packets_total counter"),
             "{text}"
         );
         assert!(
-            text.contains(r#"kvnet_port_rx_packets_total{port="vnet0",net="default"} 10"#),
+            text.contains(r#"kvnet_port_rx_packets_total{net="default",port="vnet0"} 10"#),
             "{text}"
         );
         assert!(
             text.contains(
-                r#"kvnet_port_drops_total{port="vnet0",net="default",reason="spoofed_source"} 3"#
+                r#"kvnet_port_drops_total{net="default",port="vnet0",reason="spoofed_source"} 3"#
             ),
             "{text}"
         );
         assert!(text.contains("kvnet_fdb_entries 2"), "{text}");
-        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(!text.contains("{}"), "{text}");
     }
 }

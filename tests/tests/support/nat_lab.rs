@@ -7,6 +7,7 @@ use kvnet_tests::{
 
 pub struct Nat {
     pub lab: Lab,
+    #[allow(dead_code)] // not every test file looks outside
     pub out: Outside,
     pub guests: Vec<GuestPort>,
     pub k: Kvnet,
