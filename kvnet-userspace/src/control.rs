@@ -480,7 +480,7 @@ pub struct StatsReport {
     pub nat: Vec<NatStatsRow>,
     /// DHCP and DNS counters of networks with a `--dhcp-range`.
     #[serde(default)]
-    pub services: Vec<crate::dhcp::service::NetServiceStats>,
+    pub services: Vec<NetServiceStats>,
 }
 
 /// How long a learned MAC stays without traffic unless a network says otherwise.
@@ -539,6 +539,15 @@ pub fn proto_name(p: u8) -> String {
         0 => "-".into(),
         o => o.to_string(),
     }
+}
+
+/// The DHCP and DNS counters of a network (`kvnet stats`). Kept as JSON
+/// values: the CLI prints what the daemon sends, whatever its version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetServiceStats {
+    pub net: String,
+    pub dhcp: serde_json::Value,
+    pub dns: serde_json::Value,
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{watch, Semaphore};
 
-use crate::dhcp::supervise::supervise;
+use crate::tasks::supervise;
 
 /// TTL of the answers made from leases (dnsmasq's local-ttl is 0: leases
 /// change).
@@ -495,12 +495,12 @@ async fn serve_udp(
     let mut buf = vec![0u8; 4096];
     loop {
         tokio::select! {
-            _ = crate::dhcp::supervise::stopped(&mut stopped) => return Ok(()),
+            _ = crate::tasks::stopped(&mut stopped) => return Ok(()),
             r = sock.recv_from(&mut buf) => {
                 // A bound UDP socket fails only when something is wrong
                 // with it: the supervisor binds a new one.
                 let (n, from) = r.with_context(|| format!("receive on {}", inner.cfg.iface))?;
-                if crate::dhcp::supervise::fail_once("dns-udp") {
+                if crate::tasks::fail_once("dns-udp") {
                     bail!("KVNET_FAIL_ON=dns-udp: failing as asked");
                 }
                 bump(&inner.counters.udp_queries);
@@ -548,7 +548,7 @@ async fn serve_tcp(
     let conns = Arc::new(Semaphore::new(MAX_TCP_CONNS));
     loop {
         tokio::select! {
-            _ = crate::dhcp::supervise::stopped(&mut stopped) => return Ok(()),
+            _ = crate::tasks::stopped(&mut stopped) => return Ok(()),
             r = listener.accept() => {
                 let (stream, from) = match r {
                     Ok(x) => x,
@@ -561,7 +561,7 @@ async fn serve_tcp(
                         return Err(e).with_context(|| format!("accept on {}", inner.cfg.iface))
                     }
                 };
-                if crate::dhcp::supervise::fail_once("dns-tcp") {
+                if crate::tasks::fail_once("dns-tcp") {
                     bail!("KVNET_FAIL_ON=dns-tcp: failing as asked");
                 }
                 let Ok(permit) = conns.clone().try_acquire_owned() else {

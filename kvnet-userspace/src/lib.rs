@@ -1,5 +1,6 @@
 //! kvnet's daemon, CLI and datapath loader as a library: the `kvnet` binary
 //! and `kvnet-bench` are thin mains over it.
+pub mod cidr;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -18,6 +19,7 @@ pub mod output;
 pub mod rtnl;
 pub mod security;
 pub mod switch;
+pub mod tasks;
 pub mod trace;
 pub mod vlan;
 pub mod xdp_features;

@@ -23,7 +23,7 @@ use netlink_packet_utils::nla::NlasIterator;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use nix::errno::Errno;
 
-use crate::gateway::Cidr;
+use crate::cidr::Cidr;
 
 /// A failed rtnetlink operation; `op` says what was being done, e.g.
 /// "adding address 10.0.0.1/24 to kvnet-default".

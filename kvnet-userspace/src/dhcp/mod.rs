@@ -8,7 +8,6 @@ pub mod config;
 pub mod leases;
 pub mod server;
 pub mod service;
-pub mod supervise;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -83,7 +82,7 @@ impl DhcpServer {
         let (stop, stopped) = watch::channel(false);
         let mut first = Some(sock);
         let (c, n, s) = (core.clone(), counters.clone(), stopped.clone());
-        let task = tokio::spawn(supervise::supervise(
+        let task = tokio::spawn(crate::tasks::supervise(
             format!("dhcp of network {net} ({iface})"),
             "dhcp-serve",
             restarts.clone(),
@@ -127,7 +126,7 @@ async fn serve(
     let mut tick = tokio::time::interval(RECLAIM_EVERY);
     loop {
         tokio::select! {
-            _ = supervise::stopped(&mut stopped) => return Ok(()),
+            _ = crate::tasks::stopped(&mut stopped) => return Ok(()),
             _ = tick.tick() => {
                 if let Err(e) = lock(&core).db.reclaim(now_unix()) {
                     log::error!("dhcp {iface}: reclaiming expired leases: {e:#}");
@@ -137,7 +136,7 @@ async fn serve(
                 // A bound UDP socket fails only when something is wrong
                 // with it: the supervisor binds a new one.
                 let (n, from) = r.with_context(|| format!("receive on {iface}"))?;
-                if supervise::fail_once("dhcp-serve") {
+                if crate::tasks::fail_once("dhcp-serve") {
                     bail!("KVNET_FAIL_ON=dhcp-serve: failing as asked");
                 }
                 counters.received.fetch_add(1, Ordering::Relaxed);

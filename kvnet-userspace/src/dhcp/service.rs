@@ -8,8 +8,6 @@ use std::{collections::BTreeMap, future::Future, path::PathBuf, time::Duration};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use serde::{Deserialize, Serialize};
-
 use super::{config, DhcpConfig, DhcpHandle, DhcpServer, LeaseInfo};
 use crate::{
     control::NetOpts,
@@ -21,14 +19,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/kvnet";
 /// Where the forwarders' upstream resolvers come from (followed).
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 
-/// The DHCP and DNS counters of a network (`kvnet stats`). Kept as JSON
-/// values: the CLI prints what the daemon sends, whatever its version.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NetServiceStats {
-    pub net: String,
-    pub dhcp: serde_json::Value,
-    pub dns: serde_json::Value,
-}
+pub use crate::control::NetServiceStats;
 
 /// The running servers of one network.
 struct NetServers {

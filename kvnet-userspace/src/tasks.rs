@@ -1,4 +1,4 @@
-//! The DHCP and DNS tasks of a network, each restarted when it ends before
+//! Supervised serving tasks (a network's DHCP and DNS), each restarted when it ends before
 //! it was told to stop: a serving loop that gives up on its socket (an
 //! error it cannot go on from) is started again, with a fresh socket,
 //! after a growing pause, and the restart is logged and counted. Without
