@@ -17,6 +17,17 @@ fn write_script(path: &Path, text: &str) {
     fs::set_permissions(path, p).unwrap();
 }
 
+/// Shell function of the client hooks: the interface gets the address,
+/// then loses any other IPv4 one. Never flushed first: a renewal must not
+/// leave the guest without its address for a moment. The hooks log an
+/// event only once the address is set, so a test that saw it may use it.
+const KEEP_ONLY: &str = "keep_only() {\n\
+  ip addr replace \"$1\" dev \"$interface\"\n\
+  for a in $(ip -4 -o addr show dev \"$interface\" | awk '{print $4}'); do\n\
+    [ \"$a\" = \"$1\" ] || ip addr del \"$a\" dev \"$interface\"\n\
+  done\n\
+}\n";
+
 /// A udhcpc hook that logs what it got (`bound ip=... serverid=...`) to the
 /// events file and configures the address; returns (script, events file).
 pub fn udhcpc_script(lab: &Lab, tag: &str) -> (PathBuf, PathBuf) {
@@ -26,11 +37,12 @@ pub fn udhcpc_script(lab: &Lab, tag: &str) -> (PathBuf, PathBuf) {
         &script,
         &format!(
             "#!/bin/sh\n\
-             echo \"$1 ip=$ip mask=$mask subnet=$subnet router=$router dns=$dns domain=$domain lease=$lease hostname=$hostname serverid=$serverid\" >> {out}\n\
+             {KEEP_ONLY}\
              case \"$1\" in\n\
                deconfig) ip addr flush dev \"$interface\" ;;\n\
-               bound|renew) ip addr flush dev \"$interface\"; ip addr add \"$ip/$mask\" dev \"$interface\" ;;\n\
+               bound|renew) keep_only \"$ip/$mask\" ;;\n\
              esac\n\
+             echo \"$1 ip=$ip mask=$mask subnet=$subnet router=$router dns=$dns domain=$domain lease=$lease hostname=$hostname serverid=$serverid\" >> {out}\n\
              exit 0\n",
             out = out.display()
         ),
@@ -98,10 +110,11 @@ pub fn dhclient(lab: &Lab, g: &GuestPort, tag: &str) -> (Proc, PathBuf) {
         &script,
         &format!(
             "#!/bin/sh\n\
-             echo \"$reason ip=$new_ip_address mask=$new_subnet_mask router=$new_routers dns=$new_domain_name_servers domain=$new_domain_name lease=$new_dhcp_lease_time\" >> {out}\n\
+             {KEEP_ONLY}\
              case \"$reason\" in\n\
-               BOUND|RENEW|REBIND|REBOOT) ip addr flush dev \"$interface\"; ip addr add \"$new_ip_address/24\" dev \"$interface\" ;;\n\
+               BOUND|RENEW|REBIND|REBOOT) keep_only \"$new_ip_address/24\" ;;\n\
              esac\n\
+             echo \"$reason ip=$new_ip_address mask=$new_subnet_mask router=$new_routers dns=$new_domain_name_servers domain=$new_domain_name lease=$new_dhcp_lease_time\" >> {out}\n\
              exit 0\n",
             out = out.display()
         ),
