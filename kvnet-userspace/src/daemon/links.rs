@@ -16,9 +16,6 @@ use crate::{
 
 /// `kvnet ifup TAP`: attach by explicit settings (env) or by rule.
 pub fn ifup(sw: &mut Switch, iface: &str, net: Option<&str>, vlan: Option<&str>) -> Result<String> {
-    let _ = std::process::Command::new("ip")
-        .args(["link", "set", "dev", iface, "up"])
-        .status();
     let (spec, explicit) = match net {
         Some(n) => {
             let vlan = VlanArgs {
@@ -49,6 +46,14 @@ pub fn ifup(sw: &mut Switch, iface: &str, net: Option<&str>, vlan: Option<&str>)
             (spec, vlan.is_some())
         }
     };
+    // Refused before anything changes: attach would first take the port
+    // out of its present network, then fail to add it to a missing one.
+    if !sw.nets.contains_key(&spec.net) {
+        anyhow::bail!("no network named '{}'", spec.net);
+    }
+    let _ = std::process::Command::new("ip")
+        .args(["link", "set", "dev", iface, "up"])
+        .status();
     attach(sw, iface, &spec)?;
     with_rt(|rt| {
         let is_static = rt.applied.ports.iter().any(|p| p.iface == iface);
