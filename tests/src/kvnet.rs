@@ -207,6 +207,11 @@ impl Kvnet {
             .with_context(|| format!("parse JSON of `kvnet {}`: {out}", a.join(" ")))
     }
 
+    /// The daemon's pid (for /proc looks: fds, memory), while it runs.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|d| d.pid())
+    }
+
     /// Whether the daemon process is still alive.
     pub fn daemon_running(&self) -> bool {
         self.daemon.as_ref().is_some_and(|d| d.is_running())
