@@ -322,6 +322,7 @@ async fn maintain(switch: Arc<Mutex<Switch>>) {
     let mut n: u64 = 0;
     let mut next_walk = std::time::Instant::now();
     let mut watchdog = crate::daemon::supervise::Watchdog::from_env();
+    let mut pinned = true;
     loop {
         tick.tick().await;
         n += 1;
@@ -330,6 +331,19 @@ async fn maintain(switch: Arc<Mutex<Switch>>) {
             w.tick();
         }
         sw.flush_log();
+        // The pins are what the next daemon adopts: say so when they go
+        // (a bpffs unmounted under us), once, and when they come back.
+        let pin_dir = sw.dp.pin_dir().to_path_buf();
+        let now_pinned = pin_dir.join(kvnet_common::names::PROG_TC).exists();
+        if pinned && !now_pinned {
+            eprintln!(
+                "kvnet: the pins under {} are gone (bpffs unmounted?): forwarding goes on, but a restart cannot adopt this datapath; `kvnet down` and a fresh start rebuild it",
+                pin_dir.display()
+            );
+        } else if !pinned && now_pinned {
+            eprintln!("kvnet: the pins under {} are back", pin_dir.display());
+        }
+        pinned = now_pinned;
         let reaped = sw.reap_vanished_ports();
         for iface in &reaped {
             eprintln!("port {iface} vanished: removed");
