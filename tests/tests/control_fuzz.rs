@@ -143,8 +143,18 @@ fn junk(rng: &mut Rng) -> String {
 /// One request of every kind except `down`, each invalid in a field the
 /// fuzzer mutates: the daemon must refuse all and change nothing.
 fn invalid_request(rng: &mut Rng, work: &Path) -> Value {
+    let kind = rng.below(INVALID_KINDS);
+    invalid_request_of(kind, rng, work)
+}
+
+/// How many kinds of invalid request [`invalid_request_of`] makes.
+const INVALID_KINDS: usize = 27;
+
+/// An invalid request of kind `kind` (0..INVALID_KINDS), its other
+/// choices random.
+fn invalid_request_of(kind: usize, rng: &mut Rng, work: &Path) -> Value {
     let j = junk(rng);
-    match rng.below(27) {
+    match kind {
         0 => json!({"op": "net_add", "name": j, "ageing_secs": null}),
         1 => json!({"op": "net_add", "name": NET, "ageing_secs": 10}),
         2 => {
@@ -477,10 +487,10 @@ fn control_socket_fuzz_gets_clear_errors_and_changes_nothing() {
     healthy(&k, "the fixed cases");
     assert_eq!(snapshot(&k, &lab), before, "state after the fixed cases");
 
-    // Every kind of invalid request, one of each at least, before the
-    // random rounds.
-    for _ in 0..60 {
-        let req = invalid_request(&mut rng, &work);
+    // Every kind of invalid request, a few of each, before the random
+    // rounds.
+    for i in 0..INVALID_KINDS * 3 {
+        let req = invalid_request_of(i % INVALID_KINDS, &mut rng, &work);
         let line = req.to_string().into_bytes();
         let a = exchange(&sock, std::slice::from_ref(&line));
         check(&line, Expect::Refused, &a[0]);
@@ -626,11 +636,13 @@ fn control_socket_fuzz_gets_clear_errors_and_changes_nothing() {
     let clients = scale(16, 64);
     let per_client = scale(25, 200);
     let t0 = Instant::now();
+    // Each client's RNG from the run's: one seed replays them all.
+    let client_seed = rng.next();
     thread::scope(|sc| {
         for c in 0..clients {
             let sock = &sock;
             sc.spawn(move || {
-                let mut rng = Rng::from_env(&format!("client {c}"));
+                let mut rng = Rng::new(client_seed ^ c as u64);
                 for _ in 0..per_client {
                     let (line, expect) = if rng.chance(50) {
                         (br#"{"op":"net_list"}"#.to_vec(), Expect::Any)

@@ -39,6 +39,9 @@ pub fn soak_line(scenario: &str, iterations: u64, leaks: &[String], started: Ins
 pub struct Rng(u64);
 
 impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
     /// Seeded from `KVNET_FUZZ_SEED` or the clock; the seed is printed so
     /// a failure can be replayed.
     pub fn from_env(what: &str) -> Rng {
