@@ -438,52 +438,97 @@ fn renamed_port_interface_is_dropped_and_a_rule_attaches_the_new_name() {
 }
 
 #[test]
-fn uplink_flapping_under_nat_traffic_recovers() {
+fn uplink_flapping_under_nat_and_bridged_traffic_recovers() {
     if !privileged() {
         return;
     }
     let started = Instant::now();
     let n = nat_lab::nat_lab_with(1, &[], &[], &[]);
     let g = &n.guests[0];
-    assert!(
-        reaches(&g.ns, "198.51.100.2", Duration::from_secs(5)),
-        "positive control: NAT to the outside"
-    );
+    let hv = n.lab.hv().to_string();
+    // Beside the NAT network on up0, a bridged one on up1: its guest is a
+    // peer of the LAN 203.0.113.0/24 behind it.
+    let lan = n.lab.add_netns("lan").unwrap();
+    n.lab
+        .exec(
+            &hv,
+            &[
+                "ip", "link", "add", "up1", "type", "veth", "peer", "name", "eth0", "netns", &lan,
+            ],
+        )
+        .unwrap();
+    n.lab
+        .exec(&hv, &["ip", "link", "set", "up1", "up"])
+        .unwrap();
+    n.lab
+        .sh(
+            &lan,
+            "sysctl -qw net.ipv6.conf.all.disable_ipv6=1; ip addr add 203.0.113.2/24 dev eth0 && ip link set eth0 up",
+        )
+        .unwrap();
+    let gb = n
+        .lab
+        .add_guest_with("vb0", Some("203.0.113.11/24"))
+        .unwrap();
+    gb.disable_ipv6().unwrap();
+    n.k.cli(&["net", "add", "lan", "--mode", "bridged", "--uplink", "up1"])
+        .unwrap();
+    n.k.cli(&["port", "add", "lan", "vb0"]).unwrap();
+    let paths = [(&g.ns, "198.51.100.2"), (&gb.ns, "203.0.113.2")];
+    for (ns, ip) in paths {
+        assert!(
+            reaches(ns, ip, Duration::from_secs(5)),
+            "positive control: {ns} -> {ip}"
+        );
+    }
     let pid = n.k.daemon_pid().unwrap();
     let base = footprint(pid);
-    let hv = n.lab.hv().to_string();
     let ping = BgPing::start(&n.lab, &g.ns, "198.51.100.2", "flap");
+    let ping_b = BgPing::start(&n.lab, &gb.ns, "203.0.113.2", "flap-b");
     let flaps = scale(3, 100);
     let mut worst = Duration::ZERO;
     let log_lines = |k: &Kvnet| k.daemon_log().lines().count();
     let log0 = log_lines(&n.k);
     for i in 0..flaps {
         n.lab
-            .exec(&hv, &["ip", "link", "set", "up0", "down"])
+            .sh(&hv, "ip link set up0 down && ip link set up1 down")
             .unwrap();
-        assert_eq!(
-            lab::ping_replies(&g.ns, "198.51.100.2", 1),
-            0,
-            "{i}: answered with the uplink down"
-        );
+        // Both paths at once (each check waits out a ping's timeout).
+        let down: Vec<u32> = thread::scope(|sc| {
+            let h: Vec<_> = paths
+                .iter()
+                .map(|(ns, ip)| sc.spawn(move || lab::ping_replies(ns, ip, 1)))
+                .collect();
+            h.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(down, [0, 0], "{i}: answered with the uplinks down");
         n.lab
-            .exec(&hv, &["ip", "link", "set", "up0", "up"])
+            .sh(&hv, "ip link set up0 up && ip link set up1 up")
             .unwrap();
         let t = Instant::now();
-        assert!(
-            reaches(&g.ns, "198.51.100.2", Duration::from_secs(10)),
-            "{i}: NAT did not recover after the uplink came back"
-        );
-        // The long-lived flow (one ICMP id, its conntrack entry from
-        // before the flap) gets answers again too.
-        let seen = ping.replies();
-        wait_until(
-            "the steady ping answered after the flap",
-            Duration::from_secs(5),
-            || ping.replies() > seen,
-        );
+        for (ns, ip) in paths {
+            assert!(
+                reaches(ns, ip, Duration::from_secs(10)),
+                "{i}: {ns} -> {ip} did not recover after the uplink came back"
+            );
+        }
+        // The long-lived flows (one ICMP id each; the NAT one's conntrack
+        // entry from before the flap) get answers again too.
+        for p in [&ping, &ping_b] {
+            let seen = p.replies();
+            wait_until(
+                "the steady pings answered after the flap",
+                Duration::from_secs(5),
+                || p.replies() > seen,
+            );
+        }
         worst = worst.max(t.elapsed());
     }
+    let (sent_b, received_b) = ping_b.finish();
+    assert!(
+        received_b > 0 && received_b < sent_b,
+        "the bridged ping saw the flaps: {received_b}/{sent_b}"
+    );
     let (sent, received, ping_text) = ping.finish_text();
     // No error loop: a few lines a flap at most, and none once it is over.
     let log1 = log_lines(&n.k);
@@ -503,7 +548,9 @@ fn uplink_flapping_under_nat_traffic_recovers() {
         leaks.push(format!("fds {} -> {fds}", base.fds));
     }
     soak_line("uplink-flap", flaps, &leaks, started);
-    println!("uplink flapping: {flaps} flaps, worst recovery {worst:?}, ping {received}/{sent}");
+    println!(
+        "uplink flapping: {flaps} flaps, worst recovery {worst:?}, pings {received}/{sent} (NAT), {received_b}/{sent_b} (bridged)"
+    );
     assert!(leaks.is_empty(), "{leaks:?}\n{}", n.k.daemon_log());
     assert!(
         received > 0 && received < sent,
