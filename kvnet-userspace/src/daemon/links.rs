@@ -122,6 +122,16 @@ pub fn link_added(sw: &mut Switch, iface: &str) -> Option<String> {
     if !sw.nets.contains_key(&spec.net) {
         return None;
     }
+    // A port renamed to a name a rule matches: its old name's port still
+    // holds the interface (its filter) until the reaper's next tick, and no
+    // link event may follow that tick. Drop it now, then attach.
+    let reaped = sw.reap_vanished_ports();
+    for gone in &reaped {
+        eprintln!("port {gone} vanished: removed");
+    }
+    if !reaped.is_empty() {
+        crate::daemon::state::persist(sw);
+    }
     match sw.port_add(
         &spec.net,
         iface,
