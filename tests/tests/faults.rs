@@ -381,6 +381,7 @@ fn renamed_port_interface_is_dropped_and_a_rule_attaches_the_new_name() {
         .unwrap();
     };
     let iterations = scale(1, 30);
+    let direct_renames = scale(5, 3);
     let mut name = "rn0".to_string();
     for i in 0..iterations {
         // Renamed to a name no rule matches: the port goes with its FDB
@@ -413,27 +414,58 @@ fn renamed_port_interface_is_dropped_and_a_rule_attaches_the_new_name() {
             Some(next.as_str()),
             "learned on the new name"
         );
-        // Renamed straight from one matching name to another: the old
-        // port's removal must not take the new one's programs with it.
-        let direct = format!("rn{}x", i + 1);
-        rename(&next, &direct);
-        wait_until("the direct rename attached", Duration::from_secs(5), || {
-            k.port(&direct).is_some() && k.port(&next).is_none()
-        });
-        // Past the reaper's half-second tick.
-        thread::sleep(Duration::from_millis(1200));
-        assert!(
-            k.port(&direct).is_some(),
-            "{i}: {direct} lost: {:?}",
-            ports(&k)
-        );
-        assert!(
-            reaches(&g[0].ns, "10.64.0.2", Duration::from_secs(5)),
-            "{i}: no forwarding after the rename {next} -> {direct}"
-        );
-        name = direct;
+        // Renamed straight from one matching name to another, a few
+        // times: the new name is attached while the old name's port still
+        // holds the ifindex, and that port's removal must not take the new
+        // one's programs (or its attachment) with it.
+        let mut from = next;
+        for j in 0..direct_renames {
+            let to = format!("rn{}d{j}", i + 1);
+            rename(&from, &to);
+            wait_until(
+                &format!("{i}.{j}: {from} reaped"),
+                Duration::from_secs(5),
+                || {
+                    k.daemon_log()
+                        .contains(&format!("port {from} vanished: removed"))
+                },
+            );
+            wait_until(
+                &format!(
+                    "{i}.{j}: {to} attached ({:?})",
+                    ports(&k).keys().collect::<Vec<_>>()
+                ),
+                Duration::from_secs(5),
+                || k.port(&to).is_some(),
+            );
+            assert!(k.port(&from).is_none(), "{i}.{j}: {from} still a port");
+            // Attached at the first try, not after the old port's filter
+            // refused it (and only because a later link event came by).
+            let log = k.daemon_log();
+            assert!(
+                !log.contains(&format!("attaching {to}:")),
+                "{i}.{j}: attaching {to} failed first:\n{log}"
+            );
+            assert!(
+                reaches(&g[0].ns, "10.64.0.2", Duration::from_secs(5)),
+                "{i}.{j}: no forwarding after the rename {from} -> {to}\n{}",
+                k.daemon_log()
+            );
+            assert_eq!(
+                k.fdb_port_of("rn", &g[0].mac).as_deref(),
+                Some(to.as_str()),
+                "{i}.{j}: learned on the new name"
+            );
+            from = to;
+        }
+        name = from;
     }
-    soak_line("iface-renamed", iterations, &[], started);
+    soak_line(
+        "iface-renamed",
+        iterations * (2 + direct_renames),
+        &[],
+        started,
+    );
     assert!(k.daemon_running());
 }
 
