@@ -1,7 +1,8 @@
 //! `cargo xtask soak`: the long forms of the fault and soak tests (issue
-//! 15, point 7). Builds kvnet, runs each file of [`SOAK_TESTS`] with
-//! `KVNET_SOAK=1` (minutes of port churn, long protocol fuzzing, ...) and
-//! prints a table of what they report.
+//! 15, point 7). Builds kvnet, runs each test of the files of
+//! [`SOAK_TESTS`] (one process a test) with `KVNET_SOAK=1` (minutes of
+//! port churn, long protocol fuzzing, ...) and prints a table of what they
+//! report; fails if a test failed or found leaks.
 //!
 //! A scenario reports by printing one line (see tests/tests/support/soak.rs):
 //!
@@ -63,18 +64,19 @@ pub fn parse_soak_line(line: &str) -> Option<SoakResult> {
     (!r.scenario.is_empty()).then_some(r)
 }
 
-/// One row of the table: a scenario (or a file that reported none).
+/// One row of the table: a scenario, or a test that reported none.
 #[derive(Debug, PartialEq)]
 struct Row {
     file: String,
+    test: String,
     result: Option<SoakResult>,
-    /// The test file passed (every test in it).
-    file_ok: bool,
+    /// The test passed.
+    test_ok: bool,
 }
 
 impl Row {
     fn passed(&self) -> bool {
-        self.file_ok && self.result.as_ref().is_some_and(|r| r.leaks == 0)
+        self.test_ok && self.result.as_ref().is_none_or(|r| r.leaks == 0)
     }
 }
 
@@ -105,9 +107,43 @@ pub fn soak(only: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Runs one test file in soak mode, its output streamed through; returns
-/// its scenarios.
+/// Runs each test of one file in soak mode, one process a test (so a
+/// failure is pinned on its own scenarios), output streamed through.
 fn run_file(file: &str, kvnet: &std::path::Path) -> Result<Vec<Row>> {
+    let mut list = test_command(file, kvnet);
+    list.args(["--list", "--format=terse"]);
+    let listed = cmd::stdout(&mut list)?;
+    let tests = parse_test_list(&listed);
+    if tests.is_empty() {
+        bail!("no tests in tests/tests/{file}.rs");
+    }
+    let mut rows = Vec::new();
+    for test in tests {
+        let mut c = test_command(file, kvnet);
+        c.args(["--exact", &test, "--nocapture", "--test-threads=1"])
+            .stdout(Stdio::piped());
+        println!("soak: {}", cmd::display(&c));
+        let mut child = c
+            .spawn()
+            .with_context(|| format!("starting `{}`", cmd::display(&c)))?;
+        let mut found = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            for line in BufReader::new(out).lines() {
+                let line = line.context("reading the test's output")?;
+                println!("{line}");
+                if let Some(r) = parse_soak_line(&line) {
+                    found.push(r);
+                }
+            }
+        }
+        let ok = child.wait().context("waiting for the test")?.success();
+        rows.extend(rows_of(file, &test, found, ok));
+    }
+    Ok(rows)
+}
+
+/// `cargo test` of one e2e test file in soak mode; harness arguments follow.
+fn test_command(file: &str, kvnet: &std::path::Path) -> std::process::Command {
     let mut c = build::cargo();
     c.args([
         "test",
@@ -116,48 +152,42 @@ fn run_file(file: &str, kvnet: &std::path::Path) -> Result<Vec<Row>> {
         "kvnet-tests",
         "--test",
         file,
+        "--",
     ])
-    .args(["--", "--nocapture", "--test-threads=1"])
     .env("KVNET_SOAK", "1")
-    .env("KVNET_BIN", kvnet)
-    .stdout(Stdio::piped());
+    .env("KVNET_BIN", kvnet);
     if !cmd::is_root() {
         c.env(crate::test::runner_env_var(), "sudo -E");
     }
-    println!("soak: {}", cmd::display(&c));
-    let mut child = c
-        .spawn()
-        .with_context(|| format!("starting `{}`", cmd::display(&c)))?;
-    let mut found = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        for line in BufReader::new(out).lines() {
-            let line = line.context("reading the tests' output")?;
-            println!("{line}");
-            if let Some(r) = parse_soak_line(&line) {
-                found.push(r);
-            }
-        }
-    }
-    let file_ok = child.wait().context("waiting for the tests")?.success();
-    Ok(rows_of(file, found, file_ok))
+    c
 }
 
-fn rows_of(file: &str, found: Vec<SoakResult>, file_ok: bool) -> Vec<Row> {
+/// Test names from `--list --format=terse` ("NAME: test" lines).
+fn parse_test_list(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn rows_of(file: &str, test: &str, found: Vec<SoakResult>, test_ok: bool) -> Vec<Row> {
     if found.is_empty() {
-        // A file that reported nothing failed before its report (or has
-        // no scenario): a row of its own, failed.
+        // No report: a test that failed before it, or one that is no
+        // scenario (it still has to pass).
         return vec![Row {
             file: file.to_string(),
+            test: test.to_string(),
             result: None,
-            file_ok: false,
+            test_ok,
         }];
     }
     found
         .into_iter()
         .map(|r| Row {
             file: file.to_string(),
+            test: test.to_string(),
             result: Some(r),
-            file_ok,
+            test_ok,
         })
         .collect()
 }
@@ -165,24 +195,25 @@ fn rows_of(file: &str, found: Vec<SoakResult>, file_ok: bool) -> Vec<Row> {
 fn table(rows: &[Row]) -> String {
     let mut s = String::from("\n==== soak ====\n");
     s.push_str(&format!(
-        "{:<14} {:<24} {:>10} {:>6} {:>9}  result\n",
-        "file", "scenario", "iterations", "leaks", "seconds"
+        "{:<18} {:>10} {:>6} {:>9}  {:<20} test\n",
+        "scenario", "iterations", "leaks", "seconds", "result"
     ));
     for r in rows {
-        let result = match (&r.result, r.file_ok) {
-            (None, _) => "FAIL (no SOAK line)",
+        let result = match (&r.result, r.test_ok) {
             (Some(x), _) if x.leaks > 0 => "FAIL (leaks)",
-            (Some(_), false) => "FAIL (test failed)",
+            (_, false) => "FAIL (test failed)",
             (Some(_), true) => "pass",
+            (None, true) => "pass (no SOAK line)",
         };
+        let test = format!("{}::{}", r.file, r.test);
         match &r.result {
             Some(x) => s.push_str(&format!(
-                "{:<14} {:<24} {:>10} {:>6} {:>9.1}  {result}\n",
-                r.file, x.scenario, x.iterations, x.leaks, x.seconds
+                "{:<18} {:>10} {:>6} {:>9.1}  {result:<20} {test}\n",
+                x.scenario, x.iterations, x.leaks, x.seconds
             )),
             None => s.push_str(&format!(
-                "{:<14} {:<24} {:>10} {:>6} {:>9}  {result}\n",
-                r.file, "-", "-", "-", "-"
+                "{:<18} {:>10} {:>6} {:>9}  {result:<20} {test}\n",
+                "-", "-", "-", "-"
             )),
         }
     }
@@ -223,20 +254,31 @@ mod tests {
     }
 
     #[test]
-    fn a_scenario_passes_only_without_leaks_in_a_passing_file() {
+    fn a_scenario_passes_only_without_leaks_in_a_passing_test() {
         let ok = |leaks| SoakResult {
             scenario: "s".into(),
             iterations: 1,
             leaks,
             seconds: 1.0,
         };
-        let rows = rows_of("f", vec![ok(0), ok(2)], true);
+        let rows = rows_of("f", "t", vec![ok(0), ok(2)], true);
         assert!(rows[0].passed() && !rows[1].passed());
-        assert!(!rows_of("f", vec![ok(0)], false)[0].passed());
-        let none = rows_of("f", vec![], true);
+        assert!(!rows_of("f", "t", vec![ok(0)], false)[0].passed());
+        // No report: as the test went.
+        let none = rows_of("f", "t", vec![], false);
         assert_eq!(none.len(), 1);
         assert!(!none[0].passed());
-        let t = table(&rows_of("f", vec![ok(0), ok(2)], true));
-        assert!(t.contains("pass") && t.contains("FAIL (leaks)"), "{t}");
+        assert!(rows_of("f", "t", vec![], true)[0].passed());
+        let t = table(&rows_of("f", "t", vec![ok(0), ok(2)], true));
+        assert!(
+            t.contains("pass") && t.contains("FAIL (leaks)") && t.contains("f::t"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn test_lists() {
+        let out = "a_test: test\nmod_x::b: test\nsome_bench: bench\n\n";
+        assert_eq!(parse_test_list(out), ["a_test", "mod_x::b"]);
     }
 }
