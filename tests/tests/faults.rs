@@ -6,12 +6,16 @@
 //!   the baseline, the ping loses nothing;
 //! * a guest namespace deleted: its port is reaped with its FDB entries
 //!   and bindings;
-//! * a port's interface renamed: the old name's port goes (no traffic is
-//!   switched for it), a rule matching the new name attaches it afresh;
-//! * uplink flapping under NAT traffic: forwarding recovers after each
-//!   flap, no error loop in the log;
+//! * a port's interface renamed: the old name's port goes (nothing is
+//!   switched for the interface under a name no rule matches); a rule
+//!   matching the new name attaches it afresh, at once, also when renamed
+//!   straight from one matching name to another;
+//! * uplink flapping under NAT and bridged traffic: forwarding (new and
+//!   long-lived flows) recovers after each flap, no error loop in the log;
 //! * the bpffs of the pin folder unmounted under the daemon: forwarding
-//!   goes on, `kvnet status` shows the pins gone, a restart fails clearly;
+//!   goes on (also once the daemon stops), the log and `kvnet status` say
+//!   the pins are gone, a restart refuses clearly, and `kvnet down` on a
+//!   bpffs again plus a fresh start rebuild it;
 //! * kill -9 under 4-stream TCP with 100k conntrack entries: the restart
 //!   adopts, every stream completes, every entry is still there.
 use std::{
