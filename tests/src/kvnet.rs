@@ -85,7 +85,19 @@ impl Kvnet {
         extra: &[&str],
         envs: &[(&str, &str)],
     ) -> Result<Kvnet> {
-        let k = Self::spawn_daemon(lab, bin, extra, envs)?;
+        Self::start_at(lab, bin, &lab.pin_dir(), extra, envs)
+    }
+
+    /// [`Kvnet::start_bin`] with the pins under `pin_dir` instead of the
+    /// lab's (a private bpffs, for tests that unmount it).
+    pub fn start_at(
+        lab: &Lab,
+        bin: &Path,
+        pin_dir: &Path,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<Kvnet> {
+        let k = Self::spawn_daemon(lab, bin, pin_dir, extra, envs)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if k.try_cli(&["net", "list", "--json"])?.status.success() {
@@ -117,7 +129,7 @@ impl Kvnet {
         envs: &[(&str, &str)],
         timeout: Duration,
     ) -> Result<DaemonFailure> {
-        let mut k = Self::spawn_daemon(lab, bin, extra, envs)?;
+        let mut k = Self::spawn_daemon(lab, bin, &lab.pin_dir(), extra, envs)?;
         let d = k.daemon.take().expect("just spawned");
         match d.wait_timeout(timeout)? {
             Some(status) if !status.success() => Ok(DaemonFailure {
@@ -140,7 +152,13 @@ impl Kvnet {
 
     /// `bin daemon` in the lab's hv namespace with the lab's pin folder,
     /// state folder and socket, its stderr in the lab's daemon log.
-    fn spawn_daemon(lab: &Lab, bin: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Result<Kvnet> {
+    fn spawn_daemon(
+        lab: &Lab,
+        bin: &Path,
+        pin_dir: &Path,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<Kvnet> {
         crate::mount_bpffs_if_needed()?;
         let bin = bin.to_path_buf();
         let socket = lab.socket_path();
@@ -152,7 +170,7 @@ impl Kvnet {
             .arg(&socket)
             .arg("daemon")
             .arg("--pin-dir")
-            .arg(lab.pin_dir())
+            .arg(pin_dir)
             .arg("--state-dir")
             .arg(lab.work_dir().join("state"));
         cmd.args(extra);
@@ -226,6 +244,11 @@ impl Kvnet {
         let out = self.cli(&a)?;
         serde_json::from_str(&out)
             .with_context(|| format!("parse JSON of `kvnet {}`: {out}", a.join(" ")))
+    }
+
+    /// The daemon's pid (for /proc looks: fds, memory), while it runs.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|d| d.pid())
     }
 
     /// Whether the daemon process is still alive.

@@ -13,6 +13,7 @@ mod lab;
 mod layering;
 mod run;
 mod setup;
+mod soak;
 mod test;
 mod upgrade;
 
@@ -79,6 +80,13 @@ enum Cmd {
         #[arg(long, conflicts_with_all = ["frames", "seed"])]
         slice: bool,
     },
+    /// Fault and soak tests, long forms (KVNET_SOAK=1): port churn, protocol
+    /// fuzzing, ... then a table (scenario, iterations, leaks found).
+    Soak {
+        /// Only these test files (of tests/tests/), e.g. `--test faults`.
+        #[arg(long = "test", value_name = "FILE")]
+        only: Vec<String>,
+    },
     /// Keep a lab (hypervisor namespace + 3 guests) around for manual poking.
     Lab {
         #[command(subcommand)]
@@ -133,6 +141,7 @@ fn real_main() -> Result<()> {
             seed,
             slice,
         } => fuzz::fuzz(frames, seed, slice),
+        Cmd::Soak { only } => soak::soak(&only),
         Cmd::Lab { action } => lab::lab(action),
         Cmd::Bench { quick } => bench::bench(quick),
         Cmd::DemoAsRoot { kvnet } => demo::run(&kvnet),

@@ -16,11 +16,6 @@ use crate::{
 
 /// `kvnet ifup TAP`: attach by explicit settings (env) or by rule.
 pub fn ifup(sw: &mut Switch, iface: &str, net: Option<&str>, vlan: Option<&str>) -> Result<String> {
-    // Best effort, as a tap's creator usually brings it up itself; attach
-    // below reports a missing interface.
-    if let Err(e) = crate::rtnl::link_set_up(iface) {
-        log::debug!("{e}");
-    }
     let (spec, explicit) = match net {
         Some(n) => {
             let vlan = VlanArgs {
@@ -51,6 +46,16 @@ pub fn ifup(sw: &mut Switch, iface: &str, net: Option<&str>, vlan: Option<&str>)
             (spec, vlan.is_some())
         }
     };
+    // Refused before anything changes: attach would first take the port
+    // out of its present network, then fail to add it to a missing one.
+    if !sw.nets.contains_key(&spec.net) {
+        anyhow::bail!("no network named '{}'", spec.net);
+    }
+    // Best effort, as a tap's creator usually brings it up itself; attach
+    // below reports a missing interface.
+    if let Err(e) = crate::rtnl::link_set_up(iface) {
+        log::debug!("{e}");
+    }
     attach(sw, iface, &spec)?;
     with_rt(|rt| {
         let is_static = rt.applied.ports.iter().any(|p| p.iface == iface);
@@ -118,6 +123,16 @@ pub fn link_added(sw: &mut Switch, iface: &str) -> Option<String> {
     let (spec, rule) = with_rt(|rt| wanted(&rt.applied, iface))?;
     if !sw.nets.contains_key(&spec.net) {
         return None;
+    }
+    // A port renamed to a name a rule matches: its old name's port still
+    // holds the interface (its filter) until the reaper's next tick, and no
+    // link event may follow that tick. Drop it now, then attach.
+    let reaped = sw.reap_vanished_ports();
+    for gone in &reaped {
+        eprintln!("port {gone} vanished: removed");
+    }
+    if !reaped.is_empty() {
+        crate::daemon::state::persist(sw);
     }
     match sw.port_add(
         &spec.net,

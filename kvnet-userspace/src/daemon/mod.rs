@@ -339,6 +339,7 @@ async fn maintain(switch: Arc<Mutex<Switch>>) {
         n: 0,
         next_walk: std::time::Instant::now(),
         watchdog: crate::daemon::supervise::Watchdog::from_env(),
+        pinned: true,
     };
     loop {
         tick.tick().await;
@@ -361,6 +362,8 @@ struct Housekeeping {
     n: u64,
     next_walk: std::time::Instant,
     watchdog: Option<crate::daemon::supervise::Watchdog>,
+    /// Whether the programs were pinned at the last tick.
+    pinned: bool,
 }
 
 impl Housekeeping {
@@ -376,6 +379,19 @@ impl Housekeeping {
             w.tick();
         }
         sw.flush_log();
+        // The pins are what the next daemon adopts: say so when they go
+        // (a bpffs unmounted under us), once, and when they come back.
+        let pin_dir = sw.dp.pin_dir().to_path_buf();
+        let now_pinned = pin_dir.join(kvnet_common::names::PROG_TC).exists();
+        if self.pinned && !now_pinned {
+            eprintln!(
+                "kvnet: the pins under {} are gone (bpffs unmounted?): forwarding goes on, but a restart cannot adopt this datapath; `kvnet down` and a fresh start rebuild it",
+                pin_dir.display()
+            );
+        } else if !self.pinned && now_pinned {
+            eprintln!("kvnet: the pins under {} are back", pin_dir.display());
+        }
+        self.pinned = now_pinned;
         let reaped = sw.reap_vanished_ports();
         for iface in &reaped {
             eprintln!("port {iface} vanished: removed");
