@@ -30,12 +30,12 @@ const EXTRA_DEPENDS: &[&str] = &["passwd"];
 #[derive(Debug)]
 struct Item {
     dest: String,
-    from: From,
+    src: Source,
     mode: u32,
 }
 
 #[derive(Debug)]
-enum From {
+enum Source {
     /// A file of the repository, as is.
     Repo(&'static str),
     /// A file generated into the build folder, as is.
@@ -51,51 +51,55 @@ enum From {
 /// Everything the package installs except the man pages (one per
 /// subcommand, found in `gen/man`).
 fn files(kvnet: &Path, gen: &Path) -> Vec<Item> {
-    let item = |dest: &str, from, mode| Item {
+    let item = |dest: &str, src, mode| Item {
         dest: dest.to_string(),
-        from,
+        src,
         mode,
     };
     vec![
-        item(BIN, From::Stripped(kvnet.to_path_buf()), 0o755),
-        item(UNIT, From::Repo("contrib/kvnet.service"), 0o644),
+        item(BIN, Source::Stripped(kvnet.to_path_buf()), 0o755),
+        item(UNIT, Source::Repo("contrib/kvnet.service"), 0o644),
         // qemu runs script=/downscript= by path, not from PATH.
         item(
             "usr/lib/kvnet/kvnet-ifup",
-            From::Repo("scripts/kvnet-ifup"),
+            Source::Repo("scripts/kvnet-ifup"),
             0o755,
         ),
         item(
             "usr/lib/kvnet/kvnet-ifdown",
-            From::Repo("scripts/kvnet-ifdown"),
+            Source::Repo("scripts/kvnet-ifdown"),
             0o755,
         ),
         item(
             "usr/share/bash-completion/completions/kvnet",
-            From::Generated(gen.join("completions/kvnet.bash")),
+            Source::Generated(gen.join("completions/kvnet.bash")),
             0o644,
         ),
         item(
             "usr/share/zsh/vendor-completions/_kvnet",
-            From::Generated(gen.join("completions/_kvnet")),
+            Source::Generated(gen.join("completions/_kvnet")),
             0o644,
         ),
         item(
             "usr/share/fish/vendor_completions.d/kvnet.fish",
-            From::Generated(gen.join("completions/kvnet.fish")),
+            Source::Generated(gen.join("completions/kvnet.fish")),
             0o644,
         ),
         // Uncompressed: the unit's Documentation= links to it.
-        item(&format!("{DOC}/README.md"), From::Repo("README.md"), 0o644),
+        item(
+            &format!("{DOC}/README.md"),
+            Source::Repo("README.md"),
+            0o644,
+        ),
         // Not in /etc/kvnet: the daemon would start from it.
         item(
             &format!("{DOC}/examples/kvnet.toml"),
-            From::Repo("contrib/kvnet.toml"),
+            Source::Repo("contrib/kvnet.toml"),
             0o644,
         ),
         item(
             &format!("{DOC}/copyright"),
-            From::Text(COPYRIGHT.to_string()),
+            Source::Text(COPYRIGHT.to_string()),
             0o644,
         ),
     ]
@@ -233,7 +237,7 @@ fn man_pages(dir: &Path) -> Result<Vec<Item>> {
         if name.ends_with(".1") {
             pages.push(Item {
                 dest: format!("usr/share/man/man1/{name}.gz"),
-                from: From::Gzip(path.clone()),
+                src: Source::Gzip(path.clone()),
                 mode: 0o644,
             });
         }
@@ -249,29 +253,29 @@ fn install(stage: &Path, item: &Item) -> Result<()> {
     let dest = stage.join(&item.dest);
     let parent = dest.parent().context("a destination has a folder")?;
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    match &item.from {
-        From::Repo(rel) => {
+    match &item.src {
+        Source::Repo(rel) => {
             let src = workspace_root().join(rel);
             fs::copy(&src, &dest).with_context(|| format!("copying {}", src.display()))?;
         }
-        From::Generated(src) => {
+        Source::Generated(src) => {
             fs::copy(src, &dest).with_context(|| format!("copying {}", src.display()))?;
         }
-        From::Gzip(src) => {
+        Source::Gzip(src) => {
             let file = fs::File::create(&dest)?;
             // -n: no name or time stamp inside, so equal pages give equal bytes.
             let mut c = Command::new("gzip");
             c.args(["-9nc"]).arg(src).stdout(Stdio::from(file));
             cmd::run(&mut c)?;
         }
-        From::Stripped(src) => {
+        Source::Stripped(src) => {
             let mut c = Command::new("strip");
             c.args(["--strip-unneeded", "--remove-section=.comment", "-o"])
                 .arg(&dest)
                 .arg(src);
             cmd::run(&mut c)?;
         }
-        From::Text(text) => fs::write(&dest, text)?,
+        Source::Text(text) => fs::write(&dest, text)?,
     }
     fs::set_permissions(&dest, fs::Permissions::from_mode(item.mode))?;
     Ok(())
@@ -507,7 +511,7 @@ Version References:
                 "{}",
                 i.dest
             );
-            if let From::Repo(rel) = i.from {
+            if let Source::Repo(rel) = i.src {
                 assert!(workspace_root().join(rel).is_file(), "{rel} is missing");
             }
         }
