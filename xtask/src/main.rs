@@ -11,6 +11,7 @@ mod fuzz;
 mod lab;
 #[cfg(test)]
 mod layering;
+mod package;
 mod run;
 mod setup;
 mod soak;
@@ -97,6 +98,9 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Build the Debian package target/package/kvnet_<version>_<arch>.deb
+    /// (binary, systemd unit, qemu scripts, completions, man pages).
+    Package,
     /// Internal: the demo, re-executed under sudo by `run`.
     #[command(hide = true)]
     DemoAsRoot { kvnet: PathBuf },
@@ -144,6 +148,7 @@ fn real_main() -> Result<()> {
         Cmd::Soak { only } => soak::soak(&only),
         Cmd::Lab { action } => lab::lab(action),
         Cmd::Bench { quick } => bench::bench(quick),
+        Cmd::Package => package::package().map(|_| ()),
         Cmd::DemoAsRoot { kvnet } => demo::run(&kvnet),
     }
 }

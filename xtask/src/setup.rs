@@ -33,6 +33,8 @@ pub const DEB_PACKAGES: &[&str] = &[
     // DHCP/DNS tests: a Debian DHCP client, dig.
     "isc-dhcp-client",
     "bind9-dnsutils",
+    // `cargo xtask package`: strip, objdump (dpkg-deb is in dpkg itself).
+    "binutils",
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";

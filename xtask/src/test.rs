@@ -33,7 +33,11 @@ pub fn test(opts: &Options) -> Result<()> {
         if built_ok {
             // Namespaces of earlier crashed runs would collide with new ones.
             results.push(phase("leftover cleanup (before)", lab::cleanup_leftovers()));
-            let mut e2e = e2e_tests(&kvnet, opts);
+            // tests/package.rs installs this package in a throwaway root.
+            let deb = crate::package::build(&kvnet);
+            let deb_path = deb.as_ref().ok().cloned();
+            results.push(phase("package (cargo xtask package)", deb.map(|_| ())));
+            let mut e2e = e2e_tests(&kvnet, deb_path.as_deref(), opts);
             results.push(phase("end-to-end tests", cmd::run_status(&mut e2e)));
             if cmd::is_root() && opts.harness_args.is_empty() {
                 // Upgrade in place from the previous layout's kvnet.
@@ -86,7 +90,7 @@ fn unit_tests(harness_args: &[String]) -> Result<bool> {
     cmd::run_status(&mut c)
 }
 
-fn e2e_tests(kvnet: &std::path::Path, opts: &Options) -> Command {
+fn e2e_tests(kvnet: &std::path::Path, deb: Option<&std::path::Path>, opts: &Options) -> Command {
     let threads = opts.test_threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -98,6 +102,7 @@ fn e2e_tests(kvnet: &std::path::Path, opts: &Options) -> Command {
         .arg(format!("--test-threads={threads}"))
         .args(&opts.harness_args)
         .env("KVNET_BIN", kvnet)
+        .env("KVNET_DEB", deb.unwrap_or("".as_ref()))
         // The upgrade tests run in their own phase (they skip without it).
         .env_remove("KVNET_OLD_BIN");
     if !cmd::is_root() {

@@ -4,8 +4,8 @@ mod config_cli;
 
 use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use anyhow::{Context, Result};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::control::{
     call, ConntrackRow, FdbRow, ForwardRow, Hook, Mode, NetDetail, NetInfo, NetOpts, PortInfo,
@@ -80,20 +80,24 @@ enum Cmd {
     Conntrack(ConntrackCmd),
     /// Per-port counters.
     Stats {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Make the running daemon what a config file says, changing only the differences.
     Apply {
+        /// The config file (TOML).
         file: PathBuf,
         /// Print the changes without making them.
         #[arg(long)]
         dry_run: bool,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Write the running state to the daemon's config file (or FILE).
     Save {
+        /// Where to write (default: the file the daemon last started from or applied).
         file: Option<PathBuf>,
         /// Write FILE even outside the config directory (/etc/kvnet or the
         /// daemon's file's folder).
@@ -101,9 +105,13 @@ enum Cmd {
         force: bool,
     },
     /// Check a config file without a daemon.
-    Check { file: PathBuf },
+    Check {
+        /// The config file (TOML).
+        file: PathBuf,
+    },
     /// Print a libvirt network definition (XML) as kvnet config.
     ImportLibvirt {
+        /// The network's XML (`virsh net-dumpxml NAME`).
         file: PathBuf,
         /// The NIC a nat/routed network uses (default: <forward dev>, else,
         /// for nat, the interface of the host's default route).
@@ -112,16 +120,23 @@ enum Cmd {
     },
     /// qemu/libvirt tap up: attach it (network from KVNET_NET or the port rules).
     Ifup {
+        /// The tap interface qemu created.
         tap: String,
+        /// The network to attach it to (default: from the port rules matching its name).
         #[arg(long, env = "KVNET_NET")]
         net: Option<String>,
-        #[arg(long, env = "KVNET_VLAN")]
+        /// Its access VLAN (1-4094).
+        #[arg(long, env = "KVNET_VLAN", value_name = "VID")]
         vlan: Option<String>,
     },
     /// qemu/libvirt tap down: detach it.
-    Ifdown { tap: String },
+    Ifdown {
+        /// The tap interface.
+        tap: String,
+    },
     /// Daemon, programs, networks, ports and table fill.
     Status {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -157,6 +172,7 @@ enum Cmd {
         #[arg(long)]
         count: Option<u64>,
         /// One JSON object per line.
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -169,18 +185,41 @@ enum Cmd {
     /// Show the leases in a DHCP state folder.
     #[command(hide = true)]
     DhcpLeases {
+        /// The DHCP state folder (`dhcp-serve --state-dir`).
         #[arg(long)]
         state_dir: PathBuf,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// Write shell completions or man pages made from this command line
+    /// (packaging: `cargo xtask package`).
+    #[command(hide = true)]
+    Generate {
+        /// What to write.
+        #[arg(value_enum)]
+        what: Generated,
+        /// The folder to write into (created if absent).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Generated {
+    /// kvnet.bash, _kvnet (zsh) and kvnet.fish.
+    Completions,
+    /// kvnet.1 and a page per subcommand (kvnet-net-add.1, ...), hidden ones left out.
+    Man,
 }
 
 #[derive(Subcommand)]
 enum DhcpCmd {
     /// A network's leases: MAC, IP, hostname, expiry (like `virsh net-dhcp-leases`).
     Leases {
+        /// The network.
         net: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -193,12 +232,19 @@ enum DhcpCmd {
 enum DhcpHostCmd {
     /// Add (or replace, by MAC) a static host: MAC,IP[,NAME].
     Add {
+        /// The network.
         net: String,
+        /// The host's MAC, its fixed IPv4 address and optionally its DNS name.
         #[arg(value_name = "MAC,IP[,NAME]")]
         host: String,
     },
     /// Remove a static host by its MAC.
-    Del { net: String, mac: String },
+    Del {
+        /// The network.
+        net: String,
+        /// The host's MAC.
+        mac: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -215,10 +261,13 @@ struct DhcpServeArgs {
     /// MAC,IP[,NAME] static host (repeatable).
     #[arg(long = "host")]
     hosts: Vec<String>,
+    /// The guests' DNS domain.
     #[arg(long)]
     domain: Option<String>,
+    /// Where the leases are kept.
     #[arg(long, default_value = "/var/lib/kvnet/dhcp")]
     state_dir: PathBuf,
+    /// Lease time in seconds.
     #[arg(long, default_value_t = 3600)]
     lease_secs: u64,
     /// Upstream resolver IP:PORT (repeatable; default: /etc/resolv.conf).
@@ -233,24 +282,34 @@ struct DhcpServeArgs {
 enum ForwardCmd {
     /// Forward PORT on the uplink's address to a guest's IP:PORT.
     Add {
+        /// The NAT network.
         net: String,
+        /// tcp or udp.
         #[arg(long, default_value = "tcp")]
         proto: String,
+        /// The port on the uplink's address.
         #[arg(long)]
         port: u16,
-        /// GUEST-IP:PORT
-        #[arg(long)]
+        /// Where to: the guest's address and port.
+        #[arg(long, value_name = "GUEST-IP:PORT")]
         to: String,
     },
+    /// Remove a port forward (flows it started stay until they end).
     Del {
+        /// The NAT network.
         net: String,
+        /// tcp or udp.
         #[arg(long, default_value = "tcp")]
         proto: String,
+        /// The forwarded port on the uplink's address.
         #[arg(long)]
         port: u16,
     },
+    /// A network's port forwards.
     List {
+        /// The NAT network.
         net: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -260,22 +319,29 @@ enum ForwardCmd {
 enum ConntrackCmd {
     /// Flows with tuples before and after translation, state, age, counters.
     List {
+        /// The NAT network.
         net: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Forget every flow of a network (established ones break).
-    Flush { net: String },
+    Flush {
+        /// The NAT network.
+        net: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum NetCmd {
     /// Create a network.
     Add {
+        /// The network's name.
         name: String,
         /// Seconds before an idle learned MAC is forgotten.
         #[arg(long)]
         ageing: Option<u64>,
+        /// How the network reaches the host and the outside.
         #[arg(long, value_enum, default_value_t = Mode::Isolated)]
         mode: Mode,
         /// Gateway address and prefix on the host (host-only, routed), e.g. 192.168.122.1/24.
@@ -309,20 +375,28 @@ enum NetCmd {
     },
     /// Show one network: mode, gateway, uplink and each port's hook.
     Show {
+        /// The network.
         name: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Delete a network and detach its ports.
-    Del { name: String },
+    Del {
+        /// The network.
+        name: String,
+    },
     /// List networks.
     List {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Change a network's settings.
     Set {
+        /// The network.
         name: String,
+        /// Seconds before an idle learned MAC is forgotten.
         #[arg(long)]
         ageing: Option<u64>,
         /// DHCP range FIRST,LAST, changed live (as the next three).
@@ -347,11 +421,14 @@ enum NetCmd {
 enum PortCmd {
     /// Attach an interface (guest tap, veth end) to a network.
     Add {
+        /// The network.
         net: String,
+        /// The interface to attach.
         iface: String,
         /// Let frames go back out of the port they came in on.
         #[arg(long)]
         hairpin: bool,
+        /// Where the datapath runs on this port.
         #[arg(long, value_enum, default_value_t = Hook::Auto)]
         hook: Hook,
         #[command(flatten)]
@@ -365,12 +442,15 @@ enum PortCmd {
     },
     /// A port's protection (port security) and what it is bound to.
     Show {
+        /// The port's interface.
         iface: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Change a port's VLAN membership live.
     Set {
+        /// The port's interface.
         iface: String,
         #[command(flatten)]
         vlan: VlanOpts,
@@ -379,9 +459,13 @@ enum PortCmd {
         no_vlan: bool,
     },
     /// Detach a port and forget its MACs.
-    Del { iface: String },
+    Del {
+        /// The port's interface.
+        iface: String,
+    },
     /// List ports.
     List {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -416,7 +500,9 @@ impl VlanOpts {
 enum VlanCmd {
     /// A network's VLANs and member ports with their tagging.
     Show {
+        /// The network.
         net: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -426,14 +512,19 @@ enum VlanCmd {
 enum FdbCmd {
     /// Show a network's MAC table.
     Show {
+        /// The network.
         net: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Add a static entry (never ages, never overwritten by learning).
     Add {
+        /// The network.
         net: String,
+        /// The MAC address.
         mac: String,
+        /// The port's interface the MAC is behind.
         port: String,
         /// The VLAN (default: the port's untagged VLAN).
         #[arg(long, value_name = "VID")]
@@ -441,8 +532,11 @@ enum FdbCmd {
     },
     /// Delete an entry (from every VLAN unless --vlan).
     Del {
+        /// The network.
         net: String,
+        /// The MAC address.
         mac: String,
+        /// Only from this VLAN.
         #[arg(long, value_name = "VID")]
         vlan: Option<String>,
     },
@@ -763,5 +857,132 @@ fn run(cli: Cli) -> Result<()> {
             no_dns: a.no_dns,
         }),
         Cmd::DhcpLeases { state_dir, json } => dhcp::print_leases(&state_dir, json),
+        Cmd::Generate { what, out } => generate(what, &out)
+            .with_context(|| format!("writing {} to {}", what.name(), out.display())),
+    }
+}
+
+impl Generated {
+    fn name(self) -> &'static str {
+        match self {
+            Generated::Completions => "completions",
+            Generated::Man => "man pages",
+        }
+    }
+}
+
+/// Completions and man pages come from `Cli` itself, so they can never
+/// disagree with what the binary parses.
+fn generate(what: Generated, out: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(out)?;
+    let cmd = Cli::command();
+    match what {
+        Generated::Completions => {
+            use clap_complete::Shell;
+            for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+                let path = clap_complete::generate_to(shell, &mut cmd.clone(), "kvnet", out)?;
+                println!("{}", path.display());
+            }
+        }
+        Generated::Man => {
+            clap_mangen::generate_to(cmd, out)?;
+            let mut pages: Vec<_> = std::fs::read_dir(out)?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<std::io::Result<_>>()?;
+            pages.sort();
+            for p in pages
+                .iter()
+                .filter(|p| p.extension().is_some_and(|x| x == "1"))
+            {
+                println!("{}", p.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument, flag and subcommand of the CLI (hidden ones too) has
+    /// help text: `--help`, the man pages and the completions show it.
+    #[test]
+    fn cli_every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let sub_path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(format!("{sub_path} (the subcommand)"));
+                }
+                walk(sub, &sub_path, missing);
+            }
+        }
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cmd, "kvnet", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+        // The walk must see the whole tree: positionals, flattened groups
+        // and hidden subcommands included.
+        let find = |path: &[&str]| {
+            path.iter()
+                .try_fold(cmd.clone(), |c, name| c.find_subcommand(name).cloned())
+        };
+        let port_add = find(&["port", "add"]).expect("port add");
+        for id in ["net", "iface", "vlan", "mac"] {
+            assert!(port_add.get_arguments().any(|a| a.get_id() == id), "{id}");
+        }
+        assert!(find(&["dhcp-serve"]).is_some_and(|c| c.is_hide_set()));
+    }
+
+    #[test]
+    fn cli_version_is_the_crate_version() {
+        let err = match Cli::try_parse_from(["kvnet", "--version"]) {
+            Ok(_) => panic!("--version parsed as a command"),
+            Err(e) => e,
+        };
+        assert_eq!(err.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert_eq!(
+            err.to_string().trim(),
+            format!("kvnet {}", env!("CARGO_PKG_VERSION"))
+        );
+    }
+
+    #[test]
+    fn cli_generates_completions_and_man_pages() {
+        let dir = std::env::temp_dir().join(format!("kvnet-generate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let result = (|| -> Result<()> {
+            generate(Generated::Completions, &dir.join("completions"))?;
+            generate(Generated::Man, &dir.join("man"))?;
+            let read = |p: &str| std::fs::read_to_string(dir.join(p)).context(p.to_string());
+            let bash = read("completions/kvnet.bash")?;
+            assert!(
+                bash.contains("--dhcp-range"),
+                "bash completion lacks net add's flags"
+            );
+            assert!(read("completions/_kvnet")?.starts_with("#compdef kvnet"));
+            assert!(read("completions/kvnet.fish")?.contains("complete -c kvnet"));
+            let top = read("man/kvnet.1")?;
+            assert!(top.contains(".TH kvnet 1"), "{top}");
+            assert!(top.contains(env!("CARGO_PKG_VERSION")));
+            let net_add = read("man/kvnet-net-add.1")?;
+            assert!(
+                net_add.contains("dhcp\\-range") && net_add.contains("FIRST,LAST"),
+                "{net_add}"
+            );
+            // Hidden commands are internal: no page.
+            assert!(!dir.join("man/kvnet-generate.1").exists());
+            assert!(!dir.join("man/kvnet-dhcp-serve.1").exists());
+            Ok(())
+        })();
+        let _ = std::fs::remove_dir_all(&dir);
+        result.unwrap();
     }
 }
