@@ -104,6 +104,7 @@ impl Gateway {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     #[test]
     fn gateway_cidrs() {
