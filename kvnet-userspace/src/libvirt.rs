@@ -113,7 +113,7 @@ fn vlan_advice(v: Node<'_, '_>, net: &str) -> Result<String> {
         tags.push(vid);
     }
     let trunk = v.attribute("trunk") == Some("yes") || tags.len() > 1;
-    let mut s = format!("[[rules]] match = \"vnet*\", net = \"{net}\", ");
+    let mut s = format!("a [[rules]] entry with match = \"vnet*\", net = \"{net}\", ");
     match (trunk, tags.as_slice()) {
         (_, []) => bail!("<vlan> without <tag id>"),
         (false, [t]) => s.push_str(&format!("vlan = {t}")),
@@ -213,25 +213,111 @@ pub fn import_with(
             "<forward mode='{m}'>: unknown mode (libvirt knows nat, route, open, bridge, private, vepa, passthrough and hostdev)"
         ),
     };
-    // libvirt gives a host side (bridge, addresses, DNS) only to these modes
-    // and refuses such elements in the others.
+    // What libvirt refuses to define (its XML parser and its network
+    // driver's validation): refused here too, naming the element.
+    let refused = |what: String| -> anyhow::Error {
+        anyhow::anyhow!("{what} (libvirt refuses to define such a network too)")
+    };
+    // libvirt gives a host side (bridge address, DNS) only to these modes.
     let host_side = matches!(fmode, None | Some("nat" | "route" | "open"));
     if let Some(m) = fmode.filter(|_| !host_side) {
-        for tag in ["ip", "dns", "domain", "mac", "route"] {
-            if child(net, tag).is_some() {
-                bail!("<{tag}> is not allowed with <forward mode='{m}'> (libvirt refuses this network too)");
+        // (<dns> with only forwarders is allowed.)
+        let dns_records = child(net, "dns")
+            .is_some_and(|d| ["host", "txt", "srv"].iter().any(|t| child(d, t).is_some()));
+        for (tag, present) in [
+            ("ip", child(net, "ip").is_some()),
+            ("dns", dns_records),
+            ("domain", child(net, "domain").is_some()),
+            ("mac", child(net, "mac").is_some()),
+        ] {
+            if present {
+                return Err(refused(format!(
+                    "<{tag}> is not allowed with <forward mode='{m}'>"
+                )));
             }
         }
         if let Some(b) = child(net, "bridge") {
             for attr in ["stp", "delay", "zone"] {
                 if b.attribute(attr).is_some() {
-                    bail!("<bridge {attr}> is only allowed with forward mode nat, route, open or none, not '{m}' (libvirt refuses this network too)");
+                    return Err(refused(format!("<bridge {attr}> is only allowed with forward mode nat, route, open or none, not '{m}'")));
                 }
             }
             if m != "bridge" && b.attribute("name").is_some() {
-                bail!("<bridge name> is not allowed with <forward mode='{m}'> (libvirt refuses this network too)");
+                return Err(refused(format!(
+                    "<bridge name> is not allowed with <forward mode='{m}'>"
+                )));
             }
         }
+        let bw_ok =
+            m == "bridge" && child(net, "bridge").is_some_and(|b| b.attribute("name").is_some());
+        if child(net, "bandwidth").is_some() && !bw_ok {
+            return Err(refused(format!(
+                "a network-wide <bandwidth> is not allowed with <forward mode='{m}'>"
+            )));
+        }
+    }
+    if let Some(f) = forward {
+        let has = |t| child(f, t).is_some();
+        if [has("pf"), has("interface"), has("address")]
+            .iter()
+            .filter(|x| **x)
+            .count()
+            > 1
+        {
+            return Err(refused(
+                "<forward> lists more than one of <pf>, <interface> and <address>".into(),
+            ));
+        }
+        if fmode == Some("hostdev") && has("interface") {
+            return Err(refused(
+                "<forward mode='hostdev'> takes its devices as <address>, not <interface>".into(),
+            ));
+        }
+        if fmode != Some("hostdev") && has("address") {
+            return Err(refused(
+                "<forward><address> (a PCI device) needs <forward mode='hostdev'>".into(),
+            ));
+        }
+    }
+    // VLANs: libvirt has them only on SR-IOV pools and Open vSwitch bridges.
+    let ovs = child(net, "virtualport").and_then(|v| v.attribute("type")) == Some("openvswitch");
+    let vlan_ok =
+        matches!(fmode, Some("hostdev" | "passthrough")) || (fmode == Some("bridge") && ovs);
+    let mut pg_names = std::collections::BTreeSet::new();
+    let mut pg_default = None;
+    for pg in elems(net, "portgroup") {
+        let n = pg.attribute("name").context("<portgroup> without name")?;
+        if !pg_names.insert(n) {
+            return Err(refused(format!("two <portgroup name='{n}'>")));
+        }
+        if child(pg, "vlan").is_some() || child(net, "vlan").is_some() {
+            let ok = match child(pg, "virtualport") {
+                // A portgroup's <virtualport> without a type takes the
+                // network's (libvirt merges the two).
+                Some(v) => {
+                    fmode == Some("bridge")
+                        && (v.attribute("type") == Some("openvswitch")
+                            || (v.attribute("type").is_none() && ovs))
+                }
+                None => vlan_ok,
+            };
+            if !ok {
+                return Err(refused(format!("<portgroup name='{n}'> gets a <vlan>, which needs forward mode hostdev or passthrough, or bridge with <virtualport type='openvswitch'>")));
+            }
+        }
+        if pg.attribute("default") == Some("yes") {
+            if let Some(d) = pg_default.replace(n) {
+                return Err(refused(format!(
+                    "<portgroup name='{d}'> and <portgroup name='{n}'> are both default='yes'"
+                )));
+            }
+        }
+    }
+    if child(net, "vlan").is_some() && !vlan_ok && pg_default.is_none() {
+        return Err(refused(
+            "<vlan> needs forward mode hostdev or passthrough, or bridge with <virtualport type='openvswitch'>"
+                .into(),
+        ));
     }
     let bridge_name = child(net, "bridge").and_then(|b| b.attribute("name"));
 
@@ -252,7 +338,7 @@ pub fn import_with(
             .or(pool.first().copied())
             .map(str::to_string);
         if fmode == Some("bridge") && bridge_name.is_some() && sec.uplink.is_some() {
-            bail!("<forward mode='bridge'> names both a <bridge name> and a forward dev or <interface>: libvirt takes one or the other");
+            return Err(refused("<forward mode='bridge'> names both a <bridge name> and a forward dev or <interface>: one or the other".into()));
         }
         for tag in ["pf", "address", "driver"] {
             if child(f, tag).is_some() {
@@ -369,11 +455,17 @@ pub fn import_with(
     for f in ["ipv4", "ipv6"] {
         if ips
             .iter()
-            .filter(|ip| family(ip) == f && child(**ip, "dhcp").is_some())
+            .filter(|ip| {
+                family(ip) == f
+                    && child(**ip, "dhcp")
+                        .is_some_and(|d| child(d, "range").is_some() || child(d, "host").is_some())
+            })
             .count()
             > 1
         {
-            bail!("several <ip family='{f}'> with <dhcp>: libvirt allows DHCP on one address per family");
+            return Err(refused(format!(
+                "several <ip family='{f}'> with <dhcp>: DHCP is on one address per family"
+            )));
         }
     }
     for ip in ips.iter().filter(|ip| family(ip) != "ipv4") {
@@ -412,7 +504,9 @@ pub fn import_with(
             .context("<ip address>")?;
         let prefix = match (ip.attribute("prefix"), ip.attribute("netmask")) {
             (Some(_), Some(_)) => {
-                bail!("<ip address='{addr}'> has both a prefix and a netmask: libvirt takes one")
+                return Err(refused(format!(
+                    "<ip address='{addr}'> has both a prefix and a netmask"
+                )))
             }
             (Some(p), _) => match p.trim().parse::<u8>() {
                 Ok(n @ 0..=32) => n,
@@ -529,7 +623,10 @@ pub fn import_with(
             ));
         }
     } else if matches!(sec.mode.as_str(), "nat" | "routed") {
-        bail!("forward mode {} needs an <ip address>", sec.mode);
+        bail!(
+            "forward mode {} needs an IPv4 <ip address> (kvnet networks are IPv4)",
+            sec.mode
+        );
     }
     for ip in v4.filter(|ip| Some(**ip) != main) {
         warn.push(format!(
@@ -564,10 +661,12 @@ pub fn import_with(
             ));
         }
         for f in elems(dns, "forwarder") {
+            let attrs: String = f
+                .attributes()
+                .map(|a| format!(" {}='{}'", a.name(), a.value()))
+                .collect();
             warn.push(format!(
-                "<dns><forwarder addr='{}' domain='{}'> is not carried over: kvnet forwards to the host's resolvers",
-                f.attribute("addr").unwrap_or(""),
-                f.attribute("domain").unwrap_or("")
+                "<dns><forwarder{attrs}> is not carried over: kvnet forwards to the host's resolvers"
             ));
         }
         for t in ["txt", "srv"] {
@@ -612,7 +711,7 @@ pub fn import_with(
             sec.uplink = Some(u.to_string());
         } else {
             warn.push(format!(
-                "--uplink {u} is ignored: a {} network has no uplink",
+                "--uplink {u} is ignored: mode {} has no uplink",
                 sec.mode
             ));
         }
@@ -621,7 +720,7 @@ pub fn import_with(
         if let Some(u) = sec.uplink.take() {
             if pool.len() <= 1 {
                 warn.push(format!(
-                    "<forward dev='{u}'> is not carried over: a {} network has no uplink",
+                    "<forward dev='{u}'> is not carried over: mode {} has no uplink",
                     sec.mode
                 ));
             }
@@ -647,7 +746,7 @@ pub fn import_with(
                 pool.join(", ")
             ),
             None => format!(
-                "forward interface pool ({}) is not carried over: a {} network has no uplink",
+                "forward interface pool ({}) is not carried over: mode {} has no uplink",
                 pool.join(", "),
                 sec.mode
             ),
@@ -998,8 +1097,36 @@ mod tests {
                 "<domain> is not allowed",
             ),
             (
-                &net("<forward mode='passthrough' dev='eth0'/><dns/>"),
+                &net("<forward mode='passthrough' dev='eth0'/><dns><txt name='a' value='b'/></dns>"),
                 "<dns> is not allowed",
+            ),
+            (
+                &net("<forward mode='passthrough'><pf dev='eth0'/><interface dev='eth1'/></forward>"),
+                "more than one of <pf>, <interface> and <address>",
+            ),
+            (
+                &net("<forward mode='hostdev'><interface dev='eth1'/></forward>"),
+                "not <interface>",
+            ),
+            (
+                &net("<forward mode='bridge' dev='eth0'/><vlan><tag id='5'/></vlan>"),
+                "<vlan> needs",
+            ),
+            (
+                &net("<forward mode='private' dev='eth0'/><bandwidth/>"),
+                "<bandwidth>",
+            ),
+            (
+                &net("<portgroup name='a' default='yes'/><portgroup name='b' default='yes'/>"),
+                "both default",
+            ),
+            (
+                &net("<portgroup name='a'><vlan><tag id='5'/></vlan></portgroup>"),
+                "<portgroup name='a'> gets a <vlan>",
+            ),
+            (
+                &net("<portgroup name='a'/><portgroup name='a'/>"),
+                "two <portgroup name='a'>",
             ),
             (
                 &net("<forward mode='private' dev='eth0'/><bridge name='br0'/>"),
@@ -1019,7 +1146,7 @@ mod tests {
             ),
             (&net("<ip address='10.1.0.1' prefix='33'/>"), "<ip prefix='33'>"),
             (
-                &net("<ip address='10.1.0.1' prefix='24'><dhcp/></ip><ip address='10.2.0.1' prefix='24'><dhcp/></ip>"),
+                &net("<ip address='10.1.0.1' prefix='24'><dhcp><range start='10.1.0.2' end='10.1.0.3'/></dhcp></ip><ip address='10.2.0.1' prefix='24'><dhcp><host mac='52:54:00:00:00:05' ip='10.2.0.5'/></dhcp></ip>"),
                 "several <ip family='ipv4'> with <dhcp>",
             ),
         ] {
@@ -1039,19 +1166,6 @@ mod tests {
             (
                 "<bandwidth><inbound average='1000'/></bandwidth>",
                 "<bandwidth>",
-            ),
-            ("<vlan><tag id='42'/></vlan>", "vlan = 42"),
-            (
-                "<vlan trunk='yes'><tag id='42'/><tag id='43' nativeMode='untagged'/></vlan>",
-                "trunk = \"42,43\", native = 43",
-            ),
-            (
-                "<portgroup name='web'><vlan><tag id='7'/></vlan></portgroup>",
-                "<portgroup name='web'>",
-            ),
-            (
-                "<portgroup name='web'><vlan><tag id='7'/></vlan></portgroup>",
-                "vlan = 7",
             ),
             (
                 "<virtualport type='openvswitch'/>",
@@ -1114,6 +1228,11 @@ mod tests {
             ("<ip address='10.1.0.1'><dhcp><range start='10.1.0.2' end='10.1.0.9'/><host name='x' ip='10.1.0.30'/></dhcp></ip>", "without mac"),
             ("<ip address='10.1.0.1'><dhcp><host mac='52:54:00:00:00:05' ip='10.1.0.30'/></dhcp></ip>", "<dhcp> without <range>"),
             ("<network ipv6='yes'><name>t</name></network>", "<network ipv6='yes'>"),
+            // VLANs: libvirt has them on Open vSwitch bridges and SR-IOV pools.
+            ("<forward mode='bridge'/><bridge name='ovsbr0'/><virtualport type='openvswitch'/><vlan><tag id='42'/></vlan>", "vlan = 42"),
+            ("<forward mode='passthrough' dev='eth1'/><vlan trunk='yes'><tag id='42'/><tag id='43' nativeMode='untagged'/></vlan>", "trunk = \"42,43\", native = 43"),
+            ("<forward mode='bridge'/><bridge name='ovsbr0'/><virtualport type='openvswitch'/><portgroup name='web'><vlan><tag id='7'/></vlan></portgroup>", "<portgroup name='web'>"),
+            ("<forward mode='bridge'/><bridge name='ovsbr0'/><virtualport type='openvswitch'/><portgroup name='web'><vlan><tag id='7'/></vlan></portgroup>", "match = \"GUEST-IFACE\", net = \"t\", vlan = 7"),
         ] {
             let xml = if xml.starts_with("<network") { xml.to_string() } else { net(xml) };
             let (_, warn) = import(&xml).unwrap();
