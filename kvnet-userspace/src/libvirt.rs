@@ -195,8 +195,7 @@ pub fn import_with(
 
     let forward = child(net, "forward");
     let fmode = forward.map(|f| f.attribute("mode").unwrap_or("nat"));
-    let mut sec = NetSection::default();
-    sec.mode = match fmode {
+    let mode = match fmode {
         None => "isolated".into(), // host-only once it has an <ip>
         Some("nat") => "nat".into(),
         Some("route") => "routed".into(),
@@ -212,6 +211,10 @@ pub fn import_with(
         Some(m) => bail!(
             "<forward mode='{m}'>: unknown mode (libvirt knows nat, route, open, bridge, private, vepa, passthrough and hostdev)"
         ),
+    };
+    let mut sec = NetSection {
+        mode,
+        ..Default::default()
     };
     // What libvirt refuses to define (its XML parser and its network
     // driver's validation): refused here too, naming the element.
