@@ -656,10 +656,31 @@ pub fn import_with(
             warn.push(format!("<dns forwardPlainNames='{v}'> is not carried over"));
         }
         for h in elems(dns, "host") {
-            let names: Vec<&str> = elems(h, "hostname").filter_map(|n| n.text()).collect();
+            let ip = h.attribute("ip").unwrap_or("");
+            let names: Vec<String> = elems(h, "hostname")
+                .filter_map(|n| n.text())
+                .map(|n| n.trim().to_ascii_lowercase())
+                .collect();
+            // kvnet's DNS answers the names of the DHCP reservations: a
+            // reservation for this address without a name takes the first.
+            let unnamed = sec.dhcp.as_mut().and_then(|d| {
+                d.hosts
+                    .iter_mut()
+                    .find(|r| r.name.is_none() && r.ip.to_string() == ip)
+            });
+            if let (Some(r), Some(first)) = (unnamed, names.first()) {
+                if crate::dhcp::config::valid_hostname(first) {
+                    r.name = Some(first.clone());
+                    if names.len() > 1 {
+                        warn.push(format!(
+                            "<dns><host ip='{ip}'>: only its first name '{first}' is carried over (as the dhcp host's name); kvnet has one name per host"
+                        ));
+                    }
+                    continue;
+                }
+            }
             warn.push(format!(
-                "<dns><host ip='{}'> ({}) is not carried over: kvnet has no static DNS names; a guest's name comes from its dhcp host entry",
-                h.attribute("ip").unwrap_or(""),
+                "<dns><host ip='{ip}'> ({}) is not carried over: kvnet has no static DNS names; kvnet's DNS answers the names of dhcp hosts (reservations)",
                 names.join(", ")
             ));
         }
@@ -998,6 +1019,22 @@ mod tests {
     }
 
     #[test]
+    fn dns_host_names_a_nameless_reservation() {
+        let xml = net(&format!("{NAT_DHCP}<dns><host ip='10.1.0.20'><hostname>DB</hostname><hostname>db2</hostname></host><host ip='10.1.0.21'><hostname>web</hostname></host></dns><ip address='10.1.0.1' prefix='24'><dhcp><range start='10.1.0.2' end='10.1.0.9'/><host mac='52:54:00:00:00:05' ip='10.1.0.20'/><host mac='52:54:00:00:00:06' ip='10.1.0.21' name='www'/></dhcp></ip>"));
+        let (cfg, warn) = import(&xml).unwrap();
+        let hosts = &cfg.networks["t"].dhcp.as_ref().unwrap().hosts;
+        assert_eq!(hosts[0].name.as_deref(), Some("db"));
+        // A reservation that has a name keeps it; the DNS name is named.
+        assert_eq!(hosts[1].name.as_deref(), Some("www"));
+        assert!(warned(&warn, "only its first name 'db'"), "{warn:?}");
+        assert!(
+            warned(&warn, "<dns><host ip='10.1.0.21'> (web)"),
+            "{warn:?}"
+        );
+        check(&cfg).unwrap();
+    }
+
+    #[test]
     fn nat_port_range_errors_name_the_element() {
         let xml = |p: &str| {
             net(&format!("<forward mode='nat' dev='eth1'><nat><port {p}/></nat></forward><ip address='10.1.0.1' prefix='24'/>"))
@@ -1182,6 +1219,10 @@ mod tests {
             (
                 "<dns><host ip='10.1.0.7'><hostname>db</hostname></host></dns>",
                 "<dns><host ip='10.1.0.7'> (db)",
+            ),
+            (
+                "<dns><host ip='10.1.0.7'><hostname>a</hostname></host></dns><ip address='10.3.0.1'/>",
+                "<dns><host ip='10.1.0.7'> (a)",
             ),
             (
                 "<dns><forwarder addr='8.8.8.8'/></dns>",
