@@ -4,9 +4,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::{bail, Context, Result};
 
-use crate::config::{
-    Checked, Config, DhcpHost, DhcpSection, ForwardSection, NatSection, NetSection,
-};
+use crate::config::{Checked, Config, DhcpHost, DhcpSection, NatSection, NetSection};
 use crate::gateway::Cidr;
 
 /// The interface of the host's IPv4 default route, if any.
@@ -18,13 +16,129 @@ pub fn default_route_iface() -> Option<String> {
     })
 }
 
+type Node<'a, 'i> = roxmltree::Node<'a, 'i>;
+
+/// The element children of `n` named `tag`.
+fn elems<'a, 'i>(n: Node<'a, 'i>, tag: &'static str) -> impl Iterator<Item = Node<'a, 'i>> {
+    n.children()
+        .filter(move |c| c.is_element() && c.tag_name().name() == tag)
+}
+
+fn child<'a, 'i>(n: Node<'a, 'i>, tag: &'static str) -> Option<Node<'a, 'i>> {
+    elems(n, tag).next()
+}
+
+/// Warns about each element child of `n` not in `known`: whatever kvnet
+/// does not know is named, never dropped in silence.
+fn warn_unknown(n: Node<'_, '_>, path: &str, known: &[&str], warn: &mut Vec<String>) {
+    for c in n.children().filter(|c| c.is_element()) {
+        let t = c.tag_name().name();
+        if !known.contains(&t) {
+            warn.push(format!(
+                "{path}<{t}> is not carried over: kvnet has no such setting"
+            ));
+        }
+    }
+}
+
+/// The longest lease kvnet's DHCP server accepts (`dhcp::config`): the
+/// lease time option is 32 bits and all-ones means infinite, which kvnet
+/// does not hand out.
+const LEASE_MAX_SECS: u64 = u32::MAX as u64 - 1;
+/// The shortest lease kvnet's DHCP server accepts.
+const LEASE_MIN_SECS: u64 = 4;
+
+/// `<lease expiry='N' unit='seconds|minutes|hours'/>` in seconds, fitted
+/// to what kvnet allows (with a warning when it had to be changed).
+fn lease_of(l: Node<'_, '_>, what: &str, warn: &mut Vec<String>) -> Result<u64> {
+    let e = l
+        .attribute("expiry")
+        .with_context(|| format!("{what}<lease> without expiry"))?;
+    let n: u64 = e.trim().parse().map_err(|_| {
+        anyhow::anyhow!("{what}<lease expiry='{e}'>: not a whole number (0 means infinite)")
+    })?;
+    // libvirt's default unit is minutes.
+    let unit = l.attribute("unit").unwrap_or("minutes");
+    let mult = match unit {
+        "seconds" => 1,
+        "minutes" => 60,
+        "hours" => 3600,
+        u => bail!("{what}<lease unit='{u}'>: use seconds, minutes or hours"),
+    };
+    if n == 0 {
+        warn.push(format!(
+            "{what}<lease expiry='0'> (infinite) becomes {LEASE_MAX_SECS} s (about 136 years), the longest lease kvnet hands out"
+        ));
+        return Ok(LEASE_MAX_SECS);
+    }
+    let secs = n.saturating_mul(mult);
+    if secs > LEASE_MAX_SECS {
+        warn.push(format!(
+            "{what}<lease expiry='{n}' unit='{unit}'> is capped to {LEASE_MAX_SECS} s, the longest lease kvnet hands out"
+        ));
+        return Ok(LEASE_MAX_SECS);
+    }
+    if secs < LEASE_MIN_SECS {
+        warn.push(format!(
+            "{what}<lease expiry='{n}' unit='{unit}'> is raised to {LEASE_MIN_SECS} s, the shortest lease kvnet hands out"
+        ));
+        return Ok(LEASE_MIN_SECS);
+    }
+    Ok(secs)
+}
+
+/// A `<port start|end>` of `<forward><nat>`: a TCP/UDP port, 1-65535.
+fn nat_port(p: Node<'_, '_>, attr: &str, default: u16) -> Result<u16> {
+    let Some(v) = p.attribute(attr) else {
+        return Ok(default);
+    };
+    match v.trim().parse::<u32>() {
+        Ok(n @ 1..=65535) => Ok(n as u16),
+        _ => bail!("<forward><nat><port {attr}='{v}'>: a port is a number from 1 to 65535"),
+    }
+}
+
+/// What an admin writes to give guests a VLAN the way libvirt's `<vlan>`
+/// did (kvnet sets VLANs per port, not per network).
+fn vlan_advice(v: Node<'_, '_>, net: &str) -> Result<String> {
+    let mut tags = Vec::new();
+    let mut native = None;
+    for t in elems(v, "tag") {
+        let id = t.attribute("id").context("<vlan><tag> without id")?;
+        let vid: u16 =
+            crate::vlan::parse_vid(id).with_context(|| format!("<vlan><tag id='{id}'>"))?;
+        if t.attribute("nativeMode").is_some() {
+            native = Some(vid);
+        }
+        tags.push(vid);
+    }
+    let trunk = v.attribute("trunk") == Some("yes") || tags.len() > 1;
+    let mut s = format!("a [[rules]] entry with match = \"vnet*\", net = \"{net}\", ");
+    match (trunk, tags.as_slice()) {
+        (_, []) => bail!("<vlan> without <tag id>"),
+        (false, [t]) => s.push_str(&format!("vlan = {t}")),
+        _ => {
+            let list: Vec<String> = tags.iter().map(u16::to_string).collect();
+            s.push_str(&format!("trunk = \"{}\"", list.join(",")));
+            if let Some(n) = native {
+                s.push_str(&format!(", native = {n}"));
+            }
+        }
+    }
+    Ok(s)
+}
+
 /// The kvnet config for one libvirt `<network>`, and the warnings.
 ///
-/// `uplink`: the NIC for a nat or routed network (`--uplink`); it wins over
-/// the XML's `<forward dev>`. libvirt NATs out of whichever interface routes
-/// a packet; kvnet masquerades behind one uplink, so a nat network without
-/// either gets the interface of the host's default route (`default_uplink`),
-/// with a warning saying so.
+/// `uplink`: the NIC for a nat, routed or bridged network (`--uplink`); it
+/// wins over the XML's `<forward dev>`. libvirt NATs out of whichever
+/// interface routes a packet; kvnet masquerades behind one uplink, so a nat
+/// network without either gets the interface of the host's default route
+/// (`default_uplink`), with a warning saying so.
+///
+/// Definitions libvirt itself refuses (no name, an unknown forward mode,
+/// addresses on a mode without them, ...) are refused too, naming the
+/// element; everything else either carries over or is named in a warning.
 pub fn import_with(
     xml: &str,
     uplink: Option<&str>,
@@ -39,25 +153,49 @@ pub fn import_with(
         );
     }
     let mut warn = Vec::new();
-    fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, tag: &str) -> Option<roxmltree::Node<'a, 'i>> {
-        n.children()
-            .find(|c| c.is_element() && c.tag_name().name() == tag)
-    }
     let name = child(net, "name")
         .and_then(|n| n.text())
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .context("the network has no <name>")?
+        .context("the network has no <name> (libvirt requires one)")?
         .to_string();
-    crate::switch::validate_net_name(&name)?;
+    crate::switch::validate_net_name(&name).context("<name>")?;
+    warn_unknown(
+        net,
+        "",
+        &[
+            "name",
+            "uuid",
+            "title",
+            "description",
+            "metadata",
+            "forward",
+            "bridge",
+            "mac",
+            "domain",
+            "dns",
+            "mtu",
+            "bandwidth",
+            "vlan",
+            "portgroup",
+            "virtualport",
+            "route",
+            "ip",
+            "port",
+        ],
+        &mut warn,
+    );
+    for attr in ["ipv6", "trustGuestRxFilters"] {
+        if let Some(v) = net.attribute(attr) {
+            warn.push(format!(
+                "<network {attr}='{v}'> is not carried over: kvnet networks are IPv4 and have no such setting"
+            ));
+        }
+    }
 
-    let mut sec = NetSection {
-        mode: "isolated".into(),
-        ..Default::default()
-    };
     let forward = child(net, "forward");
     let fmode = forward.map(|f| f.attribute("mode").unwrap_or("nat"));
-    sec.mode = match fmode {
+    let mode = match fmode {
         None => "isolated".into(), // host-only once it has an <ip>
         Some("nat") => "nat".into(),
         Some("route") => "routed".into(),
@@ -69,36 +207,160 @@ pub fn import_with(
             "routed".into()
         }
         Some("bridge") => "bridged".into(),
-        Some(m) => {
-            warn.push(format!(
-                "forward mode '{m}' has no kvnet equivalent: the network is imported as isolated"
-            ));
-            "isolated".into()
-        }
+        Some("private" | "vepa" | "passthrough" | "hostdev") => "isolated".into(),
+        Some(m) => bail!(
+            "<forward mode='{m}'>: unknown mode (libvirt knows nat, route, open, bridge, private, vepa, passthrough and hostdev)"
+        ),
     };
-    if let Some(f) = forward {
-        if let Some(dev) = f.attribute("dev") {
-            sec.uplink = Some(dev.to_string());
+    let mut sec = NetSection {
+        mode,
+        ..Default::default()
+    };
+    // What libvirt refuses to define (its XML parser and its network
+    // driver's validation): refused here too, naming the element.
+    let refused = |what: String| -> anyhow::Error {
+        anyhow::anyhow!("{what} (libvirt refuses to define such a network too)")
+    };
+    // libvirt gives a host side (bridge address, DNS) only to these modes.
+    let host_side = matches!(fmode, None | Some("nat" | "route" | "open"));
+    if let Some(m) = fmode.filter(|_| !host_side) {
+        // (<dns> with only forwarders is allowed.)
+        let dns_records = child(net, "dns")
+            .is_some_and(|d| ["host", "txt", "srv"].iter().any(|t| child(d, t).is_some()));
+        for (tag, present) in [
+            ("ip", child(net, "ip").is_some()),
+            ("dns", dns_records),
+            ("domain", child(net, "domain").is_some()),
+            ("mac", child(net, "mac").is_some()),
+        ] {
+            if present {
+                return Err(refused(format!(
+                    "<{tag}> is not allowed with <forward mode='{m}'>"
+                )));
+            }
         }
-        let ifaces: Vec<&str> = f
-            .children()
-            .filter(|c| c.is_element() && c.tag_name().name() == "interface")
+        if let Some(b) = child(net, "bridge") {
+            for attr in ["stp", "delay", "zone"] {
+                if b.attribute(attr).is_some() {
+                    return Err(refused(format!("<bridge {attr}> is only allowed with forward mode nat, route, open or none, not '{m}'")));
+                }
+            }
+            if m != "bridge" && b.attribute("name").is_some() {
+                return Err(refused(format!(
+                    "<bridge name> is not allowed with <forward mode='{m}'>"
+                )));
+            }
+        }
+        let bw_ok =
+            m == "bridge" && child(net, "bridge").is_some_and(|b| b.attribute("name").is_some());
+        if child(net, "bandwidth").is_some() && !bw_ok {
+            return Err(refused(format!(
+                "a network-wide <bandwidth> is not allowed with <forward mode='{m}'>"
+            )));
+        }
+    }
+    if let Some(f) = forward {
+        let has = |t| child(f, t).is_some();
+        if [has("pf"), has("interface"), has("address")]
+            .iter()
+            .filter(|x| **x)
+            .count()
+            > 1
+        {
+            return Err(refused(
+                "<forward> lists more than one of <pf>, <interface> and <address>".into(),
+            ));
+        }
+        if fmode == Some("hostdev") && has("interface") {
+            return Err(refused(
+                "<forward mode='hostdev'> takes its devices as <address>, not <interface>".into(),
+            ));
+        }
+        if fmode != Some("hostdev") && has("address") {
+            return Err(refused(
+                "<forward><address> (a PCI device) needs <forward mode='hostdev'>".into(),
+            ));
+        }
+    }
+    // VLANs: libvirt has them only on SR-IOV pools and Open vSwitch bridges.
+    let ovs = child(net, "virtualport").and_then(|v| v.attribute("type")) == Some("openvswitch");
+    let vlan_ok =
+        matches!(fmode, Some("hostdev" | "passthrough")) || (fmode == Some("bridge") && ovs);
+    let mut pg_names = std::collections::BTreeSet::new();
+    let mut pg_default = None;
+    for pg in elems(net, "portgroup") {
+        let n = pg.attribute("name").context("<portgroup> without name")?;
+        if !pg_names.insert(n) {
+            return Err(refused(format!("two <portgroup name='{n}'>")));
+        }
+        if child(pg, "vlan").is_some() || child(net, "vlan").is_some() {
+            let ok = match child(pg, "virtualport") {
+                // A portgroup's <virtualport> without a type takes the
+                // network's (libvirt merges the two).
+                Some(v) => {
+                    fmode == Some("bridge")
+                        && (v.attribute("type") == Some("openvswitch")
+                            || (v.attribute("type").is_none() && ovs))
+                }
+                None => vlan_ok,
+            };
+            if !ok {
+                return Err(refused(format!("<portgroup name='{n}'> gets a <vlan>, which needs forward mode hostdev or passthrough, or bridge with <virtualport type='openvswitch'>")));
+            }
+        }
+        if pg.attribute("default") == Some("yes") {
+            if let Some(d) = pg_default.replace(n) {
+                return Err(refused(format!(
+                    "<portgroup name='{d}'> and <portgroup name='{n}'> are both default='yes'"
+                )));
+            }
+        }
+    }
+    if child(net, "vlan").is_some() && !vlan_ok && pg_default.is_none() {
+        return Err(refused(
+            "<vlan> needs forward mode hostdev or passthrough, or bridge with <virtualport type='openvswitch'>"
+                .into(),
+        ));
+    }
+    let bridge_name = child(net, "bridge").and_then(|b| b.attribute("name"));
+
+    // The uplink from the XML; --uplink and the mode decide at the end.
+    let mut pool: Vec<&str> = Vec::new();
+    if let Some(f) = forward {
+        warn_unknown(
+            f,
+            "<forward>",
+            &["nat", "interface", "pf", "address", "driver"],
+            &mut warn,
+        );
+        pool = elems(f, "interface")
             .filter_map(|c| c.attribute("dev"))
             .collect();
-        if sec.uplink.is_none() {
-            sec.uplink = ifaces.first().map(|s| s.to_string());
+        sec.uplink = f
+            .attribute("dev")
+            .or(pool.first().copied())
+            .map(str::to_string);
+        if fmode == Some("bridge") && bridge_name.is_some() && sec.uplink.is_some() {
+            return Err(refused("<forward mode='bridge'> names both a <bridge name> and a forward dev or <interface>: one or the other".into()));
         }
-        if ifaces.len() > 1 {
-            warn.push(format!(
-                "forward interface pool ({}): kvnet takes one uplink, '{}'",
-                ifaces.join(", "),
-                ifaces[0]
-            ));
+        for tag in ["pf", "address", "driver"] {
+            if child(f, tag).is_some() {
+                warn.push(format!(
+                    "<forward><{tag}> (SR-IOV / PCI device assignment) is not carried over"
+                ));
+            }
+        }
+        if let Some(v) = f.attribute("managed") {
+            warn.push(format!("<forward managed='{v}'> is not carried over"));
         }
         if let Some(nat) = child(f, "nat") {
+            warn_unknown(nat, "<forward><nat>", &["port", "address"], &mut warn);
             if let Some(p) = child(nat, "port") {
-                let start: u16 = p.attribute("start").unwrap_or("1024").parse()?;
-                let end: u16 = p.attribute("end").unwrap_or("65535").parse()?;
+                let start = nat_port(p, "start", 1024)?;
+                let end = nat_port(p, "end", 65535)?;
+                if start > end {
+                    bail!("<forward><nat><port start='{start}' end='{end}'>: start is above end");
+                }
                 sec.nat = Some(NatSection {
                     port_range: Some([start, end]),
                     udp: None,
@@ -107,27 +369,29 @@ pub fn import_with(
             if child(nat, "address").is_some() {
                 warn.push("<nat><address> (SNAT address range) is not carried over: kvnet NATs to the uplink's address".into());
             }
+            if let Some(v) = nat.attribute("ipv6") {
+                warn.push(format!(
+                    "<nat ipv6='{v}'> is not carried over: kvnet networks are IPv4"
+                ));
+            }
         }
     }
-    if sec.mode == "bridged" && sec.uplink.is_none() {
-        if let Some(b) = child(net, "bridge").and_then(|b| b.attribute("name")) {
+    if sec.mode == "bridged" && sec.uplink.is_none() && uplink.is_none() {
+        if let Some(b) = bridge_name {
             warn.push(format!(
                 "forward mode bridge onto the existing host bridge '{b}': kvnet needs the NIC itself; uplink set to '{b}', change it to the physical NIC"
             ));
             sec.uplink = Some(b.to_string());
         } else {
-            bail!("forward mode bridge without a dev or bridge name: no uplink to use");
+            bail!("<forward mode='bridge'> without a dev, <interface> or <bridge name>: no uplink to use; pass --uplink IFACE");
         }
     }
-    if matches!(sec.mode.as_str(), "isolated" | "host-only") {
-        sec.uplink = None;
+    if let (true, Some(b), Some(u)) = (sec.mode == "bridged", bridge_name, uplink) {
+        warn.push(format!(
+            "forward mode bridge onto the existing host bridge '{b}': kvnet attaches to --uplink {u} instead"
+        ));
     }
     if let Some(b) = child(net, "bridge") {
-        if sec.mode != "bridged" {
-            if let Some(n) = b.attribute("name") {
-                sec.gateway_iface = Some(n.to_string());
-            }
-        }
         for attr in ["stp", "delay", "macTableManager", "zone"] {
             if let Some(v) = b.attribute(attr) {
                 warn.push(format!(
@@ -141,58 +405,116 @@ pub fn import_with(
             "bridge MAC address {m} is not carried over: the gateway interface gets a random MAC"
         ));
     }
-    for tag in [
-        "uuid",
-        "domain",
-        "dns",
-        "mtu",
-        "bandwidth",
-        "vlan",
-        "portgroup",
-        "route",
-        "virtualport",
-    ] {
-        for n in net
-            .children()
-            .filter(|c| c.is_element() && c.tag_name().name() == tag)
+    for n in net.children().filter(|c| c.is_element()) {
+        let tag = n.tag_name().name();
+        let attr = |a: &str| n.attribute(a).unwrap_or("").to_string();
+        let detail = match tag {
+            // (<uuid> is libvirt's identity for the network, not a setting.)
+            "title" | "description" | "metadata" => format!("<{tag}> is not carried over"),
+            "mtu" => format!(
+                "<mtu size='{}'> is not carried over: kvnet has no MTU setting yet (the guests keep their own)",
+                attr("size")
+            ),
+            "bandwidth" => "<bandwidth> (QoS limits) is not carried over: kvnet has no bandwidth limits yet".into(),
+            "port" if n.attribute("isolated") == Some("yes") => "<port isolated='yes'> is not carried over: kvnet has no port isolation yet, so guests on this network can reach each other".into(),
+            "port" => "<port> is not carried over".into(),
+            "vlan" => format!(
+                "<vlan> is not carried over: kvnet sets VLANs per port; for the guests write {}",
+                vlan_advice(n, &name)?
+            ),
+            "portgroup" => {
+                let pg = attr("name");
+                let mut w = format!("<portgroup name='{pg}'> is not carried over: kvnet has no port groups");
+                if let Some(v) = child(n, "vlan") {
+                    w.push_str(&format!(
+                        "; for the guests that used it write {}",
+                        vlan_advice(v, &name)?.replace("vnet*", "GUEST-IFACE")
+                    ));
+                }
+                for t in ["bandwidth", "virtualport"] {
+                    if child(n, t).is_some() {
+                        w.push_str(&format!("; its <{t}> has no kvnet equivalent"));
+                    }
+                }
+                w
+            }
+            "virtualport" => format!(
+                "<virtualport type='{}'> (Open vSwitch / 802.1Qbg / 802.1Qbh) is not carried over",
+                attr("type")
+            ),
+            "route" => format!(
+                "<route address='{}' gateway='{}'> (a static route on the host) is not carried over",
+                attr("address"),
+                attr("gateway")
+            ),
+            _ => continue,
+        };
+        warn.push(detail);
+    }
+
+    // Addresses.
+    let ips: Vec<Node<'_, '_>> = elems(net, "ip").collect();
+    let family = |ip: &Node<'_, '_>| ip.attribute("family").unwrap_or("ipv4").to_string();
+    for f in ["ipv4", "ipv6"] {
+        if ips
+            .iter()
+            .filter(|ip| {
+                family(ip) == f
+                    && child(**ip, "dhcp")
+                        .is_some_and(|d| child(d, "range").is_some() || child(d, "host").is_some())
+            })
+            .count()
+            > 1
         {
-            let detail = match tag {
-                "uuid" => continue,
-                "domain" => format!(
-                    "<domain name='{}'> is not carried over (no DNS domain setting in kvnet yet)",
-                    n.attribute("name").unwrap_or("")
-                ),
-                "dns" => "<dns> entries (hosts, forwarders, srv, txt) are not carried over".into(),
-                t => format!("<{t}> is not carried over"),
-            };
-            warn.push(detail);
+            return Err(refused(format!(
+                "several <ip family='{f}'> with <dhcp>: DHCP is on one address per family"
+            )));
         }
     }
-    let ips: Vec<roxmltree::Node<'_, '_>> = net
-        .children()
-        .filter(|c| c.is_element() && c.tag_name().name() == "ip")
-        .collect();
-    let mut v4 = ips
-        .iter()
-        .filter(|ip| ip.attribute("family").unwrap_or("ipv4") == "ipv4");
-    for ip in ips
-        .iter()
-        .filter(|ip| ip.attribute("family").unwrap_or("ipv4") != "ipv4")
-    {
+    for ip in ips.iter().filter(|ip| family(ip) != "ipv4") {
         warn.push(format!(
             "<ip family='{}' address='{}'> is not carried over: kvnet networks are IPv4",
-            ip.attribute("family").unwrap_or(""),
+            family(ip),
             ip.attribute("address").unwrap_or("")
         ));
     }
-    if let Some(ip) = v4.next() {
+    let v4 = ips.iter().filter(|ip| family(ip) == "ipv4");
+    // With several IPv4 addresses, the one with DHCP (else the first).
+    let main = ips
+        .iter()
+        .find(|ip| family(ip) == "ipv4" && child(**ip, "dhcp").is_some())
+        .or_else(|| v4.clone().next())
+        .copied();
+    let mut domain = None;
+    if let Some(d) = child(net, "domain") {
+        let dn = d.attribute("name").context("<domain> without name")?;
+        if !crate::dhcp::config::valid_domain(dn) {
+            bail!("<domain name='{dn}'>: not a valid DNS domain");
+        }
+        domain = Some(dn.trim_end_matches('.').to_ascii_lowercase());
+        for (attr, v) in d.attributes().map(|a| (a.name(), a.value())) {
+            if attr != "name" {
+                warn.push(format!("<domain {attr}='{v}'> is not carried over"));
+            }
+        }
+    }
+    if let Some(ip) = main {
+        warn_unknown(ip, "<ip>", &["dhcp", "tftp"], &mut warn);
         let addr: Ipv4Addr = ip
             .attribute("address")
             .context("<ip> without address")?
             .parse()
             .context("<ip address>")?;
         let prefix = match (ip.attribute("prefix"), ip.attribute("netmask")) {
-            (Some(p), _) => p.parse::<u8>().context("<ip prefix>")?,
+            (Some(_), Some(_)) => {
+                return Err(refused(format!(
+                    "<ip address='{addr}'> has both a prefix and a netmask"
+                )))
+            }
+            (Some(p), _) => match p.trim().parse::<u8>() {
+                Ok(n @ 0..=32) => n,
+                _ => bail!("<ip prefix='{p}'>: an IPv4 prefix is 0-32"),
+            },
             (None, Some(m)) => {
                 let m = u32::from(m.parse::<Ipv4Addr>().context("<ip netmask>")?);
                 if m.leading_ones() + m.trailing_zeros() != 32 {
@@ -203,89 +525,229 @@ pub fn import_with(
             (None, None) => 24,
         };
         let cidr = format!("{addr}/{prefix}");
-        cidr.parse::<Cidr>()?;
-        if sec.mode == "bridged" {
-            warn.push(format!(
-                "<ip address='{addr}'> is ignored: a bridged network has no gateway"
-            ));
-        } else if sec.mode == "isolated" {
-            sec.mode = "host-only".into();
-            sec.gateway = Some(cidr);
-        } else {
-            sec.gateway = Some(cidr);
+        cidr.parse::<Cidr>()
+            .with_context(|| format!("<ip address='{addr}'> with prefix {prefix}"))?;
+        if let Some(v) = ip.attribute("localPtr") {
+            warn.push(format!("<ip localPtr='{v}'> is not carried over"));
         }
-        if let Some(d) = child(*ip, "dhcp") {
-            let range = child(d, "range");
-            let hosts: Vec<DhcpHost> = d
-                .children()
-                .filter(|c| c.is_element() && c.tag_name().name() == "host")
-                .map(|h| -> Result<DhcpHost> {
-                    Ok(DhcpHost {
-                        mac: h
-                            .attribute("mac")
-                            .context("<host> without mac (id-only hosts are not supported)")?
-                            .to_ascii_lowercase(),
-                        ip: h.attribute("ip").context("<host> without ip")?.parse()?,
-                        name: h.attribute("name").map(Into::into),
-                    })
-                })
-                .collect::<Result<_>>()?;
-            if d.children()
-                .filter(|c| c.is_element() && c.tag_name().name() == "range")
-                .count()
-                > 1
-            {
+        // Only host-side modes get here: the others refuse <ip> above.
+        if sec.mode == "isolated" {
+            sec.mode = "host-only".into();
+        }
+        sec.gateway = Some(cidr);
+        if let Some(d) = child(ip, "dhcp") {
+            warn_unknown(d, "<dhcp>", &["range", "host", "bootp"], &mut warn);
+            let mut ranges = elems(d, "range");
+            let range = ranges.next();
+            if ranges.next().is_some() {
                 warn.push("several <dhcp><range>s: only the first is carried over".into());
             }
             if child(d, "bootp").is_some() {
                 warn.push("<dhcp><bootp> (PXE boot) is not carried over".into());
             }
+            let lease_secs = match range.and_then(|r| child(r, "lease")) {
+                Some(l) => Some(lease_of(l, "<dhcp><range>", &mut warn)?),
+                None => None,
+            };
+            let mut hosts = Vec::new();
+            for h in elems(d, "host") {
+                let Some(mac) = h.attribute("mac") else {
+                    warn.push(format!(
+                        "<dhcp><host name='{}' ip='{}'> without mac is not carried over: kvnet reserves addresses by MAC",
+                        h.attribute("name").unwrap_or(""),
+                        h.attribute("ip").unwrap_or("")
+                    ));
+                    continue;
+                };
+                let what = format!("<dhcp><host mac='{mac}'>");
+                let hip: Ipv4Addr = h
+                    .attribute("ip")
+                    .with_context(|| format!("{what} without ip"))?
+                    .parse()
+                    .with_context(|| format!("{what}: ip"))?;
+                if let Some(l) = child(h, "lease") {
+                    let s = lease_of(l, &what, &mut warn)?;
+                    if Some(s) != lease_secs {
+                        warn.push(format!(
+                            "{what}<lease> ({s} s) is not carried over: kvnet has one lease time per network ({} s)",
+                            lease_secs.map_or("the default".into(), |l| l.to_string())
+                        ));
+                    }
+                }
+                // kvnet hands out short names in the network's domain, as
+                // dnsmasq does: a dotted name keeps its first label, and a
+                // different domain part is dropped (dnsmasq ignores it too).
+                let hname = match h.attribute("name") {
+                    None => None,
+                    Some(n) => {
+                        let n = n.trim_end_matches('.').to_ascii_lowercase();
+                        let (short, rest) = n.split_once('.').unwrap_or((&n, ""));
+                        if !crate::dhcp::config::valid_hostname(short) {
+                            bail!("{what} name='{n}': a host name is 1-63 letters, digits or '-'");
+                        }
+                        if !rest.is_empty() && Some(rest) != domain.as_deref() {
+                            warn.push(format!(
+                                "{what} name='{n}' becomes '{short}': the domain part '{rest}' is not the network's <domain> ({})",
+                                domain.as_deref().unwrap_or("none")
+                            ));
+                        }
+                        Some(short.to_string())
+                    }
+                };
+                hosts.push(DhcpHost {
+                    mac: mac.to_ascii_lowercase(),
+                    ip: hip,
+                    name: hname,
+                });
+            }
             match range {
                 Some(r) => {
+                    let at = |a: &str| -> Result<Ipv4Addr> {
+                        r.attribute(a)
+                            .with_context(|| format!("<dhcp><range> without {a}"))?
+                            .parse()
+                            .with_context(|| format!("<dhcp><range {a}>"))
+                    };
                     sec.dhcp = Some(DhcpSection {
-                        start: r
-                            .attribute("start")
-                            .context("<range> without start")?
-                            .parse()?,
-                        end: r.attribute("end").context("<range> without end")?.parse()?,
+                        start: at("start")?,
+                        end: at("end")?,
                         hosts,
-                        lease_secs: None,
-                        domain: None,
+                        lease_secs,
+                        domain: domain.take(),
                     });
-                    if sec.mode == "bridged" {
-                        warn.push("DHCP on a bridged network is dropped".into());
-                        sec.dhcp = None;
-                    }
                 }
                 None => warn.push("<dhcp> without <range> is not carried over".into()),
             }
         }
-        if let Some(t) = child(*ip, "tftp") {
+        if let Some(t) = child(ip, "tftp") {
             warn.push(format!(
                 "<tftp root='{}'> is not carried over",
                 t.attribute("root").unwrap_or("")
             ));
         }
     } else if matches!(sec.mode.as_str(), "nat" | "routed") {
-        bail!("forward mode {} needs an <ip address>", sec.mode);
+        bail!(
+            "forward mode {} needs an IPv4 <ip address> (kvnet networks are IPv4)",
+            sec.mode
+        );
     }
-    for ip in v4 {
+    for ip in v4.filter(|ip| Some(**ip) != main) {
         warn.push(format!(
             "extra <ip address='{}'> is not carried over: kvnet takes one gateway per network",
             ip.attribute("address").unwrap_or("")
         ));
     }
+    if let Some(d) = domain {
+        warn.push(format!(
+            "<domain name='{d}'> is not carried over: kvnet's domain is a DHCP setting (dhcp.domain) and this network has no <dhcp><range>"
+        ));
+    }
+    if let Some(dns) = child(net, "dns") {
+        warn_unknown(
+            dns,
+            "<dns>",
+            &["host", "forwarder", "txt", "srv"],
+            &mut warn,
+        );
+        if dns.attribute("enable") == Some("no") {
+            warn.push("<dns enable='no'> is not carried over: kvnet has no setting to turn its DNS service off".into());
+        }
+        if let Some(v) = dns.attribute("forwardPlainNames") {
+            warn.push(format!("<dns forwardPlainNames='{v}'> is not carried over"));
+        }
+        for h in elems(dns, "host") {
+            let ip = h.attribute("ip").unwrap_or("");
+            let names: Vec<String> = elems(h, "hostname")
+                .filter_map(|n| n.text())
+                .map(|n| n.trim().to_ascii_lowercase())
+                .collect();
+            // kvnet's DNS answers the names of the DHCP reservations: a
+            // reservation for this address without a name takes the first.
+            let unnamed = sec.dhcp.as_mut().and_then(|d| {
+                d.hosts
+                    .iter_mut()
+                    .find(|r| r.name.is_none() && r.ip.to_string() == ip)
+            });
+            if let (Some(r), Some(first)) = (unnamed, names.first()) {
+                if crate::dhcp::config::valid_hostname(first) {
+                    r.name = Some(first.clone());
+                    if names.len() > 1 {
+                        warn.push(format!(
+                            "<dns><host ip='{ip}'>: only its first name '{first}' is carried over (as the dhcp host's name); kvnet has one name per host"
+                        ));
+                    }
+                    continue;
+                }
+            }
+            warn.push(format!(
+                "<dns><host ip='{ip}'> ({}) is not carried over: kvnet has no static DNS names; kvnet's DNS answers the names of dhcp hosts (reservations)",
+                names.join(", ")
+            ));
+        }
+        for f in elems(dns, "forwarder") {
+            let attrs: String = f
+                .attributes()
+                .map(|a| format!(" {}='{}'", a.name(), a.value()))
+                .collect();
+            warn.push(format!(
+                "<dns><forwarder{attrs}> is not carried over: kvnet forwards to the host's resolvers"
+            ));
+        }
+        for t in ["txt", "srv"] {
+            for r in elems(dns, t) {
+                warn.push(format!(
+                    "<dns><{t} name='{}'> is not carried over: kvnet serves A and PTR records only",
+                    r.attribute("name").or(r.attribute("service")).unwrap_or("")
+                ));
+            }
+        }
+    }
+    match (&sec.gateway, bridge_name) {
+        (Some(_), Some(b)) => {
+            if crate::config::check_ifname(b).is_ok() {
+                sec.gateway_iface = Some(b.to_string());
+            } else {
+                warn.push(format!("<bridge name='{b}'> is not a valid interface name: the gateway interface gets kvnet's default name"));
+            }
+        }
+        (None, Some(b)) if sec.mode != "bridged" => warn.push(format!(
+            "<bridge name='{b}'> is not carried over: without an <ip> the network is isolated and kvnet gives it no host interface"
+        )),
+        _ => {}
+    }
+    // The default kvnet-NAME must fit IFNAMSIZ (15); else a short one.
+    if sec.gateway.is_some()
+        && sec.gateway_iface.is_none()
+        && crate::gateway::Gateway::default_name(&name).is_err()
+    {
+        let short: String = format!("kvnet-{name}").chars().take(15).collect();
+        warn.push(format!(
+            "the default gateway interface name 'kvnet-{name}' is longer than 15 characters: gateway_iface set to '{short}'"
+        ));
+        sec.gateway_iface = Some(short);
+    }
     if sec.mode != "nat" {
         sec.nat = None;
     }
+    let has_uplink = matches!(sec.mode.as_str(), "nat" | "routed" | "bridged");
     if let Some(u) = uplink {
-        if matches!(sec.mode.as_str(), "nat" | "routed" | "bridged") {
+        if has_uplink {
             sec.uplink = Some(u.to_string());
         } else {
             warn.push(format!(
-                "--uplink {u} is ignored: a {} network has no uplink",
+                "--uplink {u} is ignored: mode {} has no uplink",
                 sec.mode
             ));
+        }
+    }
+    if !has_uplink {
+        if let Some(u) = sec.uplink.take() {
+            if pool.len() <= 1 {
+                warn.push(format!(
+                    "<forward dev='{u}'> is not carried over: mode {} has no uplink",
+                    sec.mode
+                ));
+            }
         }
     }
     if sec.mode == "nat" && sec.uplink.is_none() {
@@ -301,9 +763,28 @@ pub fn import_with(
             ),
         }
     }
+    if pool.len() > 1 {
+        warn.push(match &sec.uplink {
+            Some(u) => format!(
+                "forward interface pool ({}): kvnet takes one uplink, '{u}'",
+                pool.join(", ")
+            ),
+            None => format!(
+                "forward interface pool ({}) is not carried over: mode {} has no uplink",
+                pool.join(", "),
+                sec.mode
+            ),
+        });
+    }
+    if let Some(m) = fmode.filter(|m| matches!(*m, "private" | "vepa" | "passthrough" | "hostdev"))
+    {
+        warn.push(format!(
+            "forward mode '{m}' has no kvnet equivalent: the network is imported as {}",
+            sec.mode
+        ));
+    }
     // libvirt has no port forwards in a network definition.
-    let forwards: Vec<ForwardSection> = Vec::new();
-    sec.forwards = forwards;
+    sec.forwards = Vec::new();
     let mut cfg = Config::default();
     cfg.networks.insert(name, Checked(sec));
     Ok((cfg, warn))
@@ -424,6 +905,383 @@ mod tests {
             import("<network><name>h</name><forward mode='hostdev'/></network>").unwrap();
         assert_eq!(cfg.networks["h"].mode, "isolated");
         assert!(warn.iter().any(|w| w.contains("hostdev")));
+    }
+
+    /// What `kvnet check` does with the imported file: parse the written
+    /// TOML, then the daemon's validation (DHCP plan, NAT ports).
+    fn check(cfg: &Config) -> Result<()> {
+        let text = crate::config::to_toml(cfg)?;
+        let back = crate::config::parse("imported.toml", &text)?;
+        crate::daemon::reconcile::validate(&back)
+    }
+
+    fn warned(warn: &[String], needle: &str) -> bool {
+        warn.iter().any(|w| w.contains(needle))
+    }
+
+    fn net(body: &str) -> String {
+        format!("<network><name>t</name>{body}</network>")
+    }
+
+    const NAT_DHCP: &str = "<forward mode='nat' dev='eth1'/><bridge name='virbr3'/>";
+
+    #[test]
+    fn domain_becomes_dhcp_domain() {
+        let xml = net(&format!("{NAT_DHCP}<domain name='Lab.Example'/><ip address='10.1.0.1' prefix='24'><dhcp><range start='10.1.0.2' end='10.1.0.9'/></dhcp></ip>"));
+        let (cfg, warn) = import(&xml).unwrap();
+        let d = cfg.networks["t"].dhcp.clone().unwrap();
+        assert_eq!(d.domain.as_deref(), Some("lab.example"));
+        assert!(!warned(&warn, "domain"), "{warn:?}");
+        check(&cfg).unwrap();
+        // Without DHCP there is no place for it: a warning.
+        let xml = net(&format!(
+            "{NAT_DHCP}<domain name='lab.example'/><ip address='10.1.0.1' prefix='24'/>"
+        ));
+        let (_, warn) = import(&xml).unwrap();
+        assert!(warned(&warn, "<domain name='lab.example'>"), "{warn:?}");
+        let e = import(&net("<domain name='bad..name'/>")).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("<domain name='bad..name'>"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn leases() {
+        let with = |range: &str, host: &str| {
+            net(&format!("{NAT_DHCP}<ip address='10.1.0.1' prefix='24'><dhcp><range start='10.1.0.2' end='10.1.0.9'>{range}</range><host mac='52:54:00:00:00:05' ip='10.1.0.20'>{host}</host></dhcp></ip>"))
+        };
+        let lease = |xml: &str| {
+            let (cfg, warn) = import(xml).unwrap();
+            check(&cfg).unwrap();
+            (cfg.networks["t"].dhcp.as_ref().unwrap().lease_secs, warn)
+        };
+        assert_eq!(lease(&with("", "")).0, None);
+        assert_eq!(
+            lease(&with("<lease expiry='1' unit='hours'/>", "")).0,
+            Some(3600)
+        );
+        // libvirt's default unit is minutes.
+        assert_eq!(lease(&with("<lease expiry='90'/>", "")).0, Some(5400));
+        assert_eq!(
+            lease(&with("<lease expiry='30' unit='seconds'/>", "")).0,
+            Some(30)
+        );
+        let (l, warn) = lease(&with("<lease expiry='0'/>", ""));
+        assert_eq!(l, Some(LEASE_MAX_SECS));
+        assert!(warned(&warn, "infinite"), "{warn:?}");
+        let (l, warn) = lease(&with("<lease expiry='9999999' unit='hours'/>", ""));
+        assert_eq!(l, Some(LEASE_MAX_SECS));
+        assert!(warned(&warn, "capped"), "{warn:?}");
+        // One lease time per network: a host's own is named.
+        let (l, warn) = lease(&with(
+            "<lease expiry='1' unit='hours'/>",
+            "<lease expiry='2' unit='hours'/>",
+        ));
+        assert_eq!(l, Some(3600));
+        assert!(
+            warned(
+                &warn,
+                "<dhcp><host mac='52:54:00:00:00:05'><lease> (7200 s)"
+            ),
+            "{warn:?}"
+        );
+        let e = import(&with("<lease expiry='1' unit='days'/>", "")).unwrap_err();
+        assert!(format!("{e:#}").contains("unit='days'"), "{e:#}");
+        let e = import(&with("<lease expiry='-1'/>", "")).unwrap_err();
+        assert!(format!("{e:#}").contains("expiry='-1'"), "{e:#}");
+    }
+
+    #[test]
+    fn dotted_dhcp_host_names() {
+        let xml = |domain: &str| {
+            net(&format!("{NAT_DHCP}{domain}<ip address='10.1.0.1' prefix='24'><dhcp><range start='10.1.0.2' end='10.1.0.9'/><host mac='52:54:00:00:00:05' name='vm1.example.com' ip='10.1.0.20'/><host mac='52:54:00:00:00:06' name='VM2' ip='10.1.0.21'/></dhcp></ip>"))
+        };
+        // The network's own domain: the short name, no warning.
+        let (cfg, warn) = import(&xml("<domain name='example.com'/>")).unwrap();
+        let hosts = &cfg.networks["t"].dhcp.as_ref().unwrap().hosts;
+        assert_eq!(hosts[0].name.as_deref(), Some("vm1"));
+        assert_eq!(hosts[1].name.as_deref(), Some("vm2"));
+        assert!(!warned(&warn, "vm1"), "{warn:?}");
+        check(&cfg).unwrap();
+        // Another domain (or none): the short name, and a warning.
+        let (cfg, warn) = import(&xml("")).unwrap();
+        let hosts = &cfg.networks["t"].dhcp.as_ref().unwrap().hosts;
+        assert_eq!(hosts[0].name.as_deref(), Some("vm1"));
+        assert!(warned(&warn, "'example.com'"), "{warn:?}");
+        check(&cfg).unwrap();
+        let bad = net(&format!("{NAT_DHCP}<ip address='10.1.0.1' prefix='24'><dhcp><range start='10.1.0.2' end='10.1.0.9'/><host mac='52:54:00:00:00:05' name='bad_name' ip='10.1.0.20'/></dhcp></ip>"));
+        let e = format!("{:#}", import(&bad).unwrap_err());
+        assert!(
+            e.contains("<dhcp><host mac='52:54:00:00:00:05'> name='bad_name'"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn dns_host_names_a_nameless_reservation() {
+        let xml = net(&format!("{NAT_DHCP}<dns><host ip='10.1.0.20'><hostname>DB</hostname><hostname>db2</hostname></host><host ip='10.1.0.21'><hostname>web</hostname></host></dns><ip address='10.1.0.1' prefix='24'><dhcp><range start='10.1.0.2' end='10.1.0.9'/><host mac='52:54:00:00:00:05' ip='10.1.0.20'/><host mac='52:54:00:00:00:06' ip='10.1.0.21' name='www'/></dhcp></ip>"));
+        let (cfg, warn) = import(&xml).unwrap();
+        let hosts = &cfg.networks["t"].dhcp.as_ref().unwrap().hosts;
+        assert_eq!(hosts[0].name.as_deref(), Some("db"));
+        // A reservation that has a name keeps it; the DNS name is named.
+        assert_eq!(hosts[1].name.as_deref(), Some("www"));
+        assert!(warned(&warn, "only its first name 'db'"), "{warn:?}");
+        assert!(
+            warned(&warn, "<dns><host ip='10.1.0.21'> (web)"),
+            "{warn:?}"
+        );
+        check(&cfg).unwrap();
+    }
+
+    #[test]
+    fn nat_port_range_errors_name_the_element() {
+        let xml = |p: &str| {
+            net(&format!("<forward mode='nat' dev='eth1'><nat><port {p}/></nat></forward><ip address='10.1.0.1' prefix='24'/>"))
+        };
+        let e = format!(
+            "{:#}",
+            import(&xml("start='70000' end='70001'")).unwrap_err()
+        );
+        assert!(
+            e.contains("<forward><nat><port start='70000'>") && e.contains("1 to 65535"),
+            "{e}"
+        );
+        let e = format!("{:#}", import(&xml("start='2000' end='x'")).unwrap_err());
+        assert!(e.contains("end='x'"), "{e}");
+        let e = format!("{:#}", import(&xml("start='3000' end='2000'")).unwrap_err());
+        assert!(e.contains("start is above end"), "{e}");
+        let (cfg, _) = import(&xml("start='2000' end='3000'")).unwrap();
+        assert_eq!(
+            cfg.networks["t"].nat.as_ref().unwrap().port_range,
+            Some([2000, 3000])
+        );
+    }
+
+    #[test]
+    fn results_pass_check() {
+        // A bridge name without an address: isolated, no host interface.
+        let (cfg, warn) = import(&net("<bridge name='virbr4'/>")).unwrap();
+        assert_eq!(cfg.networks["t"].mode, "isolated");
+        assert_eq!(cfg.networks["t"].gateway_iface, None);
+        assert!(warned(&warn, "<bridge name='virbr4'>"), "{warn:?}");
+        check(&cfg).unwrap();
+        // Forward mode bridge with neither dev nor bridge: --uplink does it.
+        let xml = net("<forward mode='bridge'/>");
+        assert!(format!("{:#}", import(&xml).unwrap_err()).contains("--uplink"));
+        let (cfg, _) = import_with(&xml, Some("eno1"), None).unwrap();
+        assert_eq!(cfg.networks["t"].uplink.as_deref(), Some("eno1"));
+        check(&cfg).unwrap();
+        // --uplink over a host bridge: said so.
+        let (cfg, warn) = import_with(
+            &net("<forward mode='bridge'/><bridge name='br0'/>"),
+            Some("eno1"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(cfg.networks["t"].uplink.as_deref(), Some("eno1"));
+        assert!(warned(&warn, "'br0'"), "{warn:?}");
+        // A long network name: the default kvnet-NAME does not fit IFNAMSIZ.
+        let xml =
+            "<network><name>a-rather-long-net</name><ip address='10.1.0.1' prefix='24'/></network>";
+        let (cfg, warn) = import(xml).unwrap();
+        let n = &cfg.networks["a-rather-long-net"];
+        assert_eq!(n.gateway_iface.as_deref(), Some("kvnet-a-rather-"));
+        assert!(warned(&warn, "longer than 15"), "{warn:?}");
+        check(&cfg).unwrap();
+    }
+
+    #[test]
+    fn passthrough_and_pools_are_reported_as_imported() {
+        let (cfg, warn) = import(&net(
+            "<forward mode='passthrough'><interface dev='eth1'/><interface dev='eth2'/></forward>",
+        ))
+        .unwrap();
+        let n = &cfg.networks["t"];
+        assert_eq!(n.mode, "isolated");
+        assert_eq!(n.uplink, None);
+        assert!(
+            warned(
+                &warn,
+                "'passthrough' has no kvnet equivalent: the network is imported as isolated"
+            ),
+            "{warn:?}"
+        );
+        assert!(
+            warned(&warn, "pool (eth1, eth2) is not carried over"),
+            "{warn:?}"
+        );
+        assert!(!warned(&warn, "one uplink"), "{warn:?}");
+        check(&cfg).unwrap();
+        // The pool warning names the uplink the result has.
+        let xml =
+            net("<forward mode='bridge'><interface dev='eth1'/><interface dev='eth2'/></forward>");
+        let (cfg, warn) = import_with(&xml, Some("eno7"), None).unwrap();
+        assert_eq!(cfg.networks["t"].uplink.as_deref(), Some("eno7"));
+        assert!(warned(&warn, "one uplink, 'eno7'"), "{warn:?}");
+        assert!(!warned(&warn, "'eth1'"), "{warn:?}");
+    }
+
+    #[test]
+    fn refuses_what_libvirt_refuses() {
+        for (xml, needle) in [
+            ("<network><uuid>x</uuid></network>", "<name>"),
+            ("<network><name>a/b</name></network>", "<name>"),
+            (&net("<forward mode='tunnel'/>") as &str, "<forward mode='tunnel'>"),
+            (
+                &net("<forward mode='bridge' dev='eth0'/><ip address='10.1.0.1'/>"),
+                "<ip> is not allowed with <forward mode='bridge'>",
+            ),
+            (
+                &net("<forward mode='vepa' dev='eth0'/><domain name='x.example'/>"),
+                "<domain> is not allowed",
+            ),
+            (
+                &net("<forward mode='passthrough' dev='eth0'/><dns><txt name='a' value='b'/></dns>"),
+                "<dns> is not allowed",
+            ),
+            (
+                &net("<forward mode='passthrough'><pf dev='eth0'/><interface dev='eth1'/></forward>"),
+                "more than one of <pf>, <interface> and <address>",
+            ),
+            (
+                &net("<forward mode='hostdev'><interface dev='eth1'/></forward>"),
+                "not <interface>",
+            ),
+            (
+                &net("<forward mode='bridge' dev='eth0'/><vlan><tag id='5'/></vlan>"),
+                "<vlan> needs",
+            ),
+            (
+                &net("<forward mode='private' dev='eth0'/><bandwidth/>"),
+                "<bandwidth>",
+            ),
+            (
+                &net("<portgroup name='a' default='yes'/><portgroup name='b' default='yes'/>"),
+                "both default",
+            ),
+            (
+                &net("<portgroup name='a'><vlan><tag id='5'/></vlan></portgroup>"),
+                "<portgroup name='a'> gets a <vlan>",
+            ),
+            (
+                &net("<portgroup name='a'/><portgroup name='a'/>"),
+                "two <portgroup name='a'>",
+            ),
+            (
+                &net("<forward mode='private' dev='eth0'/><bridge name='br0'/>"),
+                "<bridge name> is not allowed",
+            ),
+            (
+                &net("<forward mode='bridge'/><bridge name='br0' stp='on'/>"),
+                "<bridge stp>",
+            ),
+            (
+                &net("<forward mode='bridge' dev='eth0'/><bridge name='br0'/>"),
+                "one or the other",
+            ),
+            (
+                &net("<ip address='10.1.0.1' prefix='24' netmask='255.255.255.0'/>"),
+                "both a prefix and a netmask",
+            ),
+            (&net("<ip address='10.1.0.1' prefix='33'/>"), "<ip prefix='33'>"),
+            (
+                &net("<ip address='10.1.0.1' prefix='24'><dhcp><range start='10.1.0.2' end='10.1.0.3'/></dhcp></ip><ip address='10.2.0.1' prefix='24'><dhcp><host mac='52:54:00:00:00:05' ip='10.2.0.5'/></dhcp></ip>"),
+                "several <ip family='ipv4'> with <dhcp>",
+            ),
+        ] {
+            let e = format!("{:#}", import(xml).unwrap_err());
+            assert!(e.contains(needle), "{xml}: {e}");
+        }
+    }
+
+    /// Every element of libvirt's network schema that kvnet does not carry
+    /// produces a warning that names it.
+    #[test]
+    fn every_element_not_carried_is_named() {
+        let l3 = "<forward mode='nat' dev='eth1'/><ip address='10.1.0.1' prefix='24'><dhcp><range start='10.1.0.2' end='10.1.0.9'/></dhcp></ip>";
+        for (body, needle) in [
+            ("<port isolated='yes'/>", "<port isolated='yes'>"),
+            ("<mtu size='9000'/>", "<mtu size='9000'>"),
+            (
+                "<bandwidth><inbound average='1000'/></bandwidth>",
+                "<bandwidth>",
+            ),
+            (
+                "<virtualport type='openvswitch'/>",
+                "<virtualport type='openvswitch'>",
+            ),
+            (
+                "<route address='10.9.0.0' prefix='16' gateway='10.1.0.5'/>",
+                "<route address='10.9.0.0'",
+            ),
+            ("<dns enable='no'/>", "<dns enable='no'>"),
+            (
+                "<dns><host ip='10.1.0.7'><hostname>db</hostname></host></dns>",
+                "<dns><host ip='10.1.0.7'> (db)",
+            ),
+            (
+                "<dns><host ip='10.1.0.7'><hostname>a</hostname></host></dns><ip address='10.3.0.1'/>",
+                "<dns><host ip='10.1.0.7'> (a)",
+            ),
+            (
+                "<dns><forwarder addr='8.8.8.8'/></dns>",
+                "<dns><forwarder addr='8.8.8.8'",
+            ),
+            (
+                "<dns><txt name='example' value='x'/></dns>",
+                "<dns><txt name='example'>",
+            ),
+            (
+                "<dns><srv service='name' protocol='tcp'/></dns>",
+                "<dns><srv name='name'>",
+            ),
+            ("<dns forwardPlainNames='no'/>", "forwardPlainNames"),
+            (
+                "<domain name='x.example' localOnly='yes'/>",
+                "<domain localOnly='yes'>",
+            ),
+            ("<mac address='52:54:00:aa:bb:cc'/>", "52:54:00:aa:bb:cc"),
+            (
+                "<bridge name='virbr3' stp='on' delay='2' macTableManager='libvirt' zone='z'/>",
+                "macTableManager",
+            ),
+            ("<metadata><x/></metadata>", "<metadata>"),
+            ("<title>t</title>", "<title>"),
+            ("<description>d</description>", "<description>"),
+            ("<ip family='ipv6' address='fd00::1' prefix='64'/>", "ipv6"),
+            (
+                "<ip address='10.2.0.1' prefix='24'/>",
+                "extra <ip address='10.2.0.1'>",
+            ),
+            ("<something-new/>", "<something-new>"),
+        ] {
+            let (_, warn) = import(&net(&format!("{l3}{body}"))).unwrap();
+            assert!(warned(&warn, needle), "{body}: no '{needle}' in {warn:?}");
+        }
+        // Inside <forward>, <ip> and <dhcp>.
+        for (xml, needle) in [
+            ("<forward mode='nat' dev='eth1'><nat><address start='1.2.3.4' end='1.2.3.5'/></nat></forward><ip address='10.1.0.1'/>", "<nat><address>"),
+            ("<forward mode='nat' dev='eth1'><nat ipv6='yes'/></forward><ip address='10.1.0.1'/>", "<nat ipv6='yes'>"),
+            ("<forward mode='hostdev' managed='yes'><driver name='vfio'/><address type='pci'/></forward>", "<forward><driver>"),
+            ("<forward mode='hostdev' managed='yes'><pf dev='eth3'/></forward>", "<forward><pf>"),
+            ("<ip address='10.1.0.1' localPtr='yes'/>", "localPtr"),
+            ("<ip address='10.1.0.1'><tftp root='/srv'/></ip>", "<tftp root='/srv'>"),
+            ("<ip address='10.1.0.1'><dhcp><range start='10.1.0.2' end='10.1.0.9'/><range start='10.1.0.20' end='10.1.0.29'/></dhcp></ip>", "several <dhcp><range>s"),
+            ("<ip address='10.1.0.1'><dhcp><range start='10.1.0.2' end='10.1.0.9'/><bootp file='pxe'/></dhcp></ip>", "<bootp>"),
+            ("<ip address='10.1.0.1'><dhcp><range start='10.1.0.2' end='10.1.0.9'/><host name='x' ip='10.1.0.30'/></dhcp></ip>", "without mac"),
+            ("<ip address='10.1.0.1'><dhcp><host mac='52:54:00:00:00:05' ip='10.1.0.30'/></dhcp></ip>", "<dhcp> without <range>"),
+            ("<network ipv6='yes'><name>t</name></network>", "<network ipv6='yes'>"),
+            // VLANs: libvirt has them on Open vSwitch bridges and SR-IOV pools.
+            ("<forward mode='bridge'/><bridge name='ovsbr0'/><virtualport type='openvswitch'/><vlan><tag id='42'/></vlan>", "vlan = 42"),
+            ("<forward mode='passthrough' dev='eth1'/><vlan trunk='yes'><tag id='42'/><tag id='43' nativeMode='untagged'/></vlan>", "trunk = \"42,43\", native = 43"),
+            ("<forward mode='bridge'/><bridge name='ovsbr0'/><virtualport type='openvswitch'/><portgroup name='web'><vlan><tag id='7'/></vlan></portgroup>", "<portgroup name='web'>"),
+            ("<forward mode='bridge'/><bridge name='ovsbr0'/><virtualport type='openvswitch'/><portgroup name='web'><vlan><tag id='7'/></vlan></portgroup>", "match = \"GUEST-IFACE\", net = \"t\", vlan = 7"),
+        ] {
+            let xml = if xml.starts_with("<network") { xml.to_string() } else { net(xml) };
+            let (_, warn) = import(&xml).unwrap();
+            assert!(warned(&warn, needle), "{xml}: no '{needle}' in {warn:?}");
+        }
     }
 
     #[test]

@@ -106,7 +106,14 @@ pub fn parse(file: &str, text: &str) -> Result<Config> {
     for (n, s) in &cfg.networks {
         let gw_if = match (&s.gateway, &s.gateway_iface) {
             (Some(_), Some(i)) => Some(i.clone()),
-            (Some(_), None) => Gateway::default_name(n).ok(),
+            // The daemon would fail to create a longer name (IFNAMSIZ):
+            // refuse it here, where the file and line are known.
+            (Some(_), None) => Some(Gateway::default_name(n).map_err(|_| {
+                anyhow!(
+                    "{}: network '{n}': its default gateway interface name 'kvnet-{n}' is longer than 15 characters (the kernel's limit): set `gateway_iface = \"NAME\"`",
+                    at(net_header(n))
+                )
+            })?),
             _ => None,
         };
         for i in gw_if.into_iter().chain(s.uplink.clone()) {
@@ -311,6 +318,32 @@ vlan = "10"
         let e = err("[networks.a]\nmode = \"nat\"\ngateway = \"10.0.0.1/24\"\nuplink = \"up0\"\n[networks.a.nat]\nudp = \"cone\"\n");
         assert!(
             e.starts_with("f.toml:6:") && e.contains("eim") && e.contains("symmetric"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn gateway_iface_names_fit_ifnamsiz() {
+        // The default name kvnet-NAME is 21 characters here.
+        let e =
+            err("[networks.fifteen-chars-x]\nmode = \"host-only\"\ngateway = \"10.0.0.1/24\"\n");
+        assert!(
+            e.starts_with("f.toml:1:1:")
+                && e.contains("'kvnet-fifteen-chars-x'")
+                && e.contains("gateway_iface"),
+            "{e}"
+        );
+        let ok = "[networks.fifteen-chars-x]\nmode = \"host-only\"\ngateway = \"10.0.0.1/24\"\ngateway_iface = \"virbr7\"\n";
+        parse("f.toml", ok).unwrap();
+        // No gateway, no interface: a long name is fine.
+        parse(
+            "f.toml",
+            "[networks.fifteen-chars-x]\nmode = \"isolated\"\n",
+        )
+        .unwrap();
+        let e = err("[networks.a]\nmode = \"host-only\"\ngateway = \"10.0.0.1/24\"\ngateway_iface = \"sixteen-chars-xx\"\n");
+        assert!(
+            e.starts_with("f.toml:4:") && e.contains("1-15 characters"),
             "{e}"
         );
     }
