@@ -50,7 +50,7 @@ pub fn import_libvirt(file: &Path, uplink: Option<&str>) -> Result<()> {
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let (cfg, warnings) = crate::libvirt::import(&xml, uplink)?;
     for w in &warnings {
-        eprintln!("kvnet: not carried over: {w}");
+        eprintln!("kvnet: import: {w}");
     }
     print!(
         "# imported from {} by `kvnet import-libvirt`\n{}",
