@@ -5,10 +5,27 @@ use std::{ffi::CString, io, os::fd::AsRawFd};
 
 use anyhow::{bail, Context, Result};
 
-pub fn ifindex(name: &str) -> Result<u32> {
-    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
-        bail!("'{name}' is not a valid interface name (1-15 characters, no '/' or spaces)");
+/// What the kernel accepts as an interface name (`dev_valid_name`), and
+/// no control characters: 1-15 bytes, not `.` or `..`, no `/`, `:` or
+/// whitespace.
+pub fn check_ifname(name: &str) -> Result<()> {
+    let bad = name.is_empty()
+        || name.len() > 15
+        || name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
+    if bad {
+        bail!(
+            "{name:?} is not a valid interface name (1-15 bytes, no '/', ':', spaces or control characters)"
+        );
     }
+    Ok(())
+}
+
+pub fn ifindex(name: &str) -> Result<u32> {
+    check_ifname(name)?;
     let c = CString::new(name).context("interface name")?;
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if idx == 0 {
@@ -126,6 +143,36 @@ pub fn driver(name: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interface_names_are_what_the_kernel_keeps_whole() {
+        for ok in [
+            "eth0",
+            "vnet12",
+            "kvnet-default",
+            "a-b_c.d@e",
+            "123456789012345",
+        ] {
+            assert!(check_ifname(ok).is_ok(), "{ok}");
+        }
+        // A NUL would create a link named by its first part, which a
+        // delete by the whole name never finds again.
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a:b",
+            "a b",
+            "a\tb",
+            "a\0b",
+            "a\u{1b}b",
+            "1234567890123456",
+        ] {
+            let e = check_ifname(bad).unwrap_err().to_string();
+            assert!(e.contains("not a valid interface name"), "{bad:?}: {e}");
+        }
+    }
 
     #[test]
     fn loopback_exists_and_bad_names_are_refused() {

@@ -45,6 +45,10 @@ pub enum RtnlError {
     },
     #[error("{op}: undecodable netlink answer: {detail}")]
     Decode { op: String, detail: String },
+    /// A name the kernel would cut or refuse (a NUL in it would create a
+    /// link named by its first part, which nothing could delete again).
+    #[error("{op}: {why}")]
+    BadName { op: String, why: String },
 }
 
 impl RtnlError {
@@ -85,7 +89,13 @@ pub const TABLE_MAIN: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 
 /// Creates the veth pair `name` <-> `peer`.
 pub fn link_add_veth(name: &str, peer: &str) -> Result<()> {
-    let op = format!("creating veth pair {name} <-> {peer}");
+    let op = format!("creating veth pair {name:?} <-> {peer:?}");
+    for n in [name, peer] {
+        crate::netdev::check_ifname(n).map_err(|e| RtnlError::BadName {
+            op: op.clone(),
+            why: format!("{e:#}"),
+        })?;
+    }
     request(
         &op,
         RouteNetlinkMessage::NewLink(veth_msg(name, peer)),

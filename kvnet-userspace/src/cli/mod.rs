@@ -543,7 +543,12 @@ enum FdbCmd {
 }
 
 pub fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // netlink-packet-route warns of every attribute a newer kernel made
+    // longer than it knows; that says nothing to an admin.
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("warn,netlink_packet_route=error"),
+    )
+    .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -441,9 +441,10 @@ pub fn de_cidr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Err
 }
 
 pub fn check_ifname(s: &str) -> Result<(), String> {
-    if s.is_empty() || s.len() > 15 || s.contains(['/', ' ', ':']) || s == "." || s == ".." {
+    let odd = |c: char| c == '/' || c == ':' || c.is_whitespace() || c.is_control();
+    if s.is_empty() || s.len() > 15 || s.contains(odd) || s == "." || s == ".." {
         return Err(format!(
-            "invalid interface name '{s}': 1-15 characters, no '/', ':' or spaces"
+            "invalid interface name {s:?}: 1-15 characters, no '/', ':', spaces or control characters"
         ));
     }
     Ok(())

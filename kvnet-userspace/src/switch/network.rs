@@ -179,7 +179,10 @@ impl Switch {
             }
         }
         let gw_name = match (&gateway, &opts.gateway_iface) {
-            (Some(_), Some(n)) => Some(n.clone()),
+            (Some(_), Some(n)) => {
+                netdev::check_ifname(n).context("--gateway-iface")?;
+                Some(n.clone())
+            }
             (Some(_), None) => Some(Gateway::default_name(name)?),
             (None, Some(_)) => bail!("--gateway-iface needs --gateway"),
             (None, None) => None,
