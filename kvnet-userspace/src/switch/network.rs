@@ -346,18 +346,12 @@ impl Switch {
                     pref: pref.to_string(),
                 });
             }
-            // An adopted network keeps the rule its first daemon added.
-            if !(self.dp.adopting && rtnl::rule_exists(pref)?) {
-                journal::record(Undo::Setting(Restore::Rule {
-                    pref: pref.to_string(),
-                }))?;
-                rtnl::rule_add(&rtnl::Rule {
-                    pref,
-                    iif: Some(host_if.to_string()),
-                    to: None,
-                    table,
-                })?;
-            }
+            self.rule_add(rtnl::Rule {
+                pref,
+                iif: Some(host_if.to_string()),
+                to: None,
+                table,
+            })?;
         }
         Ok(())
     }
@@ -397,19 +391,26 @@ impl Switch {
                     }
                 });
             }
-            if !(self.dp.adopting && rtnl::rule_exists(pref)?) {
-                journal::record(Undo::Setting(Restore::Rule {
-                    pref: pref.to_string(),
-                }))?;
-                rtnl::rule_add(&rtnl::Rule {
-                    pref,
-                    iif: iif.map(Into::into),
-                    to: Some(subnet),
-                    table: lookup,
-                })?;
-            }
+            self.rule_add(rtnl::Rule {
+                pref,
+                iif: iif.map(Into::into),
+                to: Some(subnet),
+                table: lookup,
+            })?;
         }
         Ok(())
+    }
+
+    /// Adds a policy rule, journaled; an adopted network keeps the rule its
+    /// first daemon added.
+    fn rule_add(&self, rule: rtnl::Rule) -> Result<()> {
+        if self.dp.adopting && rtnl::rule_exists(rule.pref)? {
+            return Ok(());
+        }
+        journal::record(Undo::Setting(Restore::Rule {
+            pref: rule.pref.to_string(),
+        }))?;
+        Ok(rtnl::rule_add(&rule)?)
     }
 
     fn build_bridged(&mut self, name: &str, id: u32, uplink: &str) -> Result<()> {
