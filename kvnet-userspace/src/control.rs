@@ -103,6 +103,10 @@ pub enum Request {
     NetShow {
         name: String,
     },
+    /// One network as config TOML (`kvnet net dump`).
+    NetDump {
+        name: String,
+    },
     ForwardAdd {
         net: String,
         proto: String,
@@ -239,6 +243,7 @@ impl Request {
     pub fn read_only(&self) -> bool {
         match self {
             Request::NetShow { .. }
+            | Request::NetDump { .. }
             | Request::NetList
             | Request::PortShow { .. }
             | Request::PortList
@@ -567,6 +572,7 @@ mod tests {
                 false,
             ),
             (Request::NetShow { name: s("n") }, true),
+            (Request::NetDump { name: s("n") }, true),
             (
                 Request::ForwardAdd {
                     net: s("n"),
@@ -722,9 +728,10 @@ mod tests {
             Request::Status => 25,
             Request::Down => 26,
             Request::DhcpSet { .. } => 27,
+            Request::NetDump { .. } => 28,
         }
     }
-    const KINDS: usize = 28;
+    const KINDS: usize = 29;
 
     #[test]
     fn every_request_is_classified_read_only_or_not() {

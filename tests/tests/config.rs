@@ -653,6 +653,26 @@ fn libvirt_default_network_imported_and_applied_is_a_working_nat() {
         text.contains("192.168.122.13:80") && text.contains("port_range"),
         "{text}"
     );
+    // `kvnet net dump` prints the one network the same way: a file that
+    // checks, and that applied changes nothing (`-j` is `--json`).
+    let dump = k.cli(&["net", "dump", "default"]).unwrap();
+    assert!(
+        dump.contains("[networks.default]") && dump.contains("192.168.122.13:80"),
+        "{dump}"
+    );
+    let dumped = write(&l.lab, "dumped.toml", &dump);
+    let checked = k.try_cli(&["check", s(&dumped)]).unwrap();
+    assert!(checked.status.success(), "{checked:?}\n{dump}");
+    assert_eq!(
+        k.cli(&["apply", "--dry-run", s(&dumped)]).unwrap(),
+        "no changes\n"
+    );
+    let e = k.cli_err(&["net", "dump", "nosuch"]).unwrap();
+    assert!(e.contains("nosuch"), "{e}");
+    assert_eq!(
+        k.json(&["net", "list"]).unwrap(),
+        serde_json::from_str::<serde_json::Value>(&k.cli(&["net", "list", "-j"]).unwrap()).unwrap()
+    );
     // And back: the forward goes, live; a ping keeps working.
     assert_eq!(
         k.cli(&["apply", s(&l.config)]).unwrap(),

@@ -81,7 +81,7 @@ enum Cmd {
     /// Per-port counters.
     Stats {
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(short, long)]
         json: bool,
     },
     /// Make the running daemon what a config file says, changing only the differences.
@@ -92,7 +92,7 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(short, long)]
         json: bool,
     },
     /// Write the running state to the daemon's config file (or FILE).
@@ -137,7 +137,7 @@ enum Cmd {
     /// Daemon, programs, networks, ports and table fill.
     Status {
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(short, long)]
         json: bool,
     },
     /// Remove everything kvnet installed (programs, pins, interfaces, sysctls) and stop the daemon;
@@ -173,7 +173,7 @@ enum Cmd {
         count: Option<u64>,
         /// One JSON object per line.
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(short, long)]
         json: bool,
     },
     /// DHCP leases of networks with a --dhcp-range.
@@ -189,7 +189,7 @@ enum Cmd {
         #[arg(long)]
         state_dir: PathBuf,
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(short, long)]
         json: bool,
     },
     /// Write shell completions or man pages made from this command line
@@ -220,7 +220,7 @@ enum DhcpCmd {
         /// The network.
         net: String,
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(short, long)]
         json: bool,
     },
     /// A network's static hosts, changed live (leases and traffic stay).
@@ -310,7 +310,7 @@ enum ForwardCmd {
         /// The NAT network.
         net: String,
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(short, long)]
         json: bool,
     },
 }
@@ -322,7 +322,7 @@ enum ConntrackCmd {
         /// The NAT network.
         net: String,
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(short, long)]
         json: bool,
     },
     /// Forget every flow of a network (established ones break).
@@ -378,8 +378,13 @@ enum NetCmd {
         /// The network.
         name: String,
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(short, long)]
         json: bool,
+    },
+    /// Print one network, its static ports and rules as config TOML.
+    Dump {
+        /// The network.
+        name: String,
     },
     /// Delete a network and detach its ports.
     Del {
@@ -389,7 +394,7 @@ enum NetCmd {
     /// List networks.
     List {
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(short, long)]
         json: bool,
     },
     /// Change a network's settings.
@@ -445,7 +450,7 @@ enum PortCmd {
         /// The port's interface.
         iface: String,
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(short, long)]
         json: bool,
     },
     /// Change a port's VLAN membership live.
@@ -466,7 +471,7 @@ enum PortCmd {
     /// List ports.
     List {
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(short, long)]
         json: bool,
     },
 }
@@ -503,7 +508,7 @@ enum VlanCmd {
         /// The network.
         net: String,
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(short, long)]
         json: bool,
     },
 }
@@ -515,7 +520,7 @@ enum FdbCmd {
         /// The network.
         net: String,
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(short, long)]
         json: bool,
     },
     /// Add a static entry (never ages, never overwritten by learning).
@@ -690,6 +695,11 @@ fn run(cli: Cli) -> Result<()> {
             json,
             output::net_detail,
         ),
+        Cmd::Net(NetCmd::Dump { name }) => {
+            let text = call(sock, &Request::NetDump { name })?;
+            print!("{}", text.as_str().unwrap_or_default());
+            Ok(())
+        }
         Cmd::Net(NetCmd::Del { name }) => done(call(sock, &Request::NetDel { name })),
         Cmd::Net(NetCmd::Set {
             name,

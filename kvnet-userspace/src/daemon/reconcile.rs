@@ -544,6 +544,20 @@ pub fn running_config(sw: &Switch) -> Config {
     })
 }
 
+/// `kvnet net dump NET`: the network, its static ports and its rules as
+/// config TOML (what `kvnet save` writes for it), valid for `kvnet check`.
+pub fn net_dump(sw: &Switch, name: &str) -> Result<String> {
+    sw.net(name)?;
+    let mut cfg = running_config(sw);
+    cfg.networks.retain(|n, _| n == name);
+    cfg.ports.retain(|p| p.net == name);
+    cfg.rules.retain(|r| r.attach().net == name);
+    Ok(format!(
+        "# network '{name}', written by `kvnet net dump`\n{}",
+        to_toml(&cfg)?
+    ))
+}
+
 /// Where `kvnet save` writes without `--force`: /etc/kvnet and the folder
 /// of the daemon's file (the one it started from or last applied).
 pub fn config_dirs() -> Vec<PathBuf> {
