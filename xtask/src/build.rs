@@ -63,6 +63,18 @@ pub fn kvnet() -> Result<PathBuf> {
 /// Compiles the end-to-end tests without running them (same flags as the
 /// later `cargo test`, so nothing is rebuilt then).
 pub fn e2e_tests() -> Result<()> {
+    // The fault tests fill conntrack with kvnet-bench (next to kvnet).
+    let mut bench = cargo();
+    bench.args([
+        "build",
+        PROFILE_FLAG,
+        "-p",
+        "kvnet-userspace",
+        "--bin",
+        "kvnet-bench",
+    ]);
+    println!("build: {}", cmd::display(&bench));
+    cmd::run(&mut bench)?;
     let mut c = cargo();
     c.args([
         "test",

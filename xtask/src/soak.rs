@@ -93,6 +93,8 @@ pub fn soak(only: &[String]) -> Result<()> {
         only.iter().map(String::as_str).collect()
     };
     let kvnet = build::kvnet()?;
+    // The test binaries and what they use besides kvnet (kvnet-bench).
+    build::e2e_tests()?;
     lab::cleanup_leftovers()?;
     let mut rows = Vec::new();
     for file in files {
