@@ -364,35 +364,49 @@ fn recv(op: &str, sock: &Socket, buf: &mut [u8]) -> Result<usize> {
 
 /// Sends `msg` with NLM_F_ACK and waits for the kernel's answer.
 fn request(op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<()> {
-    let sock = socket(op)?;
-    let seq = send(op, &sock, msg, NLM_F_ACK | flags)?;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = recv(op, &sock, &mut buf)?;
-        for m in messages(&buf[..n]) {
-            let m = m.map_err(|detail| RtnlError::Decode {
-                op: op.to_string(),
-                detail,
-            })?;
-            if m.header.sequence_number != seq {
-                continue;
-            }
-            if let NetlinkPayload::Error(e) = m.payload {
-                return match e.code {
-                    None => Ok(()),
-                    Some(_) => Err(kernel_error(op, &m.header, e.raw_code(), &e.header)),
-                };
-            }
-        }
-    }
+    exchange(
+        op,
+        msg,
+        NLM_F_ACK | flags,
+        |header, payload| match payload {
+            NetlinkPayload::Error(e) => Some(match e.code {
+                None => Ok(()),
+                Some(_) => Err(kernel_error(op, header, e.raw_code(), &e.header)),
+            }),
+            _ => None,
+        },
+    )
 }
 
 /// Sends dump request `msg` and collects the answers.
 fn dump(op: &str, msg: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>> {
-    let sock = socket(op)?;
-    let seq = send(op, &sock, msg, NLM_F_DUMP)?;
-    let mut buf = vec![0u8; 64 * 1024];
     let mut out = Vec::new();
+    exchange(op, msg, NLM_F_DUMP, |header, payload| match payload {
+        NetlinkPayload::InnerMessage(i) => {
+            out.push(i);
+            None
+        }
+        NetlinkPayload::Done(d) if d.code < 0 => Some(Err(kernel_error(op, header, d.code, &[]))),
+        NetlinkPayload::Done(_) => Some(Ok(())),
+        NetlinkPayload::Error(e) if e.code.is_some() => {
+            Some(Err(kernel_error(op, header, e.raw_code(), &e.header)))
+        }
+        _ => None,
+    })?;
+    Ok(out)
+}
+
+/// Sends `msg` and hands each answer to it to `each`, until `each` ends
+/// the exchange with a result.
+fn exchange<T>(
+    op: &str,
+    msg: RouteNetlinkMessage,
+    flags: u16,
+    mut each: impl FnMut(&NetlinkHeader, NetlinkPayload<RouteNetlinkMessage>) -> Option<Result<T>>,
+) -> Result<T> {
+    let sock = socket(op)?;
+    let seq = send(op, &sock, msg, flags)?;
+    let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = recv(op, &sock, &mut buf)?;
         for m in messages(&buf[..n]) {
@@ -403,16 +417,8 @@ fn dump(op: &str, msg: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>> 
             if m.header.sequence_number != seq {
                 continue;
             }
-            match m.payload {
-                NetlinkPayload::InnerMessage(i) => out.push(i),
-                NetlinkPayload::Done(d) if d.code < 0 => {
-                    return Err(kernel_error(op, &m.header, d.code, &[]))
-                }
-                NetlinkPayload::Done(_) => return Ok(out),
-                NetlinkPayload::Error(e) if e.code.is_some() => {
-                    return Err(kernel_error(op, &m.header, e.raw_code(), &e.header))
-                }
-                _ => {}
+            if let Some(r) = each(&m.header, m.payload) {
+                return r;
             }
         }
     }
