@@ -154,6 +154,9 @@ pub enum Request {
         /// Port security (on unless `no_port_security`).
         #[serde(default)]
         security: crate::security::SecurityArgs,
+        /// Isolation and rate limits.
+        #[serde(default)]
+        policy: crate::policy::PolicyArgs,
     },
     /// A port's protection and bindings.
     PortShow {
@@ -613,6 +616,7 @@ mod tests {
                     vlan: VlanArgs::default(),
                     trusted: false,
                     security: Default::default(),
+                    policy: Default::default(),
                 },
                 false,
             ),

@@ -16,6 +16,8 @@ pub mod libvirt;
 pub mod mac;
 pub mod netdev;
 pub mod output;
+pub mod policy;
+pub mod rate;
 pub mod rtnl;
 pub mod security;
 pub mod switch;

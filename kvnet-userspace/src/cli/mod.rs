@@ -444,6 +444,8 @@ enum PortCmd {
         trusted: bool,
         #[command(flatten)]
         security: security::SecurityArgs,
+        #[command(flatten)]
+        policy: crate::policy::PolicyArgs,
     },
     /// A port's protection (port security) and what it is bound to.
     Show {
@@ -765,6 +767,7 @@ fn run(cli: Cli) -> Result<()> {
             vlan,
             trusted,
             security,
+            policy,
         }) => done(call(
             sock,
             &Request::PortAdd {
@@ -775,6 +778,7 @@ fn run(cli: Cli) -> Result<()> {
                 vlan: vlan.args(false),
                 trusted,
                 security,
+                policy,
             },
         )),
         Cmd::Port(PortCmd::Show { iface, json }) => output::show::<security::PortSecurityInfo>(

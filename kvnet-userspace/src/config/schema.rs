@@ -12,6 +12,8 @@ use crate::{
     control::{Hook, Mode, VlanArgs},
     gateway::Cidr,
     mac::Mac,
+    policy::PolicyArgs,
+    rate::Rate,
     security::SecurityArgs,
     vlan::{self},
 };
@@ -93,6 +95,22 @@ pub struct NetSection {
     pub nat: Option<NatSection>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forwards: Vec<ForwardSection>,
+    /// Every guest port of the network is isolated (libvirt's `<port
+    /// isolated='yes'/>`): isolated ports reach the gateway, the uplink and
+    /// non-isolated ports, never each other.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub isolated_ports: bool,
+    /// Rate limit into each guest port (to the guest), unless the port
+    /// sets its own: "10mbit".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_rate_in: Option<Rate>,
+    /// Rate limit out of each guest port (from the guest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_rate_out: Option<Rate>,
+    /// Broadcast, multicast and unknown-unicast frames a second each port
+    /// may flood (storm control); 0 turns it off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storm_pps: Option<u32>,
 }
 
 pub fn isolated() -> String {
@@ -190,6 +208,15 @@ pub struct PortSection {
         skip_serializing_if = "Option::is_none"
     )]
     pub native: Option<u16>,
+    /// Isolated from the network's other isolated ports.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub isolated: bool,
+    /// Rate limit into the guest (libvirt's `<bandwidth><inbound>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_in: Option<Rate>,
+    /// Rate limit out of the guest (`<bandwidth><outbound>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_out: Option<Rate>,
 }
 
 /// `[[rules]]`: interfaces whose name matches `match` (a glob).
@@ -236,6 +263,15 @@ pub struct RuleSection {
         skip_serializing_if = "Option::is_none"
     )]
     pub native: Option<u16>,
+    /// Isolated from the network's other isolated ports.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub isolated: bool,
+    /// Rate limit into the guest (libvirt's `<bandwidth><inbound>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_in: Option<Rate>,
+    /// Rate limit out of the guest (`<bandwidth><outbound>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_out: Option<Rate>,
 }
 
 macro_rules! attach_of {
@@ -255,6 +291,11 @@ macro_rules! attach_of {
                         ip: self.ip.clone(),
                         max_macs: self.max_macs,
                         no_port_security: self.no_port_security,
+                    },
+                    policy: PolicyArgs {
+                        isolated: self.isolated,
+                        rate_in: self.rate_in,
+                        rate_out: self.rate_out,
                     },
                 }
             }
@@ -277,6 +318,7 @@ pub struct Attach {
     pub trunk: Option<String>,
     pub native: Option<u16>,
     pub security: SecurityArgs,
+    pub policy: PolicyArgs,
 }
 
 impl Attach {
@@ -296,6 +338,28 @@ impl Attach {
             trusted: self.trusted,
             vlan: self.vlan_args().to_cfg().unwrap_or_default(),
             security: self.security.clone(),
+            policy: self.policy.clone(),
+        }
+    }
+
+    /// The `[[ports]]` section that attaches `iface` this way.
+    pub fn port_section(self, iface: String) -> PortSection {
+        PortSection {
+            iface,
+            net: self.net,
+            hook: self.hook,
+            hairpin: self.hairpin,
+            trusted: self.trusted,
+            vlan: self.vlan,
+            trunk: self.trunk,
+            native: self.native,
+            mac: self.security.mac,
+            ip: self.security.ip,
+            max_macs: self.security.max_macs,
+            no_port_security: self.security.no_port_security,
+            isolated: self.policy.isolated,
+            rate_in: self.policy.rate_in,
+            rate_out: self.policy.rate_out,
         }
     }
 }

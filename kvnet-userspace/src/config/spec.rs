@@ -8,6 +8,7 @@ use super::*;
 use crate::{
     control::{Hook, NetOpts, VlanArgs, DEFAULT_AGEING},
     gateway::{Cidr, Gateway},
+    policy::PolicyArgs,
     security::SecurityArgs,
     vlan::{self, VlanCfg},
 };
@@ -169,6 +170,7 @@ pub struct PortSpec {
     pub trusted: bool,
     pub vlan: VlanCfg,
     pub security: SecurityArgs,
+    pub policy: PolicyArgs,
 }
 
 impl fmt::Display for PortSpec {
@@ -189,11 +191,31 @@ impl fmt::Display for PortSpec {
         if self.security.no_port_security {
             f.write_str(" no-port-security")?;
         }
+        if self.policy.isolated {
+            f.write_str(" isolated")?;
+        }
+        if let Some(r) = self.policy.rate_in {
+            write!(f, " rate-in {r}")?;
+        }
+        if let Some(r) = self.policy.rate_out {
+            write!(f, " rate-out {r}")?;
+        }
         Ok(())
     }
 }
 
 impl PortSpec {
+    /// Whether `other` differs from this at most in VLAN membership: what
+    /// `port set` changes live, without re-attaching the port.
+    pub fn only_vlan_differs(&self, other: &PortSpec) -> bool {
+        self.net == other.net
+            && self.hook == other.hook
+            && self.hairpin == other.hairpin
+            && self.trusted == other.trusted
+            && same_security(&self.security, &other.security)
+            && self.policy == other.policy
+    }
+
     pub fn vlan_args(&self) -> VlanArgs {
         let mut a = VlanArgs::default();
         match &self.vlan {
@@ -217,6 +239,7 @@ impl PortSpec {
             trunk: a.trunk,
             native: a.native.and_then(|v| v.parse().ok()),
             security: self.security.clone(),
+            policy: self.policy.clone(),
         }
     }
 }

@@ -30,6 +30,7 @@ pub fn ifup(sw: &mut Switch, iface: &str, net: Option<&str>, vlan: Option<&str>)
                     trusted: false,
                     vlan: vlan.to_cfg()?,
                     security: SecurityArgs::default(),
+                    policy: Default::default(),
                 },
                 true,
             )
@@ -72,13 +73,7 @@ fn attach(sw: &mut Switch, iface: &str, spec: &PortSpec) -> Result<()> {
     let have = running_ports(sw).remove(iface);
     match have {
         Some(h) if &h == spec => Ok(()),
-        Some(h)
-            if h.net == spec.net
-                && h.hook == spec.hook
-                && h.hairpin == spec.hairpin
-                && h.trusted == spec.trusted
-                && same_security(&h.security, &spec.security) =>
-        {
+        Some(h) if h.only_vlan_differs(spec) => {
             let mut a = spec.vlan_args();
             a.no_vlan = a.is_empty();
             sw.port_set(iface, &a)
@@ -93,6 +88,7 @@ fn attach(sw: &mut Switch, iface: &str, spec: &PortSpec) -> Result<()> {
                 &spec.vlan_args(),
                 spec.trusted,
                 &spec.security,
+            &spec.policy,
             )
         }
         None => sw.port_add(
@@ -103,6 +99,7 @@ fn attach(sw: &mut Switch, iface: &str, spec: &PortSpec) -> Result<()> {
             &spec.vlan_args(),
             spec.trusted,
             &spec.security,
+            &spec.policy,
         ),
     }
 }
@@ -142,6 +139,7 @@ pub fn link_added(sw: &mut Switch, iface: &str) -> Option<String> {
         &spec.vlan_args(),
         spec.trusted,
         &spec.security,
+        &spec.policy,
     ) {
         Ok(()) => {
             if rule {

@@ -572,7 +572,10 @@ fn dispatch(sw: &mut Switch, req: Request, root: bool) -> Result<serde_json::Val
             vlan,
             trusted,
             security,
-        } => v(sw.port_add(&net, &iface, hairpin, hook, &vlan, trusted, &security)?)?,
+            policy,
+        } => v(sw.port_add(
+            &net, &iface, hairpin, hook, &vlan, trusted, &security, &policy,
+        )?)?,
         Request::PortShow { iface } => v(sw.port_show(&iface)?)?,
         Request::PortSet { iface, vlan } => v(sw.port_set(&iface, &vlan)?)?,
         Request::VlanShow { net } => v(sw.vlan_show(&net)?)?,

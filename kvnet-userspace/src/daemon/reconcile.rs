@@ -84,6 +84,7 @@ pub(crate) fn running_ports(sw: &Switch) -> BTreeMap<String, PortSpec> {
                     trusted: p.trusted,
                     vlan: p.vlan.clone(),
                     security: p.security.args(),
+                    policy: p.policy.clone(),
                 },
             )
         })
@@ -173,12 +174,7 @@ pub fn plan(sw: &Switch, rt: &Runtime, cfg: &Config) -> Plan {
         match have_ports.get(i) {
             None => p.ports_added.push((i.clone(), w.to_string())),
             Some(h) if h != w || recreated.contains(&w.net) => {
-                let live = h.net == w.net
-                    && h.hook == w.hook
-                    && h.hairpin == w.hairpin
-                    && h.trusted == w.trusted
-                    && same_security(&h.security, &w.security)
-                    && !recreated.contains(&w.net);
+                let live = h.only_vlan_differs(w) && !recreated.contains(&w.net);
                 p.ports_changed.push(PortChange {
                     iface: i.clone(),
                     from: h.to_string(),
@@ -388,6 +384,7 @@ fn execute(sw: &mut Switch, cfg: &Config, mut plan: Plan) -> Result<Plan> {
             &s.vlan_args(),
             s.trusted,
             &s.security,
+            &s.policy,
         )
         .with_context(|| format!("attaching port '{i}'"))?;
     }
@@ -511,21 +508,7 @@ pub fn running_config(sw: &Switch) -> Config {
             if rt.dynamic.contains_key(&i) {
                 continue;
             }
-            let a = p.attach();
-            cfg.ports.push(Checked(PortSection {
-                iface: i,
-                net: a.net,
-                hook: a.hook,
-                hairpin: a.hairpin,
-                trusted: a.trusted,
-                vlan: a.vlan,
-                trunk: a.trunk,
-                native: a.native,
-                mac: a.security.mac,
-                ip: a.security.ip,
-                max_macs: a.security.max_macs,
-                no_port_security: a.security.no_port_security,
-            }));
+            cfg.ports.push(Checked(p.attach().port_section(i)));
         }
         // Static ports of the file whose interface is absent stay.
         for p in &rt.applied.ports {

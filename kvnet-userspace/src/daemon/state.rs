@@ -134,21 +134,7 @@ fn running(sw: &Switch) -> Result<(String, String)> {
 }
 
 fn section(iface: &str, spec: &config::PortSpec) -> PortSection {
-    let a = spec.attach();
-    PortSection {
-        iface: iface.to_string(),
-        net: a.net,
-        hook: a.hook,
-        hairpin: a.hairpin,
-        trusted: a.trusted,
-        vlan: a.vlan,
-        trunk: a.trunk,
-        native: a.native,
-        mac: a.security.mac,
-        ip: a.security.ip,
-        max_macs: a.security.max_macs,
-        no_port_security: a.security.no_port_security,
-    }
+    spec.attach().port_section(iface.to_string())
 }
 
 /// Durable before the journal closes: a crash of the host, not only of the

@@ -24,6 +24,7 @@ use crate::{
     gateway::Gateway,
     mac::Mac,
     netdev,
+    policy::PolicyArgs,
     security::{PortSecurityInfo, Security, SecurityArgs},
     vlan::{self, Tagging, VlanArgs, VlanCfg},
 };
@@ -59,6 +60,8 @@ pub struct Port {
     /// Port security as configured (the datapath adds sticky MACs and
     /// snooped addresses to the map entry).
     pub security: Security,
+    /// Isolation and rate limits as configured.
+    pub policy: PolicyArgs,
 }
 
 pub struct Switch {
@@ -306,6 +309,7 @@ impl Switch {
         vlan: &VlanArgs,
         trusted: bool,
         security: &SecurityArgs,
+        policy: &PolicyArgs,
     ) -> Result<()> {
         let n = self.net(net)?;
         let mut extra = self.mode_port_flags(n.mode);
@@ -330,6 +334,7 @@ impl Switch {
             extra,
             PortRole::Guest,
             security,
+            policy.clone(),
         )
     }
 
@@ -344,6 +349,7 @@ impl Switch {
         extra_flags: u32,
         role: PortRole,
         security: Security,
+        policy: PolicyArgs,
     ) -> Result<()> {
         let net_id = self.net(net)?.id;
         let dhcp = self.net(net)?.opts.dhcp_range.is_some();
@@ -441,6 +447,7 @@ impl Switch {
                 role,
                 trusted: flags & PORT_F_TRUSTED != 0,
                 security,
+                policy,
             },
         );
         Ok(())

@@ -297,6 +297,7 @@ impl Switch {
                 macs: vec![gw_mac],
                 ..Security::default()
             },
+            Default::default(),
         )?;
         let gw_port = netdev::ifindex(&port_if)?;
         let uplink = self.net(name)?.uplink.clone();
@@ -447,6 +448,7 @@ impl Switch {
                 guarded: false,
                 ..Security::default()
             },
+            Default::default(),
         )?;
         let mut cfg = self.dp.nets()?.get(&id, 0).unwrap_or_default();
         cfg.uplink = ifindex;
