@@ -64,12 +64,24 @@ pub struct FloodKey {
 /// daemon: ports that want the frame untagged first, then the last
 /// `tagged` ones that want it tagged, so a flood changes the tag at most
 /// once. (A set written without VLANs in mind, `tagged` 0, is all untagged.)
+/// Each member is an ifindex, with [`FLOOD_M_ISOLATED`] for isolated ports.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct FloodSet {
     pub count: u32,
-    pub ifindex: [u32; MAX_FLOOD_PORTS],
     pub tagged: u32,
+    pub members: [u32; MAX_FLOOD_PORTS],
+}
+
+/// [`FloodSet::members`]: the port is isolated (floods from isolated ports
+/// skip it). The rest of the word is the ifindex.
+pub const FLOOD_M_ISOLATED: u32 = 1 << 31;
+pub const FLOOD_M_IFINDEX: u32 = !FLOOD_M_ISOLATED;
+
+impl FloodSet {
+    pub fn ifindex(&self, i: usize) -> u32 {
+        self.members[i] & FLOOD_M_IFINDEX
+    }
 }
 
 /// Key of map `vlan_members`: a port's membership in one VLAN.

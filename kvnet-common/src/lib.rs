@@ -9,7 +9,9 @@ pub mod names;
 mod conntrack;
 mod fdb;
 mod limits;
+mod neigh;
 mod net;
+mod policy;
 mod port;
 mod proto;
 mod stats;
@@ -18,7 +20,9 @@ mod trace;
 pub use conntrack::*;
 pub use fdb::*;
 pub use limits::*;
+pub use neigh::*;
 pub use net::*;
+pub use policy::*;
 pub use port::*;
 pub use proto::*;
 pub use stats::*;
@@ -29,8 +33,10 @@ pub use trace::*;
 /// to a pinned map and teach `kvnet-userspace/src/datapath/layout.rs` to carry the
 /// previous version's contents over, so a running datapath upgrades in place.
 /// 1: the first edition (no `layout` map); 2: port security (issue 13);
-/// 3: NAT fragments, UDP mappings, ICMP rate and more NAT counters.
-pub const LAYOUT_VERSION: u32 = 3;
+/// 3: NAT fragments, UDP mappings, ICMP rate and more NAT counters;
+/// 4: flood sets of 4096 ports, ARP suppression, port policy (isolation,
+/// storm control, rate limits).
+pub const LAYOUT_VERSION: u32 = 4;
 
 #[cfg(feature = "user")]
 mod user {
@@ -55,6 +61,9 @@ mod user {
     unsafe impl aya::Pod for NatMapKey {}
     unsafe impl aya::Pod for NatMapping {}
     unsafe impl aya::Pod for RateBucket {}
+    unsafe impl aya::Pod for NeighKey {}
+    unsafe impl aya::Pod for NeighEntry {}
+    unsafe impl aya::Pod for PortPolicy {}
 }
 
 #[cfg(test)]
@@ -84,10 +93,13 @@ mod tests {
         assert_eq!(size_of::<FdbKey>(), 12);
         assert_eq!(size_of::<FdbEntry>(), 16);
         assert_eq!(size_of::<FloodKey>(), 8);
-        assert_eq!(size_of::<FloodSet>(), 4 + 4 * MAX_FLOOD_PORTS + 4);
+        assert_eq!(size_of::<FloodSet>(), 8 + 4 * MAX_FLOOD_PORTS);
+        assert_eq!(size_of::<NeighKey>(), 12);
+        assert_eq!(size_of::<NeighEntry>(), 12);
+        assert_eq!(size_of::<PortPolicy>(), 80);
         assert_eq!(size_of::<VlanMemberKey>(), 8);
         assert_eq!(size_of::<VlanMember>(), 4);
-        assert_eq!(size_of::<PortStats>(), 8 * (11 + DROP_REASONS));
+        assert_eq!(size_of::<PortStats>(), 8 * (12 + DROP_REASONS));
         assert_eq!(size_of::<NetConfig>(), 56);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtEntry>(), 64);

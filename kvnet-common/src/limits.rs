@@ -1,7 +1,8 @@
 //! Table sizes and per-port limits: what the maps are created with.
-/// Largest number of ports one network (flood domain) can hold: the tc
-/// flood loop is bounded by it.
-pub const MAX_FLOOD_PORTS: usize = 64;
+/// Largest number of ports one flood domain (a network's VLAN) can hold:
+/// the size of its flood set, which tc walks with `bpf_loop` (a power of
+/// two: the walk masks its index with it).
+pub const MAX_FLOOD_PORTS: usize = 4096;
 pub const MAX_PORTS: u32 = 4096;
 pub const MAX_FDB_ENTRIES: u32 = 1 << 20;
 pub const MAX_NETWORKS: u32 = 4096;
@@ -26,6 +27,12 @@ pub const PORT_IPS: usize = 4;
 pub const DEFAULT_MAX_MACS: u8 = 1;
 /// Owned (network, VLAN, MAC)s: every guest port's MACs plus gateways.
 pub const MAX_MAC_OWNERS: u32 = MAX_PORTS * PORT_MACS as u32 + MAX_NETWORKS;
+/// (network, VLAN, IPv4) -> owner entries ARP suppression answers from:
+/// every port's bindings plus gateways.
+pub const MAX_NEIGH_ENTRIES: u32 = MAX_PORTS * PORT_IPS as u32 + MAX_NETWORKS;
+/// Default storm control: broadcast, multicast and unknown-unicast frames a
+/// second one guest port may flood.
+pub const DEFAULT_STORM_PPS: u32 = 2000;
 /// Fragmented datagrams in flight through the NAT (LRU: the oldest go).
 pub const MAX_NAT_FRAGS: u32 = 16384;
 /// UDP mappings (two entries each) of endpoint-independent NAT networks.

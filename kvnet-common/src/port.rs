@@ -54,6 +54,14 @@ pub const PORT_F_IP_GUARD: u32 = 1 << 10;
 /// XDP hook sends frames without an in-band tag on to tc, which can.
 pub const PORT_F_RX_VLAN_STRIPPED: u32 = 1 << 11;
 
+/// Isolated (libvirt's `<port isolated>`): no frame from another isolated
+/// port of the network reaches it, switched or routed; the gateway, the
+/// uplink and non-isolated ports still do. Drop reason `isolated`.
+pub const PORT_F_ISOLATED: u32 = 1 << 12;
+/// The port has rate limits in map `port_policy`: tc polices what the
+/// guest sends (ingress) and, through the egress program, what it gets.
+pub const PORT_F_RATE_LIMITED: u32 = 1 << 13;
+
 /// skb->mark of frames kvnet hands to a host stack through an uplink's
 /// ingress (bridged mode); the uplink's own program lets them pass.
 pub const KVNET_HOST_MARK: u32 = 0x6b76_6e74;

@@ -100,9 +100,16 @@ pub enum DropReason {
     ForeignNet = 15,
     /// A new NAT flow from a guest that has its quota of open flows.
     CtQuota = 16,
+    /// Broadcast, multicast or unknown unicast beyond the port's storm
+    /// limit (`storm_pps`).
+    Storm = 17,
+    /// Beyond the port's rate limit (`rate_in` / `rate_out`).
+    RateLimit = 18,
+    /// From an isolated port to another isolated port.
+    Isolated = 19,
 }
 
-pub const DROP_REASONS: usize = 17;
+pub const DROP_REASONS: usize = 20;
 pub const DROP_REASON_NAMES: [&str; DROP_REASONS] = [
     "malformed",
     "bad_src_mac",
@@ -121,6 +128,9 @@ pub const DROP_REASON_NAMES: [&str; DROP_REASONS] = [
     "double_tag",
     "foreign_net",
     "ct_quota",
+    "storm",
+    "rate_limit",
+    "isolated",
 ];
 
 /// Per-port counters, per-CPU hash `port_stats` keyed by ifindex.
@@ -143,6 +153,9 @@ pub struct PortStats {
     pub to_host: u64,
     /// Source MACs not learned: the network holds MAX_LEARNED_PER_NET.
     pub learn_refused: u64,
+    /// ARP requests answered in the datapath for a known address
+    /// (suppressed: not flooded).
+    pub arp_answered: u64,
     pub drops: [u64; DROP_REASONS],
 }
 
@@ -159,6 +172,7 @@ impl PortStats {
         self.routed += o.routed;
         self.to_host += o.to_host;
         self.learn_refused += o.learn_refused;
+        self.arp_answered += o.arp_answered;
         for i in 0..DROP_REASONS {
             self.drops[i] += o.drops[i];
         }

@@ -37,8 +37,19 @@ pub const TRACE_NAT_IN: u8 = 6;
 pub const TRACE_TO_HOST: u8 = 7;
 /// tc egress of an uplink (host frames to guests, the NAT guard).
 pub const TRACE_EGRESS: u8 = 8;
-pub const TRACE_ACTION_NAMES: [&str; 9] = [
-    "pass", "drop", "unicast", "flood", "route", "nat_out", "nat_in", "to_host", "egress",
+/// An ARP request answered in the datapath (suppression).
+pub const TRACE_ARP_REPLY: u8 = 9;
+pub const TRACE_ACTION_NAMES: [&str; 10] = [
+    "pass",
+    "drop",
+    "unicast",
+    "flood",
+    "route",
+    "nat_out",
+    "nat_in",
+    "to_host",
+    "egress",
+    "arp_reply",
 ];
 
 /// One packet's path through a hook, ring buffer `trace`. Tuples as in

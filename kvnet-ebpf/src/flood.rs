@@ -1,9 +1,16 @@
-//! Floods in tc: clone-redirect to every member of a (network, VLAN).
+//! Floods in tc: clone-redirect to every member of a (network, VLAN), up to
+//! MAX_FLOOD_PORTS of them, walked with `bpf_loop` so the verifier checks
+//! one member's step once however large the set is.
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    bindings::TC_ACT_SHOT, helpers::bpf_clone_redirect, macros::map, maps::PerCpuArray,
+    bindings::{TC_ACT_SHOT, __sk_buff},
+    helpers::{bpf_clone_redirect, bpf_loop},
+    macros::map,
+    maps::PerCpuArray,
     programs::TcContext,
 };
-use kvnet_common::FloodSet;
+use kvnet_common::{FloodSet, FLOOD_M_IFINDEX, FLOOD_M_ISOLATED, MAX_FLOOD_PORTS};
 
 use crate::{maps, stats, vlan::tc_retag};
 
@@ -11,7 +18,7 @@ use crate::{maps, stats, vlan::tc_retag};
 #[map(name = "flood_scratch")]
 pub static FLOOD_SCRATCH: PerCpuArray<FloodArgs> = PerCpuArray::with_max_entries(1, 0);
 
-/// What the flood loop needs, passed through a per-CPU scratch slot.
+/// What the flood needs, passed through a per-CPU scratch slot.
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct FloodArgs {
@@ -19,6 +26,8 @@ pub struct FloodArgs {
     pub vid: u32,
     pub ingress: u32,
     pub hairpin: u32,
+    /// The ingress port is isolated: isolated members are skipped.
+    pub isolated: u32,
     pub len: u32,
     pub tagged: u32,
     pub cur_tci: u32,
@@ -27,32 +36,72 @@ pub struct FloodArgs {
     pub second_len: u32,
 }
 
+/// One walk over a range of a flood set: `bpf_loop`'s context, on the
+/// caller's stack.
+#[repr(C)]
+struct Walk {
+    skb: *mut __sk_buff,
+    set: *const FloodSet,
+    start: u32,
+    ingress: u32,
+    hairpin: u32,
+    isolated: u32,
+    len: u32,
+    _pad: u32,
+}
+
+/// One member: clone-redirect unless it is the ingress port (without
+/// hairpin) or both ends are isolated.
+#[inline(never)]
+extern "C" fn flood_member(i: u64, ctx: *mut c_void) -> i64 {
+    let w = unsafe { &*(ctx as *const Walk) };
+    // The mask shows the verifier the index in bounds; the daemon keeps
+    // start + count <= MAX_FLOOD_PORTS.
+    let idx = (w.start as u64).wrapping_add(i) as usize & (MAX_FLOOD_PORTS - 1);
+    let member = unsafe { (*w.set).members[idx] };
+    let egress = member & FLOOD_M_IFINDEX;
+    if egress == w.ingress && w.hairpin == 0 {
+        return 0;
+    }
+    if member & FLOOD_M_ISOLATED != 0 && w.isolated != 0 {
+        return 0;
+    }
+    if unsafe { bpf_clone_redirect(w.skb, egress, 0) } == 0 {
+        stats::tx(egress, w.len as u64);
+    }
+    0
+}
+
 /// Clone-redirects to members [start, start + n) of `set`.
 #[inline(always)]
 fn flood_range(ctx: &TcContext, set: &FloodSet, start: usize, n: usize, a: &FloodArgs) {
-    let skb = ctx.skb.skb as *mut _;
-    for p in 0..kvnet_common::MAX_FLOOD_PORTS {
-        if p >= n {
-            break;
-        }
-        // The mask (MAX_FLOOD_PORTS is a power of two) shows the verifier
-        // the index in bounds; the daemon keeps start + n <= count.
-        let egress = set.ifindex[start.wrapping_add(p) & (kvnet_common::MAX_FLOOD_PORTS - 1)];
-        if egress == a.ingress && a.hairpin == 0 {
-            continue;
-        }
-        if unsafe { bpf_clone_redirect(skb, egress, 0) } == 0 {
-            stats::tx(egress, a.len as u64);
-        }
-    }
+    let mut walk = Walk {
+        skb: ctx.skb.skb as *mut _,
+        set: set as *const FloodSet,
+        start: start as u32,
+        ingress: a.ingress,
+        hairpin: a.hairpin,
+        isolated: a.isolated,
+        len: a.len,
+        _pad: 0,
+    };
+    unsafe {
+        bpf_loop(
+            n as u32,
+            flood_member as *mut c_void,
+            &mut walk as *mut Walk as *mut c_void,
+            0,
+        )
+    };
 }
 
 /// Clone-redirects the frame to every member of its (network, VLAN) flood
-/// set: untagged members first, then the last `set.tagged` ones tagged. The group matching the frame's tag state goes first, so the tag
-/// changes at most once, between the groups.
+/// set: untagged members first, then the last `set.tagged` ones tagged. The
+/// group matching the frame's tag state goes first, so the tag changes at
+/// most once, between the groups.
 ///
 /// The arguments go through a map slot: the verifier then sees the same
-/// (unknown) values whichever way `decide` got here, and checks the loop
+/// (unknown) values whichever way `decide` got here, and checks the walk
 /// once instead of once per path.
 #[inline(always)]
 pub fn tc_flood(ctx: &TcContext, args: FloodArgs) -> i32 {
@@ -73,7 +122,7 @@ pub fn tc_flood(ctx: &TcContext, args: FloodArgs) -> i32 {
     };
     let out_tci = a.out_tci as u16;
     let mut cur = (a.tagged != 0).then_some(a.cur_tci as u16);
-    let count = (set.count as usize).min(kvnet_common::MAX_FLOOD_PORTS);
+    let count = (set.count as usize).min(MAX_FLOOD_PORTS);
     let split = count - (set.tagged as usize).min(count);
     let tagged_first = a.tagged != 0;
     let (first, second) = if tagged_first {
@@ -82,7 +131,7 @@ pub fn tc_flood(ctx: &TcContext, args: FloodArgs) -> i32 {
         ((0, split), (split, count - split))
     };
     // The second group's bounds go through the slot too: each exit of the
-    // first loop then reaches the second with the same verifier state.
+    // first walk then reaches the second with the same verifier state.
     unsafe {
         core::ptr::write_volatile(&mut (*slot).second_start, second.0 as u32);
         core::ptr::write_volatile(&mut (*slot).second_len, second.1 as u32);

@@ -15,13 +15,13 @@
 //! pays a few compares and no lookup.
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use kvnet_common::{
-    owner_key, DropReason, FdbKey, PortConfig, ETH_P_8021AD, ETH_P_8021Q, ETH_P_QINQ_9100,
+    owner_key, DropReason, FdbKey, NeighEntry, NeighKey, PortConfig, ETH_P_8021AD, ETH_P_8021Q, ETH_P_QINQ_9100,
     FDB_F_STATIC, FDB_VID_ANY, IPPROTO_UDP, PORT_F_GUARDED, PORT_F_IP_GUARD, PORT_F_TRUSTED,
     PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_ROUTED, PORT_IPS, PORT_MACS,
 };
 
 use crate::{
-    maps::{self, FDB, MAC_OWNERS, PORTS},
+    maps::{self, FDB, MAC_OWNERS, NEIGH, PORTS},
     parse::{self, ptr_at, Eth, L3},
 };
 
@@ -60,10 +60,11 @@ pub fn check(
     eth: &Eth,
     l3: &L3,
     vid: u16,
+    tc: bool,
 ) -> Option<DropReason> {
     if port.flags & (PORT_F_TRUSTED | PORT_F_UPLINK_BRIDGED | PORT_F_UPLINK_ROUTED) != 0 {
         // Trusted ports carry the real DHCP servers: learn from their replies.
-        snoop_dhcp(port.net_id, data, data_end, l3);
+        snoop_dhcp(port.net_id, vid, data, data_end, l3, tc);
         return None;
     }
     let guarded = port.flags & PORT_F_GUARDED != 0;
@@ -387,12 +388,29 @@ fn ipv6(
     }
 }
 
+/// The address a DHCP server handed out, for ARP suppression.
+#[inline(always)]
+fn snoop_neigh(net_id: u32, vid: u16, ip: u32, mac: [u8; 6], owner: u32) {
+    let key = NeighKey {
+        net_id,
+        vid,
+        _pad: 0,
+        ip,
+    };
+    let entry = NeighEntry {
+        mac,
+        _pad: 0,
+        ifindex: owner,
+    };
+    let _ = NEIGH.insert(&key, &entry, 0);
+}
+
 /// DHCP snooping: a server's reply (from a trusted port) binds the address
 /// it hands out to the port that owns the client's MAC. OFFERs bind too:
 /// the server chose that address for that MAC; the daemon forgets
 /// bindings with the port.
 #[inline(always)]
-fn snoop_dhcp(net_id: u32, data: usize, data_end: usize, l3: &L3) {
+fn snoop_dhcp(net_id: u32, vid: u16, data: usize, data_end: usize, l3: &L3, tc: bool) {
     if l3.ethertype != parse::ETH_P_IPV4 {
         return;
     }
@@ -421,6 +439,12 @@ fn snoop_dhcp(net_id: u32, data: usize, data_end: usize, l3: &L3) {
     let Some(owner) = (unsafe { MAC_OWNERS.get(&key) }).copied() else {
         return;
     };
+    // ARP suppression answers for the address from now on (tc only: the
+    // XDP hook's verifier budget is spent; DHCP replies reach guests from
+    // the gateway port, which runs tc).
+    if tc {
+        snoop_neigh(net_id, vid, yiaddr, [m[36], m[37], m[38], m[39], m[40], m[41]], owner);
+    }
     let Some(p) = PORTS.get_ptr_mut(&owner) else {
         return;
     };

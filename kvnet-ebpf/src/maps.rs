@@ -7,8 +7,13 @@ use kvnet_common::{
     CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, ForwardKey, ForwardTarget, FragKey,
     FragPorts, NatMapKey, NatMapping, NatStats, NetConfig, PortConfig, PortStats, RateBucket,
     VlanMember, VlanMemberKey, MAX_CT_ENTRIES, MAX_FDB_ENTRIES, MAX_FLOOD_DOMAINS, MAX_FORWARDS,
-    MAX_MAC_OWNERS, MAX_NAT_FRAGS, MAX_NAT_MAPPINGS, MAX_NETWORKS, MAX_PORTS, MAX_VLAN_MEMBERS,
+    MAX_MAC_OWNERS, MAX_NAT_FRAGS, MAX_NAT_MAPPINGS, MAX_NEIGH_ENTRIES, MAX_NETWORKS, MAX_PORTS,
+    MAX_VLAN_MEMBERS, NeighEntry, NeighKey, PortPolicy,
 };
+
+/// Map flag: allocate entries as they are written. A flood set is 16 KiB;
+/// preallocating every possible domain would pin gigabytes.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// The layout version of these maps (`kvnet_common::LAYOUT_VERSION`),
 /// written by the daemon: what a newer daemon reads to upgrade in place.
@@ -37,7 +42,18 @@ pub static CT_QUOTA: HashMap<u32, u32> = HashMap::pinned(MAX_PORTS, 0);
 pub static FDB_COUNT: HashMap<u32, u32> = HashMap::pinned(MAX_NETWORKS, 0);
 
 #[map(name = "flood")]
-pub static FLOOD: HashMap<FloodKey, FloodSet> = HashMap::pinned(MAX_FLOOD_DOMAINS, 0);
+pub static FLOOD: HashMap<FloodKey, FloodSet> =
+    HashMap::pinned(MAX_FLOOD_DOMAINS, BPF_F_NO_PREALLOC);
+
+/// (network, VLAN, IPv4) -> its owner's MAC and port: ARP requests for
+/// these are answered in the datapath (suppression). Written by the daemon
+/// (bindings, gateways) and by DHCP snooping.
+#[map(name = "neigh")]
+pub static NEIGH: HashMap<NeighKey, NeighEntry> = HashMap::pinned(MAX_NEIGH_ENTRIES, 0);
+
+/// Ifindex -> storm control and rate limits (buckets refilled in place).
+#[map(name = "port_policy")]
+pub static PORT_POLICY: HashMap<u32, PortPolicy> = HashMap::pinned(MAX_PORTS, 0);
 
 #[map(name = "port_stats")]
 pub static PORT_STATS: PerCpuHashMap<u32, PortStats> = PerCpuHashMap::pinned(MAX_PORTS, 0);

@@ -11,13 +11,13 @@
 //! (`main.rs`) carry the verdict out.
 use kvnet_common::{
     DropReason, FloodKey, PortConfig, ETH_P_8021Q, FDB_F_HOST, NET_F_CLOSED, NET_F_NAT,
-    PORT_F_GUARDED, PORT_F_HAIRPIN, PORT_F_ROUTED_NET, PORT_F_TRUSTED, PORT_F_UPLINK_NAT,
+    PORT_F_GUARDED, PORT_F_HAIRPIN, PORT_F_ISOLATED, PORT_F_ROUTED_NET, PORT_F_TRUSTED, PORT_F_UPLINK_NAT,
     PORT_F_UPLINK_ROUTED, VLAN_MODE_NONE, VLAN_MODE_TRUNK, VLAN_M_TAGGED, VLAN_VID_MASK,
 };
 
 pub use crate::vlan::Tag;
 use crate::{
-    fdb, guard, maps,
+    fdb, guard, maps, neigh,
     parse::{self, Eth},
     route::{self, L3Ctx},
     stats,
@@ -57,6 +57,12 @@ pub enum Verdict {
     /// Arrived on a NAT uplink: replies, port forwards, ICMP errors (tc,
     /// `nat::from_uplink`; what NAT declines comes back to [`from_uplink`]).
     NatIn,
+    /// An ARP request kvnet knows the answer to: tc turns the frame into
+    /// the reply (ARP at `arp_off`) and sends it back out of the ingress.
+    ArpReply {
+        answer: neigh::Answer,
+        arp_off: usize,
+    },
 }
 
 /// A frame past admission: its Ethernet header, VLAN and the TCI it
@@ -65,6 +71,8 @@ struct Admitted {
     eth: Eth,
     vid: u16,
     out_tci: u16,
+    /// The L3 header past the tags.
+    hdr: parse::L3,
 }
 
 /// Stage 1: the frame's fate from its ingress port. `l3` is what the hook
@@ -84,7 +92,7 @@ pub fn decide(
         }
         return from_uplink(ingress, data, data_end, tag, l3);
     }
-    let a = match admit(ingress, port, data, data_end, tag) {
+    let a = match admit(ingress, port, data, data_end, tag, l3.is_some()) {
         Ok(a) => a,
         Err(r) => return Verdict::Drop(r),
     };
@@ -100,6 +108,7 @@ fn admit(
     data: usize,
     data_end: usize,
     tag: &Tag,
+    tc: bool,
 ) -> Result<Admitted, DropReason> {
     let eth = parse::eth(data, data_end).ok_or(DropReason::Malformed)?;
     if parse::is_multicast(&eth.src) || parse::is_zero(&eth.src) {
@@ -111,7 +120,7 @@ fn admit(
         // A tag behind the one classified (or behind none): a VLAN hop.
         return Err(DropReason::DoubleTag);
     }
-    if let Some(r) = guard::check(ingress, port, data, data_end, &eth, &hdr, vid) {
+    if let Some(r) = guard::check(ingress, port, data, data_end, &eth, &hdr, vid, tc) {
         return Err(r);
     }
     // Tagged egress keeps the PCP and DEI bits a trusted or unguarded port
@@ -125,6 +134,7 @@ fn admit(
         eth,
         vid,
         out_tci: (tag.tci & keep) | vid,
+        hdr,
     })
 }
 
@@ -184,7 +194,27 @@ fn forward(
         out_tci: a.out_tci,
     };
     if parse::is_multicast(&a.eth.dst) {
+        // tc only (`l3`): XDP hands ARP on, and its verifier budget is small.
+        if l3.is_some() && a.hdr.ethertype == parse::ETH_P_ARP {
+            if let Some(answer) = neigh::answer(
+                net_id, a.vid, ingress, port.flags, data, data_end, a.hdr.off,
+            ) {
+                return Verdict::ArpReply {
+                    answer,
+                    arp_off: a.hdr.off,
+                };
+            }
+        }
         return flood;
+    }
+    // (tc only: XDP hands isolated ports' frames to tc.)
+    if l3.is_some()
+        && port.flags & PORT_F_ISOLATED != 0
+        && to_own_subnet(net_id, a, data, data_end)
+    {
+        // Through the gateway back into its own network: routed or via the
+        // host stack, that would reach the isolated ports it must not.
+        return Verdict::Drop(DropReason::Isolated);
     }
     // Routed networks: IPv4 to the gateway MAC goes through the FIB (tc
     // only: XDP hands these to tc on its way to the gateway port).
@@ -222,14 +252,22 @@ fn forward(
             Verdict::ToHost { uplink: egress }
         };
     }
-    to_port(ingress, port, egress, a)
+    // Isolation in tc only: XDP hands isolated ports' frames to tc.
+    let isolated = l3.is_some() && port.flags & PORT_F_ISOLATED != 0;
+    to_port(ingress, port, egress, a, isolated)
 }
 
 /// The FDB's port for the frame, if it may go there: not back where it came
 /// from (unless hairpin), never into another network or VLAN, even with a
 /// stale FDB; tagged or not as the egress port's membership says.
 #[inline(always)]
-fn to_port(ingress: u32, port: &PortConfig, egress: u32, a: &Admitted) -> Verdict {
+fn to_port(
+    ingress: u32,
+    port: &PortConfig,
+    egress: u32,
+    a: &Admitted,
+    isolated: bool,
+) -> Verdict {
     if egress == ingress && port.flags & PORT_F_HAIRPIN == 0 {
         return Verdict::Drop(DropReason::Hairpin);
     }
@@ -238,6 +276,9 @@ fn to_port(ingress: u32, port: &PortConfig, egress: u32, a: &Admitted) -> Verdic
     };
     if p.net_id != port.net_id {
         return Verdict::Drop(DropReason::StalePort);
+    }
+    if isolated && p.flags & PORT_F_ISOLATED != 0 {
+        return Verdict::Drop(DropReason::Isolated);
     }
     let unicast = |out_tci| Verdict::Unicast {
         egress,
@@ -258,6 +299,25 @@ fn to_port(ingress: u32, port: &PortConfig, egress: u32, a: &Admitted) -> Verdic
         Some(_) => unicast(None),
         None => Verdict::Drop(DropReason::StalePort),
     }
+}
+
+/// IPv4 from an isolated port to its gateway's MAC for another address of
+/// its own network.
+#[inline(always)]
+fn to_own_subnet(net_id: u32, a: &Admitted, data: usize, data_end: usize) -> bool {
+    if a.hdr.ethertype != parse::ETH_P_IPV4 {
+        return false;
+    }
+    let Some(n) = maps::net(net_id) else {
+        return false;
+    };
+    if a.eth.dst != n.gw_mac || n.mask == 0 {
+        return false;
+    }
+    let Some(ip) = parse::ipv4(data, data_end, a.hdr.off) else {
+        return false;
+    };
+    ip.daddr & n.mask == n.subnet && ip.daddr != n.gw_ip
 }
 
 /// Where a routed packet goes once the FIB has chosen `fib.ifindex`: a

@@ -65,6 +65,11 @@ pub fn learn_refused(ifindex: u32) {
 }
 
 #[inline(always)]
+pub fn arp_answered(ifindex: u32) {
+    with(ifindex, |s| s.arp_answered += 1);
+}
+
+#[inline(always)]
 pub fn learned(ifindex: u32) {
     with(ifindex, |s| s.learned += 1);
 }

@@ -8,9 +8,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use kvnet_common::{
-    DropReason, FDB_F_HOST, KVNET_HOST_MARK, PORT_F_BRIDGED_NET, PORT_F_HAIRPIN, PORT_F_TRUSTED,
+    DropReason, FDB_F_HOST, KVNET_HOST_MARK, PORT_F_BRIDGED_NET, PORT_F_HAIRPIN, PORT_F_ISOLATED, PORT_F_RATE_LIMITED, PORT_F_TRUSTED,
     PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_NAT, PORT_F_UPLINK_ROUTED, TRACE_DROP, TRACE_EGRESS,
-    TRACE_FLOOD, TRACE_HOOK_TC, TRACE_HOOK_TC_OUT, TRACE_NAT_IN, TRACE_NAT_OUT, TRACE_PASS,
+    TRACE_FLOOD, TRACE_HOOK_TC, TRACE_HOOK_TC_OUT, TRACE_ARP_REPLY, TRACE_NAT_IN, TRACE_NAT_OUT, TRACE_PASS,
     TRACE_ROUTE, TRACE_TO_HOST, TRACE_UNICAST, VLAN_MODE_TRUNK, VLAN_M_TAGGED,
 };
 
@@ -24,7 +24,7 @@ use crate::{
 use crate::{
     fdb, maps,
     nat::{self, Nat, NatKind},
-    parse, pipeline, stats, trace,
+    neigh, parse, pipeline, policy, stats, trace,
 };
 
 /// Bytes of an untrusted port's frame tc makes linear before the guards
@@ -45,6 +45,10 @@ pub fn ingress(ctx: TcContext) -> i32 {
         // Handed to this uplink's host stack by kvnet itself.
         ctx.set_mark(0);
         return TC_ACT_OK;
+    }
+    if port.flags & PORT_F_RATE_LIMITED != 0 && !policy::out_allows(ingress, len) {
+        stats::drop(ingress, DropReason::RateLimit);
+        return TC_ACT_SHOT;
     }
     // On receive the kernel has usually moved the outer tag into
     // skb->vlan_tci already; BPF_PROG_RUN and XDP_PASSed frames may not.
@@ -88,6 +92,7 @@ pub fn ingress(ctx: TcContext) -> i32 {
             Verdict::ToHost { uplink } => (TRACE_TO_HOST, *uplink, 0),
             Verdict::NatOut { .. } => (TRACE_NAT_OUT, 0, 0),
             Verdict::NatIn => (TRACE_NAT_IN, 0, 0),
+            Verdict::ArpReply { .. } => (TRACE_ARP_REPLY, ingress, 0),
         };
         let vid = tag.tci & kvnet_common::VLAN_VID_MASK;
         trace::begin_tc(&ctx, TRACE_HOOK_TC, ingress, vid, code, egress, reason);
@@ -197,6 +202,15 @@ fn tc_act(
                 }
             }
         },
+        Verdict::ArpReply { answer, arp_off } => {
+            // (The frame's VLAN, in skb metadata, goes back out with it.)
+            if !neigh::make_reply(data, data_end, arp_off, &answer) {
+                return TC_ACT_OK;
+            }
+            stats::arp_answered(ingress);
+            stats::tx(ingress, len);
+            unsafe { bpf_redirect(ingress, 0) as i32 }
+        }
         Verdict::ToHost { uplink } => {
             stats::to_host(ingress);
             ctx.set_mark(KVNET_HOST_MARK);
@@ -206,6 +220,10 @@ fn tc_act(
             domain: key,
             out_tci,
         } => {
+            if !policy::storm_allows(ingress) {
+                stats::drop(ingress, DropReason::Storm);
+                return TC_ACT_SHOT;
+            }
             stats::flooded(ingress);
             if port.flags & PORT_F_UPLINK_BRIDGED != 0 {
                 // From the LAN: the host's stack gets the frame as it came,
@@ -228,6 +246,7 @@ fn tc_act(
                     vid: key.vid as u32,
                     ingress,
                     hairpin: port.flags & PORT_F_HAIRPIN,
+                    isolated: port.flags & PORT_F_ISOLATED,
                     len: len as u32,
                     tagged: cur.is_some() as u32,
                     cur_tci: cur.unwrap_or(0) as u32,
@@ -281,6 +300,14 @@ fn egress_act(ctx: &TcContext) -> i32 {
     let Some(port) = maps::port(uplink) else {
         return TC_ACT_OK;
     };
+    if port.flags & PORT_F_RATE_LIMITED != 0 {
+        // A guest port's egress (attached for `rate_in`): what it gets.
+        if policy::in_allows(uplink, ctx.len() as u64) {
+            return TC_ACT_OK;
+        }
+        stats::drop(uplink, DropReason::RateLimit);
+        return TC_ACT_SHOT;
+    }
     if port.flags & PORT_F_UPLINK_NAT != 0 {
         // A NAT uplink: a guest's packet that reached it untranslated
         // (through the host stack) must not leave with the guest's address.
@@ -323,6 +350,7 @@ fn egress_act(ctx: &TcContext) -> i32 {
                     vid: 0,
                     ingress: uplink,
                     hairpin: 0,
+                    isolated: 0,
                     len,
                     tagged: 0,
                     cur_tci: 0,

@@ -2,7 +2,7 @@
 //! ports that take XDP redirects, drops) and hands the rest to tc.
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, programs::XdpContext};
 use aya_log_ebpf::debug;
-use kvnet_common::{DropReason, PORT_F_RX_VLAN_STRIPPED, PORT_F_XDP_TX, VLAN_MODE_TRUNK};
+use kvnet_common::{DropReason, PORT_F_ISOLATED, PORT_F_RX_VLAN_STRIPPED, PORT_F_XDP_TX, VLAN_MODE_TRUNK};
 
 use crate::{
     csum, maps,
@@ -20,6 +20,10 @@ pub fn run(ctx: &XdpContext) -> (u32, u32) {
         return (xdp_action::XDP_PASS, 0);
     };
     stats::seen_xdp(ingress);
+    if port.flags & PORT_F_ISOLATED != 0 {
+        // Isolation is checked in tc, which sees routed frames too.
+        return (xdp_action::XDP_PASS, 0);
+    }
     let tag = Tag::of(data, data_end, None);
     // A NIC with rx VLAN offload strips the tag before XDP sees it; only
     // tc can tell an untagged frame from a stripped tagged one. On a trunk
@@ -37,7 +41,8 @@ pub fn run(ctx: &XdpContext) -> (u32, u32) {
         | Verdict::Route { .. }
         | Verdict::ToHost { .. }
         | Verdict::NatOut { .. }
-        | Verdict::NatIn => (xdp_action::XDP_PASS, 0),
+        | Verdict::NatIn
+        | Verdict::ArpReply { .. } => (xdp_action::XDP_PASS, 0),
         Verdict::Drop(reason) => {
             stats::rx(ingress, len);
             stats::drop(ingress, reason);

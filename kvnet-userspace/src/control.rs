@@ -89,6 +89,13 @@ pub struct NetOpts {
     /// Lease time in seconds (default 3600).
     #[serde(default)]
     pub dhcp_lease: Option<u64>,
+    /// Defaults for the network's guest ports (isolation, rate limits).
+    #[serde(default)]
+    pub port_policy: crate::policy::PolicyArgs,
+    /// Storm control: floods a second per port (default
+    /// kvnet_common::DEFAULT_STORM_PPS, 0: off).
+    #[serde(default)]
+    pub storm_pps: Option<u32>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -387,6 +394,9 @@ pub struct PortStatsRow {
     /// Source MACs not learned: the network's learned-MAC bound was reached.
     #[serde(default)]
     pub learn_refused: u64,
+    /// ARP requests answered in the datapath (suppressed, not flooded).
+    #[serde(default)]
+    pub arp_answered: u64,
     pub routed: u64,
     pub to_host: u64,
     pub drops: BTreeMap<String, u64>,

@@ -15,12 +15,12 @@ use anyhow::{bail, Context, Result};
 
 use crate::{build, cmd, lab, setup, workspace_root};
 
-/// The last released revision with the previous map layout (layout 2:
-/// port security, before NAT fragments and UDP mappings;
-/// kvnet_common::LAYOUT_VERSION 3 is the current one). Move it forward
-/// when LAYOUT_VERSION changes again. Layout 1 (fa4f158) is still carried
-/// (`--from fa4f158`).
-pub const PREVIOUS_LAYOUT_REV: &str = "d483672";
+/// The last released revision with the previous map layout (layout 3:
+/// NAT fragments and UDP mappings, before flood sets of 4096 ports, ARP
+/// suppression and port policy; kvnet_common::LAYOUT_VERSION 4 is the
+/// current one). Move it forward when LAYOUT_VERSION changes again. Layouts
+/// 1 (fa4f158) and 2 (d483672) are still carried (`--from REV`).
+pub const PREVIOUS_LAYOUT_REV: &str = "9bd548a";
 
 /// The name of the `cargo xtask test` phase.
 pub const PHASE: &str = "upgrade from the previous layout";

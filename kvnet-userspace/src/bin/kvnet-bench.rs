@@ -461,8 +461,8 @@ fn cost(
             HashMap::try_from(ebpf.map_mut(names::MAP_FLOOD).unwrap())?;
         let mut set = FloodSet::default();
         set.count = 2;
-        set.ifindex[0] = ia;
-        set.ifindex[1] = ib;
+        set.members[0] = ia;
+        set.members[1] = ib;
         flood.insert(
             FloodKey {
                 net_id: NET,

@@ -365,6 +365,19 @@ enum NetCmd {
         /// DHCP lease time in seconds (default 3600).
         #[arg(long, value_name = "SECS")]
         dhcp_lease: Option<u64>,
+        /// Isolate every guest port (libvirt's <port isolated='yes'/>).
+        #[arg(long)]
+        isolated_ports: bool,
+        /// Default rate limit into each guest port, like 10mbit.
+        #[arg(long, value_name = "RATE")]
+        port_rate_in: Option<crate::rate::Rate>,
+        /// Default rate limit out of each guest port.
+        #[arg(long, value_name = "RATE")]
+        port_rate_out: Option<crate::rate::Rate>,
+        /// Storm control: broadcast, multicast and unknown-unicast frames a
+        /// second each port may flood (default 2000; 0: off).
+        #[arg(long, value_name = "PPS")]
+        storm_pps: Option<u32>,
         /// NAT source ports, FIRST-LAST (default 1024-65535, minus the host's ephemeral range).
         #[arg(long, value_name = "FIRST-LAST")]
         nat_ports: Option<String>,
@@ -671,6 +684,10 @@ fn run(cli: Cli) -> Result<()> {
             dhcp_hosts,
             domain,
             dhcp_lease,
+            isolated_ports,
+            port_rate_in,
+            port_rate_out,
+            storm_pps,
             nat_ports,
             nat_udp,
         }) => done(call(
@@ -689,6 +706,12 @@ fn run(cli: Cli) -> Result<()> {
                     dhcp_lease,
                     nat_ports,
                     nat_udp,
+                    port_policy: crate::policy::PolicyArgs {
+                        isolated: isolated_ports,
+                        rate_in: port_rate_in,
+                        rate_out: port_rate_out,
+                    },
+                    storm_pps,
                 },
             },
         )),

@@ -113,6 +113,17 @@ pub struct NetSection {
     pub storm_pps: Option<u32>,
 }
 
+impl NetSection {
+    /// The defaults this network gives its guest ports.
+    pub fn port_policy(&self) -> PolicyArgs {
+        PolicyArgs {
+            isolated: self.isolated_ports,
+            rate_in: self.port_rate_in,
+            rate_out: self.port_rate_out,
+        }
+    }
+}
+
 pub fn isolated() -> String {
     "isolated".into()
 }

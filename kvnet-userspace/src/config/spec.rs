@@ -29,6 +29,9 @@ pub struct NetSpec {
     pub nat_udp: Option<crate::control::NatUdp>,
     /// NAT networks: port forwards.
     pub forwards: Forwards,
+    /// Defaults for the guest ports: isolation, rate limits.
+    pub port_policy: PolicyArgs,
+    pub storm_pps: Option<u32>,
 }
 
 impl NetSpec {
@@ -64,6 +67,8 @@ impl NetSpec {
                 .iter()
                 .map(|f| (forward_key(&f.proto, f.port), f.to.clone()))
                 .collect(),
+            port_policy: s.port_policy(),
+            storm_pps: s.storm_pps,
         }
     }
 
@@ -87,6 +92,8 @@ impl NetSpec {
             dhcp_lease: self.dhcp.as_ref().and_then(|d| d.lease_secs),
             nat_ports: self.nat_ports.map(|[a, b]| format!("{a}-{b}")),
             nat_udp: self.nat_udp,
+            port_policy: self.port_policy.clone(),
+            storm_pps: self.storm_pps,
         })
     }
 
@@ -113,6 +120,10 @@ impl NetSpec {
         }
         if self.uplink != new.uplink {
             c.push(format!("uplink {} -> {}", f(&self.uplink), f(&new.uplink)));
+        }
+        // Port defaults: the network is rebuilt, its ports attached anew.
+        if self.port_policy != new.port_policy || self.storm_pps != new.storm_pps {
+            c.push("port defaults (isolated_ports, port rates, storm_pps)".into());
         }
         let live = c.is_empty();
         // The NAT port range and UDP mapping change live too (flows keep

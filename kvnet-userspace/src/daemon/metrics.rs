@@ -221,7 +221,7 @@ impl Scrape {
                 .map(|(n, mode)| (vec![("net", n.clone()), ("mode", mode.clone())], 1)),
         )?;
         let port = |p: &PortStatsRow| vec![("port", p.port.clone()), ("net", p.net.clone())];
-        let per_port: [(&str, &str, fn(&PortStatsRow) -> u64); 9] = [
+        let per_port: [(&str, &str, fn(&PortStatsRow) -> u64); 10] = [
             (
                 "kvnet_port_rx_packets",
                 "Frames received on the port",
@@ -254,6 +254,11 @@ impl Scrape {
                 "kvnet_port_learn_refused",
                 "Source MACs not learned: the network's bound was reached",
                 |p| p.learn_refused,
+            ),
+            (
+                "kvnet_port_arp_answered",
+                "ARP requests answered by the datapath instead of flooded",
+                |p| p.arp_answered,
             ),
             (
                 "kvnet_port_routed",

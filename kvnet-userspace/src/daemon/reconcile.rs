@@ -64,6 +64,8 @@ fn running_nets(sw: &Switch, _rt: &Runtime) -> BTreeMap<String, NetSpec> {
                             (forward_key(proto(*p), *port), format!("{a}:{to}"))
                         })
                         .collect(),
+                    port_policy: n.opts.port_policy.clone(),
+                    storm_pps: n.opts.storm_pps,
                 },
             )
         })
@@ -466,6 +468,10 @@ pub fn running_config(sw: &Switch) -> Config {
             sec.uplink = s.uplink.clone();
             sec.ageing = (s.ageing != DEFAULT_AGEING.as_secs()).then_some(s.ageing);
             sec.dhcp = s.dhcp.clone();
+            sec.isolated_ports = s.port_policy.isolated;
+            sec.port_rate_in = s.port_policy.rate_in;
+            sec.port_rate_out = s.port_policy.rate_out;
+            sec.storm_pps = s.storm_pps;
             let default_ports = [
                 crate::control::DEFAULT_NAT_PORTS.0,
                 crate::control::DEFAULT_NAT_PORTS.1,

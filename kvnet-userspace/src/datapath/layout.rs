@@ -153,7 +153,7 @@ pub fn inspect(pin_dir: &Path, object: &[u8]) -> Result<Found> {
 }
 
 /// Older layouts this binary carries over.
-pub const CARRIED_FROM: &[u32] = &[1, 2];
+pub const CARRIED_FROM: &[u32] = &[1, 2, 3];
 
 /// Turns one old value (one CPU's, for per-CPU maps) into the new layout.
 type Convert = fn(&[u8]) -> Vec<u8>;
@@ -169,6 +169,10 @@ fn converter(version: u32, name: &str) -> Option<Convert> {
         (1, names::MAP_PORT_STATS) => Some(v1::port_stats),
         // Layout 3 appended NAT counters; its new maps start empty.
         (2, names::MAP_NAT_STATS) => Some(|o| v1::widen(o, v2::NAT_STATS, 6)),
+        // Layout 4: port counters gained `arp_answered` before the drops,
+        // flood sets grew to 4096 members; its new maps start empty.
+        (2 | 3, names::MAP_PORT_STATS) => Some(v3::port_stats),
+        (1..=3, names::MAP_FLOOD) => Some(v3::flood_set),
         _ => None,
     }
 }
@@ -213,10 +217,11 @@ mod v1 {
         if old.len() < PORT_STATS {
             return v;
         }
-        // rx..to_host keep their places; learn_refused (new) is zero; the
-        // 9 old drop reasons keep their numbers.
+        // rx..to_host keep their places; learn_refused and arp_answered
+        // (new) are zero; the 9 old drop reasons keep their numbers.
+        let drops = core::mem::offset_of!(PortStats, drops);
         v[..80].copy_from_slice(&old[..80]);
-        v[88..88 + 72].copy_from_slice(&old[80..152]);
+        v[drops..drops + 72].copy_from_slice(&old[80..152]);
         v
     }
 }
@@ -225,6 +230,43 @@ mod v1 {
 mod v2 {
     /// 9 counters; layout 3 appended 6.
     pub const NAT_STATS: usize = 9 * 8;
+}
+
+/// Layout 3 (up to 9bd548a; layout 2 the same for these): flood sets of 64
+/// members with `tagged` last, port counters without `arp_answered`.
+mod v3 {
+    use core::mem::size_of;
+
+    use kvnet_common::{FloodSet, PortStats};
+
+    pub const FLOOD_MEMBERS: usize = 64;
+    /// 11 counters, then 17 drop reasons.
+    pub const PORT_STATS: usize = 28 * 8;
+
+    pub fn flood_set(old: &[u8]) -> Vec<u8> {
+        let mut set = FloodSet::default();
+        let word = |i: usize| {
+            old.get(i * 4..i * 4 + 4)
+                .map_or(0, |b| u32::from_ne_bytes(b.try_into().expect("4 bytes")))
+        };
+        set.count = word(0).min(FLOOD_MEMBERS as u32);
+        for i in 0..FLOOD_MEMBERS {
+            set.members[i] = word(1 + i);
+        }
+        set.tagged = word(1 + FLOOD_MEMBERS);
+        bytemuck::bytes_of(&set).to_vec()
+    }
+
+    pub fn port_stats(old: &[u8]) -> Vec<u8> {
+        let mut v = vec![0u8; size_of::<PortStats>()];
+        if old.len() < PORT_STATS {
+            return v;
+        }
+        let drops = core::mem::offset_of!(PortStats, drops);
+        v[..88].copy_from_slice(&old[..88]);
+        v[drops..drops + 17 * 8].copy_from_slice(&old[88..PORT_STATS]);
+        v
+    }
 }
 
 /// The per-CPU slot size of a value (the kernel rounds up to 8 bytes).
@@ -417,10 +459,32 @@ mod tests {
         let s: kvnet_common::NatStats = *bytemuck::from_bytes(&new);
         assert_eq!((s.translated, s.drop_ct_quota), (1, 9));
         assert_eq!((s.fragments, s.eif_flows), (0, 0));
-        // Nothing else of layout 2 changed shape: no other conversion.
-        for name in [names::MAP_PORTS, names::MAP_CT, names::MAP_PORT_STATS] {
+        // Nothing else of layout 2 changed shape but what layout 4 did.
+        for name in [names::MAP_PORTS, names::MAP_CT] {
             assert!(converter(2, name).is_none(), "{name}");
         }
+    }
+
+    #[test]
+    fn layout_3_flood_sets_and_port_counters_keep_their_meaning() {
+        // count 3, members 11 12 13, then zeroes, then tagged 1.
+        let mut old = vec![0u8; 4 * (2 + v3::FLOOD_MEMBERS)];
+        for (i, w) in [3u32, 11, 12, 13].iter().enumerate() {
+            old[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        let end = old.len();
+        old[end - 4..].copy_from_slice(&1u32.to_ne_bytes());
+        let new = converter(3, names::MAP_FLOOD).unwrap()(&old);
+        let set: kvnet_common::FloodSet = *bytemuck::from_bytes(&new);
+        assert_eq!((set.count, set.tagged), (3, 1));
+        assert_eq!(&set.members[..4], &[11, 12, 13, 0]);
+
+        let old: Vec<u8> = (0..28u64).flat_map(|i| (i + 1).to_ne_bytes()).collect();
+        let new = converter(3, names::MAP_PORT_STATS).unwrap()(&old);
+        let s: PortStats = *bytemuck::from_bytes(&new);
+        assert_eq!((s.learn_refused, s.arp_answered), (11, 0));
+        assert_eq!((s.drops[0], s.drops[16]), (12, 28), "malformed .. ct_quota");
+        assert!(s.drops[17..].iter().all(|d| *d == 0), "storm, rate_limit, isolated");
     }
 
     #[test]

@@ -23,8 +23,8 @@ use aya::{
 };
 use kvnet_common::{
     names, CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, ForwardKey, ForwardTarget,
-    FragKey, FragPorts, NatMapKey, NatMapping, NatStats, NetConfig, PortConfig, PortStats,
-    VlanMember, VlanMemberKey,
+    FragKey, FragPorts, NatMapKey, NatMapping, NatStats, NeighEntry, NeighKey, NetConfig,
+    PortConfig, PortPolicy, PortStats, VlanMember, VlanMemberKey,
 };
 
 /// The datapath object built by build.rs from kvnet-ebpf.
@@ -736,6 +736,16 @@ impl Datapath {
 
     pub fn flood(&mut self) -> Result<HashMap<&mut MapData, FloodKey, FloodSet>> {
         Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_FLOOD)?)?)
+    }
+
+    /// ARP suppression: the addresses whose owner kvnet knows.
+    pub fn neigh(&mut self) -> Result<HashMap<&mut MapData, NeighKey, NeighEntry>> {
+        Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_NEIGH)?)?)
+    }
+
+    /// Storm control and rate limits by port.
+    pub fn port_policy(&mut self) -> Result<HashMap<&mut MapData, u32, PortPolicy>> {
+        Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_PORT_POLICY)?)?)
     }
 
     pub fn vlan_members(&mut self) -> Result<HashMap<&mut MapData, VlanMemberKey, VlanMember>> {

@@ -6,6 +6,7 @@ pub mod bindings;
 pub mod journal;
 pub mod nat;
 pub mod network;
+pub mod policy;
 use std::{
     collections::{BTreeMap, BTreeSet},
     time::Duration,
@@ -14,7 +15,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use kvnet_common::{
     FdbEntry, FdbKey, FloodKey, FloodSet, PortConfig, VlanMember, VlanMemberKey, DROP_REASON_NAMES,
-    FDB_F_STATIC, FDB_VID_ANY, MAX_FLOOD_PORTS, PORT_F_HAIRPIN, PORT_F_RX_VLAN_STRIPPED,
+    FDB_F_STATIC, FDB_VID_ANY, FLOOD_M_IFINDEX, FLOOD_M_ISOLATED, MAX_FLOOD_PORTS, PORT_F_HAIRPIN, PORT_F_RX_VLAN_STRIPPED,
     PORT_F_TRUSTED, PORT_F_XDP, PORT_F_XDP_TX, VLAN_M_TAGGED,
 };
 
@@ -62,6 +63,17 @@ pub struct Port {
     pub security: Security,
     /// Isolation and rate limits as configured.
     pub policy: PolicyArgs,
+    /// Isolated in effect: its own setting or its network's default.
+    pub isolated: bool,
+}
+
+/// A port's word in a flood set.
+fn flood_member(ifindex: u32, isolated: bool) -> u32 {
+    if isolated {
+        ifindex | FLOOD_M_ISOLATED
+    } else {
+        ifindex
+    }
 }
 
 pub struct Switch {
@@ -139,6 +151,7 @@ impl Switch {
         }
         self.teardown_net(name, id);
         self.flush_fdb(|k, _| k.net_id == id)?;
+        self.neigh_flush(|k, _| k.net_id == id);
         let mut flood = self.dp.flood()?;
         let keys: Vec<FloodKey> = flood
             .keys()
@@ -174,12 +187,13 @@ impl Switch {
             .collect()
     }
 
-    /// (ifindex, VLAN config) of the network's ports.
+    /// (flood set member, VLAN config) of the network's ports: the member
+    /// is the ifindex, with FLOOD_M_ISOLATED for isolated ports.
     pub(crate) fn members(&self, net: &str) -> Vec<(u32, VlanCfg)> {
         self.ports
             .values()
             .filter(|p| p.net == net)
-            .map(|p| (p.ifindex, p.vlan.clone()))
+            .map(|p| (flood_member(p.ifindex, p.isolated), p.vlan.clone()))
             .collect()
     }
 
@@ -218,15 +232,16 @@ impl Switch {
                 let _ = flood.remove(&key);
                 continue;
             }
-            let mut set = FloodSet::default();
+            // 16 KiB: on the heap, not a worker's stack.
+            let mut set = Box::new(FloodSet::default());
             let all: Vec<u32> = untagged.iter().chain(&tagged).copied().collect();
-            for (slot, ifindex) in set.ifindex.iter_mut().zip(&all) {
-                *slot = *ifindex;
+            for (slot, member) in set.members.iter_mut().zip(&all) {
+                *slot = *member;
             }
             set.count = all.len().min(MAX_FLOOD_PORTS) as u32;
             set.tagged = set.count - untagged.len().min(MAX_FLOOD_PORTS) as u32;
             flood
-                .insert(key, set, 0)
+                .insert(key, *set, 0)
                 .with_context(|| format!("writing the flood set of VLAN {vid}"))?;
         }
         Ok(())
@@ -368,8 +383,12 @@ impl Switch {
             bail!("the loopback interface cannot be a switch port");
         }
         self.check_capacity(net, iface, &cfg)?;
+        let eff = self
+            .effective_policy(net, role, &policy, hook)
+            .with_context(|| format!("port '{iface}'"))?;
         let driver = netdev::driver(iface).unwrap_or_else(|_| "unknown".into());
-        let xdp = resolve_hook(hook, &driver);
+        // Rate-limited ports run tc only: XDP would forward past the policer.
+        let xdp = resolve_hook(hook, &driver) && !eff.limited();
         let mut flags = extra_flags;
         if hairpin {
             flags |= PORT_F_HAIRPIN;
@@ -384,6 +403,7 @@ impl Switch {
         if xdp && strips_rx_vlan(iface, ifindex, &driver) {
             flags |= PORT_F_RX_VLAN_STRIPPED;
         }
+        let flags = eff.flags(flags);
         let base = PortConfig {
             net_id,
             flags,
@@ -406,7 +426,7 @@ impl Switch {
         let vids: BTreeSet<u16> = cfg.memberships().keys().copied().collect();
         let mut members = self.members(net);
         let before = members.clone();
-        members.push((ifindex, cfg.clone()));
+        members.push((flood_member(ifindex, eff.isolated), cfg.clone()));
         if !self.dp.adopting {
             journal::record(journal::Undo::Programs {
                 iface: iface.to_string(),
@@ -417,6 +437,7 @@ impl Switch {
             .dp
             .reset_stats(ifindex)
             .and_then(|_| self.write_memberships(ifindex, &cfg))
+            .and_then(|_| self.write_policy(ifindex, &eff))
             .and_then(|_| {
                 self.dp
                     .ports()?
@@ -425,14 +446,28 @@ impl Switch {
             })
             .and_then(|_| self.sync_owners(ifindex, net_id, &security.macs))
             .and_then(|_| self.write_floods(net_id, &members, &vids))
-            .and_then(|_| self.dp.attach(iface, ifindex, xdp));
+            .and_then(|_| self.dp.attach(iface, ifindex, xdp))
+            .and_then(|_| {
+                if eff.rate_in.is_some() {
+                    self.dp.attach_egress(iface, ifindex)?;
+                }
+                Ok(())
+            });
         if let Err(e) = applied {
+            self.dp.detach_egress(ifindex);
+            self.remove_policy(ifindex);
             let _ = self.write_floods(net_id, &before, &vids);
             self.remove_memberships(ifindex, vids.iter().copied());
             let _ = self.dp.ports()?.remove(&ifindex);
             let _ = self.dp.port_stats()?.remove(&ifindex);
             self.drop_owners(ifindex);
             return Err(e);
+        }
+        // ARP suppression answers for the addresses given with a MAC.
+        if let Some(mac) = security.macs.first().copied() {
+            for ip in security.ips.clone() {
+                self.neigh_add(net_id, pcfg.pvid, ip, mac, ifindex)?;
+            }
         }
         self.ports.insert(
             iface.to_string(),
@@ -448,6 +483,7 @@ impl Switch {
                 trusted: flags & PORT_F_TRUSTED != 0,
                 security,
                 policy,
+                isolated: eff.isolated,
             },
         );
         Ok(())
@@ -587,7 +623,7 @@ impl Switch {
             .map(|(i, c)| {
                 (
                     *i,
-                    if *i == ifindex {
+                    if *i & FLOOD_M_IFINDEX == ifindex {
                         cfg.clone()
                     } else {
                         c.clone()
@@ -650,6 +686,9 @@ impl Switch {
             .remove(iface)
             .with_context(|| format!("interface '{iface}' is not a kvnet port"))?;
         self.dp.detach(port.ifindex);
+        self.dp.detach_egress(port.ifindex);
+        self.remove_policy(port.ifindex);
+        self.neigh_flush(|_, e| e.ifindex == port.ifindex);
         let net_id = self.net(&port.net)?.id;
         let members = self.members(&port.net);
         let vids: BTreeSet<u16> = port.vlan.memberships().keys().copied().collect();
@@ -894,6 +933,7 @@ impl Switch {
                 flooded: s.flooded,
                 learned: s.learned,
                 learn_refused: s.learn_refused,
+                arp_answered: s.arp_answered,
                 routed: s.routed,
                 to_host: s.to_host,
                 drops: DROP_REASON_NAMES

@@ -311,6 +311,10 @@ impl Switch {
         (cfg.gw_host, cfg.gw_port, cfg.uplink, cfg.gw_mac) =
             (gw_host, gw_port, uplink_ifindex, gw_mac.0);
         cfg.gw_ip = u32::from(cidr.addr).to_be();
+        // The guests' subnet: NAT keeps it untranslated, isolation keeps
+        // isolated ports from reaching each other through the gateway.
+        cfg.subnet = u32::from(cidr.network()).to_be();
+        cfg.mask = cidr.mask().to_be();
         if !matches!(self.net(name)?.mode, Mode::Routed) {
             // NAT and host-only: no new connections in from other networks
             // or the outside (libvirt's FORWARD rules).
@@ -324,6 +328,8 @@ impl Switch {
             .gw_hosts()?
             .insert(gw_host, id, 0)
             .context("writing the gateway map")?;
+        // Guests' ARP for the gateway is answered without a flood.
+        self.neigh_add(id, cfg.gw_vid, cidr.addr, gw_mac, gw_port)?;
         if routed {
             if let Some(u) = uplink {
                 self.routed_uplink_acquire(&u, name)?;

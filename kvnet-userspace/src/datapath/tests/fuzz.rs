@@ -1243,7 +1243,7 @@ pub(super) fn describe(st: &MapState) -> String {
             "  flood net {} vid {}: {:?} count {} tagged {}",
             k.net_id,
             k.vid,
-            &v.ifindex[..n],
+            &v.members[..n],
             v.count,
             v.tagged
         );
@@ -1786,7 +1786,7 @@ fn gen_state(r: &Rng, lab: &Lab) -> MapState {
             let pos = r.below(all.len() + 1);
             all.insert(pos, r.pick(&[999, FAKE[0], lab.devs[0], lab.devs[1]]));
         }
-        for (slot, i) in set.ifindex.iter_mut().zip(&all) {
+        for (slot, i) in set.members.iter_mut().zip(&all) {
             *slot = *i;
         }
         set.count = all.len() as u32;
@@ -2784,7 +2784,7 @@ fn add_port(
 
 fn add_flood(st: &mut MapState, vid: u16, untagged: &[u32], tagged: &[u32]) {
     let mut set = FloodSet::default();
-    for (slot, i) in set.ifindex.iter_mut().zip(untagged.iter().chain(tagged)) {
+    for (slot, i) in set.members.iter_mut().zip(untagged.iter().chain(tagged)) {
         *slot = *i;
     }
     set.count = (untagged.len() + tagged.len()) as u32;

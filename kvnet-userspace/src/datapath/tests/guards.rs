@@ -36,7 +36,7 @@ fn fixture() -> Option<Fixture> {
     f.port(LO, 0);
     let mut set = FloodSet::default();
     set.count = 1;
-    set.ifindex[0] = LO;
+    set.members[0] = LO;
     f.dp.flood()
         .unwrap()
         .insert(
@@ -513,8 +513,8 @@ fn tc_floods_per_vlan() {
     };
     let mut set = FloodSet::default();
     set.count = 2;
-    set.ifindex[0] = LO;
-    set.ifindex[1] = LO;
+    set.members[0] = LO;
+    set.members[1] = LO;
     set.tagged = 1;
     f.dp.flood()
         .unwrap()

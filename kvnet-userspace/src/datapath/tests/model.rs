@@ -1252,8 +1252,8 @@ fn flood(
     };
     let count = (set.count as usize).min(MAX_FLOOD_PORTS);
     let split = count - (set.tagged as usize).min(count);
-    let untagged: Vec<u32> = set.ifindex[..split].to_vec();
-    let tagged: Vec<u32> = set.ifindex[split..count].to_vec();
+    let untagged: Vec<u32> = set.members[..split].to_vec();
+    let tagged: Vec<u32> = set.members[split..count].to_vec();
     let tagged_first = cur.is_some();
     let groups = if tagged_first {
         [(tagged, Some(out_tci)), (untagged, None)]
