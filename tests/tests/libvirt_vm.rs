@@ -7,6 +7,7 @@
 //! behind the NAT uplink received. Run as root.
 use std::{
     fs,
+    os::unix::fs::PermissionsExt,
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -232,6 +233,132 @@ fn libvirt_domain_on_an_ethernet_tap_joins_by_rule_and_gets_dhcp_dns_and_nat() {
     );
     lv.virsh(&["undefine", name]).unwrap();
     assert!(lv.domains(true).unwrap().is_empty());
+    println!("test body {:.1?}", t0.elapsed());
+
+    let suffix = lab.suffix().to_string();
+    drop(lv);
+    drop(k);
+    drop(lab);
+    assert_eq!(leftovers_of(&suffix), Vec::<String>::new());
+}
+
+/// The other attachments libvirt offers for a tap: `managed='no'` (libvirt
+/// opens a tap that exists already and leaves it alone) and a `<script>`
+/// (libvirt creates the tap and runs the script with its name; kvnet's
+/// `kvnet ifup`, through a wrapper naming the network since libvirt clears
+/// the environment). One domain with one NIC of each: both get a lease.
+#[test]
+fn libvirt_domain_on_a_precreated_tap_and_through_an_ifup_script() {
+    if !privileged() {
+        return;
+    }
+    let t0 = Instant::now();
+    let image = Image::ensure(&default_cache_dir()).unwrap();
+    let lab = Lab::new().unwrap();
+    lab.add_outside_with(&format!("{OUTSIDE_IP}/24"), &format!("{UPLINK_IP}/24"))
+        .unwrap();
+    let config = lab.work_dir().join("lv.toml");
+    fs::write(&config, CONFIG).unwrap();
+    let k = Kvnet::start_with(&lab, &["--config", config.to_str().unwrap()]).unwrap();
+    // managed='no': the administrator's tap, attached by the rule as soon
+    // as it exists, before any VM uses it.
+    lab.add_tap("lv-pre0").unwrap();
+    wait_until("lv-pre0 attached by the rule", Duration::from_secs(5), || {
+        port_net(&k, "lv-pre0").as_deref() == Some("lv")
+    });
+    // The script: `sc-web0` matches no rule, the wrapper names the network.
+    let (bin, sock) = (k.bin().display(), k.socket().display());
+    let ifup = lab.work_dir().join("kvnet-ifup-lv");
+    let ifdown = lab.work_dir().join("kvnet-ifdown-lv");
+    fs::write(
+        &ifup,
+        format!("#!/bin/sh\nKVNET_NET=lv exec {bin} --socket {sock} ifup \"$1\"\n"),
+    )
+    .unwrap();
+    fs::write(
+        &ifdown,
+        format!("#!/bin/sh\nexec {bin} --socket {sock} ifdown \"$1\"\n"),
+    )
+    .unwrap();
+    for f in [&ifup, &ifdown] {
+        fs::set_permissions(f, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let lv = Libvirtd::start(&lab).unwrap();
+
+    let name = "kvnet-two";
+    let interfaces = format!(
+        "    <interface type='ethernet'>
+      <mac address='52:54:00:6c:76:02'/>
+      <target dev='lv-pre0' managed='no'/>
+      <model type='virtio'/>
+    </interface>
+    <interface type='ethernet'>
+      <mac address='52:54:00:6c:76:03'/>
+      <target dev='sc-web0'/>
+      <script path='{}'/>
+      <downscript path='{}'/>
+      <model type='virtio'/>
+    </interface>",
+        ifup.display(),
+        ifdown.display()
+    );
+    let script = r#"cat > /tmp/lease.sh <<'EOF'
+#!/bin/sh
+[ "$1" = bound ] && echo "LV-LEASE mac=$(cat /sys/class/net/$interface/address) ip=$ip"
+exit 0
+EOF
+chmod +x /tmp/lease.sh
+for i in eth0 eth1; do
+    ip link set $i up
+    udhcpc -i $i -n -q -t 10 -T 1 -s /tmp/lease.sh
+done
+echo LV-END
+sleep 600
+"#;
+    let xml = lv
+        .guest_xml(
+            &image,
+            &DomainSpec {
+                name: name.into(),
+                interfaces,
+                ip: String::new(),
+                script: script.into(),
+            },
+        )
+        .unwrap();
+    lv.define(name, &xml).unwrap();
+    lv.virsh(&["start", name]).unwrap();
+    // The script ran before qemu started: the port is there already.
+    assert_eq!(port_net(&k, "sc-web0").as_deref(), Some("lv"));
+    let console = lv
+        .wait_console(name, "LV-END", Duration::from_secs(120))
+        .unwrap();
+    let leases = k.json(&["dhcp", "leases", "lv"]).unwrap();
+    for mac in ["52:54:00:6c:76:02", "52:54:00:6c:76:03"] {
+        let ip = leases
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["mac"] == mac)
+            .and_then(|l| l["ip"].as_str())
+            .unwrap_or_else(|| panic!("no kvnet lease for {mac}: {leases}"));
+        assert!(
+            console.contains(&format!("LV-LEASE mac={mac} ip={ip}")),
+            "{mac}: {console}"
+        );
+    }
+
+    // destroy: libvirt runs the downscript and deletes its own tap; the
+    // administrator's tap stays, and so does its port, ready for the next
+    // start.
+    lv.virsh(&["destroy", name]).unwrap();
+    wait_until("sc-web0's port removed", Duration::from_secs(5), || {
+        port_net(&k, "sc-web0").is_none()
+    });
+    assert!(!link_exists(&lab, "sc-web0"));
+    assert!(link_exists(&lab, "lv-pre0"));
+    assert_eq!(port_net(&k, "lv-pre0").as_deref(), Some("lv"));
+    lv.virsh(&["undefine", name]).unwrap();
     println!("test body {:.1?}", t0.elapsed());
 
     let suffix = lab.suffix().to_string();
