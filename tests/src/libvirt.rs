@@ -89,7 +89,10 @@ fn s(p: &Path) -> String {
 /// The host's passwd/group lines plus the qemu user, if it is missing.
 fn with_qemu_user(file: &str, line: &str) -> Result<String> {
     let text = fs::read_to_string(file).with_context(|| format!("read {file}"))?;
-    if text.lines().any(|l| l.starts_with(&format!("{QEMU_USER}:"))) {
+    if text
+        .lines()
+        .any(|l| l.starts_with(&format!("{QEMU_USER}:")))
+    {
         return Ok(text);
     }
     let sep = if text.ends_with('\n') || text.is_empty() {
@@ -154,10 +157,7 @@ impl Libvirtd {
             ));
         }
         for f in ["passwd", "group"] {
-            script.push_str(&format!(
-                "mount --bind {} /etc/{f}\n",
-                s(&ids.join(f))
-            ));
+            script.push_str(&format!("mount --bind {} /etc/{f}\n", s(&ids.join(f))));
         }
         script.push_str(&format!(
             "exec {LIBVIRTD} --config {}\n",
@@ -172,10 +172,7 @@ impl Libvirtd {
             .stderr(out);
         let daemon = lab.spawn(lab.hv(), cmd).context("start libvirtd")?;
         let lv = Libvirtd {
-            uri: format!(
-                "qemu:///system?socket={}",
-                s(&dir.join("run/libvirt-sock"))
-            ),
+            uri: format!("qemu:///system?socket={}", s(&dir.join("run/libvirt-sock"))),
             dir,
             suffix: lab.suffix().to_string(),
             daemon: Some(daemon),

@@ -19,7 +19,7 @@ use kvnet_tests::{
     lab::privileged,
     leftovers_of,
     libvirt::{DomainSpec, Libvirtd},
-    Lab,
+    Lab, Outside,
 };
 
 /// A NAT network behind the lab's uplink, DHCP with a reservation for the
@@ -36,7 +36,7 @@ domain = "lab.test"
 hosts = [{ mac = "52:54:00:6c:76:01", ip = "10.77.0.50", name = "lvguest" }]
 
 [[rules]]
-match = "lv-*"
+match = "kv-*"
 net = "lv"
 "#;
 
@@ -46,13 +46,20 @@ const OUTSIDE_IP: &str = "203.0.113.2";
 const UPLINK_IP: &str = "203.0.113.1";
 const SINK_PORT: u16 = 8080;
 
-/// The attachment the README documents: libvirt creates the tap under the
-/// target name, kvnet's daemon sees it appear and the rule attaches it.
-const ETHERNET_IF: &str = "    <interface type='ethernet'>
-      <mac address='52:54:00:6c:76:01'/>
-      <target dev='lv-web0'/>
-      <model type='virtio'/>
-    </interface>";
+/// The attachment the README documents, taken from the example domain
+/// (`contrib/libvirt-domain.xml`): libvirt creates the tap `kv-web0`,
+/// kvnet's daemon sees it appear and the rule attaches it.
+fn ethernet_interface() -> String {
+    const EXAMPLE: &str = include_str!("../../contrib/libvirt-domain.xml");
+    // Past the comment, which mentions the element too.
+    let devices = EXAMPLE.find("<devices>").expect("the example has devices");
+    let start = devices
+        + EXAMPLE[devices..]
+            .find("<interface type='ethernet'>")
+            .expect("the example has an ethernet interface");
+    let end = start + EXAMPLE[start..].find("</interface>").unwrap() + "</interface>".len();
+    EXAMPLE[start..end].to_string()
+}
 
 /// Run in the guest once /init has its DHCP lease: DHCP again with a hook
 /// that prints what kvnet offered (router, DNS server, domain), the
@@ -136,16 +143,15 @@ fn link_exists(lab: &Lab, iface: &str) -> bool {
 /// The lines of `console` between two markers.
 fn section<'a>(console: &'a str, begin: &str, end: &str) -> &'a str {
     let start = console.find(begin).map_or(0, |i| i + begin.len());
-    let stop = console[start..].find(end).map_or(console.len(), |i| start + i);
+    let stop = console[start..]
+        .find(end)
+        .map_or(console.len(), |i| start + i);
     &console[start..stop]
 }
 
-#[test]
-fn libvirt_domain_on_an_ethernet_tap_joins_by_rule_and_gets_dhcp_dns_and_nat() {
-    if !privileged() {
-        return;
-    }
-    let t0 = Instant::now();
+/// The guest image, a lab with the outside behind the uplink, and kvnet
+/// started from [`CONFIG`].
+fn kvnet_lab() -> (Image, Lab, Outside, Kvnet) {
     let image = Image::ensure(&default_cache_dir()).unwrap();
     let lab = Lab::new().unwrap();
     let out = lab
@@ -154,6 +160,26 @@ fn libvirt_domain_on_an_ethernet_tap_joins_by_rule_and_gets_dhcp_dns_and_nat() {
     let config = lab.work_dir().join("lv.toml");
     fs::write(&config, CONFIG).unwrap();
     let k = Kvnet::start_with(&lab, &["--config", config.to_str().unwrap()]).unwrap();
+    (image, lab, out, k)
+}
+
+/// libvirtd (and its qemu) first, then kvnet, then the lab; nothing of
+/// the lab may be left.
+fn teardown(lv: Libvirtd, k: Kvnet, lab: Lab) {
+    let suffix = lab.suffix().to_string();
+    drop(lv);
+    drop(k);
+    drop(lab);
+    assert_eq!(leftovers_of(&suffix), Vec::<String>::new());
+}
+
+#[test]
+fn libvirt_domain_on_an_ethernet_tap_joins_by_rule_and_gets_dhcp_dns_and_nat() {
+    if !privileged() {
+        return;
+    }
+    let t0 = Instant::now();
+    let (image, lab, out, k) = kvnet_lab();
     let sink = lab.work_dir().join("sink.log");
     tcp_sink(&lab, &out.ns, SINK_PORT, &sink);
     // Declared after the lab: dropped (domains destroyed, libvirtd and
@@ -167,7 +193,7 @@ fn libvirt_domain_on_an_ethernet_tap_joins_by_rule_and_gets_dhcp_dns_and_nat() {
             &image,
             &DomainSpec {
                 name: name.into(),
-                interfaces: ETHERNET_IF.into(),
+                interfaces: ethernet_interface(),
                 ip: "dhcp".into(),
                 script: guest_script(),
             },
@@ -175,12 +201,23 @@ fn libvirt_domain_on_an_ethernet_tap_joins_by_rule_and_gets_dhcp_dns_and_nat() {
         .unwrap();
     lv.define(name, &xml).unwrap();
     assert_eq!(lv.domains(true).unwrap(), vec![name.to_string()]);
-    assert!(port_net(&k, "lv-web0").is_none(), "no tap before start");
+    // Why the README says to name targets: libvirt keeps `vnet*` for the
+    // names it makes up and drops such a target at define.
+    let reserved = xml
+        .replace("kv-web0", "vnet7")
+        .replace(&format!("<name>{name}</name>"), "<name>kvnet-vnet</name>");
+    lv.define("kvnet-vnet", &reserved).unwrap();
+    let kept = lv.virsh(&["dumpxml", "--inactive", "kvnet-vnet"]).unwrap();
+    assert!(!kept.contains("vnet7"), "{kept}");
+    lv.virsh(&["undefine", "kvnet-vnet"]).unwrap();
+    assert!(port_net(&k, "kv-web0").is_none(), "no tap before start");
     lv.virsh(&["start", name]).unwrap();
     // The tap libvirt created joined by the rule, without any hook.
-    wait_until("lv-web0 attached by the rule", Duration::from_secs(5), || {
-        port_net(&k, "lv-web0").as_deref() == Some("lv")
-    });
+    wait_until(
+        "kv-web0 attached by the rule",
+        Duration::from_secs(5),
+        || port_net(&k, "kv-web0").as_deref() == Some("lv"),
+    );
 
     let console = lv
         .wait_console(name, "LV-END", Duration::from_secs(120))
@@ -218,28 +255,21 @@ fn libvirt_domain_on_an_ethernet_tap_joins_by_rule_and_gets_dhcp_dns_and_nat() {
         format!("peer={UPLINK_IP} data=hello-from-libvirt\n"),
         "what the outside server received"
     );
-    let stats = k.port_stats("lv-web0").unwrap();
+    let stats = k.port_stats("kv-web0").unwrap();
     assert!(stats["rx_bytes"].as_u64().unwrap_or(0) > 0, "{stats}");
 
     // destroy: libvirt deletes its tap, kvnet drops the port.
     lv.virsh(&["destroy", name]).unwrap();
-    wait_until("lv-web0's port removed", Duration::from_secs(5), || {
-        port_net(&k, "lv-web0").is_none()
+    wait_until("kv-web0's port removed", Duration::from_secs(5), || {
+        port_net(&k, "kv-web0").is_none()
     });
-    assert!(!link_exists(&lab, "lv-web0"), "libvirt removed its tap");
-    assert_eq!(
-        lv.virsh(&["domstate", name]).unwrap().trim(),
-        "shut off"
-    );
+    assert!(!link_exists(&lab, "kv-web0"), "libvirt removed its tap");
+    assert_eq!(lv.virsh(&["domstate", name]).unwrap().trim(), "shut off");
     lv.virsh(&["undefine", name]).unwrap();
     assert!(lv.domains(true).unwrap().is_empty());
     println!("test body {:.1?}", t0.elapsed());
 
-    let suffix = lab.suffix().to_string();
-    drop(lv);
-    drop(k);
-    drop(lab);
-    assert_eq!(leftovers_of(&suffix), Vec::<String>::new());
+    teardown(lv, k, lab);
 }
 
 /// The other attachments libvirt offers for a tap: `managed='no'` (libvirt
@@ -253,19 +283,15 @@ fn libvirt_domain_on_a_precreated_tap_and_through_an_ifup_script() {
         return;
     }
     let t0 = Instant::now();
-    let image = Image::ensure(&default_cache_dir()).unwrap();
-    let lab = Lab::new().unwrap();
-    lab.add_outside_with(&format!("{OUTSIDE_IP}/24"), &format!("{UPLINK_IP}/24"))
-        .unwrap();
-    let config = lab.work_dir().join("lv.toml");
-    fs::write(&config, CONFIG).unwrap();
-    let k = Kvnet::start_with(&lab, &["--config", config.to_str().unwrap()]).unwrap();
+    let (image, lab, _out, k) = kvnet_lab();
     // managed='no': the administrator's tap, attached by the rule as soon
     // as it exists, before any VM uses it.
-    lab.add_tap("lv-pre0").unwrap();
-    wait_until("lv-pre0 attached by the rule", Duration::from_secs(5), || {
-        port_net(&k, "lv-pre0").as_deref() == Some("lv")
-    });
+    lab.add_tap("kv-pre0").unwrap();
+    wait_until(
+        "kv-pre0 attached by the rule",
+        Duration::from_secs(5),
+        || port_net(&k, "kv-pre0").as_deref() == Some("lv"),
+    );
     // The script: `sc-web0` matches no rule, the wrapper names the network.
     let (bin, sock) = (k.bin().display(), k.socket().display());
     let ifup = lab.work_dir().join("kvnet-ifup-lv");
@@ -289,7 +315,7 @@ fn libvirt_domain_on_a_precreated_tap_and_through_an_ifup_script() {
     let interfaces = format!(
         "    <interface type='ethernet'>
       <mac address='52:54:00:6c:76:02'/>
-      <target dev='lv-pre0' managed='no'/>
+      <target dev='kv-pre0' managed='no'/>
       <model type='virtio'/>
     </interface>
     <interface type='ethernet'>
@@ -356,14 +382,10 @@ sleep 600
         port_net(&k, "sc-web0").is_none()
     });
     assert!(!link_exists(&lab, "sc-web0"));
-    assert!(link_exists(&lab, "lv-pre0"));
-    assert_eq!(port_net(&k, "lv-pre0").as_deref(), Some("lv"));
+    assert!(link_exists(&lab, "kv-pre0"));
+    assert_eq!(port_net(&k, "kv-pre0").as_deref(), Some("lv"));
     lv.virsh(&["undefine", name]).unwrap();
     println!("test body {:.1?}", t0.elapsed());
 
-    let suffix = lab.suffix().to_string();
-    drop(lv);
-    drop(k);
-    drop(lab);
-    assert_eq!(leftovers_of(&suffix), Vec::<String>::new());
+    teardown(lv, k, lab);
 }
