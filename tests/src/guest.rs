@@ -155,6 +155,19 @@ impl Image {
         Ok(img)
     }
 
+    /// Writes to `dest` the image's initramfs with `script` (run by /init
+    /// once the network is up) riding in a small appended cpio.
+    pub fn write_initrd(&self, script: &str, dest: &Path) -> Result<()> {
+        let mut rd =
+            fs::read(&self.initrd).with_context(|| format!("read {}", self.initrd.display()))?;
+        if !script.is_empty() {
+            let mut c = Cpio::new();
+            c.file("script.sh", 0o755, script.as_bytes());
+            rd.extend_from_slice(&c.finish());
+        }
+        fs::write(dest, rd).with_context(|| format!("write {}", dest.display()))
+    }
+
     /// What the image was built from (the kernel package name).
     pub fn describe(&self) -> String {
         fs::read_to_string(self.dir.join(DONE_MARKER)).unwrap_or_default()
@@ -447,6 +460,16 @@ impl Default for VmSpec {
     }
 }
 
+/// The guest kernel's command line: serial console, and eth0 configured
+/// as `ip` says (see [`VmSpec::ip`]).
+pub fn kernel_cmdline(ip: &str) -> String {
+    let mut append = String::from("console=ttyS0 quiet panic=-1");
+    if !ip.is_empty() {
+        append.push_str(&format!(" kvnet.ip={ip}"));
+    }
+    append
+}
+
 static VMS: AtomicU32 = AtomicU32::new(0);
 
 /// A running qemu guest; killed on drop (and by the lab's drop).
@@ -472,22 +495,12 @@ impl Vm {
         let serial = dir.join(format!("{name}.serial"));
         let qemu_log = dir.join(format!("{name}.qemu.log"));
 
-        let mut rd =
-            fs::read(&image.initrd).with_context(|| format!("read {}", image.initrd.display()))?;
-        if !spec.script.is_empty() {
-            let mut c = Cpio::new();
-            c.file("script.sh", 0o755, spec.script.as_bytes());
-            rd.extend_from_slice(&c.finish());
-        }
-        fs::write(&initrd, rd).with_context(|| format!("write {}", initrd.display()))?;
+        image.write_initrd(&spec.script, &initrd)?;
         File::create(&serial).with_context(|| format!("create {}", serial.display()))?;
         let log =
             File::create(&qemu_log).with_context(|| format!("create {}", qemu_log.display()))?;
 
-        let mut append = String::from("console=ttyS0 quiet panic=-1");
-        if !spec.ip.is_empty() {
-            append.push_str(&format!(" kvnet.ip={}", spec.ip));
-        }
+        let append = kernel_cmdline(&spec.ip);
         let kvm = std::env::var("KVNET_GUEST_ACCEL").is_ok_and(|v| v == "kvm");
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(if kvm {

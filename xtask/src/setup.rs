@@ -35,6 +35,10 @@ pub const DEB_PACKAGES: &[&str] = &[
     "bind9-dnsutils",
     // `cargo xtask package`: strip, objdump (dpkg-deb is in dpkg itself).
     "binutils",
+    // tests/libvirt_vm.rs: libvirtd with its qemu driver, virsh (without
+    // libvirt-daemon-system: no host service, no default network).
+    "libvirt-daemon",
+    "libvirt-clients",
 ];
 
 const BPFFS: &str = "/sys/fs/bpf";
