@@ -89,6 +89,15 @@ pub struct NetOpts {
     /// Lease time in seconds (default 3600).
     #[serde(default)]
     pub dhcp_lease: Option<u64>,
+    /// The gateway interface's MTU, also handed out by DHCP (option 26).
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    /// No DNS server on the gateway, and none named by DHCP.
+    #[serde(default)]
+    pub no_dns: bool,
+    /// Static DNS names: IP,NAME[,NAME...].
+    #[serde(default)]
+    pub dns_hosts: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

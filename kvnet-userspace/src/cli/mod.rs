@@ -689,6 +689,8 @@ fn run(cli: Cli) -> Result<()> {
                     dhcp_lease,
                     nat_ports,
                     nat_udp,
+                    // (MTU, DNS off and DNS hosts: config files only.)
+                    ..Default::default()
                 },
             },
         )),

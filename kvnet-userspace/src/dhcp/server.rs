@@ -214,7 +214,9 @@ impl Core {
         o.insert(DhcpOption::SubnetMask(netmask(c.prefix)));
         o.insert(DhcpOption::BroadcastAddr(broadcast(c.server_ip, c.prefix)));
         o.insert(DhcpOption::Router(vec![c.server_ip]));
-        o.insert(DhcpOption::DomainNameServer(vec![c.server_ip]));
+        if c.dns {
+            o.insert(DhcpOption::DomainNameServer(vec![c.server_ip]));
+        }
         if let Some(d) = &c.domain {
             o.insert(DhcpOption::DomainName(d.clone()));
         }
