@@ -1039,6 +1039,42 @@ mod tests {
         );
     }
 
+    /// Static DNS hosts (libvirt's `<dns><host>`): a full name answers as
+    /// itself, a host name in the domain; the first name wins the PTR.
+    #[test]
+    fn static_names_full_and_short() {
+        let names: Names = Arc::new(|| {
+            vec![
+                ("db".to_string(), Ipv4Addr::new(10, 7, 0, 77)),
+                ("db.static.example".to_string(), Ipv4Addr::new(10, 7, 0, 77)),
+                ("db.other.example".to_string(), Ipv4Addr::new(10, 7, 0, 78)),
+            ]
+        });
+        let i = inner_with(Some("lab.test"), names, Upstream::Fixed(vec![]));
+        for q in ["db.lab.test.", "DB.static.example.", "db."] {
+            let r = i.local(&query(q, RecordType::A)).unwrap();
+            assert!(r.metadata.authoritative, "{q}");
+            assert_eq!(r.answers.len(), 1, "{q}");
+            assert_eq!(r.answers[0].data, RData::A(A(Ipv4Addr::new(10, 7, 0, 77))), "{q}");
+        }
+        let r = i
+            .local(&query("77.0.7.10.in-addr.arpa.", RecordType::PTR))
+            .unwrap();
+        assert_eq!(
+            r.answers[0].data,
+            RData::PTR(PTR(Name::from_ascii("db.lab.test.").unwrap()))
+        );
+        let r = i
+            .local(&query("78.0.7.10.in-addr.arpa.", RecordType::PTR))
+            .unwrap();
+        assert_eq!(
+            r.answers[0].data,
+            RData::PTR(PTR(Name::from_ascii("db.other.example.").unwrap()))
+        );
+        // Another name under a static one's domain still goes upstream.
+        assert!(i.local(&query("www.static.example.", RecordType::A)).is_none());
+    }
+
     #[test]
     fn dns_cache_ttl_and_id() {
         let i = inner(Some("lab.test"));

@@ -667,6 +667,26 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// libvirt's `<dns enable='no'/>`: no DNS server is named (option 6);
+    /// the rest stays (router, MTU).
+    #[test]
+    fn without_dns_no_name_server_is_handed_out() {
+        let (mut c, dir) = core("nodns");
+        c.cfg.dns = false;
+        let n = Counters::default();
+        let (offer, _) = c
+            .handle(&msg(MAC1, MessageType::Discover, vec![]), 1000, &n)
+            .unwrap();
+        let o = offer.opts();
+        assert_eq!(o.get(OptionCode::DomainNameServer), None);
+        assert_eq!(
+            o.get(OptionCode::InterfaceMtu),
+            Some(&DhcpOption::InterfaceMtu(1400))
+        );
+        assert!(o.get(OptionCode::Router).is_some());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn dhcp_flow_discover_request_renew_release() {
         let (mut c, dir) = core("flow");
