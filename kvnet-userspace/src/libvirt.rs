@@ -581,7 +581,14 @@ pub fn import_with(
         };
         warn.push(detail);
     }
-    if let Some((v, _)) = vlan {
+    if let Some((v, what)) = vlan {
+        if sec.mode == "bridged" {
+            // (kvnet's bridged uplink is a port without VLANs.)
+            warn.push(format!(
+                "{what}<vlan> ({}) becomes the guest ports' VLAN, but kvnet's bridged uplink carries untagged frames only: guests in it reach each other, not the LAN",
+                v.advice()
+            ));
+        }
         sec.port_vlan = v.access;
         sec.port_trunk = v.trunk;
         sec.port_native = v.native;
@@ -1251,7 +1258,7 @@ mod tests {
         let (cfg, warn) = import_with(&net(&format!("{OVS}<vlan><tag id='42'/></vlan>")), Some("eno1"), None).unwrap();
         let n = &cfg.networks["t"];
         assert_eq!((n.port_vlan, n.port_trunk.as_deref()), (Some(42), None));
-        assert!(!warned(&warn, "vlan"), "{warn:?}");
+        assert!(warned(&warn, "<vlan> (vlan = 42) becomes the guest ports' VLAN, but kvnet's bridged uplink"), "{warn:?}");
         check(&cfg).unwrap();
         // A default portgroup's wins over the network's (named); another
         // portgroup's is named with what to write.
@@ -1269,7 +1276,8 @@ mod tests {
             "{warn:?}"
         );
         assert!(warned(&warn, "rate_in / rate_out"), "{warn:?}");
-        assert!(!warned(&warn, "'def'"), "{warn:?}");
+        assert!(!warned(&warn, "<portgroup name='def'> "), "{warn:?}");
+        assert!(warned(&warn, "<portgroup name='def'><vlan> (trunk = \"10,20\", native = 20) becomes"), "{warn:?}");
         check(&cfg).unwrap();
         assert_eq!(roundtrip(&cfg), cfg);
         // A port with no VLAN of its own takes the network's; one with its
