@@ -1055,7 +1055,11 @@ mod tests {
             let r = i.local(&query(q, RecordType::A)).unwrap();
             assert!(r.metadata.authoritative, "{q}");
             assert_eq!(r.answers.len(), 1, "{q}");
-            assert_eq!(r.answers[0].data, RData::A(A(Ipv4Addr::new(10, 7, 0, 77))), "{q}");
+            assert_eq!(
+                r.answers[0].data,
+                RData::A(A(Ipv4Addr::new(10, 7, 0, 77))),
+                "{q}"
+            );
         }
         let r = i
             .local(&query("77.0.7.10.in-addr.arpa.", RecordType::PTR))
@@ -1072,7 +1076,9 @@ mod tests {
             RData::PTR(PTR(Name::from_ascii("db.other.example.").unwrap()))
         );
         // Another name under a static one's domain still goes upstream.
-        assert!(i.local(&query("www.static.example.", RecordType::A)).is_none());
+        assert!(i
+            .local(&query("www.static.example.", RecordType::A))
+            .is_none());
     }
 
     #[test]

@@ -177,7 +177,9 @@ fn bandwidth_of(
             let (k, v) = (a.name(), a.value());
             if k == "average" {
                 let kib: u64 = v.trim().parse().map_err(|_| {
-                    anyhow::anyhow!("{what}<bandwidth><{dir} average='{v}'>: not a whole number of KiB/s")
+                    anyhow::anyhow!(
+                        "{what}<bandwidth><{dir} average='{v}'>: not a whole number of KiB/s"
+                    )
                 })?;
                 // 0 means no limit in libvirt.
                 if kib > 0 {
@@ -842,10 +844,7 @@ pub fn import_with(
             if names.is_empty() {
                 return Err(refused(format!("{what} without <hostname>")));
             }
-            if let Some(bad) = names
-                .iter()
-                .find(|n| !crate::dhcp::config::valid_domain(n))
-            {
+            if let Some(bad) = names.iter().find(|n| !crate::dhcp::config::valid_domain(n)) {
                 bail!("{what}<hostname>{bad}</hostname>: not a DNS name");
             }
             sec.dns_hosts.push(DnsHostSection { ip, names });
@@ -1209,7 +1208,10 @@ mod tests {
                 names: vec!["db".into(), "db.lab.example".into()],
             }]
         );
-        assert!(warned(&warn, "<dns><host ip='2001:db8::5'> (v6)"), "{warn:?}");
+        assert!(
+            warned(&warn, "<dns><host ip='2001:db8::5'> (v6)"),
+            "{warn:?}"
+        );
         for gone in ["<mtu", "isolated", "<dns><host ip='10.1.0.20'>"] {
             assert!(!warned(&warn, gone), "{gone}: {warn:?}");
         }
@@ -1234,7 +1236,10 @@ mod tests {
         assert_eq!(cfg.networks["t"].mtu, None);
         assert!(warned(&warn, "<mtu size='9000'>"), "{warn:?}");
         check(&cfg).unwrap();
-        let (cfg, warn) = import(&net(&format!("{NAT_DHCP}<mtu size='100'/><ip address='10.1.0.1'/>"))).unwrap();
+        let (cfg, warn) = import(&net(&format!(
+            "{NAT_DHCP}<mtu size='100'/><ip address='10.1.0.1'/>"
+        )))
+        .unwrap();
         assert_eq!(cfg.networks["t"].mtu, None);
         assert!(warned(&warn, "576 to 65535"), "{warn:?}");
         for (bad, needle) in [
@@ -1253,12 +1258,24 @@ mod tests {
 
     #[test]
     fn default_portgroup_vlan_and_bandwidth_become_port_defaults() {
-        const OVS: &str = "<forward mode='bridge'/><bridge name='ovsbr0'/><virtualport type='openvswitch'/>";
+        const OVS: &str =
+            "<forward mode='bridge'/><bridge name='ovsbr0'/><virtualport type='openvswitch'/>";
         // The network's own <vlan>: every guest port's.
-        let (cfg, warn) = import_with(&net(&format!("{OVS}<vlan><tag id='42'/></vlan>")), Some("eno1"), None).unwrap();
+        let (cfg, warn) = import_with(
+            &net(&format!("{OVS}<vlan><tag id='42'/></vlan>")),
+            Some("eno1"),
+            None,
+        )
+        .unwrap();
         let n = &cfg.networks["t"];
         assert_eq!((n.port_vlan, n.port_trunk.as_deref()), (Some(42), None));
-        assert!(warned(&warn, "<vlan> (vlan = 42) becomes the guest ports' VLAN, but kvnet's bridged uplink"), "{warn:?}");
+        assert!(
+            warned(
+                &warn,
+                "<vlan> (vlan = 42) becomes the guest ports' VLAN, but kvnet's bridged uplink"
+            ),
+            "{warn:?}"
+        );
         check(&cfg).unwrap();
         // A default portgroup's wins over the network's (named); another
         // portgroup's is named with what to write.
@@ -1270,14 +1287,23 @@ mod tests {
         assert_eq!(n.port_native, Some(20));
         assert_eq!(n.port_rate_in, Some(Rate::from_kib_per_sec(2000)));
         assert_eq!(n.port_rate_out, None);
-        assert!(warned(&warn, "<vlan> of the network (vlan = 42)"), "{warn:?}");
+        assert!(
+            warned(&warn, "<vlan> of the network (vlan = 42)"),
+            "{warn:?}"
+        );
         assert!(
             warned(&warn, "<portgroup name='web'> is not carried over (kvnet has no port groups): its <vlan> is not carried over: for the guests that used it write a [[rules]] entry with match = \"GUEST-IFACE\", net = \"t\", vlan = 7"),
             "{warn:?}"
         );
         assert!(warned(&warn, "rate_in / rate_out"), "{warn:?}");
         assert!(!warned(&warn, "<portgroup name='def'> "), "{warn:?}");
-        assert!(warned(&warn, "<portgroup name='def'><vlan> (trunk = \"10,20\", native = 20) becomes"), "{warn:?}");
+        assert!(
+            warned(
+                &warn,
+                "<portgroup name='def'><vlan> (trunk = \"10,20\", native = 20) becomes"
+            ),
+            "{warn:?}"
+        );
         check(&cfg).unwrap();
         assert_eq!(roundtrip(&cfg), cfg);
         // A port with no VLAN of its own takes the network's; one with its

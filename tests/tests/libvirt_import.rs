@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use kvnet_tests::clients::field;
 use kvnet_tests::{
-    count_frames, eth_frame, inject, kvnet::Kvnet, lab::privileged, Capture, Frame, GuestPort,
-    Lab,
+    count_frames, eth_frame, inject, kvnet::Kvnet, lab::privileged, Capture, Frame, GuestPort, Lab,
 };
 
 const GW: &str = "10.79.0.1";
@@ -65,7 +65,11 @@ fn import(k: &Kvnet, xml: &Path, args: &[&str]) -> (String, String) {
         String::from_utf8_lossy(&o.stdout).into_owned(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
     );
-    assert!(o.status.success(), "import-libvirt {}: {err}", xml.display());
+    assert!(
+        o.status.success(),
+        "import-libvirt {}: {err}",
+        xml.display()
+    );
     (out, err)
 }
 
@@ -103,8 +107,25 @@ fn udhcpc(lab: &Lab, g: &GuestPort, tag: &str, hostname: &str) -> String {
         .exec_output(
             &g.ns,
             &[
-                "busybox", "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "5", "-T", "1", "-A",
-                "1", "-O", "mtu", "-x", &host, "-s", s(&script),
+                "busybox",
+                "udhcpc",
+                "-i",
+                "eth0",
+                "-f",
+                "-q",
+                "-n",
+                "-t",
+                "5",
+                "-T",
+                "1",
+                "-A",
+                "1",
+                "-O",
+                "mtu",
+                "-x",
+                &host,
+                "-s",
+                s(&script),
             ],
         )
         .unwrap();
@@ -118,14 +139,6 @@ fn udhcpc(lab: &Lab, g: &GuestPort, tag: &str, hostname: &str) -> String {
             String::from_utf8_lossy(&o.stderr)
         ),
     }
-}
-
-/// The value of `key=` in an event line ("" when empty).
-fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    let k = format!("{key}=");
-    line.split(' ')
-        .find_map(|f| f.strip_prefix(k.as_str()))
-        .unwrap_or("")
 }
 
 /// `dig @GW +short` in the guest: the answer lines, or Err(dig's output).
@@ -161,7 +174,8 @@ fn domain_dns_hosts_mtu_lease_and_dns_off_from_libvirt_xml() {
     let g1 = guest(&lab, "p1", None);
     let g2 = guest(&lab, "p2", Some(WEB_MAC));
     // The guests' ports, next to the imported network in the file.
-    let ports = "\n[[ports]]\niface = \"p1\"\nnet = \"lv\"\n\n[[ports]]\niface = \"p2\"\nnet = \"lv\"\n";
+    let ports =
+        "\n[[ports]]\niface = \"p1\"\nnet = \"lv\"\n\n[[ports]]\niface = \"p2\"\nnet = \"lv\"\n";
     let warnings = import_apply(&lab, &k, "lv", &network_xml(DNS_HOSTS), ports);
     // Everything in this XML carries over: nothing to warn about.
     assert_eq!(warnings.trim(), "", "{warnings}");
@@ -210,7 +224,13 @@ fn domain_dns_hosts_mtu_lease_and_dns_off_from_libvirt_xml() {
 
     // <dns enable='no'/>: applied live; DHCP names no DNS server and the
     // gateway answers no query (it answered just above).
-    let warnings = import_apply(&lab, &k, "lv-nodns", &network_xml("<dns enable='no'/>"), ports);
+    let warnings = import_apply(
+        &lab,
+        &k,
+        "lv-nodns",
+        &network_xml("<dns enable='no'/>"),
+        ports,
+    );
     assert_eq!(warnings.trim(), "", "{warnings}");
     let b1 = udhcpc(&lab, &g1, "g1-nodns", "guest1");
     assert_eq!(field(&b1, "ip"), ip1, "{b1}");
@@ -223,7 +243,10 @@ fn domain_dns_hosts_mtu_lease_and_dns_off_from_libvirt_xml() {
     );
     // `net dump` keeps it off.
     let dump = k.cli(&["net", "dump", "lv"]).unwrap();
-    assert!(dump.contains("dns = false") && dump.contains("mtu = 1400"), "{dump}");
+    assert!(
+        dump.contains("dns = false") && dump.contains("mtu = 1400"),
+        "{dump}"
+    );
 }
 
 /// The 802.1Q VID of a captured frame, if tagged.

@@ -323,10 +323,19 @@ vlan = 5
         let o = NetSpec::of("lab", lab).opts().unwrap();
         assert_eq!(
             (o.mtu, o.no_dns, o.dns_hosts.clone()),
-            (Some(1400), false, vec!["10.9.0.7,db,db.static.example".to_string()])
+            (
+                Some(1400),
+                false,
+                vec!["10.9.0.7,db,db.static.example".to_string()]
+            )
         );
         assert_eq!(dns_hosts_of(&o), lab.dns_hosts);
-        assert!(NetSpec::of("quiet", &c.networks["quiet"]).opts().unwrap().no_dns);
+        assert!(
+            NetSpec::of("quiet", &c.networks["quiet"])
+                .opts()
+                .unwrap()
+                .no_dns
+        );
         let back = parse("k2.toml", &to_toml(&c).unwrap()).unwrap();
         assert_eq!(back, c);
 
@@ -338,7 +347,9 @@ vlan = 5
         let dns_host = "[[networks.a.dns_hosts]]\nip = \"10.0.0.7\"\nnames = [\"a_b\"]\n";
         let e = err(&format!("{net}{dns_host}"));
         assert!(e.starts_with("f.toml:6:") && e.contains("'a_b'"), "{e}");
-        let e = err(&format!("{net}[[networks.a.dns_hosts]]\nip = \"10.0.0.7\"\nnames = [\"db\"]\n"));
+        let e = err(&format!(
+            "{net}[[networks.a.dns_hosts]]\nip = \"10.0.0.7\"\nnames = [\"db\"]\n"
+        ));
         assert!(e.contains("`dns_hosts` need `dhcp`"), "{e}");
         let e = err(&format!("{net}port_vlan = 5\nport_trunk = \"7\"\n"));
         assert!(e.starts_with("f.toml:1:") && e.contains("port_vlan"), "{e}");
