@@ -96,6 +96,15 @@ pub struct NetOpts {
     /// kvnet_common::DEFAULT_STORM_PPS, 0: off).
     #[serde(default)]
     pub storm_pps: Option<u32>,
+    /// The gateway interface's MTU, also handed out by DHCP (option 26).
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    /// No DNS server on the gateway, and none named by DHCP.
+    #[serde(default)]
+    pub no_dns: bool,
+    /// Static DNS names: IP,NAME[,NAME...].
+    #[serde(default)]
+    pub dns_hosts: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -708,10 +708,12 @@ impl Inner {
         Some(bytes)
     }
 
+    /// A local name as a PTR target: a host name in the network's domain,
+    /// a full name (a static DNS host's) as it is.
     fn fqdn(&self, host: &str) -> String {
         match &self.domain {
-            Some(d) => format!("{host}.{d}."),
-            None => format!("{host}."),
+            Some(d) if !host.contains('.') => format!("{host}.{d}."),
+            _ => format!("{host}."),
         }
     }
 
@@ -744,6 +746,11 @@ impl Inner {
             return Some(resp);
         }
 
+        // A full name of a static host, as given.
+        let names = (self.names)();
+        if qname.contains('.') && names.iter().any(|(n, _)| n == qname) {
+            return Some(self.local_a(resp, q, &names, qname));
+        }
         // NAME.DOMAIN, or a bare NAME known locally.
         let (host, in_domain) = match &self.domain {
             Some(d) if qname == d => return None,
@@ -764,13 +771,7 @@ impl Inner {
             }
             return None;
         }
-        let names = (self.names)();
-        let found: Vec<Ipv4Addr> = names
-            .iter()
-            .filter(|(n, _)| n == host)
-            .map(|(_, a)| *a)
-            .collect();
-        if found.is_empty() {
+        if !names.iter().any(|(n, _)| n == host) {
             if in_domain {
                 resp.metadata.authoritative = true;
                 resp.metadata.response_code = ResponseCode::NXDomain;
@@ -778,17 +779,33 @@ impl Inner {
             }
             return None;
         }
+        Some(self.local_a(resp, q, &names, host))
+    }
+
+    /// The authoritative answer for a local name: its addresses (for A or
+    /// ANY; no data for other types).
+    fn local_a(
+        &self,
+        mut resp: Message,
+        q: &hickory_proto::op::Query,
+        names: &[(String, Ipv4Addr)],
+        host: &str,
+    ) -> Message {
         resp.metadata.authoritative = true;
-        if matches!(qtype, RecordType::A | RecordType::ANY) {
-            for ip in found {
-                resp.add_answer(Record::from_rdata(
-                    q.name().clone(),
-                    LOCAL_TTL,
-                    RData::A(A(ip)),
-                ));
+        if matches!(q.query_type(), RecordType::A | RecordType::ANY) {
+            let mut seen = Vec::new();
+            for (_, ip) in names.iter().filter(|(n, _)| n == host) {
+                if !seen.contains(ip) {
+                    seen.push(*ip);
+                    resp.add_answer(Record::from_rdata(
+                        q.name().clone(),
+                        LOCAL_TTL,
+                        RData::A(A(*ip)),
+                    ));
+                }
             }
         }
-        Some(resp)
+        resp
     }
 
     fn key(req: &Message) -> Option<(String, u16, u16)> {
@@ -1020,6 +1037,48 @@ mod tests {
             r.answers[0].data,
             RData::PTR(PTR(Name::from_ascii("web.").unwrap()))
         );
+    }
+
+    /// Static DNS hosts (libvirt's `<dns><host>`): a full name answers as
+    /// itself, a host name in the domain; the first name wins the PTR.
+    #[test]
+    fn static_names_full_and_short() {
+        let names: Names = Arc::new(|| {
+            vec![
+                ("db".to_string(), Ipv4Addr::new(10, 7, 0, 77)),
+                ("db.static.example".to_string(), Ipv4Addr::new(10, 7, 0, 77)),
+                ("db.other.example".to_string(), Ipv4Addr::new(10, 7, 0, 78)),
+            ]
+        });
+        let i = inner_with(Some("lab.test"), names, Upstream::Fixed(vec![]));
+        for q in ["db.lab.test.", "DB.static.example.", "db."] {
+            let r = i.local(&query(q, RecordType::A)).unwrap();
+            assert!(r.metadata.authoritative, "{q}");
+            assert_eq!(r.answers.len(), 1, "{q}");
+            assert_eq!(
+                r.answers[0].data,
+                RData::A(A(Ipv4Addr::new(10, 7, 0, 77))),
+                "{q}"
+            );
+        }
+        let r = i
+            .local(&query("77.0.7.10.in-addr.arpa.", RecordType::PTR))
+            .unwrap();
+        assert_eq!(
+            r.answers[0].data,
+            RData::PTR(PTR(Name::from_ascii("db.lab.test.").unwrap()))
+        );
+        let r = i
+            .local(&query("78.0.7.10.in-addr.arpa.", RecordType::PTR))
+            .unwrap();
+        assert_eq!(
+            r.answers[0].data,
+            RData::PTR(PTR(Name::from_ascii("db.other.example.").unwrap()))
+        );
+        // Another name under a static one's domain still goes upstream.
+        assert!(i
+            .local(&query("www.static.example.", RecordType::A))
+            .is_none());
     }
 
     #[test]

@@ -34,7 +34,13 @@ impl Gateway {
     }
 
     /// Creates the pair, addresses and brings it up; undoes itself on error.
-    pub fn create(host_if: &str, net_id: u32, cidr: Cidr, forwarding: bool) -> Result<Gateway> {
+    pub fn create(
+        host_if: &str,
+        net_id: u32,
+        cidr: Cidr,
+        forwarding: bool,
+        mtu: Option<u16>,
+    ) -> Result<Gateway> {
         if crate::netdev::ifindex(host_if).is_ok() {
             bail!("interface '{host_if}' already exists; choose another gateway interface name");
         }
@@ -47,6 +53,7 @@ impl Gateway {
             cidr,
         };
         let setup = (|| -> Result<()> {
+            gw.set_mtu(mtu)?;
             rtnl::addr_add(host_if, cidr, false)?;
             rtnl::link_set_up(&gw.port_if)?;
             rtnl::link_set_up(host_if)?;
@@ -61,7 +68,13 @@ impl Gateway {
 
     /// Takes over an existing pair (a restarted daemon): makes sure of the
     /// address, links up and forwarding, without recreating anything.
-    pub fn adopt(host_if: &str, net_id: u32, cidr: Cidr, forwarding: bool) -> Result<Gateway> {
+    pub fn adopt(
+        host_if: &str,
+        net_id: u32,
+        cidr: Cidr,
+        forwarding: bool,
+        mtu: Option<u16>,
+    ) -> Result<Gateway> {
         let gw = Gateway {
             host_if: host_if.to_string(),
             port_if: format!("kvgw{net_id}"),
@@ -69,11 +82,24 @@ impl Gateway {
         };
         crate::netdev::ifindex(&gw.port_if)
             .with_context(|| format!("adopting gateway {host_if}: its peer is gone"))?;
+        gw.set_mtu(mtu)?;
         rtnl::addr_add(host_if, cidr, true)?;
         rtnl::link_set_up(&gw.port_if)?;
         rtnl::link_set_up(host_if)?;
         gw.set_forwarding(forwarding)?;
         Ok(gw)
+    }
+
+    /// Both ends get the network's MTU (libvirt's `<mtu>`), so the host's
+    /// packets to guests and the switch port agree on it; None leaves the
+    /// kernel's default.
+    fn set_mtu(&self, mtu: Option<u16>) -> Result<()> {
+        if let Some(m) = mtu {
+            for i in [&self.port_if, &self.host_if] {
+                rtnl::link_set_mtu(i, m)?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether the host routes between this network and others (routed

@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod dhcp;
 pub mod dns;
+pub mod dnsname;
 pub mod ethtool_features;
 pub mod gateway;
 pub mod genl;

@@ -121,6 +121,15 @@ pub fn link_set_up(name: &str) -> Result<()> {
     link_set_flag(&format!("setting {name} up"), name, LinkFlags::Up, true)
 }
 
+/// `ip link set dev NAME mtu MTU`.
+pub fn link_set_mtu(name: &str, mtu: u16) -> Result<()> {
+    let op = format!("setting the MTU of {name} to {mtu}");
+    let mut m = LinkMessage::default();
+    m.header.index = ifindex(&op, name)?;
+    m.attributes.push(LinkAttribute::Mtu(u32::from(mtu)));
+    request(&op, RouteNetlinkMessage::SetLink(m), 0).map(drop)
+}
+
 /// `ip link set dev NAME promisc on|off`.
 pub fn link_set_promisc(name: &str, on: bool) -> Result<()> {
     let op = format!("turning promiscuous mode {} on {name}", on_off(on));

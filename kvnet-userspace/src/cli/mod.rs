@@ -712,6 +712,7 @@ fn run(cli: Cli) -> Result<()> {
                         rate_out: port_rate_out,
                     },
                     storm_pps,
+                    ..Default::default()
                 },
             },
         )),

@@ -271,6 +271,92 @@ vlan = "10"
         format!("{:#}", parse("f.toml", text).unwrap_err())
     }
 
+    /// The network keys libvirt's `<mtu>`, `<dns>` and `<vlan>` import to:
+    /// parsed, carried to the daemon's options, wrong values pointed at.
+    #[test]
+    fn mtu_dns_and_port_vlan_keys() {
+        let text = r#"
+[networks.lab]
+mode = "host-only"
+gateway = "10.9.0.1/24"
+mtu = 1400
+port_trunk = [10, 20]
+port_native = 10
+
+[networks.lab.dhcp]
+start = "10.9.0.100"
+end = "10.9.0.200"
+
+[[networks.lab.dns_hosts]]
+ip = "10.9.0.7"
+names = ["DB", "db.static.example."]
+
+[networks.quiet]
+mode = "host-only"
+gateway = "10.8.0.1/24"
+dns = false
+
+[[ports]]
+iface = "p1"
+net = "lab"
+
+[[ports]]
+iface = "p2"
+net = "lab"
+vlan = 5
+"#;
+        let c = parse("k.toml", text).unwrap();
+        let lab = &c.networks["lab"];
+        assert_eq!(lab.mtu, Some(1400));
+        assert_eq!(lab.dns_hosts[0].names, ["db", "db.static.example"]);
+        assert_eq!(c.networks["quiet"].dns, Some(false));
+        // A port without a VLAN takes the network's; one with its own keeps it.
+        let vids = |i| wanted(&c, i).unwrap().0.vlan;
+        assert_eq!(
+            vids("p1"),
+            VlanCfg::Trunk {
+                vids: [10, 20].into(),
+                native: Some(10)
+            }
+        );
+        assert_eq!(vids("p2"), VlanCfg::Access { vid: 5 });
+        let o = NetSpec::of("lab", lab).opts().unwrap();
+        assert_eq!(
+            (o.mtu, o.no_dns, o.dns_hosts.clone()),
+            (
+                Some(1400),
+                false,
+                vec!["10.9.0.7,db,db.static.example".to_string()]
+            )
+        );
+        assert_eq!(dns_hosts_of(&o), lab.dns_hosts);
+        assert!(
+            NetSpec::of("quiet", &c.networks["quiet"])
+                .opts()
+                .unwrap()
+                .no_dns
+        );
+        let back = parse("k2.toml", &to_toml(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+
+        let net = "[networks.a]\nmode = \"host-only\"\ngateway = \"10.0.0.1/24\"\n";
+        let e = err(&format!("{net}mtu = 100\n"));
+        assert!(e.starts_with("f.toml:4:7:") && e.contains("576"), "{e}");
+        let e = err("[networks.a]\nmtu = 1400\n");
+        assert!(e.starts_with("f.toml:1:") && e.contains("`mtu`"), "{e}");
+        let dns_host = "[[networks.a.dns_hosts]]\nip = \"10.0.0.7\"\nnames = [\"a_b\"]\n";
+        let e = err(&format!("{net}{dns_host}"));
+        assert!(e.starts_with("f.toml:6:") && e.contains("'a_b'"), "{e}");
+        let e = err(&format!(
+            "{net}[[networks.a.dns_hosts]]\nip = \"10.0.0.7\"\nnames = [\"db\"]\n"
+        ));
+        assert!(e.contains("`dns_hosts` need `dhcp`"), "{e}");
+        let e = err(&format!("{net}port_vlan = 5\nport_trunk = \"7\"\n"));
+        assert!(e.starts_with("f.toml:1:") && e.contains("port_vlan"), "{e}");
+        let e = err(&format!("{net}port_native = 5\n"));
+        assert!(e.contains("port_native only applies to a trunk"), "{e}");
+    }
+
     #[test]
     fn errors_name_file_line_and_column() {
         let bad = "\n\n[networks.a]\nmode = \"host-only\"\n\n\ngateway = \"10.0.0.1/33\"\n";

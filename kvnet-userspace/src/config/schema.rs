@@ -89,6 +89,43 @@ pub struct NetSection {
         skip_serializing_if = "Option::is_none"
     )]
     pub ageing: Option<u64>,
+    /// The MTU of the gateway interface, handed to guests by DHCP (option
+    /// 26): libvirt's `<mtu size>`.
+    #[serde(
+        default,
+        deserialize_with = "de_mtu",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mtu: Option<u16>,
+    /// `dns = false`: no DNS server on the gateway, and DHCP names none
+    /// (libvirt's `<dns enable='no'/>`). On by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<bool>,
+    /// Static names the gateway's DNS answers (A and PTR), libvirt's
+    /// `<dns><host>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_hosts: Vec<DnsHostSection>,
+    /// The VLAN of guest ports that set none of their own (libvirt's
+    /// `<vlan>` on the network or its default portgroup): access VLAN, or
+    /// trunk VLANs with an untagged native one.
+    #[serde(
+        default,
+        deserialize_with = "de_vid",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub port_vlan: Option<u16>,
+    #[serde(
+        default,
+        deserialize_with = "de_vid_list",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub port_trunk: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "de_vid",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub port_native: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhcp: Option<DhcpSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -150,6 +187,16 @@ pub struct DhcpHost {
     pub ip: Ipv4Addr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+}
+
+/// `[[networks.NAME.dns_hosts]]`: names for one address.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsHostSection {
+    pub ip: Ipv4Addr,
+    /// Host names ("db") or full names ("db.example.com").
+    #[serde(deserialize_with = "de_dns_names")]
+    pub names: Vec<String>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -403,6 +450,18 @@ pub fn mode_of(s: &str) -> Option<Mode> {
     <Mode as clap::ValueEnum>::from_str(s, false).ok()
 }
 
+impl NetSection {
+    /// The VLAN options of guest ports that give none of their own.
+    pub fn port_vlan_args(&self) -> VlanArgs {
+        VlanArgs {
+            vlan: self.port_vlan.map(|v| v.to_string()),
+            trunk: self.port_trunk.clone(),
+            native: self.port_native.map(|v| v.to_string()),
+            no_vlan: false,
+        }
+    }
+}
+
 impl Check for NetSection {
     fn check(&self) -> Result<(), String> {
         let m = self.mode.as_str();
@@ -451,6 +510,28 @@ impl Check for NetSection {
                 }
             }
         }
+        if self.mtu.is_some() && !gw {
+            return Err(format!(
+                "`mtu` is the gateway interface's: a {m} network has none"
+            ));
+        }
+        if !self.dns_hosts.is_empty() {
+            if self.dns == Some(false) {
+                return Err("`dns_hosts` need the DNS server that `dns = false` turns off".into());
+            }
+            if self.dhcp.is_none() {
+                return Err(
+                    "`dns_hosts` need `dhcp`: kvnet's DNS server runs with the network's DHCP server"
+                        .into(),
+                );
+            }
+        }
+        self.port_vlan_args().to_cfg().map_err(|e| {
+            format!("port_vlan/port_trunk/port_native: {e:#}")
+                .replace("--vlan", "port_vlan")
+                .replace("--trunk", "port_trunk")
+                .replace("--native", "port_native")
+        })?;
         if (self.nat.is_some() || !self.forwards.is_empty()) && m != "nat" {
             return Err(format!("`nat` and `forwards` need mode nat, not {m}"));
         }
@@ -550,6 +631,35 @@ pub fn de_ageing<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Erro
         0 => Err(D::Error::custom("ageing must be at least 1 second")),
         s => Ok(Some(s)),
     }
+}
+
+pub fn de_mtu<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    match u32::deserialize(d)? {
+        n @ 576..=65535 => Ok(Some(n as u16)),
+        n => Err(D::Error::custom(format!(
+            "mtu {n}: use 576 (the least an IPv4 host must take) to 65535"
+        ))),
+    }
+}
+
+pub fn de_dns_names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    if names.is_empty() {
+        return Err(D::Error::custom("a DNS host needs at least one name"));
+    }
+    names
+        .into_iter()
+        .map(|n| {
+            let lower = n.trim_end_matches('.').to_ascii_lowercase();
+            if crate::dnsname::valid_domain(&lower) {
+                Ok(lower)
+            } else {
+                Err(D::Error::custom(format!(
+                    "'{n}' is not a DNS name (labels of letters, digits and '-', dot-separated)"
+                )))
+            }
+        })
+        .collect()
 }
 
 pub fn de_mac<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {

@@ -23,6 +23,11 @@ pub struct NetSpec {
     pub ageing: u64,
     /// DHCP settings (from the options the network was created with).
     pub dhcp: Option<DhcpSection>,
+    /// The gateway interface's MTU (None: the kernel's default).
+    pub mtu: Option<u16>,
+    /// Whether the gateway serves DNS (with DHCP).
+    pub dns: bool,
+    pub dns_hosts: Vec<DnsHostSection>,
     /// NAT networks: the source port range (default filled in).
     pub nat_ports: Option<[u16; 2]>,
     /// NAT networks: how UDP is mapped (default filled in).
@@ -54,6 +59,9 @@ impl NetSpec {
             uplink: s.uplink.clone(),
             ageing: s.ageing.unwrap_or(DEFAULT_AGEING.as_secs()),
             dhcp: s.dhcp.clone(),
+            mtu: s.mtu,
+            dns: s.dns.unwrap_or(true),
+            dns_hosts: s.dns_hosts.clone(),
             nat_ports: (s.mode == "nat").then(|| {
                 s.nat.as_ref().and_then(|n| n.port_range).unwrap_or([
                     crate::control::DEFAULT_NAT_PORTS.0,
@@ -94,7 +102,20 @@ impl NetSpec {
             nat_udp: self.nat_udp,
             port_policy: self.port_policy.clone(),
             storm_pps: self.storm_pps,
+            mtu: self.mtu,
+            no_dns: !self.dns,
+            dns_hosts: self
+                .dns_hosts
+                .iter()
+                .map(|h| format!("{},{}", h.ip, h.names.join(",")))
+                .collect(),
         })
+    }
+
+    /// Whether the DHCP/DNS servers' settings differ (changed live: the
+    /// servers restart).
+    pub fn services_differ(&self, new: &NetSpec) -> bool {
+        self.dhcp != new.dhcp || self.dns != new.dns || self.dns_hosts != new.dns_hosts
     }
 
     /// What differs, and whether only live-changeable settings do.
@@ -125,6 +146,10 @@ impl NetSpec {
         if self.port_policy != new.port_policy || self.storm_pps != new.storm_pps {
             c.push("port defaults (isolated_ports, port rates, storm_pps)".into());
         }
+        if self.mtu != new.mtu {
+            let f = |m: Option<u16>| m.map_or("-".into(), |m| m.to_string());
+            c.push(format!("mtu {} -> {}", f(self.mtu), f(new.mtu)));
+        }
         let live = c.is_empty();
         // The NAT port range and UDP mapping change live too (flows keep
         // their ports).
@@ -143,6 +168,9 @@ impl NetSpec {
         // DHCP settings change live: the servers restart, nothing else.
         if self.dhcp != new.dhcp {
             c.push("dhcp settings".into());
+        }
+        if self.dns != new.dns || self.dns_hosts != new.dns_hosts {
+            c.push("dns settings".into());
         }
         if self.ageing != new.ageing {
             c.push(format!("ageing {} -> {}", self.ageing, new.ageing));
@@ -257,14 +285,27 @@ impl PortSpec {
 
 /// How `iface` should be attached under `cfg`: a static port first, then
 /// the first rule whose glob matches.
+///
+/// A port that sets no VLAN of its own takes its network's `port_vlan` /
+/// `port_trunk` (libvirt's network-wide `<vlan>`).
 pub fn wanted(cfg: &Config, iface: &str) -> Option<(PortSpec, bool)> {
-    if let Some(p) = cfg.ports.iter().find(|p| p.iface == iface) {
-        return Some((p.attach().spec(), false));
+    let (mut spec, by_rule) = match cfg.ports.iter().find(|p| p.iface == iface) {
+        Some(p) => (p.attach().spec(), false),
+        None => (
+            cfg.rules
+                .iter()
+                .find(|r| glob_match(&r.pattern, iface))?
+                .attach()
+                .spec(),
+            true,
+        ),
+    };
+    if spec.vlan == VlanCfg::None {
+        if let Some(n) = cfg.networks.get(&spec.net) {
+            spec.vlan = n.port_vlan_args().to_cfg().unwrap_or_default();
+        }
     }
-    cfg.rules
-        .iter()
-        .find(|r| glob_match(&r.pattern, iface))
-        .map(|r| (r.attach().spec(), true))
+    Some((spec, by_rule))
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -373,6 +414,20 @@ pub fn dhcp_of(o: &NetOpts) -> Option<DhcpSection> {
             })
             .collect(),
     })
+}
+
+/// A network's static DNS names as config sections, from its options.
+pub fn dns_hosts_of(o: &NetOpts) -> Vec<DnsHostSection> {
+    o.dns_hosts
+        .iter()
+        .filter_map(|h| {
+            let mut it = h.split(',').map(str::trim);
+            Some(DnsHostSection {
+                ip: it.next()?.parse().ok()?,
+                names: it.map(String::from).collect(),
+            })
+        })
+        .collect()
 }
 
 pub fn rule_label(r: &RuleSection) -> String {

@@ -573,9 +573,20 @@ fn dispatch(sw: &mut Switch, req: Request, root: bool) -> Result<serde_json::Val
             trusted,
             security,
             policy,
-        } => v(sw.port_add(
-            &net, &iface, hairpin, hook, &vlan, trusted, &security, &policy,
-        )?)?,
+        } => {
+            // No VLAN given: the network's default (config `port_vlan`,
+            // libvirt's network-wide `<vlan>`), as for config ports.
+            let vlan = match vlan.is_empty() {
+                true => crate::daemon::reconcile::with_rt(|rt| {
+                    rt.applied.networks.get(&net).map(|n| n.port_vlan_args())
+                })
+                .unwrap_or(vlan),
+                false => vlan,
+            };
+            v(sw.port_add(
+                &net, &iface, hairpin, hook, &vlan, trusted, &security, &policy,
+            )?)?
+        }
         Request::PortShow { iface } => v(sw.port_show(&iface)?)?,
         Request::PortSet { iface, vlan } => v(sw.port_set(&iface, &vlan)?)?,
         Request::VlanShow { net } => v(sw.vlan_show(&net)?)?,

@@ -54,6 +54,9 @@ fn running_nets(sw: &Switch, _rt: &Runtime) -> BTreeMap<String, NetSpec> {
                     uplink: n.uplink.clone(),
                     ageing: n.ageing.as_secs(),
                     dhcp: dhcp_of(&n.opts),
+                    mtu: n.opts.mtu,
+                    dns: !n.opts.no_dns,
+                    dns_hosts: dns_hosts_of(&n.opts),
                     nat_ports: n.nat.as_ref().map(|s| [s.ports.0, s.ports.1]),
                     nat_udp: n.nat.as_ref().map(|s| s.udp),
                     forwards: n
@@ -105,7 +108,9 @@ fn desired_ports(
     let mut pending = Vec::new();
     for p in &cfg.ports {
         if present.contains(&p.iface) {
-            want.insert(p.iface.clone(), p.attach().spec());
+            // (with the network's default VLAN)
+            let spec = wanted(cfg, &p.iface).map_or_else(|| p.attach().spec(), |(s, _)| s);
+            want.insert(p.iface.clone(), spec);
         } else {
             pending.push(p.iface.clone());
         }
@@ -346,7 +351,7 @@ fn execute(sw: &mut Switch, cfg: &Config, mut plan: Plan) -> Result<Plan> {
                 sw.net_set_nat(&c.name, ports.as_deref(), w.nat_udp)
                     .with_context(|| format!("network '{}': nat settings", c.name))?;
             }
-            if have_nets[&c.name].dhcp != want[&c.name].dhcp {
+            if have_nets[&c.name].services_differ(&want[&c.name]) {
                 let opts = want[&c.name].opts().context("mode unavailable")?;
                 sw.net_set_dhcp(&c.name, &opts)
                     .with_context(|| format!("network '{}': dhcp settings", c.name))?;
@@ -472,6 +477,9 @@ pub fn running_config(sw: &Switch) -> Config {
             sec.port_rate_in = s.port_policy.rate_in;
             sec.port_rate_out = s.port_policy.rate_out;
             sec.storm_pps = s.storm_pps;
+            sec.mtu = s.mtu;
+            sec.dns = (!s.dns).then_some(false);
+            sec.dns_hosts = s.dns_hosts.clone();
             let default_ports = [
                 crate::control::DEFAULT_NAT_PORTS.0,
                 crate::control::DEFAULT_NAT_PORTS.1,

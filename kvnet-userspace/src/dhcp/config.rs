@@ -27,6 +27,10 @@ pub struct DhcpConfig {
     pub lease_time: Duration,
     pub domain: Option<String>,
     pub mtu: Option<u16>,
+    /// The gateway serves DNS (and DHCP names it, option 6).
+    pub dns: bool,
+    /// Static DNS names (name, address) answered besides the leases'.
+    pub dns_hosts: Vec<(String, Ipv4Addr)>,
     /// Any further option by number, sent as given (replaces a built-in one
     /// with the same number).
     pub extra_options: Vec<(u8, Vec<u8>)>,
@@ -98,21 +102,7 @@ pub fn parse_range(s: &str) -> Result<(Ipv4Addr, Ipv4Addr), String> {
     Ok((a, b))
 }
 
-/// A hostname as DHCP and DNS use it: one label of letters, digits and
-/// hyphens, 1-63 characters, not starting or ending with a hyphen.
-pub fn valid_hostname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-}
-
-/// A domain: dot-separated valid labels, at most 253 characters.
-pub fn valid_domain(d: &str) -> bool {
-    let d = d.strip_suffix('.').unwrap_or(d);
-    !d.is_empty() && d.len() <= 253 && d.split('.').all(valid_hostname)
-}
+pub use crate::dnsname::{valid_domain, valid_hostname};
 
 /// `--dhcp-host MAC,IP[,NAME]`.
 pub fn parse_host(s: &str) -> Result<StaticHost, String> {
@@ -199,6 +189,8 @@ impl DhcpConfig {
             lease_time: DEFAULT_LEASE,
             domain: None,
             mtu: None,
+            dns: true,
+            dns_hosts: Vec::new(),
             extra_options: Vec::new(),
         }
     }

@@ -214,7 +214,9 @@ impl Core {
         o.insert(DhcpOption::SubnetMask(netmask(c.prefix)));
         o.insert(DhcpOption::BroadcastAddr(broadcast(c.server_ip, c.prefix)));
         o.insert(DhcpOption::Router(vec![c.server_ip]));
-        o.insert(DhcpOption::DomainNameServer(vec![c.server_ip]));
+        if c.dns {
+            o.insert(DhcpOption::DomainNameServer(vec![c.server_ip]));
+        }
         if let Some(d) = &c.domain {
             o.insert(DhcpOption::DomainName(d.clone()));
         }
@@ -662,6 +664,26 @@ mod tests {
         let direct = msg(MAC1, MessageType::Discover, vec![]);
         let (_, dest) = c.handle(&direct, 1000, &n).unwrap();
         assert_eq!(dest, Dest::Hardware(ip("10.6.0.10"), Mac(MAC1)));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// libvirt's `<dns enable='no'/>`: no DNS server is named (option 6);
+    /// the rest stays (router, MTU).
+    #[test]
+    fn without_dns_no_name_server_is_handed_out() {
+        let (mut c, dir) = core("nodns");
+        c.cfg.dns = false;
+        let n = Counters::default();
+        let (offer, _) = c
+            .handle(&msg(MAC1, MessageType::Discover, vec![]), 1000, &n)
+            .unwrap();
+        let o = offer.opts();
+        assert_eq!(o.get(OptionCode::DomainNameServer), None);
+        assert_eq!(
+            o.get(OptionCode::InterfaceMtu),
+            Some(&DhcpOption::InterfaceMtu(1400))
+        );
+        assert!(o.get(OptionCode::Router).is_some());
         let _ = std::fs::remove_dir_all(dir);
     }
 

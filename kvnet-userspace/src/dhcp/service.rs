@@ -21,10 +21,10 @@ pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 
 pub use crate::control::NetServiceStats;
 
-/// The running servers of one network.
+/// The running servers of one network (DNS unless it is turned off).
 struct NetServers {
     dhcp: DhcpHandle,
-    dns: DnsHandle,
+    dns: Option<DnsHandle>,
 }
 
 pub struct Services {
@@ -73,6 +73,25 @@ pub fn plan(
             .push(config::parse_host(h).map_err(anyhow::Error::msg)?);
     }
     cfg.domain = opts.domain.clone();
+    cfg.mtu = opts.mtu;
+    cfg.dns = !opts.no_dns;
+    for h in &opts.dns_hosts {
+        let mut it = h.split(',').map(str::trim);
+        let ip = it
+            .next()
+            .and_then(|ip| ip.parse().ok())
+            .with_context(|| format!("DNS host '{h}': expected IP,NAME[,NAME...]"))?;
+        for name in it {
+            if !config::valid_domain(name) {
+                bail!("DNS host '{h}': '{name}' is not a DNS name");
+            }
+            cfg.dns_hosts
+                .push((name.trim_end_matches('.').to_ascii_lowercase(), ip));
+        }
+    }
+    if !cfg.dns && !cfg.dns_hosts.is_empty() {
+        bail!("DNS hosts need the DNS server, which is turned off");
+    }
     if let Some(s) = opts.dhcp_lease {
         cfg.lease_time = Duration::from_secs(s);
     }
@@ -131,6 +150,8 @@ impl Services {
             bail!("DHCP for network '{net}' is already running");
         }
         let dir = self.net_dir(net);
+        let static_names = cfg.dns_hosts.clone();
+        let dns_on = cfg.dns;
         let dns_cfg = DnsConfig {
             net: net.to_string(),
             listen: cfg.server_ip,
@@ -141,8 +162,21 @@ impl Services {
         let name = net.to_string();
         let servers = self.run(async move {
             let dhcp = DhcpServer::start(&name, cfg, &dir).await?;
-            match DnsServer::start(dns_cfg, dhcp.names()).await {
-                Ok(dns) => Ok(NetServers { dhcp, dns }),
+            if !dns_on {
+                return Ok(NetServers { dhcp, dns: None });
+            }
+            // Static names first: they win over a lease's of the same name.
+            let leases = dhcp.names();
+            let names: crate::dns::Names = std::sync::Arc::new(move || {
+                let mut v = static_names.clone();
+                v.extend(leases());
+                v
+            });
+            match DnsServer::start(dns_cfg, names).await {
+                Ok(dns) => Ok(NetServers {
+                    dhcp,
+                    dns: Some(dns),
+                }),
                 Err(e) => {
                     dhcp.stop().await;
                     Err(e)
@@ -160,7 +194,9 @@ impl Services {
         };
         let stopped = self.run(async move {
             let wait = async {
-                s.dns.stop().await;
+                if let Some(dns) = s.dns {
+                    dns.stop().await;
+                }
                 s.dhcp.stop().await;
             };
             tokio::time::timeout(Duration::from_secs(5), wait).await
@@ -181,7 +217,11 @@ impl Services {
             .map(|(net, s)| NetServiceStats {
                 net: net.clone(),
                 dhcp: serde_json::to_value(s.dhcp.counters()).unwrap_or_default(),
-                dns: serde_json::to_value(s.dns.counters()).unwrap_or_default(),
+                dns: s
+                    .dns
+                    .as_ref()
+                    .map(|d| serde_json::to_value(d.counters()).unwrap_or_default())
+                    .unwrap_or_default(),
             })
             .collect()
     }

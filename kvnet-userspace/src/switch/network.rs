@@ -268,13 +268,14 @@ impl Switch {
     fn build_gateway(&mut self, name: &str, id: u32, host_if: &str, cidr: Cidr) -> Result<()> {
         // NAT networks route like routed ones (plus translation).
         let routed = matches!(self.net(name)?.mode, Mode::Routed | Mode::Nat);
+        let mtu = self.net(name)?.opts.mtu;
         let gw = if self.dp.adopting && netdev::ifindex(host_if).is_ok() {
-            Gateway::adopt(host_if, id, cidr, routed)?
+            Gateway::adopt(host_if, id, cidr, routed, mtu)?
         } else {
             journal::record(Undo::Link {
                 iface: host_if.to_string(),
             })?;
-            Gateway::create(host_if, id, cidr, routed)?
+            Gateway::create(host_if, id, cidr, routed, mtu)?
         };
         let port_if = gw.port_if.clone();
         let gw_mac = netdev::mac(host_if)?;
@@ -606,6 +607,8 @@ impl Switch {
         opts.dhcp_hosts = from.dhcp_hosts.clone();
         opts.domain = from.domain.clone();
         opts.dhcp_lease = from.dhcp_lease;
+        opts.no_dns = from.no_dns;
+        opts.dns_hosts = from.dns_hosts.clone();
         let cidr = net.gateway.as_ref().map(|g| g.cidr);
         let host_if = net.gateway.as_ref().map(|g| g.host_if.clone());
         let new = crate::dhcp::service::plan(&opts, cidr.as_ref(), host_if.as_deref())
