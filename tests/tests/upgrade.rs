@@ -262,10 +262,7 @@ fn iperf_rows(v: &Value) -> Vec<Value> {
     v.as_array()
         .unwrap()
         .iter()
-        .filter(|r| {
-            let orig = r["orig"].as_str().unwrap_or_default();
-            orig.starts_with(&format!("{GUEST1_IP}:")) && orig.ends_with(":5201")
-        })
+        .filter(|r| r["orig"]["saddr"] == GUEST1_IP && r["orig"]["dport"] == 5201)
         .cloned()
         .collect()
 }
