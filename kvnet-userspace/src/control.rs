@@ -309,7 +309,7 @@ pub struct NetInfo {
     pub ageing_secs: u64,
     pub ports: Vec<String>,
     /// NAT networks only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub nat: Option<NatInfo>,
 }
 

@@ -38,7 +38,11 @@ pub struct DaemonFailure {
 
 /// A flow direction of `kvnet conntrack list --json` ({saddr, sport,
 /// daddr, dport}) as the table prints it: "10.0.0.2:40000 -> 198.51.100.2:80".
+/// An older kvnet (the upgrade test's) sent that text itself: kept as is.
 pub fn flow(t: &Value) -> String {
+    if let Some(text) = t.as_str() {
+        return text.to_string();
+    }
     format!(
         "{}:{} -> {}:{}",
         t["saddr"].as_str().unwrap_or("?"),
@@ -46,6 +50,15 @@ pub fn flow(t: &Value) -> String {
         t["daddr"].as_str().unwrap_or("?"),
         t["dport"]
     )
+}
+
+/// A port forward's target ({addr, port}; an older kvnet's "ADDR:PORT"
+/// text kept as is) as "ADDR:PORT".
+pub fn endpoint(t: &Value) -> String {
+    match t.as_str() {
+        Some(text) => text.to_string(),
+        None => format!("{}:{}", t["addr"].as_str().unwrap_or("?"), t["port"]),
+    }
 }
 
 /// A port's `vlan` object of `kvnet port list --json` as the table words
