@@ -13,9 +13,9 @@ use kvnet_tests::{
     guest::{default_cache_dir, Image, Vm, VmSpec, READY},
     kvnet::{vlan_text, Kvnet},
     lab::privileged,
-    GuestPort, Lab,
+    mac_fmt, GuestPort, Lab,
 };
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn quiet(g: &GuestPort) {
     g.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.eth0.disable_ipv6=1")
@@ -650,6 +650,48 @@ fn libvirt_default_network_imported_and_applied_is_a_working_nat() {
     );
     let r = tcp_echo(&l.out.ns, "198.51.100.1", 8080, 1000);
     assert!(r.contains("tcp 1000"), "through the forward: {r}");
+    // `net show` has it all: the gateway with its MAC, DHCP with the
+    // static host and both leases, DNS, NAT's range and address, the forward.
+    let show = k.json(&["net", "show", "default"]).unwrap();
+    let gw_mac = mac_fmt(&kvnet_tests::lab::read_mac(l.lab.hv(), "virbr0").unwrap());
+    assert_eq!(
+        (
+            &show["gateway"]["address"],
+            &show["gateway"]["prefix"],
+            &show["gateway"]["mac"]
+        ),
+        (&json!("192.168.122.1"), &json!(24), &json!(gw_mac)),
+        "{show}"
+    );
+    assert_eq!(show["gateway"]["vlan"], json!({"mode": "none"}), "{show}");
+    let dhcp = &show["dhcp"];
+    assert_eq!(
+        dhcp["range"],
+        json!({"first": "192.168.122.2", "last": "192.168.122.254"}),
+        "{show}"
+    );
+    assert_eq!(
+        dhcp["hosts"],
+        json!([{"mac": GUEST1_MAC, "ip": "192.168.122.13", "name": "guest1"}]),
+        "{show}"
+    );
+    assert_eq!(dhcp["leases"], 2, "{show}");
+    assert_eq!(show["dns"], true, "{show}");
+    assert_eq!(
+        show["nat"],
+        json!({"ports": {"first": 1024, "last": 65535}, "udp": "eim", "address": "198.51.100.1"}),
+        "{show}"
+    );
+    assert_eq!(show["forwards"], fw, "{show}");
+    let text = k.cli(&["net", "show", "default"]).unwrap();
+    for want in [
+        format!("192.168.122.1/24 on virbr0 (mac {gw_mac})"),
+        "192.168.122.2-192.168.122.254, lease 3600s, domain -, 1 static hosts, 2 leases".into(),
+        "ports 1024-65535, udp eim, masquerade 198.51.100.1".into(),
+        "tcp 8080 -> 192.168.122.13:80".into(),
+    ] {
+        assert!(text.contains(&want), "{want:?} not in\n{text}");
+    }
     // `kvnet save` writes the forward and the port range back.
     let saved = l.lab.work_dir().join("saved.toml");
     k.cli(&["save", s(&saved)]).unwrap();

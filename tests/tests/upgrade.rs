@@ -288,7 +288,13 @@ fn forwards(v: &Value) -> Vec<(String, String, String)> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|f| (f["proto"].to_string(), f["port"].to_string(), endpoint(&f["to"])))
+        .map(|f| {
+            (
+                f["proto"].to_string(),
+                f["port"].to_string(),
+                endpoint(&f["to"]),
+            )
+        })
         .collect()
 }
 
