@@ -3,6 +3,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Write},
+    net::Ipv4Addr,
     os::unix::net::UnixStream,
     path::Path,
     time::Duration,
@@ -11,7 +12,7 @@ use std::{
 use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 
-pub use crate::vlan::VlanArgs;
+pub use crate::vlan::{VlanArgs, VlanCfg};
 
 pub const DEFAULT_SOCKET: &str = "/run/kvnet/kvnet.sock";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/kvnet";
@@ -318,23 +319,115 @@ pub struct NetInfo {
     pub name: String,
     pub id: u32,
     pub mode: Mode,
-    /// Gateway address (host-only, routed).
-    pub gateway: Option<String>,
-    pub gateway_iface: Option<String>,
+    /// host-only, routed and nat networks.
+    pub gateway: Option<GatewayInfo>,
     pub uplink: Option<String>,
     pub ageing_secs: u64,
     pub ports: Vec<String>,
-    /// NAT networks: how UDP is mapped.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nat_udp: Option<NatUdp>,
+    /// NAT networks only.
+    #[serde(default)]
+    pub nat: Option<NatInfo>,
 }
 
-/// `kvnet net show`: the network and its ports with their hooks.
+/// A network's gateway: the host's interface into it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GatewayInfo {
+    /// The host's interface (default kvnet-NET).
+    pub iface: String,
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    /// What guests see as their router's MAC (absent if it could not be read).
+    pub mac: Option<String>,
+    /// The switch end of the gateway interface.
+    pub port: String,
+    /// The switch end's VLAN membership.
+    pub vlan: VlanCfg,
+}
+
+impl GatewayInfo {
+    /// `vlan`: that of the gateway's switch port (the switch knows it).
+    pub fn of(g: &crate::gateway::Gateway, vlan: VlanCfg) -> Self {
+        GatewayInfo {
+            iface: g.host_if.clone(),
+            address: g.cidr.addr,
+            prefix: g.cidr.prefix,
+            mac: crate::netdev::mac(&g.host_if).ok().map(|m| m.to_string()),
+            port: g.port_if.clone(),
+            vlan,
+        }
+    }
+
+    pub fn cidr(&self) -> String {
+        format!("{}/{}", self.address, self.prefix)
+    }
+}
+
+/// FIRST-LAST of ports (NAT source ports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+/// How a NAT network translates.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NatInfo {
+    /// The source ports guests' flows are given.
+    pub ports: PortRange,
+    pub udp: NatUdp,
+    /// The uplink address guests are masqueraded behind.
+    pub address: Ipv4Addr,
+}
+
+/// `kvnet net show`: the network, its services and its ports with their hooks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NetDetail {
     #[serde(flatten)]
     pub net: NetInfo,
+    /// Networks with a `--dhcp-range`.
+    pub dhcp: Option<DhcpInfo>,
+    /// Whether the gateway answers DNS.
+    pub dns: bool,
+    /// NAT networks' port forwards.
+    pub forwards: Vec<ForwardRow>,
+    /// The port defaults of the network's config.
+    pub policy: NetPolicy,
     pub port_details: Vec<PortInfo>,
+}
+
+/// FIRST-LAST of IPv4 addresses (a DHCP pool).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddrRange {
+    pub first: Ipv4Addr,
+    pub last: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DhcpInfo {
+    pub range: AddrRange,
+    pub lease_secs: u64,
+    pub domain: Option<String>,
+    pub hosts: Vec<DhcpHostInfo>,
+    /// Leases the server holds now.
+    pub leases: usize,
+}
+
+/// A static DHCP host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DhcpHostInfo {
+    pub mac: String,
+    pub ip: Ipv4Addr,
+    pub name: Option<String>,
+}
+
+/// What a network's config sets for its guest ports (`isolated_ports`,
+/// `port_rate_in`, `port_rate_out`, `storm_pps`); rates in bits/s.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetPolicy {
+    pub isolated_ports: bool,
+    pub port_rate_in_bps: Option<u64>,
+    pub port_rate_out_bps: Option<u64>,
+    pub storm_pps: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -348,9 +441,8 @@ pub struct PortInfo {
     /// The programs attached: "tc" or "xdp+tc".
     pub attached: String,
     pub hairpin: bool,
-    /// "-", "access 10" or "trunk 10,20 native 1".
     #[serde(default)]
-    pub vlan: String,
+    pub vlan: VlanCfg,
     /// guest, gateway (the gateway interface's switch end) or uplink.
     #[serde(default)]
     pub role: String,
@@ -452,16 +544,64 @@ pub struct ForwardRow {
     pub net: String,
     pub proto: String,
     pub port: u16,
-    pub to: String,
+    /// The guest's address and port.
+    pub to: Endpoint,
+}
+
+/// An IPv4 address and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.addr, self.port)
+    }
+}
+
+/// One direction of a flow, as `kvnet trace --json` names its fields. For
+/// ICMP the ports hold the echo identifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowTuple {
+    pub saddr: Ipv4Addr,
+    pub sport: u16,
+    pub daddr: Ipv4Addr,
+    pub dport: u16,
+}
+
+impl FlowTuple {
+    /// From the datapath's network-order address fields.
+    pub fn from_be(saddr: u32, sport: u16, daddr: u32, dport: u16) -> Self {
+        FlowTuple {
+            saddr: Ipv4Addr::from(u32::from_be(saddr)),
+            sport,
+            daddr: Ipv4Addr::from(u32::from_be(daddr)),
+            dport,
+        }
+    }
+
+    /// "a:p -> b:q"; ICMP without ports.
+    pub fn display(&self, proto: &str) -> String {
+        if proto == "icmp" {
+            format!("{} -> {}", self.saddr, self.daddr)
+        } else {
+            format!(
+                "{}:{} -> {}:{}",
+                self.saddr, self.sport, self.daddr, self.dport
+            )
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConntrackRow {
     pub proto: String,
     /// As the guest (or, for a port forward, the client) sent it.
-    pub orig: String,
+    pub orig: FlowTuple,
     /// As it left kvnet.
-    pub translated: String,
+    pub translated: FlowTuple,
     pub state: String,
     pub dnat: bool,
     pub age_secs: f64,
@@ -783,5 +923,323 @@ mod tests {
             serde_json::from_str(r#"{"op":"apply","path":null,"text":"","dry_run":true}"#).unwrap();
         assert!(r.read_only());
         assert_eq!(r.op(), "apply");
+    }
+
+    /// JSON fit for scripts: every array holds values of one kind and no
+    /// array holds arrays (a tuple would); no string packs several values
+    /// ("trunk 10,20 native 1", "a:1 -> b:2").
+    fn assert_structured(v: &serde_json::Value, at: &str) {
+        use serde_json::Value;
+        let kind = |v: &Value| std::mem::discriminant(v);
+        match v {
+            Value::Array(items) => {
+                for (i, x) in items.iter().enumerate() {
+                    assert!(!x.is_array(), "{at}[{i}]: an array in an array: {v}");
+                    assert_eq!(kind(x), kind(&items[0]), "{at}[{i}]: mixed kinds: {v}");
+                    assert_structured(x, &format!("{at}[{i}]"));
+                }
+            }
+            Value::Object(m) => {
+                for (k, x) in m {
+                    assert_structured(x, &format!("{at}.{k}"));
+                }
+            }
+            Value::String(t) => {
+                assert!(
+                    !t.contains(" -> ") && !t.starts_with("trunk ") && !t.starts_with("access "),
+                    "{at}: several values in one string: {t:?}"
+                );
+            }
+            _ => {}
+        }
+    }
+
+    fn port(iface: &str, vlan: VlanCfg) -> PortInfo {
+        PortInfo {
+            iface: iface.into(),
+            ifindex: 7,
+            net: "lab".into(),
+            driver: "veth".into(),
+            hook: Hook::Tc,
+            attached: "tc".into(),
+            hairpin: false,
+            vlan,
+            role: "guest".into(),
+            trusted: false,
+        }
+    }
+
+    fn trunk() -> VlanCfg {
+        VlanCfg::Trunk {
+            vids: [10, 20].into(),
+            native: Some(1),
+        }
+    }
+
+    fn net_detail() -> NetDetail {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        NetDetail {
+            net: NetInfo {
+                name: "lab".into(),
+                id: 1,
+                mode: Mode::Nat,
+                gateway: Some(GatewayInfo {
+                    iface: "kvnet-lab".into(),
+                    address: ip("192.168.122.1"),
+                    prefix: 24,
+                    mac: Some("02:00:00:00:00:01".into()),
+                    port: "kvnet-lab-p".into(),
+                    vlan: VlanCfg::Access { vid: 10 },
+                }),
+                uplink: Some("eth0".into()),
+                ageing_secs: 300,
+                ports: vec!["p1".into(), "kvnet-lab-p".into()],
+                nat: Some(NatInfo {
+                    ports: PortRange {
+                        first: 1024,
+                        last: 65535,
+                    },
+                    udp: NatUdp::Eim,
+                    address: ip("198.51.100.1"),
+                }),
+            },
+            dhcp: Some(DhcpInfo {
+                range: AddrRange {
+                    first: ip("192.168.122.2"),
+                    last: ip("192.168.122.254"),
+                },
+                lease_secs: 3600,
+                domain: Some("lab.test".into()),
+                hosts: vec![DhcpHostInfo {
+                    mac: "52:54:00:00:00:05".into(),
+                    ip: ip("192.168.122.5"),
+                    name: Some("web".into()),
+                }],
+                leases: 2,
+            }),
+            dns: true,
+            forwards: vec![ForwardRow {
+                net: "lab".into(),
+                proto: "tcp".into(),
+                port: 8080,
+                to: Endpoint {
+                    addr: ip("192.168.122.5"),
+                    port: 80,
+                },
+            }],
+            policy: NetPolicy {
+                isolated_ports: true,
+                port_rate_in_bps: Some(10_000_000),
+                port_rate_out_bps: None,
+                storm_pps: Some(1000),
+            },
+            port_details: vec![port("p1", trunk())],
+        }
+    }
+
+    /// Serializes `v`, checks its shape, and reads it back as the CLI does.
+    fn round_trip<T: Serialize + serde::de::DeserializeOwned>(
+        v: &T,
+        what: &str,
+    ) -> serde_json::Value {
+        let j = serde_json::to_value(v).unwrap();
+        assert_structured(&j, what);
+        let back: T = serde_json::from_value(j.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(serde_json::to_value(&back).unwrap(), j, "{what}");
+        j
+    }
+
+    #[test]
+    fn json_vlan_is_an_object() {
+        let j = round_trip(
+            &vec![
+                port("t", trunk()),
+                port("a", VlanCfg::Access { vid: 10 }),
+                port("n", VlanCfg::None),
+            ],
+            "port list",
+        );
+        assert_eq!(
+            j[0]["vlan"],
+            serde_json::json!({"mode": "trunk", "vids": [10, 20], "native": 1})
+        );
+        assert_eq!(
+            j[1]["vlan"],
+            serde_json::json!({"mode": "access", "vid": 10})
+        );
+        assert_eq!(j[2]["vlan"], serde_json::json!({"mode": "none"}));
+        // The table keeps its words.
+        let table = crate::output::render(&crate::output::ports(&vec![port("t", trunk())]));
+        assert!(table.contains("trunk 10,20 native 1"), "{table}");
+    }
+
+    #[test]
+    fn json_net_show_is_structured() {
+        let d = net_detail();
+        let j = round_trip(&d, "net show");
+        assert_eq!(j["gateway"]["address"], "192.168.122.1");
+        assert_eq!(j["gateway"]["prefix"], 24);
+        assert_eq!(j["gateway"]["iface"], "kvnet-lab");
+        assert_eq!(
+            j["gateway"]["vlan"],
+            serde_json::json!({"mode": "access", "vid": 10})
+        );
+        assert_eq!(
+            j["nat"]["ports"],
+            serde_json::json!({"first": 1024, "last": 65535})
+        );
+        assert_eq!(j["nat"]["address"], "198.51.100.1");
+        assert_eq!(j["dhcp"]["range"]["first"], "192.168.122.2");
+        assert_eq!(j["dhcp"]["hosts"][0]["name"], "web");
+        assert_eq!(
+            j["forwards"][0]["to"],
+            serde_json::json!({"addr": "192.168.122.5", "port": 80})
+        );
+        assert_eq!(j["policy"]["port_rate_in_bps"], 10_000_000);
+        assert_eq!(j["port_details"][0]["vlan"]["mode"], "trunk");
+        round_trip(&vec![d.net.clone()], "net list");
+        // Every setting has its line in the table.
+        let text = crate::output::render(&crate::output::net_detail(&d));
+        for want in [
+            "192.168.122.1/24 on kvnet-lab (mac 02:00:00:00:00:01)",
+            "kvnet-lab-p (vlan access 10)",
+            "192.168.122.2-192.168.122.254, lease 3600s, domain lab.test, 1 static hosts, 2 leases",
+            "52:54:00:00:00:05 192.168.122.5 web",
+            "ports 1024-65535, udp eim, masquerade 198.51.100.1",
+            "tcp 8080 -> 192.168.122.5:80",
+            "isolated ports",
+            "10mbit",
+            "storm pps",
+        ] {
+            assert!(text.contains(want), "{want:?} not in\n{text}");
+        }
+    }
+
+    #[test]
+    fn json_flows_and_tables_are_structured() {
+        let flow = FlowTuple::from_be(
+            u32::from(Ipv4Addr::new(10, 0, 0, 2)).to_be(),
+            40000,
+            u32::from(Ipv4Addr::new(198, 51, 100, 2)).to_be(),
+            80,
+        );
+        let ct = ConntrackRow {
+            proto: "tcp".into(),
+            orig: flow,
+            translated: flow,
+            state: "established".into(),
+            dnat: false,
+            age_secs: 1.5,
+            idle_secs: 0.5,
+            packets: 3,
+            bytes: 180,
+            reply_packets: 2,
+            reply_bytes: 120,
+        };
+        let j = round_trip(&vec![ct.clone()], "conntrack list");
+        assert_eq!(
+            j[0]["orig"],
+            serde_json::json!({"saddr": "10.0.0.2", "sport": 40000, "daddr": "198.51.100.2", "dport": 80})
+        );
+        assert_eq!(flow.display("tcp"), "10.0.0.2:40000 -> 198.51.100.2:80");
+        assert_eq!(flow.display("icmp"), "10.0.0.2 -> 198.51.100.2");
+        round_trip(&net_detail().forwards, "forward list");
+        round_trip(
+            &vec![FdbRow {
+                mac: "02:00:00:00:00:01".into(),
+                vlan: 10,
+                port: "p1".into(),
+                ifindex: 7,
+                kind: "learned".into(),
+                age_secs: Some(1.0),
+            }],
+            "fdb show",
+        );
+        round_trip(
+            &vec![VlanInfo {
+                vid: 10,
+                ports: vec![VlanPortRow {
+                    port: "p1".into(),
+                    mode: "access".into(),
+                    tagging: "untagged".into(),
+                }],
+            }],
+            "vlan show",
+        );
+        let mut drops = BTreeMap::new();
+        drops.insert("table_full".to_string(), 1);
+        round_trip(
+            &StatsReport {
+                ports: vec![PortStatsRow {
+                    port: "p1".into(),
+                    net: "lab".into(),
+                    drops: drops.clone(),
+                    ..Default::default()
+                }],
+                nat: vec![NatStatsRow {
+                    net: "lab".into(),
+                    drops,
+                    ..Default::default()
+                }],
+                services: vec![NetServiceStats {
+                    net: "lab".into(),
+                    dhcp: serde_json::json!({"acks": 1}),
+                    dns: serde_json::json!({"udp_queries": 2}),
+                }],
+            },
+            "stats",
+        );
+    }
+
+    #[test]
+    fn json_status_apply_port_show_and_leases_are_structured() {
+        round_trip(
+            &crate::daemon::status::Status {
+                daemon: "running".into(),
+                version: "0.1.0".into(),
+                pid: 1,
+                pin_dir: "/sys/fs/bpf/kvnet".into(),
+                programs: vec!["kvnet_xdp".into()],
+                config: None,
+                networks: vec!["lab".into()],
+                ports: 2,
+                rules: 0,
+                fdb_entries: 3,
+                fdb_capacity: 4096,
+            },
+            "status",
+        );
+        let plan = crate::config::Plan {
+            networks_added: vec!["lab".into()],
+            ports_added: vec![crate::config::PortAdded {
+                iface: "p1".into(),
+                to: "lab".into(),
+            }],
+            ..Default::default()
+        };
+        let j = round_trip(&plan, "apply");
+        assert_eq!(j["ports_added"][0]["iface"], "p1");
+        round_trip(
+            &crate::security::PortSecurityInfo {
+                iface: "p1".into(),
+                net: "lab".into(),
+                security: "mac+ip".into(),
+                max_macs: 1,
+                macs: vec!["02:00:00:00:00:01".into()],
+                ips: vec!["10.0.0.2".into()],
+                owned: vec![],
+                note: "guarded".into(),
+            },
+            "port show",
+        );
+        round_trip(
+            &vec![crate::dhcp::LeaseInfo {
+                mac: "02:00:00:00:00:01".parse().unwrap(),
+                ip: Ipv4Addr::new(10, 0, 0, 2),
+                hostname: Some("web".into()),
+                expires_unix: 1,
+            }],
+            "dhcp leases",
+        );
     }
 }

@@ -1,23 +1,25 @@
-//! Human-readable tables for the CLI; `--json` prints the daemon's data.
+//! Human-readable tables for the CLI; `--json` prints the same structs.
 use anyhow::{Context, Result};
-use serde::de::DeserializeOwned;
+use serde::{de::DeserializeOwned, Serialize};
 
 use crate::control::{
     ConntrackRow, FdbRow, ForwardRow, NetDetail, NetInfo, PortInfo, PortStatsRow, StatsReport,
     VlanInfo,
 };
 
-pub fn show<T: DeserializeOwned>(
+/// Prints the daemon's answer as a table, or with `json` as JSON: both
+/// from the same struct, so they show the same fields.
+pub fn show<T: DeserializeOwned + Serialize>(
     data: serde_json::Value,
     json: bool,
     table: fn(&T) -> Vec<Vec<String>>,
 ) -> Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(&data)?);
-        return Ok(());
-    }
     let rows: T = serde_json::from_value(data).context("unexpected answer from the daemon")?;
-    print!("{}", render(&table(&rows)));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", render(&table(&rows)));
+    }
     Ok(())
 }
 
@@ -59,10 +61,9 @@ pub fn nets(nets: &Vec<NetInfo>) -> Vec<Vec<String>> {
             n.name.clone(),
             n.id.to_string(),
             n.mode.to_string(),
-            match (&n.gateway, &n.gateway_iface) {
-                (Some(g), Some(i)) => format!("{g} ({i})"),
-                _ => "-".into(),
-            },
+            n.gateway
+                .as_ref()
+                .map_or_else(|| "-".into(), |g| format!("{} ({})", g.cidr(), g.iface)),
             n.uplink.clone().unwrap_or_else(|| "-".into()),
             format!("{}s", n.ageing_secs),
             n.ports.join(","),
@@ -71,12 +72,91 @@ pub fn nets(nets: &Vec<NetInfo>) -> Vec<Vec<String>> {
     rows
 }
 
-/// `kvnet net show`: the network's line, then its ports.
+/// `kvnet net show`: the network's settings, one per line, then its ports.
 pub fn net_detail(d: &NetDetail) -> Vec<Vec<String>> {
-    let mut rows = nets(&vec![d.net.clone()]);
-    if let Some(udp) = d.net.nat_udp {
-        rows.push(vec!["nat udp".into(), udp.to_string()]);
+    let n = &d.net;
+    let line = |k: &str, v: String| vec![k.to_string(), v];
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let mut rows = vec![
+        line("network", format!("{} (id {})", n.name, n.id)),
+        line("mode", n.mode.to_string()),
+    ];
+    match &n.gateway {
+        Some(g) => {
+            rows.push(line(
+                "gateway",
+                format!(
+                    "{} on {} (mac {})",
+                    g.cidr(),
+                    g.iface,
+                    or_dash(g.mac.clone())
+                ),
+            ));
+            rows.push(line(
+                "gateway port",
+                format!("{} (vlan {})", g.port, g.vlan),
+            ));
+        }
+        None => rows.push(line("gateway", "-".into())),
     }
+    rows.push(line("uplink", or_dash(n.uplink.clone())));
+    rows.push(line("ageing", format!("{}s", n.ageing_secs)));
+    match &d.dhcp {
+        Some(h) => {
+            rows.push(line(
+                "dhcp",
+                format!(
+                    "{}-{}, lease {}s, domain {}, {} static hosts, {} leases",
+                    h.range.first,
+                    h.range.last,
+                    h.lease_secs,
+                    or_dash(h.domain.clone()),
+                    h.hosts.len(),
+                    h.leases
+                ),
+            ));
+            for x in &h.hosts {
+                let name = x
+                    .name
+                    .as_deref()
+                    .map(|s| format!(" {s}"))
+                    .unwrap_or_default();
+                rows.push(line("dhcp host", format!("{} {}{name}", x.mac, x.ip)));
+            }
+        }
+        None => rows.push(line("dhcp", "off".into())),
+    }
+    rows.push(line("dns", if d.dns { "on" } else { "off" }.into()));
+    if let Some(t) = &n.nat {
+        rows.push(line(
+            "nat",
+            format!(
+                "ports {}-{}, udp {}, masquerade {}",
+                t.ports.first, t.ports.last, t.udp, t.address
+            ),
+        ));
+    }
+    for f in &d.forwards {
+        rows.push(line(
+            "forward",
+            format!("{} {} -> {}", f.proto, f.port, f.to),
+        ));
+    }
+    let p = &d.policy;
+    if p.isolated_ports {
+        rows.push(line("isolated ports", "yes".into()));
+    }
+    let rate = |r: Option<u64>| r.map(|b| crate::rate::Rate(b).to_string());
+    if let Some(r) = rate(p.port_rate_in_bps) {
+        rows.push(line("port rate in", r));
+    }
+    if let Some(r) = rate(p.port_rate_out_bps) {
+        rows.push(line("port rate out", r));
+    }
+    if let Some(s) = p.storm_pps {
+        rows.push(line("storm pps", s.to_string()));
+    }
+    rows.push(line("ports", d.port_details.len().to_string()));
     rows.push(vec![]);
     rows.extend(ports(&d.port_details));
     rows
@@ -116,7 +196,7 @@ pub fn ports(ports: &Vec<PortInfo>) -> Vec<Vec<String>> {
             format!("{:?}", p.hook).to_lowercase(),
             p.attached.clone(),
             if p.hairpin { "on" } else { "off" }.into(),
-            p.vlan.clone(),
+            p.vlan.to_string(),
         ]);
     }
     rows
@@ -296,7 +376,7 @@ pub fn forwards(f: &Vec<ForwardRow>) -> Vec<Vec<String>> {
             x.net.clone(),
             x.proto.clone(),
             x.port.to_string(),
-            x.to.clone(),
+            x.to.to_string(),
         ]);
     }
     rows
@@ -318,8 +398,8 @@ pub fn conntrack(c: &Vec<ConntrackRow>) -> Vec<Vec<String>> {
     for x in c {
         rows.push(vec![
             x.proto.clone(),
-            x.orig.clone(),
-            x.translated.clone(),
+            x.orig.display(&x.proto),
+            x.translated.display(&x.proto),
             if x.dnat {
                 format!("{} (forward)", x.state)
             } else {

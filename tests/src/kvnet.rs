@@ -36,6 +36,47 @@ pub struct DaemonFailure {
     pub log: String,
 }
 
+/// A flow direction of `kvnet conntrack list --json` ({saddr, sport,
+/// daddr, dport}) as the table prints it: "10.0.0.2:40000 -> 198.51.100.2:80".
+/// An older kvnet (the upgrade test's) sent that text itself: kept as is.
+pub fn flow(t: &Value) -> String {
+    if let Some(text) = t.as_str() {
+        return text.to_string();
+    }
+    format!(
+        "{}:{} -> {}:{}",
+        t["saddr"].as_str().unwrap_or("?"),
+        t["sport"],
+        t["daddr"].as_str().unwrap_or("?"),
+        t["dport"]
+    )
+}
+
+/// A port forward's target ({addr, port}; an older kvnet's "ADDR:PORT"
+/// text kept as is) as "ADDR:PORT".
+pub fn endpoint(t: &Value) -> String {
+    match t.as_str() {
+        Some(text) => text.to_string(),
+        None => format!("{}:{}", t["addr"].as_str().unwrap_or("?"), t["port"]),
+    }
+}
+
+/// A port's `vlan` object of `kvnet port list --json` as the table words
+/// it: "-", "access 10", "trunk 10,20 native 1" (VID lists unabridged).
+pub fn vlan_text(v: &Value) -> String {
+    let vids = |v: &Value| {
+        v.as_array()
+            .map(|a| a.iter().map(Value::to_string).collect::<Vec<_>>().join(","))
+            .unwrap_or_default()
+    };
+    match v["mode"].as_str() {
+        Some("access") => format!("access {}", v["vid"]),
+        Some("trunk") if v["native"].is_null() => format!("trunk {}", vids(&v["vids"])),
+        Some("trunk") => format!("trunk {} native {}", vids(&v["vids"]), v["native"]),
+        _ => "-".into(),
+    }
+}
+
 /// A kvnet daemon running in a lab's hypervisor namespace.
 /// `kvnet down` of `bin` with no daemon running, in the lab's hv
 /// namespace: from the lab's state files and pins alone.

@@ -11,11 +11,11 @@ use std::{
 
 use kvnet_tests::{
     guest::{default_cache_dir, Image, Vm, VmSpec, READY},
-    kvnet::Kvnet,
+    kvnet::{vlan_text, Kvnet},
     lab::privileged,
-    GuestPort, Lab,
+    mac_fmt, GuestPort, Lab,
 };
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn quiet(g: &GuestPort) {
     g.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.eth0.disable_ipv6=1")
@@ -60,7 +60,7 @@ fn ports(k: &Kvnet) -> Vec<(String, String, String)> {
             (
                 p["iface"].as_str().unwrap().to_string(),
                 p["net"].as_str().unwrap().to_string(),
-                p["vlan"].as_str().unwrap().to_string(),
+                vlan_text(&p["vlan"]),
             )
         })
         .collect()
@@ -303,7 +303,8 @@ fn cli_changes_persist_with_save_and_sighup_reloads() {
         ]
     );
     let extra = k.json(&["net", "show", "extra"]).unwrap();
-    assert_eq!(extra["gateway"], "10.51.0.1/24");
+    assert_eq!(extra["gateway"]["address"], "10.51.0.1");
+    assert_eq!(extra["gateway"]["prefix"], 24);
 
     // SIGHUP re-reads the file.
     std::fs::write(
@@ -598,7 +599,7 @@ fn libvirt_default_network_imported_and_applied_is_a_working_nat() {
     let k = start_with_config(&l);
     let net = k.json(&["net", "show", "default"]).unwrap();
     assert_eq!(net["mode"], "nat", "{net}");
-    assert_eq!(net["gateway_iface"], "virbr0", "{net}");
+    assert_eq!(net["gateway"]["iface"], "virbr0", "{net}");
     wait_until(
         "guests attached by the rule",
         Duration::from_secs(3),
@@ -642,9 +643,55 @@ fn libvirt_default_network_imported_and_applied_is_a_working_nat() {
     );
     k.cli(&["apply", s(&f2)]).unwrap();
     let fw = k.json(&["forward", "list", "default"]).unwrap();
-    assert_eq!(fw[0]["to"], "192.168.122.13:80", "{fw}");
+    assert_eq!(
+        fw[0]["to"],
+        serde_json::json!({"addr": "192.168.122.13", "port": 80}),
+        "{fw}"
+    );
     let r = tcp_echo(&l.out.ns, "198.51.100.1", 8080, 1000);
     assert!(r.contains("tcp 1000"), "through the forward: {r}");
+    // `net show` has it all: the gateway with its MAC, DHCP with the
+    // static host and both leases, DNS, NAT's range and address, the forward.
+    let show = k.json(&["net", "show", "default"]).unwrap();
+    let gw_mac = mac_fmt(&kvnet_tests::lab::read_mac(l.lab.hv(), "virbr0").unwrap());
+    assert_eq!(
+        (
+            &show["gateway"]["address"],
+            &show["gateway"]["prefix"],
+            &show["gateway"]["mac"]
+        ),
+        (&json!("192.168.122.1"), &json!(24), &json!(gw_mac)),
+        "{show}"
+    );
+    assert_eq!(show["gateway"]["vlan"], json!({"mode": "none"}), "{show}");
+    let dhcp = &show["dhcp"];
+    assert_eq!(
+        dhcp["range"],
+        json!({"first": "192.168.122.2", "last": "192.168.122.254"}),
+        "{show}"
+    );
+    assert_eq!(
+        dhcp["hosts"],
+        json!([{"mac": GUEST1_MAC, "ip": "192.168.122.13", "name": "guest1"}]),
+        "{show}"
+    );
+    assert_eq!(dhcp["leases"], 2, "{show}");
+    assert_eq!(show["dns"], true, "{show}");
+    assert_eq!(
+        show["nat"],
+        json!({"ports": {"first": 1024, "last": 65535}, "udp": "eim", "address": "198.51.100.1"}),
+        "{show}"
+    );
+    assert_eq!(show["forwards"], fw, "{show}");
+    let text = k.cli(&["net", "show", "default"]).unwrap();
+    for want in [
+        format!("192.168.122.1/24 on virbr0 (mac {gw_mac})"),
+        "192.168.122.2-192.168.122.254, lease 3600s, domain -, 1 static hosts, 2 leases".into(),
+        "ports 1024-65535, udp eim, masquerade 198.51.100.1".into(),
+        "tcp 8080 -> 192.168.122.13:80".into(),
+    ] {
+        assert!(text.contains(&want), "{want:?} not in\n{text}");
+    }
     // `kvnet save` writes the forward and the port range back.
     let saved = l.lab.work_dir().join("saved.toml");
     k.cli(&["save", s(&saved)]).unwrap();
@@ -744,7 +791,7 @@ fn dhcp_hosts_and_domain_change_live_under_a_nat_transfer() {
             .as_array()
             .unwrap()
             .iter()
-            .filter(|r| r["orig"].as_str().unwrap_or_default().ends_with(":5201"))
+            .filter(|r| r["orig"]["dport"] == 5201)
             .map(|r| (r["orig"].to_string(), r["translated"].to_string()))
             .collect();
         v.sort();
@@ -818,10 +865,9 @@ fn dhcp_hosts_and_domain_change_live_under_a_nat_transfer() {
     let udp_flow_port = |dst: u16| -> Option<u16> {
         let ct = k.json(&["conntrack", "list", "default"]).unwrap();
         ct.as_array().unwrap().iter().find_map(|r| {
-            let orig = r["orig"].as_str().unwrap_or_default();
-            (orig.ends_with(&format!(":{dst}")) && r["proto"] == "udp")
-                .then(|| r["translated"].as_str().unwrap_or_default())
-                .and_then(|t| t.split(" -> ").next()?.rsplit(':').next()?.parse().ok())
+            (r["orig"]["dport"] == dst && r["proto"] == "udp")
+                .then(|| u16::try_from(r["translated"]["sport"].as_u64()?).ok())
+                .flatten()
         })
     };
     k.cli(&["net", "set", "default", "--nat-ports", "2000-2999"])

@@ -61,7 +61,8 @@ fn host_only_reaches_the_host_but_not_beyond() {
 
     let show = k.json(&["net", "show", "ho"]).unwrap();
     assert_eq!(show["mode"], "host-only", "{show}");
-    assert_eq!(show["gateway"], "10.30.0.1/24", "{show}");
+    assert_eq!(show["gateway"]["address"], "10.30.0.1", "{show}");
+    assert_eq!(show["gateway"]["prefix"], 24, "{show}");
     assert!(ping(&g1.ns, "10.30.0.1"), "guest -> gateway");
     // A TCP service bound to the gateway address on the host.
     let v = iperf(&lab, lab.hv(), "10.30.0.1", &g1.ns);

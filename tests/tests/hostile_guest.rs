@@ -23,7 +23,7 @@ use std::{
 
 use kvnet_tests::{
     eth_frame, inject,
-    kvnet::Kvnet,
+    kvnet::{flow, Kvnet},
     lab::{self, privileged, read_mac},
     mac_fmt, Capture, Frame, GuestPort, Lab, Proc,
 };
@@ -584,7 +584,7 @@ fn scene() -> Scene {
     let xip = dhcp(&lab, &other, "other");
     assert!(xip.starts_with("192.168.123."), "{xip}");
     let net = k.json(&["net", "show", "default"]).unwrap();
-    let gw_iface = net["gateway_iface"].as_str().unwrap().to_string();
+    let gw_iface = net["gateway"]["iface"].as_str().unwrap().to_string();
     let gw_port = net["port_details"]
         .as_array()
         .unwrap()
@@ -1451,14 +1451,13 @@ while time.time() < end:
         wait_for(Duration::from_secs(3), || {
             ct = k.json(&["conntrack", "list", "default"]).unwrap();
             nat_port = ct.as_array().unwrap().iter().find_map(|c| {
-                let orig = c["orig"].as_str()?;
-                if c["proto"] != "udp" || !orig.starts_with(&format!("{}:40053 ", s.vip)) {
+                let (orig, tr) = (&c["orig"], &c["translated"]);
+                if c["proto"] != "udp" || orig["saddr"] != s.vip.as_str() || orig["sport"] != 40053
+                {
                     return None;
                 }
-                let tr = c["translated"].as_str()?.split(" -> ").next()?;
-                let (ip, port) = tr.rsplit_once(':')?;
-                (ip == "198.51.100.1")
-                    .then(|| port.parse::<u16>().ok())
+                (tr["saddr"] == "198.51.100.1")
+                    .then(|| u16::try_from(tr["sport"].as_u64()?).ok())
                     .flatten()
             });
             nat_port.is_some()
@@ -1835,7 +1834,7 @@ fn flows_of(k: &Kvnet, ip: &str) -> usize {
         .as_array()
         .map_or(0, |rows| {
             rows.iter()
-                .filter(|r| r.to_string().contains(&format!("\"{ip}:")))
+                .filter(|r| r["orig"]["saddr"] == ip || r["translated"]["saddr"] == ip)
                 .count()
         })
 }
@@ -1848,11 +1847,12 @@ fn ct_sources(k: &Kvnet, prefix: &str) -> Vec<([u8; 4], u16)> {
         .map(|rows| {
             rows.iter()
                 .filter_map(|r| {
-                    let orig = r["orig"].as_str()?;
-                    let src = orig.strip_prefix(prefix).map(|_| orig)?;
-                    let (ip, port) = src.split(" -> ").next()?.rsplit_once(':')?;
-                    let ip: std::net::Ipv4Addr = ip.parse().ok()?;
-                    Some((ip.octets(), port.parse().ok()?))
+                    let orig = &r["orig"];
+                    if !flow(orig).starts_with(prefix) {
+                        return None;
+                    }
+                    let ip: std::net::Ipv4Addr = orig["saddr"].as_str()?.parse().ok()?;
+                    Some((ip.octets(), u16::try_from(orig["sport"].as_u64()?).ok()?))
                 })
                 .collect()
         })
@@ -1893,7 +1893,7 @@ fn conntrack_cannot_be_exhausted_by_a_guest_or_through_a_forward() {
     let fip = dhcp(&lab, &flooder, "flooder");
     let bip = dhcp(&lab, &bystander, "bystander");
     let net = k.json(&["net", "show", "default"]).unwrap();
-    let gw_iface = net["gateway_iface"].as_str().unwrap().to_string();
+    let gw_iface = net["gateway"]["iface"].as_str().unwrap().to_string();
     let gw_mac = read_mac(lab.hv(), &gw_iface).unwrap();
     let up_mac = read_mac(lab.hv(), &out.hv_if).unwrap();
     assert!(bystander.ping(OUTSIDE), "bystander reaches the outside");
@@ -2204,7 +2204,7 @@ fn the_outside_cannot_reach_into_a_nat_network() {
     default_nat(&k);
     k.cli(&["port", "add", "default", "inner"]).unwrap();
     let ip = dhcp(&lab, &g, "inner");
-    let gw_iface = k.json(&["net", "show", "default"]).unwrap()["gateway_iface"]
+    let gw_iface = k.json(&["net", "show", "default"]).unwrap()["gateway"]["iface"]
         .as_str()
         .unwrap()
         .to_string();

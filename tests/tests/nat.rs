@@ -8,7 +8,7 @@ use std::{
 };
 
 use kvnet_tests::inject::{eth_frame_vlan, inject, mac_fmt, mac_parse};
-use kvnet_tests::{lab::privileged, tools, Capture, Frame, Lab};
+use kvnet_tests::{kvnet::flow, lab::privileged, tools, Capture, Frame, Lab};
 use serde_json::Value;
 use tools::{echo_server, py};
 
@@ -170,11 +170,10 @@ u.sendto(b"ping-udp", ("198.51.100.2", 5000)); print("tcp", len(got), "udp", u.r
     let ct = t.k.json(&["conntrack", "list", "nat"]).unwrap();
     // Timeouts run 100x faster in these tests: the bulk flow is listed.
     assert!(
-        ct.as_array().unwrap().iter().any(|c| c["proto"] == "tcp"
-            && c["translated"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with("198.51.100.1:")),
+        ct.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["proto"] == "tcp" && c["translated"]["saddr"] == "198.51.100.1"),
         "{ct}"
     );
     let stats = t.k.json(&["stats"]).unwrap();
@@ -256,15 +255,7 @@ print("closed", flush=True)
     };
     let ports: BTreeSet<String> = rows
         .iter()
-        .map(|r| {
-            r["translated"]
-                .as_str()
-                .unwrap()
-                .split(" -> ")
-                .next()
-                .unwrap()
-                .to_string()
-        })
+        .map(|r| format!("{}:{}", r["translated"]["saddr"], r["translated"]["sport"]))
         .collect();
     assert_eq!(
         ports.len(),
@@ -272,13 +263,7 @@ print("closed", flush=True)
         "translated source ports are distinct"
     );
     for r in &rows {
-        assert!(
-            r["translated"]
-                .as_str()
-                .unwrap()
-                .starts_with("198.51.100.1:"),
-            "{r}"
-        );
+        assert_eq!(r["translated"]["saddr"], "198.51.100.1", "{r}");
     }
     // Close them all; after the (shortened) timeouts the table drains.
     std::fs::write(&flag, b"").unwrap();
@@ -367,8 +352,8 @@ import time; time.sleep(1)
         .as_array()
         .unwrap()
         .iter()
-        .filter(|r| r["proto"] == "tcp" && r["orig"].as_str().unwrap().contains(":40000 "))
-        .map(|r| r["translated"].as_str().unwrap().to_string())
+        .filter(|r| r["proto"] == "tcp" && r["orig"]["sport"] == 40000)
+        .map(|r| flow(&r["translated"]))
         .collect();
     assert_eq!(tcp.len(), 2, "{ct}");
     assert_ne!(tcp[0], tcp[1]);
@@ -504,7 +489,11 @@ fn port_forwards_from_outside_and_from_other_guests() {
     ])
     .unwrap();
     let fl = t.k.json(&["forward", "list", "nat"]).unwrap();
-    assert_eq!(fl[0]["to"], "10.50.0.11:22", "{fl}");
+    assert_eq!(
+        fl[0]["to"],
+        serde_json::json!({"addr": "10.50.0.11", "port": 22}),
+        "{fl}"
+    );
     let t0 = Instant::now();
     while !t.guests[0]
         .sh("ss -Hltn 'sport = :22'")
@@ -878,8 +867,8 @@ import time; time.sleep(1)
         ct.as_array()
             .unwrap()
             .iter()
-            .filter(|r| r["proto"] == "tcp" && r["orig"].as_str().unwrap().contains(":40000 "))
-            .map(|r| r["translated"].as_str().unwrap().to_string())
+            .filter(|r| r["proto"] == "tcp" && r["orig"]["sport"] == 40000)
+            .map(|r| flow(&r["translated"]))
             .collect()
     };
     let (a, b) = (translated("nat"), translated("n2"));
@@ -1096,19 +1085,15 @@ s.sendall(b"two"); print("after", s.recv(10).decode(), flush=True)
             .iter()
             .find(|r| {
                 r["proto"] == "tcp"
-                    && r["orig"]
-                        .as_str()
-                        .is_some_and(|o| o.ends_with("198.51.100.2:5000"))
+                    && r["orig"]["daddr"] == "198.51.100.2"
+                    && r["orig"]["dport"] == 5000
             })?
             .clone();
-        // "198.51.100.1:NPORT -> 198.51.100.2:5000"
-        let nport = row["translated"]
-            .as_str()?
-            .split(" -> ")
-            .next()?
-            .rsplit(':')
-            .next()?;
-        Some((row["state"].as_str()?.to_string(), nport.parse().ok()?))
+        let nport = row["translated"]["sport"].as_u64()?;
+        Some((
+            row["state"].as_str()?.to_string(),
+            u16::try_from(nport).ok()?,
+        ))
     };
     let t0 = Instant::now();
     let nport = loop {

@@ -121,13 +121,7 @@ fn kill_9_during_a_nat_transfer_loses_nothing_and_the_restart_adopts() {
         v.as_array()
             .unwrap()
             .iter()
-            .filter(|r| {
-                r["orig"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .starts_with("192.168.122.13:")
-                    && r["orig"].as_str().unwrap_or_default().ends_with(":5201")
-            })
+            .filter(|r| r["orig"]["saddr"] == "192.168.122.13" && r["orig"]["dport"] == 5201)
             .map(|r| (r["orig"].to_string(), r["translated"].to_string()))
             .collect()
     };

@@ -16,7 +16,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kvnet_tests::{kvnet::Kvnet, lab::privileged, mac_fmt, Proc};
+use kvnet_tests::{
+    kvnet::{endpoint, flow, Kvnet},
+    lab::privileged,
+    mac_fmt, Proc,
+};
 use serde_json::Value;
 
 #[path = "support/libvirt_nat.rs"]
@@ -263,17 +267,34 @@ fn iperf_rows(v: &Value) -> Vec<Value> {
         .unwrap()
         .iter()
         .filter(|r| {
-            let orig = r["orig"].as_str().unwrap_or_default();
+            let orig = flow(&r["orig"]);
             orig.starts_with(&format!("{GUEST1_IP}:")) && orig.ends_with(":5201")
         })
         .cloned()
         .collect()
 }
 
+/// Both directions of a conntrack row as text, whichever kvnet listed it.
+fn row_flows(r: &Value) -> (String, String) {
+    (flow(&r["orig"]), flow(&r["translated"]))
+}
+
 fn iperf_flows(v: &Value) -> BTreeSet<(String, String)> {
-    iperf_rows(v)
+    iperf_rows(v).iter().map(row_flows).collect()
+}
+
+/// (proto, port, target) of a forward listing, whichever kvnet listed it.
+fn forwards(v: &Value) -> Vec<(String, String, String)> {
+    v.as_array()
+        .unwrap()
         .iter()
-        .map(|r| (r["orig"].to_string(), r["translated"].to_string()))
+        .map(|f| {
+            (
+                f["proto"].to_string(),
+                f["port"].to_string(),
+                endpoint(&f["to"]),
+            )
+        })
         .collect()
 }
 
@@ -486,7 +507,7 @@ fn an_old_datapath_is_upgraded_under_a_nat_transfer() {
         &format!("{ip2}:{GUEST2_ECHO}"),
     ])
     .unwrap();
-    let forwards_before = k.json(&["forward", "list", "default"]).unwrap();
+    let forwards_before = forwards(&k.json(&["forward", "list", "default"]).unwrap());
     let r = via_forward(&l);
     assert!(
         r.contains("tcp 50000"),
@@ -545,7 +566,7 @@ fn an_old_datapath_is_upgraded_under_a_nat_transfer() {
         .unwrap()
         .iter()
         .filter(|r| r["dnat"] == true && r["state"] == "established")
-        .map(|r| (r["orig"].to_string(), r["translated"].to_string()))
+        .map(row_flows)
         .collect();
     assert_eq!(
         dnat_before.len(),
@@ -627,7 +648,7 @@ fn an_old_datapath_is_upgraded_under_a_nat_transfer() {
         .unwrap()
         .iter()
         .filter(|r| r["dnat"] == true)
-        .map(|r| (r["orig"].to_string(), r["translated"].to_string()))
+        .map(row_flows)
         .collect();
     assert!(
         dnat_before.is_subset(&dnat),
@@ -648,7 +669,7 @@ fn an_old_datapath_is_upgraded_under_a_nat_transfer() {
         "2 guests + gateway"
     );
     assert_eq!(
-        k.json(&["forward", "list", "default"]).unwrap(),
+        forwards(&k.json(&["forward", "list", "default"]).unwrap()),
         forwards_before,
         "port forwards after the upgrade"
     );

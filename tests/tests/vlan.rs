@@ -233,7 +233,10 @@ fn trunk_uplink_tags_by_vlan_and_delivers_only_into_the_right_vlan() {
     k.cli(&["port", "add", "lan", "t2", "--trunk", "10,20", "--trusted"])
         .unwrap();
     let up0 = k.port("up0").unwrap();
-    assert_eq!(up0["vlan"], "trunk 10,20");
+    assert_eq!(
+        up0["vlan"],
+        serde_json::json!({"mode": "trunk", "vids": [10, 20], "native": null})
+    );
 
     let co = Capture::start(&out.ns, "eth0").unwrap();
     let ct = Capture::start(&t2.ns, "eth0").unwrap();
@@ -624,7 +627,7 @@ fn bad_vlan_input_is_refused_clearly_and_changes_nothing() {
         .unwrap();
     k.cli(&["port", "set", "p2", "--no-vlan"]).unwrap();
     let p2 = k.port("p2").unwrap();
-    assert_eq!(p2["vlan"], "-");
+    assert_eq!(p2["vlan"], serde_json::json!({"mode": "none"}));
 }
 
 /// Makes `iface` in namespace `ns` send every frame with a VLAN `vid` tag

@@ -33,11 +33,11 @@ pub fn apply(sock: &Path, file: &Path, dry_run: bool, json: bool) -> Result<()> 
             dry_run,
         },
     )?;
+    let plan: Plan = serde_json::from_value(data).context("unexpected answer from the daemon")?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&data)?);
+        println!("{}", serde_json::to_string_pretty(&plan)?);
         return Ok(());
     }
-    let plan: Plan = serde_json::from_value(data)?;
     for w in &plan.warnings {
         eprintln!("kvnet: warning: {w}");
     }
@@ -75,11 +75,11 @@ pub fn status(sock: &Path, json: bool) -> Result<()> {
             std::process::exit(3);
         }
     };
+    let s: Status = serde_json::from_value(data).context("unexpected answer from the daemon")?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&data)?);
+        println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
-    let s: Status = serde_json::from_value(data)?;
     println!(
         "daemon:   {} (pid {}, kvnet {})",
         s.daemon, s.pid, s.version

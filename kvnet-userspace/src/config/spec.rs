@@ -325,14 +325,21 @@ pub struct PortChange {
     pub live: bool,
 }
 
+/// A port the plan attaches.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct PortAdded {
+    pub iface: String,
+    /// Its network and settings, as `apply` prints them.
+    pub to: String,
+}
+
 /// The diff between the running daemon and a file.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Plan {
     pub networks_added: Vec<String>,
     pub networks_removed: Vec<String>,
     pub networks_changed: Vec<NetChange>,
-    /// (iface, "net (vlan)")
-    pub ports_added: Vec<(String, String)>,
+    pub ports_added: Vec<PortAdded>,
     pub ports_removed: Vec<String>,
     pub ports_changed: Vec<PortChange>,
     /// Static ports whose interface does not exist yet: attached when it appears.
@@ -367,8 +374,8 @@ impl Plan {
             let how = if c.recreate { "recreated" } else { "live" };
             o += &format!("~ network {}: {} ({how})\n", c.name, c.changes.join(", "));
         }
-        for (i, to) in &self.ports_added {
-            o += &format!("+ port {i} -> {to}\n");
+        for PortAdded { iface, to } in &self.ports_added {
+            o += &format!("+ port {iface} -> {to}\n");
         }
         for i in &self.ports_removed {
             o += &format!("- port {i}\n");

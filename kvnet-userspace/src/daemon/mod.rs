@@ -548,7 +548,7 @@ fn dispatch(sw: &mut Switch, req: Request, root: bool) -> Result<serde_json::Val
             ageing_secs,
             opts,
         } => v(sw.net_add(&name, ageing_secs, &opts)?)?,
-        Request::NetShow { name } => v(sw.net_show(&name)?)?,
+        Request::NetShow { name } => v(crate::daemon::status::net_show(sw, &name)?)?,
         Request::NetDump { name } => v(crate::daemon::reconcile::net_dump(sw, &name)?)?,
         Request::NetDel { name } => v(sw.net_del(&name)?)?,
         Request::NetList => v(sw.net_list())?,

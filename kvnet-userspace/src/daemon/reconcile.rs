@@ -179,7 +179,10 @@ pub fn plan(sw: &Switch, rt: &Runtime, cfg: &Config) -> Plan {
     p.ports_pending = pending;
     for (i, w) in &want_ports {
         match have_ports.get(i) {
-            None => p.ports_added.push((i.clone(), w.to_string())),
+            None => p.ports_added.push(PortAdded {
+                iface: i.clone(),
+                to: w.to_string(),
+            }),
             Some(h) if h != w || recreated.contains(&w.net) => {
                 let live = h.only_vlan_differs(w) && !recreated.contains(&w.net);
                 p.ports_changed.push(PortChange {
@@ -376,11 +379,11 @@ fn execute(sw: &mut Switch, cfg: &Config, mut plan: Plan) -> Result<Plan> {
         add_net(sw, n)?;
     }
     let (ports, _) = with_rt(|rt| desired_ports(cfg, rt, &want));
-    for (i, _) in plan.ports_added.iter().map(|(i, t)| (i, t)).chain(
+    for i in plan.ports_added.iter().map(|a| &a.iface).chain(
         plan.ports_changed
             .iter()
             .filter(|c| !c.live)
-            .map(|c| (&c.iface, &c.to)),
+            .map(|c| &c.iface),
     ) {
         let s = &ports[i];
         sw.port_add(

@@ -4,7 +4,10 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use super::reconcile::with_rt;
-use crate::switch::Switch;
+use crate::{
+    control::{NetDetail, NetPolicy},
+    switch::Switch,
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
@@ -59,6 +62,25 @@ pub fn status(sw: &mut Switch) -> Result<Status> {
         fdb_entries,
         fdb_capacity: kvnet_common::MAX_FDB_ENTRIES,
     })
+}
+
+/// `kvnet net show`: the switch's view plus the port defaults of the
+/// network's config section (kept by the daemon, not the switch).
+pub fn net_show(sw: &Switch, name: &str) -> Result<NetDetail> {
+    let mut d = sw.net_show(name)?;
+    d.policy = with_rt(|rt| {
+        rt.applied
+            .networks
+            .get(name)
+            .map(|n| NetPolicy {
+                isolated_ports: n.isolated_ports,
+                port_rate_in_bps: n.port_rate_in.map(|r| r.0),
+                port_rate_out_bps: n.port_rate_out.map(|r| r.0),
+                storm_pps: n.storm_pps,
+            })
+            .unwrap_or_default()
+    });
+    Ok(d)
 }
 
 /// Set by `kvnet down`: the daemon removes everything and exits.

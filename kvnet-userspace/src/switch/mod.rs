@@ -20,7 +20,9 @@ use kvnet_common::{
 };
 
 use crate::{
-    control::{FdbRow, Hook, Mode, NetInfo, PortInfo, PortStatsRow, VlanInfo, VlanPortRow},
+    control::{
+        FdbRow, GatewayInfo, Hook, Mode, NetInfo, PortInfo, PortStatsRow, VlanInfo, VlanPortRow,
+    },
     datapath::Datapath,
     gateway::Gateway,
     mac::Mac,
@@ -172,11 +174,13 @@ impl Switch {
                 name: name.clone(),
                 id: n.id,
                 mode: n.mode,
-                gateway: n.gateway.as_ref().map(|g| g.cidr.to_string()),
-                gateway_iface: n.gateway.as_ref().map(|g| g.host_if.clone()),
+                gateway: n.gateway.as_ref().map(|g| {
+                    let vlan = self.ports.get(&g.port_if).map(|p| p.vlan.clone());
+                    GatewayInfo::of(g, vlan.unwrap_or_default())
+                }),
                 uplink: n.uplink.clone(),
                 ageing_secs: n.ageing.as_secs(),
-                nat_udp: n.nat.as_ref().map(|s| s.udp),
+                nat: n.nat.as_ref().map(|s| s.info()),
                 ports: self
                     .ports
                     .iter()
@@ -734,7 +738,7 @@ impl Switch {
                 hook: p.hook,
                 attached: if p.xdp { "xdp+tc" } else { "tc" }.into(),
                 hairpin: p.hairpin,
-                vlan: p.vlan.to_string(),
+                vlan: p.vlan.clone(),
                 role: p.role.to_string(),
                 trusted: p.trusted,
             })

@@ -6,12 +6,15 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use anyhow::{bail, Context, Result};
 use kvnet_common::{
     CtEntry, CtKey, ForwardKey, ForwardTarget, NatMapKey, NatMapping, NetConfig, CT_F_DNAT,
-    CT_F_FIN, CT_F_ORIGINAL, CT_F_RST, DEFAULT_CT_QUOTA_SHARE, DEFAULT_FORWARD_RATE, IPPROTO_ICMP,
-    IPPROTO_TCP, IPPROTO_UDP, MAP_SIDE_UPLINK, NET_F_NAT, NET_F_NAT_UDP_EIM, PORT_F_UPLINK_NAT,
+    CT_F_FIN, CT_F_ORIGINAL, CT_F_RST, DEFAULT_CT_QUOTA_SHARE, DEFAULT_FORWARD_RATE, IPPROTO_TCP,
+    IPPROTO_UDP, MAP_SIDE_UPLINK, NET_F_NAT, NET_F_NAT_UDP_EIM, PORT_F_UPLINK_NAT,
 };
 
 use crate::{
-    control::{ConntrackRow, ForwardRow, Mode, NatStatsRow, NetOpts},
+    control::{
+        ConntrackRow, Endpoint, FlowTuple, ForwardRow, Mode, NatInfo, NatStatsRow, NetOpts,
+        PortRange,
+    },
     gateway::Cidr,
     netdev,
     switch::Switch,
@@ -26,6 +29,20 @@ pub struct NatState {
     pub udp: crate::control::NatUdp,
     /// (proto, port on the uplink address) -> guest address and port.
     pub forwards: BTreeMap<(u8, u16), (Ipv4Addr, u16)>,
+}
+
+impl NatState {
+    /// As `kvnet net list/show` report it.
+    pub fn info(&self) -> NatInfo {
+        NatInfo {
+            ports: PortRange {
+                first: self.ports.0,
+                last: self.ports.1,
+            },
+            udp: self.udp,
+            address: self.nat_ip,
+        }
+    }
 }
 
 /// `1024-65535`: both ends 1-65535, start <= end.
@@ -157,15 +174,6 @@ fn state(orig: &CtEntry, reply: Option<&CtEntry>) -> (&'static str, f64) {
         IPPROTO_UDP if replied => ("assured", timeout::UDP_ASSURED),
         IPPROTO_UDP => ("unreplied", timeout::UDP_UNREPLIED),
         _ => ("icmp", timeout::ICMP),
-    }
-}
-
-fn endpoint(addr: u32, port: u16, proto: u8) -> String {
-    let ip = Ipv4Addr::from(u32::from_be(addr));
-    if proto == IPPROTO_ICMP {
-        format!("{ip}")
-    } else {
-        format!("{ip}:{port}")
     }
 }
 
@@ -529,7 +537,7 @@ impl Switch {
                 net: net.into(),
                 proto: proto_name(*proto).into(),
                 port: *port,
-                to: format!("{a}:{p}"),
+                to: Endpoint { addr: *a, port: *p },
             })
             .collect())
     }
@@ -551,18 +559,14 @@ impl Switch {
             let reply = all.get(&e.rewrite.reply());
             let (state, _) = state(e, reply);
             let last = reply.map_or(e.last_seen_ns, |r| r.last_seen_ns.max(e.last_seen_ns));
-            let p = k.proto;
             rows.push(ConntrackRow {
-                proto: proto_name(p).into(),
-                orig: format!(
-                    "{} -> {}",
-                    endpoint(k.saddr, k.sport, p),
-                    endpoint(k.daddr, k.dport, p)
-                ),
-                translated: format!(
-                    "{} -> {}",
-                    endpoint(e.rewrite.saddr, e.rewrite.sport, p),
-                    endpoint(e.rewrite.daddr, e.rewrite.dport, p)
+                proto: proto_name(k.proto),
+                orig: FlowTuple::from_be(k.saddr, k.sport, k.daddr, k.dport),
+                translated: FlowTuple::from_be(
+                    e.rewrite.saddr,
+                    e.rewrite.sport,
+                    e.rewrite.daddr,
+                    e.rewrite.dport,
                 ),
                 state: state.into(),
                 dnat: e.flags & CT_F_DNAT != 0,

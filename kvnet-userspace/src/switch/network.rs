@@ -10,7 +10,7 @@ use kvnet_common::{
 };
 
 use crate::{
-    control::{Hook, Mode, NetDetail, NetOpts, VlanArgs},
+    control::{AddrRange, DhcpHostInfo, DhcpInfo, Hook, Mode, NetDetail, NetOpts, VlanArgs},
     gateway::{self, Cidr, Gateway},
     netdev,
     security::Security,
@@ -578,8 +578,10 @@ impl Switch {
         restore.iter().rev().for_each(Restore::undo);
     }
 
+    /// `kvnet net show`; the config's port defaults (`policy`) are the
+    /// daemon's to fill in.
     pub fn net_show(&self, name: &str) -> Result<NetDetail> {
-        self.net(name)?;
+        let opts = &self.net(name)?.opts;
         let net = self
             .net_list()
             .into_iter()
@@ -590,7 +592,49 @@ impl Switch {
             .into_iter()
             .filter(|p| p.net == name)
             .collect();
-        Ok(NetDetail { net, port_details })
+        let forwards = match &net.nat {
+            Some(_) => self.forward_list(name)?,
+            None => Vec::new(),
+        };
+        // DNS runs beside a network's DHCP server.
+        let dns = self
+            .services
+            .stats()
+            .iter()
+            .any(|s| s.net == name && !s.dns.is_null());
+        Ok(NetDetail {
+            dhcp: self.dhcp_info(name, opts),
+            dns,
+            forwards,
+            policy: Default::default(),
+            net,
+            port_details,
+        })
+    }
+
+    /// A network's DHCP settings as `net show` lists them (checked when
+    /// the network took them), None without a `--dhcp-range`.
+    fn dhcp_info(&self, name: &str, opts: &NetOpts) -> Option<DhcpInfo> {
+        use crate::dhcp::config::{parse_host, parse_range, DEFAULT_LEASE};
+        let leases = self.services.leases(name).map_or(0, |l| l.len());
+        let (first, last) = parse_range(opts.dhcp_range.as_deref()?).ok()?;
+        let hosts = opts
+            .dhcp_hosts
+            .iter()
+            .filter_map(|h| parse_host(h).ok())
+            .map(|h| DhcpHostInfo {
+                mac: h.mac.to_string(),
+                ip: h.ip,
+                name: h.name,
+            })
+            .collect();
+        Some(DhcpInfo {
+            range: AddrRange { first, last },
+            lease_secs: opts.dhcp_lease.unwrap_or(DEFAULT_LEASE.as_secs()),
+            domain: opts.domain.clone(),
+            hosts,
+            leases,
+        })
     }
 }
 
