@@ -19,6 +19,7 @@
 //! Output: target/bench/{report.md, results.json, bench.png}.
 
 mod chart;
+mod ports;
 mod report;
 
 use std::collections::BTreeMap;
@@ -233,6 +234,12 @@ pub fn run_as_root(quick: bool, kvnet: &Path, helper: &Path, started: Instant) -
         b.vlan(&mut res)?;
         b.routed(&mut res)?;
         b.cost(&mut res)?;
+        match ports::ports_scale(plan.quick) {
+            Ok(v) => {
+                res.scale.insert("ports per network".into(), v);
+            }
+            Err(e) => res.notes.push(format!("ports-per-network scale failed: {e:#}")),
+        }
         b.notes(&mut res);
         // The lab (namespaces, daemon, pins) goes away here.
     }

@@ -29,7 +29,8 @@ use aya::{
 };
 use clap::{Parser, Subcommand};
 use kvnet_common::{
-    names, CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, NatStats, NetConfig, PortConfig,
+    names, CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, NatStats, NeighEntry, NeighKey,
+    NetConfig, PortConfig,
     PortStats, VlanMember, VlanMemberKey, CT_F_ACK, CT_F_ORIGINAL, CT_F_SYN, FDB_F_STATIC,
     IPPROTO_TCP, IPPROTO_UDP, NET_F_NAT, PORT_F_GUARDED, PORT_F_IP_GUARD, PORT_F_ROUTED_NET,
     PORT_F_UPLINK_NAT, PORT_F_UPLINK_ROUTED, PORT_F_XDP_TX, VLAN_MODE_ACCESS, VLAN_MODE_TRUNK,
@@ -252,6 +253,40 @@ fn guarded(mut p: PortConfig, mac: [u8; 6], ip: [u8; 4]) -> PortConfig {
     p.ips[0] = u32::from_ne_bytes(ip);
     (p.ip_count, p.ip_fixed, p.ip_next) = (1, 1, 1);
     p
+}
+
+/// Makes `members` the flood set of the bench network's VLAN 0.
+fn set_flood(ebpf: &mut Ebpf, members: &[u32]) -> Result<()> {
+    let mut flood: HashMap<&mut MapData, FloodKey, FloodSet> =
+        HashMap::try_from(ebpf.map_mut(names::MAP_FLOOD).unwrap())?;
+    let mut set = Box::new(FloodSet::default());
+    for (slot, m) in set.members.iter_mut().zip(members) {
+        *slot = *m;
+    }
+    set.count = members.len() as u32;
+    flood.insert(
+        FloodKey {
+            net_id: NET,
+            vid: 0,
+            _pad: 0,
+        },
+        &*set,
+        0,
+    )?;
+    Ok(())
+}
+
+/// A broadcast ARP request from `src` (padded to 60 bytes).
+fn arp_request(src: [u8; 6], spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&spa);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&tpa);
+    f.resize(60, 0);
+    f
 }
 
 fn udp_frame(src: [u8; 6], dst: [u8; 6]) -> Vec<u8> {
@@ -580,6 +615,33 @@ fn cost(
             (repeat / 20).max(1),
         )?;
         measure(&mut ebpf, "flood", names::PROG_XDP, &bcast, repeat)?;
+        if size == sizes[0] {
+            // A large flood domain: b as every member, so each clone is
+            // really sent (issue 21: the cost per member).
+            for members in [64usize, 1024] {
+                set_flood(&mut ebpf, &vec![ib; members])?;
+                let rep = (repeat / members as u32).max(1);
+                measure(&mut ebpf, &format!("flood-{members}"), names::PROG_TC, &bcast, rep)?;
+            }
+            set_flood(&mut ebpf, &[ia, ib])?;
+            // ARP suppression: a request for a known address is answered
+            // (and redirected back); for an unknown one, flooded.
+            let arp = arp_request(src, [10, 0, 0, 1], [10, 0, 0, 2]);
+            let key = NeighKey {
+                net_id: NET,
+                vid: 0,
+                _pad: 0,
+                ip: u32::from_ne_bytes([10, 0, 0, 2]),
+            };
+            let mut neigh: HashMap<&mut MapData, NeighKey, NeighEntry> =
+                HashMap::try_from(ebpf.map_mut(names::MAP_NEIGH).unwrap())?;
+            neigh.insert(key, NeighEntry { mac: dst, _pad: 0, ifindex: ib }, 0)?;
+            measure(&mut ebpf, "arp-answered", names::PROG_TC, &arp, repeat)?;
+            let mut neigh: HashMap<&mut MapData, NeighKey, NeighEntry> =
+                HashMap::try_from(ebpf.map_mut(names::MAP_NEIGH).unwrap())?;
+            neigh.remove(&key)?;
+            measure(&mut ebpf, "arp-flooded", names::PROG_TC, &arp, (repeat / 20).max(1))?;
+        }
     }
     Ok(
         json!({"repeat": repeat, "trials": trials, "rows": rows, "fill": fill_secs,

@@ -64,22 +64,17 @@ pub fn status(sw: &mut Switch) -> Result<Status> {
     })
 }
 
-/// `kvnet net show`: the switch's view plus the port defaults of the
-/// network's config section (kept by the daemon, not the switch).
+/// `kvnet net show`: the switch's view plus the port defaults the
+/// network gives its guest ports (storm control with its default filled in).
 pub fn net_show(sw: &Switch, name: &str) -> Result<NetDetail> {
     let mut d = sw.net_show(name)?;
-    d.policy = with_rt(|rt| {
-        rt.applied
-            .networks
-            .get(name)
-            .map(|n| NetPolicy {
-                isolated_ports: n.isolated_ports,
-                port_rate_in_bps: n.port_rate_in.map(|r| r.0),
-                port_rate_out_bps: n.port_rate_out.map(|r| r.0),
-                storm_pps: n.storm_pps,
-            })
-            .unwrap_or_default()
-    });
+    let o = &sw.net(name)?.opts;
+    d.policy = NetPolicy {
+        isolated_ports: o.port_policy.isolated,
+        port_rate_in_bps: o.port_policy.rate_in.map(|r| r.0),
+        port_rate_out_bps: o.port_policy.rate_out.map(|r| r.0),
+        storm_pps: Some(o.storm_pps.unwrap_or(kvnet_common::DEFAULT_STORM_PPS)),
+    };
     Ok(d)
 }
 

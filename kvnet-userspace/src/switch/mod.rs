@@ -69,6 +69,23 @@ pub struct Port {
     pub isolated: bool,
 }
 
+/// Removes the entries of `map` that `doomed` picks; how many it picked.
+pub(crate) fn remove_where<K: aya::Pod, V: aya::Pod>(
+    map: &mut aya::maps::HashMap<&mut aya::maps::MapData, K, V>,
+    doomed: impl Fn(&K, &V) -> bool,
+) -> usize {
+    let keys: Vec<K> = map
+        .iter()
+        .filter_map(|r| r.ok())
+        .filter(|(k, v)| doomed(k, v))
+        .map(|(k, _)| k)
+        .collect();
+    for k in &keys {
+        let _ = map.remove(k);
+    }
+    keys.len()
+}
+
 /// A port's word in a flood set.
 fn flood_member(ifindex: u32, isolated: bool) -> u32 {
     if isolated {
@@ -746,17 +763,7 @@ impl Switch {
     }
 
     fn flush_fdb(&mut self, doomed: impl Fn(&FdbKey, &FdbEntry) -> bool) -> Result<usize> {
-        let mut fdb = self.dp.fdb()?;
-        let keys: Vec<FdbKey> = fdb
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(k, e)| doomed(k, e))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &keys {
-            let _ = fdb.remove(k);
-        }
-        Ok(keys.len())
+        Ok(remove_where(&mut self.dp.fdb()?, doomed))
     }
 
     fn port_name(&self, ifindex: u32) -> String {

@@ -142,15 +142,8 @@ impl Switch {
 
     /// Forgets the addresses `doomed` picks (a port's, a network's).
     pub(crate) fn neigh_flush(&mut self, doomed: impl Fn(&NeighKey, &NeighEntry) -> bool) {
-        let Ok(mut m) = self.dp.neigh() else { return };
-        let keys: Vec<NeighKey> = m
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(k, e)| doomed(k, e))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &keys {
-            let _ = m.remove(k);
+        if let Ok(mut m) = self.dp.neigh() {
+            super::remove_where(&mut m, doomed);
         }
     }
 }

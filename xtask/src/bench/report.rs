@@ -287,6 +287,7 @@ pub fn markdown(res: &Results) -> String {
             }
         );
     }
+    ports_table(&mut o, res);
     // ---- conntrack scale
     let _ = writeln!(o, "\n## Conntrack scale\n");
     for (k, label) in [
@@ -364,6 +365,14 @@ const PATHS: &[(&str, &str, &str)] = &[
         "flood to 2 ports, tc (clone-redirect, clones really sent)",
     ),
     ("flood", "kvnet_xdp", "flood, xdp (→ XDP_PASS, tc floods)"),
+    ("flood-64", "kvnet_tc", "flood to 64 ports, tc"),
+    ("flood-1024", "kvnet_tc", "flood to 1024 ports, tc"),
+    (
+        "arp-answered",
+        "kvnet_tc",
+        "ARP request for a known address, answered (suppression)",
+    ),
+    ("arp-flooded", "kvnet_tc", "ARP request for an unknown address, flooded to 2"),
 ];
 
 fn cost_table(o: &mut String, cost: &Value) {
@@ -548,3 +557,74 @@ const METHOD: &str = "\
 - Rewriting-path costs: kvnet-bench's private maps get a routed network, a NAT network (gateway host end \
   `kvbgw`, a veth with 10.0.0.254/24 and g1 as a permanent neighbour; uplink up0 192.168.77.1) and a VLAN \
   network (p1 access 10, p2 trunk); the conntrack is grown with synthetic flows to each size.";
+
+/// Ports per network (issue 21): port add time, daemon memory, and the
+/// flood's cost per member from the per-packet table.
+fn ports_table(o: &mut String, res: &Results) {
+    let Some(p) = res.scale.get("ports per network") else {
+        return;
+    };
+    let _ = writeln!(o, "\n## Ports per network\n");
+    let _ = writeln!(
+        o,
+        "| ports | bulk attach, ms a port | `kvnet port add`, ms (median of 10) | daemon RSS, MiB |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|");
+    let rows = p["per_network"].as_array().cloned().unwrap_or_default();
+    let across = p["across_networks"].clone();
+    for r in rows.iter().chain((!across.is_null()).then_some(&across)) {
+        let label = match r["networks"].as_u64() {
+            Some(n) => format!("{} across {n} networks", r["ports"]),
+            None => format!("{} in one network", r["ports"]),
+        };
+        let f = |k: &str| r[k].as_f64().map_or("—".into(), |v| format!("{v:.2}"));
+        let rss = r["daemon_rss_kib"]
+            .as_f64()
+            .map_or("—".into(), |v| format!("{:.1}", v / 1024.0));
+        let _ = writeln!(o, "| {label} | {} | {} | {rss} |", f("bulk_ms_per_port"), f("port_add_ms"));
+    }
+    let rss_1k = rows
+        .iter()
+        .find(|r| r["ports"].as_u64() == Some(1024))
+        .and_then(|r| r["daemon_rss_kib"].as_f64());
+    let add_4k = rows
+        .iter()
+        .find(|r| r["ports"].as_u64() == Some(4096))
+        .and_then(|r| r["port_add_ms"].as_f64());
+    let _ = writeln!(
+        o,
+        "\nTargets: daemon RSS < 30 MB at 1,000 ports: {}; port add < 5 ms at 4,096: {}.",
+        rss_1k.map_or("not measured".into(), |v| format!(
+            "{:.1} MiB, {}",
+            v / 1024.0,
+            if v / 1024.0 < 30.0 { "met" } else { "MISSED" }
+        )),
+        add_4k.map_or("not measured (--quick)".into(), |v| format!(
+            "{v:.2} ms, {}",
+            if v < 5.0 { "met" } else { "MISSED" }
+        )),
+    );
+    let cost = |path: &str| -> Option<f64> {
+        res.cost["rows"].as_array()?.iter().find(|r| r["path"] == path).and_then(|r| {
+            let v: Vec<f64> = r["ns"].as_array()?.iter().filter_map(Value::as_f64).collect();
+            median(&v)
+        })
+    };
+    if let (Some(a), Some(b)) = (cost("flood-64"), cost("flood-1024")) {
+        let _ = writeln!(
+            o,
+            "\nOne broadcast's cost per member (BPF_PROG_RUN, tc, clones really sent): {:.0} ns \
+             ((flood to 1024 - flood to 64) / 960; 64 members {:.1} us, 1024 members {:.1} us).",
+            (b - a) / 960.0,
+            a / 1e3,
+            b / 1e3
+        );
+    }
+    if let (Some(a), Some(f)) = (cost("arp-answered"), cost("arp-flooded")) {
+        let _ = writeln!(
+            o,
+            "ARP request for a known address answered in the datapath: {a:.0} ns, against {f:.0} ns to flood \
+             it to 2 ports (and every guest's stack woken, on a real network)."
+        );
+    }
+}
