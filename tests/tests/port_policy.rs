@@ -286,3 +286,58 @@ net = "rate"
     assert!((18.0e6..=22.0e6).contains(&inn), "into r1: {inn} bit/s, limit 20mbit");
     assert!(k.port_drops("r1", "rate_limit") > 0, "the policer never dropped: no limit seen");
 }
+
+/// libvirt's `<port isolated='yes'/>` and `<bandwidth>`, imported from
+/// network XML by `kvnet import-libvirt` and applied: the guests reach the
+/// gateway but not each other, and TCP to and from the host holds the
+/// imported averages (KiB/s) within 10%.
+#[test]
+fn libvirt_port_isolation_and_bandwidth_imported_from_xml_hold_on_the_wire() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let g = lab
+        .add_ipv4_guests(&[("lv1", "10.27.0.2/24"), ("lv2", "10.27.0.3/24")])
+        .unwrap();
+    let (v1, v2) = (&g[0], &g[1]);
+    let k = Kvnet::start(&lab).unwrap();
+    let xml = lab.work_dir().join("iso.xml");
+    // 2500 KiB/s in (20.48 Mbit/s), 1250 KiB/s out (10.24 Mbit/s).
+    fs::write(
+        &xml,
+        "<network>\n  <name>iso</name>\n  <port isolated='yes'/>\n  \
+         <bandwidth><inbound average='2500'/><outbound average='1250'/></bandwidth>\n  \
+         <ip address='10.27.0.1' netmask='255.255.255.0'/>\n</network>\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(k.bin())
+        .arg("import-libvirt")
+        .arg(&xml)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let toml = String::from_utf8(out.stdout).unwrap();
+    assert!(toml.contains("isolated_ports = true"), "{toml}");
+    apply(
+        &lab,
+        &k,
+        "iso.toml",
+        &format!("{toml}\n[[rules]]\nmatch = \"lv*\"\nnet = \"iso\"\n"),
+    );
+    assert!(v1.ping("10.27.0.1"), "isolated guest -> gateway");
+    assert!(v2.ping("10.27.0.1"), "isolated guest -> gateway");
+    assert!(v1.ping_unanswered("10.27.0.3"), "isolated -> isolated");
+    // TCP with the host at the gateway address.
+    let host = GuestPort {
+        ns: lab.hv().to_string(),
+        hv_if: "kvnet-iso".into(),
+        guest_if: "kvnet-iso".into(),
+        mac: read_mac(lab.hv(), "kvnet-iso").unwrap(),
+    };
+    let out = iperf_rate(&lab, &host, "10.27.0.1", v1, false);
+    let inn = iperf_rate(&lab, &host, "10.27.0.1", v1, true);
+    println!("lv1 out {:.2} Mbit/s (10.24), in {:.2} Mbit/s (20.48)", out / 1e6, inn / 1e6);
+    assert!((0.9 * 10.24e6..=1.1 * 10.24e6).contains(&out), "out of lv1: {out} bit/s");
+    assert!((0.9 * 20.48e6..=1.1 * 20.48e6).contains(&inn), "into lv1: {inn} bit/s");
+}

@@ -13,7 +13,7 @@ use kvnet_tests::{
     eth_frame, inject,
     kvnet::Kvnet,
     lab::{exec, privileged, sh},
-    Lab,
+    Capture, Lab,
 };
 
 /// The flood set's size (kvnet_common::MAX_FLOOD_PORTS).
@@ -106,13 +106,14 @@ fn one_broadcast_reaches_all_1023_other_ports_and_the_port_past_the_maximum_is_r
     let cfg = lab.work_dir().join("big.toml");
     fs::write(
         &cfg,
-        "[networks.big]\nmode = \"isolated\"\n\n[[rules]]\nmatch = \"s*\"\nnet = \"big\"\n",
+        "[networks.big]\nmode = \"host-only\"\ngateway = \"10.21.255.254/16\"\n\n[[rules]]\nmatch = \"s*\"\nnet = \"big\"\n",
     )
     .unwrap();
     let t0 = Instant::now();
     k.cli(&["apply", &cfg.to_string_lossy()]).unwrap();
     println!("apply of 1024 ports: {:?}", t0.elapsed());
-    assert_eq!(port_count(&k), 1024);
+    // 1024 guests and the gateway's port.
+    assert_eq!(port_count(&k), 1025);
 
     // Two broadcasts, one after the other: each reaches every other port
     // exactly once (none twice, none back to the sender).
@@ -146,8 +147,47 @@ fn one_broadcast_reaches_all_1023_other_ports_and_the_port_past_the_maximum_is_r
     assert_eq!(s0["flooded"].as_u64(), Some(2), "{s0}");
     assert_eq!(s0["drops"]["storm"].as_u64(), Some(0), "{s0}");
 
+    // ARP for a known address (the gateway's) is answered by kvnet and
+    // reaches none of the 1023; one for an unknown address reaches them
+    // all (the positive control, after it).
+    let arp = |tpa: [u8; 4]| {
+        let mut a = vec![0, 1, 8, 0, 6, 4, 0, 1];
+        a.extend_from_slice(&sender.mac);
+        a.extend_from_slice(&[10, 21, 0, 1]);
+        a.extend_from_slice(&[0; 6]);
+        a.extend_from_slice(&tpa);
+        eth_frame([0xff; 6], sender.mac, 0x0806, &a)
+    };
+    let before = rx_packets(&crowd).unwrap();
+    let cap = Capture::start(&sender.ns, "eth0").unwrap();
+    inject(&sender.ns, "eth0", &[arp([10, 21, 255, 254])]).unwrap();
+    let frames = cap
+        .stop_when("the ARP reply", Duration::from_secs(5), |f| {
+            f.iter().any(|f| f.ethertype() == 0x0806 && f.payload().get(6..8) == Some(&[0, 2][..]))
+        })
+        .unwrap();
+    assert!(
+        frames.iter().any(|f| f.ethertype() == 0x0806 && f.payload().get(6..8) == Some(&[0, 2][..])),
+        "no ARP reply for the gateway"
+    );
+    inject(&sender.ns, "eth0", &[arp([10, 21, 9, 9])]).unwrap();
+    wait_for("the unknown ARP at all 1023", Duration::from_secs(10), || {
+        let after = rx_packets(&crowd).unwrap();
+        (1..=1023).all(|n| {
+            let c = format!("c{n}");
+            after.get(&c).copied().unwrap_or(0) > before.get(&c).copied().unwrap_or(0)
+        })
+    });
+    let after = rx_packets(&crowd).unwrap();
+    for n in 1..=1023 {
+        let c = format!("c{n}");
+        assert_eq!(after[&c] - before[&c], 1, "{c}: the known ARP was flooded to it");
+    }
+    assert_eq!(k.port_stats("s0").unwrap()["arp_answered"].as_u64(), Some(1));
+
     // Up to the maximum: the rule attaches the new links as they appear.
-    add_crowd(&lab, &crowd, 1024, MAX_PORTS_PER_VLAN - 1, false).unwrap();
+    // (The gateway's port is the 4096th.)
+    add_crowd(&lab, &crowd, 1024, MAX_PORTS_PER_VLAN - 2, false).unwrap();
     wait_for("4096 ports attached", Duration::from_secs(120), || {
         port_count(&k) == MAX_PORTS_PER_VLAN
     });

@@ -38,7 +38,7 @@ const GUEST2_ECHO: u16 = 5002;
 /// A UDP sink in the outside namespace, for the source-address checks.
 const SINK_PORT: u16 = 9999;
 /// This version's map layout (kvnet_common::LAYOUT_VERSION).
-const LAYOUT: u32 = 3;
+const LAYOUT: u32 = 4;
 
 /// What the daemon says when it upgraded from the old datapath's layout.
 fn upgraded(old: &Shape) -> String {
@@ -136,6 +136,8 @@ struct Shape {
     layout: u32,
     ports: u64,
     nat_stats: u64,
+    port_stats: u64,
+    flood: u64,
 }
 
 fn shape(l: &LibvirtLab) -> Shape {
@@ -147,6 +149,8 @@ fn shape(l: &LibvirtLab) -> Shape {
         },
         ports: value_size(l, "ports"),
         nat_stats: value_size(l, "nat_stats"),
+        port_stats: value_size(l, "port_stats"),
+        flood: value_size(l, "flood"),
     }
 }
 
@@ -612,7 +616,10 @@ fn an_old_datapath_is_upgraded_under_a_nat_transfer() {
     assert_eq!(layout_version(&l), LAYOUT, "the pinned `layout` map");
     let new_shape = shape(&l);
     assert!(
-        new_shape.ports != old_shape.ports || new_shape.nat_stats != old_shape.nat_stats,
+        Shape {
+            layout: old_shape.layout,
+            ..new_shape.clone()
+        } != old_shape,
         "the maps still have the old layout's sizes: {new_shape:?}"
     );
     assert!(

@@ -183,7 +183,7 @@ impl Results {
     }
 }
 
-pub fn bench(quick: bool) -> Result<()> {
+pub fn bench(quick: bool, ports_only: bool) -> Result<()> {
     setup::ensure(setup::Mode::Quiet)?;
     let started = Instant::now();
     let kvnet = build::kvnet()?;
@@ -205,14 +205,23 @@ pub fn bench(quick: bool) -> Result<()> {
         let args: Vec<_> = std::env::args_os().skip(1).collect();
         return cmd::run(&mut run::as_root(&me, &args)?);
     }
-    run_as_root(quick, &kvnet, &helper, started)
+    run_as_root(quick, ports_only, &kvnet, &helper, started)
 }
 
 /// The measuring part, as root (re-executed under sudo by [`bench`]).
-pub fn run_as_root(quick: bool, kvnet: &Path, helper: &Path, started: Instant) -> Result<()> {
+pub fn run_as_root(
+    quick: bool,
+    ports_only: bool,
+    kvnet: &Path,
+    helper: &Path,
+    started: Instant,
+) -> Result<()> {
     std::env::set_var("KVNET_BIN", kvnet);
     let plan = Plan::new(quick);
-    let out_dir = workspace_root().join("target").join("bench");
+    // (A ports-only run keeps a full run's results.)
+    let out_dir = workspace_root()
+        .join("target")
+        .join(if ports_only { "bench-ports" } else { "bench" });
     std::fs::create_dir_all(&out_dir)?;
     let mut res = Results {
         machine: machine_info(),
@@ -227,7 +236,10 @@ pub fn run_as_root(quick: bool, kvnet: &Path, helper: &Path, started: Instant) -
         plan.pings,
         plan.gen_frames
     );
-    {
+    if ports_only {
+        let v = ports::ports_scale(quick)?;
+        res.scale.insert("ports per network".into(), v);
+    } else {
         let mut b = Bench::new(&plan, helper)?;
         b.l2(&mut res)?;
         b.scale(&mut res)?;

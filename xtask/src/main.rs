@@ -97,6 +97,10 @@ enum Cmd {
     Bench {
         #[arg(long)]
         quick: bool,
+        /// Only the ports-per-network scale table (issue 21), minutes
+        /// instead of the whole run.
+        #[arg(long)]
+        ports_only: bool,
     },
     /// Build the Debian package target/package/kvnet_<version>_<arch>.deb
     /// (binary, systemd unit, qemu scripts, completions, man pages).
@@ -147,7 +151,7 @@ fn real_main() -> Result<()> {
         } => fuzz::fuzz(frames, seed, slice),
         Cmd::Soak { only } => soak::soak(&only),
         Cmd::Lab { action } => lab::lab(action),
-        Cmd::Bench { quick } => bench::bench(quick),
+        Cmd::Bench { quick, ports_only } => bench::bench(quick, ports_only),
         Cmd::Package => package::package().map(|_| ()),
         Cmd::DemoAsRoot { kvnet } => demo::run(&kvnet),
     }

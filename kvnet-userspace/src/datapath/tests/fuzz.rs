@@ -223,6 +223,8 @@ fn load(lab: &mut Lab, st: &MapState) {
     clear(&mut dp.ports().unwrap());
     clear(&mut dp.fdb().unwrap());
     clear(&mut dp.mac_owners().unwrap());
+    clear(&mut dp.neigh().unwrap());
+    clear(&mut dp.port_policy().unwrap());
     clear(&mut dp.vlan_members().unwrap());
     clear(&mut dp.flood().unwrap());
     clear(&mut dp.nets().unwrap());
@@ -265,6 +267,10 @@ fn load(lab: &mut Lab, st: &MapState) {
     }
     let mut m = dp.mac_owners().unwrap();
     for (k, v) in &st.mac_owners {
+        m.insert(k, v, 0).unwrap();
+    }
+    let mut m = dp.neigh().unwrap();
+    for (k, v) in &st.neigh {
         m.insert(k, v, 0).unwrap();
     }
     let mut m = dp.vlan_members().unwrap();
@@ -358,6 +364,7 @@ fn read(lab: &mut Lab) -> MapState {
         .iter()
         .filter_map(Result::ok)
         .collect();
+    st.neigh = dp.neigh().unwrap().iter().filter_map(Result::ok).collect();
     st.fdb_count = dp
         .fdb_count()
         .unwrap()
@@ -642,6 +649,17 @@ fn compare_full(lab: &mut Lab, st: &MapState) -> Option<Mismatch> {
                 .collect::<Vec<_>>()
         };
         diff_maps("mac_owners", o(&st.mac_owners), o(&k.mac_owners), show_fdb)
+    })
+    .or_else(|| {
+        let o = |m: &HashMap<NeighKey, NeighEntry>| {
+            let mut v: Vec<_> = m
+                .iter()
+                .map(|(k, e)| ((k.net_id, k.vid, k.ip), (e.mac, e.ifindex)))
+                .collect();
+            v.sort();
+            v
+        };
+        diff_maps("neigh", o(&st.neigh), o(&k.neigh), |v| format!("{v:?}"))
     })
     .or_else(|| {
         diff_maps(
@@ -1085,6 +1103,7 @@ impl Shrinker<'_> {
         try_remove!(ports);
         try_remove!(fdb);
         try_remove!(mac_owners);
+        try_remove!(neigh);
         try_remove!(vlan_members);
         try_remove!(flood);
         try_remove!(nets);
@@ -1260,6 +1279,19 @@ pub(super) fn describe(st: &MapState) -> String {
             v.ifindex,
             v.flags,
             age_name(v.last_seen_ns)
+        );
+    }
+    let mut n: Vec<_> = st.neigh.iter().collect();
+    n.sort_by_key(|(k, _)| (k.net_id, k.vid, k.ip));
+    for (k, e) in n {
+        let _ = writeln!(
+            s,
+            "  neigh net {} vid {} {} -> {} port {}",
+            k.net_id,
+            k.vid,
+            std::net::Ipv4Addr::from(u32::from_be(k.ip)),
+            mac_str(&e.mac),
+            e.ifindex
         );
     }
     let mut o: Vec<_> = st.mac_owners.iter().collect();
@@ -1826,6 +1858,36 @@ fn gen_state(r: &Rng, lab: &Lab) -> MapState {
         st.mac_owners.insert(
             owner_key(net, guest_mac(r.range(1, 9) as u8)),
             r.pick(&targets),
+        );
+    }
+    // ARP suppression's owners: each guest's bound addresses (mostly), and
+    // a few stale or foreign ones.
+    let bound: Vec<(u32, u32, u16, [u8; 6], u32)> = st
+        .ports
+        .iter()
+        .filter_map(|(i, p)| Some((*i, p.net_id, p.pvid, *p.owned_macs().first()?, *p.bound_ips().first()?)))
+        .collect();
+    for (i, net, vid, mac, ip) in bound {
+        if r.chance(60) {
+            st.neigh.insert(
+                NeighKey { net_id: net, vid, _pad: 0, ip },
+                NeighEntry { mac, _pad: 0, ifindex: i },
+            );
+        }
+    }
+    for _ in 0..r.range(0, 2) {
+        st.neigh.insert(
+            NeighKey {
+                net_id: r.pick(&[NET_A, NET_B]),
+                vid: r.pick(&[0, 0, 10]),
+                _pad: 0,
+                ip: u32::from_ne_bytes([10, 0, 0, r.range(1, 12) as u8]),
+            },
+            NeighEntry {
+                mac: guest_mac(r.range(1, 9) as u8),
+                _pad: 0,
+                ifindex: r.pick(&targets),
+            },
         );
     }
     // FDB entries.

@@ -89,6 +89,8 @@ pub struct MapState {
     pub forwards: HashMap<ForwardKey, ForwardTarget>,
     pub nat_stats: BTreeMap<u32, NatStats>,
     pub ct_quota: BTreeMap<u32, u32>,
+    /// ARP suppression's owners (map `neigh`).
+    pub neigh: HashMap<NeighKey, NeighEntry>,
 }
 
 /// Datapath behaviours known to differ from the intended ones (fuzz.rs
@@ -273,6 +275,13 @@ enum Verdict {
         net_id: u32,
     },
     NatIn,
+    /// An ARP request answered from `neigh`: the owner's MAC, the asked
+    /// address (network order) and where the ARP header starts.
+    ArpReply {
+        mac: [u8; 6],
+        ip: u32,
+        off: usize,
+    },
 }
 
 struct Admitted {
@@ -282,6 +291,9 @@ struct Admitted {
     ethertype: u16,
     vid: u16,
     out_tci: u16,
+    /// The network header past the classified tag: its type and offset.
+    l3_ethertype: u16,
+    l3: usize,
 }
 
 /// Runs `inp` through the model: its outcome, with `st` changed as the
@@ -322,6 +334,7 @@ impl Verdict {
             Verdict::ToHost { .. } => "to_host".into(),
             Verdict::NatOut { .. } => "nat_out".into(),
             Verdict::NatIn => "nat_in".into(),
+            Verdict::ArpReply { .. } => "arp_reply".into(),
         }
     }
 }
@@ -352,7 +365,7 @@ fn decide(
         path.push_str("uplink:host ");
         return Verdict::Pass;
     }
-    let a = match admit(st, inp, port, tag, path) {
+    let a = match admit(st, inp, port, tag, tc, path) {
         Ok(a) => a,
         Err(r) => return Verdict::Drop(r),
     };
@@ -373,6 +386,7 @@ fn admit(
     inp: &Input,
     port: &PortConfig,
     tag: Option<Tag>,
+    tc: bool,
     path: &mut String,
 ) -> Result<Admitted, DropReason> {
     let f = &inp.frame;
@@ -393,7 +407,7 @@ fn admit(
     if is_tag(inner) {
         return Err(DropReason::DoubleTag);
     }
-    if let Some(r) = guard(st, inp, port, &src, inner, l3off, vid, path) {
+    if let Some(r) = guard(st, inp, port, &src, inner, l3off, vid, tc, path) {
         return Err(r);
     }
     // A guarded guest gets no say in the priority (PCP, DEI) of the tags
@@ -406,6 +420,8 @@ fn admit(
         ethertype,
         vid,
         out_tci: if keep { prio } else { 0 } | vid,
+        l3_ethertype: inner,
+        l3: l3off,
     })
 }
 
@@ -457,13 +473,14 @@ fn guard(
     ethertype: u16,
     l3: usize,
     vid: u16,
+    tc: bool,
     path: &mut String,
 ) -> Option<DropReason> {
     let f = &inp.frame;
     if port.flags & (PORT_F_TRUSTED | PORT_F_UPLINK_BRIDGED | PORT_F_UPLINK_ROUTED) != 0 {
         // Trusted ports carry the real DHCP servers: learn from their replies.
         if ethertype == ETH_P_IPV4 {
-            snoop_dhcp(st, port.net_id, f, l3);
+            snoop_dhcp(st, port.net_id, vid, f, l3, tc);
         }
         return None;
     }
@@ -749,7 +766,7 @@ fn nd_options(f: &[u8], mut o: usize, end: usize, src: &[u8; 6]) -> Option<DropR
 
 /// DHCP snooping on a trusted port: a server's reply binds the address it
 /// hands out to the guarded port that owns the client's MAC.
-fn snoop_dhcp(st: &mut MapState, net_id: u32, f: &[u8], l3: usize) {
+fn snoop_dhcp(st: &mut MapState, net_id: u32, vid: u16, f: &[u8], l3: usize, tc: bool) {
     let Some(ip) = ipv4_at(f, l3) else { return };
     if ip.hlen != 20 || ip.proto != IPPROTO_UDP {
         return;
@@ -775,6 +792,22 @@ fn snoop_dhcp(st: &mut MapState, net_id: u32, f: &[u8], l3: usize) {
     let Some(o) = owner(st, net_id, chaddr) else {
         return;
     };
+    // ARP suppression answers for the address from now on (tc only).
+    if tc {
+        st.neigh.insert(
+            NeighKey {
+                net_id,
+                vid,
+                _pad: 0,
+                ip: yiaddr,
+            },
+            NeighEntry {
+                mac: chaddr,
+                _pad: 0,
+                ifindex: o,
+            },
+        );
+    }
     let Some(p) = st.ports.get_mut(&o) else {
         return;
     };
@@ -843,6 +876,40 @@ fn learn(st: &mut MapState, net_id: u32, vid: u16, mac: [u8; 6], ingress: u32, b
 
 // ---------------------------------------------------------------- forwarding
 
+/// ARP suppression (neigh.rs `answer`): an Ethernet/IPv4 request, not
+/// gratuitous, for an address with an owner in the same network and VLAN
+/// that is neither the asking port nor the asking MAC (nor, for an isolated
+/// asker, an isolated port).
+fn arp_answer(st: &MapState, inp: &Input, port: &PortConfig, a: &Admitted) -> Option<Verdict> {
+    let arp = inp.frame.get(a.l3..a.l3 + 28)?;
+    if arp[..8] != [0, 1, 8, 0, 6, 4, 0, 1] || arp[14..18] == arp[24..28] {
+        return None;
+    }
+    let ip = u32::from_ne_bytes(arp[24..28].try_into().ok()?);
+    let e = st.neigh.get(&NeighKey {
+        net_id: port.net_id,
+        vid: a.vid,
+        _pad: 0,
+        ip,
+    })?;
+    if e.ifindex == inp.ingress || e.mac[..] == arp[8..14] {
+        return None;
+    }
+    if port.flags & PORT_F_ISOLATED != 0
+        && st
+            .ports
+            .get(&e.ifindex)
+            .is_some_and(|p| p.flags & PORT_F_ISOLATED != 0)
+    {
+        return None;
+    }
+    Some(Verdict::ArpReply {
+        mac: e.mac,
+        ip,
+        off: a.l3,
+    })
+}
+
 /// Where an admitted frame goes (pipeline.rs `forward`).
 fn forward(
     st: &mut MapState,
@@ -859,6 +926,12 @@ fn forward(
         out_tci: a.out_tci,
     };
     if is_multicast(&a.dst) {
+        if tc && a.l3_ethertype == ETH_P_ARP {
+            if let Some(v) = arp_answer(st, inp, port, a) {
+                path.push_str("arp-answered ");
+                return v;
+            }
+        }
         return flood;
     }
     // IPv4 to a routed network's gateway MAC (its VLAN, untagged in the
@@ -1200,6 +1273,27 @@ fn tc(st: &mut MapState, env: &Env, inp: &Input) -> Outcome {
             nat_out(st, inp, net_id, len, &mut skb, &mut egress, &mut path)
         }
         Verdict::NatIn => nat_in(st, inp, &mut skb, &mut path),
+        Verdict::ArpReply { mac, ip, off } => {
+            // The request becomes the reply in place, back out of the
+            // ingress (the frame's VLAN, if any, in metadata goes with it).
+            let b = &mut skb.bytes;
+            let asker_mac: [u8; 6] = b[off + 8..off + 14].try_into().unwrap();
+            let asker_ip: [u8; 4] = b[off + 14..off + 18].try_into().unwrap();
+            b[..6].copy_from_slice(&asker_mac);
+            b[6..12].copy_from_slice(&mac);
+            b[off + 7] = 2;
+            b[off + 8..off + 14].copy_from_slice(&mac);
+            b[off + 14..off + 18].copy_from_slice(&ip.to_ne_bytes());
+            b[off + 18..off + 24].copy_from_slice(&asker_mac);
+            b[off + 24..off + 28].copy_from_slice(&asker_ip);
+            stat(st, inp.ingress, |s| {
+                s.arp_answered += 1;
+                s.tx_packets += 1;
+                s.tx_bytes += len;
+            });
+            egress.push(inp.ingress);
+            TC_ACT_REDIRECT
+        }
     };
     Outcome {
         verdict,
