@@ -3,7 +3,8 @@
 /// the size of its flood set, which tc walks with `bpf_loop` (a power of
 /// two: the walk masks its index with it).
 pub const MAX_FLOOD_PORTS: usize = 4096;
-pub const MAX_PORTS: u32 = 4096;
+/// Ports kvnet holds, all networks together (the port maps' size).
+pub const MAX_PORTS: u32 = 16384;
 pub const MAX_FDB_ENTRIES: u32 = 1 << 20;
 pub const MAX_NETWORKS: u32 = 4096;
 /// Default conntrack capacity (entries; a flow takes two). The daemon can

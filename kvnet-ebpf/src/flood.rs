@@ -4,7 +4,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, __sk_buff},
+    bindings::{__sk_buff, TC_ACT_SHOT},
     helpers::{bpf_clone_redirect, bpf_loop},
     macros::map,
     maps::PerCpuArray,

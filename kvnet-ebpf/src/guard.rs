@@ -15,9 +15,9 @@
 //! pays a few compares and no lookup.
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use kvnet_common::{
-    owner_key, DropReason, FdbKey, NeighEntry, NeighKey, PortConfig, ETH_P_8021AD, ETH_P_8021Q, ETH_P_QINQ_9100,
-    FDB_F_STATIC, FDB_VID_ANY, IPPROTO_UDP, PORT_F_GUARDED, PORT_F_IP_GUARD, PORT_F_TRUSTED,
-    PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_ROUTED, PORT_IPS, PORT_MACS,
+    owner_key, DropReason, FdbKey, NeighEntry, NeighKey, PortConfig, ETH_P_8021AD, ETH_P_8021Q,
+    ETH_P_QINQ_9100, FDB_F_STATIC, FDB_VID_ANY, IPPROTO_UDP, PORT_F_GUARDED, PORT_F_IP_GUARD,
+    PORT_F_TRUSTED, PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_ROUTED, PORT_IPS, PORT_MACS,
 };
 
 use crate::{
@@ -443,7 +443,13 @@ fn snoop_dhcp(net_id: u32, vid: u16, data: usize, data_end: usize, l3: &L3, tc: 
     // XDP hook's verifier budget is spent; DHCP replies reach guests from
     // the gateway port, which runs tc).
     if tc {
-        snoop_neigh(net_id, vid, yiaddr, [m[36], m[37], m[38], m[39], m[40], m[41]], owner);
+        snoop_neigh(
+            net_id,
+            vid,
+            yiaddr,
+            [m[36], m[37], m[38], m[39], m[40], m[41]],
+            owner,
+        );
     }
     let Some(p) = PORTS.get_ptr_mut(&owner) else {
         return;

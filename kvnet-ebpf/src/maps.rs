@@ -5,10 +5,10 @@ use aya_ebpf::{
 };
 use kvnet_common::{
     CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, ForwardKey, ForwardTarget, FragKey,
-    FragPorts, NatMapKey, NatMapping, NatStats, NetConfig, PortConfig, PortStats, RateBucket,
-    VlanMember, VlanMemberKey, MAX_CT_ENTRIES, MAX_FDB_ENTRIES, MAX_FLOOD_DOMAINS, MAX_FORWARDS,
-    MAX_MAC_OWNERS, MAX_NAT_FRAGS, MAX_NAT_MAPPINGS, MAX_NEIGH_ENTRIES, MAX_NETWORKS, MAX_PORTS,
-    MAX_VLAN_MEMBERS, NeighEntry, NeighKey, PortPolicy,
+    FragPorts, NatMapKey, NatMapping, NatStats, NeighEntry, NeighKey, NetConfig, PortConfig,
+    PortPolicy, PortStats, RateBucket, VlanMember, VlanMemberKey, MAX_CT_ENTRIES, MAX_FDB_ENTRIES,
+    MAX_FLOOD_DOMAINS, MAX_FORWARDS, MAX_MAC_OWNERS, MAX_NAT_FRAGS, MAX_NAT_MAPPINGS,
+    MAX_NEIGH_ENTRIES, MAX_NETWORKS, MAX_PORTS, MAX_VLAN_MEMBERS,
 };
 
 /// Map flag: allocate entries as they are written. A flood set is 16 KiB;

@@ -11,8 +11,9 @@
 //! (`main.rs`) carry the verdict out.
 use kvnet_common::{
     DropReason, FloodKey, PortConfig, ETH_P_8021Q, FDB_F_HOST, NET_F_CLOSED, NET_F_NAT,
-    PORT_F_GUARDED, PORT_F_HAIRPIN, PORT_F_ISOLATED, PORT_F_ROUTED_NET, PORT_F_TRUSTED, PORT_F_UPLINK_NAT,
-    PORT_F_UPLINK_ROUTED, VLAN_MODE_NONE, VLAN_MODE_TRUNK, VLAN_M_TAGGED, VLAN_VID_MASK,
+    PORT_F_GUARDED, PORT_F_HAIRPIN, PORT_F_ISOLATED, PORT_F_ROUTED_NET, PORT_F_TRUSTED,
+    PORT_F_UPLINK_NAT, PORT_F_UPLINK_ROUTED, VLAN_MODE_NONE, VLAN_MODE_TRUNK, VLAN_M_TAGGED,
+    VLAN_VID_MASK,
 };
 
 pub use crate::vlan::Tag;
@@ -208,9 +209,7 @@ fn forward(
         return flood;
     }
     // (tc only: XDP hands isolated ports' frames to tc.)
-    if l3.is_some()
-        && port.flags & PORT_F_ISOLATED != 0
-        && to_own_subnet(net_id, a, data, data_end)
+    if l3.is_some() && port.flags & PORT_F_ISOLATED != 0 && to_own_subnet(net_id, a, data, data_end)
     {
         // Through the gateway back into its own network: routed or via the
         // host stack, that would reach the isolated ports it must not.
@@ -261,13 +260,7 @@ fn forward(
 /// from (unless hairpin), never into another network or VLAN, even with a
 /// stale FDB; tagged or not as the egress port's membership says.
 #[inline(always)]
-fn to_port(
-    ingress: u32,
-    port: &PortConfig,
-    egress: u32,
-    a: &Admitted,
-    isolated: bool,
-) -> Verdict {
+fn to_port(ingress: u32, port: &PortConfig, egress: u32, a: &Admitted, isolated: bool) -> Verdict {
     if egress == ingress && port.flags & PORT_F_HAIRPIN == 0 {
         return Verdict::Drop(DropReason::Hairpin);
     }

@@ -2,7 +2,9 @@
 //! ports that take XDP redirects, drops) and hands the rest to tc.
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_redirect, programs::XdpContext};
 use aya_log_ebpf::debug;
-use kvnet_common::{DropReason, PORT_F_ISOLATED, PORT_F_RX_VLAN_STRIPPED, PORT_F_XDP_TX, VLAN_MODE_TRUNK};
+use kvnet_common::{
+    DropReason, PORT_F_ISOLATED, PORT_F_RX_VLAN_STRIPPED, PORT_F_XDP_TX, VLAN_MODE_TRUNK,
+};
 
 use crate::{
     csum, maps,

@@ -102,7 +102,16 @@ mod tests {
         assert_eq!(Rate(1_500_000_000).to_string(), "1500mbit");
         assert_eq!(Rate(12_345).to_string(), "12345bit");
         assert_eq!(Rate::from_kib_per_sec(1000), Rate(8_192_000));
-        for bad in ["10", "mbit", "-1mbit", "0kbit", "1bit", "nanmbit", "1e12gbit", "10 furlongs"] {
+        for bad in [
+            "10",
+            "mbit",
+            "-1mbit",
+            "0kbit",
+            "1bit",
+            "nanmbit",
+            "1e12gbit",
+            "10 furlongs",
+        ] {
             assert!(bad.parse::<Rate>().is_err(), "{bad} parsed");
         }
     }

@@ -81,7 +81,10 @@ net = "iso"
     let cap_i2 = Capture::start(&i2.ns, "eth0").unwrap();
     assert!(i1.ping("10.22.0.1"), "isolated -> gateway");
     assert!(i1.ping("10.22.0.4"), "isolated -> open port");
-    assert!(n1.ping("10.22.0.3"), "open port -> isolated (positive control)");
+    assert!(
+        n1.ping("10.22.0.3"),
+        "open port -> isolated (positive control)"
+    );
     assert!(i1.ping_unanswered("10.22.0.3"), "isolated -> isolated");
     // Through the gateway's MAC instead: not routed back in either.
     let gw = gateway_mac(&lab, "iso");
@@ -89,13 +92,23 @@ net = "iso"
         "ip neigh replace 10.22.0.3 lladdr {gw} dev eth0 nud permanent"
     ))
     .unwrap();
-    assert!(i1.ping_unanswered("10.22.0.3"), "isolated -> isolated via the gateway");
-    assert!(k.port_drops("i1", "isolated") > 0, "{:?}", k.port_stats("i1"));
+    assert!(
+        i1.ping_unanswered("10.22.0.3"),
+        "isolated -> isolated via the gateway"
+    );
+    assert!(
+        k.port_drops("i1", "isolated") > 0,
+        "{:?}",
+        k.port_stats("i1")
+    );
     let frames = cap_i2.stop().unwrap();
     let from_i1 = frames.iter().filter(|f| f.src_mac() == i1.mac).count();
     let from_n1 = frames.iter().filter(|f| f.src_mac() == n1.mac).count();
     assert_eq!(from_i1, 0, "i2 saw frames of i1");
-    assert!(from_n1 > 0, "the capture saw nothing from n1: it would not have seen i1's");
+    assert!(
+        from_n1 > 0,
+        "the capture saw nothing from n1: it would not have seen i1's"
+    );
 }
 
 #[test]
@@ -138,16 +151,27 @@ fn arp_for_a_known_guest_is_answered_without_a_flood() {
     assert!(a2.ping("10.23.0.2"), "a2 -> a1");
     assert!(a1.ping("10.23.0.1"), "a1 -> gateway");
     let neigh = a1.sh("ip neigh show 10.23.0.3").unwrap();
-    assert!(neigh.contains(&mac_fmt(&a2.mac)), "a1 resolved a2 wrongly: {neigh}");
+    assert!(
+        neigh.contains(&mac_fmt(&a2.mac)),
+        "a1 resolved a2 wrongly: {neigh}"
+    );
     // Positive control: a request for an unknown address is flooded.
-    inject(&a1.ns, "eth0", &[arp_request(a1, [10, 23, 0, 2], [10, 23, 0, 99])]).unwrap();
+    inject(
+        &a1.ns,
+        "eth0",
+        &[arp_request(a1, [10, 23, 0, 2], [10, 23, 0, 99])],
+    )
+    .unwrap();
     let t0 = Instant::now();
     let a3_frames = loop {
         let f = cap_a3.frames().unwrap();
         if f.iter().any(|f| is_arp_request_for(f, [10, 23, 0, 99])) {
             break f;
         }
-        assert!(t0.elapsed() < Duration::from_secs(5), "the unknown ARP was not flooded");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the unknown ARP was not flooded"
+        );
         thread::sleep(Duration::from_millis(50));
     };
     cap_a3.stop().unwrap();
@@ -161,12 +185,27 @@ fn arp_for_a_known_guest_is_answered_without_a_flood() {
         let known: Vec<String> = frames
             .iter()
             .filter(|f| f.is_broadcast() && f.payload().get(14..18) != Some(&own_ip[..]))
-            .filter(|f| [[10, 23, 0, 1], [10, 23, 0, 2], [10, 23, 0, 3]].iter().any(|ip| is_arp_request_for(f, *ip)))
-            .map(|f| format!("from {} for {:?}", mac_fmt(&f.src_mac()), &f.payload()[24..28]))
+            .filter(|f| {
+                [[10, 23, 0, 1], [10, 23, 0, 2], [10, 23, 0, 3]]
+                    .iter()
+                    .any(|ip| is_arp_request_for(f, *ip))
+            })
+            .map(|f| {
+                format!(
+                    "from {} for {:?}",
+                    mac_fmt(&f.src_mac()),
+                    &f.payload()[24..28]
+                )
+            })
             .collect();
-        assert!(known.is_empty(), "{who} saw ARP requests for known addresses: {known:?}");
+        assert!(
+            known.is_empty(),
+            "{who} saw ARP requests for known addresses: {known:?}"
+        );
     }
-    let answered = k.port_stats("a1").unwrap()["arp_answered"].as_u64().unwrap_or(0);
+    let answered = k.port_stats("a1").unwrap()["arp_answered"]
+        .as_u64()
+        .unwrap_or(0);
     assert!(answered >= 2, "a1's requests answered by kvnet: {answered}");
 }
 
@@ -214,8 +253,14 @@ fn a_broadcast_storm_is_cut_and_counted_while_other_guests_talk() {
         .count();
     // 200 a second plus one second of burst, over the storm's length.
     let allowed = 200 + (200.0 * flood.as_secs_f64()).ceil() as usize + 10;
-    assert!(got > 0, "nothing of the storm arrived: the limit cut everything");
-    assert!(got <= allowed, "{got} of {SENT} flooded in {flood:?}: more than {allowed}");
+    assert!(
+        got > 0,
+        "nothing of the storm arrived: the limit cut everything"
+    );
+    assert!(
+        got <= allowed,
+        "{got} of {SENT} flooded in {flood:?}: more than {allowed}"
+    );
     let dropped = k.port_drops("b1", "storm");
     assert!(
         dropped as usize >= SENT - allowed,
@@ -236,7 +281,10 @@ fn iperf_rate(lab: &Lab, server: &GuestPort, to: &str, client: &GuestPort, rever
         .sh("ss -Hltn 'sport = :5201'")
         .is_ok_and(|s| !s.trim().is_empty())
     {
-        assert!(t0.elapsed() < Duration::from_secs(5), "iperf3 -s did not start");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "iperf3 -s did not start"
+        );
         thread::sleep(Duration::from_millis(20));
     }
     let mut args = vec!["iperf3", "-c", to, "-t", "5", "-O", "2", "-J"];
@@ -281,10 +329,23 @@ net = "rate"
     );
     let out = iperf_rate(&lab, r2, "10.26.0.2", r1, false);
     let inn = iperf_rate(&lab, r2, "10.26.0.2", r1, true);
-    println!("r1 out {:.2} Mbit/s (limit 10), in {:.2} Mbit/s (limit 20)", out / 1e6, inn / 1e6);
-    assert!((9.0e6..=11.0e6).contains(&out), "out of r1: {out} bit/s, limit 10mbit");
-    assert!((18.0e6..=22.0e6).contains(&inn), "into r1: {inn} bit/s, limit 20mbit");
-    assert!(k.port_drops("r1", "rate_limit") > 0, "the policer never dropped: no limit seen");
+    println!(
+        "r1 out {:.2} Mbit/s (limit 10), in {:.2} Mbit/s (limit 20)",
+        out / 1e6,
+        inn / 1e6
+    );
+    assert!(
+        (9.0e6..=11.0e6).contains(&out),
+        "out of r1: {out} bit/s, limit 10mbit"
+    );
+    assert!(
+        (18.0e6..=22.0e6).contains(&inn),
+        "into r1: {inn} bit/s, limit 20mbit"
+    );
+    assert!(
+        k.port_drops("r1", "rate_limit") > 0,
+        "the policer never dropped: no limit seen"
+    );
 }
 
 /// libvirt's `<port isolated='yes'/>` and `<bandwidth>`, imported from
@@ -316,7 +377,11 @@ fn libvirt_port_isolation_and_bandwidth_imported_from_xml_hold_on_the_wire() {
         .arg(&xml)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let toml = String::from_utf8(out.stdout).unwrap();
     assert!(toml.contains("isolated_ports = true"), "{toml}");
     apply(
@@ -337,7 +402,17 @@ fn libvirt_port_isolation_and_bandwidth_imported_from_xml_hold_on_the_wire() {
     };
     let out = iperf_rate(&lab, &host, "10.27.0.1", v1, false);
     let inn = iperf_rate(&lab, &host, "10.27.0.1", v1, true);
-    println!("lv1 out {:.2} Mbit/s (10.24), in {:.2} Mbit/s (20.48)", out / 1e6, inn / 1e6);
-    assert!((0.9 * 10.24e6..=1.1 * 10.24e6).contains(&out), "out of lv1: {out} bit/s");
-    assert!((0.9 * 20.48e6..=1.1 * 20.48e6).contains(&inn), "into lv1: {inn} bit/s");
+    println!(
+        "lv1 out {:.2} Mbit/s (10.24), in {:.2} Mbit/s (20.48)",
+        out / 1e6,
+        inn / 1e6
+    );
+    assert!(
+        (0.9 * 10.24e6..=1.1 * 10.24e6).contains(&out),
+        "out of lv1: {out} bit/s"
+    );
+    assert!(
+        (0.9 * 20.48e6..=1.1 * 20.48e6).contains(&inn),
+        "into lv1: {inn} bit/s"
+    );
 }

@@ -219,9 +219,10 @@ pub fn run_as_root(
     std::env::set_var("KVNET_BIN", kvnet);
     let plan = Plan::new(quick);
     // (A ports-only run keeps a full run's results.)
-    let out_dir = workspace_root()
-        .join("target")
-        .join(if ports_only { "bench-ports" } else { "bench" });
+    let out_dir =
+        workspace_root()
+            .join("target")
+            .join(if ports_only { "bench-ports" } else { "bench" });
     std::fs::create_dir_all(&out_dir)?;
     let mut res = Results {
         machine: machine_info(),
@@ -250,7 +251,9 @@ pub fn run_as_root(
             Ok(v) => {
                 res.scale.insert("ports per network".into(), v);
             }
-            Err(e) => res.notes.push(format!("ports-per-network scale failed: {e:#}")),
+            Err(e) => res
+                .notes
+                .push(format!("ports-per-network scale failed: {e:#}")),
         }
         b.notes(&mut res);
         // The lab (namespaces, daemon, pins) goes away here.

@@ -442,8 +442,15 @@ pub fn run(kvnet: &Path) -> Result<()> {
         k.json(&["stats"])
             .ok()
             .and_then(|s| {
-                let row = s["ports"].as_array()?.iter().find(|r| r["port"] == port)?.clone();
-                field.iter().try_fold(row, |v, f| v.get(*f).cloned())?.as_u64()
+                let row = s["ports"]
+                    .as_array()?
+                    .iter()
+                    .find(|r| r["port"] == port)?
+                    .clone();
+                field
+                    .iter()
+                    .try_fold(row, |v, f| v.get(*f).cloned())?
+                    .as_u64()
             })
             .unwrap_or(0)
     };

@@ -30,11 +30,10 @@ use aya::{
 use clap::{Parser, Subcommand};
 use kvnet_common::{
     names, CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, NatStats, NeighEntry, NeighKey,
-    NetConfig, PortConfig,
-    PortStats, VlanMember, VlanMemberKey, CT_F_ACK, CT_F_ORIGINAL, CT_F_SYN, FDB_F_STATIC,
-    IPPROTO_TCP, IPPROTO_UDP, NET_F_NAT, PORT_F_GUARDED, PORT_F_IP_GUARD, PORT_F_ROUTED_NET,
-    PORT_F_UPLINK_NAT, PORT_F_UPLINK_ROUTED, PORT_F_XDP_TX, VLAN_MODE_ACCESS, VLAN_MODE_TRUNK,
-    VLAN_M_TAGGED,
+    NetConfig, PortConfig, PortStats, VlanMember, VlanMemberKey, CT_F_ACK, CT_F_ORIGINAL, CT_F_SYN,
+    FDB_F_STATIC, IPPROTO_TCP, IPPROTO_UDP, NET_F_NAT, PORT_F_GUARDED, PORT_F_IP_GUARD,
+    PORT_F_ROUTED_NET, PORT_F_UPLINK_NAT, PORT_F_UPLINK_ROUTED, PORT_F_XDP_TX, VLAN_MODE_ACCESS,
+    VLAN_MODE_TRUNK, VLAN_M_TAGGED,
 };
 use kvnet_userspace::{host::monotonic_ns, netdev::ifindex};
 use serde_json::json;
@@ -621,7 +620,13 @@ fn cost(
             for members in [64usize, 1024] {
                 set_flood(&mut ebpf, &vec![ib; members])?;
                 let rep = (repeat / members as u32).max(1);
-                measure(&mut ebpf, &format!("flood-{members}"), names::PROG_TC, &bcast, rep)?;
+                measure(
+                    &mut ebpf,
+                    &format!("flood-{members}"),
+                    names::PROG_TC,
+                    &bcast,
+                    rep,
+                )?;
             }
             set_flood(&mut ebpf, &[ia, ib])?;
             // ARP suppression: a request for a known address is answered
@@ -635,12 +640,26 @@ fn cost(
             };
             let mut neigh: HashMap<&mut MapData, NeighKey, NeighEntry> =
                 HashMap::try_from(ebpf.map_mut(names::MAP_NEIGH).unwrap())?;
-            neigh.insert(key, NeighEntry { mac: dst, _pad: 0, ifindex: ib }, 0)?;
+            neigh.insert(
+                key,
+                NeighEntry {
+                    mac: dst,
+                    _pad: 0,
+                    ifindex: ib,
+                },
+                0,
+            )?;
             measure(&mut ebpf, "arp-answered", names::PROG_TC, &arp, repeat)?;
             let mut neigh: HashMap<&mut MapData, NeighKey, NeighEntry> =
                 HashMap::try_from(ebpf.map_mut(names::MAP_NEIGH).unwrap())?;
             neigh.remove(&key)?;
-            measure(&mut ebpf, "arp-flooded", names::PROG_TC, &arp, (repeat / 20).max(1))?;
+            measure(
+                &mut ebpf,
+                "arp-flooded",
+                names::PROG_TC,
+                &arp,
+                (repeat / 20).max(1),
+            )?;
         }
     }
     Ok(

@@ -88,7 +88,7 @@ fn attach(sw: &mut Switch, iface: &str, spec: &PortSpec) -> Result<()> {
                 &spec.vlan_args(),
                 spec.trusted,
                 &spec.security,
-            &spec.policy,
+                &spec.policy,
             )
         }
         None => sw.port_add(

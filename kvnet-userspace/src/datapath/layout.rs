@@ -484,7 +484,10 @@ mod tests {
         let s: PortStats = *bytemuck::from_bytes(&new);
         assert_eq!((s.learn_refused, s.arp_answered), (11, 0));
         assert_eq!((s.drops[0], s.drops[16]), (12, 28), "malformed .. ct_quota");
-        assert!(s.drops[17..].iter().all(|d| *d == 0), "storm, rate_limit, isolated");
+        assert!(
+            s.drops[17..].iter().all(|d| *d == 0),
+            "storm, rate_limit, isolated"
+        );
     }
 
     #[test]

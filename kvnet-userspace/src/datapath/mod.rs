@@ -745,7 +745,10 @@ impl Datapath {
 
     /// Storm control and rate limits by port.
     pub fn port_policy(&mut self) -> Result<HashMap<&mut MapData, u32, PortPolicy>> {
-        Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_PORT_POLICY)?)?)
+        Ok(HashMap::try_from(map(
+            &mut self.ebpf,
+            names::MAP_PORT_POLICY,
+        )?)?)
     }
 
     pub fn vlan_members(&mut self) -> Result<HashMap<&mut MapData, VlanMemberKey, VlanMember>> {

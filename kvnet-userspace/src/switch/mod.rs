@@ -15,8 +15,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use kvnet_common::{
     FdbEntry, FdbKey, FloodKey, FloodSet, PortConfig, VlanMember, VlanMemberKey, DROP_REASON_NAMES,
-    FDB_F_STATIC, FDB_VID_ANY, FLOOD_M_IFINDEX, FLOOD_M_ISOLATED, MAX_FLOOD_PORTS, PORT_F_HAIRPIN, PORT_F_RX_VLAN_STRIPPED,
-    PORT_F_TRUSTED, PORT_F_XDP, PORT_F_XDP_TX, VLAN_M_TAGGED,
+    FDB_F_STATIC, FDB_VID_ANY, FLOOD_M_IFINDEX, FLOOD_M_ISOLATED, MAX_FLOOD_PORTS, PORT_F_HAIRPIN,
+    PORT_F_RX_VLAN_STRIPPED, PORT_F_TRUSTED, PORT_F_XDP, PORT_F_XDP_TX, VLAN_M_TAGGED,
 };
 
 use crate::{
@@ -404,6 +404,12 @@ impl Switch {
             bail!("the loopback interface cannot be a switch port");
         }
         self.check_capacity(net, iface, &cfg)?;
+        if self.ports.len() >= kvnet_common::MAX_PORTS as usize {
+            bail!(
+                "kvnet already holds the maximum of {} ports (all networks together)",
+                kvnet_common::MAX_PORTS
+            );
+        }
         let eff = self
             .effective_policy(net, role, &policy, hook)
             .with_context(|| format!("port '{iface}'"))?;

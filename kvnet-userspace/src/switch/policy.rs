@@ -161,7 +161,11 @@ mod tests {
             storm_pps: 100,
         };
         let f = e.flags(PORT_F_XDP_TX);
-        assert_eq!(f & PORT_F_XDP_TX, 0, "no XDP redirects past the egress limit");
+        assert_eq!(
+            f & PORT_F_XDP_TX,
+            0,
+            "no XDP redirects past the egress limit"
+        );
         assert_ne!(f & PORT_F_ISOLATED, 0);
         assert_ne!(f & PORT_F_RATE_LIMITED, 0);
         let p = e.entry();

@@ -372,7 +372,11 @@ const PATHS: &[(&str, &str, &str)] = &[
         "kvnet_tc",
         "ARP request for a known address, answered (suppression)",
     ),
-    ("arp-flooded", "kvnet_tc", "ARP request for an unknown address, flooded to 2"),
+    (
+        "arp-flooded",
+        "kvnet_tc",
+        "ARP request for an unknown address, flooded to 2",
+    ),
 ];
 
 fn cost_table(o: &mut String, cost: &Value) {
@@ -581,7 +585,12 @@ fn ports_table(o: &mut String, res: &Results) {
         let rss = r["daemon_rss_kib"]
             .as_f64()
             .map_or("—".into(), |v| format!("{:.1}", v / 1024.0));
-        let _ = writeln!(o, "| {label} | {} | {} | {rss} |", f("bulk_ms_per_port"), f("port_add_ms"));
+        let _ = writeln!(
+            o,
+            "| {label} | {} | {} | {rss} |",
+            f("bulk_ms_per_port"),
+            f("port_add_ms")
+        );
     }
     let rss_1k = rows
         .iter()
@@ -605,10 +614,18 @@ fn ports_table(o: &mut String, res: &Results) {
         )),
     );
     let cost = |path: &str| -> Option<f64> {
-        res.cost["rows"].as_array()?.iter().find(|r| r["path"] == path).and_then(|r| {
-            let v: Vec<f64> = r["ns"].as_array()?.iter().filter_map(Value::as_f64).collect();
-            median(&v)
-        })
+        res.cost["rows"]
+            .as_array()?
+            .iter()
+            .find(|r| r["path"] == path)
+            .and_then(|r| {
+                let v: Vec<f64> = r["ns"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(Value::as_f64)
+                    .collect();
+                median(&v)
+            })
     };
     if let (Some(a), Some(b)) = (cost("flood-64"), cost("flood-1024")) {
         let _ = writeln!(

@@ -1865,13 +1865,30 @@ fn gen_state(r: &Rng, lab: &Lab) -> MapState {
     let bound: Vec<(u32, u32, u16, [u8; 6], u32)> = st
         .ports
         .iter()
-        .filter_map(|(i, p)| Some((*i, p.net_id, p.pvid, *p.owned_macs().first()?, *p.bound_ips().first()?)))
+        .filter_map(|(i, p)| {
+            Some((
+                *i,
+                p.net_id,
+                p.pvid,
+                *p.owned_macs().first()?,
+                *p.bound_ips().first()?,
+            ))
+        })
         .collect();
     for (i, net, vid, mac, ip) in bound {
         if r.chance(60) {
             st.neigh.insert(
-                NeighKey { net_id: net, vid, _pad: 0, ip },
-                NeighEntry { mac, _pad: 0, ifindex: i },
+                NeighKey {
+                    net_id: net,
+                    vid,
+                    _pad: 0,
+                    ip,
+                },
+                NeighEntry {
+                    mac,
+                    _pad: 0,
+                    ifindex: i,
+                },
             );
         }
     }
