@@ -10,7 +10,7 @@ use kvnet_tests::{
     eth_frame, inject,
     kvnet::Kvnet,
     lab::{privileged, read_mac},
-    mac_fmt, Capture, Frame, GuestPort, Lab,
+    mac_fmt, tools, Capture, Frame, GuestPort, Lab,
 };
 
 fn apply(lab: &Lab, k: &Kvnet, name: &str, toml: &str) {
@@ -271,31 +271,14 @@ fn a_broadcast_storm_is_cut_and_counted_while_other_guests_talk() {
 /// iperf3's received rate in bits/s, from `client` to the server at `to`
 /// (`reverse`: from the server to `client`).
 fn iperf_rate(lab: &Lab, server: &GuestPort, to: &str, client: &GuestPort, reverse: bool) -> f64 {
-    let mut srv = std::process::Command::new("iperf3");
-    srv.args(["-s", "-1", "-B", to])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let _p = lab.spawn(&server.ns, srv).unwrap();
-    let t0 = Instant::now();
-    while !server
-        .sh("ss -Hltn 'sport = :5201'")
-        .is_ok_and(|s| !s.trim().is_empty())
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "iperf3 -s did not start"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-    let mut args = vec!["iperf3", "-c", to, "-t", "5", "-O", "2", "-J"];
+    let mut args = vec!["-t", "5", "-O", "2"];
     if reverse {
         args.push("-R");
     }
-    let out = client.exec(&args).unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("iperf3: {v}"))
+    let v = tools::iperf3(lab, &server.ns, to, &client.ns, &args).unwrap();
+    let (_, bps) = tools::received(&v);
+    assert!(bps > 0.0, "iperf3: {v}");
+    bps
 }
 
 #[test]
