@@ -178,6 +178,10 @@ mod tests {
     fn loopback_exists_and_bad_names_are_refused() {
         assert_eq!(ifindex("lo").unwrap(), 1);
         assert_eq!(name_of(1).as_deref(), Some("lo"));
+        assert_eq!(
+            names_of([1, 0, 999_999].into_iter()),
+            vec![Some("lo".to_string()), None, None]
+        );
         let e = ifindex("no-such-if0").unwrap_err().to_string();
         assert!(e.contains("does not exist"), "{e}");
         assert!(ifindex("a b").is_err());
@@ -214,4 +218,34 @@ pub fn interfaces() -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The current names of `ifindexes` (None: the device is gone), through
+/// one socket: `if_indextoname` opens a socket per call, and glibc's
+/// `if_nameindex` dumps every link's statistics; with thousands of ports
+/// either made each housekeeping tick cost tens of milliseconds.
+pub fn names_of(ifindexes: impl Iterator<Item = u32>) -> Vec<Option<String>> {
+    let Ok(sock) = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None) else {
+        return ifindexes.map(name_of).collect();
+    };
+    ifindexes
+        .map(|index| {
+            // SAFETY: ifreq is plain data; SIOCGIFNAME reads ifr_ifindex and
+            // writes a NUL-terminated name into ifr_name.
+            let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+            req.ifr_ifru.ifru_ifindex = i32::try_from(index).ok()?;
+            let rc = unsafe {
+                libc::ioctl(
+                    std::os::fd::AsRawFd::as_raw_fd(&sock),
+                    libc::SIOCGIFNAME,
+                    &mut req,
+                )
+            };
+            if rc != 0 {
+                return None;
+            }
+            let name = unsafe { std::ffi::CStr::from_ptr(req.ifr_name.as_ptr()) };
+            Some(name.to_string_lossy().into_owned())
+        })
+        .collect()
 }

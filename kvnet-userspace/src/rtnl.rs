@@ -436,8 +436,22 @@ fn exchange<T>(
 /// The netlink messages of one datagram, parsed; an undecodable one is an
 /// error (stated, not fatal to the others).
 pub(crate) fn messages(
-    mut buf: &[u8],
+    buf: &[u8],
 ) -> impl Iterator<Item = std::result::Result<NetlinkMessage<RouteNetlinkMessage>, String>> + '_ {
+    frames(buf).map(|f| decode(f?))
+}
+
+/// One message of [`frames`], decoded.
+pub(crate) fn decode(
+    frame: &[u8],
+) -> std::result::Result<NetlinkMessage<RouteNetlinkMessage>, String> {
+    NetlinkMessage::<RouteNetlinkMessage>::deserialize(frame).map_err(|e| e.to_string())
+}
+
+/// The messages of a datagram, undecoded.
+pub(crate) fn frames(
+    mut buf: &[u8],
+) -> impl Iterator<Item = std::result::Result<&[u8], String>> + '_ {
     std::iter::from_fn(move || {
         if buf.is_empty() {
             return None;
@@ -454,8 +468,45 @@ pub(crate) fn messages(
         buf = rest
             .get((len.next_multiple_of(4) - len).min(rest.len())..)
             .unwrap_or(&[]);
-        Some(NetlinkMessage::<RouteNetlinkMessage>::deserialize(this).map_err(|e| e.to_string()))
+        Some(Ok(this))
     })
+}
+
+const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
+const IFLA_IFNAME: u16 = 3;
+/// nlmsghdr, then ifinfomsg (family, pad, type, index, flags, change).
+const IFINFO_END: usize = 16 + 16;
+
+/// The link event of a message the crate could not decode, read from the
+/// fixed header and the name attribute alone: kernel 6.18's RTM_DELLINK of
+/// a veth is such a message, and a port must not wait for the reaper.
+pub(crate) fn raw_link_event(frame: &[u8]) -> Option<LinkEvent> {
+    let u16_at = |o: usize| Some(u16::from_ne_bytes(frame.get(o..o + 2)?.try_into().ok()?));
+    let added = match u16_at(4)? {
+        RTM_NEWLINK => true,
+        RTM_DELLINK => false,
+        _ => return None,
+    };
+    let index = i32::from_ne_bytes(frame.get(20..24)?.try_into().ok()?);
+    let mut at = IFINFO_END;
+    while let (Some(len), Some(kind)) = (u16_at(at), u16_at(at + 2)) {
+        let len = usize::from(len);
+        if len < 4 {
+            return None;
+        }
+        if kind & 0x3fff == IFLA_IFNAME {
+            let name = frame.get(at + 4..at + len)?;
+            let name = name.split(|b| *b == 0).next()?;
+            return Some(LinkEvent {
+                added,
+                name: String::from_utf8_lossy(name).into_owned(),
+                index: u32::try_from(index).ok()?,
+            });
+        }
+        at += len.next_multiple_of(4);
+    }
+    None
 }
 
 /// NLMSGERR_ATTR_MSG: the extended ack's message.
@@ -496,16 +547,30 @@ fn ext_ack_message(capped: bool, rest: &[u8]) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-/// A link event of the watcher: (appeared or changed, name) or
-/// (gone, name); None for other messages.
-pub(crate) fn link_event(m: &RouteNetlinkMessage) -> Option<(bool, String)> {
+/// A link event of the watcher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LinkEvent {
+    /// Appeared or changed (false: gone).
+    pub added: bool,
+    pub name: String,
+    /// The index survives a rename, so a port's interface is found by it
+    /// under whatever name the event carries.
+    pub index: u32,
+}
+
+/// The link event in `m`, None for other messages.
+pub(crate) fn link_event(m: &RouteNetlinkMessage) -> Option<LinkEvent> {
     let (added, l) = match m {
         RouteNetlinkMessage::NewLink(l) => (true, l),
         RouteNetlinkMessage::DelLink(l) => (false, l),
         _ => return None,
     };
     l.attributes.iter().find_map(|a| match a {
-        LinkAttribute::IfName(n) => Some((added, n.clone())),
+        LinkAttribute::IfName(n) => Some(LinkEvent {
+            added,
+            name: n.clone(),
+            index: l.header.index,
+        }),
         _ => None,
     })
 }
@@ -621,13 +686,27 @@ mod tests {
                 _ => None,
             })
             .collect();
+        let event = |added| LinkEvent {
+            added,
+            name: "kvnet-a".to_string(),
+            index: 0,
+        };
+        assert_eq!(ev, vec![Some(event(true)), Some(event(false))]);
+        // The same events read raw, as for messages the crate refuses.
+        let raw: Vec<_> = frames(&two).map(|f| raw_link_event(f.unwrap())).collect();
+        assert_eq!(raw, ev);
+        let mut indexed = veth_msg("p3", "eth0");
+        indexed.header.index = 42;
+        let del = wire(RouteNetlinkMessage::DelLink(indexed), 0);
         assert_eq!(
-            ev,
-            vec![
-                Some((true, "kvnet-a".to_string())),
-                Some((false, "kvnet-a".to_string()))
-            ]
+            raw_link_event(&del),
+            Some(LinkEvent {
+                added: false,
+                name: "p3".into(),
+                index: 42
+            })
         );
+        assert_eq!(raw_link_event(&del[..20]), None);
         let a = RouteNetlinkMessage::DelAddress(addr_msg(9, cidr("10.0.0.1/24")));
         assert_eq!(ipv4_address_event(&round_trip(a)), Some(9));
         // Garbage is an error, not a panic.

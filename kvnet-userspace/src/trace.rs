@@ -49,16 +49,7 @@ fn ifname(index: u32) -> Option<String> {
     if index == 0 {
         return None;
     }
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
-    if p.is_null() {
-        return None;
-    }
-    Some(
-        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
-            .to_string_lossy()
-            .into_owned(),
-    )
+    crate::netdev::name_of(index)
 }
 
 pub fn proto_number(p: &str) -> Result<u8> {

@@ -188,6 +188,16 @@ impl VlanCfg {
         m
     }
 
+    /// Whether the port is in VLAN `vid` (`memberships` without building
+    /// the map: checked across every port of a network on each add).
+    pub fn is_member(&self, vid: u16) -> bool {
+        match self {
+            VlanCfg::None => vid == 0,
+            VlanCfg::Access { vid: v } => *v == vid,
+            VlanCfg::Trunk { vids, native } => vids.contains(&vid) || *native == Some(vid),
+        }
+    }
+
     pub fn mode_name(&self) -> &'static str {
         match self {
             VlanCfg::None => "none",
@@ -233,6 +243,31 @@ mod tests {
         ] {
             let e = format!("{:#}", parse_vid(bad).unwrap_err());
             assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn is_member_agrees_with_memberships() {
+        let cfgs = [
+            VlanCfg::None,
+            VlanCfg::Access { vid: 10 },
+            VlanCfg::Trunk {
+                vids: [20, 30].into(),
+                native: Some(5),
+            },
+            VlanCfg::Trunk {
+                vids: [20].into(),
+                native: None,
+            },
+        ];
+        for cfg in &cfgs {
+            for vid in [0, 5, 10, 20, 30, 40] {
+                assert_eq!(
+                    cfg.is_member(vid),
+                    cfg.memberships().contains_key(&vid),
+                    "{cfg:?} {vid}"
+                );
+            }
         }
     }
 

@@ -70,7 +70,7 @@ pub fn ifup(sw: &mut Switch, iface: &str, net: Option<&str>, vlan: Option<&str>)
 
 /// Attaches `iface` as `spec` says; already attached the same way is fine.
 fn attach(sw: &mut Switch, iface: &str, spec: &PortSpec) -> Result<()> {
-    let have = running_ports(sw).remove(iface);
+    let have = running_port(sw, iface);
     match have {
         Some(h) if &h == spec => Ok(()),
         Some(h) if h.only_vlan_differs(spec) => {
@@ -113,23 +113,24 @@ pub fn ifdown(sw: &mut Switch, iface: &str) -> Result<()> {
 }
 
 /// A link appeared or changed: attach it if a static port or rule wants it.
-pub fn link_added(sw: &mut Switch, iface: &str) -> Option<String> {
+/// `index` is its ifindex when the caller has it (a link event).
+pub fn link_added(sw: &mut Switch, iface: &str, index: Option<u32>) -> Option<String> {
+    // A port's interface renamed: its old name's port still holds the
+    // interface (its filter); drop it now, so the new name can be attached
+    // if a rule wants it. Only this interface is looked at: a burst of
+    // thousands of new links must not each ask the kernel for every
+    // port's name.
+    if let Some(index) = index {
+        if drop_ports_of(sw, index, Some(iface)) {
+            crate::daemon::state::persist(sw);
+        }
+    }
     if sw.ports.contains_key(iface) || sw.nets.is_empty() {
         return None;
     }
     let (spec, rule) = with_rt(|rt| wanted(&rt.applied, iface))?;
     if !sw.nets.contains_key(&spec.net) {
         return None;
-    }
-    // A port renamed to a name a rule matches: its old name's port still
-    // holds the interface (its filter) until the reaper's next tick, and no
-    // link event may follow that tick. Drop it now, then attach.
-    let reaped = sw.reap_vanished_ports();
-    for gone in &reaped {
-        eprintln!("port {gone} vanished: removed");
-    }
-    if !reaped.is_empty() {
-        crate::daemon::state::persist(sw);
     }
     match sw.port_add(
         &spec.net,
@@ -154,13 +155,28 @@ pub fn link_added(sw: &mut Switch, iface: &str) -> Option<String> {
     }
 }
 
-/// A link went away: drop its port now (the poller would in half a second).
-pub fn link_removed(sw: &mut Switch, iface: &str) -> bool {
+/// A link went away: drop its port now (the reaper would within seconds).
+pub fn link_removed(sw: &mut Switch, iface: &str, index: u32) -> bool {
     with_rt(|rt| rt.dynamic.remove(iface));
-    if sw.ports.contains_key(iface) && netdev::ifindex(iface).is_err() {
-        return sw.port_remove(iface).is_ok();
+    drop_ports_of(sw, index, None)
+}
+
+/// Removes the ports on interface `index` other than `keep` (by name).
+/// Whether any went.
+fn drop_ports_of(sw: &mut Switch, index: u32, keep: Option<&str>) -> bool {
+    let gone: Vec<String> = sw
+        .ports
+        .iter()
+        .filter(|(name, p)| p.ifindex == index && Some(name.as_str()) != keep)
+        .map(|(name, _)| name.clone())
+        .collect();
+    for port in &gone {
+        match sw.port_remove(port) {
+            Ok(()) => eprintln!("port {port} vanished: removed"),
+            Err(e) => log::warn!("removing vanished port {port}: {e:#}"),
+        }
     }
-    !sw.reap_vanished_ports().is_empty()
+    !gone.is_empty()
 }
 
 /// Follows link events (RTMGRP_LINK) to attach/detach ports, and IPv4
@@ -184,8 +200,12 @@ pub fn watch_links(switch: std::sync::Arc<Mutex<Switch>>) -> Result<()> {
                             return;
                         };
                         let Ok(mut sw) = switch.lock() else { return };
+                        // A full scan: ports gone or renamed, then new links.
+                        if !sw.reap_vanished_ports().is_empty() {
+                            crate::daemon::state::persist(&sw);
+                        }
                         for i in netdev::interfaces() {
-                            link_added(&mut sw, &i);
+                            link_added(&mut sw, &i, None);
                         }
                         follow_uplinks(&mut sw);
                         continue;
@@ -200,11 +220,24 @@ pub fn watch_links(switch: std::sync::Arc<Mutex<Switch>>) -> Result<()> {
                 // switch's own work only.
                 let mut links = Vec::new();
                 let mut address_changed = false;
-                for m in crate::rtnl::messages(&buf[..n]) {
-                    let m = match m {
-                        Ok(m) => m,
+                for frame in crate::rtnl::frames(&buf[..n]) {
+                    let frame = match frame {
+                        Ok(f) => f,
                         Err(e) => {
                             log::warn!("netlink watcher: {e}");
+                            continue;
+                        }
+                    };
+                    let m = match crate::rtnl::decode(frame) {
+                        Ok(m) => m,
+                        // Some link messages do not decode (a veth's
+                        // RTM_DELLINK on 6.18); their header and name
+                        // still say which port went.
+                        Err(e) => {
+                            match crate::rtnl::raw_link_event(frame) {
+                                Some(ev) => links.push(ev),
+                                None => log::warn!("netlink watcher: {e}"),
+                            }
                             continue;
                         }
                     };
@@ -224,14 +257,13 @@ pub fn watch_links(switch: std::sync::Arc<Mutex<Switch>>) -> Result<()> {
                     return;
                 };
                 let Ok(mut sw) = switch.lock() else { return };
-                for (added, name) in links {
-                    if added {
-                        if let Some(what) = link_added(&mut sw, &name) {
+                for ev in links {
+                    if ev.added {
+                        if let Some(what) = link_added(&mut sw, &ev.name, Some(ev.index)) {
                             eprintln!("port {what}: attached (interface appeared)");
                             crate::daemon::state::persist(&sw);
                         }
-                    } else if link_removed(&mut sw, &name) {
-                        eprintln!("port {name} vanished: removed");
+                    } else if link_removed(&mut sw, &ev.name, ev.index) {
                         crate::daemon::state::persist(&sw);
                     }
                 }

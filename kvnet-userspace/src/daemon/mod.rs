@@ -332,7 +332,8 @@ async fn serve(opts: &Options, switch: Arc<Mutex<Switch>>) -> Result<Exit> {
 const WALK_MIN_INTERVAL: Duration = Duration::from_secs(1);
 const WALK_COST_FACTOR: u32 = 20;
 
-/// Housekeeping: vanished ports every half second, FDB ageing every second.
+/// Housekeeping: FDB ageing every second, vanished ports every 5 seconds
+/// (link events are the fast way).
 async fn maintain(switch: Arc<Mutex<Switch>>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut state = Housekeeping {
@@ -392,12 +393,16 @@ impl Housekeeping {
             eprintln!("kvnet: the pins under {} are back", pin_dir.display());
         }
         self.pinned = now_pinned;
-        let reaped = sw.reap_vanished_ports();
-        for iface in &reaped {
-            eprintln!("port {iface} vanished: removed");
-        }
-        if !reaped.is_empty() {
-            crate::daemon::state::persist(&sw);
+        // Link events remove vanished and renamed ports at once; this scan
+        // (a name lookup per port) only catches what they missed.
+        if self.n.is_multiple_of(REAP_FALLBACK_TICKS) {
+            let reaped = sw.reap_vanished_ports();
+            for iface in &reaped {
+                eprintln!("port {iface} vanished: removed");
+            }
+            if !reaped.is_empty() {
+                crate::daemon::state::persist(&sw);
+            }
         }
         // Table walks are paced by their own cost: with a million entries
         // a walk takes a while, and running it every second would eat a
@@ -429,6 +434,8 @@ impl Housekeeping {
 
 /// 30 s in 500 ms ticks.
 const UPLINK_FALLBACK_TICKS: u64 = 60;
+/// 5 s in 500 ms ticks.
+const REAP_FALLBACK_TICKS: u64 = 10;
 
 async fn handle_client(
     stream: UnixStream,

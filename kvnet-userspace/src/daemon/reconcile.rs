@@ -76,24 +76,33 @@ fn running_nets(sw: &Switch, _rt: &Runtime) -> BTreeMap<String, NetSpec> {
 }
 
 pub(crate) fn running_ports(sw: &Switch) -> BTreeMap<String, PortSpec> {
-    sw.ports
-        .iter()
-        .filter(|(_, p)| p.role == PortRole::Guest)
-        .map(|(i, p)| {
-            (
-                i.clone(),
-                PortSpec {
-                    net: p.net.clone(),
-                    hook: p.hook,
-                    hairpin: p.hairpin,
-                    trusted: p.trusted,
-                    vlan: p.vlan.clone(),
-                    security: p.security.args(),
-                    policy: p.policy.clone(),
-                },
-            )
-        })
+    guest_ports(sw)
+        .map(|(i, p)| (i.clone(), spec_of(p)))
         .collect()
+}
+
+/// The running spec of guest port `iface`, if it is one.
+pub(crate) fn running_port(sw: &Switch, iface: &str) -> Option<PortSpec> {
+    sw.ports
+        .get(iface)
+        .filter(|p| p.role == PortRole::Guest)
+        .map(spec_of)
+}
+
+pub(crate) fn guest_ports(sw: &Switch) -> impl Iterator<Item = (&String, &crate::switch::Port)> {
+    sw.ports.iter().filter(|(_, p)| p.role == PortRole::Guest)
+}
+
+pub(crate) fn spec_of(p: &crate::switch::Port) -> PortSpec {
+    PortSpec {
+        net: p.net.clone(),
+        hook: p.hook,
+        hairpin: p.hairpin,
+        trusted: p.trusted,
+        vlan: p.vlan.clone(),
+        security: p.security.args(),
+        policy: p.policy.clone(),
+    }
 }
 
 /// The file's ports, for the interfaces that exist: static ones and those a
@@ -462,6 +471,21 @@ pub fn reload(sw: &mut Switch) -> Result<Plan> {
 /// The running state as a config file: networks (with the pass-through
 /// settings of the last applied file), static ports, rules.
 pub fn running_config(sw: &Switch) -> Config {
+    config_of(sw, Listed::Static)
+}
+
+/// Which ports a config of the running state lists.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Listed {
+    /// The running ports not attached by a rule or `kvnet ifup`, and the
+    /// file's static ports whose interface is absent (`kvnet save`).
+    Static,
+    /// Only those absent static ports: the daemon's state file writes the
+    /// running ports itself.
+    Absent,
+}
+
+pub(crate) fn config_of(sw: &Switch, listed: Listed) -> Config {
     with_rt(|rt| {
         let mut cfg = Config::default();
         for (n, s) in running_nets(sw, rt) {
@@ -521,11 +545,12 @@ pub fn running_config(sw: &Switch) -> Config {
                 cfg.networks.insert(n.clone(), s.clone());
             }
         }
-        for (i, p) in running_ports(sw) {
-            if rt.dynamic.contains_key(&i) {
+        for (i, p) in guest_ports(sw) {
+            if listed == Listed::Absent || rt.dynamic.contains_key(i) {
                 continue;
             }
-            cfg.ports.push(Checked(p.attach().port_section(i)));
+            cfg.ports
+                .push(Checked(spec_of(p).attach().port_section(i.clone())));
         }
         // Static ports of the file whose interface is absent stay.
         for p in &rt.applied.ports {

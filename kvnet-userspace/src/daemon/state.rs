@@ -15,7 +15,7 @@
 //! NAT counters, ...) are reused untouched, the gateway interfaces, filters
 //! and links stay and get the new programs swapped in atomically.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -25,22 +25,26 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{self, Checked, Config, PortSection},
+    daemon::reconcile::Listed,
     switch::network::Restore,
+    switch::Port,
     switch::Switch,
 };
 
 pub const RUNNING: &str = "running.toml";
 pub const ADOPT: &str = "adopt.json";
 
+/// `D` is how the dynamic ports are held: owned when read back, a view of
+/// the daemon's own map when written (no copy per port on every change).
 #[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Saved {
+pub struct Saved<D = BTreeMap<String, Option<PortSection>>> {
     /// The daemon's config file (`kvnet save`/SIGHUP use it).
     pub source: Option<PathBuf>,
     /// The last applied config file (its rules and static ports), as TOML.
     pub applied: String,
     /// Ports that joined by a rule (None) or by `kvnet ifup` with explicit
     /// settings (Some).
-    pub dynamic: BTreeMap<String, Option<PortSection>>,
+    pub dynamic: D,
     pub nets: BTreeMap<String, SavedNet>,
     /// Routed uplinks: the host settings to restore when the last user goes.
     pub routed_uplinks: BTreeMap<String, Vec<Restore>>,
@@ -56,6 +60,100 @@ struct Persist {
     dir: PathBuf,
     last: String,
     enabled: bool,
+    text: TextCache,
+}
+
+/// TOML already written, by what it says: with thousands of ports,
+/// building and serializing every one of them on every change was most of
+/// a `port add`.
+#[derive(Default)]
+struct TextCache {
+    ports: HashMap<String, (Written, String)>,
+    applied: Option<(Config, String)>,
+}
+
+/// What a port's `[[ports]]` table was written from.
+#[derive(Clone, PartialEq)]
+struct Written {
+    net: String,
+    hook: crate::control::Hook,
+    hairpin: bool,
+    trusted: bool,
+    vlan: crate::vlan::VlanCfg,
+    security: crate::security::Security,
+    policy: crate::policy::PolicyArgs,
+}
+
+impl Written {
+    fn of(p: &Port) -> Written {
+        Written {
+            net: p.net.clone(),
+            hook: p.hook,
+            hairpin: p.hairpin,
+            trusted: p.trusted,
+            vlan: p.vlan.clone(),
+            security: p.security.clone(),
+            policy: p.policy.clone(),
+        }
+    }
+
+    /// Field by field, so an unchanged port costs no allocation.
+    fn still(&self, p: &Port) -> bool {
+        self.net == p.net
+            && self.hook == p.hook
+            && self.hairpin == p.hairpin
+            && self.trusted == p.trusted
+            && self.vlan == p.vlan
+            && self.security == p.security
+            && self.policy == p.policy
+    }
+}
+
+impl TextCache {
+    /// `[[ports]]` tables for the running guest ports, in name order;
+    /// entries of ports gone are dropped.
+    fn ports(&mut self, sw: &Switch) -> Result<String> {
+        let mut text = String::with_capacity(64 * sw.ports.len());
+        let mut listed = 0;
+        for (iface, p) in crate::daemon::reconcile::guest_ports(sw) {
+            listed += 1;
+            text += "\n";
+            match self.ports.get(iface) {
+                Some((w, t)) if w.still(p) => text += t,
+                _ => {
+                    let section = crate::daemon::reconcile::spec_of(p)
+                        .attach()
+                        .port_section(iface.clone());
+                    let one = Config {
+                        ports: vec![Checked(section)],
+                        ..Default::default()
+                    };
+                    let t = config::to_toml(&one)?;
+                    text += &t;
+                    self.ports.insert(iface.clone(), (Written::of(p), t));
+                }
+            }
+        }
+        if self.ports.len() > listed {
+            self.ports.retain(|iface, _| {
+                sw.ports
+                    .get(iface)
+                    .is_some_and(|p| p.role == crate::switch::network::PortRole::Guest)
+            });
+        }
+        Ok(text)
+    }
+
+    fn applied(&mut self, applied: &Config) -> Result<String> {
+        match &self.applied {
+            Some((c, t)) if c == applied => Ok(t.clone()),
+            _ => {
+                let t = config::to_toml(applied)?;
+                self.applied = Some((applied.clone(), t.clone()));
+                Ok(t)
+            }
+        }
+    }
 }
 
 static PERSIST: Mutex<Option<Persist>> = Mutex::new(None);
@@ -66,6 +164,7 @@ pub fn enable(state_dir: &Path) {
         dir: state_dir.to_path_buf(),
         last: String::new(),
         enabled: true,
+        text: TextCache::default(),
     });
 }
 
@@ -86,68 +185,82 @@ pub fn remove(state_dir: &Path) {
     let _ = std::fs::remove_file(state_dir.join(crate::switch::journal::JOURNAL));
 }
 
-/// The running state, in full: every guest port is listed.
-fn running(sw: &Switch) -> Result<(String, String)> {
-    let mut cfg = crate::daemon::reconcile::running_config(sw);
-    let (source, applied, dynamic) = crate::daemon::reconcile::with_rt(|rt| {
-        (rt.source.clone(), rt.applied.clone(), rt.dynamic.clone())
-    });
-    let listed: BTreeSet<String> = cfg.ports.iter().map(|p| p.iface.clone()).collect();
-    for (iface, spec) in crate::daemon::reconcile::running_ports(sw) {
-        if !listed.contains(&iface) {
-            cfg.ports.push(Checked(section(&iface, &spec)));
-        }
+/// The dynamic ports for adopt.json, serialized straight from the
+/// daemon's map.
+struct DynamicView<'a>(&'a BTreeMap<String, Option<config::PortSpec>>);
+
+impl Serialize for DynamicView<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_map(
+            self.0
+                .iter()
+                .map(|(i, spec)| (i, spec.as_ref().map(|spec| section(i, spec)))),
+        )
     }
-    let saved = Saved {
-        source,
-        applied: config::to_toml(&applied)?,
-        dynamic: dynamic
-            .iter()
-            .map(|(i, s)| (i.clone(), s.as_ref().map(|s| section(i, s))))
-            .collect(),
-        nets: sw
-            .nets
-            .iter()
-            .map(|(n, net)| {
-                (
-                    n.clone(),
-                    SavedNet {
-                        id: net.id,
-                        restore: net.restore.clone(),
-                    },
-                )
-            })
-            .collect(),
-        routed_uplinks: sw
-            .routed_uplinks
-            .iter()
-            .map(|(n, u)| (n.clone(), u.restore.clone()))
-            .collect(),
+}
+
+/// The running state, in full: every guest port is listed.
+fn running(sw: &Switch, cache: &mut TextCache) -> Result<(String, String)> {
+    // Networks, then ports, then rules: each `[[...]]` header opens its
+    // own table, so the parts are written apart and the running ports'
+    // tables come from the cache.
+    let mut cfg = crate::daemon::reconcile::config_of(sw, Listed::Absent);
+    let absent = Config {
+        ports: std::mem::take(&mut cfg.ports),
+        ..Default::default()
     };
-    Ok((
-        format!(
-            "# kvnet's running state, written by the daemon on every change\n{}",
-            config::to_toml(&cfg)?
-        ),
-        serde_json::to_string_pretty(&saved)?,
-    ))
+    let rules = Config {
+        rules: std::mem::take(&mut cfg.rules),
+        ..Default::default()
+    };
+    let toml = format!(
+        "# kvnet's running state, written by the daemon on every change\n{}{}\n{}\n{}",
+        config::to_toml(&cfg)?,
+        cache.ports(sw)?,
+        config::to_toml(&absent)?,
+        config::to_toml(&rules)?
+    );
+    let json = crate::daemon::reconcile::with_rt(|rt| -> Result<String> {
+        let saved = Saved {
+            source: rt.source.clone(),
+            applied: cache.applied(&rt.applied)?,
+            dynamic: DynamicView(&rt.dynamic),
+            nets: sw
+                .nets
+                .iter()
+                .map(|(n, net)| {
+                    (
+                        n.clone(),
+                        SavedNet {
+                            id: net.id,
+                            restore: net.restore.clone(),
+                        },
+                    )
+                })
+                .collect(),
+            routed_uplinks: sw
+                .routed_uplinks
+                .iter()
+                .map(|(n, u)| (n.clone(), u.restore.clone()))
+                .collect(),
+        };
+        Ok(serde_json::to_string(&saved)?)
+    })?;
+    Ok((toml, json))
 }
 
 fn section(iface: &str, spec: &config::PortSpec) -> PortSection {
     spec.attach().port_section(iface.to_string())
 }
 
-/// Durable before the journal closes: a crash of the host, not only of the
-/// daemon, must find either the old state or the new one.
+/// Replaced whole (write, then rename), never fsynced: every state file
+/// describes pins in bpffs, which a crash of the host takes with it (a
+/// daemon finding state files without pins starts from its config), and
+/// what a killed daemon wrote is in the page cache. A sync per change was
+/// most of a `port add`.
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
     let tmp = path.with_extension("tmp");
-    std::fs::File::create(&tmp)
-        .and_then(|mut f| {
-            f.write_all(text.as_bytes())?;
-            f.sync_all()
-        })
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
@@ -158,7 +271,7 @@ pub fn persist(sw: &Switch) {
     let Some(p) = g.as_mut().filter(|p| p.enabled) else {
         return;
     };
-    let r = running(sw).and_then(|(toml, json)| {
+    let r = running(sw, &mut p.text).and_then(|(toml, json)| {
         let both = format!("{toml}\n{json}");
         if both == p.last {
             crate::switch::journal::close();

@@ -1,6 +1,6 @@
 //! The journal of host changes in flight. Before kvnet changes the host (a
 //! gateway interface, a policy rule, a sysctl, programs on an interface)
-//! it writes down, durably, how to undo that change; the state files the
+//! it writes down how to undo that change; the state files the
 //! daemon writes after each request close the journal. A daemon killed in
 //! between (in `net add`, `port add`, `apply`) leaves the journal behind,
 //! and the next daemon undoes what it lists before it adopts the state
@@ -79,7 +79,7 @@ pub fn record(undo: Undo) -> Result<()> {
         return Ok(());
     }
     j.entries.push(undo);
-    write_durably(&j.path, &j.entries)
+    write_whole(&j.path, &j.entries)
         .with_context(|| format!("writing the journal {}", j.path.display()))?;
     j.recorded += 1;
     if j.abort_at == Some(j.recorded) {
@@ -107,19 +107,16 @@ pub fn close() {
     }
 }
 
-fn write_durably(path: &Path, entries: &[Undo]) -> Result<()> {
-    use std::io::Write;
+/// Written whole and renamed into place, not fsynced: what it undoes
+/// (links, filters, rules, sysctls) does not outlive the host, and a
+/// killed daemon's write is in the page cache for the next one.
+fn write_whole(path: &Path, entries: &[Undo]) -> Result<()> {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(serde_json::to_string_pretty(entries)?.as_bytes())?;
-    f.sync_all()?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(entries)?)?;
     std::fs::rename(&tmp, path)?;
-    if let Some(d) = path.parent() {
-        std::fs::File::open(d)?.sync_all()?;
-    }
     Ok(())
 }
 
@@ -203,7 +200,7 @@ mod tests {
                 ifindex: 999_999,
             },
         ];
-        write_durably(&dir.join(JOURNAL), &entries).unwrap();
+        write_whole(&dir.join(JOURNAL), &entries).unwrap();
         let back: Vec<Undo> =
             serde_json::from_str(&std::fs::read_to_string(dir.join(JOURNAL)).unwrap()).unwrap();
         assert_eq!(back, entries);
@@ -216,7 +213,7 @@ mod tests {
             },
             absent[1].clone(),
         ];
-        write_durably(&dir.join(JOURNAL), &absent).unwrap();
+        write_whole(&dir.join(JOURNAL), &absent).unwrap();
         let pins = dir.join("pins");
         let done = recover(&dir, &pins).unwrap();
         assert_eq!(done.len(), 2);

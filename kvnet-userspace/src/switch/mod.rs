@@ -276,9 +276,7 @@ impl Switch {
                 .ports
                 .iter()
                 .filter(|(name, p)| {
-                    p.net == net
-                        && name.as_str() != except
-                        && p.vlan.memberships().contains_key(vid)
+                    p.net == net && name.as_str() != except && p.vlan.is_member(*vid)
                 })
                 .count();
             if n >= MAX_FLOOD_PORTS {
@@ -912,10 +910,12 @@ impl Switch {
 
     /// Drops ports whose interface vanished (guest shut down, veth deleted).
     pub fn reap_vanished_ports(&mut self) -> Vec<String> {
+        let names = netdev::names_of(self.ports.values().map(|p| p.ifindex));
         let gone: Vec<String> = self
             .ports
-            .iter()
-            .filter(|(name, p)| netdev::name_of(p.ifindex).as_deref() != Some(name.as_str()))
+            .keys()
+            .zip(names)
+            .filter(|(name, now)| now.as_deref() != Some(name.as_str()))
             .map(|(n, _)| n.clone())
             .collect();
         for iface in &gone {
