@@ -1081,8 +1081,7 @@ mod tests {
                 .len(),
             2
         );
-        let rev =
-            "5.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa.";
+        let rev = "5.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa.";
         let r = i.local(&query(rev, RecordType::PTR)).unwrap();
         assert_eq!(
             r.answers[0].data,
