@@ -209,6 +209,40 @@ fn slaac_dhcp6_dns_routed_ipv6_and_the_ra_guard() {
         );
     }
 
+    // 4b. The fast path: an established TCP flow (data one way, ACKs the
+    // other) bypasses the host's forwarding; checksums stay right; the
+    // host still answers an expiring hop limit.
+    let forwarded = || {
+        lab.sh(
+            lab.hv(),
+            "awk '$1==\"Ip6OutForwDatagrams\" {print $2}' /proc/net/snmp6",
+        )
+        .unwrap()
+        .trim()
+        .parse::<u64>()
+        .unwrap()
+    };
+    let before = forwarded();
+    let v = kvnet_tests::tools::iperf3(&lab, &out.ns, OUTSIDE6, &g1.ns, &["-t", "2"]).unwrap();
+    let host_fwd = forwarded() - before;
+    let (bytes, bps) = kvnet_tests::tools::received(&v);
+    println!(
+        "routed IPv6 iperf3: {:.2} Gbit/s, host forwarded {host_fwd}",
+        bps / 1e9
+    );
+    assert!(bytes > 10_000_000, "{v}");
+    assert!(
+        host_fwd < 50,
+        "the host forwarded {host_fwd} datagrams of an established flow"
+    );
+    assert_eq!(kvnet_tests::tools::snmp(&out.ns, "Tcp", "InCsumErrors"), 0);
+    let p1 = k.port_stats("p1").unwrap();
+    assert!(p1["routed"].as_u64().unwrap_or(0) > 1000, "{p1}");
+    let hop = g1
+        .sh(&format!("ping -6 -c 1 -W 2 -t 1 {OUTSIDE6} || true"))
+        .unwrap();
+    assert!(hop.contains("Time exceeded"), "{hop}");
+
     // 5. RA guard: g3 sends an RA for 2001:db8:bad::/64; g1 (accept_ra=1)
     // hears kvnet's RA (the positive control: its RS answered) but not g3's.
     let before = k.port_drops("p3", "rogue_ra");

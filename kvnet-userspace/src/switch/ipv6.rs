@@ -6,35 +6,31 @@ use anyhow::Result;
 use crate::{
     control::Ipv6Info,
     ipv6::{self, V6Plan},
-    switch::{
-        journal::{self, Undo},
-        network::Restore,
-        Switch,
-    },
+    switch::{network::set_sysctl_path, Switch},
 };
 
 impl Switch {
     /// Puts `plan` on the network's gateway interface; a routed network's
-    /// uplink forwards IPv6 to it (restored when its last network goes).
+    /// uplink forwards IPv6 (restored when its last network goes): through
+    /// the host (`force_forwarding`) and in the fast path (the FIB helper
+    /// wants `forwarding` on the interface a packet came in on). The host
+    /// keeps taking router advertisements on it (`accept_ra` 1 -> 2).
     pub(crate) fn build_v6(&mut self, name: &str, plan: &V6Plan) -> Result<()> {
         ipv6::setup_gateway(plan)?;
         let uplink = self.net(name)?.uplink.clone();
-        if let (true, Some(u)) = (plan.router, uplink) {
-            if let (Some(path), Some(up)) = (
-                ipv6::uplink_forwarding_path(&u),
-                self.routed_uplinks.get_mut(&u),
-            ) {
-                let old = crate::host::read_sysctl(&path)?;
-                if old != "1" {
-                    let r = Restore::Sysctl {
-                        path: path.clone(),
-                        old,
-                    };
-                    journal::record(Undo::Setting(r.clone()))?;
-                    crate::host::write_sysctl(&path, "1")?;
-                    up.restore.push(r);
-                }
-            }
+        let (true, Some(u)) = (plan.router, uplink) else {
+            return Ok(());
+        };
+        let Some(up) = self.routed_uplinks.get_mut(&u) else {
+            return Ok(());
+        };
+        let conf = |key: &str| format!("/proc/sys/net/ipv6/conf/{u}/{key}");
+        if crate::host::read_sysctl(&conf("accept_ra"))? == "1" {
+            set_sysctl_path(&conf("accept_ra"), "2", &mut up.restore)?;
+        }
+        set_sysctl_path(&conf("forwarding"), "1", &mut up.restore)?;
+        if let Some(path) = ipv6::uplink_forwarding_path(&u) {
+            set_sysctl_path(&path, "1", &mut up.restore)?;
         }
         Ok(())
     }

@@ -113,7 +113,16 @@ const NAT_IN_BASE: u32 = 14000;
 
 /// Sets an IPv4 per-interface sysctl, remembering the old value.
 fn set_sysctl(iface: &str, key: &str, value: &str, restore: &mut Vec<Restore>) -> Result<()> {
-    let path = format!("/proc/sys/net/ipv4/conf/{iface}/{key}");
+    set_sysctl_path(
+        &format!("/proc/sys/net/ipv4/conf/{iface}/{key}"),
+        value,
+        restore,
+    )
+}
+
+/// Sets the sysctl at `path`, journaled and remembering the old value.
+pub(crate) fn set_sysctl_path(path: &str, value: &str, restore: &mut Vec<Restore>) -> Result<()> {
+    let path = path.to_string();
     let old = gateway::read_sysctl(&path)?;
     if old != value {
         let r = Restore::Sysctl {
