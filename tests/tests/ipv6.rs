@@ -272,4 +272,29 @@ fn slaac_dhcp6_dns_routed_ipv6_and_the_ra_guard() {
         None,
         "g1 took the rogue prefix"
     );
+
+    // 6. A restarted daemon adopts the network: its RAs, resolver and
+    // routed IPv6 come back.
+    k.stop().unwrap();
+    let k = Kvnet::start(&lab).unwrap();
+    let show = k.json(&["net", "show", "v6"]).unwrap();
+    assert_eq!(show["ipv6"]["gateways"][0], "2001:db8:1::1/64", "{show}");
+    let cap = Capture::start(&g1.ns, "eth0").unwrap();
+    icmp6_send(&g1, "ff02::2", RS);
+    cap.stop_when(
+        "kvnet's RA after the restart",
+        Duration::from_secs(5),
+        |f| {
+            f.iter()
+                .any(|f| f.src_mac() == gw_mac && icmp6(f).is_some_and(|(t, _)| t == 134))
+        },
+    )
+    .unwrap();
+    let aaaa = g1
+        .sh(&format!(
+            "dig +short +time=2 +tries=2 @{GW6} AAAA web.lab.test"
+        ))
+        .unwrap();
+    assert_eq!(aaaa.trim(), WEB6, "AAAA after the restart");
+    assert!(g1.ping(OUTSIDE6), "g1 -> outside after the restart");
 }
