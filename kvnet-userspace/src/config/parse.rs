@@ -305,6 +305,11 @@ hosts = ["52:54:00:00:00:05,2001:db8:1::5,web"]
         assert!(e.contains("link-local"), "{e}");
         let e = err(&format!("{net}[networks.a.ipv6]\ngateways = []\n"));
         assert!(e.contains("needs `gateways"), "{e}");
+        // Static AAAA names on an IPv6-only resolver.
+        let v6_names = format!(
+            "{net}[networks.a.ipv6]\ngateways = [\"2001:db8::1/64\"]\n[[networks.a.dns_hosts]]\nip = \"2001:db8::7\"\nnames = [\"db\"]\n"
+        );
+        parse("f.toml", &v6_names).unwrap();
     }
 
     /// The network keys libvirt's `<mtu>`, `<dns>` and `<vlan>` import to:

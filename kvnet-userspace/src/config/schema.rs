@@ -550,9 +550,10 @@ impl Check for NetSection {
             if self.dns == Some(false) {
                 return Err("`dns_hosts` need the DNS server that `dns = false` turns off".into());
             }
-            if self.dhcp.is_none() {
+            // (The IPv6 resolver runs with the router advertisements.)
+            if self.dhcp.is_none() && self.ipv6.is_none() {
                 return Err(
-                    "`dns_hosts` need `dhcp`: kvnet's DNS server runs with the network's DHCP server"
+                    "`dns_hosts` need `dhcp` or `ipv6`: kvnet's DNS server runs with the network's DHCP server or router advertisements"
                         .into(),
                 );
             }
