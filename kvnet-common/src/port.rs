@@ -61,6 +61,10 @@ pub const PORT_F_ISOLATED: u32 = 1 << 12;
 /// The port has rate limits in map `port_policy`: tc polices what the
 /// guest sends (ingress) and, through the egress program, what it gets.
 pub const PORT_F_RATE_LIMITED: u32 = 1 << 13;
+/// The network advertises IPv6 prefixes (`--gateway6`): guests pick their
+/// SLAAC addresses themselves, so the IP source guard leaves IPv6 sources
+/// alone (it holds them to link-local otherwise).
+pub const PORT_F_V6_SLAAC: u32 = 1 << 14;
 
 /// skb->mark of frames kvnet hands to a host stack through an uplink's
 /// ingress (bridged mode); the uplink's own program lets them pass.

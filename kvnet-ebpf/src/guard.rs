@@ -17,7 +17,8 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use kvnet_common::{
     owner_key, DropReason, FdbKey, NeighEntry, NeighKey, PortConfig, ETH_P_8021AD, ETH_P_8021Q,
     ETH_P_QINQ_9100, FDB_F_STATIC, FDB_VID_ANY, IPPROTO_UDP, PORT_F_GUARDED, PORT_F_IP_GUARD,
-    PORT_F_TRUSTED, PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_ROUTED, PORT_IPS, PORT_MACS,
+    PORT_F_TRUSTED, PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_ROUTED, PORT_F_V6_SLAAC, PORT_IPS,
+    PORT_MACS,
 };
 
 use crate::{
@@ -81,7 +82,8 @@ pub fn check(
         // address (its own DHCP, `--ip`): IPv4 bindings snooped on a bridged
         // network say nothing about the guest's SLAAC addresses.
         parse::ETH_P_IPV6 => {
-            let v6_guard = guarded && port.flags & PORT_F_IP_GUARD != 0;
+            let v6_guard =
+                guarded && port.flags & (PORT_F_IP_GUARD | PORT_F_V6_SLAAC) == PORT_F_IP_GUARD;
             ipv6(data, data_end, l3.off, guarded, v6_guard, &eth.src)
         }
         _ => None,

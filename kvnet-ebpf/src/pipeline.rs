@@ -240,6 +240,19 @@ fn forward(
             }
         }
     }
+    // IPv6 to the gateway MAC likewise (NAT networks route IPv6 too, as
+    // libvirt's do); what the fast path cannot finish, or what would enter
+    // a closed network, is the host's.
+    if port.flags & PORT_F_ROUTED_NET != 0 && a.eth.ethertype == parse::ETH_P_IPV6 {
+        if let (Some(l3c), Some(n)) = (l3, maps::net(net_id).filter(|n| n.gw_vid == a.vid)) {
+            if a.eth.dst == n.gw_mac {
+                if let Some(egress) = route_v6(&l3c, data, data_end, n.gw_host, true) {
+                    stats::routed(ingress);
+                    return Verdict::Route { egress };
+                }
+            }
+        }
+    }
     let Some((egress, fdb_flags)) = fdb::lookup_entry(net_id, a.vid, a.eth.dst) else {
         return flood;
     };
@@ -332,6 +345,19 @@ fn routed_to(fib: &route::Fib) -> Result<u32, DropReason> {
     Ok(fib.ifindex)
 }
 
+/// Routes an IPv6 packet that arrived on (or as if on) `from`: its egress,
+/// frame rewritten, or None (untouched) for the host stack. Into kvnet's
+/// open networks only, or `anywhere` (a guest's packet out).
+#[inline(always)]
+fn route_v6(l3c: &L3Ctx, data: usize, data_end: usize, from: u32, anywhere: bool) -> Option<u32> {
+    let fib = route::lookup_v6(l3c, data, data_end, parse::ETH_HLEN, from)?;
+    if !anywhere {
+        maps::gw_host_net(fib.ifindex)?;
+    }
+    let egress = routed_to(&fib).ok()?;
+    route::rewrite_v6(data, data_end, parse::ETH_HLEN, &fib).then_some(egress)
+}
+
 /// Stage 1 for a routed network's uplink (and what NAT declines on a NAT
 /// uplink): traffic for a guest subnet is routed to the
 /// guest in the fast path, everything else goes to the host untouched.
@@ -350,6 +376,16 @@ pub fn from_uplink(
     let Some(eth) = parse::eth(data, data_end) else {
         return Verdict::Pass;
     };
+    if eth.ethertype == parse::ETH_P_IPV6 {
+        // Only into kvnet's networks: the rest is the host's business.
+        return match route_v6(&l3c, data, data_end, ingress, false) {
+            Some(egress) => {
+                stats::routed(ingress);
+                Verdict::Route { egress }
+            }
+            None => Verdict::Pass,
+        };
+    }
     if eth.ethertype != parse::ETH_P_IPV4 {
         return Verdict::Pass;
     }

@@ -1,5 +1,5 @@
-//! IPv4 forwarding through the kernel's own FIB (`bpf_fib_lookup`): the
-//! routed fast path. Anything the FIB cannot finish (local destination,
+//! IPv4 and IPv6 forwarding through the kernel's own FIB
+//! (`bpf_fib_lookup`): the routed fast path. Anything the FIB cannot finish (local destination,
 //! unresolved neighbour, TTL expiring, fragmentation needed) goes to the
 //! host stack, which answers with the right ICMP error or resolves the
 //! neighbour so the next packet takes the fast path.
@@ -10,6 +10,7 @@ use crate::parse::{self, ptr_at};
 use kvnet_common::{IPPROTO_TCP, IPPROTO_UDP};
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const FIB_SUCCESS: i64 = 0;
 const FIB_FRAG_NEEDED: i64 = 8;
 
@@ -79,6 +80,24 @@ pub fn fib_v4(ctx: *mut core::ffi::c_void, q: &FibQuery) -> Result<Fib, FibMiss>
     } else {
         q.headers + q.gso_size
     };
+    fib(ctx, q.flags, |p| {
+        p.family = AF_INET;
+        p.l4_protocol = q.proto;
+        p.ifindex = q.ifindex;
+        p.__bindgen_anon_1.tot_len = mtu_len;
+        p.__bindgen_anon_2.tos = q.tos;
+        p.__bindgen_anon_3.ipv4_src = q.saddr;
+        p.__bindgen_anon_4.ipv4_dst = q.daddr;
+    })
+}
+
+/// `bpf_fib_lookup` with the parameters `fill` writes (zeroed first).
+#[inline(always)]
+fn fib(
+    ctx: *mut core::ffi::c_void,
+    flags: u32,
+    fill: impl FnOnce(&mut FibParams),
+) -> Result<Fib, FibMiss> {
     let Some(p) = crate::maps::FIB_SCRATCH.get_ptr_mut(0) else {
         return Err(FibMiss::Other);
     };
@@ -86,14 +105,8 @@ pub fn fib_v4(ctx: *mut core::ffi::c_void, q: &FibQuery) -> Result<Fib, FibMiss>
         core::ptr::write_bytes(p, 0, 1);
         &mut *p
     };
-    p.family = AF_INET;
-    p.l4_protocol = q.proto;
-    p.ifindex = q.ifindex;
-    p.__bindgen_anon_1.tot_len = mtu_len;
-    p.__bindgen_anon_2.tos = q.tos;
-    p.__bindgen_anon_3.ipv4_src = q.saddr;
-    p.__bindgen_anon_4.ipv4_dst = q.daddr;
-    let rc = unsafe { bpf_fib_lookup(ctx, p, core::mem::size_of::<FibParams>() as i32, q.flags) };
+    fill(p);
+    let rc = unsafe { bpf_fib_lookup(ctx, p, core::mem::size_of::<FibParams>() as i32, flags) };
     match rc {
         FIB_SUCCESS => Ok(Fib {
             ifindex: p.ifindex,
@@ -150,6 +163,62 @@ pub fn lookup_v4(
     .ok()
 }
 
+/// Looks the IPv6 packet at `l3` up as if it arrived on `ifindex` (which
+/// must forward IPv6). None means "let the host stack have it": a hop limit
+/// expiring, a packet too big, an unresolved neighbour, a local or
+/// link-local destination; the host sends the ICMPv6 errors.
+#[inline(always)]
+pub fn lookup_v6(
+    l3c: &L3Ctx,
+    data: usize,
+    data_end: usize,
+    l3: usize,
+    ifindex: u32,
+) -> Option<Fib> {
+    let h = unsafe { &*ptr_at::<[u8; 40]>(data, data_end, l3)? };
+    if h[7] <= 1 {
+        return None;
+    }
+    let next = h[6];
+    let mtu_len = if l3c.gso_size == 0 {
+        let payload = u16::from_be_bytes([h[4], h[5]]) as u32;
+        (40 + payload)
+            .max(l3c.len.saturating_sub(l3 as u32))
+            .min(u16::MAX as u32) as u16
+    } else {
+        let doff = if next == IPPROTO_TCP {
+            unsafe { (*ptr_at::<[u8; 13]>(data, data_end, l3 + 40)?)[12] }
+        } else {
+            0
+        };
+        40 + l4_header_len(next, doff) + l3c.gso_size
+    };
+    let word = |o: usize| u32::from_ne_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
+    fib(l3c.ctx, 0, |p| {
+        p.family = AF_INET6;
+        p.l4_protocol = next;
+        p.ifindex = ifindex;
+        p.__bindgen_anon_1.tot_len = mtu_len;
+        // Traffic class and flow label, as the kernel's flowi6 takes them.
+        p.__bindgen_anon_2.flowinfo = word(0) & 0x0fff_ffffu32.to_be();
+        p.__bindgen_anon_3.ipv6_src = [word(8), word(12), word(16), word(20)];
+        p.__bindgen_anon_4.ipv6_dst = [word(24), word(28), word(32), word(36)];
+    })
+    .ok()
+}
+
+/// Rewrites an IPv6 frame for its next hop: MACs and hop limit - 1 (no
+/// header checksum in IPv6).
+#[inline(always)]
+pub fn rewrite_v6(data: usize, data_end: usize, l3: usize, fib: &Fib) -> bool {
+    let Some(h) = ptr_at::<[u8; 8]>(data, data_end, l3) else {
+        return false;
+    };
+    let h = unsafe { &mut *(h as *mut [u8; 8]) };
+    h[7] = h[7].wrapping_sub(1);
+    set_macs(data, data_end, fib)
+}
+
 /// Rewrites the frame for its next hop: MACs, TTL - 1 and the IP header
 /// checksum, adjusted incrementally (RFC 1624). L4 checksums do not cover
 /// any of it, so offloaded (CHECKSUM_PARTIAL) packets stay valid.
@@ -167,6 +236,12 @@ pub fn rewrite_v4(data: usize, data_end: usize, l3: usize, fib: &Fib) -> bool {
     let c = (!crate::csum::fold(sum)).to_be_bytes();
     h[10] = c[0];
     h[11] = c[1];
+    set_macs(data, data_end, fib)
+}
+
+/// The next hop's MACs into the Ethernet header.
+#[inline(always)]
+fn set_macs(data: usize, data_end: usize, fib: &Fib) -> bool {
     let Some(eth) = ptr_at::<[u8; 12]>(data, data_end, 0) else {
         return false;
     };

@@ -106,6 +106,15 @@ pub struct NetOpts {
     /// Static DNS names: IP,NAME[,NAME...].
     #[serde(default)]
     pub dns_hosts: Vec<String>,
+    /// IPv6 gateway addresses with prefix (router advertisements, DNS).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateway6: Vec<String>,
+    /// Stateful DHCPv6: FIRST-LAST addresses handed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp6_range: Option<String>,
+    /// MAC,IPV6[,NAME] static DHCPv6 hosts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dhcp6_hosts: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -393,6 +402,31 @@ pub struct NetDetail {
     /// The port defaults of the network's config.
     pub policy: NetPolicy,
     pub port_details: Vec<PortInfo>,
+    /// Networks with `--gateway6`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Ipv6Info>,
+}
+
+/// A DHCPv6 binding.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Lease6Info {
+    /// The client's DUID, hex.
+    pub duid: String,
+    pub iaid: u32,
+    pub ip: std::net::Ipv6Addr,
+    pub hostname: Option<String>,
+    pub expires_unix: u64,
+}
+
+/// A network's IPv6: gateway addresses, DHCPv6 and its servers' counters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ipv6Info {
+    pub gateways: Vec<String>,
+    pub dhcp6_range: Option<String>,
+    pub dhcp6_hosts: Vec<String>,
+    pub leases: Vec<Lease6Info>,
+    /// Router advertisements, DHCPv6 and DNS counters.
+    pub servers: serde_json::Value,
 }
 
 /// FIRST-LAST of IPv4 addresses (a DHCP pool).
@@ -1034,6 +1068,7 @@ mod tests {
                 storm_pps: Some(1000),
             },
             port_details: vec![port("p1", trunk())],
+            ipv6: None,
         }
     }
 

@@ -6,7 +6,7 @@
 //! supervised (restarted with a fresh socket when it fails).
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, PTR};
+use hickory_proto::rr::rdata::{A, AAAA, PTR};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -43,14 +43,16 @@ const NEG_TTL: u32 = 60;
 const MAX_INFLIGHT: usize = 256;
 const MAX_TCP_CONNS: usize = 64;
 
-pub type Names = Arc<dyn Fn() -> Vec<(String, Ipv4Addr)> + Send + Sync>;
+/// Local names and their addresses (IPv4: A, IPv6: AAAA; both PTR).
+pub type Names = Arc<dyn Fn() -> Vec<(String, IpAddr)> + Send + Sync>;
 
 #[derive(Debug, Clone)]
 pub struct DnsConfig {
     /// The network, for logs.
     pub net: String,
-    /// The gateway address to listen on (port 53).
-    pub listen: Ipv4Addr,
+    /// The gateway address to listen on (port 53): IPv4, or IPv6 for the
+    /// resolver router advertisements name.
+    pub listen: IpAddr,
     /// The gateway interface (SO_BINDTODEVICE).
     pub iface: String,
     /// The network's domain: `NAME.DOMAIN` answered from `names`.
@@ -395,13 +397,13 @@ impl DnsServer {
     /// Listen on `cfg.listen:53` (UDP and TCP) on `cfg.iface` only, each
     /// in a supervised task.
     pub async fn start(cfg: DnsConfig, names: Names) -> Result<DnsHandle> {
-        let addr = SocketAddrV4::new(cfg.listen, 53);
+        let addr = SocketAddr::new(cfg.listen, 53);
         let udp = crate::netdev::bound_udp_socket(&cfg.iface, addr)
             .with_context(|| format!("DNS server on {}", cfg.iface))?;
         let tcp = bound_tcp_listener(&cfg.iface, addr)
             .with_context(|| format!("DNS server on {}", cfg.iface))?;
         let who = format!("dns of network {} ({})", cfg.net, cfg.iface);
-        let upstream = Resolvers::new(who.clone(), SocketAddr::V4(addr), cfg.upstream.clone());
+        let upstream = Resolvers::new(who.clone(), addr, cfg.upstream.clone());
         if upstream.current().is_empty() {
             log::warn!("{who}: no upstream resolvers: only local names resolve");
         }
@@ -472,15 +474,18 @@ impl DnsHandle {
     }
 }
 
-fn bound_tcp_listener(iface: &str, addr: SocketAddrV4) -> Result<TcpListener> {
+fn bound_tcp_listener(iface: &str, addr: SocketAddr) -> Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
         .context("create TCP socket")?;
     s.set_reuse_address(true).context("SO_REUSEADDR")?;
     s.bind_device(Some(iface.as_bytes()))
         .with_context(|| format!("bind to interface {iface} (SO_BINDTODEVICE)"))?;
     s.set_nonblocking(true).context("O_NONBLOCK")?;
-    s.bind(&SocketAddr::V4(addr).into())
+    if addr.is_ipv6() {
+        s.set_only_v6(true).context("IPV6_V6ONLY")?;
+    }
+    s.bind(&addr.into())
         .with_context(|| format!("bind TCP {addr} on {iface}"))?;
     s.listen(128).context("listen")?;
     TcpListener::from_std(s.into()).context("register TCP listener with tokio")
@@ -612,20 +617,32 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// `d.c.b.a.in-addr.arpa` -> a.b.c.d.
-fn parse_reverse(name: &str) -> Option<Ipv4Addr> {
+/// `d.c.b.a.in-addr.arpa` -> a.b.c.d; the 32 nibbles of an
+/// `ip6.arpa` name (least significant first) -> the IPv6 address.
+fn parse_reverse(name: &str) -> Option<IpAddr> {
+    if let Some(rest) = name.strip_suffix(".ip6.arpa") {
+        let mut v: u128 = 0;
+        let mut n = 0;
+        for (i, nib) in rest.split('.').enumerate() {
+            if nib.len() != 1 || i >= 32 {
+                return None;
+            }
+            v |= u128::from_str_radix(nib, 16).ok()? << (4 * i);
+            n += 1;
+        }
+        return (n == 32).then(|| IpAddr::V6(Ipv6Addr::from(v)));
+    }
     let rest = name.strip_suffix(".in-addr.arpa")?;
-    let o: Vec<u8> = rest
+    let parts: Vec<u8> = rest
         .split('.')
         .map(|p| p.parse().ok())
         .collect::<Option<_>>()?;
-    match o[..] {
-        [d, c, b, a] => Some(Ipv4Addr::new(a, b, c, d)),
+    match parts[..] {
+        [d, c, b, a] => Some(IpAddr::V4(Ipv4Addr::new(a, b, c, d))),
         _ => None,
     }
 }
 
-/// The smallest TTL in the answer (or authority for negative answers).
 fn cache_ttl(m: &Message) -> u32 {
     let ttl = if !m.answers.is_empty() {
         m.answers.iter().map(|r| r.ttl).min()
@@ -788,21 +805,23 @@ impl Inner {
         &self,
         mut resp: Message,
         q: &hickory_proto::op::Query,
-        names: &[(String, Ipv4Addr)],
+        names: &[(String, IpAddr)],
         host: &str,
     ) -> Message {
         resp.metadata.authoritative = true;
-        if matches!(q.query_type(), RecordType::A | RecordType::ANY) {
-            let mut seen = Vec::new();
-            for (_, ip) in names.iter().filter(|(n, _)| n == host) {
-                if !seen.contains(ip) {
-                    seen.push(*ip);
-                    resp.add_answer(Record::from_rdata(
-                        q.name().clone(),
-                        LOCAL_TTL,
-                        RData::A(A(*ip)),
-                    ));
+        let t = q.query_type();
+        let mut seen = Vec::new();
+        for (_, ip) in names.iter().filter(|(n, _)| n == host) {
+            let data = match ip {
+                IpAddr::V4(a) if matches!(t, RecordType::A | RecordType::ANY) => RData::A(A(*a)),
+                IpAddr::V6(a) if matches!(t, RecordType::AAAA | RecordType::ANY) => {
+                    RData::AAAA(AAAA(*a))
                 }
+                _ => continue,
+            };
+            if !seen.contains(ip) {
+                seen.push(*ip);
+                resp.add_answer(Record::from_rdata(q.name().clone(), LOCAL_TTL, data));
             }
         }
         resp
@@ -962,8 +981,8 @@ mod tests {
     fn inner(domain: Option<&str>) -> Inner {
         let names: Names = Arc::new(|| {
             vec![
-                ("guest1".to_string(), Ipv4Addr::new(10, 7, 0, 10)),
-                ("web".to_string(), Ipv4Addr::new(10, 7, 0, 5)),
+                ("guest1".to_string(), Ipv4Addr::new(10, 7, 0, 10).into()),
+                ("web".to_string(), Ipv4Addr::new(10, 7, 0, 5).into()),
             ]
         });
         inner_with(domain, names, Upstream::Fixed(vec![]))
@@ -974,7 +993,7 @@ mod tests {
         Inner {
             cfg: DnsConfig {
                 net: "n".into(),
-                listen: Ipv4Addr::new(10, 7, 0, 1),
+                listen: Ipv4Addr::new(10, 7, 0, 1).into(),
                 iface: "br0".into(),
                 domain: domain.map(String::from),
                 upstream: upstream.clone(),
@@ -1039,15 +1058,53 @@ mod tests {
         );
     }
 
+    /// IPv6 names: AAAA for them, A only for IPv4 ones, ip6.arpa PTR.
+    #[test]
+    fn dns_aaaa_and_ip6_arpa() {
+        let v6: Ipv6Addr = "2001:db8:1::5".parse().unwrap();
+        let names: Names = Arc::new(move || {
+            vec![
+                ("web".to_string(), Ipv4Addr::new(10, 7, 0, 5).into()),
+                ("web".to_string(), v6.into()),
+            ]
+        });
+        let i = inner_with(Some("lab.test"), names, Upstream::Fixed(vec![]));
+        let r = i.local(&query("web.lab.test.", RecordType::AAAA)).unwrap();
+        assert_eq!(r.answers.len(), 1);
+        assert_eq!(r.answers[0].data, RData::AAAA(AAAA(v6)));
+        let r = i.local(&query("web.lab.test.", RecordType::A)).unwrap();
+        assert_eq!(r.answers.len(), 1);
+        assert_eq!(
+            i.local(&query("web.lab.test.", RecordType::ANY))
+                .unwrap()
+                .answers
+                .len(),
+            2
+        );
+        let rev = "5.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa.";
+        let r = i.local(&query(rev, RecordType::PTR)).unwrap();
+        assert_eq!(
+            r.answers[0].data,
+            RData::PTR(PTR(Name::from_ascii("web.lab.test.").unwrap()))
+        );
+        assert!(i.local(&query("1.0.ip6.arpa.", RecordType::PTR)).is_none());
+    }
+
     /// Static DNS hosts (libvirt's `<dns><host>`): a full name answers as
     /// itself, a host name in the domain; the first name wins the PTR.
     #[test]
     fn static_names_full_and_short() {
         let names: Names = Arc::new(|| {
             vec![
-                ("db".to_string(), Ipv4Addr::new(10, 7, 0, 77)),
-                ("db.static.example".to_string(), Ipv4Addr::new(10, 7, 0, 77)),
-                ("db.other.example".to_string(), Ipv4Addr::new(10, 7, 0, 78)),
+                ("db".to_string(), Ipv4Addr::new(10, 7, 0, 77).into()),
+                (
+                    "db.static.example".to_string(),
+                    Ipv4Addr::new(10, 7, 0, 77).into(),
+                ),
+                (
+                    "db.other.example".to_string(),
+                    Ipv4Addr::new(10, 7, 0, 78).into(),
+                ),
             ]
         });
         let i = inner_with(Some("lab.test"), names, Upstream::Fixed(vec![]));

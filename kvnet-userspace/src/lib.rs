@@ -13,6 +13,7 @@ pub mod ethtool_features;
 pub mod gateway;
 pub mod genl;
 pub mod host;
+pub mod ipv6;
 pub mod libvirt;
 pub mod mac;
 pub mod netdev;

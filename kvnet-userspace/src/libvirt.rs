@@ -847,7 +847,10 @@ pub fn import_with(
             if let Some(bad) = names.iter().find(|n| !crate::dhcp::config::valid_domain(n)) {
                 bail!("{what}<hostname>{bad}</hostname>: not a DNS name");
             }
-            sec.dns_hosts.push(DnsHostSection { ip, names });
+            sec.dns_hosts.push(DnsHostSection {
+                ip: ip.into(),
+                names,
+            });
         }
         for f in elems(dns, "forwarder") {
             let attrs: String = f

@@ -193,17 +193,22 @@ mod tests {
 /// SO_BROADCAST.
 pub fn bound_udp_socket(
     iface: &str,
-    addr: std::net::SocketAddrV4,
+    addr: impl Into<std::net::SocketAddr>,
 ) -> Result<tokio::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let s =
-        Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).context("create UDP socket")?;
+    let addr: std::net::SocketAddr = addr.into();
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .context("create UDP socket")?;
     s.set_reuse_address(true).context("SO_REUSEADDR")?;
-    s.set_broadcast(true).context("SO_BROADCAST")?;
+    if addr.is_ipv4() {
+        s.set_broadcast(true).context("SO_BROADCAST")?;
+    } else {
+        s.set_only_v6(true).context("IPV6_V6ONLY")?;
+    }
     s.bind_device(Some(iface.as_bytes()))
         .with_context(|| format!("bind to interface {iface} (SO_BINDTODEVICE)"))?;
     s.set_nonblocking(true).context("O_NONBLOCK")?;
-    s.bind(&std::net::SocketAddr::V4(addr).into())
+    s.bind(&addr.into())
         .with_context(|| format!("bind UDP {addr} on {iface}"))?;
     tokio::net::UdpSocket::from_std(s.into()).context("register UDP socket with tokio")
 }

@@ -127,6 +127,24 @@ pub fn net_detail(d: &NetDetail) -> Vec<Vec<String>> {
         None => rows.push(line("dhcp", "off".into())),
     }
     rows.push(line("dns", if d.dns { "on" } else { "off" }.into()));
+    if let Some(v6) = &d.ipv6 {
+        for g in &v6.gateways {
+            rows.push(line("gateway6", g.clone()));
+        }
+        rows.push(line(
+            "dhcp6",
+            format!(
+                "{}, {} static hosts, {} leases",
+                v6.dhcp6_range.as_deref().unwrap_or("stateless"),
+                v6.dhcp6_hosts.len(),
+                v6.leases.len()
+            ),
+        ));
+        for l in &v6.leases {
+            let name = l.hostname.as_deref().unwrap_or("-");
+            rows.push(line("dhcp6 lease", format!("{} {name}", l.ip)));
+        }
+    }
     if let Some(t) = &n.nat {
         rows.push(line(
             "nat",

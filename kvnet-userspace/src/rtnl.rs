@@ -188,6 +188,27 @@ fn addr_msg(index: u32, cidr: Cidr) -> AddressMessage {
     m
 }
 
+/// `ip -6 addr replace A/P dev IFACE nodad`: a gateway's IPv6 address,
+/// usable at once (no duplicate address detection: it is kvnet's own).
+pub fn addr6_add(iface: &str, addr: std::net::Ipv6Addr, prefix: u8) -> Result<()> {
+    use netlink_packet_route::address::AddressFlags;
+    let op = format!("adding address {addr}/{prefix} to {iface}");
+    let mut m = AddressMessage::default();
+    m.header.family = AddressFamily::Inet6;
+    m.header.prefix_len = prefix;
+    m.header.index = ifindex(&op, iface)?;
+    m.attributes
+        .push(AddressAttribute::Address(IpAddr::V6(addr)));
+    m.attributes
+        .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    request(
+        &op,
+        RouteNetlinkMessage::NewAddress(m),
+        NLM_F_CREATE | NLM_F_REPLACE,
+    )
+    .map(drop)
+}
+
 /// `ip route replace unreachable default table TABLE`.
 pub fn route_replace_unreachable_default(table: u32) -> Result<()> {
     let op = format!("adding route unreachable default to table {table}");

@@ -119,18 +119,56 @@ pub fn dhclient(lab: &Lab, g: &GuestPort, tag: &str) -> (Proc, PathBuf) {
             out = out.display()
         ),
     );
+    spawn_dhclient(lab, g, "-4", &format!("dhclient-{tag}"), &script, out)
+}
+
+/// `dhclient -6` (stateful DHCPv6) in the foreground with a hook that
+/// logs each event (`BOUND6 ip6=... dns=...`) and configures the address;
+/// returns the process and its events file. The guest's link-local
+/// address must be usable (DAD done) first.
+pub fn dhclient6(lab: &Lab, g: &GuestPort, tag: &str) -> (Proc, PathBuf) {
+    let dir = lab.work_dir();
+    let script = dir.join(format!("dhclient6-{tag}.sh"));
+    let out = dir.join(format!("dhclient6-{tag}.events"));
+    write_script(
+        &script,
+        &format!(
+            "#!/bin/sh\n\
+             case \"$reason\" in\n\
+               BOUND6|RENEW6|REBIND6|REBOOT6) ip -6 addr replace \"$new_ip6_address/64\" dev \"$interface\" nodad ;;\n\
+             esac\n\
+             echo \"$reason ip6=$new_ip6_address dns=$new_dhcp6_name_servers domain=$new_dhcp6_domain_search\" >> {out}\n\
+             exit 0\n",
+            out = out.display()
+        ),
+    );
+    spawn_dhclient(lab, g, "-6", &format!("dhclient6-{tag}"), &script, out)
+}
+
+/// dhclient `family` (-4, -6) in the foreground on the guest's eth0 with
+/// hook `script`; its lease, pid and log files are `NAME.*` in the lab's
+/// work folder.
+fn spawn_dhclient(
+    lab: &Lab,
+    g: &GuestPort,
+    family: &str,
+    name: &str,
+    script: &Path,
+    events: PathBuf,
+) -> (Proc, PathBuf) {
+    let dir = lab.work_dir();
     let mut cmd = Command::new("dhclient");
-    cmd.args(["-4", "-d", "-v", "-sf"])
-        .arg(&script)
+    cmd.args([family, "-d", "-v", "-sf"])
+        .arg(script)
         .arg("-lf")
-        .arg(dir.join(format!("dhclient-{tag}.leases")))
+        .arg(dir.join(format!("{name}.leases")))
         .arg("-pf")
-        .arg(dir.join(format!("dhclient-{tag}.pid")))
+        .arg(dir.join(format!("{name}.pid")))
         .arg("eth0")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(fs::File::create(dir.join(format!("dhclient-{tag}.log"))).unwrap());
-    (lab.spawn(&g.ns, cmd).unwrap(), out)
+        .stderr(fs::File::create(dir.join(format!("{name}.log"))).unwrap());
+    (lab.spawn(&g.ns, cmd).unwrap(), events)
 }
 
 /// The value of `key=` in an event line ("" if absent).

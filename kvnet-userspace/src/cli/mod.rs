@@ -385,6 +385,16 @@ enum NetCmd {
         /// work; any remote may answer a mapped socket) or one per remote.
         #[arg(long, value_name = "MODE")]
         nat_udp: Option<crate::control::NatUdp>,
+        /// IPv6 gateway address and prefix, e.g. 2001:db8:1::1/64 (repeatable):
+        /// router advertisements (SLAAC), DHCPv6 and DNS on the gateway.
+        #[arg(long, value_name = "ADDRESS/PREFIX")]
+        gateway6: Vec<String>,
+        /// Stateful DHCPv6 handing out FIRST-LAST (else stateless: DNS only).
+        #[arg(long, value_name = "FIRST-LAST")]
+        dhcp6_range: Option<String>,
+        /// A static DHCPv6 host: MAC,IPV6[,NAME] (repeatable).
+        #[arg(long = "dhcp6-host", value_name = "MAC,IPV6[,NAME]")]
+        dhcp6_hosts: Vec<String>,
     },
     /// Show one network: mode, gateway, uplink and each port's hook.
     Show {
@@ -690,6 +700,9 @@ fn run(cli: Cli) -> Result<()> {
             storm_pps,
             nat_ports,
             nat_udp,
+            gateway6,
+            dhcp6_range,
+            dhcp6_hosts,
         }) => done(call(
             sock,
             &Request::NetAdd {
@@ -712,6 +725,9 @@ fn run(cli: Cli) -> Result<()> {
                         rate_out: port_rate_out,
                     },
                     storm_pps,
+                    gateway6,
+                    dhcp6_range,
+                    dhcp6_hosts,
                     ..Default::default()
                 },
             },

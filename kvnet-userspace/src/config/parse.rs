@@ -271,6 +271,47 @@ vlan = "10"
         format!("{:#}", parse("f.toml", text).unwrap_err())
     }
 
+    /// `[networks.NAME.ipv6]`: carried to the daemon's options and back;
+    /// wrong values pointed at.
+    #[test]
+    fn ipv6_section() {
+        let text = r#"
+[networks.lab]
+mode = "routed"
+gateway = "10.9.0.1/24"
+uplink = "eth0"
+
+[networks.lab.ipv6]
+gateways = ["2001:db8:1::1/64", "2001:db8:2::1/64"]
+dhcp_range = "2001:db8:1::100-2001:db8:1::1ff"
+hosts = ["52:54:00:00:00:05,2001:db8:1::5,web"]
+"#;
+        let c = parse("k.toml", text).unwrap();
+        let o = NetSpec::of("lab", &c.networks["lab"]).opts().unwrap();
+        assert_eq!(o.gateway6, ["2001:db8:1::1/64", "2001:db8:2::1/64"]);
+        assert_eq!(
+            o.dhcp6_range.as_deref(),
+            Some("2001:db8:1::100-2001:db8:1::1ff")
+        );
+        assert_eq!(o.dhcp6_hosts.len(), 1);
+        let back = parse("k2.toml", &to_toml(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        let e = err("[networks.a]\n[networks.a.ipv6]\ngateways = [\"2001:db8::1/64\"]\n");
+        assert!(e.contains("`ipv6` needs a gateway"), "{e}");
+        let net = "[networks.a]\nmode = \"host-only\"\ngateway = \"10.0.0.1/24\"\n";
+        let e = err(&format!(
+            "{net}[networks.a.ipv6]\ngateways = [\"fe80::1/64\"]\n"
+        ));
+        assert!(e.contains("link-local"), "{e}");
+        let e = err(&format!("{net}[networks.a.ipv6]\ngateways = []\n"));
+        assert!(e.contains("needs `gateways"), "{e}");
+        // Static AAAA names on an IPv6-only resolver.
+        let v6_names = format!(
+            "{net}[networks.a.ipv6]\ngateways = [\"2001:db8::1/64\"]\n[[networks.a.dns_hosts]]\nip = \"2001:db8::7\"\nnames = [\"db\"]\n"
+        );
+        parse("f.toml", &v6_names).unwrap();
+    }
+
     /// The network keys libvirt's `<mtu>`, `<dns>` and `<vlan>` import to:
     /// parsed, carried to the daemon's options, wrong values pointed at.
     #[test]

@@ -128,6 +128,9 @@ pub struct NetSection {
     pub port_native: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhcp: Option<DhcpSection>,
+    /// IPv6 on the gateway: `--gateway6`, `--dhcp6-range`, `--dhcp6-host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Ipv6Section>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<NatSection>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -189,11 +192,27 @@ pub struct DhcpHost {
     pub name: Option<String>,
 }
 
+/// `[networks.NAME.ipv6]`: the gateway's IPv6 addresses (router
+/// advertisements, DNS) and DHCPv6.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ipv6Section {
+    /// ADDRESS/PREFIX, e.g. "2001:db8:1::1/64".
+    pub gateways: Vec<String>,
+    /// Stateful DHCPv6: "FIRST-LAST".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp_range: Option<String>,
+    /// "MAC,IPV6[,NAME]".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+}
+
 /// `[[networks.NAME.dns_hosts]]`: names for one address.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DnsHostSection {
-    pub ip: Ipv4Addr,
+    /// IPv4 (A) or IPv6 (AAAA).
+    pub ip: std::net::IpAddr,
     /// Host names ("db") or full names ("db.example.com").
     #[serde(deserialize_with = "de_dns_names")]
     pub names: Vec<String>,
@@ -510,6 +529,18 @@ impl Check for NetSection {
                 }
             }
         }
+        if let Some(v6) = &self.ipv6 {
+            if !routes {
+                return Err(format!("`ipv6` needs a gateway: a {m} network has none"));
+            }
+            if v6.gateways.is_empty() {
+                return Err("`ipv6` needs `gateways = [\"ADDRESS/PREFIX\"]`".into());
+            }
+            for g in &v6.gateways {
+                g.parse::<crate::ipv6::Prefix6>()
+                    .map_err(|e| format!("ipv6 gateways: {e:#}"))?;
+            }
+        }
         if self.mtu.is_some() && !gw {
             return Err(format!(
                 "`mtu` is the gateway interface's: a {m} network has none"
@@ -519,9 +550,10 @@ impl Check for NetSection {
             if self.dns == Some(false) {
                 return Err("`dns_hosts` need the DNS server that `dns = false` turns off".into());
             }
-            if self.dhcp.is_none() {
+            // (The IPv6 resolver runs with the router advertisements.)
+            if self.dhcp.is_none() && self.ipv6.is_none() {
                 return Err(
-                    "`dns_hosts` need `dhcp`: kvnet's DNS server runs with the network's DHCP server"
+                    "`dns_hosts` need `dhcp` or `ipv6`: kvnet's DNS server runs with the network's DHCP server or router advertisements"
                         .into(),
                 );
             }

@@ -28,6 +28,7 @@ pub struct NetSpec {
     /// Whether the gateway serves DNS (with DHCP).
     pub dns: bool,
     pub dns_hosts: Vec<DnsHostSection>,
+    pub ipv6: Option<Ipv6Section>,
     /// NAT networks: the source port range (default filled in).
     pub nat_ports: Option<[u16; 2]>,
     /// NAT networks: how UDP is mapped (default filled in).
@@ -62,6 +63,7 @@ impl NetSpec {
             mtu: s.mtu,
             dns: s.dns.unwrap_or(true),
             dns_hosts: s.dns_hosts.clone(),
+            ipv6: s.ipv6.clone(),
             nat_ports: (s.mode == "nat").then(|| {
                 s.nat.as_ref().and_then(|n| n.port_range).unwrap_or([
                     crate::control::DEFAULT_NAT_PORTS.0,
@@ -109,6 +111,9 @@ impl NetSpec {
                 .iter()
                 .map(|h| format!("{},{}", h.ip, h.names.join(",")))
                 .collect(),
+            gateway6: self.ipv6.iter().flat_map(|v| v.gateways.clone()).collect(),
+            dhcp6_range: self.ipv6.as_ref().and_then(|v| v.dhcp_range.clone()),
+            dhcp6_hosts: self.ipv6.iter().flat_map(|v| v.hosts.clone()).collect(),
         })
     }
 
@@ -149,6 +154,9 @@ impl NetSpec {
         if self.mtu != new.mtu {
             let f = |m: Option<u16>| m.map_or("-".into(), |m| m.to_string());
             c.push(format!("mtu {} -> {}", f(self.mtu), f(new.mtu)));
+        }
+        if self.ipv6 != new.ipv6 {
+            c.push("ipv6 settings".into());
         }
         let live = c.is_empty();
         // The NAT port range and UDP mapping change live too (flows keep

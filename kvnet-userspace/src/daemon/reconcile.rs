@@ -57,6 +57,11 @@ fn running_nets(sw: &Switch, _rt: &Runtime) -> BTreeMap<String, NetSpec> {
                     mtu: n.opts.mtu,
                     dns: !n.opts.no_dns,
                     dns_hosts: dns_hosts_of(&n.opts),
+                    ipv6: (!n.opts.gateway6.is_empty()).then(|| crate::config::Ipv6Section {
+                        gateways: n.opts.gateway6.clone(),
+                        dhcp_range: n.opts.dhcp6_range.clone(),
+                        hosts: n.opts.dhcp6_hosts.clone(),
+                    }),
                     nat_ports: n.nat.as_ref().map(|s| [s.ports.0, s.ports.1]),
                     nat_udp: n.nat.as_ref().map(|s| s.udp),
                     forwards: n
@@ -507,6 +512,7 @@ pub(crate) fn config_of(sw: &Switch, listed: Listed) -> Config {
             sec.mtu = s.mtu;
             sec.dns = (!s.dns).then_some(false);
             sec.dns_hosts = s.dns_hosts.clone();
+            sec.ipv6 = s.ipv6.clone();
             let default_ports = [
                 crate::control::DEFAULT_NAT_PORTS.0,
                 crate::control::DEFAULT_NAT_PORTS.1,

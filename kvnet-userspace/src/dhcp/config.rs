@@ -30,7 +30,8 @@ pub struct DhcpConfig {
     /// The gateway serves DNS (and DHCP names it, option 6).
     pub dns: bool,
     /// Static DNS names (name, address) answered besides the leases'.
-    pub dns_hosts: Vec<(String, Ipv4Addr)>,
+    /// Static DNS names (IPv4: A, IPv6: AAAA).
+    pub dns_hosts: Vec<(String, std::net::IpAddr)>,
     /// Any further option by number, sent as given (replaces a built-in one
     /// with the same number).
     pub extra_options: Vec<(u8, Vec<u8>)>,

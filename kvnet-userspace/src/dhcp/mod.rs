@@ -196,6 +196,17 @@ impl DhcpHandle {
         c
     }
 
+    /// [`Self::names`] as DNS takes them.
+    pub fn dns_names(&self) -> crate::dns::Names {
+        let names = self.names();
+        Arc::new(move || {
+            names()
+                .into_iter()
+                .map(|(n, ip)| (n, std::net::IpAddr::V4(ip)))
+                .collect()
+        })
+    }
+
     /// Hostname-to-address pairs for DNS: static hosts with a name, then
     /// live leases with a hostname.
     pub fn names(&self) -> Arc<dyn Fn() -> Vec<(String, Ipv4Addr)> + Send + Sync> {
@@ -273,12 +284,12 @@ pub fn serve_standalone(o: Standalone) -> Result<()> {
                 crate::dns::DnsServer::start(
                     crate::dns::DnsConfig {
                         net: o.iface.clone(),
-                        listen: server_ip,
+                        listen: server_ip.into(),
                         iface: o.iface.clone(),
                         domain: o.domain.clone(),
                         upstream,
                     },
-                    dhcp.names(),
+                    dhcp.dns_names(),
                 )
                 .await?,
             )

@@ -4,15 +4,23 @@
 //! The servers run on their own small tokio runtime, so starting and
 //! stopping them (from the daemon's synchronous dispatch, under the switch
 //! lock) never waits on the control plane's runtime or lock.
-use std::{collections::BTreeMap, future::Future, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::{config, DhcpConfig, DhcpHandle, DhcpServer, LeaseInfo};
 use crate::{
     control::NetOpts,
-    dns::{DnsConfig, DnsHandle, DnsServer, Upstream},
+    dns::{DnsConfig, DnsHandle, DnsServer, Names, Upstream},
     gateway::Cidr,
+    ipv6::{V6Plan, V6Servers},
 };
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/kvnet";
@@ -33,6 +41,29 @@ pub struct Services {
     resolv_conf: PathBuf,
     rt: Option<tokio::runtime::Runtime>,
     running: BTreeMap<String, NetServers>,
+    /// Router advertisements, DHCPv6 and the IPv6 resolver, by network.
+    running6: BTreeMap<String, V6Servers>,
+    /// What each network's IPv4 and IPv6 servers know by name, so either
+    /// resolver answers for both (A and AAAA of one guest).
+    names: BTreeMap<String, NameSlots>,
+}
+
+type Slot = Arc<Mutex<Option<Names>>>;
+
+#[derive(Clone, Default)]
+struct NameSlots {
+    v4: Slot,
+    v6: Slot,
+}
+
+/// The names in `slot` now (none while its servers are stopped).
+fn read_slot(slot: &Slot) -> Vec<(String, IpAddr)> {
+    let f = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    f.map(|f| f()).unwrap_or_default()
+}
+
+fn fill_slot(slot: &Slot, names: Option<Names>) {
+    *slot.lock().unwrap_or_else(|e| e.into_inner()) = names;
 }
 
 impl Default for Services {
@@ -79,7 +110,7 @@ pub fn plan(
         let mut it = h.split(',').map(str::trim);
         let ip = it
             .next()
-            .and_then(|ip| ip.parse().ok())
+            .and_then(|ip| ip.parse::<IpAddr>().ok())
             .with_context(|| format!("DNS host '{h}': expected IP,NAME[,NAME...]"))?;
         for name in it {
             if !config::valid_domain(name) {
@@ -112,6 +143,8 @@ impl Services {
             resolv_conf: PathBuf::from(RESOLV_CONF),
             rt: None,
             running: BTreeMap::new(),
+            running6: BTreeMap::new(),
+            names: BTreeMap::new(),
         }
     }
 
@@ -152,9 +185,10 @@ impl Services {
         let dir = self.net_dir(net);
         let static_names = cfg.dns_hosts.clone();
         let dns_on = cfg.dns;
+        let slots = self.names.entry(net.to_string()).or_default().clone();
         let dns_cfg = DnsConfig {
             net: net.to_string(),
-            listen: cfg.server_ip,
+            listen: cfg.server_ip.into(),
             iface: cfg.iface.clone(),
             domain: cfg.domain.clone(),
             upstream: Upstream::ResolvConf(self.resolv_conf.clone()),
@@ -166,10 +200,16 @@ impl Services {
                 return Ok(NetServers { dhcp, dns: None });
             }
             // Static names first: they win over a lease's of the same name.
-            let leases = dhcp.names();
-            let names: crate::dns::Names = std::sync::Arc::new(move || {
+            let leases = dhcp.dns_names();
+            let own: Names = Arc::new(move || {
                 let mut v = static_names.clone();
                 v.extend(leases());
+                v
+            });
+            fill_slot(&slots.v4, Some(own.clone()));
+            let names: Names = Arc::new(move || {
+                let mut v = own();
+                v.extend(read_slot(&slots.v6));
                 v
             });
             match DnsServer::start(dns_cfg, names).await {
@@ -187,11 +227,54 @@ impl Services {
         Ok(())
     }
 
+    /// Starts `net`'s IPv6 servers: router advertisements, DHCPv6 and
+    /// DNS on its first IPv6 gateway address.
+    pub fn start_v6(&mut self, net: &str, plan: V6Plan) -> Result<()> {
+        if self.running6.contains_key(net) {
+            bail!("IPv6 servers of network '{net}' are already running");
+        }
+        let slots = self.names.entry(net.to_string()).or_default().clone();
+        let v4 = slots.v4.clone();
+        let names: Names = Arc::new(move || read_slot(&v4));
+        let upstream = Upstream::ResolvConf(self.resolv_conf.clone());
+        let (servers, own) = self.run(V6Servers::start(plan, names, upstream))??;
+        fill_slot(&slots.v6, Some(own));
+        self.running6.insert(net.to_string(), servers);
+        Ok(())
+    }
+
+    /// Stops `net`'s IPv6 servers, if any.
+    pub fn stop_v6(&mut self, net: &str) {
+        let Some(s) = self.running6.remove(net) else {
+            return;
+        };
+        if let Some(slots) = self.names.get(net) {
+            fill_slot(&slots.v6, None);
+        }
+        let stopped = self.run(tokio::time::timeout(Duration::from_secs(5), s.stop()));
+        if !matches!(stopped, Ok(Ok(()))) {
+            log::warn!("IPv6 servers of network {net} did not stop in time");
+        }
+    }
+
+    /// The DHCPv6 leases of `net` (None without IPv6 servers).
+    pub fn leases6(&self, net: &str) -> Option<Vec<crate::ipv6::dhcp6::Lease6Info>> {
+        self.running6.get(net).map(|s| s.leases())
+    }
+
+    /// Counters of `net`'s IPv6 servers (RA, DHCPv6, DNS).
+    pub fn stats6(&self, net: &str) -> Option<serde_json::Value> {
+        self.running6.get(net).map(|s| s.counters())
+    }
+
     /// Stops `net`'s servers, if any (the lease file stays for next time).
     pub fn stop(&mut self, net: &str) {
         let Some(s) = self.running.remove(net) else {
             return;
         };
+        if let Some(slots) = self.names.get(net) {
+            fill_slot(&slots.v4, None);
+        }
         let stopped = self.run(async move {
             let wait = async {
                 if let Some(dns) = s.dns {
@@ -232,6 +315,10 @@ impl Drop for Services {
         let nets: Vec<String> = self.running.keys().cloned().collect();
         for n in nets {
             self.stop(&n);
+        }
+        let nets: Vec<String> = self.running6.keys().cloned().collect();
+        for n in nets {
+            self.stop_v6(&n);
         }
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();

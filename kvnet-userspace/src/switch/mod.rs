@@ -3,6 +3,7 @@
 //! only when it can finish, undoing its own steps when a later one fails.
 
 pub mod bindings;
+mod ipv6;
 pub mod journal;
 pub mod nat;
 pub mod network;
@@ -448,6 +449,9 @@ impl Switch {
             (o, _) => o,
         };
         security.fill(&mut pcfg, old.as_ref(), dhcp);
+        if !self.net(net)?.opts.gateway6.is_empty() {
+            pcfg.flags |= kvnet_common::PORT_F_V6_SLAAC;
+        }
         let vids: BTreeSet<u16> = cfg.memberships().keys().copied().collect();
         let mut members = self.members(net);
         let before = members.clone();

@@ -113,7 +113,16 @@ const NAT_IN_BASE: u32 = 14000;
 
 /// Sets an IPv4 per-interface sysctl, remembering the old value.
 fn set_sysctl(iface: &str, key: &str, value: &str, restore: &mut Vec<Restore>) -> Result<()> {
-    let path = format!("/proc/sys/net/ipv4/conf/{iface}/{key}");
+    set_sysctl_path(
+        &format!("/proc/sys/net/ipv4/conf/{iface}/{key}"),
+        value,
+        restore,
+    )
+}
+
+/// Sets the sysctl at `path`, journaled and remembering the old value.
+pub(crate) fn set_sysctl_path(path: &str, value: &str, restore: &mut Vec<Restore>) -> Result<()> {
+    let path = path.to_string();
     let old = gateway::read_sysctl(&path)?;
     if old != value {
         let r = Restore::Sysctl {
@@ -202,6 +211,7 @@ impl Switch {
         }
         // DHCP/DNS: checked whole before anything is built.
         let dhcp = crate::dhcp::service::plan(opts, gateway.as_ref(), gw_name.as_deref())?;
+        let v6 = crate::ipv6::plan(name, opts, mode, gw_name.as_deref())?;
         let nat = self.nat_plan(opts, opts.uplink.as_deref())?;
         // A restarted daemon gives networks back their ids (the datapath's
         // maps are keyed by them); new networks skip those ids.
@@ -249,6 +259,12 @@ impl Switch {
         };
         let built = built.and_then(|_| match dhcp {
             Some(cfg) => self.services.start(name, cfg),
+            None => Ok(()),
+        });
+        let built = built.and_then(|_| match v6 {
+            Some(plan) => self
+                .build_v6(name, &plan)
+                .and_then(|_| self.services.start_v6(name, plan)),
             None => Ok(()),
         });
         if let Err(e) = built {
@@ -550,6 +566,7 @@ impl Switch {
     /// Undoes what `net_add` built beyond the ports (already removed).
     pub(crate) fn teardown_net(&mut self, name: &str, id: u32) {
         self.services.stop(name);
+        self.services.stop_v6(name);
         self.teardown_nat(name, id);
         let Some(net) = self.nets.get_mut(name) else {
             return;
@@ -603,6 +620,7 @@ impl Switch {
             .iter()
             .any(|s| s.net == name && !s.dns.is_null());
         Ok(NetDetail {
+            ipv6: self.ipv6_info(name),
             dhcp: self.dhcp_info(name, opts),
             dns,
             forwards,

@@ -1732,6 +1732,9 @@ fn gen_state(r: &Rng, lab: &Lab) -> MapState {
             if r.chance(45) {
                 flags |= PORT_F_IP_GUARD;
             }
+            if r.chance(20) {
+                flags |= PORT_F_V6_SLAAC;
+            }
         }
         for (pct, f) in [
             (8, PORT_F_TRUSTED),

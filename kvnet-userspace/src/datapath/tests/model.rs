@@ -497,8 +497,10 @@ fn guard(
         ETH_P_ARP if guarded => guard_arp(st, port, f, l3, src, ip_guard),
         ETH_P_IPV6 => {
             // IPv6 sources are held to link-local only where kvnet knows
-            // every address (its DHCP, `--ip`), not for snooped bindings.
-            let v6_guard = guarded && port.flags & PORT_F_IP_GUARD != 0;
+            // every address (its DHCP, `--ip`), not for snooped bindings,
+            // nor where guests pick SLAAC addresses (`--gateway6`).
+            let v6_guard =
+                guarded && port.flags & (PORT_F_IP_GUARD | PORT_F_V6_SLAAC) == PORT_F_IP_GUARD;
             guard_ipv6(f, l3, guarded, v6_guard, src)
         }
         _ => None,
