@@ -4,14 +4,16 @@
 //! DNS), `<dns><host>` (A and PTR), `<dns enable='no'>` (no DNS server, no
 //! option 6), `<mtu>` (the gateway link and option 26), `<lease expiry>`
 //! (option 51), a dotted `<dhcp><host name>`, and a network-wide `<vlan>`
-//! (ports without one of their own are tagged with it). Run as root.
+//! (ports without one of their own are tagged with it); issue 17 point 4:
+//! `<ip family='ipv6'>` (SLAAC from kvnet's RA, dhclient -6 gets a host
+//! matched by the MAC in its DUID, AAAA). Run as root.
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use kvnet_tests::clients::field;
+use kvnet_tests::clients::{dhclient6, field, wait_first_event};
 use kvnet_tests::{
     count_frames, eth_frame, inject, kvnet::Kvnet, lab::privileged, Capture, Frame, GuestPort, Lab,
 };
@@ -312,4 +314,94 @@ fn a_network_vlan_tags_ports_that_set_none() {
         0,
         "{f3:?}"
     );
+}
+
+/// The MAC of the IPv6 guest whose DUID-LL is a `<dhcp><host id>`.
+const V6_MAC: &str = "52:54:00:4c:00:06";
+
+/// Its address and name; the gateway's IPv6 address.
+const V6_WEB: &str = "2001:db8:4c::5";
+const GW6: &str = "2001:db8:4c::1";
+
+/// Polls `f` every 100 ms for up to `secs`.
+fn until<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() > end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn ipv6_from_libvirt_xml_slaac_dhcp6_host_by_duid_and_aaaa() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let k = Kvnet::start(&lab).unwrap();
+    // Both keep the kernel's IPv6 defaults; g2 has the reserved MAC.
+    let g1 = lab.add_guest("p1").unwrap();
+    let mut g2 = lab.add_guest("p2").unwrap();
+    g2.sh(&format!("ip link set eth0 address {V6_MAC}"))
+        .unwrap();
+    g2.mac = kvnet_tests::lab::read_mac(&g2.ns, "eth0").unwrap();
+    // libvirt's isolated network (no <forward>) with IPv6; the host by
+    // DUID-LL carries over, the one by name only is named.
+    let duid = format!("0:3:0:1:{V6_MAC}");
+    let xml = format!(
+        "<network>
+  <name>lv6</name>
+  <domain name='{DOMAIN}'/>
+  <ip address='10.78.0.1' prefix='24'><dhcp><range start='10.78.0.10' end='10.78.0.50'/></dhcp></ip>
+  <ip family='ipv6' address='{GW6}' prefix='64'>
+    <dhcp>
+      <range start='2001:db8:4c::100' end='2001:db8:4c::1ff'/>
+      <host id='{duid}' name='web' ip='{V6_WEB}'/>
+      <host name='paul' ip='2001:db8:4c::6'/>
+    </dhcp>
+  </ip>
+</network>
+"
+    );
+    let ports =
+        "\n[[ports]]\niface = \"p1\"\nnet = \"lv6\"\n\n[[ports]]\niface = \"p2\"\nnet = \"lv6\"\n";
+    let warnings = import_apply(&lab, &k, "lv6", &xml, ports);
+    assert!(
+        warnings.contains("<host name='paul' ip='2001:db8:4c::6'> is not carried over"),
+        "{warnings}"
+    );
+    let show = k.json(&["net", "show", "lv6"]).unwrap();
+    assert_eq!(show["ipv6"]["gateways"][0], format!("{GW6}/64"), "{show}");
+
+    // SLAAC in the prefix from kvnet's RA (the guest has the defaults).
+    let a1 = until(15, || {
+        let out = g1.sh("ip -6 -o addr show dev eth0 scope global").ok()?;
+        out.split_whitespace()
+            .filter_map(|w| w.split_once('/').map(|(a, _)| a.to_string()))
+            .find(|a| a.starts_with("2001:db8:4c:"))
+    })
+    .expect("g1's SLAAC address from kvnet's RA");
+    // dhclient -6 on g2 (a DUID-LLT of its MAC): the reserved address.
+    until(5, || {
+        let t = g2.sh("ip -6 -o addr show dev eth0 tentative").ok()?;
+        t.trim().is_empty().then_some(())
+    })
+    .expect("g2's link-local address out of DAD");
+    let (_c2, ev2) = dhclient6(&lab, &g2, "g2");
+    let b2 = wait_first_event(&ev2, "BOUND6", Duration::from_secs(20));
+    assert_eq!(field(&b2, "ip6"), V6_WEB, "{b2}");
+    // AAAA for the reservation's name, from the gateway's IPv6 resolver;
+    // the two guests reach each other over IPv6.
+    let aaaa = g1
+        .sh(&format!(
+            "dig +short +time=2 +tries=2 @{GW6} AAAA web.{DOMAIN}"
+        ))
+        .unwrap();
+    assert_eq!(aaaa.trim(), V6_WEB, "AAAA of web.{DOMAIN}");
+    assert!(g2.ping(&a1), "g2 -> g1's SLAAC address {a1}");
 }
