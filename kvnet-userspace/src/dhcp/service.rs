@@ -251,7 +251,10 @@ impl Services {
         if let Some(slots) = self.names.get(net) {
             fill_slot(&slots.v6, None);
         }
-        let stopped = self.run(tokio::time::timeout(Duration::from_secs(5), s.stop()));
+        // (The timeout is made inside the runtime: made here, on a thread
+        // without one such as the daemon's shutdown, it panics.)
+        let stopped =
+            self.run(async move { tokio::time::timeout(Duration::from_secs(5), s.stop()).await });
         if !matches!(stopped, Ok(Ok(()))) {
             log::warn!("IPv6 servers of network {net} did not stop in time");
         }
