@@ -130,6 +130,8 @@ pub fn run(kvnet: &Path) -> Result<()> {
         mk("vnet7", Some("10.30.0.3/24"))?,
     ];
     let nat_guest = mk("vnet4", None)?;
+    // Step 12's guest keeps the kernel's IPv6 defaults (accept_ra=1).
+    let v6_guest = lab.add_guest("vnet8")?;
     let out = lab.add_outside()?;
     out.set_ip("198.51.100.2/24")?;
     lab.exec(
@@ -471,6 +473,30 @@ pub fn run(kvnet: &Path) -> Result<()> {
 
     step(
         12,
+        "IPv6: a routed network; a guest with default sysctls takes a SLAAC address from kvnet's router advertisements and pings the outside",
+    );
+    let slaac = ipv6_step(&lab, &k, &out, &v6_guest)?;
+    expect(
+        "SLAAC address and default route from kvnet's RA",
+        slaac.is_some(),
+        true,
+    );
+    expect(
+        "guest -> outside 2001:db8:ffff::2 over routed IPv6",
+        ping(&v6_guest, OUTSIDE6),
+        true,
+    );
+    if let Some(a) = &slaac {
+        // Routed, not NATed: the outside reaches the guest's own address.
+        expect(
+            "outside -> the guest's own SLAAC address",
+            kvnet_tests::lab::ping(&out.ns, a),
+            true,
+        );
+    }
+
+    step(
+        13,
         "teardown: `kvnet down` removes everything kvnet installed, then the lab goes",
     );
     // (A plain stop or crash would keep the datapath forwarding for the
@@ -490,6 +516,61 @@ pub fn run(kvnet: &Path) -> Result<()> {
     }
     println!("done; nothing left behind.");
     Ok(())
+}
+
+/// The outside's IPv6 address (step 12), behind up0's 2001:db8:ffff::1.
+const OUTSIDE6: &str = "2001:db8:ffff::2";
+
+/// Step 12's setup: IPv6 on the uplink and the outside (which routes the
+/// guests' prefix back via the host), a routed network with `--gateway6`,
+/// the guest on it. Returns the guest's SLAAC address once it has one and
+/// a default route from the RA (None after 15 s).
+fn ipv6_step(lab: &Lab, k: &Kvnet, out: &Outside, guest: &GuestPort) -> Result<Option<String>> {
+    out.sh(&format!(
+        "ip -6 addr add {OUTSIDE6}/64 dev eth0 nodad && ip -6 route add 2001:db8:1::/64 via 2001:db8:ffff::1"
+    ))?;
+    lab.sh(lab.hv(), "ip -6 addr add 2001:db8:ffff::1/64 dev up0 nodad")?;
+    kv(
+        k,
+        &[
+            "net",
+            "add",
+            "v6",
+            "--mode",
+            "routed",
+            "--gateway",
+            "10.40.0.1/24",
+            "--uplink",
+            "up0",
+            "--gateway6",
+            "2001:db8:1::1/64",
+        ],
+    )?;
+    kv(k, &["port", "add", "v6", &guest.hv_if])?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let found = loop {
+        let addr = guest.sh("ip -6 -o addr show dev eth0 scope global")?;
+        let route = guest.sh("ip -6 route show default")?;
+        let slaac = addr
+            .split_whitespace()
+            .filter_map(|w| w.split_once('/').map(|(a, _)| a))
+            .find(|a| a.starts_with("2001:db8:1:"))
+            .map(str::to_string);
+        // (Usable once its duplicate address detection is done.)
+        let ready = route.contains("proto ra") && !addr.contains("tentative");
+        if let (Some(a), true) = (&slaac, ready) {
+            println!("  guest$ ip -6 addr: {a} (SLAAC)");
+            println!("  guest$ ip -6 route show default: {}", route.trim());
+            break slaac;
+        }
+        if std::time::Instant::now() > deadline {
+            println!("  no SLAAC address after 15 s: {addr} / {route}");
+            break None;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    show(k, &["net", "show", "v6"])?;
+    Ok(found)
 }
 
 /// Boots the lab's tiny VM with DHCP; returns its script output and rc.
