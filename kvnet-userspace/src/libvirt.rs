@@ -279,7 +279,7 @@ fn ipv6_of(
             None => 64,
             Some(p) => match p.trim().parse::<u8>() {
                 Ok(n @ 0..=128) => n,
-                _ => bail!("{what}<prefix='{p}'>: an IPv6 prefix is 0-128"),
+                _ => bail!("{what}: prefix='{p}': an IPv6 prefix is 0-128"),
             },
         };
         warn_unknown(*ip, &what, &["dhcp"], warn);
