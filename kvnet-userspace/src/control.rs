@@ -545,7 +545,14 @@ pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
             socket.display()
         )
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    // An apply attaches every port of the file: thousands of them take
+    // minutes on a loaded host, and giving up would leave the CLI
+    // guessing while the daemon goes on.
+    let patience = match req {
+        Request::Apply { .. } => Duration::from_secs(30 * 60),
+        _ => Duration::from_secs(60),
+    };
+    stream.set_read_timeout(Some(patience)).ok();
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
     let sent = (&stream).write_all(line.as_bytes());
