@@ -24,6 +24,7 @@
 
 mod chart;
 mod connrate;
+mod gcwalk;
 mod ports;
 mod report;
 mod taps;
@@ -381,6 +382,10 @@ pub const CT_MAX: &str = "2200000";
 /// configuration.
 pub const DAEMON_CPU_FRAMES: &str = "daemon CPU, during the 64-byte run";
 pub const DAEMON_CPU_ALL: &str = "daemon CPU, during all its metrics";
+/// With the grown table: the daemon's share of a core during one GC walk,
+/// and the long-run share that the daemon's pacing implies from it.
+pub const DAEMON_CPU_WALK: &str = "daemon CPU, during one GC walk";
+pub const DAEMON_CPU_LONG_RUN: &str = "daemon CPU, long run (one walk per 21 walk times)";
 const G1_IP: &str = "10.0.0.1";
 const G2_IP: &str = "10.0.0.2";
 const GW_IP: &str = "10.0.0.254";
@@ -1116,14 +1121,49 @@ impl<'p> Bench<'p> {
         let n = CT_SCALE.to_string();
         let cfg = format!("kvnet-nat, +{}M conntrack", CT_SCALE / 1_000_000);
         println!("bench:   {cfg}");
+        // Sampling from before the fill: a walk may start during it.
+        let bound = Duration::from_secs(if self.plan.quick { 60 } else { 180 });
+        let sampler = self
+            .kv
+            .daemon_pid()
+            .map(|pid| gcwalk::Sampler::start(pid, bound));
         match self.helper_in(self.lab.hv(), &["ctfill", &pins, &n]) {
             Ok(v) => {
                 res.scale.entry("daemon ct fill".into()).or_insert(v);
-                // Frames first: the daemon's GC starts its walk of the
-                // grown table within a second of the fill.
+                // The 64-byte run once the GC walks the grown table (the
+                // daemon paces walks, so one may take a while to come).
+                let wait = Duration::from_secs(if self.plan.quick { 15 } else { 40 });
+                let walking = sampler.as_ref().is_some_and(|s| s.await_walk(wait));
+                if !walking {
+                    res.notes.push(format!(
+                        "{cfg}: no GC walk seen within {wait:?} of the fill; its 64-byte run is not during a walk"
+                    ));
+                }
                 let cpu = self.daemon_cpu_start();
                 self.out_frames(res, &cfg);
                 self.daemon_cpu_end(res, &cfg, DAEMON_CPU_FRAMES, cpu);
+                if let Some(s) = sampler {
+                    let walk = s.finish(Duration::from_secs(if self.plan.quick { 20 } else { 60 }));
+                    for (key, metric) in [
+                        ("walk_share_of_core", DAEMON_CPU_WALK),
+                        ("long_run_share_of_core", DAEMON_CPU_LONG_RUN),
+                    ] {
+                        if let Some(v) = walk[key].as_f64() {
+                            res.add(OUT, &cfg, metric, "% of one core", v * 100.0);
+                        }
+                    }
+                    if let Some(v) = walk["walk_wall_secs"].as_f64() {
+                        res.add(OUT, &cfg, "daemon GC walk, wall time", "s", v);
+                    }
+                    let walks = res
+                        .scale
+                        .entry("daemon gc walks".into())
+                        .or_insert_with(|| Value::Array(Vec::new()));
+                    if let Some(a) = walks.as_array_mut() {
+                        a.push(walk);
+                    }
+                }
+                let cpu = self.daemon_cpu_start();
                 self.measure_pair(res, OUT, &cfg, &self.g1.ns.clone(), UP_OUT, false);
                 self.conn_rate(res, &cfg);
                 self.daemon_cpu_end(res, &cfg, DAEMON_CPU_ALL, cpu);

@@ -372,7 +372,7 @@ fn targets_table(o: &mut String, res: &Results) {
                 Some(false) => "**no**",
                 None => "—",
             },
-            short(&t.detail)
+            t.detail.replace('|', "/")
         );
     }
 }
@@ -606,7 +606,11 @@ const METHOD: &str = "\
   bounded in count (3000 quick, 20000 full) and time; rate = connections / wall time. Each one is a new NAT \
   flow (kvnet: port pick and two conntrack inserts in tc; masquerade peers: a kernel conntrack entry).
 - Daemon CPU: user + system time of the kvnet daemon from /proc/PID/stat over a window, as a share of one \
-  core: during the 64-byte run, and during all of the configuration's metrics (frames, ping, iperf3, connections).
+  core: during the 64-byte run, and during the configuration's other metrics (ping, iperf3, connections; for \
+  kvnet-nat also the frames). With 1M entries a sampler reads it every 100 ms from before the fill: the 64-byte \
+  run starts once a slice shows the daemon above 30 % of a core (its GC walking the grown table; bounded wait), \
+  and the first walk's CPU and wall time give `during one GC walk` and the long-run share the daemon's pacing \
+  implies (the next walk waits 20 walk times: walk CPU / (21 × walk wall time)).
 - Taps: two taps tA, tB in `hv` (`ip tuntap`); `kvnet-bench tap-sink tB` (the receiving guest's hypervisor \
   process) attaches to tB, announces its MAC with one broadcast frame and counts the 64-byte frames to it \
   (read(2) per frame); `kvnet-bench tap-gen tA` (the sending guest's process) writes prebuilt 64-byte frames \

@@ -5,7 +5,10 @@
 use serde_json::Value;
 
 use super::taps::{TAP, TAP_METRIC};
-use super::{connrate, median, trafgen, Results, CT_SCALE, DAEMON_CPU_ALL, L2, OUT};
+use super::{
+    connrate, median, trafgen, Results, CT_SCALE, DAEMON_CPU_ALL, DAEMON_CPU_LONG_RUN,
+    DAEMON_CPU_WALK, L2, OUT,
+};
 
 pub struct Target {
     pub name: &'static str,
@@ -224,7 +227,7 @@ pub fn targets(res: &Results) -> Vec<Target> {
             ),
         ),
         ratio(
-            "64-byte NAT rate with 1M conntrack entries / empty table (GC walking)",
+            "64-byte NAT rate with 1M conntrack entries, run during a GC walk / empty table",
             "1M ct fwd",
             out(&ct),
             out("kvnet-nat"),
@@ -233,14 +236,17 @@ pub fn targets(res: &Results) -> Vec<Target> {
             "guest-to-outside table",
         ),
         Target {
-            name: "daemon CPU with 1M conntrack entries (all its metrics)",
+            name: "daemon GC with 1M conntrack entries, long-run share (one walk, paced)",
             short: "GC CPU %",
-            value: med(res, OUT, &ct, DAEMON_CPU_ALL),
+            value: med(res, OUT, &ct, DAEMON_CPU_LONG_RUN),
             unit: "% of one core",
             bound: 5.0,
             at_most: true,
             detail: format!(
-                "empty table: {} %",
+                "during a walk: {} % for {} s; over ping/iperf3/connections after it: {} % (empty table: {} %)",
+                fmt(med(res, OUT, &ct, DAEMON_CPU_WALK)),
+                fmt(med(res, OUT, &ct, "daemon GC walk, wall time")),
+                fmt(med(res, OUT, &ct, DAEMON_CPU_ALL)),
                 fmt(med(res, OUT, "kvnet-nat", DAEMON_CPU_ALL))
             ),
         },
