@@ -15,6 +15,8 @@ use super::{mac_str, Bench, G1_IP};
 
 /// The metric name of a trafgen rate (the live-frame one is "64-byte frames").
 pub const METRIC: &str = "64-byte frames (trafgen)";
+/// The same with 1M conntrack entries when no GC walk was running.
+pub const METRIC_NO_WALK: &str = "64-byte frames (trafgen), no GC walk running";
 
 impl Bench<'_> {
     /// Sends `gen_frames` 64-byte UDP frames g1 -> `dst_mac`/`dst_ip` from
