@@ -254,6 +254,14 @@ pub enum Request {
     Status,
     /// Remove everything kvnet installed and exit (`kvnet down`).
     Down,
+    /// An uplink group (`kvnet uplink add`).
+    UplinkAdd {
+        spec: crate::uplink_spec::UplinkSpec,
+    },
+    UplinkShow,
+    UplinkDel {
+        name: String,
+    },
 }
 
 impl Request {
@@ -273,7 +281,8 @@ impl Request {
             | Request::ConntrackList { .. }
             | Request::Stats
             | Request::DhcpLeases { .. }
-            | Request::Status => true,
+            | Request::Status
+            | Request::UplinkShow => true,
             // A dry run only computes the plan; nothing is applied or remembered.
             Request::Apply { dry_run, .. } => *dry_run,
             Request::NetAdd { .. }
@@ -292,6 +301,8 @@ impl Request {
             | Request::Save { .. }
             | Request::Ifup { .. }
             | Request::Ifdown { .. }
+            | Request::UplinkAdd { .. }
+            | Request::UplinkDel { .. }
             | Request::Down => false,
         }
     }
