@@ -204,6 +204,7 @@ fn active_backup_fails_over_within_100ms_and_back() {
         p.wait_timeout(Duration::from_secs(10)).unwrap().expect("ping ended");
         let text = stdout_text(p);
         let (sent, got, dup) = ping_summary(&text);
+        eprintln!("{what}: {sent} pings every 10 ms, {} lost over two failovers", sent - got);
         // Two failovers, 100 ms each at most: 10 pings each.
         assert!(sent - got <= 20, "{what}: {sent} sent, {got} answered\n{text}");
         assert_eq!(dup, 0, "{what}: duplicate replies\n{text}");
@@ -215,4 +216,180 @@ fn active_backup_fails_over_within_100ms_and_back() {
     assert_eq!(s["failovers"], 2, "{s:#}");
     let log = f.k.daemon_log();
     assert!(log.contains("uplink bond0: m1 down; active m1 -> m2"), "{log}");
+}
+
+/// Each member's share of what the group sent while `during` ran.
+fn shares(f: &Fabric, during: impl FnOnce()) -> (u64, u64) {
+    let (a, b) = (f.tx_bytes("m1"), f.tx_bytes("m2"));
+    during();
+    (
+        f.tx_bytes("m1").wrapping_sub(a) & 0xffff_ffff,
+        f.tx_bytes("m2").wrapping_sub(b) & 0xffff_ffff,
+    )
+}
+
+#[test]
+fn balance_xor_spreads_flows_over_members_and_survives_one_down() {
+    if !privileged() {
+        return;
+    }
+    let f = fabric();
+    let guests = f.group_and_guests(&["--mode", "balance-xor", "--hash", "l3l4"], 4);
+    for port in 5201..=5208 {
+        let mut srv = Command::new("iperf3");
+        srv.args(["-s", "-1", "-B", OUTSIDE_IP, "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        f.lab.spawn(&f.out, srv).unwrap();
+    }
+    let end = Instant::now() + Duration::from_secs(5);
+    while f.lab.sh(&f.out, "ss -ltnH | grep -c ':52'").unwrap_or_default().trim() != "8" {
+        assert!(Instant::now() < end, "iperf3 servers never listened");
+        thread::sleep(Duration::from_millis(50));
+    }
+    // 8 flows, 2 per guest, each at the same rate, so a member's share of
+    // the bytes is its share of the flows. The hash is deterministic (as
+    // bonding's layer3+4): fixed client ports make the split reproducible.
+    let mut clients = Vec::new();
+    for (i, g) in guests.iter().enumerate() {
+        for j in 0..2 {
+            let n = 2 * i + j;
+            let mut c = Command::new("iperf3");
+            c.args(["-c", OUTSIDE_IP, "-p", &(5201 + n).to_string()])
+                .args(["--cport", &(40001 + n).to_string(), "-t", "6", "-b", "20M", "-J"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null());
+            clients.push(f.lab.spawn(&g.ns, c).unwrap());
+        }
+    }
+    let (m1, m2) = shares(&f, || thread::sleep(Duration::from_millis(2500)));
+    let total = m1 + m2;
+    eprintln!("balance-xor, 8 flows: m1 {m1} bytes, m2 {m2} bytes");
+    assert!(total > 20_000_000, "the flows moved too little: {m1} + {m2}");
+    assert!(m1 * 4 >= total && m2 * 4 >= total, "uneven: m1 {m1}, m2 {m2}");
+
+    f.cable("s2", false);
+    f.until("m2 down", |g| Fabric::member(g, "m2")["state"] == "down");
+    let (m1, m2) = shares(&f, || thread::sleep(Duration::from_millis(1500)));
+    eprintln!("balance-xor, m2 down: m1 {m1} bytes, m2 {m2} bytes");
+    assert!(m1 > 10_000_000, "m1 carries all flows now: {m1}");
+    assert!(m2 < 100_000, "nothing leaves by the member without carrier: {m2}");
+    for (n, c) in clients.iter_mut().enumerate() {
+        let status = c.wait_timeout(Duration::from_secs(15)).unwrap().expect("iperf3 ended");
+        let out = stdout_text(c);
+        assert!(status.success(), "flow {n} broke: {out}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let last = v["intervals"].as_array().unwrap().last().unwrap()["sum"]["bytes"]
+            .as_u64()
+            .unwrap();
+        assert!(last > 1_000_000, "flow {n} stalled after m2 went down: {last} bytes in its last second");
+    }
+    let log = f.k.daemon_log();
+    assert!(log.contains("uplink bond0: m2 down"), "{log}");
+}
+
+/// Echo requests from `ip` in a capture.
+fn echo_requests(frames: &[kvnet_tests::Frame], ip: [u8; 4]) -> usize {
+    count_frames(frames, |f| {
+        f.icmp_type() == Some(8) && f.ipv4_addrs().is_some_and(|(s, _)| s == ip)
+    })
+}
+
+#[test]
+fn broadcast_and_round_robin_leave_by_the_members_their_mode_says() {
+    if !privileged() {
+        return;
+    }
+    let f = fabric();
+    let g = f.group_and_guests(&["--mode", "broadcast"], 1);
+    let guest_ip = [192, 0, 2, 11];
+    assert!(g[0].ping(OUTSIDE_IP));
+    let (c1, c2) = (Capture::start(&f.sw, "s1").unwrap(), Capture::start(&f.sw, "s2").unwrap());
+    g[0].sh(&format!("ping -q -c 6 -i 0.05 {OUTSIDE_IP} || true")).unwrap();
+    let timeout = Duration::from_secs(5);
+    let s1 = c1.stop_when("6 requests", timeout, |fr| echo_requests(fr, guest_ip) >= 6).unwrap();
+    let s2 = c2.stop_when("6 requests", timeout, |fr| echo_requests(fr, guest_ip) >= 6).unwrap();
+    assert_eq!(echo_requests(&s1, guest_ip), 6, "broadcast: every request out of m1");
+    assert_eq!(echo_requests(&s2, guest_ip), 6, "broadcast: every request out of m2");
+
+    // The same lab as balance-rr: the network goes, the group with it.
+    f.k.cli(&["net", "del", "lan"]).unwrap();
+    f.k.cli(&["uplink", "del", "bond0"]).unwrap();
+    assert!(f.lab.sh(f.hv(), "ip link show bond0").is_err(), "the group's device is gone");
+    f.k.cli(&["uplink", "add", "bond0", "--members", "m1,m2", "--mode", "balance-rr"])
+        .unwrap();
+    f.k.cli(&["net", "add", "lan", "--mode", "bridged", "--uplink", "bond0"])
+        .unwrap();
+    f.k.cli(&["port", "add", "lan", "p1"]).unwrap();
+    assert!(g[0].ping(OUTSIDE_IP));
+    let (c1, c2) = (Capture::start(&f.sw, "s1").unwrap(), Capture::start(&f.sw, "s2").unwrap());
+    g[0].sh(&format!("ping -q -c 10 -i 0.05 {OUTSIDE_IP} || true")).unwrap();
+    // The control: all 10 requests seen between the two captures.
+    let (mut n1, mut n2) = (0, 0);
+    let end = Instant::now() + timeout;
+    while n1 + n2 < 10 && Instant::now() < end {
+        n1 = echo_requests(&c1.frames().unwrap(), guest_ip);
+        n2 = echo_requests(&c2.frames().unwrap(), guest_ip);
+        thread::sleep(Duration::from_millis(50));
+    }
+    let (s1, s2) = (c1.stop().unwrap(), c2.stop().unwrap());
+    let (n1, n2) = (echo_requests(&s1, guest_ip), echo_requests(&s2, guest_ip));
+    eprintln!("balance-rr: {n1} requests out of m1, {n2} out of m2");
+    assert_eq!(n1 + n2, 10, "each request left once");
+    assert!(n1 >= 3 && n2 >= 3, "round robin: m1 {n1}, m2 {n2}");
+}
+
+#[test]
+fn bad_uplink_input_is_refused_and_changes_nothing() {
+    if !privileged() {
+        return;
+    }
+    let f = fabric();
+    let hv = f.hv().to_string();
+    f.lab.sh(&hv, "ip link add m3 type veth peer name n3 && ip link add m4 type veth peer name n4 && ip link set m3 up && ip link set n3 up && ip link set m4 up && ip link set n4 up").unwrap();
+    let mac_of = |i: &str| kvnet_tests::lab::read_mac(&hv, i).unwrap();
+    f.k.cli(&["uplink", "add", "bond0", "--members", "m1,m2", "--mode", "active-backup"])
+        .unwrap();
+    let before = f.k.json(&["uplink", "show"]).unwrap();
+    let m3_mac = mac_of("m3");
+
+    let e = f.k.cli_err(&["uplink", "add", "bond1", "--members", "m3,m2", "--mode", "balance-xor"]).unwrap();
+    assert!(e.contains("'m2' is already a member of uplink group 'bond0'"), "{e}");
+    f.k.cli(&["net", "add", "iso", "--mode", "isolated"]).unwrap();
+    f.k.cli(&["port", "add", "iso", "m4"]).unwrap();
+    let e = f.k.cli_err(&["uplink", "add", "bond1", "--members", "m3,m4", "--mode", "balance-xor"]).unwrap();
+    assert!(e.contains("'m4' is a port of network 'iso'"), "{e}");
+    let e = f.k.cli_err(&["uplink", "add", "bond1", "--members", "m3", "--mode", "lacp-ish"]).unwrap();
+    assert!(e.contains("invalid value 'lacp-ish'"), "{e}");
+    let e = f.k.cli_err(&["port", "add", "iso", "m1"]).unwrap();
+    assert!(e.contains("'m1' is a member of uplink group 'bond0'"), "{e}");
+    assert!(f.lab.sh(&hv, "ip link show bond1").is_err(), "no bond1 device");
+    assert_eq!(mac_of("m3"), m3_mac, "m3 keeps its MAC");
+
+    f.k.cli(&["net", "add", "lan", "--mode", "bridged", "--uplink", "bond0"]).unwrap();
+    let e = f.k.cli_err(&["uplink", "del", "bond0"]).unwrap();
+    assert!(e.contains("is the uplink of network(s) lan"), "{e}");
+    let after = f.k.json(&["uplink", "show"]).unwrap();
+    assert_eq!(after[0]["members"].as_array().unwrap().len(), 2);
+    assert_eq!(after[0]["name"], before[0]["name"]);
+    assert_eq!(after[0]["used_by"][0], "lan");
+
+    // The config file: a group defined there; a dry run changes nothing.
+    let file = f.lab.work_dir().join("uplinks.toml");
+    std::fs::write(
+        &file,
+        "[[uplinks]]\nname = \"bond2\"\nmembers = [\"m3\"]\nmode = \"balance-xor\"\nhash = \"l3l4\"\n\n\
+         [networks.lan2]\nmode = \"bridged\"\nuplink = \"bond2\"\n",
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let plan = f.k.cli(&["apply", file, "--dry-run"]).unwrap();
+    assert!(plan.contains("+ uplink bond2") && plan.contains("- uplink bond0"), "{plan}");
+    assert!(f.lab.sh(&hv, "ip link show bond2").is_err(), "dry run: no bond2");
+    // bond0 is in use by lan, which the file drops: removed in order.
+    f.k.cli(&["apply", file]).unwrap();
+    let now = f.k.json(&["uplink", "show"]).unwrap();
+    assert_eq!(now.as_array().unwrap().len(), 1, "{now:#}");
+    assert_eq!(now[0]["name"], "bond2");
+    assert_eq!(now[0]["used_by"][0], "lan2");
 }
