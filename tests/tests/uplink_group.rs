@@ -393,3 +393,29 @@ fn bad_uplink_input_is_refused_and_changes_nothing() {
     assert_eq!(now[0]["name"], "bond2");
     assert_eq!(now[0]["used_by"][0], "lan2");
 }
+
+#[test]
+fn a_nat_network_masquerades_behind_a_group_across_a_failover() {
+    if !privileged() {
+        return;
+    }
+    let f = fabric();
+    f.k.cli(&["uplink", "add", "bond0", "--members", "m1,m2", "--mode", "active-backup"])
+        .unwrap();
+    f.lab
+        .sh(f.hv(), &format!("ip addr add {HOST_IP}/24 dev bond0"))
+        .unwrap();
+    f.k.cli(&["net", "add", "nat", "--mode", "nat", "--gateway", "10.88.0.1/24", "--uplink", "bond0"])
+        .unwrap();
+    let g = f.lab.add_guest_with("p1", Some("10.88.0.2/24")).unwrap();
+    g.disable_ipv6().unwrap();
+    g.sh("ip route add default via 10.88.0.1").unwrap();
+    f.k.cli(&["port", "add", "nat", "p1"]).unwrap();
+    assert!(g.ping(OUTSIDE_IP), "guest -> outside, masqueraded behind the group");
+    let conns = f.k.json(&["conntrack", "list", "nat"]).unwrap();
+    assert!(!conns.as_array().unwrap().is_empty(), "NAT in the fast path: {conns}");
+    f.cable("s1", false);
+    f.until("m2 takes over", |g| g["active"] == "m2");
+    assert!(g.ping(OUTSIDE_IP), "guest -> outside after the failover");
+    assert!(kvnet_tests::lab::ping(&f.out, HOST_IP), "the host's address answers");
+}
