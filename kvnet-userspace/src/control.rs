@@ -866,6 +866,21 @@ mod tests {
             (Request::Ifdown { iface: s("p") }, false),
             (Request::Status, true),
             (Request::Down, false),
+            (
+                Request::UplinkAdd {
+                    spec: crate::uplink_spec::UplinkSpec {
+                        name: s("bond0"),
+                        members: vec![s("eth0")],
+                        mode: crate::uplink_spec::UplinkMode::ActiveBackup,
+                        hash: None,
+                        primary: None,
+                        miimon: None,
+                    },
+                },
+                false,
+            ),
+            (Request::UplinkShow, true),
+            (Request::UplinkDel { name: s("bond0") }, false),
         ]
     }
 
@@ -903,9 +918,12 @@ mod tests {
             Request::Down => 26,
             Request::DhcpSet { .. } => 27,
             Request::NetDump { .. } => 28,
+            Request::UplinkAdd { .. } => 29,
+            Request::UplinkShow => 30,
+            Request::UplinkDel { .. } => 31,
         }
     }
-    const KINDS: usize = 29;
+    const KINDS: usize = 32;
 
     #[test]
     fn every_request_is_classified_read_only_or_not() {

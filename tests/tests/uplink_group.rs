@@ -418,4 +418,16 @@ fn a_nat_network_masquerades_behind_a_group_across_a_failover() {
     f.until("m2 takes over", |g| g["active"] == "m2");
     assert!(g.ping(OUTSIDE_IP), "guest -> outside after the failover");
     assert!(kvnet_tests::lab::ping(&f.out, HOST_IP), "the host's address answers");
+
+    // A restarted daemon adopts the group and keeps following its members.
+    let Fabric { lab, sw, out, k } = f;
+    k.stop().unwrap();
+    assert!(g.ping(OUTSIDE_IP), "forwarding goes on without a daemon");
+    let f = Fabric { k: Kvnet::start(&lab).unwrap(), lab, sw, out };
+    let s = f.show();
+    assert_eq!(s["active"], "m2", "adopted: {s:#}");
+    f.cable("s1", true);
+    f.cable("s2", false);
+    f.until("m1 takes over under the new daemon", |g| g["active"] == "m1");
+    assert!(g.ping(OUTSIDE_IP), "guest -> outside after the second failover");
 }

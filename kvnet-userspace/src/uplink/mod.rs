@@ -26,7 +26,8 @@ use crate::{
 pub struct Member {
     pub name: String,
     pub ifindex: u32,
-    /// Its MAC before it joined, given back when it leaves.
+    /// Its MAC before it joined, given back when it leaves (a group
+    /// adopted after a daemon restart knows only the group's MAC).
     pub own_mac: Mac,
     pub up: bool,
 }
@@ -120,7 +121,10 @@ impl Groups {
         if self.groups.contains_key(name) {
             bail!("uplink group '{name}' already exists");
         }
-        if netdev::ifindex(name).is_ok() {
+        // A restarted daemon takes over the group its predecessor built
+        // (the datapath kept forwarding through it).
+        let adopting = dp.adopting && netdev::ifindex(name).is_ok();
+        if netdev::ifindex(name).is_ok() && !adopting {
             bail!("uplink group '{name}': an interface of that name already exists");
         }
         if self.groups.len() >= kvnet_common::MAX_UPLINK_GROUPS as usize {
@@ -160,7 +164,7 @@ impl Groups {
             active: 0,
             failovers: 0,
         };
-        match group.build(dp) {
+        match group.build(dp, adopting) {
             Ok(()) => {
                 log::info!("uplink group {name} ({}) created", spec.mode.name());
                 eprintln!(
@@ -172,6 +176,7 @@ impl Groups {
                 self.groups.insert(name.clone(), group);
                 Ok(())
             }
+            Err(e) if adopting => Err(e.context(format!("adopting uplink group '{name}'"))),
             Err(e) => {
                 group.destroy(dp);
                 Err(e.context(format!("creating uplink group '{name}': nothing changed")))
@@ -367,9 +372,11 @@ impl Group {
     }
 
     /// The device, the members' MACs, the maps, the programs.
-    fn build(&mut self, dp: &mut Datapath) -> Result<()> {
+    fn build(&mut self, dp: &mut Datapath, adopting: bool) -> Result<()> {
         let name = self.spec.name.clone();
-        rtnl::link_add_veth(&name, &self.peer)?;
+        if !adopting {
+            rtnl::link_add_veth(&name, &self.peer)?;
+        }
         self.ifindex = netdev::ifindex(&name)?;
         link::set_mac(&name, self.mac)?;
         for m in &self.members {
