@@ -42,20 +42,29 @@ pub enum UplinkHash {
 /// Most members a group takes (the datapath's table).
 pub const MAX_MEMBERS: usize = kvnet_common::MAX_UPLINK_MEMBERS;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// `kvnet uplink add` and a config file's `[[uplinks]]` entry alike.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct UplinkSpec {
-    /// The group's device: what networks name as `--uplink`.
+    /// The group's name: the interface networks name as `--uplink`.
     pub name: String,
+    /// Member NICs, comma-separated (at most 8).
+    #[arg(long, value_delimiter = ',', required = true)]
     pub members: Vec<String>,
+    /// How traffic is spread over the members.
+    #[arg(long)]
     pub mode: UplinkMode,
+    /// balance-xor's flow hash (default l2).
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash: Option<UplinkHash>,
     /// active-backup: the member that carries traffic whenever it is up.
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary: Option<String>,
-    /// Carrier is also polled every MS milliseconds (netlink link events
-    /// are followed anyway).
+    /// Also poll the members' carrier every MS milliseconds (netlink link
+    /// events are followed anyway).
+    #[arg(long, value_name = "MS")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub miimon: Option<u64>,
 }

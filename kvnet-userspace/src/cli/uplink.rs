@@ -8,7 +8,7 @@ use crate::{
     control::{call, Request},
     output,
     uplink::UplinkInfo,
-    uplink_spec::{UplinkHash, UplinkMode, UplinkSpec},
+    uplink_spec::UplinkSpec,
 };
 
 #[derive(Subcommand)]
@@ -17,24 +17,8 @@ pub enum UplinkCmd {
     /// --uplink NAME`); the group is an interface NAME carrying the host's
     /// address, with the primary (else first) member's MAC on every member.
     Add {
-        /// The group's name (its interface's).
-        name: String,
-        /// Member NICs, comma-separated (at most 8).
-        #[arg(long, value_delimiter = ',', required = true)]
-        members: Vec<String>,
-        /// How traffic is spread over the members.
-        #[arg(long)]
-        mode: UplinkMode,
-        /// balance-xor's flow hash (default l2).
-        #[arg(long)]
-        hash: Option<UplinkHash>,
-        /// active-backup: the member that carries traffic whenever it is up.
-        #[arg(long)]
-        primary: Option<String>,
-        /// Also poll the members' carrier every MS milliseconds (link
-        /// events are followed anyway).
-        #[arg(long, value_name = "MS")]
-        miimon: Option<u64>,
+        #[command(flatten)]
+        spec: UplinkSpec,
     },
     /// Groups, their members' state and counters, the active member, failovers.
     Show {
@@ -51,22 +35,7 @@ pub enum UplinkCmd {
 
 pub fn run(sock: &Path, cmd: UplinkCmd) -> Result<()> {
     match cmd {
-        UplinkCmd::Add {
-            name,
-            members,
-            mode,
-            hash,
-            primary,
-            miimon,
-        } => {
-            let spec = UplinkSpec {
-                name,
-                members,
-                mode,
-                hash,
-                primary,
-                miimon,
-            };
+        UplinkCmd::Add { spec } => {
             spec.check()?;
             call(sock, &Request::UplinkAdd { spec }).map(drop)
         }
