@@ -16,6 +16,12 @@ pub const UPLINK_MODE_BALANCE_XOR: u32 = 1;
 pub const UPLINK_MODE_BALANCE_RR: u32 = 2;
 /// Every frame out of every member.
 pub const UPLINK_MODE_BROADCAST: u32 = 3;
+/// 802.3ad: as balance-xor over the aggregated members (`members`, which
+/// the daemon's LACP keeps); the others take nothing in.
+pub const UPLINK_MODE_LACP: u32 = 4;
+
+/// Slow protocols (LACP, marker): the daemon's, never switched.
+pub const ETH_P_SLOW: u16 = 0x8809;
 
 /// Hash of the source and destination MACs.
 pub const UPLINK_HASH_L2: u32 = 0;

@@ -3,15 +3,15 @@
 //! tc ingress takes the frame as arrived on the group, so every member is
 //! one port (one FDB identity, never flooded back into the group).
 use aya_ebpf::{
-    bindings::TC_ACT_SHOT,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_clone_redirect, bpf_redirect},
     macros::map,
     maps::{HashMap, PerCpuArray},
     programs::TcContext,
 };
 use kvnet_common::{
-    UplinkGroup, FDB_F_HOST, MAX_UPLINK_GROUPS, MAX_UPLINK_MEMBERS, UPLINK_HASH_L3L4,
-    UPLINK_MODE_ACTIVE_BACKUP, UPLINK_MODE_BALANCE_RR, UPLINK_MODE_BROADCAST,
+    UplinkGroup, ETH_P_SLOW, FDB_F_HOST, MAX_UPLINK_GROUPS, MAX_UPLINK_MEMBERS, UPLINK_HASH_L3L4,
+    UPLINK_MODE_ACTIVE_BACKUP, UPLINK_MODE_BALANCE_RR, UPLINK_MODE_BROADCAST, UPLINK_MODE_LACP,
 };
 
 use crate::{fdb, parse, stats};
@@ -48,11 +48,37 @@ pub fn member(ifindex: u32) -> Member {
     };
     match unsafe { UPLINK_GROUPS.get(&group) } {
         Some(g) if g.mode == UPLINK_MODE_ACTIVE_BACKUP && g.active != ifindex => Member::Backup,
+        Some(g) if g.mode == UPLINK_MODE_LACP && !aggregated(g, ifindex) => Member::Backup,
         _ => Member::Of(group),
     }
 }
 
+/// A frame on a member that carries nothing now (backup, not aggregated):
+/// dropped, but for LACPDUs.
+#[inline(always)]
+pub fn backup(ctx: &TcContext) -> i32 {
+    match parse::eth(ctx.data(), ctx.data_end()) {
+        Some(eth) if eth.ethertype == ETH_P_SLOW => TC_ACT_OK,
+        _ => TC_ACT_SHOT,
+    }
+}
+
+/// 802.3ad: whether `ifindex` is in the aggregation (the usable members).
+#[inline(always)]
+fn aggregated(g: &UplinkGroup, ifindex: u32) -> bool {
+    let count = (g.count as usize).min(MAX_UPLINK_MEMBERS);
+    let mut found = false;
+    for i in 0..MAX_UPLINK_MEMBERS {
+        if i < count && g.members[i] == ifindex {
+            found = true;
+        }
+    }
+    found
+}
+
 /// A member's frame before the pipeline: Some(verdict) if it ends here.
+/// LACPDUs go up the member's own stack, where the daemon's socket (bound
+/// to slow protocols, so served after tc) takes them and nothing else does.
 /// A group no network uses (yet) hands everything to its host stack. A
 /// frame that came back in on one member after kvnet sent it out of
 /// another (the LAN flooded it back) is dropped: its source MAC is the
@@ -60,11 +86,14 @@ pub fn member(ifindex: u32) -> Member {
 /// would move the MAC onto the group and deliver the frame twice.
 #[inline(always)]
 pub fn admit(ctx: &TcContext, group: u32) -> Option<i32> {
-    let Some(port) = crate::maps::port(group) else {
-        return Some(to_group_host(ctx, group, false));
-    };
     let Some(eth) = parse::eth(ctx.data(), ctx.data_end()) else {
         return None;
+    };
+    if eth.ethertype == ETH_P_SLOW {
+        return Some(TC_ACT_OK);
+    }
+    let Some(port) = crate::maps::port(group) else {
+        return Some(to_group_host(ctx, group, false));
     };
     let vid = unsafe {
         let skb = &*ctx.skb.skb;

@@ -47,7 +47,7 @@ pub fn ingress(ctx: TcContext) -> i32 {
             Some(rc) => return rc,
             None => g,
         },
-        bond::Member::Backup => return TC_ACT_SHOT,
+        bond::Member::Backup => return bond::backup(&ctx),
     };
     let len = ctx.len() as u64;
     let Some(port) = maps::port(ingress) else {

@@ -15,6 +15,11 @@ pub enum UplinkMode {
     BalanceRr,
     /// Every frame out of every member.
     Broadcast,
+    /// LACP (802.3ad, fast rate) with the switch: as balance-xor over the
+    /// members the partner aggregates.
+    #[serde(rename = "802.3ad")]
+    #[value(name = "802.3ad")]
+    Lacp,
 }
 
 impl UplinkMode {
@@ -24,6 +29,7 @@ impl UplinkMode {
             UplinkMode::BalanceXor => "balance-xor",
             UplinkMode::BalanceRr => "balance-rr",
             UplinkMode::Broadcast => "broadcast",
+            UplinkMode::Lacp => "802.3ad",
         }
     }
 }
@@ -104,8 +110,8 @@ impl UplinkSpec {
                 bail!("uplink group '{n}': --primary is for active-backup only");
             }
         }
-        if self.hash.is_some() && self.mode != UplinkMode::BalanceXor {
-            bail!("uplink group '{n}': --hash is for balance-xor only");
+        if self.hash.is_some() && !matches!(self.mode, UplinkMode::BalanceXor | UplinkMode::Lacp) {
+            bail!("uplink group '{n}': --hash is for balance-xor and 802.3ad only");
         }
         if self.miimon == Some(0) {
             bail!("uplink group '{n}': miimon must be at least 1 ms");
@@ -141,7 +147,7 @@ mod tests {
         assert!(s.check().unwrap_err().to_string().contains("not one of its members"));
         let mut s = spec(&["a", "b"]);
         s.hash = Some(UplinkHash::L3l4);
-        assert!(s.check().unwrap_err().to_string().contains("balance-xor only"));
+        assert!(s.check().unwrap_err().to_string().contains("balance-xor and 802.3ad only"));
         let e = toml::from_str::<UplinkSpec>("name='u'\nmembers=['a']\nmode='lacp-ish'")
             .unwrap_err()
             .to_string();

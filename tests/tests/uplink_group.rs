@@ -431,3 +431,94 @@ fn a_nat_network_masquerades_behind_a_group_across_a_failover() {
     f.until("m1 takes over under the new daemon", |g| g["active"] == "m1");
     assert!(g.ping(OUTSIDE_IP), "guest -> outside after the second failover");
 }
+
+#[test]
+fn lacp_between_two_kvnet_hosts_aggregates_and_drops_a_silent_member_within_3s() {
+    if !privileged() {
+        return;
+    }
+    // Two hypervisors, each its own lab and daemon, cabled m1-n1 and m2-n2.
+    let (a, b) = (Lab::new().unwrap(), Lab::new().unwrap());
+    let (ha, hb) = (a.hv().to_string(), b.hv().to_string());
+    for ns in [&ha, &hb] {
+        a.sh(ns, "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1")
+            .unwrap();
+    }
+    for (m, n) in [("m1", "n1"), ("m2", "n2")] {
+        a.sh(&ha, &format!("ip link add {m} type veth peer name {n} netns {hb} && ip link set {m} up"))
+            .unwrap();
+        b.sh(&hb, &format!("ip link set {n} up")).unwrap();
+    }
+    let (ka, kb) = (Kvnet::start(&a).unwrap(), Kvnet::start(&b).unwrap());
+    ka.cli(&["uplink", "add", "bond0", "--members", "m1,m2", "--mode", "802.3ad", "--hash", "l3l4"])
+        .unwrap();
+    kb.cli(&["uplink", "add", "bond0", "--members", "n1,n2", "--mode", "802.3ad", "--hash", "l3l4"])
+        .unwrap();
+    a.sh(&ha, "ip addr add 192.0.2.1/24 dev bond0").unwrap();
+    b.sh(&hb, "ip addr add 192.0.2.2/24 dev bond0").unwrap();
+    let carrying = |k: &Kvnet| -> Vec<String> {
+        let g = k.json(&["uplink", "show"]).unwrap()[0].clone();
+        g["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["carrying"] == true)
+            .map(|m| m["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let until = |what: &str, t: Duration, pred: &dyn Fn() -> bool| {
+        let end = Instant::now() + t;
+        while !pred() {
+            assert!(Instant::now() < end, "{what} within {t:?}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let end = Instant::now() + Duration::from_secs(6);
+    while carrying(&ka).len() != 2 || carrying(&kb).len() != 2 {
+        assert!(
+            Instant::now() < end,
+            "the aggregation forms on both sides: a {:#}\nb {:#}\n{}",
+            ka.json(&["uplink", "show"]).unwrap(),
+            kb.json(&["uplink", "show"]).unwrap(),
+            format!("{}\n{}", ka.daemon_log(), kb.daemon_log())
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let g = ka.json(&["uplink", "show"]).unwrap()[0].clone();
+    let partner = &g["members"][0]["lacp_partner"];
+    assert_eq!(partner["state"].as_u64().unwrap() & 0x3d, 0x3d, "partner active, in sync, collecting, distributing: {g:#}");
+    assert!(kvnet_tests::lab::ping(&ha, "192.0.2.2"), "host to host over the aggregation");
+    // tcpdump decodes what kvnet sends as LACP.
+    let dump = a
+        .sh(&ha, "timeout 5 tcpdump -i m1 -c 2 -nv ether proto 0x8809 2>/dev/null")
+        .unwrap();
+    assert!(
+        dump.contains("LACPv1") && dump.contains("Actor Information") && dump.contains("Partner Information"),
+        "{dump}"
+    );
+
+    // m2 stops hearing its partner (n2's LACPDUs dropped on arrival, after
+    // tc, before the daemon's socket; carrier stays up): a's m2 expires
+    // and leaves the aggregation within the short timeout.
+    a.sh(
+        &ha,
+        "nft add table netdev kvlacp && \
+         nft add chain netdev kvlacp c '{ type filter hook ingress device m2 priority 0; }' && \
+         nft add rule netdev kvlacp c ether type 0x8809 drop",
+    )
+    .unwrap();
+    let pulled = Instant::now();
+    until("m2 leaves the aggregation", Duration::from_secs(4), &|| {
+        carrying(&ka) == ["m1"]
+    });
+    let took = pulled.elapsed();
+    eprintln!("802.3ad: m2 left the aggregation {took:?} after its partner went silent");
+    assert!(took <= Duration::from_millis(3300), "{took:?}");
+    // b follows a's next PDU on that link (out of sync): n2 leaves too.
+    until("n2 leaves b's aggregation", Duration::from_secs(2), &|| {
+        carrying(&kb) == ["n1"]
+    });
+    assert!(kvnet_tests::lab::ping(&ha, "192.0.2.2"), "traffic goes on over m1");
+    let log = ka.daemon_log();
+    assert!(log.contains("uplink bond0: m2 left the aggregation"), "{log}");
+}

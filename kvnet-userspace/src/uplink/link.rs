@@ -3,6 +3,7 @@
 //! show another one).
 use std::{io, os::fd::AsRawFd};
 
+
 use anyhow::{Context, Result};
 
 use crate::mac::Mac;
@@ -23,17 +24,6 @@ fn ioctl(name: &str, what: &str, op: libc::c_ulong, req: &mut [u8; 40]) -> Resul
     Ok(())
 }
 
-/// Up with carrier (IFF_UP and IFF_RUNNING): what a member needs to carry
-/// traffic. A vanished device is down.
-pub fn carrier(name: &str) -> bool {
-    let mut req = ifreq(name);
-    if ioctl(name, "flags", libc::SIOCGIFFLAGS, &mut req).is_err() {
-        return false;
-    }
-    let flags = i32::from(i16::from_ne_bytes([req[16], req[17]]));
-    flags & libc::IFF_UP != 0 && flags & libc::IFF_RUNNING != 0
-}
-
 /// `ip link set NAME address MAC`.
 pub fn set_mac(name: &str, mac: Mac) -> Result<()> {
     let mut req = ifreq(name);
@@ -51,9 +41,20 @@ pub struct Counters {
     pub tx_bytes: u64,
 }
 
-/// The counters of every interface, by name (AF_PACKET entries of
-/// getifaddrs carry `struct rtnl_link_stats`: 32-bit, wrapping at 4 GiB).
-pub fn counters() -> std::collections::BTreeMap<String, Counters> {
+/// An interface's carrier and counters.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LinkState {
+    /// Up with carrier (IFF_UP and IFF_LOWER_UP): what a member needs to
+    /// carry traffic. The carrier bit, not the operational state, which
+    /// the kernel's linkwatch updates later.
+    pub carrier: bool,
+    pub counters: Counters,
+}
+
+/// Every interface of the daemon's namespace, by name, in one netlink
+/// dump (getifaddrs; its AF_PACKET entries carry the link's flags and
+/// `struct rtnl_link_stats`: 32-bit counters, wrapping at 4 GiB).
+pub fn states() -> std::collections::BTreeMap<String, LinkState> {
     let mut out = std::collections::BTreeMap::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -72,7 +73,7 @@ pub fn counters() -> std::collections::BTreeMap<String, Counters> {
         // rx_packets, tx_packets, rx_bytes, tx_bytes lead the struct.
         let s = a.ifa_data as *const u32;
         let name = unsafe { std::ffi::CStr::from_ptr(a.ifa_name) };
-        let c = unsafe {
+        let counters = unsafe {
             Counters {
                 rx_packets: u64::from(*s),
                 tx_packets: u64::from(*s.add(1)),
@@ -80,7 +81,12 @@ pub fn counters() -> std::collections::BTreeMap<String, Counters> {
                 tx_bytes: u64::from(*s.add(3)),
             }
         };
-        out.insert(name.to_string_lossy().into_owned(), c);
+        let up = libc::IFF_UP as u32 | libc::IFF_LOWER_UP as u32;
+        let carrier = a.ifa_flags & up == up;
+        out.insert(
+            name.to_string_lossy().into_owned(),
+            LinkState { carrier, counters },
+        );
     }
     unsafe { libc::freeifaddrs(head) };
     out

@@ -5,6 +5,7 @@
 //! a failover moves no address: the datapath's map says which member
 //! carries traffic, and announcements make the LAN's switch follow.
 pub mod announce;
+pub mod lacp;
 pub mod link;
 
 use std::collections::BTreeMap;
@@ -12,7 +13,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use kvnet_common::{
     UplinkGroup, MAX_UPLINK_MEMBERS, UPLINK_HASH_L2, UPLINK_HASH_L3L4, UPLINK_MODE_ACTIVE_BACKUP,
-    UPLINK_MODE_BALANCE_RR, UPLINK_MODE_BALANCE_XOR, UPLINK_MODE_BROADCAST,
+    UPLINK_MODE_BALANCE_RR, UPLINK_MODE_BALANCE_XOR, UPLINK_MODE_BROADCAST, UPLINK_MODE_LACP,
 };
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +31,10 @@ pub struct Member {
     /// adopted after a daemon restart knows only the group's MAC).
     pub own_mac: Mac,
     pub up: bool,
+    /// 802.3ad: its LACP; else None.
+    pub lacp: Option<lacp::MemberLacp>,
+    /// In the aggregation (802.3ad); always true in the other modes.
+    pub aggregated: bool,
 }
 
 pub struct Group {
@@ -76,10 +81,26 @@ pub struct MemberInfo {
     pub ifindex: u32,
     /// "up" (carrier) or "down".
     pub state: String,
-    /// Carries traffic now (active-backup: the active one; else every up member).
+    /// Carries traffic now (active-backup: the active one; 802.3ad: the
+    /// aggregated ones; else every up member).
     pub carrying: bool,
     pub counters: link::Counters,
+    /// 802.3ad: the partner's last LACPDU (null when none or expired).
+    pub lacp_partner: Option<LacpPartner>,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LacpPartner {
+    pub system: String,
+    pub key: u16,
+    pub port: u16,
+    /// The partner's state bits (0x3d: active, aggregating, in sync,
+    /// collecting, distributing).
+    pub state: u8,
+}
+
+/// How often an 802.3ad group's LACP round runs (PDUs in and out).
+const LACP_ROUND_MS: u64 = 100;
 
 /// The idle veth end of group `name`: a short, stable name of its own.
 fn peer_name(name: &str) -> String {
@@ -147,6 +168,8 @@ impl Groups {
                 ifindex,
                 own_mac: netdev::mac(m)?,
                 up: false,
+                lacp: None,
+                aggregated: spec.mode != UplinkMode::Lacp,
             });
         }
         let lead = spec.primary.as_ref().unwrap_or(&spec.members[0]);
@@ -203,7 +226,7 @@ impl Groups {
     }
 
     pub fn show(&self, used_by: &dyn Fn(&str) -> Vec<String>) -> Vec<UplinkInfo> {
-        let counters = link::counters();
+        let links = link::states();
         self.groups
             .values()
             .map(|g| UplinkInfo {
@@ -225,7 +248,17 @@ impl Groups {
                         ifindex: m.ifindex,
                         state: if m.up { "up" } else { "down" }.into(),
                         carrying: g.carries(m),
-                        counters: counters.get(&m.name).copied().unwrap_or_default(),
+                        counters: links.get(&m.name).map(|l| l.counters).unwrap_or_default(),
+                        lacp_partner: m
+                            .lacp
+                            .as_ref()
+                            .and_then(|l| l.fresh_partner(std::time::Instant::now()))
+                            .map(|p| LacpPartner {
+                                system: Mac(p.system).to_string(),
+                                key: p.key,
+                                port: p.port,
+                                state: p.state,
+                            }),
                     })
                     .collect(),
             })
@@ -236,13 +269,19 @@ impl Groups {
     /// rewrites the datapath's entry of each group whose members changed.
     pub fn follow_carrier(&mut self, dp: &mut Datapath) -> Vec<Failover> {
         let mut out = Vec::new();
+        let links = link::states();
+        let carrier = |name: &str| links.get(name).is_some_and(|l| l.carrier);
         for g in self.groups.values_mut() {
-            let before: Vec<bool> = g.members.iter().map(|m| m.up).collect();
+            let before: Vec<(bool, bool)> =
+                g.members.iter().map(|m| (m.up, m.aggregated)).collect();
             let was_active = g.active;
             for m in g.members.iter_mut() {
-                m.up = link::carrier(&m.name);
+                m.up = carrier(&m.name);
             }
-            let now: Vec<bool> = g.members.iter().map(|m| m.up).collect();
+            if g.spec.mode == UplinkMode::Lacp {
+                g.lacp_round();
+            }
+            let now: Vec<(bool, bool)> = g.members.iter().map(|m| (m.up, m.aggregated)).collect();
             if now == before {
                 continue;
             }
@@ -255,8 +294,12 @@ impl Groups {
                 .members
                 .iter()
                 .zip(&before)
-                .filter(|(m, b)| m.up != **b)
-                .map(|(m, _)| format!("{} {}", m.name, if m.up { "up" } else { "down" }))
+                .filter(|(m, b)| (m.up, m.aggregated) != **b)
+                .map(|(m, (up, _))| match (m.up != *up, m.aggregated) {
+                    (true, _) => format!("{} {}", m.name, if m.up { "up" } else { "down" }),
+                    (false, true) => format!("{} joined the aggregation", m.name),
+                    (false, false) => format!("{} left the aggregation", m.name),
+                })
                 .collect();
             let mut what = changes.join(", ");
             let moved = g.spec.mode == UplinkMode::ActiveBackup && g.active != was_active;
@@ -293,7 +336,17 @@ impl Groups {
 
     /// The smallest miimon of any group (how often to poll carriers).
     pub fn miimon(&self) -> Option<u64> {
-        self.groups.values().filter_map(|g| g.spec.miimon).min()
+        // 802.3ad: PDUs are read and sent from the same round.
+        let lacp = self
+            .groups
+            .values()
+            .any(|g| g.spec.mode == UplinkMode::Lacp)
+            .then_some(LACP_ROUND_MS);
+        self.groups
+            .values()
+            .filter_map(|g| g.spec.miimon)
+            .chain(lacp)
+            .min()
     }
 
     /// Puts the members back as they were and removes the devices (`kvnet
@@ -321,7 +374,52 @@ impl Group {
     }
 
     fn carries(&self, m: &Member) -> bool {
-        m.up && (self.spec.mode != UplinkMode::ActiveBackup || m.ifindex == self.active)
+        m.up && m.aggregated
+            && (self.spec.mode != UplinkMode::ActiveBackup || m.ifindex == self.active)
+    }
+
+    /// The LACP key of this group's ports (one aggregator per group).
+    fn lacp_key(&self) -> u16 {
+        (self.ifindex & 0x3fff) as u16 | 0x4000
+    }
+
+    /// One 802.3ad round: read the partners' PDUs, select the members
+    /// whose partner agrees with the group's first one, send what changed
+    /// (and every FAST_PERIOD), mark the aggregated ones.
+    fn lacp_round(&mut self) {
+        let now = std::time::Instant::now();
+        let (system, key, mac) = (self.mac.0, self.lacp_key(), self.mac);
+        for m in self.members.iter_mut() {
+            if let Some(l) = m.lacp.as_mut() {
+                l.receive(now);
+            }
+        }
+        let aggregator = self.members.iter().filter(|m| m.up).find_map(|m| {
+            let p = m.lacp.as_ref()?.fresh_partner(now)?;
+            (p.state & lacp::ST_AGGREGATION != 0).then_some((p.system, p.key))
+        });
+        for m in self.members.iter_mut() {
+            let up = m.up;
+            let Some(l) = m.lacp.as_mut() else { continue };
+            let partner = l.fresh_partner(now);
+            let selected =
+                up && partner.is_some_and(|p| Some((p.system, p.key)) == aggregator);
+            let actor = lacp::PortInfo {
+                system,
+                key,
+                port: l.port,
+                state: lacp::actor_state(selected, partner.is_some()),
+            };
+            m.aggregated = selected
+                && partner.is_some_and(|p| lacp::partner_ready(&p, l.seen_as.as_ref(), &actor));
+            let due = l
+                .last_tx
+                .is_none_or(|t| now.duration_since(t) >= lacp::FAST_PERIOD);
+            if up && (due || selected != l.selected) {
+                l.send(mac, &actor, now);
+            }
+            l.selected = selected;
+        }
     }
 
     /// active-backup: the primary when it is up, else the active one while
@@ -350,6 +448,7 @@ impl Group {
                 UplinkMode::BalanceXor => UPLINK_MODE_BALANCE_XOR,
                 UplinkMode::BalanceRr => UPLINK_MODE_BALANCE_RR,
                 UplinkMode::Broadcast => UPLINK_MODE_BROADCAST,
+                UplinkMode::Lacp => UPLINK_MODE_LACP,
             },
             hash: match self.spec.hash.unwrap_or_default() {
                 UplinkHash::L2 => UPLINK_HASH_L2,
@@ -358,7 +457,12 @@ impl Group {
             active: self.active,
             ..Default::default()
         };
-        for m in self.members.iter().filter(|m| m.up).take(MAX_UPLINK_MEMBERS) {
+        for m in self
+            .members
+            .iter()
+            .filter(|m| m.up && m.aggregated)
+            .take(MAX_UPLINK_MEMBERS)
+        {
             e.members[e.count as usize] = m.ifindex;
             e.count += 1;
         }
@@ -387,8 +491,12 @@ impl Group {
             rtnl::link_set_promisc(&m.name, true)?;
             rtnl::link_set_up(&m.name)?;
         }
-        for m in self.members.iter_mut() {
-            m.up = link::carrier(&m.name);
+        let links = link::states();
+        for (i, m) in self.members.iter_mut().enumerate() {
+            m.up = links.get(&m.name).is_some_and(|l| l.carrier);
+            if self.spec.mode == UplinkMode::Lacp {
+                m.lacp = Some(lacp::MemberLacp::open(m.ifindex, i as u16 + 1)?);
+            }
         }
         self.choose_active();
         // The maps before the programs: a member's first frame already
