@@ -1,6 +1,7 @@
 //! What an uplink group is (`kvnet uplink add`, `[[uplinks]]`): a pure
-//! model, shared by the control protocol and the config file.
-use anyhow::{bail, Result};
+//! model (it reads no host state), shared by the control protocol and the
+//! config file.
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// How a group spreads its traffic over its members (bonding's modes).
@@ -79,12 +80,7 @@ impl UplinkSpec {
     /// What can be checked without looking at the host.
     pub fn check(&self) -> Result<()> {
         let n = &self.name;
-        let bad = n.is_empty()
-            || n.len() > 15
-            || n.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
-        if bad {
-            bail!("uplink group name {n:?} is not a valid interface name (1-15 bytes)");
-        }
+        crate::netdev::check_ifname(n).context("uplink group name")?;
         if self.members.is_empty() {
             bail!("uplink group '{n}' needs at least one member (--members A,B)");
         }

@@ -48,6 +48,9 @@ pub struct LinkState {
     /// carry traffic. The carrier bit, not the operational state, which
     /// the kernel's linkwatch updates later.
     pub carrier: bool,
+    /// Operational (IFF_RUNNING): the kernel's linkwatch has seen the
+    /// carrier come up, as the LAN's bridges and switches do (later).
+    pub running: bool,
     pub counters: Counters,
 }
 
@@ -83,9 +86,14 @@ pub fn states() -> std::collections::BTreeMap<String, LinkState> {
         };
         let up = libc::IFF_UP as u32 | libc::IFF_LOWER_UP as u32;
         let carrier = a.ifa_flags & up == up;
+        let running = a.ifa_flags & libc::IFF_RUNNING as u32 != 0;
         out.insert(
             name.to_string_lossy().into_owned(),
-            LinkState { carrier, counters },
+            LinkState {
+                carrier,
+                running,
+                counters,
+            },
         );
     }
     unsafe { libc::freeifaddrs(head) };

@@ -99,6 +99,16 @@ pub struct LacpPartner {
     pub state: u8,
 }
 
+/// Whether a member may carry traffic: down the moment its carrier goes;
+/// up once the kernel calls it operational (the LAN's side of the link
+/// comes up on the same schedule, so frames sent earlier would be lost),
+/// except under 802.3ad, where the partner's LACPDUs are the readiness.
+fn usable(links: &BTreeMap<String, link::LinkState>, name: &str, mode: UplinkMode) -> bool {
+    links
+        .get(name)
+        .is_some_and(|l| l.carrier && (l.running || mode == UplinkMode::Lacp))
+}
+
 /// How often an 802.3ad group's LACP round runs (PDUs in and out).
 const LACP_ROUND_MS: u64 = 100;
 
@@ -270,13 +280,13 @@ impl Groups {
     pub fn follow_carrier(&mut self, dp: &mut Datapath) -> Vec<Failover> {
         let mut out = Vec::new();
         let links = link::states();
-        let carrier = |name: &str| links.get(name).is_some_and(|l| l.carrier);
         for g in self.groups.values_mut() {
             let before: Vec<(bool, bool)> =
                 g.members.iter().map(|m| (m.up, m.aggregated)).collect();
             let was_active = g.active;
+            let mode = g.spec.mode;
             for m in g.members.iter_mut() {
-                m.up = carrier(&m.name);
+                m.up = usable(&links, &m.name, mode);
             }
             if g.spec.mode == UplinkMode::Lacp {
                 g.lacp_round();
@@ -493,7 +503,7 @@ impl Group {
         }
         let links = link::states();
         for (i, m) in self.members.iter_mut().enumerate() {
-            m.up = links.get(&m.name).is_some_and(|l| l.carrier);
+            m.up = usable(&links, &m.name, self.spec.mode);
             if self.spec.mode == UplinkMode::Lacp {
                 m.lacp = Some(lacp::MemberLacp::open(m.ifindex, i as u16 + 1)?);
             }
