@@ -140,10 +140,18 @@ mod tests {
         assert!(e.contains("listed twice"), "{e}");
         let mut s = spec(&["a", "b"]);
         s.primary = Some("c".into());
-        assert!(s.check().unwrap_err().to_string().contains("not one of its members"));
+        assert!(s
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("not one of its members"));
         let mut s = spec(&["a", "b"]);
         s.hash = Some(UplinkHash::L3l4);
-        assert!(s.check().unwrap_err().to_string().contains("balance-xor and 802.3ad only"));
+        assert!(s
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("balance-xor and 802.3ad only"));
         let e = toml::from_str::<UplinkSpec>("name='u'\nmembers=['a']\nmode='lacp-ish'")
             .unwrap_err()
             .to_string();

@@ -1280,7 +1280,15 @@ fn tap_sink(tap: &str, mac: &str, secs: f64, idle_ms: u64) -> Result<serde_json:
     use std::os::fd::AsRawFd;
     let fd = tap_open(tap)?;
     let me = parse_mac(mac)?;
-    let hello = ip_frame(me, [0xff; 6], [10, 0, 0, 2], [10, 0, 0, 255], 5001, 5001, None);
+    let hello = ip_frame(
+        me,
+        [0xff; 6],
+        [10, 0, 0, 2],
+        [10, 0, 0, 255],
+        5001,
+        5001,
+        None,
+    );
     nix::unistd::write(&fd, &hello).context("announcing the sink's MAC")?;
     println!("{}", json!({"ready": true}));
     std::io::stdout().flush()?;
@@ -1313,7 +1321,9 @@ fn tap_sink(tap: &str, mac: &str, secs: f64, idle_ms: u64) -> Result<serde_json:
             other += 1;
         }
     }
-    let span = first.map(|f| last.duration_since(f).as_secs_f64()).unwrap_or(0.0);
+    let span = first
+        .map(|f| last.duration_since(f).as_secs_f64())
+        .unwrap_or(0.0);
     Ok(json!({"frames": frames, "other": other, "span_secs": span}))
 }
 
@@ -1323,7 +1333,8 @@ fn tap_sink(tap: &str, mac: &str, secs: f64, idle_ms: u64) -> Result<serde_json:
 fn conn_server(port: u16, count: u32, secs: f64) -> Result<serde_json::Value> {
     use std::io::Write;
     use std::os::fd::AsRawFd;
-    let l = std::net::TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("bind {port}"))?;
+    let l =
+        std::net::TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("bind {port}"))?;
     l.set_nonblocking(true)?;
     println!("{}", json!({"ready": true}));
     std::io::stdout().flush()?;
@@ -1352,7 +1363,12 @@ fn conn_server(port: u16, count: u32, secs: f64) -> Result<serde_json::Value> {
 
 /// `count` short TCP connections to `to` from `threads` threads: connect,
 /// wait for the server's close, close. Stops at `secs`.
-fn conn_rate(to: std::net::SocketAddr, count: u32, secs: f64, threads: u32) -> Result<serde_json::Value> {
+fn conn_rate(
+    to: std::net::SocketAddr,
+    count: u32,
+    secs: f64,
+    threads: u32,
+) -> Result<serde_json::Value> {
     use std::io::Read;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
@@ -1367,11 +1383,14 @@ fn conn_rate(to: std::net::SocketAddr, count: u32, secs: f64, threads: u32) -> R
                 let mut first_err = None;
                 let mut buf = [0u8; 16];
                 while next.fetch_add(1, Ordering::Relaxed) < count && Instant::now() < deadline {
-                    let r = std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(1))
-                        .and_then(|mut s| {
-                            s.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
-                            s.read(&mut buf)
-                        });
+                    let r = std::net::TcpStream::connect_timeout(
+                        &to,
+                        std::time::Duration::from_secs(1),
+                    )
+                    .and_then(|mut s| {
+                        s.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+                        s.read(&mut buf)
+                    });
                     match r {
                         Ok(_) => ok += 1,
                         Err(e) => {

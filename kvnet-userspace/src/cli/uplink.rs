@@ -48,7 +48,14 @@ pub fn run(sock: &Path, cmd: UplinkCmd) -> Result<()> {
 
 fn table(groups: &Vec<UplinkInfo>) -> Vec<Vec<String>> {
     let mut rows = vec![[
-        "GROUP", "MODE", "MEMBER", "STATE", "CARRYING", "RX BYTES", "TX BYTES", "FAILOVERS",
+        "GROUP",
+        "MODE",
+        "MEMBER",
+        "STATE",
+        "CARRYING",
+        "RX BYTES",
+        "TX BYTES",
+        "FAILOVERS",
         "USED BY",
     ]
     .map(String::from)
@@ -58,14 +65,26 @@ fn table(groups: &Vec<UplinkInfo>) -> Vec<Vec<String>> {
             let first = i == 0;
             rows.push(vec![
                 if first { g.name.clone() } else { String::new() },
-                if first { g.mode.name().into() } else { String::new() },
+                if first {
+                    g.mode.name().into()
+                } else {
+                    String::new()
+                },
                 m.name.clone(),
                 m.state.clone(),
                 if m.carrying { "yes" } else { "no" }.into(),
                 m.counters.rx_bytes.to_string(),
                 m.counters.tx_bytes.to_string(),
-                if first { g.failovers.to_string() } else { String::new() },
-                if first { g.used_by.join(",") } else { String::new() },
+                if first {
+                    g.failovers.to_string()
+                } else {
+                    String::new()
+                },
+                if first {
+                    g.used_by.join(",")
+                } else {
+                    String::new()
+                },
             ]);
         }
     }

@@ -262,7 +262,10 @@ pub fn validate(cfg: &Config) -> Result<()> {
 /// Whether `cfg` defines nothing at all: applied, it would remove every
 /// network and port.
 pub fn is_empty(cfg: &Config) -> bool {
-    cfg.networks.is_empty() && cfg.ports.is_empty() && cfg.rules.is_empty() && cfg.uplinks.is_empty()
+    cfg.networks.is_empty()
+        && cfg.ports.is_empty()
+        && cfg.rules.is_empty()
+        && cfg.uplinks.is_empty()
 }
 
 fn preflight(cfg: &Config, plan: &Plan) -> Result<()> {
@@ -371,7 +374,11 @@ fn execute(sw: &mut Switch, cfg: &Config, mut plan: Plan) -> Result<Plan> {
             .with_context(|| format!("removing uplink group '{u}'"))?;
     }
     for u in &plan.uplinks_added {
-        let spec = cfg.uplinks.iter().find(|g| &g.name == u).context("uplink group")?;
+        let spec = cfg
+            .uplinks
+            .iter()
+            .find(|g| &g.name == u)
+            .context("uplink group")?;
         sw.uplink_add(spec)
             .with_context(|| format!("adding uplink group '{u}'"))?;
     }

@@ -611,12 +611,20 @@ impl Datapath {
         self.detach_egress(ifindex);
     }
 
-    pub fn uplink_groups(&mut self) -> Result<HashMap<&mut MapData, u32, kvnet_common::UplinkGroup>> {
-        Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_UPLINK_GROUPS)?)?)
+    pub fn uplink_groups(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, u32, kvnet_common::UplinkGroup>> {
+        Ok(HashMap::try_from(map(
+            &mut self.ebpf,
+            names::MAP_UPLINK_GROUPS,
+        )?)?)
     }
 
     pub fn uplink_members(&mut self) -> Result<HashMap<&mut MapData, u32, u32>> {
-        Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_UPLINK_MEMBERS)?)?)
+        Ok(HashMap::try_from(map(
+            &mut self.ebpf,
+            names::MAP_UPLINK_MEMBERS,
+        )?)?)
     }
 
     pub fn has_egress(&self, ifindex: u32) -> bool {

@@ -138,7 +138,9 @@ impl Switch {
             .unwrap_or_default();
         if let Ok(fdb) = self.dp.fdb() {
             for (k, e) in fdb.iter().filter_map(|r| r.ok()) {
-                if !ids.contains(&k.net_id) || e.ifindex == group_ifindex || e.flags & FDB_F_HOST != 0
+                if !ids.contains(&k.net_id)
+                    || e.ifindex == group_ifindex
+                    || e.flags & FDB_F_HOST != 0
                 {
                     continue;
                 }

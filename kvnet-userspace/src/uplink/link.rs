@@ -3,7 +3,6 @@
 //! show another one).
 use std::{io, os::fd::AsRawFd};
 
-
 use anyhow::{Context, Result};
 
 use crate::mac::Mac;
@@ -29,7 +28,12 @@ pub fn set_mac(name: &str, mac: Mac) -> Result<()> {
     let mut req = ifreq(name);
     req[16..18].copy_from_slice(&(libc::ARPHRD_ETHER).to_ne_bytes());
     req[18..24].copy_from_slice(&mac.0);
-    ioctl(name, "setting the MAC address", libc::SIOCSIFHWADDR, &mut req)
+    ioctl(
+        name,
+        "setting the MAC address",
+        libc::SIOCSIFHWADDR,
+        &mut req,
+    )
 }
 
 /// A device's counters (the kernel's, not kvnet's).

@@ -114,9 +114,9 @@ const LACP_ROUND_MS: u64 = 100;
 
 /// The idle veth end of group `name`: a short, stable name of its own.
 fn peer_name(name: &str) -> String {
-    let h = name
-        .bytes()
-        .fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    let h = name.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
     format!("kvgp{h:08x}")
 }
 
@@ -159,7 +159,10 @@ impl Groups {
             bail!("uplink group '{name}': an interface of that name already exists");
         }
         if self.groups.len() >= kvnet_common::MAX_UPLINK_GROUPS as usize {
-            bail!("kvnet holds at most {} uplink groups", kvnet_common::MAX_UPLINK_GROUPS);
+            bail!(
+                "kvnet holds at most {} uplink groups",
+                kvnet_common::MAX_UPLINK_GROUPS
+            );
         }
         let mut members = Vec::new();
         for m in &spec.members {
@@ -412,8 +415,7 @@ impl Group {
             let up = m.up;
             let Some(l) = m.lacp.as_mut() else { continue };
             let partner = l.fresh_partner(now);
-            let selected =
-                up && partner.is_some_and(|p| Some((p.system, p.key)) == aggregator);
+            let selected = up && partner.is_some_and(|p| Some((p.system, p.key)) == aggregator);
             let actor = lacp::PortInfo {
                 system,
                 key,

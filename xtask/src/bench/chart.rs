@@ -192,21 +192,30 @@ pub fn draw(res: &Results, path: &Path) -> Result<()> {
         (
             "guest→outside 64-byte frames (trafgen), Mpps".into(),
             out_labels3.clone(),
-            out_cfgs.iter().map(|c| med(OUT, c, trafgen::METRIC)).collect(),
+            out_cfgs
+                .iter()
+                .map(|c| med(OUT, c, trafgen::METRIC))
+                .collect(),
             kv_out.clone(),
             None,
         ),
         (
             "taps: writer → reader, 64-byte Mpps".into(),
             vec!["bridge".into(), "kvnet tc".into(), "kvnet xdp".into()],
-            TAP_CONFIGS.iter().map(|c| med(TAP, c, TAP_METRIC)).collect(),
+            TAP_CONFIGS
+                .iter()
+                .map(|c| med(TAP, c, TAP_METRIC))
+                .collect(),
             vec![false, true, true],
             None,
         ),
         (
             "new TCP connections/s through the gateway".into(),
             out_labels3,
-            out_cfgs.iter().map(|c| med(OUT, c, connrate::METRIC)).collect(),
+            out_cfgs
+                .iter()
+                .map(|c| med(OUT, c, connrate::METRIC))
+                .collect(),
             kv_out,
             None,
         ),

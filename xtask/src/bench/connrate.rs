@@ -62,8 +62,6 @@ impl Bench<'_> {
         if done < count as f64 * 0.5 {
             bail!("only {done} of {count} connections: {v}");
         }
-        v["per_sec"]
-            .as_f64()
-            .context("conn-rate: no per_sec")
+        v["per_sec"].as_f64().context("conn-rate: no per_sec")
     }
 }

@@ -22,7 +22,10 @@ impl Bench<'_> {
         let (a, b) = (self.lab.add_tap("tA")?, self.lab.add_tap("tB")?);
         for rep in 1..=self.plan.repeats {
             for &config in TAP_CONFIGS {
-                println!("bench: [{TAP}] repeat {rep}/{}: {config}", self.plan.repeats);
+                println!(
+                    "bench: [{TAP}] repeat {rep}/{}: {config}",
+                    self.plan.repeats
+                );
                 let r = self
                     .tap_up(config, &a, &b)
                     .and_then(|()| self.tap_rate(&a, &b));
@@ -46,8 +49,16 @@ impl Bench<'_> {
         match config {
             "linux-bridge" => {
                 self.hv(&[
-                    "ip", "link", "add", "br0", "type", "bridge", "stp_state", "0",
-                    "forward_delay", "0",
+                    "ip",
+                    "link",
+                    "add",
+                    "br0",
+                    "type",
+                    "bridge",
+                    "stp_state",
+                    "0",
+                    "forward_delay",
+                    "0",
                 ])?;
                 for t in [a, b] {
                     self.hv(&["ip", "link", "set", t, "master", "br0"])?;
@@ -68,7 +79,9 @@ impl Bench<'_> {
 
     fn tap_down(&self, config: &str, a: &str, b: &str) {
         if config == "linux-bridge" {
-            let _ = self.lab.exec_output(self.lab.hv(), &["ip", "link", "del", "br0"]);
+            let _ = self
+                .lab
+                .exec_output(self.lab.hv(), &["ip", "link", "del", "br0"]);
         } else {
             for t in [a, b] {
                 let _ = self.kv.cli(&["port", "del", t]);

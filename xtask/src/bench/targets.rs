@@ -25,7 +25,13 @@ pub struct Target {
 
 impl Target {
     pub fn met(&self) -> Option<bool> {
-        self.value.map(|v| if self.at_most { v <= self.bound } else { v >= self.bound })
+        self.value.map(|v| {
+            if self.at_most {
+                v <= self.bound
+            } else {
+                v >= self.bound
+            }
+        })
     }
 }
 
@@ -47,13 +53,21 @@ fn cost(res: &Results, path: &str, prog: &str) -> Option<f64> {
     let r = rows.iter().find(|r| {
         r["path"] == path && r["prog"] == prog && r["fdb_entries"].as_u64() == Some(first)
     })?;
-    let v: Vec<f64> = r["ns"].as_array()?.iter().filter_map(Value::as_f64).collect();
+    let v: Vec<f64> = r["ns"]
+        .as_array()?
+        .iter()
+        .filter_map(Value::as_f64)
+        .collect();
     median(&v)
 }
 
 /// p50 ns of a one-packet-per-run row (the smallest conntrack size).
 fn one(res: &Results, path: &str) -> Option<f64> {
-    let prog = if path == "limit" { "bench_redirect" } else { "kvnet_tc" };
+    let prog = if path == "limit" {
+        "bench_redirect"
+    } else {
+        "kvnet_tc"
+    };
     let path = if path == "limit" { "unicast" } else { path };
     let rows = res.cost["paths"]["rows"].as_array()?;
     rows.iter()
@@ -63,15 +77,16 @@ fn one(res: &Results, path: &str) -> Option<f64> {
 }
 
 pub fn targets(res: &Results) -> Vec<Target> {
-    let ratio = |name, short, a: Option<f64>, b: Option<f64>, bound, at_most, detail: &str| Target {
-        name,
-        short,
-        value: div(a, b),
-        unit: "x",
-        bound,
-        at_most,
-        detail: detail.to_string(),
-    };
+    let ratio =
+        |name, short, a: Option<f64>, b: Option<f64>, bound, at_most, detail: &str| Target {
+            name,
+            short,
+            value: div(a, b),
+            unit: "x",
+            bound,
+            at_most,
+            detail: detail.to_string(),
+        };
     let limit1 = one(res, "limit");
     let unicast1 = one(res, "unicast");
     let sub = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a - b);

@@ -56,12 +56,18 @@ impl Bench<'_> {
         // One sending process; the root namespace's socket-memory sysctls
         // and IRQ affinities are left alone. `timeout` bounds a stuck run.
         let mut c = Command::new("timeout");
-        c.args(["60", "trafgen", "--no-sock-mem", "--notouch-irq", "--no-cpu-stats"])
-            .args(["--cpus", "1", "--dev", "eth0", "--num", &sent.to_string()])
-            .arg("--conf")
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
+        c.args([
+            "60",
+            "trafgen",
+            "--no-sock-mem",
+            "--notouch-irq",
+            "--no-cpu-stats",
+        ])
+        .args(["--cpus", "1", "--dev", "eth0", "--num", &sent.to_string()])
+        .arg("--conf")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
         let out = kvnet_tests::procs::spawn_in_ns(&self.g1.ns, c)?
             .wait_with_output()
             .context("waiting for trafgen")?;
