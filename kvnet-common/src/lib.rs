@@ -16,6 +16,7 @@ mod port;
 mod proto;
 mod stats;
 mod trace;
+mod uplink;
 
 pub use conntrack::*;
 pub use fdb::*;
@@ -27,6 +28,7 @@ pub use port::*;
 pub use proto::*;
 pub use stats::*;
 pub use trace::*;
+pub use uplink::*;
 
 /// The version of the pinned maps' layouts (key and value types and what
 /// they mean), recorded in the pinned map `layout`. Bump it with any change
@@ -64,6 +66,7 @@ mod user {
     unsafe impl aya::Pod for NeighKey {}
     unsafe impl aya::Pod for NeighEntry {}
     unsafe impl aya::Pod for PortPolicy {}
+    unsafe impl aya::Pod for UplinkGroup {}
 }
 
 #[cfg(test)]

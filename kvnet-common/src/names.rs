@@ -22,6 +22,8 @@ pub const MAP_CT_QUOTA: &str = "ct_quota";
 pub const MAP_FDB_COUNT: &str = "fdb_count";
 pub const MAP_NEIGH: &str = "neigh";
 pub const MAP_PORT_POLICY: &str = "port_policy";
+pub const MAP_UPLINK_GROUPS: &str = "uplink_groups";
+pub const MAP_UPLINK_MEMBERS: &str = "uplink_members";
 /// One u32: the [`LAYOUT_VERSION`](super::LAYOUT_VERSION) of the pinned datapath.
 pub const MAP_LAYOUT: &str = "layout";
 pub const PROG_TC_OUT: &str = "kvnet_tc_out";

@@ -12,6 +12,7 @@
 #![no_std]
 #![no_main]
 
+mod bond;
 mod csum;
 mod fdb;
 mod flood;

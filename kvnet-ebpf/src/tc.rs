@@ -23,7 +23,7 @@ use crate::{
 };
 
 use crate::{
-    fdb, maps,
+    bond, fdb, maps,
     nat::{self, Nat, NatKind},
     neigh, parse, pipeline, policy, stats, trace,
 };
@@ -37,7 +37,18 @@ const BPF_F_INGRESS: u64 = 1;
 
 #[inline(always)]
 pub fn ingress(ctx: TcContext) -> i32 {
-    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // A member of an uplink group is its group: one port however many NICs.
+    // (No flag carried past this point: the verifier would walk the whole
+    // pipeline once per value.)
+    let ingress = match bond::member(ifindex) {
+        bond::Member::No => ifindex,
+        bond::Member::Of(g) => match bond::admit(&ctx, g) {
+            Some(rc) => return rc,
+            None => g,
+        },
+        bond::Member::Backup => return bond::backup(&ctx),
+    };
     let len = ctx.len() as u64;
     let Some(port) = maps::port(ingress) else {
         return TC_ACT_OK;
@@ -98,7 +109,11 @@ pub fn ingress(ctx: TcContext) -> i32 {
         let vid = tag.tci & kvnet_common::VLAN_VID_MASK;
         trace::begin_tc(&ctx, TRACE_HOOK_TC, ingress, vid, code, egress, reason);
     }
-    let rc = tc_act(&ctx, ingress, len, &port, action, &tag, l3, data, data_end);
+    let mut rc = tc_act(&ctx, ingress, len, &port, action, &tag, l3, data, data_end);
+    if rc == TC_ACT_OK && ingress != ifindex {
+        // For the host: its address lives on the group device.
+        rc = bond::to_group_host(&ctx, ingress, true);
+    }
     // Looked up again rather than carried: the verifier then checks the
     // verdict paths once, not once per tracing state.
     if trace::on() {
@@ -286,7 +301,13 @@ fn nat_sent(ctx: &TcContext, ingress: u32, rc: i32, egress: u32) -> i32 {
 
 #[inline(always)]
 pub fn egress(ctx: TcContext) -> i32 {
-    let rc = egress_act(&ctx);
+    let mut rc = egress_act(&ctx);
+    if rc == TC_ACT_OK {
+        // An uplink group's device: on to the member its mode picks.
+        if let Some(r) = bond::out(&ctx, unsafe { (*ctx.skb.skb).ifindex }) {
+            rc = r;
+        }
+    }
     if trace::on() {
         let uplink = unsafe { (*ctx.skb.skb).ifindex };
         trace::begin_tc(&ctx, TRACE_HOOK_TC_OUT, uplink, 0, TRACE_EGRESS, 0, 0);

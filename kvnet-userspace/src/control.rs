@@ -263,6 +263,14 @@ pub enum Request {
     Status,
     /// Remove everything kvnet installed and exit (`kvnet down`).
     Down,
+    /// An uplink group (`kvnet uplink add`).
+    UplinkAdd {
+        spec: crate::uplink_spec::UplinkSpec,
+    },
+    UplinkShow,
+    UplinkDel {
+        name: String,
+    },
 }
 
 impl Request {
@@ -282,7 +290,8 @@ impl Request {
             | Request::ConntrackList { .. }
             | Request::Stats
             | Request::DhcpLeases { .. }
-            | Request::Status => true,
+            | Request::Status
+            | Request::UplinkShow => true,
             // A dry run only computes the plan; nothing is applied or remembered.
             Request::Apply { dry_run, .. } => *dry_run,
             Request::NetAdd { .. }
@@ -301,6 +310,8 @@ impl Request {
             | Request::Save { .. }
             | Request::Ifup { .. }
             | Request::Ifdown { .. }
+            | Request::UplinkAdd { .. }
+            | Request::UplinkDel { .. }
             | Request::Down => false,
         }
     }
@@ -545,7 +556,14 @@ pub fn call(socket: &Path, req: &Request) -> Result<serde_json::Value> {
             socket.display()
         )
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    // An apply attaches every port of the file: thousands of them take
+    // minutes on a loaded host, and giving up would leave the CLI
+    // guessing while the daemon goes on.
+    let patience = match req {
+        Request::Apply { .. } => Duration::from_secs(30 * 60),
+        _ => Duration::from_secs(60),
+    };
+    stream.set_read_timeout(Some(patience)).ok();
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
     let sent = (&stream).write_all(line.as_bytes());
@@ -889,6 +907,21 @@ mod tests {
             (Request::Ifdown { iface: s("p") }, false),
             (Request::Status, true),
             (Request::Down, false),
+            (
+                Request::UplinkAdd {
+                    spec: crate::uplink_spec::UplinkSpec {
+                        name: s("bond0"),
+                        members: vec![s("eth0")],
+                        mode: crate::uplink_spec::UplinkMode::ActiveBackup,
+                        hash: None,
+                        primary: None,
+                        miimon: None,
+                    },
+                },
+                false,
+            ),
+            (Request::UplinkShow, true),
+            (Request::UplinkDel { name: s("bond0") }, false),
         ]
     }
 
@@ -926,9 +959,12 @@ mod tests {
             Request::Down => 26,
             Request::DhcpSet { .. } => 27,
             Request::NetDump { .. } => 28,
+            Request::UplinkAdd { .. } => 29,
+            Request::UplinkShow => 30,
+            Request::UplinkDel { .. } => 31,
         }
     }
-    const KINDS: usize = 29;
+    const KINDS: usize = 32;
 
     #[test]
     fn every_request_is_classified_read_only_or_not() {

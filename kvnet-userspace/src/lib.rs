@@ -25,5 +25,7 @@ pub mod security;
 pub mod switch;
 pub mod tasks;
 pub mod trace;
+pub mod uplink;
+pub mod uplink_spec;
 pub mod vlan;
 pub mod xdp_features;

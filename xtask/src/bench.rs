@@ -10,17 +10,26 @@
 //!   10, a trunk to a second kvnet host that untags for its guest r1):
 //!   kvnet `--hook tc|xdp`; the Linux VLAN-filtering bridge when the
 //!   kernel has it.
+//! * Guest-to-guest over taps (a writer process on one tap, a reader on
+//!   the other, as qemu would be): Linux bridge, kvnet tc, kvnet XDP.
 //! * Guest-to-outside (g1 -> `out` over the uplink up0): Linux routing,
 //!   Linux bridge + iptables MASQUERADE (libvirt's shape), nftables
 //!   masquerade with a flowtable, kvnet routed and kvnet NAT (also with
-//!   1M synthetic conntrack entries in the daemon's table).
+//!   1M synthetic conntrack entries in the daemon's table, and the
+//!   daemon's CPU time meanwhile): TCP, 64-byte frames sent by trafgen as
+//!   ordinary skbs, new TCP connections per second.
 //! * Per-packet program cost through BPF_PROG_RUN, FDB and conntrack scale.
 //!
 //! Output: target/bench/{report.md, results.json, bench.png}.
 
 mod chart;
+mod connrate;
+mod gcwalk;
 mod ports;
 mod report;
+mod taps;
+mod targets;
+mod trafgen;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -243,6 +252,7 @@ pub fn run_as_root(
     } else {
         let mut b = Bench::new(&plan, helper)?;
         b.l2(&mut res)?;
+        b.taps(&mut res)?;
         b.scale(&mut res)?;
         b.vlan(&mut res)?;
         b.routed(&mut res)?;
@@ -368,6 +378,14 @@ pub const OUT_CONFIGS: &[&str] = &[
 /// kvnet-nat measured again with this many synthetic conntrack entries.
 pub const CT_SCALE: u32 = 1_000_000;
 pub const CT_MAX: &str = "2200000";
+/// The daemon's CPU time over the 64-byte run / over all the metrics of a
+/// configuration.
+pub const DAEMON_CPU_FRAMES: &str = "daemon CPU, during the 64-byte run";
+pub const DAEMON_CPU_ALL: &str = "daemon CPU, during all its metrics";
+/// With the grown table: the daemon's share of a core during one GC walk,
+/// and the long-run share that the daemon's pacing implies from it.
+pub const DAEMON_CPU_WALK: &str = "daemon CPU, during one GC walk";
+pub const DAEMON_CPU_LONG_RUN: &str = "daemon CPU, long run (one walk per 21 walk times)";
 const G1_IP: &str = "10.0.0.1";
 const G2_IP: &str = "10.0.0.2";
 const GW_IP: &str = "10.0.0.254";
@@ -971,6 +989,10 @@ impl<'p> Bench<'p> {
                     continue;
                 }
                 self.measure_pair(res, L2, config, &self.g1.ns.clone(), G2_IP, true);
+                match self.trafgen_rate(&mac_str(&self.g2.mac), G2_IP, &self.g2.ns, "eth0") {
+                    Ok((mpps, _)) => res.add(L2, config, trafgen::METRIC, "Mpps", mpps),
+                    Err(e) => res.fail(L2, config, trafgen::METRIC, "Mpps", format!("{e:#}")),
+                }
                 if config.starts_with("kvnet") {
                     self.kvnet_counters(res, config);
                 }
@@ -999,24 +1021,29 @@ impl<'p> Bench<'p> {
                 );
                 if let Err(e) = self.out_up(config) {
                     let _ = self.out_down(config);
-                    for m in [
-                        "TCP bulk, 1 stream",
-                        "TCP bulk, 4 streams",
-                        "RR latency p50 (ping)",
-                        "RR latency p99 (ping)",
+                    for (m, unit) in [
+                        ("TCP bulk, 1 stream", "Gbit/s"),
+                        ("TCP bulk, 4 streams", "Gbit/s"),
+                        ("RR latency p50 (ping)", "µs"),
+                        ("RR latency p99 (ping)", "µs"),
+                        (trafgen::METRIC, "Mpps"),
+                        (connrate::METRIC, "conn/s"),
                     ] {
-                        let unit = if m.starts_with("TCP") {
-                            "Gbit/s"
-                        } else {
-                            "µs"
-                        };
                         res.fail(OUT, config, m, unit, format!("{e:#}"));
                     }
                     continue;
                 }
+                let cpu = self.daemon_cpu_start();
+                self.out_frames(res, config);
+                if config == "kvnet-nat" {
+                    self.daemon_cpu_end(res, config, DAEMON_CPU_FRAMES, cpu);
+                }
                 self.measure_pair(res, OUT, config, &self.g1.ns.clone(), UP_OUT, false);
+                self.conn_rate(res, config);
+                if config == "kvnet-nat" {
+                    self.daemon_cpu_end(res, config, DAEMON_CPU_ALL, cpu);
+                }
                 if config.starts_with("kvnet") {
-                    self.out_frames(res, config);
                     self.kvnet_counters(res, config);
                 }
                 if config == "kvnet-nat" {
@@ -1036,9 +1063,13 @@ impl<'p> Bench<'p> {
         Ok(())
     }
 
-    /// kvnet's 64-byte rate to the outside: the generator on g1 sends to
-    /// the gateway MAC (the host stack's peers cannot be measured this way).
+    /// The 64-byte rate to the outside: trafgen on g1 sends to the
+    /// gateway's MAC (as g1 resolved it), `out`'s eth0 counts.
     fn out_frames(&self, res: &mut Results, config: &str) {
+        self.out_frames_as(res, config, trafgen::METRIC)
+    }
+
+    fn out_frames_as(&self, res: &mut Results, config: &str, metric: &str) {
         let r = (|| -> Result<(f64, f64)> {
             let o = self.lab.exec(
                 &self.g1.ns,
@@ -1049,14 +1080,41 @@ impl<'p> Bench<'p> {
                 .as_str()
                 .ok_or_else(|| anyhow!("g1 has no neighbour entry for {GW_IP}: {v}"))?
                 .to_string();
-            self.frame_rate_to(&self.out_ns.clone(), &mac, UP_OUT)
+            self.trafgen_rate(&mac, UP_OUT, &self.out_ns, "eth0")
         })();
         match r {
             Ok((mpps, share)) => {
-                res.add(OUT, config, "64-byte frames", "Mpps", mpps);
+                res.add(OUT, config, metric, "Mpps", mpps);
                 res.add(OUT, config, "64-byte frames delivered", "%", share * 100.0);
             }
-            Err(e) => res.fail(OUT, config, "64-byte frames", "Mpps", format!("{e:#}")),
+            Err(e) => res.fail(OUT, config, metric, "Mpps", format!("{e:#}")),
+        }
+    }
+
+    /// The daemon's CPU time so far (user + system, /proc/PID/stat) and
+    /// the wall clock, to start a window.
+    fn daemon_cpu_start(&self) -> Option<(f64, Instant)> {
+        let pid = self.kv.daemon_pid()?;
+        Some((proc_cpu_secs(pid).ok()?, Instant::now()))
+    }
+
+    /// The daemon's share of one core since `start`, as a metric.
+    fn daemon_cpu_end(
+        &self,
+        res: &mut Results,
+        config: &str,
+        metric: &str,
+        start: Option<(f64, Instant)>,
+    ) {
+        let r = (|| -> Result<f64> {
+            let (cpu0, t0) = start.ok_or_else(|| anyhow!("no daemon pid or /proc/PID/stat"))?;
+            let pid = self.kv.daemon_pid().ok_or_else(|| anyhow!("daemon gone"))?;
+            let cpu = proc_cpu_secs(pid)? - cpu0;
+            Ok(cpu / t0.elapsed().as_secs_f64() * 100.0)
+        })();
+        match r {
+            Ok(pct) => res.add(OUT, config, metric, "% of one core", pct),
+            Err(e) => res.fail(OUT, config, metric, "% of one core", format!("{e:#}")),
         }
     }
 
@@ -1067,11 +1125,59 @@ impl<'p> Bench<'p> {
         let n = CT_SCALE.to_string();
         let cfg = format!("kvnet-nat, +{}M conntrack", CT_SCALE / 1_000_000);
         println!("bench:   {cfg}");
+        // Sampling from before the fill: a walk may start during it.
+        let bound = Duration::from_secs(if self.plan.quick { 60 } else { 180 });
+        let sampler = self
+            .kv
+            .daemon_pid()
+            .map(|pid| gcwalk::Sampler::start(pid, bound));
         match self.helper_in(self.lab.hv(), &["ctfill", &pins, &n]) {
             Ok(v) => {
                 res.scale.entry("daemon ct fill".into()).or_insert(v);
+                // The 64-byte run once the GC walks the grown table (the
+                // daemon paces walks, so one may take a while to come).
+                let wait = Duration::from_secs(if self.plan.quick { 15 } else { 40 });
+                let walking = sampler.as_ref().is_some_and(|s| s.await_walk(wait));
+                // Only a run during a walk counts as the +1M rate; one
+                // without (the daemon's pacing put the walk later) is kept
+                // apart.
+                let metric = if walking {
+                    trafgen::METRIC
+                } else {
+                    res.notes.push(format!(
+                        "{cfg}: no GC walk seen within {wait:?} of the fill; that 64-byte run is under `{}`",
+                        trafgen::METRIC_NO_WALK
+                    ));
+                    trafgen::METRIC_NO_WALK
+                };
+                let cpu = self.daemon_cpu_start();
+                self.out_frames_as(res, &cfg, metric);
+                self.daemon_cpu_end(res, &cfg, DAEMON_CPU_FRAMES, cpu);
+                if let Some(s) = sampler {
+                    let walk = s.finish(Duration::from_secs(if self.plan.quick { 20 } else { 60 }));
+                    for (key, metric) in [
+                        ("walk_share_of_core", DAEMON_CPU_WALK),
+                        ("long_run_share_of_core", DAEMON_CPU_LONG_RUN),
+                    ] {
+                        if let Some(v) = walk[key].as_f64() {
+                            res.add(OUT, &cfg, metric, "% of one core", v * 100.0);
+                        }
+                    }
+                    if let Some(v) = walk["walk_wall_secs"].as_f64() {
+                        res.add(OUT, &cfg, "daemon GC walk, wall time", "s", v);
+                    }
+                    let walks = res
+                        .scale
+                        .entry("daemon gc walks".into())
+                        .or_insert_with(|| Value::Array(Vec::new()));
+                    if let Some(a) = walks.as_array_mut() {
+                        a.push(walk);
+                    }
+                }
+                let cpu = self.daemon_cpu_start();
                 self.measure_pair(res, OUT, &cfg, &self.g1.ns.clone(), UP_OUT, false);
-                self.out_frames(res, &cfg);
+                self.conn_rate(res, &cfg);
+                self.daemon_cpu_end(res, &cfg, DAEMON_CPU_ALL, cpu);
                 let ct = Path::new(&pins).join("ct").display().to_string();
                 if let Ok(o) = self.lab.exec(
                     self.lab.hv(),
@@ -1447,4 +1553,26 @@ impl<'p> Bench<'p> {
             }
         }
     }
+}
+
+/// A process's user + system CPU seconds (fields 14 and 15 of
+/// /proc/PID/stat, in clock ticks).
+fn proc_cpu_secs(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces: count from after it.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("/proc/{pid}/stat: {stat:?}"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| anyhow!("/proc/{pid}/stat field {}: {stat:?}", i + 3))
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    // After ")": field 3 is at index 0, so utime (14) at 11, stime (15) at 12.
+    Ok((ticks(11)? + ticks(12)?) / hz)
 }

@@ -30,6 +30,8 @@ pub const DEB_PACKAGES: &[&str] = &[
     "util-linux",
     "xz-utils",
     "fonts-dejavu-core",
+    // `cargo xtask bench`: trafgen, 64-byte frames as ordinary skbs.
+    "netsniff-ng",
     // DHCP/DNS tests: a Debian DHCP client, dig.
     "isc-dhcp-client",
     "bind9-dnsutils",

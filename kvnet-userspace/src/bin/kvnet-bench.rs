@@ -15,6 +15,13 @@
 //!   sizes (see [`paths`]).
 //! * `ctfill DIR N [--remove]`: N synthetic conntrack entries (N/2 flows,
 //!   both directions, TCP established) in the pinned `ct` map under DIR.
+//! * `frame`: the 64-byte IPv4/UDP frame as a trafgen packet config (the
+//!   AF_PACKET generator for paths through the host stack).
+//! * `tap-gen TAP` / `tap-sink TAP`: a guest's hypervisor process on a tap:
+//!   writes prebuilt 64-byte frames into the tap's fd / reads and counts
+//!   them (bounded in count and time).
+//! * `conn-server` / `conn-rate`: short TCP connections (accept and close;
+//!   connect, wait for the close), bounded in count and time.
 use std::{
     path::{Path, PathBuf},
     time::Instant,
@@ -115,6 +122,57 @@ enum Cmd {
         #[arg(long)]
         remove: bool,
     },
+    Frame {
+        #[arg(long)]
+        src: String,
+        #[arg(long)]
+        dst: String,
+        #[arg(long)]
+        sip: std::net::Ipv4Addr,
+        #[arg(long)]
+        dip: std::net::Ipv4Addr,
+    },
+    TapGen {
+        tap: String,
+        #[arg(long)]
+        count: u32,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long)]
+        src: String,
+        #[arg(long)]
+        dst: String,
+    },
+    TapSink {
+        tap: String,
+        /// This guest's MAC: announced once (so switches learn it), and
+        /// only frames to it are counted.
+        #[arg(long)]
+        mac: String,
+        #[arg(long)]
+        secs: f64,
+        /// Stop once no frame came for this long after the first one.
+        #[arg(long, default_value_t = 500)]
+        idle_ms: u64,
+    },
+    ConnServer {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        count: u32,
+        #[arg(long)]
+        secs: f64,
+    },
+    ConnRate {
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long)]
+        count: u32,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long, default_value_t = 4)]
+        threads: u32,
+    },
 }
 
 fn main() {
@@ -155,6 +213,27 @@ fn main() {
             entries,
             remove,
         } => ctfill(&dir, entries, remove),
+        Cmd::Frame { src, dst, sip, dip } => trafgen_frame(&src, &dst, sip, dip),
+        Cmd::TapGen {
+            tap,
+            count,
+            secs,
+            src,
+            dst,
+        } => tap_gen(&tap, count, secs, &src, &dst),
+        Cmd::TapSink {
+            tap,
+            mac,
+            secs,
+            idle_ms,
+        } => tap_sink(&tap, &mac, secs, idle_ms),
+        Cmd::ConnServer { port, count, secs } => conn_server(port, count, secs),
+        Cmd::ConnRate {
+            to,
+            count,
+            secs,
+            threads,
+        } => conn_rate(to, count, secs, threads),
     };
     match r {
         Ok(v) => println!("{v}"),
@@ -1111,4 +1190,229 @@ fn parse_mac(s: &str) -> Result<[u8; 6]> {
 /// The MAC of `name` in this netns.
 fn iface_mac(name: &str) -> Result<[u8; 6]> {
     Ok(kvnet_userspace::netdev::mac(name)?.0)
+}
+
+/// The bench's 64-byte frame (one UDP flow) as a trafgen packet config.
+fn trafgen_frame(
+    src: &str,
+    dst: &str,
+    sip: std::net::Ipv4Addr,
+    dip: std::net::Ipv4Addr,
+) -> Result<serde_json::Value> {
+    let f = ip_frame(
+        parse_mac(src)?,
+        parse_mac(dst)?,
+        sip.octets(),
+        dip.octets(),
+        12345,
+        5001,
+        None,
+    );
+    let bytes: Vec<String> = f.iter().map(|b| format!("0x{b:02x}")).collect();
+    Ok(json!({"trafgen": format!("{{ {} }}", bytes.join(", ")), "len": f.len()}))
+}
+
+/// Attaches to tap `name` (created by the caller) as its hypervisor would.
+fn tap_open(name: &str) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: plain libc calls with checked results.
+    let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error()).context("open /dev/net/tun");
+    }
+    // SAFETY: a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: u16,
+        _pad: [u8; 22],
+    }
+    let mut req = IfReq {
+        name: [0; 16],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as u16,
+        _pad: [0; 22],
+    };
+    let n = name.len().min(15);
+    req.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: TUNSETIFF reads and writes an ifreq we own.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReq) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("TUNSETIFF {name}"));
+    }
+    Ok(fd)
+}
+
+/// Writes `count` 64-byte frames src -> dst into the tap (or stops at
+/// `secs`), one write(2) per frame like qemu's userspace virtio backend.
+fn tap_gen(tap: &str, count: u32, secs: f64, src: &str, dst: &str) -> Result<serde_json::Value> {
+    let fd = tap_open(tap)?;
+    let frame = udp_frame(parse_mac(src)?, parse_mac(dst)?);
+    let deadline = std::time::Duration::from_secs_f64(secs);
+    let t = Instant::now();
+    let (mut sent, mut errors) = (0u32, 0u32);
+    let mut first_err = None;
+    while sent + errors < count {
+        match nix::unistd::write(&fd, &frame) {
+            Ok(_) => sent += 1,
+            Err(e) => {
+                errors += 1;
+                first_err.get_or_insert(e);
+            }
+        }
+        if (sent + errors) % 1024 == 0 && t.elapsed() > deadline {
+            break;
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    if sent == 0 {
+        bail!("no frame written into {tap}: {first_err:?}");
+    }
+    Ok(json!({"sent": sent, "errors": errors, "secs": secs,
+        "first_error": first_err.map(|e| e.to_string())}))
+}
+
+/// Announces `mac` on the tap (one broadcast frame), prints a ready line,
+/// then counts the 64-byte frames to `mac` until none came for `idle_ms`
+/// after the first, or `secs` pass.
+fn tap_sink(tap: &str, mac: &str, secs: f64, idle_ms: u64) -> Result<serde_json::Value> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let fd = tap_open(tap)?;
+    let me = parse_mac(mac)?;
+    let hello = ip_frame(
+        me,
+        [0xff; 6],
+        [10, 0, 0, 2],
+        [10, 0, 0, 255],
+        5001,
+        5001,
+        None,
+    );
+    nix::unistd::write(&fd, &hello).context("announcing the sink's MAC")?;
+    println!("{}", json!({"ready": true}));
+    std::io::stdout().flush()?;
+    let deadline = Instant::now() + std::time::Duration::from_secs_f64(secs);
+    let idle = std::time::Duration::from_millis(idle_ms);
+    let mut buf = vec![0u8; 2048];
+    let (mut frames, mut other) = (0u64, 0u64);
+    let (mut first, mut last) = (None::<Instant>, Instant::now());
+    loop {
+        let now = Instant::now();
+        if now > deadline || (first.is_some() && now.duration_since(last) > idle) {
+            break;
+        }
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd we own.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 50) };
+        if rc <= 0 {
+            continue;
+        }
+        let n = nix::unistd::read(fd.as_raw_fd(), &mut buf).context("reading the tap")?;
+        if n >= 14 && buf[..6] == me {
+            frames += 1;
+            last = Instant::now();
+            first.get_or_insert(last);
+        } else {
+            other += 1;
+        }
+    }
+    let span = first
+        .map(|f| last.duration_since(f).as_secs_f64())
+        .unwrap_or(0.0);
+    Ok(json!({"frames": frames, "other": other, "span_secs": span}))
+}
+
+/// Accepts connections on `port` and closes each at once (the server's
+/// FIN first, so the client's ports are free again), until `count` or
+/// `secs`.
+fn conn_server(port: u16, count: u32, secs: f64) -> Result<serde_json::Value> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let l =
+        std::net::TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("bind {port}"))?;
+    l.set_nonblocking(true)?;
+    println!("{}", json!({"ready": true}));
+    std::io::stdout().flush()?;
+    let deadline = Instant::now() + std::time::Duration::from_secs_f64(secs);
+    let mut accepted = 0u32;
+    while accepted < count && Instant::now() < deadline {
+        match l.accept() {
+            Ok((s, _)) => {
+                accepted += 1;
+                drop(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let mut pfd = libc::pollfd {
+                    fd: l.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd we own.
+                unsafe { libc::poll(&mut pfd, 1, 50) };
+            }
+            Err(e) => return Err(e).context("accept"),
+        }
+    }
+    Ok(json!({"accepted": accepted}))
+}
+
+/// `count` short TCP connections to `to` from `threads` threads: connect,
+/// wait for the server's close, close. Stops at `secs`.
+fn conn_rate(
+    to: std::net::SocketAddr,
+    count: u32,
+    secs: f64,
+    threads: u32,
+) -> Result<serde_json::Value> {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    let next = Arc::new(AtomicU32::new(0));
+    let deadline = Instant::now() + std::time::Duration::from_secs_f64(secs);
+    let t = Instant::now();
+    let workers: Vec<_> = (0..threads.max(1))
+        .map(|_| {
+            let next = next.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u32, 0u32);
+                let mut first_err = None;
+                let mut buf = [0u8; 16];
+                while next.fetch_add(1, Ordering::Relaxed) < count && Instant::now() < deadline {
+                    let r = std::net::TcpStream::connect_timeout(
+                        &to,
+                        std::time::Duration::from_secs(1),
+                    )
+                    .and_then(|mut s| {
+                        s.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+                        s.read(&mut buf)
+                    });
+                    match r {
+                        Ok(_) => ok += 1,
+                        Err(e) => {
+                            failed += 1;
+                            first_err.get_or_insert(e.to_string());
+                        }
+                    }
+                }
+                (ok, failed, first_err)
+            })
+        })
+        .collect();
+    let (mut ok, mut failed, mut first_err) = (0u32, 0u32, None);
+    for w in workers {
+        let (o, f, e) = w.join().map_err(|_| anyhow!("connect worker panicked"))?;
+        ok += o;
+        failed += f;
+        if first_err.is_none() {
+            first_err = e;
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    Ok(json!({"connections": ok, "failed": failed, "secs": secs,
+        "per_sec": ok as f64 / secs, "first_error": first_err}))
 }

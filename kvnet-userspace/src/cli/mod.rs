@@ -1,6 +1,7 @@
 //! The `kvnet` command line: parses it and runs each command (most as a
 //! request to the daemon).
 mod config_cli;
+mod uplink;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -72,6 +73,9 @@ enum Cmd {
     /// VLANs and their member ports.
     #[command(subcommand)]
     Vlan(VlanCmd),
+    /// Uplink groups: several NICs as one uplink (bonding modes, in eBPF).
+    #[command(subcommand)]
+    Uplink(uplink::UplinkCmd),
     /// Port forwards into a NAT network (DNAT).
     #[command(subcommand)]
     Forward(ForwardCmd),
@@ -662,6 +666,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Ifdown { tap } => done(call(sock, &Request::Ifdown { iface: tap })),
+        Cmd::Uplink(c) => uplink::run(sock, c),
         Cmd::Status { json } => config_cli::status(sock, json),
         Cmd::Down { pin_dir, state_dir } => config_cli::down(sock, &pin_dir, &state_dir),
         Cmd::Trace {

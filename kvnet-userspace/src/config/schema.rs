@@ -30,6 +30,10 @@ pub struct Config {
     /// Interfaces attached when they appear, by a glob on their name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<Checked<RuleSection>>,
+    /// Uplink groups (like `kvnet uplink add`), created before the
+    /// networks that name them as their uplink.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uplinks: Vec<crate::uplink_spec::UplinkSpec>,
 }
 
 /// A section checked as a whole after it parsed (so the error carries

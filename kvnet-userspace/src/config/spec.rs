@@ -354,6 +354,11 @@ pub struct Plan {
     pub ports_pending: Vec<String>,
     pub rules_added: Vec<String>,
     pub rules_removed: Vec<String>,
+    /// Uplink groups; a changed one is removed and added again.
+    #[serde(default)]
+    pub uplinks_added: Vec<String>,
+    #[serde(default)]
+    pub uplinks_removed: Vec<String>,
     pub warnings: Vec<String>,
     pub applied: bool,
 }
@@ -368,10 +373,18 @@ impl Plan {
             && self.ports_changed.is_empty()
             && self.rules_added.is_empty()
             && self.rules_removed.is_empty()
+            && self.uplinks_added.is_empty()
+            && self.uplinks_removed.is_empty()
     }
 
     pub fn render(&self) -> String {
         let mut o = String::new();
+        for u in &self.uplinks_removed {
+            o += &format!("- uplink {u}\n");
+        }
+        for u in &self.uplinks_added {
+            o += &format!("+ uplink {u}\n");
+        }
         for n in &self.networks_added {
             o += &format!("+ network {n}\n");
         }

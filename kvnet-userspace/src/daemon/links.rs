@@ -257,6 +257,10 @@ pub fn watch_links(switch: std::sync::Arc<Mutex<Switch>>) -> Result<()> {
                     return;
                 };
                 let Ok(mut sw) = switch.lock() else { return };
+                // Uplink groups first: a failover is what must not wait.
+                if !links.is_empty() {
+                    sw.uplinks_follow_carrier();
+                }
                 for ev in links {
                     if ev.added {
                         if let Some(what) = link_added(&mut sw, &ev.name, Some(ev.index)) {

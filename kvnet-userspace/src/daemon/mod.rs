@@ -9,6 +9,7 @@ pub mod state;
 pub mod status;
 pub mod supervise;
 pub mod teardown;
+pub mod uplink_poll;
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -291,6 +292,7 @@ async fn serve(opts: &Options, switch: Arc<Mutex<Switch>>) -> Result<Exit> {
     crate::daemon::supervise::notify("READY=1");
     tokio::spawn(maintain(switch.clone()));
     crate::daemon::links::watch_links(switch.clone())?;
+    crate::daemon::uplink_poll::start(switch.clone())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -666,5 +668,8 @@ fn dispatch(sw: &mut Switch, req: Request, root: bool) -> Result<serde_json::Val
             crate::daemon::status::DOWN.notify_one();
             serde_json::Value::Null
         }
+        Request::UplinkAdd { spec } => v(sw.uplink_add(&spec)?)?,
+        Request::UplinkShow => v(sw.uplink_show())?,
+        Request::UplinkDel { name } => v(sw.uplink_del(&name)?)?,
     })
 }

@@ -218,6 +218,7 @@ pub fn plan(sw: &Switch, rt: &Runtime, cfg: &Config) -> Plan {
     let new_rules: BTreeSet<String> = cfg.rules.iter().map(|r| rule_label(r)).collect();
     p.rules_added = new_rules.difference(&old_rules).cloned().collect();
     p.rules_removed = old_rules.difference(&new_rules).cloned().collect();
+    (p.uplinks_added, p.uplinks_removed) = sw.uplinks_plan(&cfg.uplinks);
     p
 }
 
@@ -228,6 +229,12 @@ pub fn plan(sw: &Switch, rt: &Runtime, cfg: &Config) -> Plan {
 /// first. What depends on this host's interfaces is checked by `apply`
 /// alone (its preflight).
 pub fn validate(cfg: &Config) -> Result<()> {
+    for (i, g) in cfg.uplinks.iter().enumerate() {
+        g.check()?;
+        if cfg.uplinks[..i].iter().any(|o| o.name == g.name) {
+            bail!("uplink group '{}' is defined twice", g.name);
+        }
+    }
     for (name, s) in &cfg.networks {
         let spec = NetSpec::of(name, s);
         let Some(opts) = spec.opts() else {
@@ -255,7 +262,10 @@ pub fn validate(cfg: &Config) -> Result<()> {
 /// Whether `cfg` defines nothing at all: applied, it would remove every
 /// network and port.
 pub fn is_empty(cfg: &Config) -> bool {
-    cfg.networks.is_empty() && cfg.ports.is_empty() && cfg.rules.is_empty()
+    cfg.networks.is_empty()
+        && cfg.ports.is_empty()
+        && cfg.rules.is_empty()
+        && cfg.uplinks.is_empty()
 }
 
 fn preflight(cfg: &Config, plan: &Plan) -> Result<()> {
@@ -266,6 +276,10 @@ fn preflight(cfg: &Config, plan: &Plan) -> Result<()> {
             .map(|c| &c.name),
     ) {
         if let Some(u) = cfg.networks.get(n).and_then(|s| s.uplink.as_deref()) {
+            if cfg.uplinks.iter().any(|g| g.name == u) {
+                // An uplink group of the file: created by the apply itself.
+                continue;
+            }
             netdev::ifindex(u).with_context(|| format!("network '{n}': uplink '{u}'"))?;
             if cfg.networks[n].mode == "nat" && netdev::ipv4(u)?.is_none() {
                 bail!("network '{n}': uplink '{u}' has no IPv4 address to masquerade behind");
@@ -354,6 +368,19 @@ fn execute(sw: &mut Switch, cfg: &Config, mut plan: Plan) -> Result<Plan> {
     for n in &plan.networks_removed {
         sw.net_del(n)
             .with_context(|| format!("removing network '{n}'"))?;
+    }
+    for u in &plan.uplinks_removed {
+        sw.uplink_del(u)
+            .with_context(|| format!("removing uplink group '{u}'"))?;
+    }
+    for u in &plan.uplinks_added {
+        let spec = cfg
+            .uplinks
+            .iter()
+            .find(|g| &g.name == u)
+            .context("uplink group")?;
+        sw.uplink_add(spec)
+            .with_context(|| format!("adding uplink group '{u}'"))?;
     }
     for c in &plan.networks_changed {
         if c.recreate {
@@ -492,7 +519,10 @@ pub(crate) enum Listed {
 
 pub(crate) fn config_of(sw: &Switch, listed: Listed) -> Config {
     with_rt(|rt| {
-        let mut cfg = Config::default();
+        let mut cfg = Config {
+            uplinks: sw.uplinks.groups.values().map(|g| g.spec.clone()).collect(),
+            ..Config::default()
+        };
         for (n, s) in running_nets(sw, rt) {
             let old = rt.applied.networks.get(&n).map(|c| c.0.clone());
             let mut sec = old.clone().unwrap_or_default();

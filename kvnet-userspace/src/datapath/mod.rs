@@ -57,6 +57,9 @@ pub struct Datapath {
     pub ct_capacity: u32,
     /// tc egress links on bridged uplinks.
     egress_links: StdHashMap<u32, SchedClassifierLinkId>,
+    /// Uplink group devices: their egress program stays while the group
+    /// does, whichever network stops using it.
+    group_egress: std::collections::HashSet<u32>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// A restarted daemon taking over a running datapath: attachments are
     /// replaced in place and existing counters kept.
@@ -202,6 +205,7 @@ impl Datapath {
             pin_dir: pin_dir.to_path_buf(),
             links: StdHashMap::new(),
             egress_links: StdHashMap::new(),
+            group_egress: Default::default(),
             logger,
             ct_capacity,
             adopting: false,
@@ -583,11 +587,44 @@ impl Datapath {
     /// Attaches the egress program (bridged uplinks: the host's frames to
     /// guests). The clsact qdisc is already there from `attach`.
     pub fn attach_egress(&mut self, iface: &str, ifindex: u32) -> Result<()> {
+        if self.group_egress.contains(&ifindex) {
+            // An uplink group's: attached already, for the group's life.
+            return Ok(());
+        }
         let id = self
             .tc_attach(names::PROG_TC_OUT, iface, TcAttachType::Egress)
             .with_context(|| format!("attaching the tc egress program to '{iface}'"))?;
         self.egress_links.insert(ifindex, id);
         Ok(())
+    }
+
+    /// An uplink group's device: egress attached for the group's life.
+    pub fn attach_group_egress(&mut self, iface: &str, ifindex: u32) -> Result<()> {
+        self.group_egress.remove(&ifindex);
+        self.attach_egress(iface, ifindex)?;
+        self.group_egress.insert(ifindex);
+        Ok(())
+    }
+
+    pub fn detach_group_egress(&mut self, ifindex: u32) {
+        self.group_egress.remove(&ifindex);
+        self.detach_egress(ifindex);
+    }
+
+    pub fn uplink_groups(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, u32, kvnet_common::UplinkGroup>> {
+        Ok(HashMap::try_from(map(
+            &mut self.ebpf,
+            names::MAP_UPLINK_GROUPS,
+        )?)?)
+    }
+
+    pub fn uplink_members(&mut self) -> Result<HashMap<&mut MapData, u32, u32>> {
+        Ok(HashMap::try_from(map(
+            &mut self.ebpf,
+            names::MAP_UPLINK_MEMBERS,
+        )?)?)
     }
 
     pub fn has_egress(&self, ifindex: u32) -> bool {
@@ -602,6 +639,9 @@ impl Datapath {
     }
 
     pub fn detach_egress(&mut self, ifindex: u32) {
+        if self.group_egress.contains(&ifindex) {
+            return;
+        }
         let Some(id) = self.egress_links.remove(&ifindex) else {
             return;
         };

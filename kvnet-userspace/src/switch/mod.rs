@@ -8,6 +8,7 @@ pub mod journal;
 pub mod nat;
 pub mod network;
 pub mod policy;
+pub mod uplinks;
 use std::{
     collections::{BTreeMap, BTreeSet},
     time::Duration,
@@ -110,6 +111,8 @@ pub struct Switch {
     /// Snooped bindings (port ifindex, address) -> what the sweep saw of
     /// their lease (`security::sweep_bindings`).
     pub(crate) binding_leases: BTreeMap<(u32, u32), crate::switch::bindings::LeaseSeen>,
+    /// Uplink groups (`kvnet uplink`).
+    pub(crate) uplinks: crate::uplink::Groups,
 }
 
 /// Which hook `auto` picks: tc for veth and tap (XDP on a veth turns TSO
@@ -135,6 +138,7 @@ impl Switch {
             services: Default::default(),
             adopt_ids: BTreeMap::new(),
             binding_leases: BTreeMap::new(),
+            uplinks: Default::default(),
         }
     }
 
@@ -354,6 +358,7 @@ impl Switch {
         if self.routed_uplinks.contains_key(iface) {
             bail!("interface '{iface}' is the uplink of a routed network");
         }
+        self.refuse_uplink_member(iface)?;
         let security = security
             .validate()
             .with_context(|| format!("port '{iface}'"))?;
@@ -981,6 +986,7 @@ impl Switch {
         for p in ports {
             let _ = self.port_remove(&p);
         }
+        self.uplinks.destroy_all(&mut self.dp);
         log::info!(
             "detached all ports; pins under {} removed",
             self.dp.pin_dir().display()

@@ -180,6 +180,7 @@ impl Switch {
         }
         if let Some(up) = &opts.uplink {
             netdev::ifindex(up)?;
+            self.refuse_uplink_member(up)?;
             if let Some(p) = self.ports.get(up) {
                 bail!("uplink '{up}' is already a port of network '{}'", p.net);
             }

@@ -7,7 +7,11 @@ use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use super::{median, Results, L2, L2_CONFIGS, OUT, OUT_CONFIGS, VLAN, VLAN_CONFIGS};
+use super::taps::{TAP, TAP_CONFIGS, TAP_METRIC};
+use super::{
+    connrate, median, targets, trafgen, Results, CT_SCALE, L2, L2_CONFIGS, OUT, OUT_CONFIGS, VLAN,
+    VLAN_CONFIGS,
+};
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const COLORS: [RGBColor; 4] = [
@@ -69,7 +73,7 @@ pub fn draw(res: &Results, path: &Path) -> Result<()> {
     })
     .collect();
 
-    let root = BitMapBackend::new(path, (1500, 1000)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1500, 1450)).into_drawing_area();
     root.fill(&WHITE)?;
     let (top, body) = root.split_vertically(50);
     top.titled(
@@ -81,7 +85,8 @@ pub fn draw(res: &Results, path: &Path) -> Result<()> {
         ),
         ("sans-serif", 22),
     )?;
-    let (row1, row2) = body.split_vertically(470);
+    let (row1, rest) = body.split_vertically(470);
+    let (row2, row3_area) = rest.split_vertically(470);
     let areas = row1.split_evenly((1, panels.len() + 1));
     let mut all = panels.clone();
     all.push(("per-packet cost, ns (lower is better)".into(), cost));
@@ -96,39 +101,8 @@ pub fn draw(res: &Results, path: &Path) -> Result<()> {
         } else {
             vec![COLORS[3], COLORS[1], COLORS[2]]
         };
-        let max = vals.iter().cloned().fold(0.0, f64::max).max(1e-9) * 1.2;
-        let mut chart = ChartBuilder::on(&areas[i])
-            .caption(title, ("sans-serif", 15))
-            .margin(8)
-            .x_label_area_size(30)
-            .y_label_area_size(45)
-            .build_cartesian_2d(0..vals.len() as i32, 0f64..max)?;
-        let labels2 = labels.clone();
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(vals.len() + 1)
-            .x_label_formatter(&move |x| {
-                labels2
-                    .get(*x as usize)
-                    .map(|s| s.to_string())
-                    .unwrap_or_default()
-            })
-            .label_style(("sans-serif", 12))
-            .draw()?;
-        chart.draw_series(vals.iter().enumerate().map(|(j, v)| {
-            Rectangle::new(
-                [(j as i32, 0.0), (j as i32 + 1, *v)],
-                colors[j % colors.len()].filled(),
-            )
-        }))?;
-        chart.draw_series(vals.iter().enumerate().map(|(j, v)| {
-            Text::new(
-                format!("{v:.2}"),
-                (j as i32, *v + max * 0.02),
-                ("sans-serif", 12),
-            )
-        }))?;
+        let labels: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
+        bars(&areas[i], title, &labels, vals, &colors, None)?;
     }
     // Second row: guest-to-outside, VLAN, rewriting paths.
     let med = |sc: &str, c: &str, m: &str| {
@@ -190,41 +164,140 @@ pub fn draw(res: &Results, path: &Path) -> Result<()> {
     ));
     let areas2 = row2.split_evenly((1, row.len()));
     for (i, (title, labels, vals)) in row.iter().enumerate() {
-        let max = vals.iter().cloned().fold(0.0, f64::max).max(1e-9) * 1.2;
-        let mut chart = ChartBuilder::on(&areas2[i])
-            .caption(title, ("sans-serif", 15))
-            .margin(8)
-            .x_label_area_size(30)
-            .y_label_area_size(50)
-            .build_cartesian_2d(0..vals.len() as i32, 0f64..max)?;
-        let l = labels.clone();
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(vals.len() + 1)
-            .x_label_formatter(&move |x| l.get(*x as usize).cloned().unwrap_or_default())
-            .label_style(("sans-serif", 11))
-            .draw()?;
-        chart.draw_series(vals.iter().enumerate().map(|(j, v)| {
-            let c = if labels[j].starts_with("kv") || (i == 1 && j > 0) || (i == 2 && j > 0) {
-                COLORS[1]
-            } else {
-                COLORS[0]
-            };
-            Rectangle::new([(j as i32, 0.0), (j as i32 + 1, *v)], c.filled())
-        }))?;
-        chart.draw_series(vals.iter().enumerate().map(|(j, v)| {
-            Text::new(
-                if *v >= 100.0 {
-                    format!("{v:.0}")
-                } else {
-                    format!("{v:.2}")
-                },
-                (j as i32, *v + max * 0.02),
-                ("sans-serif", 11),
+        // Bars of kvnet in blue, the kernel's (and the limit) in grey.
+        let colors: Vec<RGBColor> = (0..vals.len())
+            .map(|j| kv_color(labels[j].starts_with("kv") || (i > 0 && j > 0)))
+            .collect();
+        bars(&areas2[i], title, labels, vals, &colors, None)?;
+    }
+    // Third row: 64-byte rates through the host-stack peers, taps, new
+    // connections, and the kvnet / kernel-peer ratios against the targets.
+    let ct = format!("kvnet-nat, +{}M conntrack", CT_SCALE / 1_000_000);
+    let out_cfgs: Vec<String> = OUT_CONFIGS
+        .iter()
+        .map(|c| c.to_string())
+        .chain([ct])
+        .collect();
+    let out_labels3: Vec<String> = out_labels
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["kv +1M ct".to_string()])
+        .collect();
+    let kv_out: Vec<bool> = out_labels3.iter().map(|l| l.starts_with("kv")).collect();
+    let ratios: Vec<targets::Target> = targets::targets(res)
+        .into_iter()
+        .filter(|t| t.unit == "x" && !t.at_most)
+        .collect();
+    let row3: Vec<(String, Vec<String>, Vec<f64>, Vec<bool>, Option<Vec<f64>>)> = vec![
+        (
+            "guest→outside 64-byte frames (trafgen), Mpps".into(),
+            out_labels3.clone(),
+            out_cfgs
+                .iter()
+                .map(|c| med(OUT, c, trafgen::METRIC))
+                .collect(),
+            kv_out.clone(),
+            None,
+        ),
+        (
+            "taps: writer → reader, 64-byte Mpps".into(),
+            vec!["bridge".into(), "kvnet tc".into(), "kvnet xdp".into()],
+            TAP_CONFIGS
+                .iter()
+                .map(|c| med(TAP, c, TAP_METRIC))
+                .collect(),
+            vec![false, true, true],
+            None,
+        ),
+        (
+            "new TCP connections/s through the gateway".into(),
+            out_labels3,
+            out_cfgs
+                .iter()
+                .map(|c| med(OUT, c, connrate::METRIC))
+                .collect(),
+            kv_out,
+            None,
+        ),
+        (
+            "kvnet / kernel peer (red: target)".into(),
+            ratios.iter().map(|t| t.short.to_string()).collect(),
+            ratios.iter().map(|t| t.value.unwrap_or(0.0)).collect(),
+            vec![true; ratios.len()],
+            Some(ratios.iter().map(|t| t.bound).collect()),
+        ),
+    ];
+    let areas3 = row3_area.split_evenly((1, row3.len()));
+    for (i, (title, labels, vals, kv, marks)) in row3.iter().enumerate() {
+        let colors: Vec<RGBColor> = kv.iter().map(|k| kv_color(*k)).collect();
+        bars(&areas3[i], title, labels, vals, &colors, marks.as_deref())?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// kvnet's bars blue, the kernel's grey.
+fn kv_color(kv: bool) -> RGBColor {
+    if kv {
+        COLORS[1]
+    } else {
+        COLORS[0]
+    }
+}
+
+/// One bar panel, a color per bar; `marks` draws a red line per bar (a
+/// target).
+fn bars(
+    area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+    title: &str,
+    labels: &[String],
+    vals: &[f64],
+    colors: &[RGBColor],
+    marks: Option<&[f64]>,
+) -> Result<()> {
+    let top = marks
+        .into_iter()
+        .flatten()
+        .chain(vals)
+        .cloned()
+        .fold(0.0, f64::max);
+    let max = top.max(1e-9) * 1.2;
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 15))
+        .margin(8)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0..vals.len() as i32, 0f64..max)?;
+    let l = labels.to_vec();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(vals.len() + 1)
+        .x_label_formatter(&move |x| l.get(*x as usize).cloned().unwrap_or_default())
+        .label_style(("sans-serif", 11))
+        .draw()?;
+    chart.draw_series(vals.iter().enumerate().map(|(j, v)| {
+        let c = colors.get(j).copied().unwrap_or(COLORS[0]);
+        Rectangle::new([(j as i32, 0.0), (j as i32 + 1, *v)], c.filled())
+    }))?;
+    if let Some(m) = marks {
+        chart.draw_series(m.iter().enumerate().map(|(j, b)| {
+            PathElement::new(
+                vec![(j as i32, *b), (j as i32 + 1, *b)],
+                COLORS[3].stroke_width(3),
             )
         }))?;
     }
-    root.present()?;
+    chart.draw_series(vals.iter().enumerate().map(|(j, v)| {
+        Text::new(
+            if *v >= 100.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.2}")
+            },
+            (j as i32, *v + max * 0.02),
+            ("sans-serif", 11),
+        )
+    }))?;
     Ok(())
 }

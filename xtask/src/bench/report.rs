@@ -4,8 +4,10 @@ use std::fmt::Write;
 
 use serde_json::Value;
 
+use super::taps::{TAP, TAP_CONFIGS};
 use super::{
-    median, Results, Series, CT_SCALE, L2, L2_CONFIGS, OUT, OUT_CONFIGS, VLAN, VLAN_CONFIGS,
+    median, targets, Results, Series, CT_SCALE, L2, L2_CONFIGS, OUT, OUT_CONFIGS, VLAN,
+    VLAN_CONFIGS,
 };
 
 fn fmt_num(v: f64) -> String {
@@ -89,6 +91,8 @@ pub fn markdown(res: &Results) -> String {
         let _ = writeln!(o, "| {k} | {} |", short(v));
     }
 
+    targets_table(&mut o, res);
+
     // ---- L2
     let _ = writeln!(
         o,
@@ -137,6 +141,13 @@ pub fn markdown(res: &Results) -> String {
         "\nHigher is better except latency. Ratios are of medians; for latency a ratio below 1 is better."
     );
 
+    // ---- taps
+    let _ = writeln!(
+        o,
+        "\n## {TAP}: a writer process on tap tA → the switch → a reader process on tap tB (hv namespace)\n"
+    );
+    hook_table(&mut o, res, TAP, TAP_CONFIGS, "linux-bridge");
+
     // ---- VLAN
     let _ = writeln!(
         o,
@@ -146,28 +157,7 @@ pub fn markdown(res: &Results) -> String {
          every packet is tagged by the config under test and untagged by the far host. The only Linux peer \
          (a VLAN-filtering bridge) cannot run here.\n"
     );
-    let _ = write!(o, "| metric |");
-    for c in VLAN_CONFIGS {
-        let _ = write!(o, " {c} |");
-    }
-    let _ = writeln!(o, " kvnet-tc / bridge | kvnet-xdp / bridge |");
-    let _ = writeln!(o, "|---|{}---|---|", "---|".repeat(VLAN_CONFIGS.len()));
-    for (metric, unit) in metrics_of(res, VLAN) {
-        if metric.ends_with("delivered") {
-            continue;
-        }
-        let _ = write!(o, "| {metric} ({unit}) |");
-        for c in VLAN_CONFIGS {
-            let _ = write!(o, " {} |", cell(res.get(VLAN, c, &metric)));
-        }
-        let g = |c: &str| res.get(VLAN, c, &metric);
-        let _ = writeln!(
-            o,
-            " {} | {} |",
-            ratio(g("kvnet-tc"), g("linux-bridge-vlan")),
-            ratio(g("kvnet-xdp"), g("linux-bridge-vlan"))
-        );
-    }
+    hook_table(&mut o, res, VLAN, VLAN_CONFIGS, "linux-bridge-vlan");
 
     // ---- guest to outside
     let ctcfg = format!("kvnet-nat, +{}M conntrack", CT_SCALE / 1_000_000);
@@ -181,20 +171,17 @@ pub fn markdown(res: &Results) -> String {
     }
     let _ = writeln!(
         o,
-        " {ctcfg} | kvnet-routed / linux-routed | kvnet-nat / best masquerade peer |"
+        " {ctcfg} | kvnet-routed / linux-routed | kvnet-nat / best masquerade peer | +1M conntrack / empty |"
     );
     let _ = writeln!(
         o,
-        "|---|{}---|---|---|",
+        "|---|{}---|---|---|---|",
         "---|".repeat(OUT_CONFIGS.len() + 1)
     );
-    let mut out_metrics: Vec<(String, String)> = metrics_of(res, OUT)
+    let out_metrics: Vec<(String, String)> = metrics_of(res, OUT)
         .into_iter()
         .filter(|(m, _)| !m.ends_with("delivered"))
         .collect();
-    if !out_metrics.iter().any(|(m, _)| m == "64-byte frames") {
-        out_metrics.push(("64-byte frames".into(), "Mpps".into()));
-    }
     for (metric, unit) in out_metrics {
         let _ = write!(o, "| {metric} ({unit}) |");
         for c in OUT_CONFIGS
@@ -202,14 +189,7 @@ pub fn markdown(res: &Results) -> String {
             .map(|c| c.to_string())
             .chain([ctcfg.clone()])
         {
-            let s = res.get(OUT, &c, &metric);
-            let txt = if metric == "64-byte frames" && s.is_none() {
-                "not measured: live frames reach the host stack as PACKET_OTHERHOST (MEASURED.md)"
-                    .into()
-            } else {
-                cell(s)
-            };
-            let _ = write!(o, " {txt} |");
+            let _ = write!(o, " {} |", cell(res.get(OUT, &c, &metric)));
         }
         let g = |c: &str| res.get(OUT, c, &metric);
         let lower_better = metric.starts_with("RR");
@@ -226,12 +206,13 @@ pub fn markdown(res: &Results) -> String {
             });
         let _ = writeln!(
             o,
-            " {} | {} |",
+            " {} | {} | {} |",
             ratio(g("kvnet-routed"), g("linux-routed")),
             match best {
                 Some(b) => format!("{} (vs {})", ratio(g("kvnet-nat"), Some(b)), b.config),
                 None => "—".into(),
-            }
+            },
+            ratio(g(&ctcfg), g("kvnet-nat"))
         );
     }
 
@@ -339,6 +320,61 @@ pub fn markdown(res: &Results) -> String {
     }
     let _ = writeln!(o, "\n## Method\n\n{}", METHOD);
     o
+}
+
+/// A scenario's table with kvnet-tc and kvnet-xdp against one Linux peer.
+fn hook_table(o: &mut String, res: &Results, scenario: &str, configs: &[&str], peer: &str) {
+    let _ = write!(o, "| metric |");
+    for c in configs {
+        let _ = write!(o, " {c} |");
+    }
+    let _ = writeln!(o, " kvnet-tc / bridge | kvnet-xdp / bridge |");
+    let _ = writeln!(o, "|---|{}---|---|", "---|".repeat(configs.len()));
+    for (metric, unit) in metrics_of(res, scenario) {
+        if metric.ends_with("delivered") && scenario != TAP {
+            continue;
+        }
+        let _ = write!(o, "| {metric} ({unit}) |");
+        for c in configs {
+            let _ = write!(o, " {} |", cell(res.get(scenario, c, &metric)));
+        }
+        let g = |c: &str| res.get(scenario, c, &metric);
+        let _ = writeln!(
+            o,
+            " {} | {} |",
+            ratio(g("kvnet-tc"), g(peer)),
+            ratio(g("kvnet-xdp"), g(peer))
+        );
+    }
+}
+
+/// Issue 16's targets, computed from this run.
+fn targets_table(o: &mut String, res: &Results) {
+    let _ = writeln!(
+        o,
+        "\n## Targets (issue 16), from this run\n\n| target | measured | bound | met | from |\n|---|---|---|---|---|"
+    );
+    for t in targets::targets(res) {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} {} | {} | {} |",
+            t.name,
+            t.value
+                .map(|v| format!("{} {}", fmt_num(v), t.unit))
+                .unwrap_or("not measured".into()),
+            if t.at_most { "≤" } else { "≥" },
+            match t.unit {
+                "x" => format!("{}x", t.bound),
+                u => format!("{} {u}", t.bound),
+            },
+            match t.met() {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "—",
+            },
+            t.detail.replace('|', "/")
+        );
+    }
 }
 
 const PATHS: &[(&str, &str, &str)] = &[
@@ -554,10 +590,34 @@ const METHOD: &str = "\
   (second lab, second daemon) has `trB --trunk 10` and `r1 --vlan 10`; the 64-byte sink sits on r1's guest eth0. \
   linux-bridge-vlan would be `br0` with `vlan_filtering 1`, p1 `pvid 10 untagged`, trA `vid 10`.
 - kvnet-routed / kvnet-nat: `kvnet net add out --mode routed|nat --gateway 10.0.0.254/24 --uplink up0`, \
-  `kvnet port add out p1` (routed: `out` routes 10.0.0.0/24 back via up0). Their 64-byte rate: the generator \
-  on g1 sends to the gateway MAC and 192.168.77.2 (one UDP flow), the sink on `out`'s eth0 counts. \
+  `kvnet port add out p1` (routed: `out` routes 10.0.0.0/24 back via up0). \
   `+1M conntrack`: the same kvnet-nat network with 1M synthetic entries (500k TCP-established flows) \
-  written into the daemon's pinned `ct` (`kvnet-bench ctfill`), removed afterwards.
+  written into the daemon's pinned `ct` (`kvnet-bench ctfill`), removed afterwards; its 64-byte run starts \
+  right after the fill, when the daemon's GC begins walking the grown table.
+- 64-byte frames (trafgen): netsniff-ng's `trafgen` (AF_PACKET, qdisc bypass, one process, \
+  `--no-sock-mem --notouch-irq`) sends one UDP flow of 64-byte frames (correct IPv4 checksum) from g1's \
+  eth0, as ordinary skbs, so they enter routing and iptables/nftables like a guest's packets. Guest-to-outside: \
+  destination MAC = the gateway's as g1 resolved it (p1, br0 or kvnet's gateway), IP 192.168.77.2; L2: g2's MAC \
+  and IP. Counted by the receiving namespace's eth0 rx counter (`ip -s link`); rate = frames counted / \
+  trafgen's wall time. The `kvnet stats` counters recorded in results.json show which kvnet path took them \
+  (`routed`, NAT `translated`).
+- New TCP connections: `kvnet-bench conn-server` on `out` accepts and closes at once; `kvnet-bench conn-rate` \
+  on g1 opens short connections from 4 threads (connect, wait for the server's close, close) to 192.168.77.2, \
+  bounded in count (3000 quick, 20000 full) and time; rate = connections / wall time. Each one is a new NAT \
+  flow (kvnet: port pick and two conntrack inserts in tc; masquerade peers: a kernel conntrack entry).
+- Daemon CPU: user + system time of the kvnet daemon from /proc/PID/stat over a window, as a share of one \
+  core: during the 64-byte run, and during the configuration's other metrics (ping, iperf3, connections; for \
+  kvnet-nat also the frames). With 1M entries a sampler reads it every 100 ms from before the fill: the 64-byte \
+  run starts once a slice shows the daemon above 30 % of a core (its GC walking the grown table; bounded wait), \
+  and the first walk's CPU and wall time give `during one GC walk` and the long-run share the daemon's pacing \
+  implies (the next walk waits 20 walk times: walk CPU / (21 × walk wall time)).
+- Taps: two taps tA, tB in `hv` (`ip tuntap`); `kvnet-bench tap-sink tB` (the receiving guest's hypervisor \
+  process) attaches to tB, announces its MAC with one broadcast frame and counts the 64-byte frames to it \
+  (read(2) per frame); `kvnet-bench tap-gen tA` (the sending guest's process) writes prebuilt 64-byte frames \
+  into tA's fd, one write(2) each, bounded in count and time. Rate = frames read / writer wall time; `delivered` \
+  = frames read / written (the rest overflowed tB's queue because the reader fell behind). No vhost-net \
+  here, so this is qemu's userspace virtio backend's shape. linux-bridge: br0 over tA, tB; kvnet-tc/xdp: \
+  `kvnet port add bench tA|tB --hook tc|xdp` (XDP on a tap runs on written frames and redirects to tB as xdp_frames).
 - Rewriting-path costs: kvnet-bench's private maps get a routed network, a NAT network (gateway host end \
   `kvbgw`, a veth with 10.0.0.254/24 and g1 as a permanent neighbour; uplink up0 192.168.77.1) and a VLAN \
   network (p1 access 10, p2 trunk); the conntrack is grown with synthetic flows to each size.";

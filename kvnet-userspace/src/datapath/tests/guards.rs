@@ -828,7 +828,13 @@ fn router_advertisements_redirects_and_dhcpv6_servers_are_refused() {
     );
     // On a network that advertises prefixes (--gateway6) the guest picks
     // its SLAAC address: global sources pass, RAs still do not.
-    guarded(&mut f, PORT_F_IP_GUARD | PORT_F_V6_SLAAC, 1, &[A], &[[10, 0, 0, 1]]);
+    guarded(
+        &mut f,
+        PORT_F_IP_GUARD | PORT_F_V6_SLAAC,
+        1,
+        &[A],
+        &[[10, 0, 0, 1]],
+    );
     assert_eq!(
         verdicts(&mut f, &ipv6(GLOBAL, 58, &[128, 0, 0, 0, 0, 0, 0, 0])),
         PASSED

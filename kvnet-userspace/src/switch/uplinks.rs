@@ -1,0 +1,157 @@
+//! The switch's side of uplink groups: what uses an interface, which
+//! networks ride a group, and the announcements after a failover.
+use std::net::Ipv4Addr;
+
+use anyhow::{bail, Result};
+use kvnet_common::FDB_F_HOST;
+
+use super::Switch;
+use crate::{
+    netdev,
+    uplink::{announce::Announce, Failover, UplinkInfo},
+    uplink_spec::UplinkSpec,
+};
+
+impl Switch {
+    /// A group's member carries nothing but the group.
+    pub(crate) fn refuse_uplink_member(&self, iface: &str) -> Result<()> {
+        if let Some(g) = self.uplinks.group_of_member(iface) {
+            bail!("'{iface}' is a member of uplink group '{g}'; use the group ('{g}') instead");
+        }
+        Ok(())
+    }
+
+    /// What else uses `iface`, if anything.
+    fn iface_user(&self, iface: &str) -> Option<String> {
+        if let Some(p) = self.ports.get(iface) {
+            return Some(format!("a port of network '{}'", p.net));
+        }
+        if let Some((n, _)) = self
+            .nets
+            .iter()
+            .find(|(_, n)| n.uplink.as_deref() == Some(iface))
+        {
+            return Some(format!("the uplink of network '{n}'"));
+        }
+        None
+    }
+
+    /// Networks whose uplink is `group`.
+    fn riders(&self, group: &str) -> Vec<String> {
+        self.nets
+            .iter()
+            .filter(|(_, n)| n.uplink.as_deref() == Some(group))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    pub fn uplink_add(&mut self, spec: &UplinkSpec) -> Result<()> {
+        let users: std::collections::BTreeMap<String, String> = spec
+            .members
+            .iter()
+            .filter_map(|m| self.iface_user(m).map(|u| (m.clone(), u)))
+            .collect();
+        self.uplinks
+            .add(&mut self.dp, spec, &|m: &str| users.get(m).cloned())
+    }
+
+    pub fn uplink_del(&mut self, name: &str) -> Result<()> {
+        let riders = self.riders(name);
+        self.uplinks.del(&mut self.dp, name, &riders)
+    }
+
+    /// What applying `want` changes: groups to add, groups to remove (a
+    /// changed group is both).
+    pub fn uplinks_plan(&self, want: &[UplinkSpec]) -> (Vec<String>, Vec<String>) {
+        let have = &self.uplinks.groups;
+        let added = want
+            .iter()
+            .filter(|w| have.get(&w.name).is_none_or(|g| g.spec != **w))
+            .map(|w| w.name.clone())
+            .collect();
+        let removed = have
+            .values()
+            .filter(|g| !want.contains(&g.spec))
+            .map(|g| g.spec.name.clone())
+            .collect();
+        (added, removed)
+    }
+
+    pub fn uplink_show(&self) -> Vec<UplinkInfo> {
+        self.uplinks.show(&|g: &str| self.riders(g))
+    }
+
+    /// A link changed (or the poll came round): groups follow their
+    /// members' carrier; each failover is logged and announced.
+    pub fn uplinks_follow_carrier(&mut self) {
+        if self.uplinks.groups.is_empty() {
+            return;
+        }
+        for f in self.uplinks.follow_carrier(&mut self.dp) {
+            let all = self.announcements(&f);
+            let mut sent = 0;
+            for &m in &f.carriers {
+                match crate::uplink::announce::send(m, &all) {
+                    Ok(n) => sent += n,
+                    Err(e) => log::warn!("uplink {}: announcing: {e:#}", f.group),
+                }
+            }
+            eprintln!(
+                "uplink {}: {}; announced {} MAC(s) ({sent} frames)",
+                f.group,
+                f.what,
+                all.len()
+            );
+        }
+    }
+
+    /// The group's own MAC (with the host's address on it) and every MAC
+    /// learned behind the networks riding it (with its address where kvnet
+    /// knows it from ARP suppression's table).
+    fn announcements(&mut self, f: &Failover) -> Vec<Announce> {
+        let Some(g) = self.uplinks.groups.get(&f.group) else {
+            return Vec::new();
+        };
+        let (group_ifindex, group_mac) = (g.ifindex, g.mac);
+        let mut all = vec![Announce {
+            mac: group_mac,
+            ip: netdev::ipv4(&f.group).ok().flatten(),
+        }];
+        let ids: Vec<u32> = self
+            .riders(&f.group)
+            .iter()
+            .filter_map(|n| self.nets.get(n).map(|n| n.id))
+            .collect();
+        if ids.is_empty() {
+            return all;
+        }
+        let ips: Vec<([u8; 6], Ipv4Addr)> = self
+            .dp
+            .neigh()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|r| r.ok())
+                    .filter(|(k, _)| ids.contains(&k.net_id))
+                    .map(|(k, e)| (e.mac, Ipv4Addr::from(u32::from_be(k.ip))))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Ok(fdb) = self.dp.fdb() {
+            for (k, e) in fdb.iter().filter_map(|r| r.ok()) {
+                if !ids.contains(&k.net_id)
+                    || e.ifindex == group_ifindex
+                    || e.flags & FDB_F_HOST != 0
+                {
+                    continue;
+                }
+                let mac = crate::mac::Mac(k.mac);
+                if all.iter().any(|a| a.mac == mac) {
+                    continue;
+                }
+                let ip = ips.iter().find(|(m, _)| *m == k.mac).map(|(_, ip)| *ip);
+                all.push(Announce { mac, ip });
+            }
+        }
+        all
+    }
+}

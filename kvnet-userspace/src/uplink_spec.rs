@@ -1,0 +1,160 @@
+//! What an uplink group is (`kvnet uplink add`, `[[uplinks]]`): a pure
+//! model (it reads no host state), shared by the control protocol and the
+//! config file.
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// How a group spreads its traffic over its members (bonding's modes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum UplinkMode {
+    /// One member carries everything; another takes over when it fails.
+    ActiveBackup,
+    /// A flow hash picks the member (see --hash).
+    BalanceXor,
+    /// Members in turn, packet by packet.
+    BalanceRr,
+    /// Every frame out of every member.
+    Broadcast,
+    /// LACP (802.3ad, fast rate) with the switch: as balance-xor over the
+    /// members the partner aggregates.
+    #[serde(rename = "802.3ad")]
+    #[value(name = "802.3ad")]
+    Lacp,
+}
+
+impl UplinkMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            UplinkMode::ActiveBackup => "active-backup",
+            UplinkMode::BalanceXor => "balance-xor",
+            UplinkMode::BalanceRr => "balance-rr",
+            UplinkMode::Broadcast => "broadcast",
+            UplinkMode::Lacp => "802.3ad",
+        }
+    }
+}
+
+/// balance-xor's flow hash.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum UplinkHash {
+    /// Source and destination MACs.
+    #[default]
+    L2,
+    /// IPv4 addresses and TCP/UDP ports (MACs for other frames).
+    L3l4,
+}
+
+/// Most members a group takes (the datapath's table).
+pub const MAX_MEMBERS: usize = kvnet_common::MAX_UPLINK_MEMBERS;
+
+/// `kvnet uplink add` and a config file's `[[uplinks]]` entry alike.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkSpec {
+    /// The group's name: the interface networks name as `--uplink`.
+    pub name: String,
+    /// Member NICs, comma-separated (at most 8).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub members: Vec<String>,
+    /// How traffic is spread over the members.
+    #[arg(long)]
+    pub mode: UplinkMode,
+    /// balance-xor's flow hash (default l2).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<UplinkHash>,
+    /// active-backup: the member that carries traffic whenever it is up.
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    /// Also poll the members' carrier every MS milliseconds (netlink link
+    /// events are followed anyway).
+    #[arg(long, value_name = "MS")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub miimon: Option<u64>,
+}
+
+impl UplinkSpec {
+    /// What can be checked without looking at the host.
+    pub fn check(&self) -> Result<()> {
+        let n = &self.name;
+        crate::netdev::check_ifname(n).context("uplink group name")?;
+        if self.members.is_empty() {
+            bail!("uplink group '{n}' needs at least one member (--members A,B)");
+        }
+        if self.members.len() > MAX_MEMBERS {
+            bail!(
+                "uplink group '{n}' has {} members; at most {MAX_MEMBERS}",
+                self.members.len()
+            );
+        }
+        for (i, m) in self.members.iter().enumerate() {
+            if self.members[..i].contains(m) {
+                bail!("uplink group '{n}': member '{m}' is listed twice");
+            }
+            if m == n {
+                bail!("uplink group '{n}' cannot be its own member");
+            }
+        }
+        if let Some(p) = &self.primary {
+            if !self.members.contains(p) {
+                bail!("uplink group '{n}': primary '{p}' is not one of its members");
+            }
+            if self.mode != UplinkMode::ActiveBackup {
+                bail!("uplink group '{n}': --primary is for active-backup only");
+            }
+        }
+        if self.hash.is_some() && !matches!(self.mode, UplinkMode::BalanceXor | UplinkMode::Lacp) {
+            bail!("uplink group '{n}': --hash is for balance-xor and 802.3ad only");
+        }
+        if self.miimon == Some(0) {
+            bail!("uplink group '{n}': miimon must be at least 1 ms");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(members: &[&str]) -> UplinkSpec {
+        UplinkSpec {
+            name: "up0".into(),
+            members: members.iter().map(|s| s.to_string()).collect(),
+            mode: UplinkMode::ActiveBackup,
+            hash: None,
+            primary: None,
+            miimon: None,
+        }
+    }
+
+    #[test]
+    fn uplink_spec_errors_name_the_problem() {
+        assert!(spec(&["a", "b"]).check().is_ok());
+        let e = spec(&[]).check().unwrap_err().to_string();
+        assert!(e.contains("at least one member"), "{e}");
+        let e = spec(&["a", "a"]).check().unwrap_err().to_string();
+        assert!(e.contains("listed twice"), "{e}");
+        let mut s = spec(&["a", "b"]);
+        s.primary = Some("c".into());
+        assert!(s
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("not one of its members"));
+        let mut s = spec(&["a", "b"]);
+        s.hash = Some(UplinkHash::L3l4);
+        assert!(s
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("balance-xor and 802.3ad only"));
+        let e = toml::from_str::<UplinkSpec>("name='u'\nmembers=['a']\nmode='lacp-ish'")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown variant"), "{e}");
+    }
+}

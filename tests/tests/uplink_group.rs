@@ -1,0 +1,767 @@
+//! Issue 18: uplink groups (kvnet as the bond). The lab's "switch" is a
+//! namespace with a Linux bridge holding the far ends (s1, s2) of the
+//! group's members (m1, m2) and the outside host's link; the host's own
+//! address (192.0.2.1) lives on the group device `bond0`, guests of a
+//! bridged network are peers of the outside host (192.0.2.100).
+use std::{
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use kvnet_tests::{count_frames, kvnet::Kvnet, lab::privileged, Capture, GuestPort, Lab};
+use serde_json::Value;
+
+const OUTSIDE_IP: &str = "192.0.2.100";
+const HOST_IP: &str = "192.0.2.1";
+
+struct Fabric {
+    lab: Lab,
+    /// The switch namespace: bridge br0 with s1, s2 and the outside's link.
+    sw: String,
+    out: String,
+    k: Kvnet,
+}
+
+/// hv m1/m2 <-> switch s1/s2 on br0 <-> outside eth0 (192.0.2.100).
+fn fabric() -> Fabric {
+    let lab = Lab::new().unwrap();
+    let sw = lab.add_netns("sw").unwrap();
+    let out = lab.add_netns("out").unwrap();
+    let hv = lab.hv().to_string();
+    lab.sh(&sw, "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1; ip link add br0 type bridge; ip link set br0 up")
+        .unwrap();
+    lab.sh(
+        &hv,
+        "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1",
+    )
+    .unwrap();
+    for (m, s) in [("m1", "s1"), ("m2", "s2")] {
+        lab.sh(
+            &hv,
+            &format!("ip link add {m} type veth peer name {s} netns {sw} && ip link set {m} up"),
+        )
+        .unwrap();
+        lab.sh(
+            &sw,
+            &format!("ip link set {s} master br0 && ip link set {s} up"),
+        )
+        .unwrap();
+    }
+    lab.sh(
+        &sw,
+        &format!("ip link add so type veth peer name eth0 netns {out} && ip link set so master br0 && ip link set so up"),
+    )
+    .unwrap();
+    lab.sh(
+        &out,
+        &format!("sysctl -qw net.ipv6.conf.all.disable_ipv6=1; ip link set eth0 up; ip addr add {OUTSIDE_IP}/24 dev eth0"),
+    )
+    .unwrap();
+    let k = Kvnet::start(&lab).unwrap();
+    Fabric { lab, sw, out, k }
+}
+
+impl Fabric {
+    fn hv(&self) -> &str {
+        self.lab.hv()
+    }
+
+    /// Group bond0 over m1,m2 with `args`, the host's address on it, and a
+    /// bridged network `lan` on it with guests p1.. (192.0.2.11..).
+    fn group_and_guests(&self, args: &[&str], guests: usize) -> Vec<GuestPort> {
+        let mut cmd = vec!["uplink", "add", "bond0", "--members", "m1,m2"];
+        cmd.extend_from_slice(args);
+        self.k.cli(&cmd).unwrap();
+        self.lab
+            .sh(self.hv(), &format!("ip addr add {HOST_IP}/24 dev bond0"))
+            .unwrap();
+        self.k
+            .cli(&[
+                "net", "add", "lan", "--mode", "bridged", "--uplink", "bond0",
+            ])
+            .unwrap();
+        (1..=guests)
+            .map(|i| {
+                let p = format!("p{i}");
+                let g = self
+                    .lab
+                    .add_guest_with(&p, Some(&format!("192.0.2.{}/24", 10 + i)))
+                    .unwrap();
+                g.disable_ipv6().unwrap();
+                self.k.cli(&["port", "add", "lan", &p]).unwrap();
+                g
+            })
+            .collect()
+    }
+
+    fn show(&self) -> Value {
+        self.k.json(&["uplink", "show"]).unwrap()[0].clone()
+    }
+
+    fn member<'a>(g: &'a Value, name: &str) -> &'a Value {
+        g["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap()
+    }
+
+    fn tx_bytes(&self, name: &str) -> u64 {
+        Self::member(&self.show(), name)["counters"]["tx_bytes"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// Takes the switch's end of a member down (a pulled cable: the member
+    /// loses carrier) or up again.
+    fn cable(&self, sw_if: &str, up: bool) {
+        let state = if up { "up" } else { "down" };
+        self.lab
+            .sh(&self.sw, &format!("ip link set {sw_if} {state}"))
+            .unwrap();
+    }
+
+    /// Waits until `uplink show` says `pred` (the daemon followed a change).
+    fn until(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let g = self.show();
+            if pred(&g) {
+                return g;
+            }
+            assert!(Instant::now() < end, "{what}: {g:#}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// (transmitted, received, duplicates) from ping's summary.
+fn ping_summary(text: &str) -> (u32, u32, u32) {
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary: {text}"));
+    let num = |key: &str| -> u32 {
+        line.split(',')
+            .find(|p| p.contains(key))
+            .and_then(|p| {
+                p.trim()
+                    .trim_start_matches('+')
+                    .split(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    (num("transmitted"), num("received"), num("duplicates"))
+}
+
+/// What a finished process wrote to its (piped) stdout.
+fn stdout_text(p: &mut kvnet_tests::Proc) -> String {
+    use std::io::Read;
+    let mut s = String::new();
+    if let Some(mut o) = p.stdout.take() {
+        let _ = o.read_to_string(&mut s);
+    }
+    s
+}
+
+fn spawn_ping(f: &Fabric, ns: &str, ip: &str, count: u32) -> kvnet_tests::Proc {
+    let mut c = Command::new("ping");
+    c.args(["-q", "-i", "0.01", "-c", &count.to_string(), "-W", "1", ip])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    f.lab.spawn(ns, c).unwrap()
+}
+
+#[test]
+fn active_backup_fails_over_within_100ms_and_back() {
+    if !privileged() {
+        return;
+    }
+    let f = fabric();
+    let g = f.group_and_guests(
+        &[
+            "--mode",
+            "active-backup",
+            "--primary",
+            "m1",
+            "--miimon",
+            "100",
+        ],
+        1,
+    );
+    let g1 = &g[0];
+    assert!(g1.ping(OUTSIDE_IP), "guest -> outside over the group");
+    assert!(
+        kvnet_tests::lab::ping(&f.out, HOST_IP),
+        "outside -> host address on the group"
+    );
+    let s = f.show();
+    assert_eq!(s["active"], "m1", "{s:#}");
+    assert_eq!(s["mode"], "active-backup");
+
+    // A TCP transfer and two pingers (guest -> outside, outside -> host)
+    // every 10 ms across a failover and a failback.
+    let mut srv = Command::new("iperf3");
+    srv.args(["-s", "-1", "-B", OUTSIDE_IP])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    f.lab.spawn(&f.out, srv).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let mut cli = Command::new("iperf3");
+    cli.args(["-c", OUTSIDE_IP, "-t", "4", "-b", "50M", "-J"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut tcp = f.lab.spawn(&g1.ns, cli).unwrap();
+    let mut guest_ping = spawn_ping(&f, &g1.ns, OUTSIDE_IP, 300);
+    let mut host_ping = spawn_ping(&f, &f.out, HOST_IP, 300);
+    thread::sleep(Duration::from_millis(700));
+    f.cable("s1", false);
+    f.until("m2 takes over", |g| g["active"] == "m2");
+    thread::sleep(Duration::from_millis(800));
+    f.cable("s1", true);
+    f.until("m1 (primary) takes back", |g| g["active"] == "m1");
+
+    for (what, p) in [
+        ("guest -> outside", &mut guest_ping),
+        ("outside -> host", &mut host_ping),
+    ] {
+        p.wait_timeout(Duration::from_secs(10))
+            .unwrap()
+            .expect("ping ended");
+        let text = stdout_text(p);
+        let (sent, got, dup) = ping_summary(&text);
+        eprintln!(
+            "{what}: {sent} pings every 10 ms, {} lost over two failovers",
+            sent - got
+        );
+        // Two failovers, 100 ms each at most: 10 pings each.
+        assert!(
+            sent - got <= 20,
+            "{what}: {sent} sent, {got} answered\n{text}"
+        );
+        assert_eq!(dup, 0, "{what}: duplicate replies\n{text}");
+    }
+    let status = tcp
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .expect("iperf3 ended");
+    let out = stdout_text(&mut tcp);
+    assert!(status.success(), "the TCP transfer broke: {out}");
+    let s = f.show();
+    assert_eq!(s["failovers"], 2, "{s:#}");
+    let log = f.k.daemon_log();
+    assert!(
+        log.contains("uplink bond0: m1 down; active m1 -> m2"),
+        "{log}"
+    );
+}
+
+/// Each member's share of what the group sent while `during` ran.
+fn shares(f: &Fabric, during: impl FnOnce()) -> (u64, u64) {
+    let (a, b) = (f.tx_bytes("m1"), f.tx_bytes("m2"));
+    during();
+    (
+        f.tx_bytes("m1").wrapping_sub(a) & 0xffff_ffff,
+        f.tx_bytes("m2").wrapping_sub(b) & 0xffff_ffff,
+    )
+}
+
+#[test]
+fn balance_xor_spreads_flows_over_members_and_survives_one_down() {
+    if !privileged() {
+        return;
+    }
+    let f = fabric();
+    let guests = f.group_and_guests(&["--mode", "balance-xor", "--hash", "l3l4"], 4);
+    for port in 5201..=5208 {
+        let mut srv = Command::new("iperf3");
+        srv.args(["-s", "-1", "-B", OUTSIDE_IP, "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        f.lab.spawn(&f.out, srv).unwrap();
+    }
+    let end = Instant::now() + Duration::from_secs(5);
+    while f
+        .lab
+        .sh(&f.out, "ss -ltnH | grep -c ':52'")
+        .unwrap_or_default()
+        .trim()
+        != "8"
+    {
+        assert!(Instant::now() < end, "iperf3 servers never listened");
+        thread::sleep(Duration::from_millis(50));
+    }
+    // 8 flows, 2 per guest, each at the same rate, so a member's share of
+    // the bytes is its share of the flows. The hash is deterministic (as
+    // bonding's layer3+4): fixed client ports make the split reproducible.
+    let mut clients = Vec::new();
+    for (i, g) in guests.iter().enumerate() {
+        for j in 0..2 {
+            let n = 2 * i + j;
+            let mut c = Command::new("iperf3");
+            c.args(["-c", OUTSIDE_IP, "-p", &(5201 + n).to_string()])
+                .args([
+                    "--cport",
+                    &(40001 + n).to_string(),
+                    "-t",
+                    "6",
+                    "-b",
+                    "20M",
+                    "-J",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null());
+            clients.push(f.lab.spawn(&g.ns, c).unwrap());
+        }
+    }
+    let (m1, m2) = shares(&f, || thread::sleep(Duration::from_millis(2500)));
+    let total = m1 + m2;
+    eprintln!("balance-xor, 8 flows: m1 {m1} bytes, m2 {m2} bytes");
+    assert!(
+        total > 20_000_000,
+        "the flows moved too little: {m1} + {m2}"
+    );
+    assert!(
+        m1 * 4 >= total && m2 * 4 >= total,
+        "uneven: m1 {m1}, m2 {m2}"
+    );
+
+    f.cable("s2", false);
+    f.until("m2 down", |g| Fabric::member(g, "m2")["state"] == "down");
+    let (m1, m2) = shares(&f, || thread::sleep(Duration::from_millis(1500)));
+    eprintln!("balance-xor, m2 down: m1 {m1} bytes, m2 {m2} bytes");
+    assert!(m1 > 10_000_000, "m1 carries all flows now: {m1}");
+    assert!(
+        m2 < 100_000,
+        "nothing leaves by the member without carrier: {m2}"
+    );
+    for (n, c) in clients.iter_mut().enumerate() {
+        let status = c
+            .wait_timeout(Duration::from_secs(15))
+            .unwrap()
+            .expect("iperf3 ended");
+        let out = stdout_text(c);
+        assert!(status.success(), "flow {n} broke: {out}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let last = v["intervals"].as_array().unwrap().last().unwrap()["sum"]["bytes"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            last > 1_000_000,
+            "flow {n} stalled after m2 went down: {last} bytes in its last second"
+        );
+    }
+    let log = f.k.daemon_log();
+    assert!(log.contains("uplink bond0: m2 down"), "{log}");
+}
+
+/// Echo requests from `ip` in a capture.
+fn echo_requests(frames: &[kvnet_tests::Frame], ip: [u8; 4]) -> usize {
+    count_frames(frames, |f| {
+        f.icmp_type() == Some(8) && f.ipv4_addrs().is_some_and(|(s, _)| s == ip)
+    })
+}
+
+#[test]
+fn broadcast_and_round_robin_leave_by_the_members_their_mode_says() {
+    if !privileged() {
+        return;
+    }
+    let f = fabric();
+    let g = f.group_and_guests(&["--mode", "broadcast"], 1);
+    let guest_ip = [192, 0, 2, 11];
+    assert!(g[0].ping(OUTSIDE_IP));
+    let (c1, c2) = (
+        Capture::start(&f.sw, "s1").unwrap(),
+        Capture::start(&f.sw, "s2").unwrap(),
+    );
+    g[0].sh(&format!("ping -q -c 6 -i 0.05 {OUTSIDE_IP} || true"))
+        .unwrap();
+    let timeout = Duration::from_secs(5);
+    let s1 = c1
+        .stop_when("6 requests", timeout, |fr| echo_requests(fr, guest_ip) >= 6)
+        .unwrap();
+    let s2 = c2
+        .stop_when("6 requests", timeout, |fr| echo_requests(fr, guest_ip) >= 6)
+        .unwrap();
+    assert_eq!(
+        echo_requests(&s1, guest_ip),
+        6,
+        "broadcast: every request out of m1"
+    );
+    assert_eq!(
+        echo_requests(&s2, guest_ip),
+        6,
+        "broadcast: every request out of m2"
+    );
+
+    // The same lab as balance-rr: the network goes, the group with it.
+    f.k.cli(&["net", "del", "lan"]).unwrap();
+    f.k.cli(&["uplink", "del", "bond0"]).unwrap();
+    assert!(
+        f.lab.sh(f.hv(), "ip link show bond0").is_err(),
+        "the group's device is gone"
+    );
+    f.k.cli(&[
+        "uplink",
+        "add",
+        "bond0",
+        "--members",
+        "m1,m2",
+        "--mode",
+        "balance-rr",
+    ])
+    .unwrap();
+    f.k.cli(&[
+        "net", "add", "lan", "--mode", "bridged", "--uplink", "bond0",
+    ])
+    .unwrap();
+    f.k.cli(&["port", "add", "lan", "p1"]).unwrap();
+    assert!(g[0].ping(OUTSIDE_IP));
+    let (c1, c2) = (
+        Capture::start(&f.sw, "s1").unwrap(),
+        Capture::start(&f.sw, "s2").unwrap(),
+    );
+    g[0].sh(&format!("ping -q -c 10 -i 0.05 {OUTSIDE_IP} || true"))
+        .unwrap();
+    // The control: all 10 requests seen between the two captures.
+    let (mut n1, mut n2) = (0, 0);
+    let end = Instant::now() + timeout;
+    while n1 + n2 < 10 && Instant::now() < end {
+        n1 = echo_requests(&c1.frames().unwrap(), guest_ip);
+        n2 = echo_requests(&c2.frames().unwrap(), guest_ip);
+        thread::sleep(Duration::from_millis(50));
+    }
+    let (s1, s2) = (c1.stop().unwrap(), c2.stop().unwrap());
+    let (n1, n2) = (echo_requests(&s1, guest_ip), echo_requests(&s2, guest_ip));
+    eprintln!("balance-rr: {n1} requests out of m1, {n2} out of m2");
+    assert_eq!(n1 + n2, 10, "each request left once");
+    assert!(n1 >= 3 && n2 >= 3, "round robin: m1 {n1}, m2 {n2}");
+}
+
+#[test]
+fn bad_uplink_input_is_refused_and_changes_nothing() {
+    if !privileged() {
+        return;
+    }
+    let f = fabric();
+    let hv = f.hv().to_string();
+    f.lab.sh(&hv, "ip link add m3 type veth peer name n3 && ip link add m4 type veth peer name n4 && ip link set m3 up && ip link set n3 up && ip link set m4 up && ip link set n4 up").unwrap();
+    let mac_of = |i: &str| kvnet_tests::lab::read_mac(&hv, i).unwrap();
+    f.k.cli(&[
+        "uplink",
+        "add",
+        "bond0",
+        "--members",
+        "m1,m2",
+        "--mode",
+        "active-backup",
+    ])
+    .unwrap();
+    let before = f.k.json(&["uplink", "show"]).unwrap();
+    let m3_mac = mac_of("m3");
+
+    let e =
+        f.k.cli_err(&[
+            "uplink",
+            "add",
+            "bond1",
+            "--members",
+            "m3,m2",
+            "--mode",
+            "balance-xor",
+        ])
+        .unwrap();
+    assert!(
+        e.contains("'m2' is already a member of uplink group 'bond0'"),
+        "{e}"
+    );
+    f.k.cli(&["net", "add", "iso", "--mode", "isolated"])
+        .unwrap();
+    f.k.cli(&["port", "add", "iso", "m4"]).unwrap();
+    let e =
+        f.k.cli_err(&[
+            "uplink",
+            "add",
+            "bond1",
+            "--members",
+            "m3,m4",
+            "--mode",
+            "balance-xor",
+        ])
+        .unwrap();
+    assert!(e.contains("'m4' is a port of network 'iso'"), "{e}");
+    let e =
+        f.k.cli_err(&[
+            "uplink",
+            "add",
+            "bond1",
+            "--members",
+            "m3",
+            "--mode",
+            "lacp-ish",
+        ])
+        .unwrap();
+    assert!(e.contains("invalid value 'lacp-ish'"), "{e}");
+    let e = f.k.cli_err(&["port", "add", "iso", "m1"]).unwrap();
+    assert!(
+        e.contains("'m1' is a member of uplink group 'bond0'"),
+        "{e}"
+    );
+    assert!(
+        f.lab.sh(&hv, "ip link show bond1").is_err(),
+        "no bond1 device"
+    );
+    assert_eq!(mac_of("m3"), m3_mac, "m3 keeps its MAC");
+
+    f.k.cli(&[
+        "net", "add", "lan", "--mode", "bridged", "--uplink", "bond0",
+    ])
+    .unwrap();
+    let e = f.k.cli_err(&["uplink", "del", "bond0"]).unwrap();
+    assert!(e.contains("is the uplink of network(s) lan"), "{e}");
+    let after = f.k.json(&["uplink", "show"]).unwrap();
+    assert_eq!(after[0]["members"].as_array().unwrap().len(), 2);
+    assert_eq!(after[0]["name"], before[0]["name"]);
+    assert_eq!(after[0]["used_by"][0], "lan");
+
+    // The config file: a group defined there; a dry run changes nothing.
+    let file = f.lab.work_dir().join("uplinks.toml");
+    std::fs::write(
+        &file,
+        "[[uplinks]]\nname = \"bond2\"\nmembers = [\"m3\"]\nmode = \"balance-xor\"\nhash = \"l3l4\"\n\n\
+         [networks.lan2]\nmode = \"bridged\"\nuplink = \"bond2\"\n",
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let plan = f.k.cli(&["apply", file, "--dry-run"]).unwrap();
+    assert!(
+        plan.contains("+ uplink bond2") && plan.contains("- uplink bond0"),
+        "{plan}"
+    );
+    assert!(
+        f.lab.sh(&hv, "ip link show bond2").is_err(),
+        "dry run: no bond2"
+    );
+    // bond0 is in use by lan, which the file drops: removed in order.
+    f.k.cli(&["apply", file]).unwrap();
+    let now = f.k.json(&["uplink", "show"]).unwrap();
+    assert_eq!(now.as_array().unwrap().len(), 1, "{now:#}");
+    assert_eq!(now[0]["name"], "bond2");
+    assert_eq!(now[0]["used_by"][0], "lan2");
+}
+
+#[test]
+fn a_nat_network_masquerades_behind_a_group_across_a_failover() {
+    if !privileged() {
+        return;
+    }
+    let f = fabric();
+    f.k.cli(&[
+        "uplink",
+        "add",
+        "bond0",
+        "--members",
+        "m1,m2",
+        "--mode",
+        "active-backup",
+    ])
+    .unwrap();
+    f.lab
+        .sh(f.hv(), &format!("ip addr add {HOST_IP}/24 dev bond0"))
+        .unwrap();
+    f.k.cli(&[
+        "net",
+        "add",
+        "nat",
+        "--mode",
+        "nat",
+        "--gateway",
+        "10.88.0.1/24",
+        "--uplink",
+        "bond0",
+    ])
+    .unwrap();
+    let g = f.lab.add_guest_with("p1", Some("10.88.0.2/24")).unwrap();
+    g.disable_ipv6().unwrap();
+    g.sh("ip route add default via 10.88.0.1").unwrap();
+    f.k.cli(&["port", "add", "nat", "p1"]).unwrap();
+    assert!(
+        g.ping(OUTSIDE_IP),
+        "guest -> outside, masqueraded behind the group"
+    );
+    let conns = f.k.json(&["conntrack", "list", "nat"]).unwrap();
+    assert!(
+        !conns.as_array().unwrap().is_empty(),
+        "NAT in the fast path: {conns}"
+    );
+    f.cable("s1", false);
+    f.until("m2 takes over", |g| g["active"] == "m2");
+    assert!(g.ping(OUTSIDE_IP), "guest -> outside after the failover");
+    assert!(
+        kvnet_tests::lab::ping(&f.out, HOST_IP),
+        "the host's address answers"
+    );
+
+    // A restarted daemon adopts the group and keeps following its members.
+    let Fabric { lab, sw, out, k } = f;
+    k.stop().unwrap();
+    assert!(g.ping(OUTSIDE_IP), "forwarding goes on without a daemon");
+    let f = Fabric {
+        k: Kvnet::start(&lab).unwrap(),
+        lab,
+        sw,
+        out,
+    };
+    let s = f.show();
+    assert_eq!(s["active"], "m2", "adopted: {s:#}");
+    f.cable("s1", true);
+    f.cable("s2", false);
+    f.until("m1 takes over under the new daemon", |g| {
+        g["active"] == "m1"
+    });
+    assert!(
+        g.ping(OUTSIDE_IP),
+        "guest -> outside after the second failover"
+    );
+}
+
+#[test]
+fn lacp_between_two_kvnet_hosts_aggregates_and_drops_a_silent_member_within_3s() {
+    if !privileged() {
+        return;
+    }
+    // Two hypervisors, each its own lab and daemon, cabled m1-n1 and m2-n2.
+    let (a, b) = (Lab::new().unwrap(), Lab::new().unwrap());
+    let (ha, hb) = (a.hv().to_string(), b.hv().to_string());
+    for ns in [&ha, &hb] {
+        a.sh(
+            ns,
+            "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1",
+        )
+        .unwrap();
+    }
+    for (m, n) in [("m1", "n1"), ("m2", "n2")] {
+        a.sh(
+            &ha,
+            &format!("ip link add {m} type veth peer name {n} netns {hb} && ip link set {m} up"),
+        )
+        .unwrap();
+        b.sh(&hb, &format!("ip link set {n} up")).unwrap();
+    }
+    let (ka, kb) = (Kvnet::start(&a).unwrap(), Kvnet::start(&b).unwrap());
+    ka.cli(&[
+        "uplink",
+        "add",
+        "bond0",
+        "--members",
+        "m1,m2",
+        "--mode",
+        "802.3ad",
+        "--hash",
+        "l3l4",
+    ])
+    .unwrap();
+    kb.cli(&[
+        "uplink",
+        "add",
+        "bond0",
+        "--members",
+        "n1,n2",
+        "--mode",
+        "802.3ad",
+        "--hash",
+        "l3l4",
+    ])
+    .unwrap();
+    a.sh(&ha, "ip addr add 192.0.2.1/24 dev bond0").unwrap();
+    b.sh(&hb, "ip addr add 192.0.2.2/24 dev bond0").unwrap();
+    let carrying = |k: &Kvnet| -> Vec<String> {
+        let g = k.json(&["uplink", "show"]).unwrap()[0].clone();
+        g["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["carrying"] == true)
+            .map(|m| m["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let until = |what: &str, t: Duration, pred: &dyn Fn() -> bool| {
+        let end = Instant::now() + t;
+        while !pred() {
+            assert!(Instant::now() < end, "{what} within {t:?}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let end = Instant::now() + Duration::from_secs(6);
+    while carrying(&ka).len() != 2 || carrying(&kb).len() != 2 {
+        assert!(
+            Instant::now() < end,
+            "the aggregation forms on both sides: a {:#}\nb {:#}\n{}",
+            ka.json(&["uplink", "show"]).unwrap(),
+            kb.json(&["uplink", "show"]).unwrap(),
+            format!("{}\n{}", ka.daemon_log(), kb.daemon_log())
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let g = ka.json(&["uplink", "show"]).unwrap()[0].clone();
+    let partner = &g["members"][0]["lacp_partner"];
+    assert_eq!(
+        partner["state"].as_u64().unwrap() & 0x3d,
+        0x3d,
+        "partner active, in sync, collecting, distributing: {g:#}"
+    );
+    assert!(
+        kvnet_tests::lab::ping(&ha, "192.0.2.2"),
+        "host to host over the aggregation"
+    );
+    // tcpdump decodes what kvnet sends as LACP.
+    let dump = a
+        .sh(
+            &ha,
+            "timeout 5 tcpdump -i m1 -c 2 -nv ether proto 0x8809 2>/dev/null",
+        )
+        .unwrap();
+    assert!(
+        dump.contains("LACPv1")
+            && dump.contains("Actor Information")
+            && dump.contains("Partner Information"),
+        "{dump}"
+    );
+
+    // m2 stops hearing its partner (n2's LACPDUs dropped on arrival, after
+    // tc, before the daemon's socket; carrier stays up): a's m2 expires
+    // and leaves the aggregation within the short timeout.
+    a.sh(
+        &ha,
+        "nft add table netdev kvlacp && \
+         nft add chain netdev kvlacp c '{ type filter hook ingress device m2 priority 0; }' && \
+         nft add rule netdev kvlacp c ether type 0x8809 drop",
+    )
+    .unwrap();
+    let pulled = Instant::now();
+    until("m2 leaves the aggregation", Duration::from_secs(4), &|| {
+        carrying(&ka) == ["m1"]
+    });
+    let took = pulled.elapsed();
+    eprintln!("802.3ad: m2 left the aggregation {took:?} after its partner went silent");
+    assert!(took <= Duration::from_millis(3300), "{took:?}");
+    // b follows a's next PDU on that link (out of sync): n2 leaves too.
+    until("n2 leaves b's aggregation", Duration::from_secs(2), &|| {
+        carrying(&kb) == ["n1"]
+    });
+    assert!(
+        kvnet_tests::lab::ping(&ha, "192.0.2.2"),
+        "traffic goes on over m1"
+    );
+    let log = ka.daemon_log();
+    assert!(
+        log.contains("uplink bond0: m2 left the aggregation"),
+        "{log}"
+    );
+}
