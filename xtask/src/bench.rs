@@ -462,7 +462,9 @@ impl<'p> Bench<'p> {
 
     // ---- configurations -------------------------------------------------
 
-    fn l2_up(&self, config: &str) -> Result<()> {
+    /// A Linux bridge or a kvnet network (either hook) over `ports`; false
+    /// for the other configurations.
+    fn switch_up(&self, config: &str, ports: [&str; 2]) -> Result<bool> {
         match config {
             "linux-bridge" => {
                 self.hv(&[
@@ -477,7 +479,7 @@ impl<'p> Bench<'p> {
                     "forward_delay",
                     "0",
                 ])?;
-                for p in ["p1", "p2"] {
+                for p in ports {
                     self.hv(&["ip", "link", "set", p, "master", "br0"])?;
                 }
                 self.hv(&["ip", "link", "set", "br0", "up"])?;
@@ -485,10 +487,20 @@ impl<'p> Bench<'p> {
             "kvnet-tc" | "kvnet-xdp" => {
                 let hook = config.trim_start_matches("kvnet-");
                 self.kv.cli(&["net", "add", "bench"])?;
-                for p in ["p1", "p2"] {
+                for p in ports {
                     self.kv.cli(&["port", "add", "bench", p, "--hook", hook])?;
                 }
             }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn l2_up(&self, config: &str) -> Result<()> {
+        if self.switch_up(config, ["p1", "p2"])? {
+            return Ok(());
+        }
+        match config {
             "limit-redirect" => {
                 let prog = self.pins.join("bench_redirect").display().to_string();
                 for p in ["p1", "p2"] {

@@ -46,33 +46,8 @@ impl Bench<'_> {
     }
 
     fn tap_up(&self, config: &str, a: &str, b: &str) -> Result<()> {
-        match config {
-            "linux-bridge" => {
-                self.hv(&[
-                    "ip",
-                    "link",
-                    "add",
-                    "br0",
-                    "type",
-                    "bridge",
-                    "stp_state",
-                    "0",
-                    "forward_delay",
-                    "0",
-                ])?;
-                for t in [a, b] {
-                    self.hv(&["ip", "link", "set", t, "master", "br0"])?;
-                }
-                self.hv(&["ip", "link", "set", "br0", "up"])?;
-            }
-            "kvnet-tc" | "kvnet-xdp" => {
-                let hook = config.trim_start_matches("kvnet-");
-                self.kv.cli(&["net", "add", "bench"])?;
-                for t in [a, b] {
-                    self.kv.cli(&["port", "add", "bench", t, "--hook", hook])?;
-                }
-            }
-            _ => bail!("unknown config {config}"),
+        if !self.switch_up(config, [a, b])? {
+            bail!("unknown config {config}");
         }
         Ok(())
     }
