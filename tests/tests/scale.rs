@@ -83,6 +83,17 @@ fn rx_packets(ns: &str) -> Result<BTreeMap<String, u64>> {
         .collect())
 }
 
+/// Waits until each of c1..c1023 received more than `before` counted.
+fn wait_for_all_1023(crowd: &str, before: &BTreeMap<String, u64>, what: &str) {
+    wait_for(what, Duration::from_secs(10), || {
+        let after = rx_packets(crowd).unwrap();
+        (1..=1023).all(|n| {
+            let c = format!("c{n}");
+            after.get(&c).copied().unwrap_or(0) > before.get(&c).copied().unwrap_or(0)
+        })
+    });
+}
+
 fn port_count(k: &Kvnet) -> usize {
     k.json(&["port", "list"])
         .ok()
@@ -193,17 +204,7 @@ fn one_broadcast_reaches_all_1023_other_ports_and_the_port_past_the_maximum_is_r
         "no ARP reply for the gateway"
     );
     inject(&sender.ns, "eth0", &[arp([10, 21, 9, 9])]).unwrap();
-    wait_for(
-        "the unknown ARP at all 1023",
-        Duration::from_secs(10),
-        || {
-            let after = rx_packets(&crowd).unwrap();
-            (1..=1023).all(|n| {
-                let c = format!("c{n}");
-                after.get(&c).copied().unwrap_or(0) > before.get(&c).copied().unwrap_or(0)
-            })
-        },
-    );
+    wait_for_all_1023(&crowd, &before, "the unknown ARP at all 1023");
     let after = rx_packets(&crowd).unwrap();
     for n in 1..=1023 {
         let c = format!("c{n}");
@@ -260,15 +261,5 @@ fn one_broadcast_reaches_all_1023_other_ports_and_the_port_past_the_maximum_is_r
     let before = rx_packets(&crowd).unwrap();
     let frame = eth_frame([0xff; 6], sender.mac, 0x88b5, b"kvnet: still flooding");
     inject(&sender.ns, "eth0", &[frame]).unwrap();
-    wait_for(
-        "the last broadcast at c1..c1023",
-        Duration::from_secs(10),
-        || {
-            let after = rx_packets(&crowd).unwrap();
-            (1..=1023).all(|n| {
-                let c = format!("c{n}");
-                after.get(&c).copied().unwrap_or(0) > before.get(&c).copied().unwrap_or(0)
-            })
-        },
-    );
+    wait_for_all_1023(&crowd, &before, "the last broadcast at c1..c1023");
 }
