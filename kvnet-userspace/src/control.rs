@@ -1277,6 +1277,7 @@ mod tests {
                 rules: 0,
                 fdb_entries: 3,
                 fdb_capacity: 4096,
+                conntrack_gc: Default::default(),
             },
             "status",
         );

@@ -109,6 +109,11 @@ fn the_metrics_endpoint_serves_the_datapaths_counters_and_promtool_accepts_them(
         Some(1)
     );
     assert!(sample(&body, "kvnet_conntrack_capacity").is_some_and(|c| c > 0));
+    // The GC thread walks at once and then at least every few seconds.
+    assert!(
+        sample(&body, "kvnet_conntrack_gc_walks_total").is_some(),
+        "{body}"
+    );
     assert!(
         body.contains(r#"kvnet_dns_events_total{event="udp_queries",net="nat"}"#),
         "{body}"

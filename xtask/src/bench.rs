@@ -25,6 +25,7 @@
 mod chart;
 mod connrate;
 mod gcwalk;
+mod ipv6;
 mod ports;
 mod report;
 mod taps;
@@ -383,9 +384,9 @@ pub const CT_MAX: &str = "2200000";
 pub const DAEMON_CPU_FRAMES: &str = "daemon CPU, during the 64-byte run";
 pub const DAEMON_CPU_ALL: &str = "daemon CPU, during all its metrics";
 /// With the grown table: the daemon's share of a core during one GC walk,
-/// and the long-run share that the daemon's pacing implies from it.
+/// and the long-run share that the GC's pacing implies from it.
 pub const DAEMON_CPU_WALK: &str = "daemon CPU, during one GC walk";
-pub const DAEMON_CPU_LONG_RUN: &str = "daemon CPU, long run (one walk per 21 walk times)";
+pub const DAEMON_CPU_LONG_RUN: &str = "daemon CPU, long run (a walk, then a pause as long)";
 const G1_IP: &str = "10.0.0.1";
 const G2_IP: &str = "10.0.0.2";
 const GW_IP: &str = "10.0.0.254";
@@ -733,7 +734,8 @@ impl<'p> Bench<'p> {
             }
             "kvnet-routed" | "kvnet-nat" => {
                 let mode = config.trim_start_matches("kvnet-");
-                self.kv.cli(&[
+                let gw6 = format!("{}/64", ipv6::GW_IP6);
+                let mut args = vec![
                     "net",
                     "add",
                     "out",
@@ -743,7 +745,13 @@ impl<'p> Bench<'p> {
                     &gw,
                     "--uplink",
                     "up0",
-                ])?;
+                    "--gateway6",
+                    &gw6,
+                ];
+                if mode == "nat" && self.has_nat6() {
+                    args.push("--nat6");
+                }
+                self.kv.cli(&args)?;
                 self.kv.cli(&["port", "add", "out", "p1"])?;
                 if mode == "routed" {
                     self.lab.exec(
@@ -785,7 +793,99 @@ impl<'p> Bench<'p> {
         self.wait_ping(&self.g1.ns, UP_OUT)
     }
 
+    /// Whether this kvnet masquerades IPv6 (`net add --nat6`).
+    fn has_nat6(&self) -> bool {
+        self.kv
+            .cli(&["net", "add", "--help"])
+            .is_ok_and(|h| h.contains("--nat6"))
+    }
+
+    /// The IPv6 half of a guest-to-outside configuration (its IPv4 half
+    /// is up): addresses, the gateway's, masquerade or a route back.
+    /// `out_down` takes it down with the rest.
+    fn out_up6(&self, config: &str) -> Result<()> {
+        let hv = self.lab.hv();
+        self.hv(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        let addr = |ns: &str, a: &str, dev: &str| -> Result<()> {
+            let a = format!("{a}/64");
+            self.lab
+                .exec(
+                    ns,
+                    &["ip", "-6", "addr", "replace", &a, "dev", dev, "nodad"],
+                )
+                .map(|_| ())
+        };
+        addr(hv, ipv6::UP_HV6, "up0")?;
+        addr(&self.out_ns, ipv6::UP_OUT6, "eth0")?;
+        addr(&self.g1.ns, ipv6::G1_IP6, "eth0")?;
+        self.lab.exec(
+            &self.g1.ns,
+            &[
+                "ip",
+                "-6",
+                "route",
+                "replace",
+                "default",
+                "via",
+                ipv6::GW_IP6,
+            ],
+        )?;
+        match config {
+            "linux-routed" | "nft-masq" | "nft-masq+flowtable" => addr(hv, ipv6::GW_IP6, "p1")?,
+            "bridge+iptables-masq" => {
+                addr(hv, ipv6::GW_IP6, "br0")?;
+                self.hv(&ipv6::ip6tables_masquerade())?;
+            }
+            // kvnet's gateway has it (`--gateway6`).
+            _ => {}
+        }
+        if ipv6::carried(config, self.has_nat6()) == ipv6::Carried::Routed {
+            self.lab.exec(
+                &self.out_ns,
+                &[
+                    "ip",
+                    "-6",
+                    "route",
+                    "replace",
+                    ipv6::GUEST_PREFIX,
+                    "via",
+                    ipv6::UP_HV6,
+                ],
+            )?;
+        }
+        self.wait_ping(&self.g1.ns, ipv6::UP_OUT6)
+    }
+
+    fn out_down6(&self, config: &str) {
+        let _ = self.lab.exec_output(
+            &self.out_ns,
+            &["ip", "-6", "route", "del", ipv6::GUEST_PREFIX],
+        );
+        let _ = self
+            .lab
+            .exec_output(&self.g1.ns, &["ip", "-6", "route", "del", "default"]);
+        if config == "bridge+iptables-masq" {
+            let _ = self.hv(&["ip6tables", "-t", "nat", "-F", "POSTROUTING"]);
+        }
+    }
+
+    /// The IPv6 rows of a configuration: ping and one TCP stream.
+    fn measure6(&self, res: &mut Results, config: &str) {
+        match self.latency(&self.g1.ns, ipv6::UP_OUT6) {
+            Ok((p50, p99)) => {
+                res.add(OUT, config, ipv6::RR_P50, "µs", p50);
+                res.add(OUT, config, ipv6::RR_P99, "µs", p99);
+            }
+            Err(e) => res.fail(OUT, config, ipv6::RR_P50, "µs", format!("{e:#}")),
+        }
+        match self.iperf(&self.g1.ns, ipv6::UP_OUT6, 1) {
+            Ok(g) => res.add(OUT, config, ipv6::TCP_1, "Gbit/s", g),
+            Err(e) => res.fail(OUT, config, ipv6::TCP_1, "Gbit/s", format!("{e:#}")),
+        }
+    }
+
     fn out_down(&self, config: &str) -> Result<()> {
+        self.out_down6(config);
         let _ = self
             .lab
             .exec_output(&self.out_ns, &["ip", "route", "del", "10.0.0.0/24"]);
@@ -1051,6 +1151,14 @@ impl<'p> Bench<'p> {
                     self.daemon_cpu_end(res, config, DAEMON_CPU_FRAMES, cpu);
                 }
                 self.measure_pair(res, OUT, config, &self.g1.ns.clone(), UP_OUT, false);
+                match self.out_up6(config) {
+                    Ok(()) => self.measure6(res, config),
+                    Err(e) => {
+                        for (m, unit) in [(ipv6::TCP_1, "Gbit/s"), (ipv6::RR_P50, "µs")] {
+                            res.fail(OUT, config, m, unit, format!("IPv6 set-up: {e:#}"));
+                        }
+                    }
+                }
                 self.conn_rate(res, config);
                 if config == "kvnet-nat" {
                     self.daemon_cpu_end(res, config, DAEMON_CPU_ALL, cpu);
@@ -1137,38 +1245,61 @@ impl<'p> Bench<'p> {
         let n = CT_SCALE.to_string();
         let cfg = format!("kvnet-nat, +{}M conntrack", CT_SCALE / 1_000_000);
         println!("bench:   {cfg}");
-        // Sampling from before the fill: a walk may start during it.
-        let bound = Duration::from_secs(if self.plan.quick { 60 } else { 180 });
-        let sampler = self
-            .kv
-            .daemon_pid()
-            .map(|pid| gcwalk::Sampler::start(pid, bound));
         match self.helper_in(self.lab.hv(), &["ctfill", &pins, &n]) {
             Ok(v) => {
                 res.scale.entry("daemon ct fill".into()).or_insert(v);
-                // The 64-byte run once the GC walks the grown table (the
-                // daemon paces walks, so one may take a while to come).
-                let wait = Duration::from_secs(if self.plan.quick { 15 } else { 40 });
-                let walking = sampler.as_ref().is_some_and(|s| s.await_walk(wait));
-                // Only a run during a walk counts as the +1M rate; one
-                // without (the daemon's pacing put the walk later) is kept
-                // apart.
-                let metric = if walking {
-                    trafgen::METRIC
-                } else {
-                    res.notes.push(format!(
-                        "{cfg}: no GC walk seen within {wait:?} of the fill; that 64-byte run is under `{}`",
-                        trafgen::METRIC_NO_WALK
-                    ));
-                    trafgen::METRIC_NO_WALK
+                // The 64-byte run once a walk of the grown table is under
+                // way (the daemon paces walks, so one may take a while).
+                let status = || self.kv.json(&["status"]);
+                let walk =
+                    gcwalk::Watch::after_fill(&status, self.kv.daemon_pid()).and_then(|mut w| {
+                        let wait = Duration::from_secs(if self.plan.quick { 15 } else { 40 });
+                        let seen = w.await_walk(wait)?;
+                        Ok((w, seen))
+                    });
+                let (watch, walking) = match walk {
+                    Ok((w, seen)) => (Some(w), seen),
+                    Err(e) => {
+                        res.notes.push(format!("{cfg}: following the GC: {e:#}"));
+                        (None, false)
+                    }
                 };
                 let cpu = self.daemon_cpu_start();
-                self.out_frames_as(res, &cfg, metric);
+                self.out_frames_as(
+                    res,
+                    &cfg,
+                    if walking {
+                        trafgen::METRIC
+                    } else {
+                        trafgen::METRIC_NO_WALK
+                    },
+                );
                 self.daemon_cpu_end(res, &cfg, DAEMON_CPU_FRAMES, cpu);
-                if let Some(s) = sampler {
-                    let walk = s.finish(Duration::from_secs(if self.plan.quick { 20 } else { 60 }));
+                // Only a run inside a walk counts as the +1M rate; one
+                // outside it is kept apart.
+                if walking && !watch.as_ref().is_some_and(|w| w.still_walking()) {
+                    res.notes.push(format!(
+                        "{cfg}: the GC walk ended before the 64-byte run did: part of that run saw no walk"
+                    ));
+                } else if !walking {
+                    res.notes.push(format!(
+                        "{cfg}: no GC walk seen after the fill; that 64-byte run is under `{}`",
+                        trafgen::METRIC_NO_WALK
+                    ));
+                }
+                if let Some(w) = watch {
+                    let bound = Duration::from_secs(if self.plan.quick { 90 } else { 180 });
+                    let walk = w
+                        .finish(bound, CT_SCALE as u64 * 9 / 10)
+                        .unwrap_or_else(|e| serde_json::json!({"error": format!("{e:#}")}));
+                    // The whole daemon while it walked, where /proc says.
+                    let during = if walk["daemon_share_of_core_during_walk"].is_f64() {
+                        "daemon_share_of_core_during_walk"
+                    } else {
+                        "walk_share_of_core"
+                    };
                     for (key, metric) in [
-                        ("walk_share_of_core", DAEMON_CPU_WALK),
+                        (during, DAEMON_CPU_WALK),
                         ("long_run_share_of_core", DAEMON_CPU_LONG_RUN),
                     ] {
                         if let Some(v) = walk[key].as_f64() {
@@ -1410,6 +1541,26 @@ impl<'p> Bench<'p> {
             ],
         )?;
         self.wait_ping(self.lab.hv(), UP_OUT)?;
+        // IPv6 likewise: the gateway's prefix on kvbgw, the outside a
+        // permanent neighbour of the uplink.
+        self.hv(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        for (a, dev) in [(ipv6::GW_IP6, "kvbgw"), (ipv6::UP_HV6, "up0")] {
+            let a = format!("{a}/64");
+            self.hv(&["ip", "-6", "addr", "replace", &a, "dev", dev, "nodad"])?;
+        }
+        self.hv(&[
+            "ip",
+            "-6",
+            "neigh",
+            "replace",
+            ipv6::UP_OUT6,
+            "lladdr",
+            "02:bb:00:00:00:02",
+            "dev",
+            "up0",
+            "nud",
+            "permanent",
+        ])?;
         let single = self.plan.single_runs.to_string();
         let v = self.helper_in(
             self.lab.hv(),

@@ -39,8 +39,8 @@ use kvnet_common::{
     names, CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, NatStats, NeighEntry, NeighKey,
     NetConfig, PortConfig, PortStats, VlanMember, VlanMemberKey, CT_F_ACK, CT_F_ORIGINAL, CT_F_SYN,
     FDB_F_STATIC, IPPROTO_TCP, IPPROTO_UDP, NET_F_NAT, PORT_F_GUARDED, PORT_F_IP_GUARD,
-    PORT_F_ROUTED_NET, PORT_F_UPLINK_NAT, PORT_F_UPLINK_ROUTED, PORT_F_XDP_TX, VLAN_MODE_ACCESS,
-    VLAN_MODE_TRUNK, VLAN_M_TAGGED,
+    PORT_F_ROUTED_NET, PORT_F_UPLINK_NAT, PORT_F_UPLINK_ROUTED, PORT_F_V6_SLAAC, PORT_F_XDP_TX,
+    VLAN_MODE_ACCESS, VLAN_MODE_TRUNK, VLAN_M_TAGGED,
 };
 use kvnet_userspace::{host::monotonic_ns, netdev::ifindex};
 use serde_json::json;
@@ -427,6 +427,38 @@ fn ip_frame(
     pseudo.extend_from_slice(&sip);
     pseudo.extend_from_slice(&dip);
     pseudo.extend_from_slice(&[0, 17, (udp_len >> 8) as u8, udp_len as u8]);
+    let c = !fold(sum(&udp, sum(&pseudo, 0)));
+    udp[6..8].copy_from_slice(&(if c == 0 { 0xffff } else { c }).to_be_bytes());
+    f.extend_from_slice(&udp);
+    f
+}
+
+/// An IPv6/UDP frame of the same payload (82 bytes on the wire).
+fn ip6_frame(
+    src: [u8; 6],
+    dst: [u8; 6],
+    sip: std::net::Ipv6Addr,
+    dip: std::net::Ipv6Addr,
+    sport: u16,
+    dport: u16,
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(82);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x86, 0xdd]);
+    let payload = [0x5au8; 12];
+    let udp_len = 8 + payload.len() as u16;
+    let len = udp_len.to_be_bytes();
+    f.extend_from_slice(&[0x60, 0, 0, 0, len[0], len[1], 17, 64]);
+    f.extend_from_slice(&sip.octets());
+    f.extend_from_slice(&dip.octets());
+    let (sp, dp) = (sport.to_be_bytes(), dport.to_be_bytes());
+    let mut udp = vec![sp[0], sp[1], dp[0], dp[1], len[0], len[1], 0, 0];
+    udp.extend_from_slice(&payload);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&sip.octets());
+    pseudo.extend_from_slice(&dip.octets());
+    pseudo.extend_from_slice(&[0, 0, len[0], len[1], 0, 0, 0, 17]);
     let c = !fold(sum(&udp, sum(&pseudo, 0)));
     udp[6..8].copy_from_slice(&(if c == 0 { 0xffff } else { c }).to_be_bytes());
     f.extend_from_slice(&udp);
@@ -1081,6 +1113,16 @@ fn paths(
     set_ports(&mut ebpf, &[(ia, guarded(routed, guest, g_ip))])?;
     let mut rt = |_| ip_frame(guest, gw_mac, g_ip, o_ip, 12345, 5201, None);
     run(&ebpf, "routed", names::PROG_TC, 0, ia, &mut rt)?;
+    // Routed IPv6 likewise (the network advertises a prefix: SLAAC guests).
+    let routed6 = PortConfig {
+        flags: PORT_F_ROUTED_NET | PORT_F_V6_SLAAC,
+        ..routed
+    };
+    set_ports(&mut ebpf, &[(ia, guarded(routed6, guest, g_ip))])?;
+    let (g6, o6): (std::net::Ipv6Addr, std::net::Ipv6Addr) =
+        ("2001:db8:10::1".parse()?, "2001:db8:77::2".parse()?);
+    let mut rt6 = |_| ip6_frame(guest, gw_mac, g6, o6, 12345, 5201);
+    run(&ebpf, "routed-v6", names::PROG_TC, 0, ia, &mut rt6)?;
     // NAT.
     let natp = PortConfig {
         net_id: NET_NAT,

@@ -120,6 +120,7 @@ struct Scrape {
     services: Vec<NetServiceStats>,
     /// Leases bound, by network.
     leases: Vec<(String, u64)>,
+    conntrack_gc: crate::daemon::ct_gc::GcReport,
 }
 
 impl Scrape {
@@ -141,6 +142,7 @@ impl Scrape {
                 .filter_map(|n| Some((n.clone(), sw.services.leases(n)?.len() as u64)))
                 .collect(),
             services: sw.services.stats(),
+            conntrack_gc: status.conntrack_gc,
         })
     }
 
@@ -306,6 +308,20 @@ impl Scrape {
             "MAC table capacity",
             Gauge,
             [(vec![], self.fdb_capacity)],
+        )?;
+        family(
+            e,
+            "kvnet_conntrack_gc_walks",
+            "Conntrack GC walks finished",
+            Counter,
+            [(vec![], self.conntrack_gc.walks)],
+        )?;
+        family(
+            e,
+            "kvnet_conntrack_gc_walking",
+            "Whether a conntrack GC walk is under way (it paces itself)",
+            Gauge,
+            [(vec![], self.conntrack_gc.walking as u64)],
         )?;
         // One conntrack table serves every NAT network.
         if let Some(n) = self.nat.first() {

@@ -2,6 +2,7 @@
 //! FDB and notices ports whose interface went away.
 
 pub mod access;
+pub mod ct_gc;
 pub mod links;
 pub mod metrics;
 pub mod reconcile;
@@ -291,6 +292,7 @@ async fn serve(opts: &Options, switch: Arc<Mutex<Switch>>) -> Result<Exit> {
     }
     crate::daemon::supervise::notify("READY=1");
     tokio::spawn(maintain(switch.clone()));
+    crate::daemon::ct_gc::spawn(Arc::downgrade(&switch))?;
     crate::daemon::links::watch_links(switch.clone())?;
     crate::daemon::uplink_poll::start(switch.clone())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -406,16 +408,13 @@ impl Housekeeping {
                 crate::daemon::state::persist(&sw);
             }
         }
-        // Table walks are paced by their own cost: with a million entries
-        // a walk takes a while, and running it every second would eat a
-        // core and hold the control socket.
+        // Table walks are paced by their own cost. (The conntrack table,
+        // the one that grows to millions, has a thread of its own:
+        // daemon/ct_gc.rs.)
         if self.n.is_multiple_of(2) && std::time::Instant::now() >= self.next_walk {
             let started = std::time::Instant::now();
             if let Err(e) = sw.age_fdb() {
                 log::warn!("FDB ageing: {e:#}");
-            }
-            if let Err(e) = sw.conntrack_gc() {
-                log::warn!("conntrack GC: {e:#}");
             }
             if let Err(e) = sw.sweep_bindings() {
                 log::warn!("port security bindings: {e:#}");

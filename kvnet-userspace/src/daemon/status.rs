@@ -24,6 +24,9 @@ pub struct Status {
     pub rules: usize,
     pub fdb_entries: usize,
     pub fdb_capacity: u32,
+    /// The conntrack GC's walks.
+    #[serde(default)]
+    pub conntrack_gc: crate::daemon::ct_gc::GcReport,
 }
 
 pub fn status(sw: &mut Switch) -> Result<Status> {
@@ -61,6 +64,7 @@ pub fn status(sw: &mut Switch) -> Result<Status> {
         rules,
         fdb_entries,
         fdb_capacity: kvnet_common::MAX_FDB_ENTRIES,
+        conntrack_gc: crate::daemon::ct_gc::report(),
     })
 }
 

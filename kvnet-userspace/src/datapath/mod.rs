@@ -1,6 +1,7 @@
 //! The loaded eBPF object: programs pinned and attached to ports, and typed
 //! access to the maps (pinned by name under the pin folder).
 
+pub mod batch;
 pub mod layout;
 use std::{
     collections::HashMap as StdHashMap,
@@ -654,6 +655,18 @@ impl Datapath {
 
     pub fn ct(&mut self) -> Result<HashMap<&mut MapData, CtKey, CtEntry>> {
         Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_CT)?)?)
+    }
+
+    /// A descriptor of the conntrack map of its own, for the GC thread's
+    /// batched reads (daemon/ct_gc.rs).
+    pub fn ct_fd(&mut self) -> Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        let m = map(&mut self.ebpf, names::MAP_CT)?;
+        let data = match m {
+            aya::maps::Map::HashMap(d) => d,
+            _ => bail!("map {} is not a hash map", names::MAP_CT),
+        };
+        Ok(data.fd().as_fd().try_clone_to_owned()?)
     }
 
     /// Fragmented datagrams in flight through the NAT (LRU).

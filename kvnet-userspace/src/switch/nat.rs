@@ -592,8 +592,9 @@ impl Switch {
         for k in &doomed {
             let _ = ct.remove(k);
         }
+        let before = self.ct_quota_counts()?;
         let left: Vec<(CtKey, CtEntry)> = self.ct_entries()?;
-        self.recount_ct_quota(left.iter().map(|(k, e)| (k, e)))?;
+        self.recount_ct_quota(left.iter().map(|(k, e)| (k, e)), &before)?;
         Ok(doomed.len())
     }
 
@@ -624,20 +625,32 @@ impl Switch {
         Ok(doomed)
     }
 
-    /// Deletes flows idle past their state's timeout (both entries).
-    pub fn conntrack_gc(&mut self) -> Result<usize> {
-        let all: std::collections::HashMap<CtKey, CtEntry> =
-            self.ct_entries()?.into_iter().collect();
-        if all.is_empty() {
-            return Ok(0);
-        }
-        let candidates = conntrack_gc_candidates(&all, monotonic_ns());
+    /// Each guest port's open flows as the datapath counts them (map
+    /// `ct_quota`).
+    pub(crate) fn ct_quota_counts(&mut self) -> Result<std::collections::HashMap<u32, u32>> {
+        Ok(self.dp.ct_quota()?.iter().filter_map(|r| r.ok()).collect())
+    }
+
+    /// Deletes the flows of `candidates` still idle, and replies whose
+    /// original is gone, from a snapshot `all` read since `walk_started`
+    /// (a paced walk takes seconds: daemon/ct_gc.rs); recounts the ports'
+    /// open flows and drops UDP mappings no flow uses. `quota_before` is
+    /// `ct_quota` as it was when the walk started. Returns how many
+    /// entries went.
+    pub(crate) fn conntrack_gc_apply(
+        &mut self,
+        all: &std::collections::HashMap<CtKey, CtEntry>,
+        candidates: Vec<(CtKey, CtKey)>,
+        walk_started: u64,
+        quota_before: &std::collections::HashMap<u32, u32>,
+    ) -> Result<usize> {
         let mut doomed = self.conntrack_gc_still_idle(candidates)?;
-        let now = monotonic_ns();
-        // Reply entries whose original vanished (a half-created flow).
+        // Reply entries whose original vanished (a half-created flow). Only
+        // those older than the walk: an entry made during it may have its
+        // original in a part of the table already read.
         for (k, e) in all.iter().filter(|(_, e)| e.flags & CT_F_ORIGINAL == 0) {
             if !all.contains_key(&e.rewrite.reply())
-                && now.saturating_sub(e.created_ns) > 5_000_000_000
+                && walk_started.saturating_sub(e.created_ns) > 5_000_000_000
             {
                 doomed.push(*k);
             }
@@ -646,36 +659,19 @@ impl Switch {
         for k in &doomed {
             let _ = ct.remove(k);
         }
-        // Each guest port's open flows, recounted: the datapath only counts
-        // up, so what expired comes off here.
         let gone: std::collections::HashSet<&CtKey> = doomed.iter().collect();
-        let mut open: std::collections::HashMap<u32, u32> = Default::default();
-        for (k, e) in &all {
-            if e.flags & CT_F_ORIGINAL != 0 && e.port != 0 && !gone.contains(k) {
-                *open.entry(e.port).or_default() += 1;
-            }
-        }
-        let mut quota = self.dp.ct_quota()?;
-        let counted: Vec<u32> = quota.keys().filter_map(|k| k.ok()).collect();
-        for port in counted.iter().filter(|p| !open.contains_key(p)) {
-            let _ = quota.remove(port);
-        }
-        for (port, n) in open {
-            let _ = quota.insert(port, n, 0);
-        }
-        let gone: std::collections::HashSet<&CtKey> = doomed.iter().collect();
-        self.recount_ct_quota(all.iter().filter(|(k, _)| !gone.contains(k)))?;
+        self.recount_ct_quota(all.iter().filter(|(k, _)| !gone.contains(k)), quota_before)?;
         // A UDP mapping lives as long as a flow uses its uplink port.
         let used: std::collections::HashSet<(u32, u16)> = all
             .iter()
             .filter(|(k, _)| k.proto == IPPROTO_UDP && !gone.contains(k))
             .map(|(_, e)| (e.rewrite.saddr, e.rewrite.sport))
             .collect();
-        let now = monotonic_ns();
+        // One made since the walk began may have its first flow in a part
+        // of the table already read.
+        let made_before = walk_started.saturating_sub(MAPPING_GRACE_NS);
         self.nat_mappings_drop(|m| {
-            // Just made: its first flow may not be in this walk's snapshot.
-            now.saturating_sub(m.created_ns) > MAPPING_GRACE_NS
-                && !used.contains(&(m.uplink_addr, m.uplink_port))
+            m.created_ns < made_before && !used.contains(&(m.uplink_addr, m.uplink_port))
         })?;
         Ok(doomed.len())
     }
@@ -697,10 +693,14 @@ impl Switch {
     }
 
     /// Each guest port's open flows, recounted from the entries left: the
-    /// datapath only counts up, so what expired comes off here.
+    /// datapath only counts up, so what expired comes off here. Flows the
+    /// datapath counted since the walk began (`quota_before`) are added
+    /// back, as some of them lie in a part of the table already read: a
+    /// guest never gets more than its quota out of a slow walk.
     fn recount_ct_quota<'a>(
         &mut self,
         left: impl Iterator<Item = (&'a CtKey, &'a CtEntry)>,
+        quota_before: &std::collections::HashMap<u32, u32>,
     ) -> Result<()> {
         let mut open: std::collections::HashMap<u32, u32> = Default::default();
         for (_, e) in left {
@@ -709,10 +709,17 @@ impl Switch {
             }
         }
         let mut quota = self.dp.ct_quota()?;
-        let counted: Vec<u32> = quota.keys().filter_map(|k| k.ok()).collect();
-        for port in counted.iter().filter(|p| !open.contains_key(p)) {
-            let _ = quota.remove(port);
+        let now: Vec<(u32, u32)> = quota.iter().filter_map(|r| r.ok()).collect();
+        for (port, counted) in &now {
+            let since = counted.saturating_sub(quota_before.get(port).copied().unwrap_or(0));
+            let n = open.remove(port).unwrap_or(0).saturating_add(since);
+            if n == 0 {
+                let _ = quota.remove(port);
+            } else if n != *counted {
+                let _ = quota.insert(port, n, 0);
+            }
         }
+        // Open flows of ports the datapath has no count for (a restart).
         for (port, n) in open {
             let _ = quota.insert(port, n, 0);
         }

@@ -1,143 +1,134 @@
-//! The daemon's conntrack GC walking a grown table: a sampler reads the
-//! daemon's CPU time (/proc/PID/stat) every 100 ms, so the bench can start
-//! its 64-byte run once a walk is under way (the forwarding rate *while*
-//! the GC walks) and afterwards tell one walk's CPU and wall time. The
-//! daemon paces walks by their own wall time (the next one waits 20 times
-//! as long), so the long-run share follows from one walk.
+//! The daemon's conntrack GC walking a grown table. The daemon reports its
+//! walks (`kvnet status --json`: `conntrack_gc`), so the bench starts its
+//! 64-byte run once a walk that began after the fill is under way (the
+//! forwarding rate *while* the GC walks) and afterwards reads that walk's
+//! CPU and wall time; the daemon's whole CPU (/proc/PID/stat) over the
+//! same span is measured too. The daemon waits as long as a walk took (at
+//! least a second) before the next, so the long-run share is one walk's
+//! CPU over twice its wall time.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
 
 use super::proc_cpu_secs;
 
-const SLICE: Duration = Duration::from_millis(100);
-/// A slice where the daemon used more than this share of a core is walking.
-const BUSY: f64 = 0.3;
-/// A slice below this share is idle (the daemon's housekeeping ticks).
-const IDLE: f64 = 0.05;
-/// The daemon's pacing: the next walk waits this many times the last one.
-pub const WALK_COST_FACTOR: f64 = 20.0;
+const POLL: Duration = Duration::from_millis(100);
 
-pub struct Sampler {
-    stop: Arc<AtomicBool>,
-    /// (seconds since start, daemon CPU seconds so far).
-    samples: Arc<Mutex<Vec<(f64, f64)>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+/// The walks as the daemon reports them.
+#[derive(Debug, Clone, Copy)]
+struct Walks {
+    done: u64,
+    walking: bool,
 }
 
-impl Sampler {
-    /// Samples `pid` until stopped or `bound` passes.
-    pub fn start(pid: u32, bound: Duration) -> Sampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let samples = Arc::new(Mutex::new(Vec::new()));
-        let (s, v) = (stop.clone(), samples.clone());
-        let thread = std::thread::spawn(move || {
-            let t0 = Instant::now();
-            while !s.load(Ordering::Relaxed) && t0.elapsed() < bound {
-                let Ok(cpu) = proc_cpu_secs(pid) else { return };
-                if let Ok(mut v) = v.lock() {
-                    v.push((t0.elapsed().as_secs_f64(), cpu));
-                }
-                std::thread::sleep(SLICE);
-            }
-        });
-        Sampler {
-            stop,
-            samples,
-            thread: Some(thread),
-        }
-    }
+fn walks(status: &Value) -> Result<Walks> {
+    let gc = &status["conntrack_gc"];
+    Ok(Walks {
+        done: gc["walks"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("no conntrack_gc.walks in kvnet status: {status}"))?,
+        walking: gc["walking"].as_bool().unwrap_or(false),
+    })
+}
 
-    fn snapshot(&self) -> Vec<(f64, f64)> {
-        self.samples.lock().map(|v| v.clone()).unwrap_or_default()
-    }
+/// Follows one walk of the grown table.
+pub struct Watch<'a> {
+    status: &'a dyn Fn() -> Result<Value>,
+    pid: Option<u32>,
+    /// The walk of interest is the one that makes `done` reach this + 1.
+    walk: u64,
+    /// When it was seen under way: (daemon CPU seconds, wall clock).
+    seen: Option<(f64, Instant)>,
+}
 
-    /// Waits (at most `bound`) until a slice shows the daemon walking;
-    /// whether it did.
-    pub fn await_walk(&self, bound: Duration) -> bool {
-        let until = Instant::now() + bound;
-        while Instant::now() < until {
-            if busy_slices(&self.snapshot()).next().is_some() {
-                return true;
-            }
-            std::thread::sleep(SLICE);
-        }
-        false
-    }
-
-    /// Waits (at most `bound`) for the first walk to end, stops sampling
-    /// and describes that walk.
-    pub fn finish(mut self, bound: Duration) -> Value {
-        let until = Instant::now() + bound;
-        while Instant::now() < until && !first_walk_ended(&self.snapshot()) {
-            std::thread::sleep(SLICE);
-        }
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let s = self.snapshot();
-        let Some((start, end)) = first_walk(&s) else {
-            return json!({"walk_seen": false, "sampled_secs": s.last().map(|l| l.0)});
-        };
-        let (wall, cpu) = (s[end].0 - s[start - 1].0, s[end].1 - s[start - 1].1);
-        json!({
-            "walk_seen": true,
-            "ended": first_walk_ended(&s),
-            "walk_wall_secs": wall,
-            "walk_cpu_secs": cpu,
-            "walk_share_of_core": cpu / wall,
-            // Long run: one walk's CPU every (1 + factor) walk wall times.
-            "long_run_share_of_core": cpu / (wall * (1.0 + WALK_COST_FACTOR)),
-            "sampled_secs": s.last().map(|l| l.0),
+impl<'a> Watch<'a> {
+    /// Right after the fill: the walk under way (it reads the rest of the
+    /// grown table at its paced rate) or the next one.
+    pub fn after_fill(status: &'a dyn Fn() -> Result<Value>, pid: Option<u32>) -> Result<Self> {
+        let w = walks(&status()?)?;
+        Ok(Watch {
+            status,
+            pid,
+            walk: w.done,
+            seen: None,
         })
     }
-}
 
-impl Drop for Sampler {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+    /// Waits (at most `bound`) until that walk is under way; whether it is.
+    pub fn await_walk(&mut self, bound: Duration) -> Result<bool> {
+        let until = Instant::now() + bound;
+        while Instant::now() < until {
+            let w = walks(&(self.status)()?)?;
+            if w.done > self.walk {
+                return Ok(false);
+            }
+            if w.done == self.walk && w.walking {
+                let cpu = self.pid.and_then(|p| proc_cpu_secs(p).ok()).unwrap_or(0.0);
+                self.seen = Some((cpu, Instant::now()));
+                return Ok(true);
+            }
+            std::thread::sleep(POLL);
+        }
+        Ok(false)
     }
-}
 
-fn share(s: &[(f64, f64)], i: usize) -> f64 {
-    let (dt, dc) = (s[i].0 - s[i - 1].0, s[i].1 - s[i - 1].1);
-    if dt > 0.0 {
-        dc / dt
-    } else {
-        0.0
+    /// Whether the walk is still under way (the run just made fell inside it).
+    pub fn still_walking(&self) -> bool {
+        (self.status)()
+            .and_then(|s| walks(&s))
+            .is_ok_and(|w| w.done == self.walk && w.walking)
     }
-}
 
-/// Indexes i where the slice (i-1, i] was busy.
-fn busy_slices(s: &[(f64, f64)]) -> impl Iterator<Item = usize> + '_ {
-    (1..s.len()).filter(|&i| share(s, i) > BUSY)
-}
-
-/// The first walk: from the first busy slice to the last slice above
-/// IDLE before a second of idleness (on a loaded machine a walking daemon
-/// may get less than BUSY of a core for a while). (first index, last
-/// index, whether the idle second came).
-fn first_walk_span(s: &[(f64, f64)]) -> Option<(usize, usize, bool)> {
-    let start = busy_slices(s).next()?;
-    let mut last = start;
-    for i in start + 1..s.len() {
-        if share(s, i) > IDLE {
-            last = i;
-        } else if s[i].0 - s[last].0 > 1.0 {
-            return Some((start, last, true));
+    /// Waits (at most `bound`) for a walk of at least `entries` entries to
+    /// end (the one under way began before the fill ended, if it read
+    /// less) and describes it.
+    pub fn finish(mut self, bound: Duration, entries: u64) -> Result<Value> {
+        let until = Instant::now() + bound;
+        loop {
+            let s = (self.status)()?;
+            let done = walks(&s)?.done;
+            if done > self.walk && s["conntrack_gc"]["last_entries"].as_u64() < Some(entries) {
+                // That walk began before the fill was through: the next.
+                self.walk = done;
+                self.seen = None;
+            } else if done > self.walk {
+                let gc = &s["conntrack_gc"];
+                let (cpu_ms, wall_ms) = (
+                    gc["last_cpu_ms"].as_f64().unwrap_or(0.0),
+                    gc["last_wall_ms"].as_f64().unwrap_or(0.0),
+                );
+                // The daemon as a whole over the part of the walk seen.
+                let process = self.seen.and_then(|(cpu0, t0)| {
+                    let cpu = proc_cpu_secs(self.pid?).ok()? - cpu0;
+                    Some(cpu / t0.elapsed().as_secs_f64())
+                });
+                return Ok(json!({
+                    "walk_seen": true,
+                    "entries": gc["last_entries"],
+                    "expired": gc["last_expired"],
+                    "walk_wall_secs": wall_ms / 1e3,
+                    "walk_cpu_secs": cpu_ms / 1e3,
+                    "walk_share_of_core": cpu_ms / wall_ms.max(1.0),
+                    "daemon_share_of_core_during_walk": process,
+                    // The next walk waits as long as this one took, at
+                    // least a second.
+                    "long_run_share_of_core": cpu_ms / (wall_ms + wall_ms.max(1000.0)),
+                }));
+            }
+            if Instant::now() >= until {
+                return Ok(json!({"walk_seen": self.seen.is_some(), "ended": false}));
+            }
+            if self.seen.is_none() {
+                // The whole daemon's CPU from the walk's start on.
+                let w = walks(&s)?;
+                if w.walking && w.done == self.walk {
+                    let cpu = self.pid.and_then(|p| proc_cpu_secs(p).ok()).unwrap_or(0.0);
+                    self.seen = Some((cpu, Instant::now()));
+                }
+            }
+            std::thread::sleep(POLL);
         }
     }
-    Some((start, last, false))
-}
-
-fn first_walk(s: &[(f64, f64)]) -> Option<(usize, usize)> {
-    first_walk_span(s).map(|(a, b, _)| (a, b))
-}
-
-fn first_walk_ended(s: &[(f64, f64)]) -> bool {
-    first_walk_span(s).is_some_and(|(_, _, ended)| ended)
 }

@@ -1172,3 +1172,56 @@ fn one_guest_socket_keeps_one_uplink_port_and_any_remote_may_answer() {
         );
     });
 }
+
+/// The GC's batched reads see every entry once, in small batches too, and
+/// pick up after entries were deleted behind and ahead of the cursor.
+#[test]
+fn conntrack_reads_in_batches_see_every_entry_once() {
+    in_netns(|| {
+        let mut n = nat(0);
+        for sport in 30000..30200 {
+            assert_eq!(n.guest(REMOTE, sport).verdict, TC_ACT_REDIRECT, "{sport}");
+        }
+        let all: std::collections::HashSet<kvnet_common::CtKey> =
+            n.dp.ct().unwrap().keys().map(|k| k.unwrap()).collect();
+        assert_eq!(all.len(), 400, "two entries a flow");
+        let fd = n.dp.ct_fd().unwrap();
+        let mut cursor = crate::datapath::batch::Cursor::default();
+        let mut read: Vec<(kvnet_common::CtKey, kvnet_common::CtEntry)> = Vec::new();
+        let mut deleted = std::collections::HashSet::new();
+        let mut batches = 0;
+        while !cursor.done() {
+            crate::datapath::batch::lookup(
+                std::os::fd::AsFd::as_fd(&fd),
+                &mut cursor,
+                16,
+                &mut read,
+            )
+            .unwrap();
+            batches += 1;
+            // Entries go while the walk pauses, as the datapath's and the
+            // GC's deletions do.
+            if batches == 3 {
+                let mut ct = n.dp.ct().unwrap();
+                for k in all.iter().step_by(7) {
+                    ct.remove(k).unwrap();
+                    deleted.insert(*k);
+                }
+            }
+        }
+        assert!(batches > 10, "read in {batches} batches");
+        let seen: Vec<kvnet_common::CtKey> = read.iter().map(|(k, _)| *k).collect();
+        let unique: std::collections::HashSet<_> = seen.iter().copied().collect();
+        assert_eq!(unique.len(), seen.len(), "an entry read twice");
+        for k in all.iter().filter(|k| !deleted.contains(k)) {
+            assert!(unique.contains(k), "entry {k:?} never read");
+        }
+        for (k, e) in &read {
+            assert_eq!(
+                *e,
+                n.dp.ct().unwrap().get(k, 0).unwrap_or(*e),
+                "value of {k:?}"
+            );
+        }
+    });
+}
