@@ -765,3 +765,99 @@ fn lacp_between_two_kvnet_hosts_aggregates_and_drops_a_silent_member_within_3s()
         "{log}"
     );
 }
+
+#[test]
+fn arp_monitoring_fails_over_when_the_path_dies_behind_a_live_link() {
+    if !privileged() {
+        return;
+    }
+    let f = fabric();
+    // s1 leaves the LAN's bridge: m1 keeps its carrier, but nothing it
+    // sends gets anywhere (a switch port out of its VLAN).
+    let path = |up: bool| {
+        let how = if up { "master br0" } else { "nomaster" };
+        f.lab.sh(&f.sw, &format!("ip link set s1 {how}")).unwrap();
+    };
+
+    // The control: a group that follows the carrier only does not notice.
+    f.k.cli(&[
+        "uplink",
+        "add",
+        "bond0",
+        "--members",
+        "m1,m2",
+        "--mode",
+        "active-backup",
+        "--primary",
+        "m1",
+        "--miimon",
+        "100",
+    ])
+    .unwrap();
+    f.lab
+        .sh(f.hv(), &format!("ip addr add {HOST_IP}/24 dev bond0"))
+        .unwrap();
+    assert!(kvnet_tests::lab::ping(&f.out, HOST_IP), "outside -> host");
+    path(false);
+    assert!(
+        kvnet_tests::lab::ping_unanswered(&f.out, HOST_IP),
+        "carrier only: the host is cut off"
+    );
+    let s = f.show();
+    assert_eq!(s["active"], "m1", "carrier only: no failover: {s:#}");
+    assert_eq!(s["failovers"], 0, "{s:#}");
+    assert_eq!(Fabric::member(&s, "m1")["arp_ok"], Value::Null);
+    path(true);
+    f.k.cli(&["uplink", "del", "bond0"]).unwrap();
+
+    // With ARP monitoring of the outside host.
+    let g = f.group_and_guests(
+        &[
+            "--mode",
+            "active-backup",
+            "--primary",
+            "m1",
+            "--arp-target",
+            OUTSIDE_IP,
+            "--arp-interval",
+            "100",
+        ],
+        1,
+    );
+    assert!(g[0].ping(OUTSIDE_IP), "guest -> outside over m1");
+    let s = f.until("both members hear the target", |s| {
+        ["m1", "m2"]
+            .iter()
+            .all(|m| Fabric::member(s, m)["arp_ok"] == true)
+    });
+    assert_eq!(s["active"], "m1", "{s:#}");
+    path(false);
+    let cut = Instant::now();
+    let s = f.until("m2 takes over", |s| s["active"] == "m2");
+    eprintln!(
+        "arp monitoring: failover {:?} after the path died",
+        cut.elapsed()
+    );
+    let m1 = Fabric::member(&s, "m1");
+    assert_eq!(m1["carrier"], true, "m1 kept its carrier: {s:#}");
+    assert_eq!(m1["arp_ok"], false, "{s:#}");
+    assert_eq!(m1["state"], "down", "{s:#}");
+    assert_eq!(s["failovers"], 1, "{s:#}");
+    assert!(g[0].ping(OUTSIDE_IP), "guest -> outside over m2");
+    assert!(
+        kvnet_tests::lab::ping(&f.out, HOST_IP),
+        "the host's address answers again"
+    );
+    let log = f.k.daemon_log();
+    assert!(
+        log.contains(
+            "uplink bond0: m1 down (no ARP from 192.0.2.100); active m1 -> m2 (failover 1)"
+        ),
+        "{log}"
+    );
+    // The path back: the primary hears the target again and takes over.
+    path(true);
+    let s = f.until("m1 (primary) takes back", |s| s["active"] == "m1");
+    assert_eq!(s["failovers"], 2, "{s:#}");
+    assert!(g[0].ping(OUTSIDE_IP), "guest -> outside over m1 again");
+}

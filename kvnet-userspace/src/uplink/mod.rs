@@ -5,6 +5,7 @@
 //! a failover moves no address: the datapath's map says which member
 //! carries traffic, and announcements make the LAN's switch follow.
 pub mod announce;
+pub mod arpmon;
 pub mod lacp;
 pub mod link;
 
@@ -35,6 +36,8 @@ pub struct Member {
     pub lacp: Option<lacp::MemberLacp>,
     /// In the aggregation (802.3ad); always true in the other modes.
     pub aggregated: bool,
+    /// `--arp-target`: its ARP monitor; else None.
+    pub arp: Option<arpmon::MemberArp>,
 }
 
 pub struct Group {
@@ -47,6 +50,8 @@ pub struct Group {
     /// The member carrying traffic (active-backup), 0 for none.
     pub active: u32,
     pub failovers: u64,
+    /// `--arp-target`: when the members last probed.
+    pub last_probe: Option<std::time::Instant>,
 }
 
 /// A change of the members carrying a group's traffic.
@@ -79,8 +84,14 @@ pub struct UplinkInfo {
 pub struct MemberInfo {
     pub name: String,
     pub ifindex: u32,
-    /// "up" (carrier) or "down".
+    /// "up" (may carry: carrier, and answers from the ARP targets when
+    /// monitored) or "down".
     pub state: String,
+    /// The link's carrier.
+    pub carrier: bool,
+    /// `--arp-target`: a target answered within 3 intervals (null when
+    /// not monitored).
+    pub arp_ok: Option<bool>,
     /// Carries traffic now (active-backup: the active one; 802.3ad: the
     /// aggregated ones; else every up member).
     pub carrying: bool,
@@ -183,6 +194,7 @@ impl Groups {
                 up: false,
                 lacp: None,
                 aggregated: spec.mode != UplinkMode::Lacp,
+                arp: None,
             });
         }
         let lead = spec.primary.as_ref().unwrap_or(&spec.members[0]);
@@ -199,6 +211,7 @@ impl Groups {
             members,
             active: 0,
             failovers: 0,
+            last_probe: None,
         };
         match group.build(dp, adopting) {
             Ok(()) => {
@@ -240,6 +253,7 @@ impl Groups {
 
     pub fn show(&self, used_by: &dyn Fn(&str) -> Vec<String>) -> Vec<UplinkInfo> {
         let links = link::states();
+        let now = std::time::Instant::now();
         self.groups
             .values()
             .map(|g| UplinkInfo {
@@ -260,6 +274,8 @@ impl Groups {
                         name: m.name.clone(),
                         ifindex: m.ifindex,
                         state: if m.up { "up" } else { "down" }.into(),
+                        carrier: links.get(&m.name).is_some_and(|l| l.carrier),
+                        arp_ok: g.arp_alive(m, now),
                         carrying: g.carries(m),
                         counters: links.get(&m.name).map(|l| l.counters).unwrap_or_default(),
                         lacp_partner: m
@@ -283,19 +299,23 @@ impl Groups {
     pub fn follow_carrier(&mut self, dp: &mut Datapath) -> Vec<Failover> {
         let mut out = Vec::new();
         let links = link::states();
+        let now = std::time::Instant::now();
         for g in self.groups.values_mut() {
             let before: Vec<(bool, bool)> =
                 g.members.iter().map(|m| (m.up, m.aggregated)).collect();
             let was_active = g.active;
             let mode = g.spec.mode;
-            for m in g.members.iter_mut() {
-                m.up = usable(&links, &m.name, mode);
+            g.arp_round(&links, now);
+            for i in 0..g.members.len() {
+                let up = usable(&links, &g.members[i].name, mode)
+                    && g.arp_alive(&g.members[i], now) != Some(false);
+                g.members[i].up = up;
             }
             if g.spec.mode == UplinkMode::Lacp {
                 g.lacp_round();
             }
-            let now: Vec<(bool, bool)> = g.members.iter().map(|m| (m.up, m.aggregated)).collect();
-            if now == before {
+            let after: Vec<(bool, bool)> = g.members.iter().map(|m| (m.up, m.aggregated)).collect();
+            if after == before {
                 continue;
             }
             g.choose_active();
@@ -309,6 +329,16 @@ impl Groups {
                 .zip(&before)
                 .filter(|(m, b)| (m.up, m.aggregated) != **b)
                 .map(|(m, (up, _))| match (m.up != *up, m.aggregated) {
+                    (true, _) if g.arp_alive(m, now) == Some(false) => format!(
+                        "{} down (no ARP from {})",
+                        m.name,
+                        g.spec
+                            .arp_target
+                            .iter()
+                            .map(|t| t.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ),
                     (true, _) => format!("{} {}", m.name, if m.up { "up" } else { "down" }),
                     (false, true) => format!("{} joined the aggregation", m.name),
                     (false, false) => format!("{} left the aggregation", m.name),
@@ -359,6 +389,12 @@ impl Groups {
             .values()
             .filter_map(|g| g.spec.miimon)
             .chain(lacp)
+            .chain(
+                self.groups
+                    .values()
+                    .filter_map(|g| g.spec.arp_every())
+                    .map(|d| d.as_millis() as u64),
+            )
             .min()
     }
 
@@ -384,6 +420,41 @@ impl Group {
             return None;
         }
         self.member_name(self.active)
+    }
+
+    /// `--arp-target`: whether `m` heard a target lately (None: not
+    /// monitored).
+    fn arp_alive(&self, m: &Member, now: std::time::Instant) -> Option<bool> {
+        let every = self.spec.arp_every()?;
+        Some(m.arp.as_ref().is_some_and(|a| a.alive(now, every)))
+    }
+
+    /// ARP monitoring's round: read what the members heard; every
+    /// interval, probe the targets out of every member with carrier (a
+    /// member that is out too, to see it come back).
+    fn arp_round(&mut self, links: &BTreeMap<String, link::LinkState>, now: std::time::Instant) {
+        let Some(every) = self.spec.arp_every() else {
+            return;
+        };
+        let targets = &self.spec.arp_target;
+        for m in self.members.iter_mut() {
+            if let Some(a) = m.arp.as_mut() {
+                a.receive(targets, now);
+            }
+        }
+        if self
+            .last_probe
+            .is_some_and(|t| now.duration_since(t) < every)
+        {
+            return;
+        }
+        self.last_probe = Some(now);
+        for m in &self.members {
+            let carrier = links.get(&m.name).is_some_and(|l| l.carrier);
+            if let (Some(a), true) = (m.arp.as_ref(), carrier) {
+                a.probe(targets);
+            }
+        }
     }
 
     fn carries(&self, m: &Member) -> bool {
@@ -504,12 +575,18 @@ impl Group {
             rtnl::link_set_up(&m.name)?;
         }
         let links = link::states();
+        let now = std::time::Instant::now();
         for (i, m) in self.members.iter_mut().enumerate() {
             m.up = usable(&links, &m.name, self.spec.mode);
             if self.spec.mode == UplinkMode::Lacp {
                 m.lacp = Some(lacp::MemberLacp::open(m.ifindex, i as u16 + 1)?);
             }
+            if !self.spec.arp_target.is_empty() {
+                let mac = arpmon::probe_mac(self.mac, i);
+                m.arp = Some(arpmon::MemberArp::open(m.ifindex, mac, now)?);
+            }
         }
+        self.arp_round(&links, now);
         self.choose_active();
         // The maps before the programs: a member's first frame already
         // belongs to the group.
