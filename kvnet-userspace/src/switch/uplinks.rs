@@ -89,20 +89,36 @@ impl Switch {
         }
         for f in self.uplinks.follow_carrier(&mut self.dp) {
             let all = self.announcements(&f);
+            let nas = self.neighbour_advertisements(&f);
             let mut sent = 0;
             for &m in &f.carriers {
-                match crate::uplink::announce::send(m, &all) {
+                match crate::uplink::announce::send(m, &all, &nas) {
                     Ok(n) => sent += n,
                     Err(e) => log::warn!("uplink {}: announcing: {e:#}", f.group),
                 }
             }
             eprintln!(
-                "uplink {}: {}; announced {} MAC(s) ({sent} frames)",
+                "uplink {}: {}; announced {} MAC(s), {} IPv6 address(es) ({sent} frames)",
                 f.group,
                 f.what,
-                all.len()
+                all.len(),
+                nas.len()
             );
         }
+    }
+
+    /// An unsolicited NA for each of the host's IPv6 addresses on the
+    /// group (global and link-local). Guests' IPv6 addresses are not
+    /// known to kvnet on a bridged network (no ND table); their MACs'
+    /// announcements move them in the LAN's switch all the same.
+    fn neighbour_advertisements(&self, f: &Failover) -> Vec<Vec<u8>> {
+        let Some(g) = self.uplinks.groups.get(&f.group) else {
+            return Vec::new();
+        };
+        crate::uplink::announce::ipv6_of(&f.group)
+            .into_iter()
+            .map(|a| crate::uplink::announce::unsolicited_na(g.mac, a))
+            .collect()
     }
 
     /// The group's own MAC (with the host's address on it) and every MAC
