@@ -861,3 +861,164 @@ fn arp_monitoring_fails_over_when_the_path_dies_behind_a_live_link() {
     assert_eq!(s["failovers"], 2, "{s:#}");
     assert!(g[0].ping(OUTSIDE_IP), "guest -> outside over m1 again");
 }
+
+/// Unsolicited neighbour advertisements in a capture: (target, option MAC,
+/// Ethernet source).
+fn unsolicited_nas(frames: &[kvnet_tests::Frame]) -> Vec<(std::net::Ipv6Addr, [u8; 6], [u8; 6])> {
+    frames
+        .iter()
+        .filter(|f| f.data.len() >= 86 && f.ethertype() == 0x86dd)
+        .filter(|f| f.data[20] == 58 && f.data[54] == 136 && f.data[78] == 2)
+        .map(|f| {
+            let t: [u8; 16] = f.data[62..78].try_into().unwrap();
+            let m: [u8; 6] = f.data[80..86].try_into().unwrap();
+            (std::net::Ipv6Addr::from(t), m, f.src_mac())
+        })
+        .collect()
+}
+
+#[test]
+fn a_failover_sends_unsolicited_nas_for_the_hosts_ipv6_addresses() {
+    if !privileged() {
+        return;
+    }
+    let f = fabric();
+    f.k.cli(&[
+        "uplink",
+        "add",
+        "bond0",
+        "--members",
+        "m1,m2",
+        "--mode",
+        "active-backup",
+        "--primary",
+        "m1",
+        "--miimon",
+        "100",
+    ])
+    .unwrap();
+    // IPv6 on the group alone (the lab has it off elsewhere), no DAD so
+    // the addresses are usable at once.
+    f.lab
+        .sh(
+            f.hv(),
+            "sysctl -qw net.ipv6.conf.bond0.accept_dad=0 net.ipv6.conf.bond0.disable_ipv6=0 && \
+             ip addr add 2001:db8::1/64 dev bond0 nodad",
+        )
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    while !f
+        .lab
+        .sh(f.hv(), "ip -6 addr show dev bond0 scope link")
+        .unwrap_or_default()
+        .contains("fe80::")
+    {
+        assert!(Instant::now() < end, "bond0 has no link-local address");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let group_mac = kvnet_tests::lab::read_mac(f.hv(), "bond0").unwrap();
+    let c2 = Capture::start(&f.sw, "s2").unwrap();
+    f.cable("s1", false);
+    f.until("m2 takes over", |g| g["active"] == "m2");
+    let frames = c2
+        .stop_when("NAs for both addresses", Duration::from_secs(5), |fr| {
+            unsolicited_nas(fr).len() >= 2
+        })
+        .unwrap();
+    let nas = unsolicited_nas(&frames);
+    eprintln!("unsolicited NAs out of m2: {nas:?}");
+    let global: std::net::Ipv6Addr = "2001:db8::1".parse().unwrap();
+    for what in ["global", "link-local"] {
+        let na = nas
+            .iter()
+            .find(|(t, _, _)| match what {
+                "global" => *t == global,
+                _ => t.segments()[0] == 0xfe80,
+            })
+            .unwrap_or_else(|| panic!("no NA for the {what} address: {nas:?}"));
+        assert_eq!(
+            na.1, group_mac,
+            "{what}: the group's MAC as target link-layer address"
+        );
+        assert_eq!(na.2, group_mac, "{what}: sent from the group's MAC");
+    }
+    let log = f.k.daemon_log();
+    assert!(log.contains("2 IPv6 address(es)"), "{log}");
+}
+
+/// `kvnet trace --ip IP --json` while `ping_once` runs until `count`
+/// events came: the events.
+fn trace_events(f: &Fabric, ip: &str, count: usize, ping_once: &dyn Fn()) -> Vec<Value> {
+    let out_path = f.lab.work_dir().join("trace.jsonl");
+    let mut cmd = Command::new(f.k.bin());
+    cmd.arg("--socket")
+        .arg(f.k.socket())
+        .arg("trace")
+        .arg("--pin-dir")
+        .arg(f.lab.pin_dir())
+        .args(["--ip", ip, "--count", &count.to_string(), "--json"])
+        .stdout(Stdio::from(std::fs::File::create(&out_path).unwrap()))
+        .stderr(Stdio::null());
+    let tracer = f.lab.spawn(f.hv(), cmd).unwrap();
+    let mut ended = None;
+    for _ in 0..50 {
+        ping_once();
+        ended = tracer.wait_timeout(Duration::from_millis(100)).unwrap();
+        if ended.is_some() {
+            break;
+        }
+    }
+    let text = std::fs::read_to_string(&out_path).unwrap();
+    assert!(
+        ended.is_some_and(|s| s.success()),
+        "trace did not end:\n{text}"
+    );
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn trace_names_the_member_a_frame_leaves_the_group_by() {
+    if !privileged() {
+        return;
+    }
+    let f = fabric();
+    let g = f.group_and_guests(
+        &[
+            "--mode",
+            "active-backup",
+            "--primary",
+            "m1",
+            "--miimon",
+            "100",
+        ],
+        1,
+    );
+    assert!(g[0].ping(OUTSIDE_IP));
+    let ping_once = || {
+        g[0].sh(&format!("ping -c 1 -W 1 {OUTSIDE_IP} >/dev/null || true"))
+            .unwrap();
+    };
+    let out_of_group = |events: &[Value]| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e["hook"] == "tc_out" && e["ingress"] == "bond0")
+            .map(|e| e["egress"].as_str().unwrap_or("-").to_string())
+            .collect()
+    };
+    let events = trace_events(&f, "192.0.2.11", 6, &ping_once);
+    let members = out_of_group(&events);
+    assert!(
+        !members.is_empty() && members.iter().all(|m| m == "m1"),
+        "the echo requests leave bond0 by m1: {members:?}\n{events:#?}"
+    );
+    f.cable("s1", false);
+    f.until("m2 takes over", |g| g["active"] == "m2");
+    let events = trace_events(&f, "192.0.2.11", 6, &ping_once);
+    let members = out_of_group(&events);
+    assert!(
+        !members.is_empty() && members.iter().all(|m| m == "m2"),
+        "after the failover, by m2: {members:?}\n{events:#?}"
+    );
+}
