@@ -144,6 +144,48 @@ impl UplinkSpec {
     }
 }
 
+impl UplinkSpec {
+    /// What changes from `self` to `new`, for `apply`'s plan.
+    pub fn changes_to(&self, new: &UplinkSpec) -> Vec<String> {
+        fn show<T: std::fmt::Debug>(v: &Option<T>) -> String {
+            v.as_ref()
+                .map_or("-".into(), |v| format!("{v:?}").to_lowercase())
+        }
+        let mut c = Vec::new();
+        if self.members != new.members {
+            c.push(format!(
+                "members {} -> {}",
+                self.members.join(","),
+                new.members.join(",")
+            ));
+        }
+        if self.mode != new.mode {
+            c.push(format!("mode {} -> {}", self.mode.name(), new.mode.name()));
+        }
+        if self.hash != new.hash {
+            c.push(format!("hash {} -> {}", show(&self.hash), show(&new.hash)));
+        }
+        if self.primary != new.primary {
+            c.push(format!(
+                "primary {} -> {}",
+                show(&self.primary),
+                show(&new.primary)
+            ));
+        }
+        if self.miimon != new.miimon {
+            c.push(format!(
+                "miimon {} -> {}",
+                show(&self.miimon),
+                show(&new.miimon)
+            ));
+        }
+        if self.arp_target != new.arp_target || self.arp_interval != new.arp_interval {
+            c.push("arp monitoring".into());
+        }
+        c
+    }
+}
+
 /// As bonding's `arp_ip_target`.
 pub const MAX_ARP_TARGETS: usize = 16;
 

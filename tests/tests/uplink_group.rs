@@ -1022,3 +1022,198 @@ fn trace_names_the_member_a_frame_leaves_the_group_by() {
         "after the failover, by m2: {members:?}\n{events:#?}"
     );
 }
+
+#[test]
+fn members_get_their_own_macs_back_after_a_restart_and_from_down_without_a_daemon() {
+    if !privileged() {
+        return;
+    }
+    let Fabric { lab, sw, out, k } = fabric();
+    let hv = lab.hv().to_string();
+    let mac_of = |i: &str| kvnet_tests::lab::read_mac(&hv, i).unwrap();
+    let promisc = |i: &str| {
+        lab.sh(&hv, &format!("ip -d link show {i}"))
+            .unwrap()
+            .contains("promiscuity 1")
+    };
+    let (m1_mac, m2_mac) = (mac_of("m1"), mac_of("m2"));
+    let add = |k: &Kvnet| {
+        k.cli(&[
+            "uplink",
+            "add",
+            "bond0",
+            "--members",
+            "m1,m2",
+            "--mode",
+            "active-backup",
+            "--primary",
+            "m1",
+        ])
+        .unwrap();
+    };
+    add(&k);
+    assert_eq!(mac_of("m2"), m1_mac, "m2 wears the group's MAC (m1's)");
+    assert!(promisc("m2"));
+
+    // A restarted daemon adopts the group; deleting it then gives m2 the
+    // MAC it had before the first daemon took it.
+    k.stop().unwrap();
+    let k = Kvnet::start(&lab).unwrap();
+    assert_eq!(k.json(&["uplink", "show"]).unwrap()[0]["name"], "bond0");
+    k.cli(&["uplink", "del", "bond0"]).unwrap();
+    assert_eq!(mac_of("m2"), m2_mac, "m2's own MAC after an adopted del");
+    assert_eq!(mac_of("m1"), m1_mac);
+    assert!(!promisc("m2") && !promisc("m1"), "members not promiscuous");
+
+    // A killed daemon: `kvnet down` alone removes the group's device and
+    // restores the members (across a restart too).
+    add(&k);
+    k.stop().unwrap();
+    let k = Kvnet::start(&lab).unwrap();
+    let bin = k.bin().to_path_buf();
+    k.kill().unwrap();
+    assert!(
+        lab.sh(&hv, "ip link show bond0").is_ok(),
+        "the group outlives its daemon"
+    );
+    let down = kvnet_tests::kvnet::down_without_daemon(&lab, &bin).unwrap();
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert!(lab.sh(&hv, "ip link show bond0").is_err(), "bond0 is gone");
+    assert_eq!(mac_of("m2"), m2_mac, "m2's own MAC after down");
+    assert_eq!(mac_of("m1"), m1_mac);
+    assert!(!promisc("m2") && !promisc("m1"), "members not promiscuous");
+    let tc = lab.sh(&hv, "tc filter show dev m1 ingress").unwrap();
+    assert!(tc.trim().is_empty(), "no kvnet filter left on m1: {tc}");
+    drop((sw, out));
+}
+
+#[test]
+fn apply_changes_a_group_in_use_in_place() {
+    if !privileged() {
+        return;
+    }
+    let f = fabric();
+    let hv = f.hv().to_string();
+    // A third member, cabled to the switch like the others.
+    f.lab
+        .sh(
+            &hv,
+            &format!(
+                "ip link add m3 type veth peer name s3 netns {} && ip link set m3 up",
+                f.sw
+            ),
+        )
+        .unwrap();
+    f.lab
+        .sh(&f.sw, "ip link set s3 master br0 && ip link set s3 up")
+        .unwrap();
+    let m3_mac = kvnet_tests::lab::read_mac(&hv, "m3").unwrap();
+    let file = f.lab.work_dir().join("group.toml");
+    let write = |group: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "[[uplinks]]\nname = \"bond0\"\n{group}\n\n\
+                 [networks.lan]\nmode = \"bridged\"\nuplink = \"bond0\"\n\n\
+                 [[ports]]\niface = \"p1\"\nnet = \"lan\"\n"
+            ),
+        )
+        .unwrap();
+    };
+    let g = f.lab.add_guest_with("p1", Some("192.0.2.11/24")).unwrap();
+    g.disable_ipv6().unwrap();
+    write("members = [\"m1\", \"m2\"]\nmode = \"active-backup\"\nprimary = \"m1\"\nmiimon = 100");
+    let path = file.to_str().unwrap();
+    f.k.cli(&["apply", path]).unwrap();
+    assert!(
+        g.ping(OUTSIDE_IP),
+        "guest -> outside over bond0 (active-backup)"
+    );
+    let ifindex = f.show()["ifindex"].clone();
+
+    // balance-rr over m1,m2,m3: planned as a change, done in place.
+    write("members = [\"m1\", \"m2\", \"m3\"]\nmode = \"balance-rr\"\nmiimon = 100");
+    let plan = f.k.cli(&["apply", path, "--dry-run"]).unwrap();
+    assert!(
+        plan.contains(
+            "~ uplink bond0: members m1,m2 -> m1,m2,m3, mode active-backup -> balance-rr"
+        ) && !plan.contains("- uplink")
+            && !plan.contains("network"),
+        "{plan}"
+    );
+    f.k.cli(&["apply", path]).unwrap();
+    let s = f.show();
+    assert_eq!(s["ifindex"], ifindex, "the same device: {s:#}");
+    assert_eq!(s["mode"], "balance-rr", "{s:#}");
+    assert_eq!(s["used_by"][0], "lan", "{s:#}");
+    let s = f.until("m3 carries", |s| {
+        Fabric::member(s, "m3")["carrying"] == true
+    });
+    assert_eq!(s["members"].as_array().unwrap().len(), 3, "{s:#}");
+    assert_ne!(
+        kvnet_tests::lab::read_mac(&hv, "m3").unwrap(),
+        m3_mac,
+        "m3 wears the group's MAC"
+    );
+    // Round robin over three members: each takes some of 12 requests.
+    let caps: Vec<Capture> = ["s1", "s2", "s3"]
+        .iter()
+        .map(|s| Capture::start(&f.sw, s).unwrap())
+        .collect();
+    g.sh(&format!("ping -q -c 12 -i 0.05 {OUTSIDE_IP} || true"))
+        .unwrap();
+    let guest_ip = [192, 0, 2, 11];
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut seen = vec![0; 3];
+    while seen.iter().sum::<usize>() < 12 && Instant::now() < end {
+        for (i, c) in caps.iter().enumerate() {
+            seen[i] = echo_requests(&c.frames().unwrap(), guest_ip);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("balance-rr after apply: requests per member {seen:?}");
+    assert_eq!(seen.iter().sum::<usize>(), 12, "{seen:?}");
+    assert!(
+        seen.iter().all(|n| *n >= 2),
+        "every member takes its turn: {seen:?}"
+    );
+
+    // m2 leaves: it gets its own MAC back and carries nothing.
+    write("members = [\"m1\", \"m3\"]\nmode = \"balance-rr\"\nmiimon = 100");
+    f.k.cli(&["apply", path]).unwrap();
+    let s = f.show();
+    assert_eq!(s["members"].as_array().unwrap().len(), 2, "{s:#}");
+    assert!(
+        !f.lab
+            .sh(&hv, "ip -d link show m2")
+            .unwrap()
+            .contains("promiscuity 1"),
+        "m2 left"
+    );
+    assert!(g.ping(OUTSIDE_IP), "guest -> outside over m1,m3");
+    // A change that cannot be made is refused and changes nothing.
+    f.k.cli(&["net", "add", "iso", "--mode", "isolated"])
+        .unwrap();
+    f.k.cli(&["port", "add", "iso", "m2"]).unwrap();
+    // (In the file too: else the apply would free m2 first.)
+    write(
+        "members = [\"m1\", \"m2\", \"m3\"]\nmode = \"balance-rr\"\nmiimon = 100\n\n\
+         [networks.iso]\nmode = \"isolated\"\n\n[[ports]]\niface = \"m2\"\nnet = \"iso\"",
+    );
+    let e = f.k.cli_err(&["apply", path]).unwrap();
+    assert!(
+        e.contains("changing uplink group 'bond0'")
+            && e.contains("'m2' is a port of network 'iso'"),
+        "{e}"
+    );
+    let s = f.show();
+    assert_eq!(
+        s["members"].as_array().unwrap().len(),
+        2,
+        "unchanged: {s:#}"
+    );
+}

@@ -60,21 +60,45 @@ impl Switch {
         self.uplinks.del(&mut self.dp, name, &riders)
     }
 
-    /// What applying `want` changes: groups to add, groups to remove (a
-    /// changed group is both).
-    pub fn uplinks_plan(&self, want: &[UplinkSpec]) -> (Vec<String>, Vec<String>) {
+    /// What applying `want` changes: groups to add, to remove, to change
+    /// in place.
+    pub fn uplinks_plan(
+        &self,
+        want: &[UplinkSpec],
+    ) -> (Vec<String>, Vec<String>, Vec<crate::config::UplinkChange>) {
         let have = &self.uplinks.groups;
         let added = want
             .iter()
-            .filter(|w| have.get(&w.name).is_none_or(|g| g.spec != **w))
+            .filter(|w| !have.contains_key(&w.name))
             .map(|w| w.name.clone())
             .collect();
         let removed = have
-            .values()
-            .filter(|g| !want.contains(&g.spec))
-            .map(|g| g.spec.name.clone())
+            .keys()
+            .filter(|n| !want.iter().any(|w| &w.name == *n))
+            .cloned()
             .collect();
-        (added, removed)
+        let changed = want
+            .iter()
+            .filter_map(|w| {
+                let g = have.get(&w.name)?;
+                (g.spec != *w).then(|| crate::config::UplinkChange {
+                    name: w.name.clone(),
+                    changes: g.spec.changes_to(w),
+                })
+            })
+            .collect();
+        (added, removed, changed)
+    }
+
+    /// A group changed in place (`apply`): networks on it stay.
+    pub fn uplink_update(&mut self, spec: &UplinkSpec) -> Result<()> {
+        let users: std::collections::BTreeMap<String, String> = spec
+            .members
+            .iter()
+            .filter_map(|m| self.iface_user(m).map(|u| (m.clone(), u)))
+            .collect();
+        self.uplinks
+            .update(&mut self.dp, spec, &|m: &str| users.get(m).cloned())
     }
 
     pub fn uplink_show(&self) -> Vec<UplinkInfo> {
