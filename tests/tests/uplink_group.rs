@@ -400,6 +400,39 @@ fn broadcast_and_round_robin_leave_by_the_members_their_mode_says() {
         "broadcast: every request out of m2"
     );
 
+    // No loops: the guest's broadcasts leave by both members, the LAN's
+    // bridge floods each copy back into the other member, and kvnet drops
+    // those (hairpin) instead of switching them out again: the outside
+    // gets exactly the two copies of each.
+    let n = 20;
+    let hairpin_before = f.k.port_drops("bond0", "hairpin");
+    let outside = Capture::start(&f.out, "eth0").unwrap();
+    let frame = kvnet_tests::eth_frame([0xff; 6], g[0].mac, 0x88b5, b"loop?");
+    for _ in 0..n {
+        kvnet_tests::inject(&g[0].ns, "eth0", std::slice::from_ref(&frame)).unwrap();
+        thread::sleep(Duration::from_millis(5));
+    }
+    let ours = |fr: &[kvnet_tests::Frame]| {
+        count_frames(fr, |x| x.ethertype() == 0x88b5 && x.src_mac() == g[0].mac)
+    };
+    let end = Instant::now() + timeout;
+    while ours(&outside.frames().unwrap()) < 2 * n && Instant::now() < end {
+        thread::sleep(Duration::from_millis(50));
+    }
+    // (A loop would go on multiplying them: give it the time to show.)
+    thread::sleep(Duration::from_millis(300));
+    let got = ours(&outside.stop().unwrap());
+    eprintln!("broadcast: {n} broadcasts, {got} copies at the outside");
+    assert!(
+        (n..=2 * n).contains(&got),
+        "each broadcast reaches the outside once per member at most: {got}"
+    );
+    let hairpin = f.k.port_drops("bond0", "hairpin") - hairpin_before;
+    assert!(
+        hairpin >= n as u64,
+        "the copies flooded back into the group were dropped: {hairpin}"
+    );
+
     // The same lab as balance-rr: the network goes, the group with it.
     f.k.cli(&["net", "del", "lan"]).unwrap();
     f.k.cli(&["uplink", "del", "bond0"]).unwrap();
@@ -764,6 +797,28 @@ fn lacp_between_two_kvnet_hosts_aggregates_and_drops_a_silent_member_within_3s()
         log.contains("uplink bond0: m2 left the aggregation"),
         "{log}"
     );
+
+    // m2 hears its partner again and rejoins; then its cable is pulled
+    // (the far end goes down): out of the aggregation at once.
+    a.sh(&ha, "nft delete table netdev kvlacp").unwrap();
+    until("m2 rejoins", Duration::from_secs(6), &|| {
+        carrying(&ka).len() == 2 && carrying(&kb).len() == 2
+    });
+    b.sh(&hb, "ip link set n2 down").unwrap();
+    let pulled = Instant::now();
+    until(
+        "m2 leaves on the pulled cable",
+        Duration::from_secs(3),
+        &|| carrying(&ka) == ["m1"],
+    );
+    eprintln!(
+        "802.3ad: m2 left the aggregation {:?} after its cable was pulled",
+        pulled.elapsed()
+    );
+    assert!(
+        kvnet_tests::lab::ping(&ha, "192.0.2.2"),
+        "traffic goes on over m1 after the pull"
+    );
 }
 
 #[test]
@@ -883,20 +938,18 @@ fn a_failover_sends_unsolicited_nas_for_the_hosts_ipv6_addresses() {
         return;
     }
     let f = fabric();
-    f.k.cli(&[
-        "uplink",
-        "add",
-        "bond0",
-        "--members",
-        "m1,m2",
-        "--mode",
-        "active-backup",
-        "--primary",
-        "m1",
-        "--miimon",
-        "100",
-    ])
-    .unwrap();
+    let guests = f.group_and_guests(
+        &[
+            "--mode",
+            "active-backup",
+            "--primary",
+            "m1",
+            "--miimon",
+            "100",
+        ],
+        1,
+    );
+    assert!(guests[0].ping(OUTSIDE_IP), "the guest's MAC is learned");
     // IPv6 on the group alone (the lab has it off elsewhere), no DAD so
     // the addresses are usable at once.
     f.lab
@@ -942,6 +995,16 @@ fn a_failover_sends_unsolicited_nas_for_the_hosts_ipv6_addresses() {
         );
         assert_eq!(na.2, group_mac, "{what}: sent from the group's MAC");
     }
+    // And the IPv4 side: a gratuitous ARP for the host's address from the
+    // group's MAC, and the guest's MAC announced (GARP with its address
+    // when ARP suppression knows it, else RARP).
+    let garp = |mac: [u8; 6]| {
+        count_frames(&frames, |x| {
+            matches!(x.ethertype(), 0x0806 | 0x8035) && x.src_mac() == mac && x.is_broadcast()
+        })
+    };
+    assert!(garp(group_mac) >= 1, "the host's address announced");
+    assert!(garp(guests[0].mac) >= 1, "the guest's MAC announced");
     let log = f.k.daemon_log();
     assert!(log.contains("2 IPv6 address(es)"), "{log}");
 }
