@@ -14,6 +14,15 @@ use serde_json::Value;
 
 const OUTSIDE_IP: &str = "192.0.2.100";
 const HOST_IP: &str = "192.0.2.1";
+/// Active-backup with m1 primary, carrier polled every 100 ms.
+const ACTIVE_BACKUP_M1: &[&str] = &[
+    "--mode",
+    "active-backup",
+    "--primary",
+    "m1",
+    "--miimon",
+    "100",
+];
 
 struct Fabric {
     lab: Lab,
@@ -26,38 +35,15 @@ struct Fabric {
 /// hv m1/m2 <-> switch s1/s2 on br0 <-> outside eth0 (192.0.2.100).
 fn fabric() -> Fabric {
     let lab = Lab::new().unwrap();
-    let sw = lab.add_netns("sw").unwrap();
-    let out = lab.add_netns("out").unwrap();
-    let hv = lab.hv().to_string();
-    lab.sh(&sw, "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1; ip link add br0 type bridge; ip link set br0 up")
-        .unwrap();
     lab.sh(
-        &hv,
+        lab.hv(),
         "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1",
     )
     .unwrap();
-    for (m, s) in [("m1", "s1"), ("m2", "s2")] {
-        lab.sh(
-            &hv,
-            &format!("ip link add {m} type veth peer name {s} netns {sw} && ip link set {m} up"),
-        )
+    let lan = lab
+        .add_lan_switch(&[("m1", "s1"), ("m2", "s2")], &format!("{OUTSIDE_IP}/24"))
         .unwrap();
-        lab.sh(
-            &sw,
-            &format!("ip link set {s} master br0 && ip link set {s} up"),
-        )
-        .unwrap();
-    }
-    lab.sh(
-        &sw,
-        &format!("ip link add so type veth peer name eth0 netns {out} && ip link set so master br0 && ip link set so up"),
-    )
-    .unwrap();
-    lab.sh(
-        &out,
-        &format!("sysctl -qw net.ipv6.conf.all.disable_ipv6=1; ip link set eth0 up; ip addr add {OUTSIDE_IP}/24 dev eth0"),
-    )
-    .unwrap();
+    let (sw, out) = (lan.ns, lan.outside);
     let k = Kvnet::start(&lab).unwrap();
     Fabric { lab, sw, out, k }
 }
@@ -70,9 +56,7 @@ impl Fabric {
     /// Group bond0 over m1,m2 with `args`, the host's address on it, and a
     /// bridged network `lan` on it with guests p1.. (192.0.2.11..).
     fn group_and_guests(&self, args: &[&str], guests: usize) -> Vec<GuestPort> {
-        let mut cmd = vec!["uplink", "add", "bond0", "--members", "m1,m2"];
-        cmd.extend_from_slice(args);
-        self.k.cli(&cmd).unwrap();
+        self.group(args);
         self.lab
             .sh(self.hv(), &format!("ip addr add {HOST_IP}/24 dev bond0"))
             .unwrap();
@@ -93,6 +77,13 @@ impl Fabric {
                 g
             })
             .collect()
+    }
+
+    /// Group bond0 over m1,m2 with `args`.
+    fn group(&self, args: &[&str]) {
+        let mut cmd = vec!["uplink", "add", "bond0", "--members", "m1,m2"];
+        cmd.extend_from_slice(args);
+        self.k.cli(&cmd).unwrap();
     }
 
     fn show(&self) -> Value {
@@ -183,17 +174,7 @@ fn active_backup_fails_over_within_100ms_and_back() {
         return;
     }
     let f = fabric();
-    let g = f.group_and_guests(
-        &[
-            "--mode",
-            "active-backup",
-            "--primary",
-            "m1",
-            "--miimon",
-            "100",
-        ],
-        1,
-    );
+    let g = f.group_and_guests(ACTIVE_BACKUP_M1, 1);
     let g1 = &g[0];
     assert!(g1.ping(OUTSIDE_IP), "guest -> outside over the group");
     assert!(
@@ -835,20 +816,7 @@ fn arp_monitoring_fails_over_when_the_path_dies_behind_a_live_link() {
     };
 
     // The control: a group that follows the carrier only does not notice.
-    f.k.cli(&[
-        "uplink",
-        "add",
-        "bond0",
-        "--members",
-        "m1,m2",
-        "--mode",
-        "active-backup",
-        "--primary",
-        "m1",
-        "--miimon",
-        "100",
-    ])
-    .unwrap();
+    f.group(ACTIVE_BACKUP_M1);
     f.lab
         .sh(f.hv(), &format!("ip addr add {HOST_IP}/24 dev bond0"))
         .unwrap();
@@ -938,17 +906,7 @@ fn a_failover_sends_unsolicited_nas_for_the_hosts_ipv6_addresses() {
         return;
     }
     let f = fabric();
-    let guests = f.group_and_guests(
-        &[
-            "--mode",
-            "active-backup",
-            "--primary",
-            "m1",
-            "--miimon",
-            "100",
-        ],
-        1,
-    );
+    let guests = f.group_and_guests(ACTIVE_BACKUP_M1, 1);
     assert!(guests[0].ping(OUTSIDE_IP), "the guest's MAC is learned");
     // IPv6 on the group alone (the lab has it off elsewhere), no DAD so
     // the addresses are usable at once.
@@ -1047,17 +1005,7 @@ fn trace_names_the_member_a_frame_leaves_the_group_by() {
         return;
     }
     let f = fabric();
-    let g = f.group_and_guests(
-        &[
-            "--mode",
-            "active-backup",
-            "--primary",
-            "m1",
-            "--miimon",
-            "100",
-        ],
-        1,
-    );
+    let g = f.group_and_guests(ACTIVE_BACKUP_M1, 1);
     assert!(g[0].ping(OUTSIDE_IP));
     let ping_once = || {
         g[0].sh(&format!("ping -c 1 -W 1 {OUTSIDE_IP} >/dev/null || true"))

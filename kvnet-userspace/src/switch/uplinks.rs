@@ -45,12 +45,16 @@ impl Switch {
             .collect()
     }
 
-    pub fn uplink_add(&mut self, spec: &UplinkSpec) -> Result<()> {
-        let users: std::collections::BTreeMap<String, String> = spec
-            .members
+    /// What else uses each of `spec`'s members (those used at all).
+    fn member_users(&self, spec: &UplinkSpec) -> std::collections::BTreeMap<String, String> {
+        spec.members
             .iter()
             .filter_map(|m| self.iface_user(m).map(|u| (m.clone(), u)))
-            .collect();
+            .collect()
+    }
+
+    pub fn uplink_add(&mut self, spec: &UplinkSpec) -> Result<()> {
+        let users = self.member_users(spec);
         self.uplinks
             .add(&mut self.dp, spec, &|m: &str| users.get(m).cloned())
     }
@@ -92,11 +96,7 @@ impl Switch {
 
     /// A group changed in place (`apply`): networks on it stay.
     pub fn uplink_update(&mut self, spec: &UplinkSpec) -> Result<()> {
-        let users: std::collections::BTreeMap<String, String> = spec
-            .members
-            .iter()
-            .filter_map(|m| self.iface_user(m).map(|u| (m.clone(), u)))
-            .collect();
+        let users = self.member_users(spec);
         self.uplinks
             .update(&mut self.dp, spec, &|m: &str| users.get(m).cloned())
     }

@@ -131,21 +131,8 @@ impl MemberArp {
         if rc != 0 {
             return Err(std::io::Error::last_os_error()).context("ARP monitoring: socket filter");
         }
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = ETH_P_ALL.to_be();
-        sll.sll_ifindex = ifindex as i32;
-        let rc = unsafe {
-            libc::bind(
-                sock.as_raw_fd(),
-                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("binding the ARP monitoring socket");
-        }
+        super::link::bind_packet(&sock, ifindex, ETH_P_ALL)
+            .context("binding the ARP monitoring socket")?;
         Ok(MemberArp {
             sock,
             probe_mac,
