@@ -35,7 +35,8 @@ pub const TRACE_ROUTE: u8 = 4;
 pub const TRACE_NAT_OUT: u8 = 5;
 pub const TRACE_NAT_IN: u8 = 6;
 pub const TRACE_TO_HOST: u8 = 7;
-/// tc egress of an uplink (host frames to guests, the NAT guard).
+/// tc egress of an uplink (host frames to guests, the NAT guard); of an
+/// uplink group's device, `egress` is the member chosen (0: all of them).
 pub const TRACE_EGRESS: u8 = 8;
 /// An ARP request answered in the datapath (suppression).
 pub const TRACE_ARP_REPLY: u8 = 9;

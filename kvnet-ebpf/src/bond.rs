@@ -113,15 +113,16 @@ pub fn admit(ctx: &TcContext, group: u32) -> Option<i32> {
 }
 
 /// tc egress of a group device: out of the member its mode picks (all of
-/// them for broadcast). None: `ifindex` is no group.
+/// them for broadcast): the verdict and the member (0 for none or all).
+/// None: `ifindex` is no group.
 #[inline(always)]
-pub fn out(ctx: &TcContext, ifindex: u32) -> Option<i32> {
+pub fn out(ctx: &TcContext, ifindex: u32) -> Option<(i32, u32)> {
     let g = unsafe { UPLINK_GROUPS.get(&ifindex) }?;
     let count = (g.count as usize).min(MAX_UPLINK_MEMBERS);
     if count == 0 {
         // No member has carrier: as a bond without slaves, drop.
         stats::drop(ifindex, kvnet_common::DropReason::RedirectFailed);
-        return Some(TC_ACT_SHOT);
+        return Some((TC_ACT_SHOT, 0));
     }
     let len = ctx.len() as u64;
     let egress = match g.mode {
@@ -132,7 +133,7 @@ pub fn out(ctx: &TcContext, ifindex: u32) -> Option<i32> {
                     stats::tx(g.members[i], len);
                 }
             }
-            return Some(TC_ACT_SHOT);
+            return Some((TC_ACT_SHOT, 0));
         }
         UPLINK_MODE_BALANCE_RR => {
             let turn = UPLINK_RR.get_ptr_mut(0)?;
@@ -146,10 +147,10 @@ pub fn out(ctx: &TcContext, ifindex: u32) -> Option<i32> {
         _ => nth(g, flow_hash(ctx, g.hash) as usize % count),
     };
     if egress == 0 {
-        return Some(TC_ACT_SHOT);
+        return Some((TC_ACT_SHOT, 0));
     }
     stats::tx(egress, len);
-    Some(unsafe { bpf_redirect(egress, 0) } as i32)
+    Some((unsafe { bpf_redirect(egress, 0) } as i32, egress))
 }
 
 /// Member `n`, with constant indexes only: LLVM drops a mask after a

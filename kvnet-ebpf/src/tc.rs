@@ -302,15 +302,17 @@ fn nat_sent(ctx: &TcContext, ingress: u32, rc: i32, egress: u32) -> i32 {
 #[inline(always)]
 pub fn egress(ctx: TcContext) -> i32 {
     let mut rc = egress_act(&ctx);
+    // An uplink group's device: on to the member its mode picks (the
+    // trace's egress; 0 for broadcast's every member).
+    let mut member = 0;
     if rc == TC_ACT_OK {
-        // An uplink group's device: on to the member its mode picks.
-        if let Some(r) = bond::out(&ctx, unsafe { (*ctx.skb.skb).ifindex }) {
-            rc = r;
+        if let Some((r, m)) = bond::out(&ctx, unsafe { (*ctx.skb.skb).ifindex }) {
+            (rc, member) = (r, m);
         }
     }
     if trace::on() {
         let uplink = unsafe { (*ctx.skb.skb).ifindex };
-        trace::begin_tc(&ctx, TRACE_HOOK_TC_OUT, uplink, 0, TRACE_EGRESS, 0, 0);
+        trace::begin_tc(&ctx, TRACE_HOOK_TC_OUT, uplink, 0, TRACE_EGRESS, member, 0);
         trace::finish_tc(&ctx, rc);
     }
     rc

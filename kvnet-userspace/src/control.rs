@@ -916,6 +916,8 @@ mod tests {
                         hash: None,
                         primary: None,
                         miimon: None,
+                        arp_target: Vec::new(),
+                        arp_interval: None,
                     },
                 },
                 false,

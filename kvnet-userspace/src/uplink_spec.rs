@@ -74,6 +74,16 @@ pub struct UplinkSpec {
     #[arg(long, value_name = "MS")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub miimon: Option<u64>,
+    /// ARP monitoring: probe these IPv4 addresses out of every member; a
+    /// member whose link is up but hears no answer is out (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "IP")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub arp_target: Vec<std::net::Ipv4Addr>,
+    /// How often the ARP targets are probed (default 1000 ms); a member
+    /// without an answer for 3 intervals is out.
+    #[arg(long, value_name = "MS", requires = "arp_target")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arp_interval: Option<u64>,
 }
 
 impl UplinkSpec {
@@ -112,9 +122,72 @@ impl UplinkSpec {
         if self.miimon == Some(0) {
             bail!("uplink group '{n}': miimon must be at least 1 ms");
         }
+        if self.arp_interval == Some(0) {
+            bail!("uplink group '{n}': arp-interval must be at least 1 ms");
+        }
+        if self.arp_interval.is_some() && self.arp_target.is_empty() {
+            bail!("uplink group '{n}': arp-interval without arp-target");
+        }
+        if !self.arp_target.is_empty() && self.mode == UplinkMode::Lacp {
+            bail!("uplink group '{n}': 802.3ad monitors its members by LACP; drop arp-target");
+        }
+        if self.arp_target.len() > MAX_ARP_TARGETS {
+            bail!("uplink group '{n}': at most {MAX_ARP_TARGETS} arp targets");
+        }
         Ok(())
     }
+
+    /// How often the ARP targets are probed.
+    pub fn arp_every(&self) -> Option<std::time::Duration> {
+        (!self.arp_target.is_empty())
+            .then(|| std::time::Duration::from_millis(self.arp_interval.unwrap_or(1000)))
+    }
 }
+
+impl UplinkSpec {
+    /// What changes from `self` to `new`, for `apply`'s plan.
+    pub fn changes_to(&self, new: &UplinkSpec) -> Vec<String> {
+        fn show<T: std::fmt::Debug>(v: &Option<T>) -> String {
+            v.as_ref()
+                .map_or("-".into(), |v| format!("{v:?}").to_lowercase())
+        }
+        let mut c = Vec::new();
+        if self.members != new.members {
+            c.push(format!(
+                "members {} -> {}",
+                self.members.join(","),
+                new.members.join(",")
+            ));
+        }
+        if self.mode != new.mode {
+            c.push(format!("mode {} -> {}", self.mode.name(), new.mode.name()));
+        }
+        if self.hash != new.hash {
+            c.push(format!("hash {} -> {}", show(&self.hash), show(&new.hash)));
+        }
+        if self.primary != new.primary {
+            c.push(format!(
+                "primary {} -> {}",
+                show(&self.primary),
+                show(&new.primary)
+            ));
+        }
+        if self.miimon != new.miimon {
+            c.push(format!(
+                "miimon {} -> {}",
+                show(&self.miimon),
+                show(&new.miimon)
+            ));
+        }
+        if self.arp_target != new.arp_target || self.arp_interval != new.arp_interval {
+            c.push("arp monitoring".into());
+        }
+        c
+    }
+}
+
+/// As bonding's `arp_ip_target`.
+pub const MAX_ARP_TARGETS: usize = 16;
 
 #[cfg(test)]
 mod tests {
@@ -128,6 +201,8 @@ mod tests {
             hash: None,
             primary: None,
             miimon: None,
+            arp_target: Vec::new(),
+            arp_interval: None,
         }
     }
 
@@ -156,5 +231,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown variant"), "{e}");
+        let s: UplinkSpec = toml::from_str(
+            "name='u'\nmembers=['a','b']\nmode='active-backup'\narp_target=['192.0.2.100']\narp_interval=100",
+        )
+        .unwrap();
+        assert!(s.check().is_ok());
+        assert_eq!(s.arp_every(), Some(std::time::Duration::from_millis(100)));
+        assert_eq!(
+            toml::from_str::<UplinkSpec>(&toml::to_string(&s).unwrap()).unwrap(),
+            s
+        );
+        let mut s = spec(&["a", "b"]);
+        s.arp_interval = Some(100);
+        assert!(s
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("without arp-target"));
+        s.arp_target = vec!["192.0.2.1".parse().unwrap()];
+        s.mode = UplinkMode::Lacp;
+        assert!(s.check().unwrap_err().to_string().contains("by LACP"));
     }
 }

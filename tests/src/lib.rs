@@ -10,6 +10,7 @@ pub mod guest;
 pub mod inject;
 pub mod kvnet;
 pub mod lab;
+pub mod lan_switch;
 pub mod libvirt;
 pub mod pcap;
 pub mod procs;

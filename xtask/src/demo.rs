@@ -132,6 +132,7 @@ pub fn run(kvnet: &Path) -> Result<()> {
     let nat_guest = mk("vnet4", None)?;
     // Step 12's guest keeps the kernel's IPv6 defaults (accept_ra=1).
     let v6_guest = lab.add_guest("vnet8")?;
+    let bond_guest = mk("vnet9", Some("192.0.2.11/24"))?;
     let out = lab.add_outside()?;
     out.set_ip("198.51.100.2/24")?;
     lab.exec(
@@ -497,6 +498,15 @@ pub fn run(kvnet: &Path) -> Result<()> {
 
     step(
         13,
+        "uplink group (kvnet as the bond): active-backup over m1,m2; m1's cable is pulled while a guest pings every 10 ms",
+    );
+    let (pings, failover) = bond_step(&lab, &k, &bond_guest)?;
+    expect("guest -> outside over bond0 (m1)", pings.0, true);
+    expect("m2 active, one failover counted", failover, true);
+    expect("guest -> outside over bond0 (m2)", pings.1, true);
+
+    step(
+        14,
         "teardown: `kvnet down` removes everything kvnet installed, then the lab goes",
     );
     // (A plain stop or crash would keep the datapath forwarding for the
@@ -571,6 +581,65 @@ fn ipv6_step(lab: &Lab, k: &Kvnet, out: &Outside, guest: &GuestPort) -> Result<O
     };
     show(k, &["net", "show", "v6"])?;
     Ok(found)
+}
+
+/// Step 13: a LAN switch holding the far ends of m1 and m2 and a host
+/// 192.0.2.100; group bond0 over m1,m2, a bridged
+/// network on it with the guest. Returns (ping before, ping after) and
+/// whether m2 took over with one failover counted.
+fn bond_step(lab: &Lab, k: &Kvnet, guest: &GuestPort) -> Result<((bool, bool), bool)> {
+    let lan = lab.add_lan_switch(&[("m1", "s1"), ("m2", "s2")], "192.0.2.100/24")?;
+    kv(
+        k,
+        &[
+            "uplink",
+            "add",
+            "bond0",
+            "--members",
+            "m1,m2",
+            "--mode",
+            "active-backup",
+            "--primary",
+            "m1",
+            "--miimon",
+            "100",
+        ],
+    )?;
+    kv(
+        k,
+        &[
+            "net", "add", "office", "--mode", "bridged", "--uplink", "bond0",
+        ],
+    )?;
+    kv(k, &["port", "add", "office", &guest.hv_if])?;
+    let before = ping(guest, "192.0.2.100");
+    let mut cmd = Command::new("ping");
+    cmd.args(["-q", "-i", "0.01", "-c", "150", "-W", "1", "192.0.2.100"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut pinger = lab.spawn(&guest.ns, cmd)?;
+    thread::sleep(Duration::from_millis(300));
+    println!("  switch$ ip link set s1 down   (m1 loses its carrier)");
+    lab.sh(&lan.ns, "ip link set s1 down")?;
+    let active =
+        |k: &Kvnet| -> Result<serde_json::Value> { Ok(k.json(&["uplink", "show"])?[0].clone()) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while active(k)?["active"] != "m2" && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    pinger.wait_timeout(Duration::from_secs(10))?;
+    let mut text = String::new();
+    if let Some(mut o) = pinger.stdout.take() {
+        use std::io::Read;
+        let _ = o.read_to_string(&mut text);
+    }
+    if let Some(l) = text.lines().find(|l| l.contains("transmitted")) {
+        println!("  guest$ ping -i 0.01 across the failover: {}", l.trim());
+    }
+    show(k, &["uplink", "show"])?;
+    let g = active(k)?;
+    let failover = g["active"] == "m2" && g["failovers"] == 1;
+    Ok(((before, ping(guest, "192.0.2.100")), failover))
 }
 
 /// Boots the lab's tiny VM with DHCP; returns its script output and rc.

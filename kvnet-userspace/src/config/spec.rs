@@ -341,6 +341,14 @@ pub struct PortAdded {
     pub to: String,
 }
 
+/// An uplink group the file changes (in place: the device and the
+/// networks on it stay).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UplinkChange {
+    pub name: String,
+    pub changes: Vec<String>,
+}
+
 /// The diff between the running daemon and a file.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Plan {
@@ -354,11 +362,13 @@ pub struct Plan {
     pub ports_pending: Vec<String>,
     pub rules_added: Vec<String>,
     pub rules_removed: Vec<String>,
-    /// Uplink groups; a changed one is removed and added again.
+    /// Uplink groups; a changed one is changed in place.
     #[serde(default)]
     pub uplinks_added: Vec<String>,
     #[serde(default)]
     pub uplinks_removed: Vec<String>,
+    #[serde(default)]
+    pub uplinks_changed: Vec<UplinkChange>,
     pub warnings: Vec<String>,
     pub applied: bool,
 }
@@ -375,6 +385,7 @@ impl Plan {
             && self.rules_removed.is_empty()
             && self.uplinks_added.is_empty()
             && self.uplinks_removed.is_empty()
+            && self.uplinks_changed.is_empty()
     }
 
     pub fn render(&self) -> String {
@@ -384,6 +395,9 @@ impl Plan {
         }
         for u in &self.uplinks_added {
             o += &format!("+ uplink {u}\n");
+        }
+        for c in &self.uplinks_changed {
+            o += &format!("~ uplink {}: {} (live)\n", c.name, c.changes.join(", "));
         }
         for n in &self.networks_added {
             o += &format!("+ network {n}\n");

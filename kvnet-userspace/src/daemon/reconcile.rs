@@ -218,7 +218,7 @@ pub fn plan(sw: &Switch, rt: &Runtime, cfg: &Config) -> Plan {
     let new_rules: BTreeSet<String> = cfg.rules.iter().map(|r| rule_label(r)).collect();
     p.rules_added = new_rules.difference(&old_rules).cloned().collect();
     p.rules_removed = old_rules.difference(&new_rules).cloned().collect();
-    (p.uplinks_added, p.uplinks_removed) = sw.uplinks_plan(&cfg.uplinks);
+    (p.uplinks_added, p.uplinks_removed, p.uplinks_changed) = sw.uplinks_plan(&cfg.uplinks);
     p
 }
 
@@ -372,6 +372,15 @@ fn execute(sw: &mut Switch, cfg: &Config, mut plan: Plan) -> Result<Plan> {
     for u in &plan.uplinks_removed {
         sw.uplink_del(u)
             .with_context(|| format!("removing uplink group '{u}'"))?;
+    }
+    for c in &plan.uplinks_changed {
+        let spec = cfg
+            .uplinks
+            .iter()
+            .find(|g| g.name == c.name)
+            .context("uplink group")?;
+        sw.uplink_update(spec)
+            .with_context(|| format!("changing uplink group '{}'", c.name))?;
     }
     for u in &plan.uplinks_added {
         let spec = cfg

@@ -48,6 +48,9 @@ pub struct Saved<D = BTreeMap<String, Option<PortSection>>> {
     pub nets: BTreeMap<String, SavedNet>,
     /// Routed uplinks: the host settings to restore when the last user goes.
     pub routed_uplinks: BTreeMap<String, Vec<Restore>>,
+    /// Uplink groups: their members' own MACs.
+    #[serde(default)]
+    pub uplink_groups: BTreeMap<String, crate::uplink::SavedGroup>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -243,6 +246,7 @@ fn running(sw: &Switch, cache: &mut TextCache) -> Result<(String, String)> {
                 .iter()
                 .map(|(n, u)| (n.clone(), u.restore.clone()))
                 .collect(),
+            uplink_groups: sw.uplinks.saved(),
         };
         Ok(serde_json::to_string(&saved)?)
     })?;
@@ -342,6 +346,7 @@ pub fn adopt(sw: &mut Switch, state_dir: &Path) -> Result<config::Plan> {
             u.restore = merged(r, &u.restore);
         }
     }
+    sw.uplinks.adopt_saved(&saved.uplink_groups);
     crate::daemon::reconcile::with_rt(|rt| {
         rt.source = saved.source.clone();
         rt.applied = applied;

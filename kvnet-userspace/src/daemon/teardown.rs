@@ -71,6 +71,11 @@ pub fn down(pin_dir: &Path, state_dir: &Path) -> Result<Removed> {
             r.undo();
             removed.host_settings += 1;
         }
+        // Uplink groups last: the networks' settings may name them.
+        for (name, g) in &saved.uplink_groups {
+            g.undo(name);
+            removed.host_settings += 1;
+        }
     }
     crate::daemon::state::remove(state_dir);
     Ok(removed)

@@ -45,12 +45,16 @@ impl Switch {
             .collect()
     }
 
-    pub fn uplink_add(&mut self, spec: &UplinkSpec) -> Result<()> {
-        let users: std::collections::BTreeMap<String, String> = spec
-            .members
+    /// What else uses each of `spec`'s members (those used at all).
+    fn member_users(&self, spec: &UplinkSpec) -> std::collections::BTreeMap<String, String> {
+        spec.members
             .iter()
             .filter_map(|m| self.iface_user(m).map(|u| (m.clone(), u)))
-            .collect();
+            .collect()
+    }
+
+    pub fn uplink_add(&mut self, spec: &UplinkSpec) -> Result<()> {
+        let users = self.member_users(spec);
         self.uplinks
             .add(&mut self.dp, spec, &|m: &str| users.get(m).cloned())
     }
@@ -60,21 +64,41 @@ impl Switch {
         self.uplinks.del(&mut self.dp, name, &riders)
     }
 
-    /// What applying `want` changes: groups to add, groups to remove (a
-    /// changed group is both).
-    pub fn uplinks_plan(&self, want: &[UplinkSpec]) -> (Vec<String>, Vec<String>) {
+    /// What applying `want` changes: groups to add, to remove, to change
+    /// in place.
+    pub fn uplinks_plan(
+        &self,
+        want: &[UplinkSpec],
+    ) -> (Vec<String>, Vec<String>, Vec<crate::config::UplinkChange>) {
         let have = &self.uplinks.groups;
         let added = want
             .iter()
-            .filter(|w| have.get(&w.name).is_none_or(|g| g.spec != **w))
+            .filter(|w| !have.contains_key(&w.name))
             .map(|w| w.name.clone())
             .collect();
         let removed = have
-            .values()
-            .filter(|g| !want.contains(&g.spec))
-            .map(|g| g.spec.name.clone())
+            .keys()
+            .filter(|n| !want.iter().any(|w| &w.name == *n))
+            .cloned()
             .collect();
-        (added, removed)
+        let changed = want
+            .iter()
+            .filter_map(|w| {
+                let g = have.get(&w.name)?;
+                (g.spec != *w).then(|| crate::config::UplinkChange {
+                    name: w.name.clone(),
+                    changes: g.spec.changes_to(w),
+                })
+            })
+            .collect();
+        (added, removed, changed)
+    }
+
+    /// A group changed in place (`apply`): networks on it stay.
+    pub fn uplink_update(&mut self, spec: &UplinkSpec) -> Result<()> {
+        let users = self.member_users(spec);
+        self.uplinks
+            .update(&mut self.dp, spec, &|m: &str| users.get(m).cloned())
     }
 
     pub fn uplink_show(&self) -> Vec<UplinkInfo> {
@@ -89,20 +113,36 @@ impl Switch {
         }
         for f in self.uplinks.follow_carrier(&mut self.dp) {
             let all = self.announcements(&f);
+            let nas = self.neighbour_advertisements(&f);
             let mut sent = 0;
             for &m in &f.carriers {
-                match crate::uplink::announce::send(m, &all) {
+                match crate::uplink::announce::send(m, &all, &nas) {
                     Ok(n) => sent += n,
                     Err(e) => log::warn!("uplink {}: announcing: {e:#}", f.group),
                 }
             }
             eprintln!(
-                "uplink {}: {}; announced {} MAC(s) ({sent} frames)",
+                "uplink {}: {}; announced {} MAC(s), {} IPv6 address(es) ({sent} frames)",
                 f.group,
                 f.what,
-                all.len()
+                all.len(),
+                nas.len()
             );
         }
+    }
+
+    /// An unsolicited NA for each of the host's IPv6 addresses on the
+    /// group (global and link-local). Guests' IPv6 addresses are not
+    /// known to kvnet on a bridged network (no ND table); their MACs'
+    /// announcements move them in the LAN's switch all the same.
+    fn neighbour_advertisements(&self, f: &Failover) -> Vec<Vec<u8>> {
+        let Some(g) = self.uplinks.groups.get(&f.group) else {
+            return Vec::new();
+        };
+        crate::uplink::announce::ipv6_of(&f.group)
+            .into_iter()
+            .map(|a| crate::uplink::announce::unsolicited_na(g.mac, a))
+            .collect()
     }
 
     /// The group's own MAC (with the host's address on it) and every MAC

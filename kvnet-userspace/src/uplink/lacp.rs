@@ -122,20 +122,7 @@ impl MemberLacp {
             return Err(std::io::Error::last_os_error()).context("AF_PACKET socket for LACP");
         }
         let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = ETH_P_SLOW.to_be();
-        sll.sll_ifindex = ifindex as i32;
-        let rc = unsafe {
-            libc::bind(
-                sock.as_raw_fd(),
-                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).context("binding the LACP socket");
-        }
+        super::link::bind_packet(&sock, ifindex, ETH_P_SLOW).context("binding the LACP socket")?;
         // The slow protocols' address must reach us through the NIC's filter.
         let mut mreq: libc::packet_mreq = unsafe { std::mem::zeroed() };
         mreq.mr_ifindex = ifindex as i32;

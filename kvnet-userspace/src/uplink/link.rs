@@ -36,6 +36,25 @@ pub fn set_mac(name: &str, mac: Mac) -> Result<()> {
     )
 }
 
+/// Binds an AF_PACKET socket to `ifindex` for frames of `proto`.
+pub fn bind_packet(sock: &std::os::fd::OwnedFd, ifindex: u32, proto: u16) -> io::Result<()> {
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto.to_be();
+    sll.sll_ifindex = ifindex as i32;
+    let rc = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A device's counters (the kernel's, not kvnet's).
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Counters {

@@ -5,6 +5,7 @@
 //! a failover moves no address: the datapath's map says which member
 //! carries traffic, and announcements make the LAN's switch follow.
 pub mod announce;
+pub mod arpmon;
 pub mod lacp;
 pub mod link;
 
@@ -35,6 +36,8 @@ pub struct Member {
     pub lacp: Option<lacp::MemberLacp>,
     /// In the aggregation (802.3ad); always true in the other modes.
     pub aggregated: bool,
+    /// `--arp-target`: its ARP monitor; else None.
+    pub arp: Option<arpmon::MemberArp>,
 }
 
 pub struct Group {
@@ -47,6 +50,30 @@ pub struct Group {
     /// The member carrying traffic (active-backup), 0 for none.
     pub active: u32,
     pub failovers: u64,
+    /// `--arp-target`: when the members last probed.
+    pub last_probe: Option<std::time::Instant>,
+}
+
+/// What the state files keep of a group beyond its spec: the members'
+/// own MACs (a restarted daemon finds them wearing the group's), for
+/// `uplink del` after an adoption and `kvnet down` without a daemon.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedGroup {
+    pub own_macs: BTreeMap<String, Mac>,
+}
+
+impl SavedGroup {
+    /// `kvnet down` without a daemon: the members get their MACs back and
+    /// leave promiscuous mode; the group's device goes (its peer with it).
+    pub fn undo(&self, name: &str) {
+        for (m, mac) in &self.own_macs {
+            let _ = link::set_mac(m, *mac);
+            let _ = rtnl::link_set_promisc(m, false);
+        }
+        if netdev::ifindex(name).is_ok() {
+            let _ = rtnl::link_del(name);
+        }
+    }
 }
 
 /// A change of the members carrying a group's traffic.
@@ -79,8 +106,14 @@ pub struct UplinkInfo {
 pub struct MemberInfo {
     pub name: String,
     pub ifindex: u32,
-    /// "up" (carrier) or "down".
+    /// "up" (may carry: carrier, and answers from the ARP targets when
+    /// monitored) or "down".
     pub state: String,
+    /// The link's carrier.
+    pub carrier: bool,
+    /// `--arp-target`: a target answered within 3 intervals (null when
+    /// not monitored).
+    pub arp_ok: Option<bool>,
     /// Carries traffic now (active-backup: the active one; 802.3ad: the
     /// aggregated ones; else every up member).
     pub carrying: bool,
@@ -166,24 +199,7 @@ impl Groups {
         }
         let mut members = Vec::new();
         for m in &spec.members {
-            if let Some(g) = self.group_of_member(m) {
-                bail!("'{m}' is already a member of uplink group '{g}'");
-            }
-            if self.groups.contains_key(m) {
-                bail!("'{m}' is an uplink group; groups do not nest");
-            }
-            if let Some(what) = busy(m) {
-                bail!("'{m}' is {what}; a member must be used by nothing else");
-            }
-            let ifindex = netdev::ifindex(m)?;
-            members.push(Member {
-                name: m.clone(),
-                ifindex,
-                own_mac: netdev::mac(m)?,
-                up: false,
-                lacp: None,
-                aggregated: spec.mode != UplinkMode::Lacp,
-            });
+            members.push(self.newcomer(m, spec, busy)?);
         }
         let lead = spec.primary.as_ref().unwrap_or(&spec.members[0]);
         let mac = members
@@ -199,6 +215,7 @@ impl Groups {
             members,
             active: 0,
             failovers: 0,
+            last_probe: None,
         };
         match group.build(dp, adopting) {
             Ok(()) => {
@@ -218,6 +235,75 @@ impl Groups {
                 Err(e.context(format!("creating uplink group '{name}': nothing changed")))
             }
         }
+    }
+
+    /// A member about to join `spec`'s group, if it may.
+    fn newcomer(
+        &self,
+        m: &str,
+        spec: &UplinkSpec,
+        busy: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Member> {
+        if let Some(g) = self.group_of_member(m).filter(|g| *g != spec.name) {
+            bail!("'{m}' is already a member of uplink group '{g}'");
+        }
+        if self.groups.contains_key(m) {
+            bail!("'{m}' is an uplink group; groups do not nest");
+        }
+        if let Some(what) = busy(m) {
+            bail!("'{m}' is {what}; a member must be used by nothing else");
+        }
+        Ok(Member {
+            name: m.to_string(),
+            ifindex: netdev::ifindex(m)?,
+            own_mac: netdev::mac(m)?,
+            up: false,
+            lacp: None,
+            aggregated: spec.mode != UplinkMode::Lacp,
+            arp: None,
+        })
+    }
+
+    /// Changes a group in place (`apply`): members leave and join, the
+    /// mode and its settings change; the device, its MAC and the networks
+    /// on it stay. Every new member is checked before anything changes.
+    pub fn update(
+        &mut self,
+        dp: &mut Datapath,
+        spec: &UplinkSpec,
+        busy: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<()> {
+        spec.check()?;
+        let name = &spec.name;
+        let g = self
+            .groups
+            .get(name)
+            .with_context(|| format!("no uplink group named '{name}'"))?;
+        let changes = g.spec.changes_to(spec);
+        let mut joining = Vec::new();
+        for m in spec
+            .members
+            .iter()
+            .filter(|m| !g.members.iter().any(|x| &x.name == *m))
+        {
+            joining.push(self.newcomer(m, spec, busy)?);
+        }
+        let g = self.groups.get_mut(name).context("uplink group")?;
+        let (leaving, staying): (Vec<Member>, Vec<Member>) = std::mem::take(&mut g.members)
+            .into_iter()
+            .partition(|m| !spec.members.contains(&m.name));
+        for m in &leaving {
+            m.leave(dp);
+        }
+        let mode_changed = g.spec.mode != spec.mode;
+        g.spec = spec.clone();
+        let mut all: Vec<Member> = staying.into_iter().chain(joining).collect();
+        all.sort_by_key(|m| spec.members.iter().position(|n| *n == m.name));
+        g.members = all;
+        let result = g.rebuild(dp, mode_changed);
+        log::info!("uplink group {name} changed: {}", changes.join(", "));
+        eprintln!("uplink {name}: changed in place: {}", changes.join(", "));
+        result
     }
 
     /// Deletes a group; `used_by` names what still uses it (refused then).
@@ -240,6 +326,7 @@ impl Groups {
 
     pub fn show(&self, used_by: &dyn Fn(&str) -> Vec<String>) -> Vec<UplinkInfo> {
         let links = link::states();
+        let now = std::time::Instant::now();
         self.groups
             .values()
             .map(|g| UplinkInfo {
@@ -260,6 +347,8 @@ impl Groups {
                         name: m.name.clone(),
                         ifindex: m.ifindex,
                         state: if m.up { "up" } else { "down" }.into(),
+                        carrier: links.get(&m.name).is_some_and(|l| l.carrier),
+                        arp_ok: g.arp_alive(m, now),
                         carrying: g.carries(m),
                         counters: links.get(&m.name).map(|l| l.counters).unwrap_or_default(),
                         lacp_partner: m
@@ -283,19 +372,23 @@ impl Groups {
     pub fn follow_carrier(&mut self, dp: &mut Datapath) -> Vec<Failover> {
         let mut out = Vec::new();
         let links = link::states();
+        let now = std::time::Instant::now();
         for g in self.groups.values_mut() {
             let before: Vec<(bool, bool)> =
                 g.members.iter().map(|m| (m.up, m.aggregated)).collect();
             let was_active = g.active;
             let mode = g.spec.mode;
-            for m in g.members.iter_mut() {
-                m.up = usable(&links, &m.name, mode);
+            g.arp_round(&links, now);
+            for i in 0..g.members.len() {
+                let up = usable(&links, &g.members[i].name, mode)
+                    && g.arp_alive(&g.members[i], now) != Some(false);
+                g.members[i].up = up;
             }
             if g.spec.mode == UplinkMode::Lacp {
                 g.lacp_round();
             }
-            let now: Vec<(bool, bool)> = g.members.iter().map(|m| (m.up, m.aggregated)).collect();
-            if now == before {
+            let after: Vec<(bool, bool)> = g.members.iter().map(|m| (m.up, m.aggregated)).collect();
+            if after == before {
                 continue;
             }
             g.choose_active();
@@ -309,6 +402,16 @@ impl Groups {
                 .zip(&before)
                 .filter(|(m, b)| (m.up, m.aggregated) != **b)
                 .map(|(m, (up, _))| match (m.up != *up, m.aggregated) {
+                    (true, _) if g.arp_alive(m, now) == Some(false) => format!(
+                        "{} down (no ARP from {})",
+                        m.name,
+                        g.spec
+                            .arp_target
+                            .iter()
+                            .map(|t| t.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ),
                     (true, _) => format!("{} {}", m.name, if m.up { "up" } else { "down" }),
                     (false, true) => format!("{} joined the aggregation", m.name),
                     (false, false) => format!("{} left the aggregation", m.name),
@@ -347,6 +450,36 @@ impl Groups {
         out
     }
 
+    /// For the state files.
+    pub fn saved(&self) -> BTreeMap<String, SavedGroup> {
+        self.groups
+            .iter()
+            .map(|(n, g)| {
+                let own_macs = g
+                    .members
+                    .iter()
+                    .map(|m| (m.name.clone(), m.own_mac))
+                    .collect();
+                (n.clone(), SavedGroup { own_macs })
+            })
+            .collect()
+    }
+
+    /// After an adoption: the members' own MACs, as the previous daemon
+    /// knew them.
+    pub fn adopt_saved(&mut self, saved: &BTreeMap<String, SavedGroup>) {
+        for (n, s) in saved {
+            let Some(g) = self.groups.get_mut(n) else {
+                continue;
+            };
+            for m in g.members.iter_mut() {
+                if let Some(mac) = s.own_macs.get(&m.name) {
+                    m.own_mac = *mac;
+                }
+            }
+        }
+    }
+
     /// The smallest miimon of any group (how often to poll carriers).
     pub fn miimon(&self) -> Option<u64> {
         // 802.3ad: PDUs are read and sent from the same round.
@@ -359,6 +492,12 @@ impl Groups {
             .values()
             .filter_map(|g| g.spec.miimon)
             .chain(lacp)
+            .chain(
+                self.groups
+                    .values()
+                    .filter_map(|g| g.spec.arp_every())
+                    .map(|d| d.as_millis() as u64),
+            )
             .min()
     }
 
@@ -371,7 +510,86 @@ impl Groups {
     }
 }
 
+impl Member {
+    /// Wears the group's MAC, takes the guests' frames, is up.
+    fn dress(&self, mac: Mac) -> Result<()> {
+        if self.own_mac != mac {
+            link::set_mac(&self.name, mac)?;
+        }
+        // Frames for guests' MACs must reach the group from the LAN.
+        rtnl::link_set_promisc(&self.name, true)?;
+        Ok(rtnl::link_set_up(&self.name)?)
+    }
+
+    /// Its frames are the group's from now on.
+    fn enlist(&self, dp: &mut Datapath, group: u32) -> Result<()> {
+        dp.uplink_members()?
+            .insert(self.ifindex, group, 0)
+            .context("writing the uplink member map")?;
+        dp.attach(&self.name, self.ifindex, false)
+    }
+
+    /// Back as it was before it joined (errors ignored: best effort).
+    fn leave(&self, dp: &mut Datapath) {
+        dp.detach(self.ifindex);
+        if let Ok(mut map) = dp.uplink_members() {
+            let _ = map.remove(&self.ifindex);
+        }
+        let _ = link::set_mac(&self.name, self.own_mac);
+        let _ = rtnl::link_set_promisc(&self.name, false);
+    }
+
+    /// Its monitors as the group's spec wants them (kept when they stay,
+    /// so an 802.3ad partner or ARP history is not lost).
+    fn monitors(&mut self, spec: &UplinkSpec, port: u16, probe_mac: Mac) -> Result<()> {
+        let now = std::time::Instant::now();
+        if spec.mode != UplinkMode::Lacp {
+            self.lacp = None;
+        } else if self.lacp.is_none() {
+            self.lacp = Some(lacp::MemberLacp::open(self.ifindex, port)?);
+        }
+        if spec.arp_target.is_empty() {
+            self.arp = None;
+        } else if self.arp.is_none() {
+            self.arp = Some(arpmon::MemberArp::open(self.ifindex, probe_mac, now)?);
+        }
+        Ok(())
+    }
+}
+
 impl Group {
+    /// After `update`: new members dressed and enlisted, monitors as the
+    /// spec says, the datapath's entry rewritten.
+    fn rebuild(&mut self, dp: &mut Datapath, mode_changed: bool) -> Result<()> {
+        let links = link::states();
+        let now = std::time::Instant::now();
+        for i in 0..self.members.len() {
+            let mac = self.mac;
+            let m = &mut self.members[i];
+            let new = dp.uplink_members()?.get(&m.ifindex, 0).is_err();
+            if new {
+                m.dress(mac)?;
+                m.enlist(dp, self.ifindex)?;
+            }
+            if mode_changed || new {
+                m.aggregated = self.spec.mode != UplinkMode::Lacp;
+            }
+            m.monitors(&self.spec, i as u16 + 1, arpmon::probe_mac(mac, i))?;
+        }
+        self.last_probe = None;
+        self.arp_round(&links, now);
+        for i in 0..self.members.len() {
+            let up = usable(&links, &self.members[i].name, self.spec.mode)
+                && self.arp_alive(&self.members[i], now) != Some(false);
+            self.members[i].up = up;
+        }
+        if self.spec.mode == UplinkMode::Lacp {
+            self.lacp_round();
+        }
+        self.choose_active();
+        self.write(dp)
+    }
+
     fn member_name(&self, ifindex: u32) -> Option<&str> {
         self.members
             .iter()
@@ -384,6 +602,41 @@ impl Group {
             return None;
         }
         self.member_name(self.active)
+    }
+
+    /// `--arp-target`: whether `m` heard a target lately (None: not
+    /// monitored).
+    fn arp_alive(&self, m: &Member, now: std::time::Instant) -> Option<bool> {
+        let every = self.spec.arp_every()?;
+        Some(m.arp.as_ref().is_some_and(|a| a.alive(now, every)))
+    }
+
+    /// ARP monitoring's round: read what the members heard; every
+    /// interval, probe the targets out of every member with carrier (a
+    /// member that is out too, to see it come back).
+    fn arp_round(&mut self, links: &BTreeMap<String, link::LinkState>, now: std::time::Instant) {
+        let Some(every) = self.spec.arp_every() else {
+            return;
+        };
+        let targets = &self.spec.arp_target;
+        for m in self.members.iter_mut() {
+            if let Some(a) = m.arp.as_mut() {
+                a.receive(targets, now);
+            }
+        }
+        if self
+            .last_probe
+            .is_some_and(|t| now.duration_since(t) < every)
+        {
+            return;
+        }
+        self.last_probe = Some(now);
+        for m in &self.members {
+            let carrier = links.get(&m.name).is_some_and(|l| l.carrier);
+            if let (Some(a), true) = (m.arp.as_ref(), carrier) {
+                a.probe(targets);
+            }
+        }
     }
 
     fn carries(&self, m: &Member) -> bool {
@@ -496,32 +749,19 @@ impl Group {
         self.ifindex = netdev::ifindex(&name)?;
         link::set_mac(&name, self.mac)?;
         for m in &self.members {
-            if m.own_mac != self.mac {
-                link::set_mac(&m.name, self.mac)?;
-            }
-            // Frames for guests' MACs must reach the group from the LAN.
-            rtnl::link_set_promisc(&m.name, true)?;
-            rtnl::link_set_up(&m.name)?;
+            m.dress(self.mac)?;
         }
         let links = link::states();
+        let now = std::time::Instant::now();
         for (i, m) in self.members.iter_mut().enumerate() {
             m.up = usable(&links, &m.name, self.spec.mode);
-            if self.spec.mode == UplinkMode::Lacp {
-                m.lacp = Some(lacp::MemberLacp::open(m.ifindex, i as u16 + 1)?);
-            }
+            m.monitors(&self.spec, i as u16 + 1, arpmon::probe_mac(self.mac, i))?;
         }
+        self.arp_round(&links, now);
         self.choose_active();
         // The maps before the programs: a member's first frame already
         // belongs to the group.
         self.write(dp)?;
-        {
-            let mut members = dp.uplink_members()?;
-            for m in &self.members {
-                members
-                    .insert(m.ifindex, self.ifindex, 0)
-                    .context("writing the uplink member map")?;
-            }
-        }
         if let Err(e) = aya::programs::tc::qdisc_add_clsact(&name) {
             let exists = matches!(&e, aya::programs::tc::TcError::NetlinkError(n)
                 if n.raw_os_error() == Some(libc::EEXIST));
@@ -531,7 +771,7 @@ impl Group {
         }
         dp.attach_group_egress(&name, self.ifindex)?;
         for m in &self.members {
-            dp.attach(&m.name, m.ifindex, false)?;
+            m.enlist(dp, self.ifindex)?;
         }
         rtnl::link_set_up(&self.peer)?;
         rtnl::link_set_up(&name)?;
@@ -541,12 +781,7 @@ impl Group {
     /// Undoes `build` as far as it got (errors ignored: best effort).
     fn destroy(&self, dp: &mut Datapath) {
         for m in &self.members {
-            dp.detach(m.ifindex);
-            if let Ok(mut map) = dp.uplink_members() {
-                let _ = map.remove(&m.ifindex);
-            }
-            let _ = link::set_mac(&m.name, m.own_mac);
-            let _ = rtnl::link_set_promisc(&m.name, false);
+            m.leave(dp);
         }
         if self.ifindex != 0 {
             dp.detach_group_egress(self.ifindex);
