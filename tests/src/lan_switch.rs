@@ -17,8 +17,8 @@ impl Lab {
     /// Member links `(hv end, switch end)` (the hv ends up, not
     /// addressed), all on `br0`, and an outside host with `outside_cidr`.
     pub fn add_lan_switch(&self, links: &[(&str, &str)], outside_cidr: &str) -> Result<LanSwitch> {
-        let ns = self.add_netns("sw")?;
-        let outside = self.add_netns("out")?;
+        let ns = self.add_netns("lansw")?;
+        let outside = self.add_netns("lanhost")?;
         let no_v6 =
             "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1";
         self.sh(
