@@ -63,7 +63,7 @@ pub fn kvnet_tc(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "classifier")]
 pub fn kvnet_nat6(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
-    nat6::run(&TcContext::new(skb))
+    tc::nat6_program(&TcContext::new(skb))
 }
 
 /// tc egress on a bridged uplink: the host's own frames to guests go

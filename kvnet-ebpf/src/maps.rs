@@ -170,7 +170,3 @@ pub static CT6_SCRATCH: PerCpuArray<kvnet_common::Ct6Entry> = PerCpuArray::with_
 /// reference goes).
 #[map(name = "nat6_prog")]
 pub static NAT6_PROG: aya_ebpf::maps::ProgramArray = aya_ebpf::maps::ProgramArray::pinned(1, 0);
-
-/// NAT66's working memory (one per CPU, not pinned).
-#[map(name = "nat6_scratch")]
-pub static NAT6_SCRATCH: PerCpuArray<crate::nat6::Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -16,7 +16,8 @@ use aya_ebpf::{
         bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh,
         bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
     },
-    maps::lpm_trie::Key,
+    macros::map,
+    maps::{lpm_trie::Key, PerCpuArray},
     programs::TcContext,
 };
 use kvnet_common::{
@@ -25,21 +26,15 @@ use kvnet_common::{
 };
 
 use crate::{
-    bond,
     csum::fold,
     fdb,
-    maps::{
-        self, CT6, CT6_SCRATCH, CT_QUOTA, FORWARDS6, NAT6_NETS, NAT6_PROG, NAT6_SCRATCH,
-        NAT6_SUBNETS,
-    },
+    maps::{self, CT6, CT6_SCRATCH, CT_QUOTA, FORWARDS6, NAT6_NETS, NAT6_PROG, NAT6_SUBNETS},
     nat::{
         count, quota_add, tcp_track, Nat, Opened, PortRange, CURRENT_NETNS, EEXIST, FIB_DIRECT,
         FIB_SKIP_NEIGH, F_MARK_MANGLED_0, F_PSEUDO_HDR, PORT_TRIES,
     },
     parse::{ptr_at, ETH_HLEN},
     route::{self, Fib6Query, FibMiss},
-    tc, trace,
-    vlan::Tag,
 };
 
 const L3: usize = ETH_HLEN;
@@ -71,6 +66,10 @@ pub struct Scratch {
     tuple: [u32; 9],
 }
 
+/// NAT66's working memory (one per CPU, not pinned).
+#[map(name = "nat6_scratch")]
+pub static NAT6_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
 /// An IPv6 packet NAT66 may translate.
 pub struct Pkt6 {
     key: Ct6Key,
@@ -97,40 +96,6 @@ pub fn tail_call(ctx: &TcContext, net_id: u32, ingress: u32) {
         (*ctx.skb.skb).cb[1] = ingress;
         NAT6_PROG.tail_call(ctx, 0);
     }
-}
-
-/// The NAT66 program (`kvnet_nat6`): the rest of the main program's tc
-/// verdict for an IPv6 packet of a NAT66 network or from a NAT uplink.
-#[inline(always)]
-pub fn run(ctx: &TcContext) -> i32 {
-    let (net_id, ingress) = unsafe { ((*ctx.skb.skb).cb[0], (*ctx.skb.skb).cb[1]) };
-    let Some(sc) = NAT6_SCRATCH.get_ptr_mut(0) else {
-        return TC_ACT_SHOT;
-    };
-    let sc = unsafe { &mut *sc };
-    let len = ctx.len() as u64;
-    let mut rc = if net_id != 0 {
-        let Some(n) = maps::net(net_id) else {
-            return TC_ACT_SHOT;
-        };
-        let done = from_guest(ctx, sc, net_id, &n, ingress);
-        tc::nat_out_done(ctx, ingress, len, &n, done)
-    } else {
-        let done = from_uplink(ctx, sc, ingress);
-        // What NAT66 declines goes on as the main program would take it
-        // (an untagged frame: NatIn has no tag).
-        let (data, data_end) = (ctx.data(), ctx.data_end());
-        let l3 = tc::l3_ctx(ctx);
-        tc::nat_in_done(ctx, ingress, len, done, &Tag::NONE, l3, data, data_end)
-    };
-    if rc == TC_ACT_OK && ingress != unsafe { (*ctx.skb.skb).ifindex } {
-        // For the host: its address lives on the uplink group's device.
-        rc = bond::to_group_host(ctx, ingress, true);
-    }
-    if trace::on() {
-        trace::finish_tc(ctx, rc);
-    }
-    rc
 }
 
 /// IPv6 by the skb's protocol (any VLAN tag already out of the packet).
@@ -510,7 +475,13 @@ fn create(
 /// network, extension headers); ToHost: the host answers (hop limit,
 /// unroutable, too big: ICMPv6 errors from the gateway).
 #[inline(always)]
-fn from_guest(ctx: &TcContext, sc: &mut Scratch, net_id: u32, n: &NetConfig, ingress: u32) -> Nat {
+pub fn from_guest(
+    ctx: &TcContext,
+    sc: &mut Scratch,
+    net_id: u32,
+    n: &NetConfig,
+    ingress: u32,
+) -> Nat {
     let Some(cfg) = (unsafe { NAT6_NETS.get(&net_id) }) else {
         return Nat::SKIP;
     };
@@ -614,7 +585,7 @@ fn from_guest(ctx: &TcContext, sc: &mut Scratch, net_id: u32, n: &NetConfig, ing
 /// translated flows, new flows to IPv6 port forwards, ICMPv6 errors about
 /// translated flows. Skip: not NAT66's (the host's own, routed networks').
 #[inline(always)]
-fn from_uplink(ctx: &TcContext, sc: &mut Scratch, ingress: u32) -> Nat {
+pub fn from_uplink(ctx: &TcContext, sc: &mut Scratch, ingress: u32) -> Nat {
     if !packet(ctx, &mut sc.p) {
         return Nat::SKIP;
     }

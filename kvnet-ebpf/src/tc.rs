@@ -241,6 +241,40 @@ fn tc_act(
     }
 }
 
+/// The NAT66 program (`kvnet_nat6`): the rest of the main program's tc
+/// verdict for an IPv6 packet of a NAT66 network or from a NAT uplink.
+#[inline(always)]
+pub fn nat6_program(ctx: &TcContext) -> i32 {
+    let (net_id, ingress) = unsafe { ((*ctx.skb.skb).cb[0], (*ctx.skb.skb).cb[1]) };
+    let Some(sc) = nat6::NAT6_SCRATCH.get_ptr_mut(0) else {
+        return TC_ACT_SHOT;
+    };
+    let sc = unsafe { &mut *sc };
+    let len = ctx.len() as u64;
+    let mut rc = if net_id != 0 {
+        let Some(n) = maps::net(net_id) else {
+            return TC_ACT_SHOT;
+        };
+        let done = nat6::from_guest(ctx, sc, net_id, &n, ingress);
+        nat_out_done(ctx, ingress, len, &n, done)
+    } else {
+        let done = nat6::from_uplink(ctx, sc, ingress);
+        // What NAT66 declines goes on as the main program would take it
+        // (an untagged frame: NatIn has no tag).
+        let (data, data_end) = (ctx.data(), ctx.data_end());
+        let l3 = l3_ctx(ctx);
+        nat_in_done(ctx, ingress, len, done, &Tag::NONE, l3, data, data_end)
+    };
+    if rc == TC_ACT_OK && ingress != unsafe { (*ctx.skb.skb).ifindex } {
+        // For the host: its address lives on the uplink group's device.
+        rc = bond::to_group_host(ctx, ingress, true);
+    }
+    if trace::on() {
+        trace::finish_tc(ctx, rc);
+    }
+    rc
+}
+
 /// Carries out what NAT did with a guest's packet (IPv4, or NAT66's).
 #[inline(always)]
 pub(crate) fn nat_out_done(

@@ -69,6 +69,16 @@ pub fn parse_port_range(s: &str) -> Result<(u16, u16)> {
     Ok((lo, hi))
 }
 
+/// Map `forwards`' (and `forwards6`') key: a port of the uplink's address.
+pub(crate) fn forward_key(ifindex: u32, proto: u8, port: u16) -> ForwardKey {
+    ForwardKey {
+        ifindex,
+        port,
+        proto,
+        _pad: 0,
+    }
+}
+
 pub fn parse_proto(s: &str) -> Result<u8> {
     match s {
         "tcp" => Ok(IPPROTO_TCP),
@@ -479,12 +489,7 @@ impl Switch {
         if let Some(ifindex) = uplink.as_deref().and_then(|u| netdev::ifindex(u).ok()) {
             if let Ok(mut f) = self.dp.forwards() {
                 for (proto, port) in state.forwards.keys() {
-                    let _ = f.remove(&ForwardKey {
-                        ifindex,
-                        port: *port,
-                        proto: *proto,
-                        _pad: 0,
-                    });
+                    let _ = f.remove(&forward_key(ifindex, *proto, *port));
                 }
             }
         }

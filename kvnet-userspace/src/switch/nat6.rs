@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use kvnet_common::{
-    Addr6, Ct6Entry, Ct6Key, Forward6Target, ForwardKey, Nat6Config, NetConfig, CT_F_ORIGINAL,
+    Addr6, Ct6Entry, Ct6Key, Forward6Target, Nat6Config, NetConfig, CT_F_ORIGINAL,
     DEFAULT_FORWARD_RATE, NET_F_NAT6,
 };
 
@@ -18,7 +18,7 @@ use crate::{
     host::monotonic_ns,
     ipv6::Prefix6,
     netdev,
-    switch::Switch,
+    switch::{nat::forward_key, Switch},
 };
 
 /// A NAT66 network's translation: the uplink's address and the IPv6 port
@@ -146,12 +146,7 @@ impl Switch {
         if let Some(ifindex) = uplink.and_then(|u| netdev::ifindex(u).ok()) {
             if let Ok(mut f) = self.dp.forwards6() {
                 for (proto, port) in state.forwards.keys() {
-                    let _ = f.remove(&ForwardKey {
-                        ifindex,
-                        port: *port,
-                        proto: *proto,
-                        _pad: 0,
-                    });
+                    let _ = f.remove(&forward_key(ifindex, *proto, *port));
                 }
             }
         }
@@ -223,15 +218,9 @@ impl Switch {
             tokens: DEFAULT_FORWARD_RATE,
             ..Default::default()
         };
-        let key = ForwardKey {
-            ifindex,
-            port,
-            proto,
-            _pad: 0,
-        };
         self.dp
             .forwards6()?
-            .insert(key, target, 0)
+            .insert(forward_key(ifindex, proto, port), target, 0)
             .context("writing the IPv6 forward map")?;
         if let Some(s) = self.nat6_state_mut(net) {
             s.forwards.insert((proto, port), (addr, to.port()));
@@ -252,12 +241,10 @@ impl Switch {
             return Ok(false);
         }
         let ifindex = netdev::ifindex(&uplink)?;
-        let _ = self.dp.forwards6()?.remove(&ForwardKey {
-            ifindex,
-            port,
-            proto,
-            _pad: 0,
-        });
+        let _ = self
+            .dp
+            .forwards6()?
+            .remove(&forward_key(ifindex, proto, port));
         if let Some(s) = self.nat6_state_mut(net) {
             s.forwards.remove(&(proto, port));
         }
