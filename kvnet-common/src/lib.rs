@@ -7,6 +7,7 @@
 pub mod names;
 
 mod conntrack;
+mod conntrack6;
 mod fdb;
 mod limits;
 mod neigh;
@@ -19,6 +20,7 @@ mod trace;
 mod uplink;
 
 pub use conntrack::*;
+pub use conntrack6::*;
 pub use fdb::*;
 pub use limits::*;
 pub use neigh::*;
@@ -67,6 +69,10 @@ mod user {
     unsafe impl aya::Pod for NeighEntry {}
     unsafe impl aya::Pod for PortPolicy {}
     unsafe impl aya::Pod for UplinkGroup {}
+    unsafe impl aya::Pod for Ct6Key {}
+    unsafe impl aya::Pod for Ct6Entry {}
+    unsafe impl aya::Pod for Nat6Config {}
+    unsafe impl aya::Pod for Forward6Target {}
 }
 
 #[cfg(test)]
@@ -106,6 +112,9 @@ mod tests {
         assert_eq!(size_of::<NetConfig>(), 56);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtEntry>(), 64);
+        assert_eq!(size_of::<Ct6Key>(), 40);
+        assert_eq!(size_of::<Ct6Entry>(), 88);
+        assert_eq!(size_of::<Forward6Target>(), 40);
         assert_eq!(size_of::<ForwardKey>(), 8);
         assert_eq!(size_of::<ForwardTarget>(), 32);
         assert_eq!(size_of::<FragKey>(), 12);

@@ -38,3 +38,7 @@ pub const DEFAULT_STORM_PPS: u32 = 2000;
 pub const MAX_NAT_FRAGS: u32 = 16384;
 /// UDP mappings (two entries each) of endpoint-independent NAT networks.
 pub const MAX_NAT_MAPPINGS: u32 = 131_072;
+/// NAT66 conntrack entries (a flow takes two), apart from IPv4's.
+pub const MAX_CT6_ENTRIES: u32 = 65_536;
+/// IPv6 prefixes of NAT66 networks (several per network).
+pub const MAX_NAT6_SUBNETS: u32 = 4096;

@@ -45,3 +45,6 @@ pub const NET_F_CLOSED: u32 = 1 << 1;
 /// REQ-1, REQ-8): one guest socket, one uplink port, reachable from any
 /// remote once mapped (`--nat-udp eim`). Off: a mapping per remote.
 pub const NET_F_NAT_UDP_EIM: u32 = 1 << 2;
+/// IPv6 from the network's guests leaves masqueraded behind the uplink's
+/// global IPv6 address (NAT66, `--nat6`; map `nat6_nets` has the address).
+pub const NET_F_NAT6: u32 = 1 << 3;

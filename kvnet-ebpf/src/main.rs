@@ -19,6 +19,7 @@ mod flood;
 mod guard;
 mod maps;
 mod nat;
+mod nat6;
 mod neigh;
 mod parse;
 mod pipeline;
@@ -55,6 +56,14 @@ pub fn kvnet_xdp(ctx: XdpContext) -> u32 {
 #[unsafe(link_section = "classifier")]
 pub fn kvnet_tc(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
     tc::ingress(TcContext::new(skb))
+}
+
+/// NAT66 (nat6.rs), tail-called by `kvnet_tc`: its own program for a stack
+/// and verifier budget of its own.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "classifier")]
+pub fn kvnet_nat6(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
+    tc::nat6_program(&TcContext::new(skb))
 }
 
 /// tc egress on a bridged uplink: the host's own frames to guests go

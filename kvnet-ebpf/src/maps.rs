@@ -140,3 +140,33 @@ pub fn port(ifindex: u32) -> Option<&'static PortConfig> {
 pub fn flood_set(key: &FloodKey) -> Option<&'static FloodSet> {
     unsafe { FLOOD.get(key) }
 }
+
+/// NAT66 conntrack: both directions of every translated IPv6 flow.
+#[map(name = "ct6")]
+pub static CT6: HashMap<kvnet_common::Ct6Key, kvnet_common::Ct6Entry> =
+    HashMap::pinned(kvnet_common::MAX_CT6_ENTRIES, 0);
+
+/// IPv6 port forwards: (uplink, proto, port) -> guest.
+#[map(name = "forwards6")]
+pub static FORWARDS6: HashMap<ForwardKey, kvnet_common::Forward6Target> =
+    HashMap::pinned(MAX_FORWARDS, 0);
+
+/// NAT66 networks: net id -> the uplink's IPv6 address.
+#[map(name = "nat6_nets")]
+pub static NAT6_NETS: HashMap<u32, kvnet_common::Nat6Config> = HashMap::pinned(MAX_NETWORKS, 0);
+
+/// NAT66 networks' guest prefixes -> net id: who may be translated, and
+/// what must never leave an uplink untranslated.
+#[map(name = "nat6_subnets")]
+pub static NAT6_SUBNETS: LpmTrie<kvnet_common::Addr6, u32> =
+    LpmTrie::pinned(kvnet_common::MAX_NAT6_SUBNETS, 0);
+
+/// Where NAT66 builds a new flow's entries (one per CPU, not pinned).
+#[map(name = "ct6_scratch")]
+pub static CT6_SCRATCH: PerCpuArray<kvnet_common::Ct6Entry> = PerCpuArray::with_max_entries(1, 0);
+
+/// The NAT66 program (`kvnet_nat6`), index 0: tc tail-calls it. Pinned so
+/// the entry outlives the daemon (a prog array empties when its last user
+/// reference goes).
+#[map(name = "nat6_prog")]
+pub static NAT6_PROG: aya_ebpf::maps::ProgramArray = aya_ebpf::maps::ProgramArray::pinned(1, 0);

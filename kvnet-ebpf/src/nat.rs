@@ -29,19 +29,19 @@ use crate::{
 };
 
 const L3: usize = ETH_HLEN;
-const FIB_SKIP_NEIGH: u32 = 1 << 2;
+pub(crate) const FIB_SKIP_NEIGH: u32 = 1 << 2;
 /// The main table, not the policy rules: a tracked flow's packet back to
 /// its guest is conntrack's decision, and a NAT network's rules refuse
 /// everything forwarded into it (`close_nat_subnet` in the daemon).
-const FIB_DIRECT: u32 = 1 << 0;
-const F_PSEUDO_HDR: u64 = 1 << 4;
-const F_MARK_MANGLED_0: u64 = 1 << 5;
+pub(crate) const FIB_DIRECT: u32 = 1 << 0;
+pub(crate) const F_PSEUDO_HDR: u64 = 1 << 4;
+pub(crate) const F_MARK_MANGLED_0: u64 = 1 << 5;
 const ICMP_ECHOREPLY: u8 = 0;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_ECHO: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETERPROB: u8 = 12;
-const PORT_TRIES: u32 = 24;
+pub(crate) const PORT_TRIES: u32 = 24;
 
 /// What the NAT stage did with a packet.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -83,7 +83,7 @@ impl Nat {
     pub const DROP: Nat = Nat::of(NatKind::Drop);
 
     #[inline(always)]
-    fn sent(rc: i32, egress: u32) -> Nat {
+    pub(crate) fn sent(rc: i32, egress: u32) -> Nat {
         Nat {
             rc,
             egress,
@@ -92,7 +92,7 @@ impl Nat {
     }
 
     #[inline(always)]
-    fn refused(reason: DropReason) -> Nat {
+    pub(crate) fn refused(reason: DropReason) -> Nat {
         Nat {
             reason,
             ..Nat::of(NatKind::Refused)
@@ -135,7 +135,7 @@ fn load<T>(ctx: &TcContext, off: usize) -> Option<T> {
 }
 
 #[inline(always)]
-fn count(net_id: u32, f: impl FnOnce(&mut NatStats)) {
+pub(crate) fn count(net_id: u32, f: impl FnOnce(&mut NatStats)) {
     if let Some(s) = NAT_STATS.get_ptr_mut(&net_id) {
         f(unsafe { &mut *s });
     }
@@ -510,52 +510,73 @@ const SEQ_WINDOW: u32 = 1 << 20;
 #[inline(always)]
 fn touch(e: *mut CtEntry, p: &Pkt) {
     touch_counts(e, p);
+    if p.key.proto != IPPROTO_TCP {
+        return;
+    }
     unsafe {
-        if p.key.proto != IPPROTO_TCP {
-            return;
-        }
-        let tcp_flags = p.tcp_flags;
-        let mut seen = 0;
-        if tcp_flags & 0x02 != 0 {
-            seen |= CT_F_SYN;
-        }
-        if tcp_flags & 0x01 != 0 {
-            seen |= CT_F_FIN;
-        }
-        if tcp_flags & 0x04 != 0 {
-            seen |= CT_F_RST;
-        }
-        if tcp_flags & 0x10 != 0 {
-            seen |= CT_F_ACK;
-        }
-        let closed = CT_F_FIN | CT_F_RST;
-        if seen & CT_F_SYN != 0 && (*e).flags & closed != 0 {
-            // A SYN on a tuple whose connection closed: a new connection
-            // (a client reusing its port), not the old one's flags.
-            (*e).flags = ((*e).flags & !(closed | CT_F_SYN | CT_F_ACK)) | seen;
-            (*e).seq_end = p.seq_next;
-            return;
-        }
-        let known = (*e).seq_end;
-        if known != 0 && p.seq.wrapping_sub(known).wrapping_add(SEQ_WINDOW) > 2 * SEQ_WINDOW {
-            // Far from anything its sender sent: a guess at the flow (a
-            // spoofed RST, say). It goes on for the receiver to judge,
-            // as Linux conntrack lets it, but changes nothing here.
-            count((*e).net_id, |s| s.out_of_window += 1);
-            return;
-        }
-        if known == 0 || (p.seq_next.wrapping_sub(known) as i32) > 0 {
-            (*e).seq_end = p.seq_next;
-        }
-        if (*e).flags & seen != seen {
-            (*e).flags |= seen;
-        }
+        tcp_track(
+            &mut (*e).flags,
+            &mut (*e).seq_end,
+            (*e).net_id,
+            p.tcp_flags,
+            p.seq,
+            p.seq_next,
+        )
+    };
+}
+
+/// A TCP segment's flags and sequence on its direction's entry (`flags`,
+/// `seq_end`): what the daemon's conntrack states and timeouts follow.
+/// Shared by the IPv4 and IPv6 (NAT66) tables.
+#[inline(always)]
+pub(crate) fn tcp_track(
+    flags: &mut u32,
+    seq_end: &mut u32,
+    net_id: u32,
+    tcp_flags: u8,
+    seq: u32,
+    seq_next: u32,
+) {
+    let mut seen = 0;
+    if tcp_flags & 0x02 != 0 {
+        seen |= CT_F_SYN;
+    }
+    if tcp_flags & 0x01 != 0 {
+        seen |= CT_F_FIN;
+    }
+    if tcp_flags & 0x04 != 0 {
+        seen |= CT_F_RST;
+    }
+    if tcp_flags & 0x10 != 0 {
+        seen |= CT_F_ACK;
+    }
+    let closed = CT_F_FIN | CT_F_RST;
+    if seen & CT_F_SYN != 0 && *flags & closed != 0 {
+        // A SYN on a tuple whose connection closed: a new connection
+        // (a client reusing its port), not the old one's flags.
+        *flags = (*flags & !(closed | CT_F_SYN | CT_F_ACK)) | seen;
+        *seq_end = seq_next;
+        return;
+    }
+    let known = *seq_end;
+    if known != 0 && seq.wrapping_sub(known).wrapping_add(SEQ_WINDOW) > 2 * SEQ_WINDOW {
+        // Far from anything its sender sent: a guess at the flow (a
+        // spoofed RST, say). It goes on for the receiver to judge,
+        // as Linux conntrack lets it, but changes nothing here.
+        count(net_id, |s| s.out_of_window += 1);
+        return;
+    }
+    if known == 0 || (seq_next.wrapping_sub(known) as i32) > 0 {
+        *seq_end = seq_next;
+    }
+    if *flags & seen != seen {
+        *flags |= seen;
     }
 }
 
 /// The source ports masquerade hands out: the network's range without the
 /// host's ephemeral range, so every try is a port that may be taken.
-struct PortRange {
+pub(crate) struct PortRange {
     lo: u32,
     /// Ports in the range, the ephemeral ones not counted.
     size: u32,
@@ -566,7 +587,7 @@ struct PortRange {
 
 impl PortRange {
     #[inline(always)]
-    fn of(n: &NetConfig) -> PortRange {
+    pub(crate) fn of(n: &NetConfig) -> PortRange {
         let (lo, hi) = (n.port_lo as u32, n.port_hi as u32);
         let (slo, shi) = (n.skip_lo as u32, n.skip_hi as u32);
         let (skip_at, end) = (slo.max(lo), shi.min(hi));
@@ -585,7 +606,7 @@ impl PortRange {
 
     /// Whether `port` is one this range hands out.
     #[inline(always)]
-    fn contains(&self, port: u16) -> bool {
+    pub(crate) fn contains(&self, port: u16) -> bool {
         let p = port as u32;
         p >= self.lo
             && p < self.lo + self.size + self.skip
@@ -594,7 +615,7 @@ impl PortRange {
 
     /// The port random number `x` names; None when nothing is left.
     #[inline(always)]
-    fn pick(&self, x: u32) -> Option<u16> {
+    pub(crate) fn pick(&self, x: u32) -> Option<u16> {
         if self.size == 0 {
             return None;
         }
@@ -656,7 +677,7 @@ fn port_in_use(ctx: &TcContext, n: &NetConfig, to: &CtKey, port: u16) -> bool {
 }
 
 /// BPF_F_CURRENT_NETNS: the namespace of the device the packet is on.
-const CURRENT_NETNS: u64 = u64::MAX;
+pub(crate) const CURRENT_NETNS: u64 = u64::MAX;
 
 /// The uplink port of the guest socket `orig` comes from, if it has an
 /// endpoint-independent mapping on the uplink's current address.
@@ -717,14 +738,14 @@ fn map_socket(net_id: u32, n: &NetConfig, orig: &CtKey, to: &CtKey, guest_port: 
 
 /// How [`create`] opened a flow.
 #[derive(PartialEq, Eq)]
-enum Opened {
+pub(crate) enum Opened {
     /// Its two entries are ours.
     New,
     /// Another CPU created the same flow first: `to` is now its translation.
     Joined,
 }
 
-const EEXIST: i32 = -17;
+pub(crate) const EEXIST: i32 = -17;
 
 /// The translation another CPU gave `orig` while this one was creating it.
 #[inline(always)]
@@ -858,7 +879,7 @@ fn create(
 
 /// One more flow open on a guest's port (its quota, map `ct_quota`).
 #[inline(always)]
-fn quota_add(port: u32) {
+pub(crate) fn quota_add(port: u32) {
     match CT_QUOTA.get_ptr_mut(&port) {
         Some(c) => unsafe { *c += 1 },
         None => {
@@ -1158,7 +1179,7 @@ fn frag_needed(ctx: &TcContext, p: &Pkt, ingress: u32, mtu: u16, net_id: u32) ->
 /// Takes a token of the ICMP errors kvnet sends itself (map `icmp_rate`,
 /// shared by every CPU: a lost update costs a token, never a limit).
 #[inline(always)]
-fn icmp_rate_allows() -> bool {
+pub(crate) fn icmp_rate_allows() -> bool {
     let Some(b) = maps::ICMP_RATE.get_ptr_mut(0) else {
         return false;
     };

@@ -10,7 +10,7 @@
 //! Each stage returns the frame's [`Verdict`] or hands it on; the hooks
 //! (`main.rs`) carry the verdict out.
 use kvnet_common::{
-    DropReason, FloodKey, PortConfig, ETH_P_8021Q, FDB_F_HOST, NET_F_CLOSED, NET_F_NAT,
+    DropReason, FloodKey, PortConfig, ETH_P_8021Q, FDB_F_HOST, NET_F_CLOSED, NET_F_NAT, NET_F_NAT6,
     PORT_F_GUARDED, PORT_F_HAIRPIN, PORT_F_ISOLATED, PORT_F_ROUTED_NET, PORT_F_TRUSTED,
     PORT_F_UPLINK_NAT, PORT_F_UPLINK_ROUTED, VLAN_MODE_NONE, VLAN_MODE_TRUNK, VLAN_M_TAGGED,
     VLAN_VID_MASK,
@@ -50,8 +50,9 @@ pub enum Verdict {
     ToHost {
         uplink: u32,
     },
-    /// IPv4 from a guest of this NAT network to its gateway: tc translates
-    /// and routes it (`nat::from_guest`).
+    /// IPv4 from a guest of this NAT network to its gateway (and IPv6 of a
+    /// NAT66 one): tc translates and routes it (`nat::from_guest`,
+    /// `nat6::from_guest`).
     NatOut {
         net_id: u32,
     },
@@ -245,6 +246,9 @@ fn forward(
     // a closed network, is the host's.
     if port.flags & PORT_F_ROUTED_NET != 0 && a.eth.ethertype == parse::ETH_P_IPV6 {
         if let (Some(l3c), Some(n)) = (l3, maps::net(net_id).filter(|n| n.gw_vid == a.vid)) {
+            if a.eth.dst == n.gw_mac && n.flags & NET_F_NAT6 != 0 {
+                return Verdict::NatOut { net_id };
+            }
             if a.eth.dst == n.gw_mac {
                 if let Some(egress) = route_v6(&l3c, data, data_end, n.gw_host, true) {
                     stats::routed(ingress);

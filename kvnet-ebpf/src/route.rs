@@ -91,6 +91,31 @@ pub fn fib_v4(ctx: *mut core::ffi::c_void, q: &FibQuery) -> Result<Fib, FibMiss>
     })
 }
 
+/// What the FIB is asked about one IPv6 packet whose addresses are not
+/// (or not yet) the packet's own: NAT66 looks a flow up as it will leave.
+pub struct Fib6Query {
+    pub proto: u8,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    /// The length the egress MTU is checked against (one segment's, GSO).
+    pub mtu_len: u16,
+    pub ifindex: u32,
+    pub flags: u32,
+}
+
+/// The FIB lookup of [`Fib6Query`].
+#[inline(always)]
+pub fn fib_v6(ctx: *mut core::ffi::c_void, q: &Fib6Query) -> Result<Fib, FibMiss> {
+    fib(ctx, q.flags, |p| {
+        p.family = AF_INET6;
+        p.l4_protocol = q.proto;
+        p.ifindex = q.ifindex;
+        p.__bindgen_anon_1.tot_len = q.mtu_len;
+        p.__bindgen_anon_3.ipv6_src = q.saddr;
+        p.__bindgen_anon_4.ipv6_dst = q.daddr;
+    })
+}
+
 /// `bpf_fib_lookup` with the parameters `fill` writes (zeroed first).
 #[inline(always)]
 fn fib(

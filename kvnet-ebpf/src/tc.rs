@@ -25,7 +25,7 @@ use crate::{
 use crate::{
     bond, fdb, maps,
     nat::{self, Nat, NatKind},
-    neigh, parse, pipeline, policy, stats, trace,
+    nat6, neigh, parse, pipeline, policy, stats, trace,
 };
 
 /// Bytes of an untrusted port's frame tc makes linear before the guards
@@ -80,16 +80,7 @@ pub fn ingress(ctx: TcContext) -> i32 {
     // verifier refuses to dereference.
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let tag = Tag::of(data, data_end, hw);
-    let l3 = unsafe {
-        let skb = &*ctx.skb.skb;
-        L3Ctx {
-            ctx: ctx.skb.skb as *mut _,
-            gso_size: skb.gso_size as u16,
-            // PACKET_HOST: addressed to this interface's MAC.
-            to_us: skb.pkt_type == 0,
-            len: skb.len,
-        }
-    };
+    let l3 = l3_ctx(&ctx);
     let action = pipeline::decide(ingress, &port, data, data_end, &tag, Some(l3));
     // One counter lookup for "seen" and "received" (the hot path's cost is
     // mostly hash lookups).
@@ -175,49 +166,24 @@ fn tc_act(
                 stats::drop(ingress, DropReason::RedirectFailed);
                 return TC_ACT_SHOT;
             }
-            let done = nat::from_guest(&ctx, net_id, &n, ingress);
-            match done.kind {
-                // Possibly a forward back into the network, to a guest's port.
-                NatKind::Sent => nat_sent(ctx, ingress, done.rc, done.egress),
-                NatKind::Drop => TC_ACT_SHOT,
-                NatKind::Refused => {
-                    stats::drop(ingress, done.reason);
-                    TC_ACT_SHOT
-                }
-                // Not translated: to the gateway, i.e. the host stack.
-                NatKind::Skip | NatKind::ToHost => {
-                    stats::tx(n.gw_port, len);
-                    unsafe { bpf_redirect(n.gw_port, 0) as i32 }
-                }
-            }
+            let done = if nat6::is_ipv6(ctx) {
+                // NAT66 runs as its own program: back here only if missing.
+                nat6::tail_call(ctx, net_id, ingress);
+                Nat::SKIP
+            } else {
+                nat::from_guest(ctx, net_id, &n, ingress)
+            };
+            nat_out_done(ctx, ingress, len, &n, done)
         }
-        Verdict::NatIn => match nat::from_uplink(&ctx, ingress) {
-            Nat {
-                kind: NatKind::Sent,
-                rc,
-                egress,
-                ..
-            } => nat_sent(ctx, ingress, rc, egress),
-            Nat {
-                kind: NatKind::Drop | NatKind::Refused,
-                ..
-            } => TC_ACT_SHOT,
-            Nat {
-                kind: NatKind::Skip | NatKind::ToHost,
-                ..
-            } => {
-                // Not a NAT flow: a routed network's traffic, or the host's.
-                // Skip: nat touched nothing, the packet pointers still hold.
-                match pipeline::from_uplink(ingress, data, data_end, tag, Some(l3)) {
-                    Verdict::Route { egress } => route_to(ctx, ingress, egress, len),
-                    Verdict::Drop(reason) => {
-                        stats::drop(ingress, reason);
-                        TC_ACT_SHOT
-                    }
-                    _ => TC_ACT_OK,
-                }
-            }
-        },
+        Verdict::NatIn => {
+            let done = if nat6::is_ipv6(ctx) {
+                nat6::tail_call(ctx, 0, ingress);
+                Nat::SKIP
+            } else {
+                nat::from_uplink(ctx, ingress)
+            };
+            nat_in_done(ctx, ingress, len, done, tag, l3, data, data_end)
+        }
         Verdict::ArpReply { answer, arp_off } => {
             // (The frame's VLAN, in skb metadata, goes back out with it.)
             if !neigh::make_reply(data, data_end, arp_off, &answer) {
@@ -271,6 +237,112 @@ fn tc_act(
                     second_len: 0,
                 },
             )
+        }
+    }
+}
+
+/// The NAT66 program (`kvnet_nat6`): the rest of the main program's tc
+/// verdict for an IPv6 packet of a NAT66 network or from a NAT uplink.
+#[inline(always)]
+pub fn nat6_program(ctx: &TcContext) -> i32 {
+    let (net_id, ingress) = unsafe { ((*ctx.skb.skb).cb[0], (*ctx.skb.skb).cb[1]) };
+    let Some(sc) = nat6::NAT6_SCRATCH.get_ptr_mut(0) else {
+        return TC_ACT_SHOT;
+    };
+    let sc = unsafe { &mut *sc };
+    let len = ctx.len() as u64;
+    let mut rc = if net_id != 0 {
+        let Some(n) = maps::net(net_id) else {
+            return TC_ACT_SHOT;
+        };
+        let done = nat6::from_guest(ctx, sc, net_id, &n, ingress);
+        nat_out_done(ctx, ingress, len, &n, done)
+    } else {
+        let done = nat6::from_uplink(ctx, sc, ingress);
+        // What NAT66 declines goes on as the main program would take it
+        // (an untagged frame: NatIn has no tag).
+        let (data, data_end) = (ctx.data(), ctx.data_end());
+        let l3 = l3_ctx(ctx);
+        nat_in_done(ctx, ingress, len, done, &Tag::NONE, l3, data, data_end)
+    };
+    if rc == TC_ACT_OK && ingress != unsafe { (*ctx.skb.skb).ifindex } {
+        // For the host: its address lives on the uplink group's device.
+        rc = bond::to_group_host(ctx, ingress, true);
+    }
+    if trace::on() {
+        trace::finish_tc(ctx, rc);
+    }
+    rc
+}
+
+/// Carries out what NAT did with a guest's packet (IPv4, or NAT66's).
+#[inline(always)]
+pub(crate) fn nat_out_done(
+    ctx: &TcContext,
+    ingress: u32,
+    len: u64,
+    n: &kvnet_common::NetConfig,
+    done: Nat,
+) -> i32 {
+    match done.kind {
+        // Possibly a forward back into the network, to a guest's port.
+        NatKind::Sent => nat_sent(ctx, ingress, done.rc, done.egress),
+        NatKind::Drop => TC_ACT_SHOT,
+        NatKind::Refused => {
+            stats::drop(ingress, done.reason);
+            TC_ACT_SHOT
+        }
+        // Not translated: to the gateway, i.e. the host stack.
+        NatKind::Skip | NatKind::ToHost => {
+            stats::tx(n.gw_port, len);
+            unsafe { bpf_redirect(n.gw_port, 0) as i32 }
+        }
+    }
+}
+
+/// Carries out what NAT did with a packet from a NAT uplink (IPv4, or
+/// NAT66's); what it declined is routed or the host's.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn nat_in_done(
+    ctx: &TcContext,
+    ingress: u32,
+    len: u64,
+    done: Nat,
+    tag: &Tag,
+    l3: L3Ctx,
+    data: usize,
+    data_end: usize,
+) -> i32 {
+    match done.kind {
+        NatKind::Sent => nat_sent(ctx, ingress, done.rc, done.egress),
+        NatKind::Drop | NatKind::Refused => TC_ACT_SHOT,
+        NatKind::Skip | NatKind::ToHost => {
+            // Not a NAT flow: a routed network's traffic, or the host's.
+            // Skip: nat touched nothing, the packet pointers still hold.
+            match pipeline::from_uplink(ingress, data, data_end, tag, Some(l3)) {
+                Verdict::Route { egress } => route_to(ctx, ingress, egress, len),
+                Verdict::Drop(reason) => {
+                    stats::drop(ingress, reason);
+                    TC_ACT_SHOT
+                }
+                _ => TC_ACT_OK,
+            }
+        }
+    }
+}
+
+/// What a hook gives the core so it can route, from the skb.
+#[inline(always)]
+pub(crate) fn l3_ctx(ctx: &TcContext) -> L3Ctx {
+    unsafe {
+        let skb = &*ctx.skb.skb;
+        L3Ctx {
+            ctx: ctx.skb.skb as *mut _,
+            gso_size: skb.gso_size as u16,
+            // PACKET_HOST: addressed to this interface's MAC.
+            to_us: skb.pkt_type == 0,
+            len: skb.len,
         }
     }
 }
@@ -335,7 +407,10 @@ fn egress_act(ctx: &TcContext) -> i32 {
     if port.flags & PORT_F_UPLINK_NAT != 0 {
         // A NAT uplink: a guest's packet that reached it untranslated
         // (through the host stack) must not leave with the guest's address.
-        return nat::guard_uplink(&ctx);
+        if nat6::is_ipv6(ctx) {
+            return nat6::guard_uplink(ctx);
+        }
+        return nat::guard_uplink(ctx);
     }
     if port.flags & PORT_F_UPLINK_BRIDGED == 0 || unsafe { (*ctx.skb.skb).vlan_present } != 0 {
         return TC_ACT_OK;

@@ -115,6 +115,10 @@ pub struct NetOpts {
     /// MAC,IPV6[,NAME] static DHCPv6 hosts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dhcp6_hosts: Vec<String>,
+    /// NAT66: guests' IPv6 leaves masqueraded behind the uplink's global
+    /// IPv6 address (`--nat6`, mode nat with `--gateway6`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nat6: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -600,16 +604,17 @@ pub struct ForwardRow {
     pub to: Endpoint,
 }
 
-/// An IPv4 address and port.
+/// An address (IPv4, or IPv6 for NAT66) and port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
-    pub addr: Ipv4Addr,
+    pub addr: std::net::IpAddr,
     pub port: u16,
 }
 
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.addr, self.port)
+        // "[2001:db8::5]:22" for IPv6, as SocketAddr writes it.
+        write!(f, "{}", std::net::SocketAddr::new(self.addr, self.port))
     }
 }
 
@@ -617,9 +622,9 @@ impl std::fmt::Display for Endpoint {
 /// ICMP the ports hold the echo identifier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowTuple {
-    pub saddr: Ipv4Addr,
+    pub saddr: std::net::IpAddr,
     pub sport: u16,
-    pub daddr: Ipv4Addr,
+    pub daddr: std::net::IpAddr,
     pub dport: u16,
 }
 
@@ -627,21 +632,23 @@ impl FlowTuple {
     /// From the datapath's network-order address fields.
     pub fn from_be(saddr: u32, sport: u16, daddr: u32, dport: u16) -> Self {
         FlowTuple {
-            saddr: Ipv4Addr::from(u32::from_be(saddr)),
+            saddr: Ipv4Addr::from(u32::from_be(saddr)).into(),
             sport,
-            daddr: Ipv4Addr::from(u32::from_be(daddr)),
+            daddr: Ipv4Addr::from(u32::from_be(daddr)).into(),
             dport,
         }
     }
 
-    /// "a:p -> b:q"; ICMP without ports.
+    /// "a:p -> b:q" ("[a]:p" for IPv6); ICMP without ports.
     pub fn display(&self, proto: &str) -> String {
-        if proto == "icmp" {
+        if proto.starts_with("icmp") {
             format!("{} -> {}", self.saddr, self.daddr)
         } else {
+            let ep = |a, p| std::net::SocketAddr::new(a, p).to_string();
             format!(
-                "{}:{} -> {}:{}",
-                self.saddr, self.sport, self.daddr, self.dport
+                "{} -> {}",
+                ep(self.saddr, self.sport),
+                ep(self.daddr, self.dport)
             )
         }
     }
@@ -755,6 +762,7 @@ pub fn proto_name(p: u8) -> String {
         IPPROTO_TCP => "tcp".into(),
         IPPROTO_UDP => "udp".into(),
         IPPROTO_ICMP => "icmp".into(),
+        kvnet_common::IPPROTO_ICMPV6 => "icmpv6".into(),
         0 => "-".into(),
         o => o.to_string(),
     }
@@ -1095,7 +1103,7 @@ mod tests {
                 proto: "tcp".into(),
                 port: 8080,
                 to: Endpoint {
-                    addr: ip("192.168.122.5"),
+                    addr: ip("192.168.122.5").into(),
                     port: 80,
                 },
             }],

@@ -985,14 +985,13 @@ pub fn import_with(
         .and_then(|d| d.domain.clone())
         .or(domain.clone());
     ipv6_of(&v6, &mut sec, v6_domain.as_deref(), &mut warn)?;
-    match (nat_ipv6, &sec.ipv6) {
+    let nat_mode = sec.mode == "nat";
+    match (nat_ipv6, sec.ipv6.as_mut()) {
         (None | Some("no"), _) => {}
-        (Some(v), Some(s)) if sec.mode == "nat" => warn.push(format!(
-            "<nat ipv6='{v}'> (NAT66 masquerade) is not carried over: kvnet has no NAT66 yet, so the network's IPv6 ({}) is routed; the outside needs a route to it via the host",
-            s.gateways.join(", ")
-        )),
+        // NAT66: masquerade behind the uplink's IPv6 address.
+        (Some("yes"), Some(s)) if nat_mode => s.nat6 = true,
         (Some(v), _) => warn.push(format!(
-            "<nat ipv6='{v}'> is not carried over: the network carries no IPv6 (and kvnet has no NAT66 yet)"
+            "<nat ipv6='{v}'> is not carried over: the network carries no IPv6"
         )),
     }
     for ip in v4.filter(|ip| Some(**ip) != main) {
@@ -1949,8 +1948,7 @@ mod tests {
         check(&cfg).unwrap();
         assert_eq!(check6(&cfg, "default").hosts.len(), 3);
 
-        // <nat ipv6='yes'> on a network with IPv4 too: imported, routed,
-        // and the report says NAT66 is missing.
+        // <nat ipv6='yes'> on a network with IPv4 too: imported as NAT66.
         let xml = LIBVIRT_NAT_IPV6.replace(
             "</ip>",
             "</ip><ip address='10.1.0.1' prefix='24'><dhcp><range start='10.1.0.2' end='10.1.0.9'/></dhcp></ip>",
@@ -1962,10 +1960,8 @@ mod tests {
             n.ipv6.as_ref().unwrap().gateways,
             ["2001:db8:ac10:fe01::1/64"]
         );
-        assert!(
-            warned(&warn, "<nat ipv6='yes'> (NAT66 masquerade) is not carried over: kvnet has no NAT66 yet, so the network's IPv6 (2001:db8:ac10:fe01::1/64) is routed"),
-            "{warn:?}"
-        );
+        assert!(n.ipv6.as_ref().unwrap().nat6, "{n:?}");
+        assert!(!warned(&warn, "<nat ipv6"), "{warn:?}");
         check(&cfg).unwrap();
         check6(&cfg, "default");
         // IPv6 alone (libvirt's nat-network-forward-nat-ipv6.xml): kvnet's

@@ -284,7 +284,8 @@ struct DhcpServeArgs {
 
 #[derive(Subcommand)]
 enum ForwardCmd {
-    /// Forward PORT on the uplink's address to a guest's IP:PORT.
+    /// Forward PORT on the uplink's address to a guest's IP:PORT (an IPv6
+    /// guest, [ADDR]:PORT, through the uplink's IPv6 address: NAT66).
     Add {
         /// The NAT network.
         net: String,
@@ -294,7 +295,7 @@ enum ForwardCmd {
         /// The port on the uplink's address.
         #[arg(long)]
         port: u16,
-        /// Where to: the guest's address and port.
+        /// Where to: the guest's address and port (IPv6: [ADDR]:PORT).
         #[arg(long, value_name = "GUEST-IP:PORT")]
         to: String,
     },
@@ -399,6 +400,10 @@ enum NetCmd {
         /// A static DHCPv6 host: MAC,IPV6[,NAME] (repeatable).
         #[arg(long = "dhcp6-host", value_name = "MAC,IPV6[,NAME]")]
         dhcp6_hosts: Vec<String>,
+        /// NAT66 (mode nat, with --gateway6): the guests' IPv6 leaves
+        /// masqueraded behind the uplink's global IPv6 address.
+        #[arg(long)]
+        nat6: bool,
     },
     /// Show one network: mode, gateway, uplink and each port's hook.
     Show {
@@ -708,6 +713,7 @@ fn run(cli: Cli) -> Result<()> {
             gateway6,
             dhcp6_range,
             dhcp6_hosts,
+            nat6,
         }) => done(call(
             sock,
             &Request::NetAdd {
@@ -733,6 +739,7 @@ fn run(cli: Cli) -> Result<()> {
                     gateway6,
                     dhcp6_range,
                     dhcp6_hosts,
+                    nat6,
                     ..Default::default()
                 },
             },

@@ -312,6 +312,30 @@ hosts = ["52:54:00:00:00:05,2001:db8:1::5,web"]
         parse("f.toml", &v6_names).unwrap();
     }
 
+    /// `nat6 = true` and IPv6 forwards: carried to the daemon's options and
+    /// back; refused outside mode nat, or to an address off the prefixes.
+    #[test]
+    fn nat6_and_ipv6_forwards() {
+        let net = "[networks.n]\nmode = \"nat\"\ngateway = \"10.9.0.1/24\"\nuplink = \"eth0\"\n";
+        let v6 = "[networks.n.ipv6]\ngateways = [\"2001:db8:1::1/64\"]\nnat6 = true\n";
+        let fwd = |to: &str| {
+            format!("[[networks.n.forwards]]\nproto = \"tcp\"\nport = 2222\nto = \"{to}\"\n")
+        };
+        let text = format!("{net}{}{v6}", fwd("[2001:db8:1::5]:22"));
+        let c = parse("k.toml", &text).unwrap();
+        let spec = NetSpec::of("n", &c.networks["n"]);
+        assert!(spec.opts().unwrap().nat6);
+        assert_eq!(spec.forwards["tcp/2222"], "[2001:db8:1::5]:22");
+        assert_eq!(parse("k2.toml", &to_toml(&c).unwrap()).unwrap(), c);
+        let e = err(&format!("{net}{}{v6}", fwd("[2001:db8:9::5]:22")));
+        assert!(e.contains("not a guest address"), "{e}");
+        let e = err(&format!("{net}{}", fwd("[2001:db8:1::5]:22")));
+        assert!(e.contains("need `ipv6.nat6`"), "{e}");
+        let routed = net.replace("\"nat\"", "\"routed\"");
+        let e = err(&format!("{routed}{v6}"));
+        assert!(e.contains("needs mode nat"), "{e}");
+    }
+
     /// The network keys libvirt's `<mtu>`, `<dns>` and `<vlan>` import to:
     /// parsed, carried to the daemon's options, wrong values pointed at.
     #[test]

@@ -209,6 +209,9 @@ pub struct Ipv6Section {
     /// "MAC,IPV6[,NAME]".
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
+    /// NAT66: the guests' IPv6 masqueraded behind the uplink's (mode nat).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nat6: bool,
 }
 
 /// `[[networks.NAME.dns_hosts]]`: names for one address.
@@ -544,6 +547,9 @@ impl Check for NetSection {
                 g.parse::<crate::ipv6::Prefix6>()
                     .map_err(|e| format!("ipv6 gateways: {e:#}"))?;
             }
+            if v6.nat6 && m != "nat" {
+                return Err(format!("`ipv6.nat6` needs mode nat, not {m}"));
+            }
         }
         if self.mtu.is_some() && !gw {
             return Err(format!(
@@ -588,8 +594,37 @@ impl Check for NetSection {
             if f.port == 0 {
                 return Err("forward port 0 cannot be forwarded".into());
             }
-            let Ok(to) = f.to.parse::<std::net::SocketAddrV4>() else {
-                return Err(format!("forward to '{}': use GUEST-IP:PORT", f.to));
+            let to = match f.to.parse::<std::net::SocketAddr>() {
+                Ok(std::net::SocketAddr::V4(to)) => to,
+                Ok(std::net::SocketAddr::V6(to)) => {
+                    // NAT66: a guest of the network's IPv6 prefixes.
+                    if !self.ipv6.as_ref().is_some_and(|v| v.nat6) {
+                        return Err(format!(
+                            "forward to '{}': IPv6 forwards need `ipv6.nat6`",
+                            f.to
+                        ));
+                    }
+                    let prefixes = self.ipv6.iter().flat_map(|v| &v.gateways);
+                    let inside = prefixes
+                        .filter_map(|g| g.parse::<crate::ipv6::Prefix6>().ok())
+                        .any(|p| p.contains(*to.ip()) && p.addr != *to.ip());
+                    if !inside || to.port() == 0 {
+                        return Err(format!(
+                            "forward to '{}': not a guest address and port of the network's ipv6 gateways",
+                            f.to
+                        ));
+                    }
+                    if !keys.insert((f.proto.clone(), f.port)) {
+                        return Err(format!("{} port {} is forwarded twice", f.proto, f.port));
+                    }
+                    continue;
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "forward to '{}': use GUEST-IP:PORT or [GUEST-IPV6]:PORT",
+                        f.to
+                    ))
+                }
             };
             if to.port() == 0 {
                 return Err(format!("forward to '{}': port 0", f.to));

@@ -114,6 +114,7 @@ impl NetSpec {
             gateway6: self.ipv6.iter().flat_map(|v| v.gateways.clone()).collect(),
             dhcp6_range: self.ipv6.as_ref().and_then(|v| v.dhcp_range.clone()),
             dhcp6_hosts: self.ipv6.iter().flat_map(|v| v.hosts.clone()).collect(),
+            nat6: self.ipv6.as_ref().is_some_and(|v| v.nat6),
         })
     }
 

@@ -129,14 +129,12 @@ fn walk(switch: &Weak<Mutex<Switch>>, fd: &OwnedFd) -> Result<Option<Duration>> 
         let candidates = crate::switch::nat::conntrack_gc_candidates(&all, monotonic_ns());
         (all, candidates)
     });
-    let expired = if all.is_empty() {
-        Some(0)
-    } else {
-        with_switch(switch, |sw| {
-            sw.conntrack_gc_apply(&all, candidates, started, &quota_before)
-        })?
-    };
-    let Some(expired) = expired else {
+    // (Also with no IPv4 flows: NAT66's table, the quota recount and the
+    // UDP mappings are done here too.)
+    let Some(expired) = with_switch(switch, |sw| {
+        sw.conntrack_gc_apply(&all, candidates, started, &quota_before)
+    })?
+    else {
         return Ok(None);
     };
     let took = wall0.elapsed();

@@ -61,6 +61,7 @@ fn running_nets(sw: &Switch, _rt: &Runtime) -> BTreeMap<String, NetSpec> {
                         gateways: n.opts.gateway6.clone(),
                         dhcp_range: n.opts.dhcp6_range.clone(),
                         hosts: n.opts.dhcp6_hosts.clone(),
+                        nat6: n.opts.nat6,
                     }),
                     nat_ports: n.nat.as_ref().map(|s| [s.ports.0, s.ports.1]),
                     nat_udp: n.nat.as_ref().map(|s| s.udp),
@@ -71,6 +72,15 @@ fn running_nets(sw: &Switch, _rt: &Runtime) -> BTreeMap<String, NetSpec> {
                         .map(|((p, port), (a, to))| {
                             (forward_key(proto(*p), *port), format!("{a}:{to}"))
                         })
+                        .chain(
+                            n.nat
+                                .iter()
+                                .filter_map(|s| s.nat6.as_ref())
+                                .flat_map(|s| &s.forwards)
+                                .map(|((p, port), (a, to))| {
+                                    (forward_key(proto(*p), *port), format!("[{a}]:{to}"))
+                                }),
+                        )
                         .collect(),
                     port_policy: n.opts.port_policy.clone(),
                     storm_pps: n.opts.storm_pps,

@@ -23,9 +23,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use kvnet_common::{
-    names, CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, ForwardKey, ForwardTarget,
-    FragKey, FragPorts, NatMapKey, NatMapping, NatStats, NeighEntry, NeighKey, NetConfig,
-    PortConfig, PortPolicy, PortStats, VlanMember, VlanMemberKey,
+    names, Addr6, Ct6Entry, Ct6Key, CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet,
+    Forward6Target, ForwardKey, ForwardTarget, FragKey, FragPorts, Nat6Config, NatMapKey,
+    NatMapping, NatStats, NeighEntry, NeighKey, NetConfig, PortConfig, PortPolicy, PortStats,
+    VlanMember, VlanMemberKey,
 };
 
 /// The datapath object built by build.rs from kvnet-ebpf.
@@ -201,6 +202,7 @@ impl Datapath {
             tc.pin(repin(pin_dir.join(names::PROG_TC_OUT)))
                 .context("pinning the tc egress program")?;
         }
+        load_nat6(&mut ebpf)?;
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
@@ -669,6 +671,37 @@ impl Datapath {
         Ok(data.fd().as_fd().try_clone_to_owned()?)
     }
 
+    /// NAT66 conntrack.
+    pub fn ct6(&mut self) -> Result<HashMap<&mut MapData, Ct6Key, Ct6Entry>> {
+        Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_CT6)?)?)
+    }
+
+    /// IPv6 port forwards.
+    pub fn forwards6(&mut self) -> Result<HashMap<&mut MapData, ForwardKey, Forward6Target>> {
+        Ok(HashMap::try_from(map(
+            &mut self.ebpf,
+            names::MAP_FORWARDS6,
+        )?)?)
+    }
+
+    /// NAT66 networks: the uplink's IPv6 address.
+    pub fn nat6_nets(&mut self) -> Result<HashMap<&mut MapData, u32, Nat6Config>> {
+        Ok(HashMap::try_from(map(
+            &mut self.ebpf,
+            names::MAP_NAT6_NETS,
+        )?)?)
+    }
+
+    /// NAT66 networks' guest prefixes.
+    pub fn nat6_subnets(
+        &mut self,
+    ) -> Result<aya::maps::lpm_trie::LpmTrie<&mut MapData, Addr6, u32>> {
+        Ok(aya::maps::lpm_trie::LpmTrie::try_from(map(
+            &mut self.ebpf,
+            names::MAP_NAT6_SUBNETS,
+        )?)?)
+    }
+
     /// Fragmented datagrams in flight through the NAT (LRU).
     pub fn nat_frags(&mut self) -> Result<HashMap<&mut MapData, FragKey, FragPorts>> {
         Ok(HashMap::try_from(map(
@@ -933,6 +966,19 @@ impl Drop for Datapath {
         // Pins outlive the process: removing everything (`kvnet down`) removes them too.
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
+}
+
+/// Loads the NAT66 program and puts it where tc tail-calls it (map
+/// `nat6_prog`, pinned: an adopting daemon's program replaces the old one
+/// there, and running tc programs call the new one from then on).
+fn load_nat6(ebpf: &mut Ebpf) -> Result<()> {
+    let tc: &mut SchedClassifier = program(ebpf, names::PROG_NAT6)?.try_into()?;
+    tc.load().context("loading the NAT66 program (verifier)")?;
+    let fd = tc.fd()?.try_clone()?;
+    let mut jump = aya::maps::ProgramArray::try_from(map(ebpf, names::MAP_NAT6_PROG)?)?;
+    jump.set(0, &fd, 0)
+        .context("installing the NAT66 program")?;
+    Ok(())
 }
 
 /// Puts the older datapath's pins back where they were and removes the

@@ -6,6 +6,7 @@ pub mod bindings;
 mod ipv6;
 pub mod journal;
 pub mod nat;
+pub mod nat6;
 pub mod network;
 pub mod policy;
 pub mod uplinks;

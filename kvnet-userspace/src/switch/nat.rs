@@ -29,6 +29,8 @@ pub struct NatState {
     pub udp: crate::control::NatUdp,
     /// (proto, port on the uplink address) -> guest address and port.
     pub forwards: BTreeMap<(u8, u16), (Ipv4Addr, u16)>,
+    /// NAT66 (`--nat6`): the guests' IPv6 too.
+    pub nat6: Option<crate::switch::nat6::Nat6State>,
 }
 
 impl NatState {
@@ -65,6 +67,16 @@ pub fn parse_port_range(s: &str) -> Result<(u16, u16)> {
         bail!("port range '{s}': {lo} is above {hi}");
     }
     Ok((lo, hi))
+}
+
+/// Map `forwards`' (and `forwards6`') key: a port of the uplink's address.
+pub(crate) fn forward_key(ifindex: u32, proto: u8, port: u16) -> ForwardKey {
+    ForwardKey {
+        ifindex,
+        port,
+        proto,
+        _pad: 0,
+    }
 }
 
 pub fn parse_proto(s: &str) -> Result<u8> {
@@ -131,37 +143,121 @@ fn time_scale() -> f64 {
         .unwrap_or(1.0)
 }
 
+/// A conntrack entry of either table (`ct`, `ct6`): what states,
+/// timeouts and listings read.
+pub(crate) trait Tracked {
+    fn flags(&self) -> u32;
+    fn packets(&self) -> u64;
+    fn bytes(&self) -> u64;
+    fn last_seen_ns(&self) -> u64;
+    fn created_ns(&self) -> u64;
+    fn proto(&self) -> u8;
+    fn dnat(&self) -> bool;
+}
+
+/// Both tables' entries have the same fields.
+macro_rules! tracked {
+    ($entry:ty) => {
+        impl Tracked for $entry {
+            fn flags(&self) -> u32 {
+                self.flags
+            }
+            fn packets(&self) -> u64 {
+                self.packets
+            }
+            fn bytes(&self) -> u64 {
+                self.bytes
+            }
+            fn last_seen_ns(&self) -> u64 {
+                self.last_seen_ns
+            }
+            fn created_ns(&self) -> u64 {
+                self.created_ns
+            }
+            fn proto(&self) -> u8 {
+                self.rewrite.proto
+            }
+            fn dnat(&self) -> bool {
+                self.flags & CT_F_DNAT != 0
+            }
+        }
+    };
+}
+tracked!(CtEntry);
+tracked!(kvnet_common::Ct6Entry);
+
+/// When a flow (its original entry and the reply's) was last seen.
+fn last_seen<E: Tracked>(e: &E, reply: Option<&E>) -> u64 {
+    reply.map_or(e.last_seen_ns(), |r| r.last_seen_ns().max(e.last_seen_ns()))
+}
+
 /// Whether a flow (its original entry and the reply's) has been idle past
 /// its state's timeout at `now`.
-fn idle_past_timeout(e: &CtEntry, reply: Option<&CtEntry>, now: u64) -> bool {
+pub(crate) fn idle_past_timeout<E: Tracked>(e: &E, reply: Option<&E>, now: u64) -> bool {
     let (_, limit) = state(e, reply);
-    let last = reply.map_or(e.last_seen_ns, |r| r.last_seen_ns.max(e.last_seen_ns));
-    now.saturating_sub(last) as f64 / 1e9 > limit / time_scale()
+    now.saturating_sub(last_seen(e, reply)) as f64 / 1e9 > limit / time_scale()
 }
 
 /// The flows of a conntrack snapshot idle past their timeout: (original
-/// key, reply key).
+/// key, reply key), `reply_of` an entry giving its reply's key.
+pub(crate) fn gc_candidates<K, E>(
+    all: &std::collections::HashMap<K, E>,
+    now: u64,
+    reply_of: impl Fn(&E) -> K,
+) -> Vec<(K, K)>
+where
+    K: Copy + Eq + std::hash::Hash,
+    E: Tracked,
+{
+    all.iter()
+        .filter(|(_, e)| e.flags() & CT_F_ORIGINAL != 0)
+        .filter(|(_, e)| idle_past_timeout(*e, all.get(&reply_of(e)), now))
+        .map(|(k, e)| (*k, reply_of(e)))
+        .collect()
+}
+
+/// The IPv4 table's [`gc_candidates`].
 pub(crate) fn conntrack_gc_candidates(
     all: &std::collections::HashMap<CtKey, CtEntry>,
     now: u64,
 ) -> Vec<(CtKey, CtKey)> {
-    all.iter()
-        .filter(|(_, e)| e.flags & CT_F_ORIGINAL != 0)
-        .filter(|(_, e)| idle_past_timeout(e, all.get(&e.rewrite.reply()), now))
-        .map(|(k, e)| (*k, e.rewrite.reply()))
-        .collect()
+    gc_candidates(all, now, |e| e.rewrite.reply())
+}
+
+/// One flow as `conntrack list` shows it, from its two entries.
+pub(crate) fn conntrack_row<E: Tracked>(
+    proto: String,
+    orig: FlowTuple,
+    translated: FlowTuple,
+    e: &E,
+    reply: Option<&E>,
+    now: u64,
+) -> ConntrackRow {
+    ConntrackRow {
+        proto,
+        orig,
+        translated,
+        state: state(e, reply).0.into(),
+        dnat: e.dnat(),
+        age_secs: now.saturating_sub(e.created_ns()) as f64 / 1e9,
+        idle_secs: now.saturating_sub(last_seen(e, reply)) as f64 / 1e9,
+        packets: e.packets(),
+        bytes: e.bytes(),
+        reply_packets: reply.map_or(0, |r| r.packets()),
+        reply_bytes: reply.map_or(0, |r| r.bytes()),
+    }
 }
 
 /// (state name, timeout) of a flow from its two entries.
-fn state(orig: &CtEntry, reply: Option<&CtEntry>) -> (&'static str, f64) {
-    let rflags = reply.map_or(0, |r| r.flags);
-    let replied = reply.is_some_and(|r| r.packets > 0);
-    let flags = orig.flags | rflags;
-    match orig.rewrite.proto {
+fn state<E: Tracked>(orig: &E, reply: Option<&E>) -> (&'static str, f64) {
+    let rflags = reply.map_or(0, |r| r.flags());
+    let replied = reply.is_some_and(|r| r.packets() > 0);
+    let (oflags, flags) = (orig.flags(), orig.flags() | rflags);
+    match orig.proto() {
         IPPROTO_TCP => {
             if flags & CT_F_RST != 0 {
                 ("close", timeout::TCP_CLOSE)
-            } else if orig.flags & CT_F_FIN != 0 && rflags & CT_F_FIN != 0 {
+            } else if oflags & CT_F_FIN != 0 && rflags & CT_F_FIN != 0 {
                 ("time_wait", timeout::TCP_FIN_WAIT)
             } else if flags & CT_F_FIN != 0 {
                 ("fin_wait", timeout::TCP_CLOSE_WAIT)
@@ -242,6 +338,7 @@ impl Switch {
             nat_ip,
             udp: opts.nat_udp.unwrap_or_default(),
             forwards: BTreeMap::new(),
+            nat6: None,
         }))
     }
 
@@ -383,6 +480,8 @@ impl Switch {
 
     /// Removes a NAT network's forwards, flows and counters.
     pub(crate) fn teardown_nat(&mut self, name: &str, id: u32) {
+        let uplink6 = self.nets.get(name).and_then(|n| n.uplink.clone());
+        self.teardown_nat6(name, id, uplink6.as_deref());
         let Some(state) = self.nets.get_mut(name).and_then(|n| n.nat.take()) else {
             return;
         };
@@ -390,12 +489,7 @@ impl Switch {
         if let Some(ifindex) = uplink.as_deref().and_then(|u| netdev::ifindex(u).ok()) {
             if let Ok(mut f) = self.dp.forwards() {
                 for (proto, port) in state.forwards.keys() {
-                    let _ = f.remove(&ForwardKey {
-                        ifindex,
-                        port: *port,
-                        proto: *proto,
-                        _pad: 0,
-                    });
+                    let _ = f.remove(&forward_key(ifindex, *proto, *port));
                 }
             }
         }
@@ -434,6 +528,29 @@ impl Switch {
             bail!("port 0 cannot be forwarded");
         }
         let (id, state, cidr, uplink) = self.nat_net(net)?;
+        // One forward a (proto, port) per network, IPv4 or IPv6.
+        let taken6 = state
+            .nat6
+            .as_ref()
+            .and_then(|s| s.forwards.get(&(proto, port)));
+        if let Some((a, p)) = taken6 {
+            bail!(
+                "{} port {port} is already forwarded to [{a}]:{p}",
+                proto_name(proto)
+            );
+        }
+        if to.starts_with('[') {
+            let to6: std::net::SocketAddrV6 = to
+                .parse()
+                .with_context(|| format!("forward target '{to}': expected [GUEST-IPV6]:PORT"))?;
+            if let Some((a, p)) = state.forwards.get(&(proto, port)) {
+                bail!(
+                    "{} port {port} is already forwarded to {a}:{p}",
+                    proto_name(proto)
+                );
+            }
+            return self.forward6_add(net, proto, port, to6);
+        }
         let (addr, to_port) = to
             .rsplit_once(':')
             .with_context(|| format!("forward target '{to}': expected GUEST-IP:PORT"))?;
@@ -508,6 +625,10 @@ impl Switch {
 
     pub fn forward_del(&mut self, net: &str, proto: &str, port: u16) -> Result<()> {
         let proto = parse_proto(proto)?;
+        self.nat_net(net)?;
+        if self.forward6_del(net, proto, port)? {
+            return Ok(());
+        }
         let (_, state, _, uplink) = self.nat_net(net)?;
         if !state.forwards.contains_key(&(proto, port)) {
             bail!(
@@ -537,8 +658,12 @@ impl Switch {
                 net: net.into(),
                 proto: proto_name(*proto).into(),
                 port: *port,
-                to: Endpoint { addr: *a, port: *p },
+                to: Endpoint {
+                    addr: (*a).into(),
+                    port: *p,
+                },
             })
+            .chain(self.forward6_rows(net))
             .collect())
     }
 
@@ -551,33 +676,22 @@ impl Switch {
         let all: std::collections::HashMap<CtKey, CtEntry> =
             self.ct_entries()?.into_iter().collect();
         let now = monotonic_ns();
-        let mut rows = Vec::new();
-        for (k, e) in all
+        let mut rows: Vec<ConntrackRow> = all
             .iter()
             .filter(|(_, e)| e.net_id == id && e.flags & CT_F_ORIGINAL != 0)
-        {
-            let reply = all.get(&e.rewrite.reply());
-            let (state, _) = state(e, reply);
-            let last = reply.map_or(e.last_seen_ns, |r| r.last_seen_ns.max(e.last_seen_ns));
-            rows.push(ConntrackRow {
-                proto: proto_name(k.proto),
-                orig: FlowTuple::from_be(k.saddr, k.sport, k.daddr, k.dport),
-                translated: FlowTuple::from_be(
-                    e.rewrite.saddr,
-                    e.rewrite.sport,
-                    e.rewrite.daddr,
-                    e.rewrite.dport,
-                ),
-                state: state.into(),
-                dnat: e.flags & CT_F_DNAT != 0,
-                age_secs: now.saturating_sub(e.created_ns) as f64 / 1e9,
-                idle_secs: now.saturating_sub(last) as f64 / 1e9,
-                packets: e.packets,
-                bytes: e.bytes,
-                reply_packets: reply.map_or(0, |r| r.packets),
-                reply_bytes: reply.map_or(0, |r| r.bytes),
-            });
-        }
+            .map(|(k, e)| {
+                let r = &e.rewrite;
+                conntrack_row(
+                    proto_name(k.proto),
+                    FlowTuple::from_be(k.saddr, k.sport, k.daddr, k.dport),
+                    FlowTuple::from_be(r.saddr, r.sport, r.daddr, r.dport),
+                    e,
+                    all.get(&e.rewrite.reply()),
+                    now,
+                )
+            })
+            .collect();
+        rows.extend(self.conntrack6_rows(id)?);
         Ok(rows)
     }
 
@@ -592,10 +706,11 @@ impl Switch {
         for k in &doomed {
             let _ = ct.remove(k);
         }
+        let flushed6 = self.ct6_flush_id(id)?;
         let before = self.ct_quota_counts()?;
         let left: Vec<(CtKey, CtEntry)> = self.ct_entries()?;
         self.recount_ct_quota(left.iter().map(|(k, e)| (k, e)), &before)?;
-        Ok(doomed.len())
+        Ok(doomed.len() + flushed6)
     }
 
     pub fn conntrack_flush(&mut self, net: &str) -> Result<usize> {
@@ -644,6 +759,8 @@ impl Switch {
         walk_started: u64,
         quota_before: &std::collections::HashMap<u32, u32>,
     ) -> Result<usize> {
+        // NAT66's table (usually small) is read whole.
+        let gone6 = self.conntrack6_gc()?;
         let mut doomed = self.conntrack_gc_still_idle(candidates)?;
         // Reply entries whose original vanished (a half-created flow). Only
         // those older than the walk: an entry made during it may have its
@@ -673,7 +790,7 @@ impl Switch {
         self.nat_mappings_drop(|m| {
             m.created_ns < made_before && !used.contains(&(m.uplink_addr, m.uplink_port))
         })?;
-        Ok(doomed.len())
+        Ok(doomed.len() + gone6)
     }
 
     /// Deletes the endpoint-independent mappings (both sides) `doomed`
@@ -702,7 +819,8 @@ impl Switch {
         left: impl Iterator<Item = (&'a CtKey, &'a CtEntry)>,
         quota_before: &std::collections::HashMap<u32, u32>,
     ) -> Result<()> {
-        let mut open: std::collections::HashMap<u32, u32> = Default::default();
+        // IPv6 flows (NAT66) count too.
+        let mut open = self.ct6_open_per_port()?;
         for (_, e) in left {
             if e.flags & CT_F_ORIGINAL != 0 && e.port != 0 {
                 *open.entry(e.port).or_default() += 1;
@@ -757,7 +875,7 @@ impl Switch {
             }
             log::info!("network {name}: uplink {uplink} address changed {old} -> {ip}");
         }
-        Ok(())
+        self.nat6_follow_uplinks()
     }
 
     pub fn nat_stats(&mut self) -> Result<Vec<NatStatsRow>> {

@@ -214,6 +214,7 @@ impl Switch {
         let dhcp = crate::dhcp::service::plan(opts, gateway.as_ref(), gw_name.as_deref())?;
         let v6 = crate::ipv6::plan(name, opts, mode, gw_name.as_deref())?;
         let nat = self.nat_plan(opts, opts.uplink.as_deref())?;
+        let nat6 = self.nat6_plan(opts)?;
         // A restarted daemon gives networks back their ids (the datapath's
         // maps are keyed by them); new networks skip those ids.
         let id = self
@@ -266,6 +267,10 @@ impl Switch {
             Some(plan) => self
                 .build_v6(name, &plan)
                 .and_then(|_| self.services.start_v6(name, plan)),
+            None => Ok(()),
+        });
+        let built = built.and_then(|_| match nat6 {
+            Some(state) => self.build_nat6(name, id, state),
             None => Ok(()),
         });
         if let Err(e) = built {
