@@ -17,6 +17,7 @@ mod proto;
 mod stats;
 mod trace;
 mod uplink;
+mod vxlan;
 
 pub use conntrack::*;
 pub use fdb::*;
@@ -29,6 +30,7 @@ pub use proto::*;
 pub use stats::*;
 pub use trace::*;
 pub use uplink::*;
+pub use vxlan::*;
 
 /// The version of the pinned maps' layouts (key and value types and what
 /// they mean), recorded in the pinned map `layout`. Bump it with any change
@@ -67,6 +69,7 @@ mod user {
     unsafe impl aya::Pod for NeighEntry {}
     unsafe impl aya::Pod for PortPolicy {}
     unsafe impl aya::Pod for UplinkGroup {}
+    unsafe impl aya::Pod for VxlanNet {}
 }
 
 #[cfg(test)]
@@ -116,5 +119,6 @@ mod tests {
         assert_eq!(size_of::<NatStats>(), 15 * 8);
         assert_eq!(size_of::<TraceFilter>(), 20);
         assert_eq!(size_of::<TraceEvent>(), 80);
+        assert_eq!(size_of::<VxlanNet>(), 16 + 4 * MAX_VTEPS);
     }
 }

@@ -25,7 +25,7 @@ use crate::{
 use crate::{
     bond, fdb, maps,
     nat::{self, Nat, NatKind},
-    neigh, parse, pipeline, policy, stats, trace,
+    neigh, parse, pipeline, policy, stats, trace, vxlan,
 };
 
 /// Bytes of an untrusted port's frame tc makes linear before the guards
@@ -51,7 +51,8 @@ pub fn ingress(ctx: TcContext) -> i32 {
     };
     let len = ctx.len() as u64;
     let Some(port) = maps::port(ingress) else {
-        return TC_ACT_OK;
+        // A VTEP device is no port: its frames join their VNI's network.
+        return vxlan::ingress(&ctx, ingress);
     };
     if unsafe { (*ctx.skb.skb).mark } == KVNET_HOST_MARK {
         // Handed to this uplink's host stack by kvnet itself.
@@ -254,6 +255,10 @@ fn tc_act(
                     unsafe { bpf_clone_redirect(ctx.skb.skb as *mut _, n.uplink, BPF_F_INGRESS) };
                     ctx.set_mark(0);
                 }
+            }
+            // VXLAN networks carry untagged frames only.
+            if key.vid == 0 && cur.is_none() {
+                vxlan::replicate(ctx, key.net_id, ingress, len as u32);
             }
             tc_flood(
                 &ctx,

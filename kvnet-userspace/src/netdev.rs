@@ -90,6 +90,24 @@ pub fn mac(name: &str) -> Result<crate::mac::Mac> {
     Ok(crate::mac::Mac(mac))
 }
 
+const SIOCGIFMTU: libc::c_ulong = 0x8921;
+
+/// An interface's MTU (an ioctl: sysfs shows the namespace that mounted it).
+pub fn mtu(name: &str) -> Result<u16> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").context("socket for SIOCGIFMTU")?;
+    // struct ifreq: name[16], then int ifr_mtu.
+    let mut req = [0u8; 40];
+    let n = name.len().min(15);
+    req[..n].copy_from_slice(&name.as_bytes()[..n]);
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGIFMTU as _, req.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("MTU of interface '{name}'"));
+    }
+    let mtu = i32::from_ne_bytes([req[16], req[17], req[18], req[19]]);
+    Ok(mtu.clamp(0, u16::MAX as i32) as u16)
+}
+
 const SIOCGIFADDR: libc::c_ulong = 0x8915;
 
 /// An interface's primary IPv4 address, None if it has none.

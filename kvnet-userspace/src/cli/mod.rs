@@ -399,6 +399,23 @@ enum NetCmd {
         /// A static DHCPv6 host: MAC,IPV6[,NAME] (repeatable).
         #[arg(long = "dhcp6-host", value_name = "MAC,IPV6[,NAME]")]
         dhcp6_hosts: Vec<String>,
+        /// Span hosts: a VXLAN overlay with this VNI (needs --vtep-local).
+        #[arg(long, value_name = "VNI", requires = "vtep_local")]
+        vxlan: Option<u32>,
+        /// This host's VTEP address (the underlay's source of the tunnel).
+        #[arg(long, value_name = "ADDR", requires = "vxlan")]
+        vtep_local: Option<String>,
+        /// The underlay NIC (its MTU less 50 bytes is the guests' MTU).
+        #[arg(long, value_name = "IF", requires = "vxlan")]
+        vtep_dev: Option<String>,
+        /// Static peers: remote VTEP addresses (floods go to each).
+        #[arg(
+            long,
+            value_name = "A,B,...",
+            value_delimiter = ',',
+            requires = "vxlan"
+        )]
+        remote: Vec<String>,
     },
     /// Show one network: mode, gateway, uplink and each port's hook.
     Show {
@@ -708,6 +725,10 @@ fn run(cli: Cli) -> Result<()> {
             gateway6,
             dhcp6_range,
             dhcp6_hosts,
+            vxlan,
+            vtep_local,
+            vtep_dev,
+            remote,
         }) => done(call(
             sock,
             &Request::NetAdd {
@@ -733,6 +754,12 @@ fn run(cli: Cli) -> Result<()> {
                     gateway6,
                     dhcp6_range,
                     dhcp6_hosts,
+                    vxlan: vxlan.map(|vni| crate::vxlan::VxlanOpts {
+                        vni,
+                        vtep_local: vtep_local.unwrap_or_default(),
+                        vtep_dev,
+                        remotes: remote,
+                    }),
                     ..Default::default()
                 },
             },
