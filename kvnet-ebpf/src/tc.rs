@@ -370,22 +370,7 @@ fn egress_act(ctx: &TcContext) -> i32 {
         }
         None => {
             stats::flooded(uplink);
-            tc_flood(
-                &ctx,
-                FloodArgs {
-                    net_id,
-                    vid: 0,
-                    ingress: uplink,
-                    hairpin: 0,
-                    isolated: 0,
-                    len,
-                    tagged: 0,
-                    cur_tci: 0,
-                    out_tci: 0,
-                    second_start: 0,
-                    second_len: 0,
-                },
-            );
+            tc_flood(&ctx, FloodArgs::untagged(net_id, uplink, len));
             TC_ACT_OK
         }
     }

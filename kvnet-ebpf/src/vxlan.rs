@@ -128,22 +128,7 @@ pub fn ingress(ctx: &TcContext, ifindex: u32) -> i32 {
     };
     let Some((egress, flags)) = known else {
         stats::flooded(ifindex);
-        return tc_flood(
-            ctx,
-            FloodArgs {
-                net_id,
-                vid: 0,
-                ingress: ifindex,
-                hairpin: 0,
-                isolated: 0,
-                len,
-                tagged: 0,
-                cur_tci: 0,
-                out_tci: 0,
-                second_start: 0,
-                second_len: 0,
-            },
-        );
+        return tc_flood(ctx, FloodArgs::untagged(net_id, ifindex, len));
     };
     if egress == ifindex {
         // Behind another VTEP: that host's business (split horizon).

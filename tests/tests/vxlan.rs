@@ -238,6 +238,14 @@ fn guests_on_three_hosts_talk_over_vxlan_with_their_vni_on_the_wire() {
     }
     let text = o.hosts[0].k.cli(&["fdb", "show", "ov"]).unwrap();
     assert!(text.contains("10.99.2.2"), "fdb show:\n{text}");
+    let vtep = o.hosts[0]
+        .k
+        .port_stats("kvnet-vtep")
+        .expect("the VTEP's counters");
+    assert!(
+        vtep["rx_packets"].as_u64() > Some(0) && vtep["tx_packets"].as_u64() > Some(0),
+        "{vtep}"
+    );
     let show: Value = o.hosts[0].k.json(&["net", "show", "ov"]).unwrap();
     assert_eq!(show["vxlan"]["vni"], 100, "{show}");
     assert_eq!(show["vxlan"]["vtep_local"], "10.99.0.2", "{show}");

@@ -955,6 +955,11 @@ impl Switch {
         for (name, u) in &self.routed_uplinks {
             ports.push((name.clone(), u.ifindex, "(routed uplink)".into()));
         }
+        if let Some(v) = &self.vtep {
+            // What came from and went to other hosts, all VNIs together.
+            let iface = crate::vxlan::VTEP_IFACE.to_string();
+            ports.push((iface, v.ifindex, "(vxlan vtep)".into()));
+        }
         let mut rows = Vec::new();
         for (port, ifindex, net) in ports {
             let s = self.dp.stats(ifindex)?;
