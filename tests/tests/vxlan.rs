@@ -133,17 +133,27 @@ fn vxlan_of(f: &Frame) -> Option<(Ipv4Addr, Ipv4Addr, u32, Frame)> {
     ))
 }
 
+/// `mac`'s row of network `net`'s FDB (Null if it has none).
+fn fdb_row(k: &Kvnet, net: &str, mac: &[u8; 6]) -> Value {
+    let mac = kvnet_tests::mac_fmt(mac);
+    k.fdb(net)
+        .into_iter()
+        .find(|r| r["mac"] == mac.as_str())
+        .unwrap_or_default()
+}
+
 /// Whether the outer IPv4 header says "fragment" (MF or an offset).
 fn fragmented(f: &Frame) -> bool {
     let d = &f.data;
     f.ethertype() == 0x0800 && d.len() > 21 && u16::from_be_bytes([d[20], d[21]]) & 0x3fff != 0
 }
 
-/// Whether an inner frame is IPv4 or ARP from/to an address of `prefix`
-/// ("192.168.50."): ARP sender at 28, target at 38 past the Ethernet header.
-fn touches(inner: &Frame, prefix: [u8; 3]) -> bool {
+/// Whether a frame is IPv4 or ARP from/to an address starting with
+/// `prefix` (`[192, 168, 50]`, or a whole address): ARP sender at 28,
+/// target at 38 past the Ethernet header.
+fn touches(inner: &Frame, prefix: &[u8]) -> bool {
     let d = &inner.data;
-    let in_prefix = |off: usize| d.get(off..off + 3) == Some(&prefix[..]);
+    let in_prefix = |off: usize| d.get(off..off + prefix.len()) == Some(prefix);
     match inner.ethertype() {
         0x0806 => in_prefix(28) || in_prefix(38),
         0x0800 => in_prefix(26) || in_prefix(30),
@@ -224,15 +234,8 @@ fn guests_on_three_hosts_talk_over_vxlan_with_their_vni_on_the_wire() {
     );
 
     // A's FDB: the remote guests behind their VTEPs.
-    let fdb = o.hosts[0].k.json(&["fdb", "show", "ov"]).unwrap();
     for (i, vtep) in [(1, "10.99.1.2"), (2, "10.99.2.2")] {
-        let mac = kvnet_tests::mac_fmt(&g[i].mac);
-        let row = fdb
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["mac"] == mac.as_str())
-            .unwrap_or_else(|| panic!("{mac} not in A's FDB: {fdb}"));
+        let row = fdb_row(&o.hosts[0].k, "ov", &g[i].mac);
         assert_eq!(row["vtep"], vtep, "{row}");
         assert_eq!(row["port"], "kvnet-vtep", "{row}");
     }
@@ -291,18 +294,7 @@ fn vnis_stay_apart_and_broadcasts_reach_only_their_vteps() {
     // C does not serve VNI 200: nothing of it on C's link.
     assert_eq!(vnis(&to_c, 200, false), 0, "VNI 200 frames sent to C");
     // The guest of VNI 200 on B saw its own network's traffic only.
-    let ov_addrs = |f: &Frame| {
-        let d = &f.data;
-        let ours = |off: usize| {
-            d.get(off..off + 4)
-                .is_some_and(|a| a == [192, 168, 50, 1] || a == [192, 168, 50, 2])
-        };
-        match f.ethertype() {
-            0x0806 => ours(28),
-            0x0800 => ours(26),
-            _ => false,
-        }
-    };
+    let ov_addrs = |f: &Frame| touches(f, &[192, 168, 50, 1]) || touches(f, &[192, 168, 50, 2]);
     assert!(
         at_b200.iter().any(|f| f.src_mac() == a200.mac),
         "positive control: blue's guest on B saw nothing of A's blue guest"
@@ -316,7 +308,7 @@ fn vnis_stay_apart_and_broadcasts_reach_only_their_vteps() {
     assert!(
         at_b100
             .iter()
-            .any(|f| f.src_mac() == a100.mac && touches(f, [192, 168, 50])),
+            .any(|f| f.src_mac() == a100.mac && touches(f, &[192, 168, 50])),
         "positive control: ov's guest on B saw nothing of A's"
     );
     assert!(
@@ -351,17 +343,8 @@ fn a_guest_moved_to_another_host_is_reached_again_within_2s() {
     let _vm_a = moving(0);
     let c = o.guest(2, "ov", "c", "192.168.50.3/24");
     assert!(c.ping("192.168.50.9"), "C's guest -> the VM on A");
-    let on = |host: usize| {
-        o.hosts[2]
-            .k
-            .json(&["fdb", "show", "ov"])
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["mac"] == kvnet_tests::mac_fmt(&mac).as_str())
-            .is_some_and(|r| r["vtep"] == o.hosts[host].vtep.as_str())
-    };
+    let on =
+        |host: usize| fdb_row(&o.hosts[2].k, "ov", &mac)["vtep"] == o.hosts[host].vtep.as_str();
     assert!(on(0), "C's FDB has the VM behind A's VTEP");
 
     // Migrated: its port goes on A, comes on B with the same MAC, and the
