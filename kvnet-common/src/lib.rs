@@ -18,6 +18,7 @@ mod proto;
 mod stats;
 mod trace;
 mod uplink;
+mod vxlan;
 
 pub use conntrack::*;
 pub use conntrack6::*;
@@ -31,6 +32,7 @@ pub use proto::*;
 pub use stats::*;
 pub use trace::*;
 pub use uplink::*;
+pub use vxlan::*;
 
 /// The version of the pinned maps' layouts (key and value types and what
 /// they mean), recorded in the pinned map `layout`. Bump it with any change
@@ -73,6 +75,7 @@ mod user {
     unsafe impl aya::Pod for Ct6Entry {}
     unsafe impl aya::Pod for Nat6Config {}
     unsafe impl aya::Pod for Forward6Target {}
+    unsafe impl aya::Pod for VxlanNet {}
 }
 
 #[cfg(test)]
@@ -125,5 +128,6 @@ mod tests {
         assert_eq!(size_of::<NatStats>(), 15 * 8);
         assert_eq!(size_of::<TraceFilter>(), 20);
         assert_eq!(size_of::<TraceEvent>(), 80);
+        assert_eq!(size_of::<VxlanNet>(), 16 + 4 * MAX_VTEPS);
     }
 }

@@ -29,6 +29,10 @@ pub const MAP_NEIGH: &str = "neigh";
 pub const MAP_PORT_POLICY: &str = "port_policy";
 pub const MAP_UPLINK_GROUPS: &str = "uplink_groups";
 pub const MAP_UPLINK_MEMBERS: &str = "uplink_members";
+pub const MAP_VXLAN_NETS: &str = "vxlan_nets";
+pub const MAP_VXLAN_VNIS: &str = "vxlan_vnis";
+pub const MAP_VTEPS: &str = "vteps";
+pub const MAP_FDB_REMOTE: &str = "fdb_remote";
 /// One u32: the [`LAYOUT_VERSION`](super::LAYOUT_VERSION) of the pinned datapath.
 pub const MAP_LAYOUT: &str = "layout";
 pub const PROG_TC_OUT: &str = "kvnet_tc_out";

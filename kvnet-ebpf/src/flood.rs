@@ -36,6 +36,27 @@ pub struct FloodArgs {
     pub second_len: u32,
 }
 
+impl FloodArgs {
+    /// An untagged frame of VLAN 0 from a port that is neither isolated
+    /// nor hairpin (an uplink's host frames, the overlay's).
+    #[inline(always)]
+    pub fn untagged(net_id: u32, ingress: u32, len: u32) -> Self {
+        FloodArgs {
+            net_id,
+            vid: 0,
+            ingress,
+            hairpin: 0,
+            isolated: 0,
+            len,
+            tagged: 0,
+            cur_tci: 0,
+            out_tci: 0,
+            second_start: 0,
+            second_len: 0,
+        }
+    }
+}
+
 /// One walk over a range of a flood set: `bpf_loop`'s context, on the
 /// caller's stack.
 #[repr(C)]

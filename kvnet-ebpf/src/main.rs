@@ -29,6 +29,7 @@ mod stats;
 mod tc;
 mod trace;
 mod vlan;
+mod vxlan;
 mod xdp;
 
 use aya_ebpf::{

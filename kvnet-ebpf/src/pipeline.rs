@@ -21,7 +21,7 @@ use crate::{
     fdb, guard, maps, neigh,
     parse::{self, Eth},
     route::{self, L3Ctx},
-    stats,
+    stats, vxlan,
 };
 
 /// What becomes of a frame.
@@ -270,19 +270,38 @@ fn forward(
     }
     // Isolation in tc only: XDP hands isolated ports' frames to tc.
     let isolated = l3.is_some() && port.flags & PORT_F_ISOLATED != 0;
-    to_port(ingress, port, egress, a, isolated)
+    to_port(ingress, port, egress, a, isolated, l3)
 }
 
 /// The FDB's port for the frame, if it may go there: not back where it came
 /// from (unless hairpin), never into another network or VLAN, even with a
 /// stale FDB; tagged or not as the egress port's membership says.
 #[inline(always)]
-fn to_port(ingress: u32, port: &PortConfig, egress: u32, a: &Admitted, isolated: bool) -> Verdict {
+fn to_port(
+    ingress: u32,
+    port: &PortConfig,
+    egress: u32,
+    a: &Admitted,
+    isolated: bool,
+    l3: Option<L3Ctx>,
+) -> Verdict {
     if egress == ingress && port.flags & PORT_F_HAIRPIN == 0 {
         return Verdict::Drop(DropReason::Hairpin);
     }
     let Some(p) = maps::port(egress) else {
-        return Verdict::Drop(DropReason::StalePort);
+        // No port: a VTEP device (a MAC on another host), which tc alone
+        // can send to; XDP cannot tell it from a stale port and hands on.
+        return match l3 {
+            Some(c) if vxlan::to_remote(c.ctx as *mut _, port.net_id, a.vid, a.eth.dst, egress) => {
+                Verdict::Unicast {
+                    egress,
+                    egress_flags: 0,
+                    out_tci: None,
+                }
+            }
+            Some(_) => Verdict::Drop(DropReason::StalePort),
+            None => Verdict::Pass,
+        };
     };
     if p.net_id != port.net_id {
         return Verdict::Drop(DropReason::StalePort);

@@ -25,7 +25,7 @@ use crate::{
 use crate::{
     bond, fdb, maps,
     nat::{self, Nat, NatKind},
-    nat6, neigh, parse, pipeline, policy, stats, trace,
+    nat6, neigh, parse, pipeline, policy, stats, trace, vxlan,
 };
 
 /// Bytes of an untrusted port's frame tc makes linear before the guards
@@ -51,7 +51,8 @@ pub fn ingress(ctx: TcContext) -> i32 {
     };
     let len = ctx.len() as u64;
     let Some(port) = maps::port(ingress) else {
-        return TC_ACT_OK;
+        // A VTEP device is no port: its frames join their VNI's network.
+        return vxlan::ingress(&ctx, ingress);
     };
     if unsafe { (*ctx.skb.skb).mark } == KVNET_HOST_MARK {
         // Handed to this uplink's host stack by kvnet itself.
@@ -220,6 +221,10 @@ fn tc_act(
                     unsafe { bpf_clone_redirect(ctx.skb.skb as *mut _, n.uplink, BPF_F_INGRESS) };
                     ctx.set_mark(0);
                 }
+            }
+            // VXLAN networks carry untagged frames only.
+            if key.vid == 0 && cur.is_none() {
+                vxlan::replicate(ctx, key.net_id, ingress, len as u32);
             }
             tc_flood(
                 &ctx,
@@ -442,22 +447,7 @@ fn egress_act(ctx: &TcContext) -> i32 {
         }
         None => {
             stats::flooded(uplink);
-            tc_flood(
-                &ctx,
-                FloodArgs {
-                    net_id,
-                    vid: 0,
-                    ingress: uplink,
-                    hairpin: 0,
-                    isolated: 0,
-                    len,
-                    tagged: 0,
-                    cur_tci: 0,
-                    out_tci: 0,
-                    second_start: 0,
-                    second_len: 0,
-                },
-            );
+            tc_flood(&ctx, FloodArgs::untagged(net_id, uplink, len));
             TC_ACT_OK
         }
     }

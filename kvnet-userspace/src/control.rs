@@ -119,6 +119,9 @@ pub struct NetOpts {
     /// IPv6 address (`--nat6`, mode nat with `--gateway6`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub nat6: bool,
+    /// A VXLAN overlay: the network spans the hosts of its VNI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan: Option<crate::vxlan::VxlanOpts>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -420,6 +423,9 @@ pub struct NetDetail {
     /// Networks with `--gateway6`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<Ipv6Info>,
+    /// VXLAN networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan: Option<crate::vxlan::VxlanInfo>,
 }
 
 /// A DHCPv6 binding.
@@ -527,6 +533,9 @@ pub struct FdbRow {
     pub kind: String,
     /// Seconds since last seen (learned entries).
     pub age_secs: Option<f64>,
+    /// A MAC on another host: its VTEP (`port` is the VTEP device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -1115,6 +1124,7 @@ mod tests {
             },
             port_details: vec![port("p1", trunk())],
             ipv6: None,
+            vxlan: None,
         }
     }
 
@@ -1233,6 +1243,7 @@ mod tests {
                 ifindex: 7,
                 kind: "learned".into(),
                 age_secs: Some(1.0),
+                vtep: Some("198.51.100.2".parse().unwrap()),
             }],
             "fdb show",
         );

@@ -28,4 +28,5 @@ pub mod trace;
 pub mod uplink;
 pub mod uplink_spec;
 pub mod vlan;
+pub mod vxlan;
 pub mod xdp_features;

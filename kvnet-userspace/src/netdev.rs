@@ -73,21 +73,39 @@ struct IfReq {
 
 const SIOCGIFHWADDR: libc::c_ulong = 0x8927;
 
-/// An interface's MAC address.
-pub fn mac(name: &str) -> Result<crate::mac::Mac> {
-    let sock = std::net::UdpSocket::bind("0.0.0.0:0").context("socket for SIOCGIFHWADDR")?;
-    // struct ifreq: name[16], then struct sockaddr (family u16, data[14]).
+/// A "get" ioctl on `name`'s struct ifreq (40 bytes, name first): the
+/// filled-in struct. `what` names the value for the error.
+fn ifreq_get(name: &str, request: libc::c_ulong, what: &str) -> Result<[u8; 40]> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")
+        .with_context(|| format!("socket for the {what} ioctl"))?;
     let mut req = [0u8; 40];
     let n = name.len().min(15);
     req[..n].copy_from_slice(&name.as_bytes()[..n]);
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGIFHWADDR as _, req.as_mut_ptr()) };
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request as _, req.as_mut_ptr()) };
     if rc != 0 {
         return Err(io::Error::last_os_error())
-            .with_context(|| format!("MAC address of interface '{name}'"));
+            .with_context(|| format!("{what} of interface '{name}'"));
     }
+    Ok(req)
+}
+
+/// An interface's MAC address.
+pub fn mac(name: &str) -> Result<crate::mac::Mac> {
+    // struct ifreq: name[16], then struct sockaddr (family u16, data[14]).
+    let req = ifreq_get(name, SIOCGIFHWADDR, "MAC address")?;
     let mut mac = [0u8; 6];
     mac.copy_from_slice(&req[18..24]);
     Ok(crate::mac::Mac(mac))
+}
+
+const SIOCGIFMTU: libc::c_ulong = 0x8921;
+
+/// An interface's MTU (an ioctl: sysfs shows the namespace that mounted it).
+pub fn mtu(name: &str) -> Result<u16> {
+    // struct ifreq: name[16], then int ifr_mtu.
+    let req = ifreq_get(name, SIOCGIFMTU, "MTU")?;
+    let mtu = i32::from_ne_bytes([req[16], req[17], req[18], req[19]]);
+    Ok(mtu.clamp(0, u16::MAX as i32) as u16)
 }
 
 const SIOCGIFADDR: libc::c_ulong = 0x8915;

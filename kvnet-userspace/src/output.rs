@@ -100,6 +100,24 @@ pub fn net_detail(d: &NetDetail) -> Vec<Vec<String>> {
         None => rows.push(line("gateway", "-".into())),
     }
     rows.push(line("uplink", or_dash(n.uplink.clone())));
+    if let Some(v) = &d.vxlan {
+        rows.push(line(
+            "vxlan",
+            format!(
+                "vni {}, vtep {} on {} (dev {}), mtu {}",
+                v.vni,
+                v.vtep_local,
+                v.vtep_iface,
+                or_dash(v.vtep_dev.clone()),
+                v.mtu.map_or("-".into(), |m| m.to_string())
+            ),
+        ));
+        let remotes: Vec<String> = v.remotes.iter().map(|r| r.to_string()).collect();
+        rows.push(line(
+            "vxlan remotes",
+            or_dash(Some(remotes.join(",")).filter(|s| !s.is_empty())),
+        ));
+    }
     rows.push(line("ageing", format!("{}s", n.ageing_secs)));
     match &d.dhcp {
         Some(h) => {
@@ -240,12 +258,13 @@ pub fn vlans(vlans: &Vec<VlanInfo>) -> Vec<Vec<String>> {
 }
 
 pub fn fdb(fdb: &Vec<FdbRow>) -> Vec<Vec<String>> {
-    let mut rows = vec![header(&["mac", "vlan", "port", "kind", "age"])];
+    let mut rows = vec![header(&["mac", "vlan", "port", "vtep", "kind", "age"])];
     for e in fdb {
         rows.push(vec![
             e.mac.clone(),
             e.vlan.to_string(),
             e.port.clone(),
+            e.vtep.map_or("-".into(), |v| v.to_string()),
             e.kind.clone(),
             e.age_secs
                 .map(|a| format!("{a:.1}s"))

@@ -116,6 +116,46 @@ fn veth_msg(name: &str, peer: &str) -> LinkMessage {
     m
 }
 
+/// `ip link add NAME type vxlan external dstport PORT local LOCAL [dev
+/// LINK] nolearning df set`: a collect_md VXLAN device (the tunnel key
+/// comes with each frame) that never lets the outer packet fragment.
+pub fn link_add_vxlan_external(
+    name: &str,
+    local: std::net::Ipv4Addr,
+    port: u16,
+    link: Option<u32>,
+) -> Result<()> {
+    use netlink_packet_route::link::InfoVxlan;
+    let op = format!("creating VXLAN device {name:?} (local {local})");
+    crate::netdev::check_ifname(name).map_err(|e| RtnlError::BadName {
+        op: op.clone(),
+        why: format!("{e:#}"),
+    })?;
+    let mut data = vec![
+        InfoVxlan::CollectMetadata(true),
+        InfoVxlan::Port(port),
+        InfoVxlan::Local(local),
+        InfoVxlan::Learning(false),
+        // IFLA_VXLAN_DF_SET.
+        InfoVxlan::Df(1),
+    ];
+    if let Some(l) = link {
+        data.push(InfoVxlan::Link(l));
+    }
+    let mut m = LinkMessage::default();
+    m.attributes.push(LinkAttribute::IfName(name.into()));
+    m.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Vxlan),
+        LinkInfo::Data(InfoData::Vxlan(data)),
+    ]));
+    request(
+        &op,
+        RouteNetlinkMessage::NewLink(m),
+        NLM_F_CREATE | NLM_F_EXCL,
+    )
+    .map(drop)
+}
+
 /// `ip link set dev NAME up`.
 pub fn link_set_up(name: &str) -> Result<()> {
     link_set_flag(&format!("setting {name} up"), name, LinkFlags::Up, true)

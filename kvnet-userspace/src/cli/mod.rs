@@ -404,6 +404,23 @@ enum NetCmd {
         /// masqueraded behind the uplink's global IPv6 address.
         #[arg(long)]
         nat6: bool,
+        /// Span hosts: a VXLAN overlay with this VNI (needs --vtep-local).
+        #[arg(long, value_name = "VNI", requires = "vtep_local")]
+        vxlan: Option<u32>,
+        /// This host's VTEP address (the underlay's source of the tunnel).
+        #[arg(long, value_name = "ADDR", requires = "vxlan")]
+        vtep_local: Option<String>,
+        /// The underlay NIC (its MTU less 50 bytes is the guests' MTU).
+        #[arg(long, value_name = "IF", requires = "vxlan")]
+        vtep_dev: Option<String>,
+        /// Static peers: remote VTEP addresses (floods go to each).
+        #[arg(
+            long,
+            value_name = "A,B,...",
+            value_delimiter = ',',
+            requires = "vxlan"
+        )]
+        remote: Vec<String>,
     },
     /// Show one network: mode, gateway, uplink and each port's hook.
     Show {
@@ -714,6 +731,10 @@ fn run(cli: Cli) -> Result<()> {
             dhcp6_range,
             dhcp6_hosts,
             nat6,
+            vxlan,
+            vtep_local,
+            vtep_dev,
+            remote,
         }) => done(call(
             sock,
             &Request::NetAdd {
@@ -740,6 +761,12 @@ fn run(cli: Cli) -> Result<()> {
                     dhcp6_range,
                     dhcp6_hosts,
                     nat6,
+                    vxlan: vxlan.map(|vni| crate::vxlan::VxlanOpts {
+                        vni,
+                        vtep_local: vtep_local.unwrap_or_default(),
+                        vtep_dev,
+                        remotes: remote,
+                    }),
                     ..Default::default()
                 },
             },

@@ -135,6 +135,9 @@ pub struct NetSection {
     /// IPv6 on the gateway: `--gateway6`, `--dhcp6-range`, `--dhcp6-host`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<Ipv6Section>,
+    /// A VXLAN overlay: `vni`, `vtep_local`, `vtep_dev`, `remotes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan: Option<crate::vxlan::VxlanOpts>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<NatSection>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

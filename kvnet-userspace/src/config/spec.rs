@@ -38,6 +38,7 @@ pub struct NetSpec {
     /// Defaults for the guest ports: isolation, rate limits.
     pub port_policy: PolicyArgs,
     pub storm_pps: Option<u32>,
+    pub vxlan: Option<crate::vxlan::VxlanOpts>,
 }
 
 impl NetSpec {
@@ -60,7 +61,12 @@ impl NetSpec {
             uplink: s.uplink.clone(),
             ageing: s.ageing.unwrap_or(DEFAULT_AGEING.as_secs()),
             dhcp: s.dhcp.clone(),
-            mtu: s.mtu,
+            // A VXLAN network's guests get the underlay's MTU less the
+            // headers unless the file says otherwise (as the switch does).
+            mtu: s
+                .mtu
+                .or_else(|| s.vxlan.as_ref().and_then(|v| v.default_mtu().ok())),
+            vxlan: s.vxlan.clone(),
             dns: s.dns.unwrap_or(true),
             dns_hosts: s.dns_hosts.clone(),
             ipv6: s.ipv6.clone(),
@@ -115,6 +121,7 @@ impl NetSpec {
             dhcp6_range: self.ipv6.as_ref().and_then(|v| v.dhcp_range.clone()),
             dhcp6_hosts: self.ipv6.iter().flat_map(|v| v.hosts.clone()).collect(),
             nat6: self.ipv6.as_ref().is_some_and(|v| v.nat6),
+            vxlan: self.vxlan.clone(),
         })
     }
 

@@ -84,6 +84,7 @@ fn running_nets(sw: &Switch, _rt: &Runtime) -> BTreeMap<String, NetSpec> {
                         .collect(),
                     port_policy: n.opts.port_policy.clone(),
                     storm_pps: n.opts.storm_pps,
+                    vxlan: n.opts.vxlan.clone(),
                 },
             )
         })
@@ -562,6 +563,7 @@ pub(crate) fn config_of(sw: &Switch, listed: Listed) -> Config {
             sec.dns = (!s.dns).then_some(false);
             sec.dns_hosts = s.dns_hosts.clone();
             sec.ipv6 = s.ipv6.clone();
+            sec.vxlan = s.vxlan.clone();
             let default_ports = [
                 crate::control::DEFAULT_NAT_PORTS.0,
                 crate::control::DEFAULT_NAT_PORTS.1,

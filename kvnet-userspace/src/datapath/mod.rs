@@ -630,6 +630,14 @@ impl Datapath {
         )?)?)
     }
 
+    /// A hash map by name (maps of one feature, opened by its module).
+    pub fn hash_map<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &str,
+    ) -> Result<HashMap<&mut MapData, K, V>> {
+        Ok(HashMap::try_from(map(&mut self.ebpf, name)?)?)
+    }
+
     pub fn has_egress(&self, ifindex: u32) -> bool {
         self.egress_links.contains_key(&ifindex)
     }

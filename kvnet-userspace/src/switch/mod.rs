@@ -10,6 +10,7 @@ pub mod nat6;
 pub mod network;
 pub mod policy;
 pub mod uplinks;
+pub mod vxlan;
 use std::{
     collections::{BTreeMap, BTreeSet},
     time::Duration,
@@ -114,6 +115,8 @@ pub struct Switch {
     pub(crate) binding_leases: BTreeMap<(u32, u32), crate::switch::bindings::LeaseSeen>,
     /// Uplink groups (`kvnet uplink`).
     pub(crate) uplinks: crate::uplink::Groups,
+    /// The VTEP device of VXLAN networks, while there are any.
+    pub(crate) vtep: Option<vxlan::Vtep>,
 }
 
 /// Which hook `auto` picks: tc for veth and tap (XDP on a veth turns TSO
@@ -140,6 +143,7 @@ impl Switch {
             adopt_ids: BTreeMap::new(),
             binding_leases: BTreeMap::new(),
             uplinks: Default::default(),
+            vtep: None,
         }
     }
 
@@ -175,6 +179,7 @@ impl Switch {
             self.port_remove(&iface)?;
         }
         self.teardown_net(name, id);
+        self.vxlan_teardown(name, id);
         self.flush_fdb(|k, _| k.net_id == id)?;
         self.neigh_flush(|k, _| k.net_id == id);
         let mut flood = self.dp.flood()?;
@@ -802,10 +807,15 @@ impl Switch {
             .into_iter()
             .map(|(k, e)| {
                 let is_static = e.flags & FDB_F_STATIC != 0;
+                let vtep = self.vxlan_remote_of(&k, e.ifindex);
                 FdbRow {
                     mac: Mac(k.mac).to_string(),
                     vlan: k.vid,
-                    port: self.port_name(e.ifindex),
+                    port: match vtep {
+                        Some(_) => crate::vxlan::VTEP_IFACE.to_string(),
+                        None => self.port_name(e.ifindex),
+                    },
+                    vtep,
                     ifindex: e.ifindex,
                     kind: if is_static { "static" } else { "learned" }.into(),
                     age_secs: (!is_static).then(|| now.saturating_sub(e.last_seen_ns) as f64 / 1e9),
@@ -890,6 +900,7 @@ impl Switch {
                     .is_none_or(|max| now.saturating_sub(e.last_seen_ns) > *max)
         })?;
         self.recount_learned()?;
+        self.vxlan_age()?;
         Ok(aged)
     }
 
@@ -944,6 +955,11 @@ impl Switch {
             .collect();
         for (name, u) in &self.routed_uplinks {
             ports.push((name.clone(), u.ifindex, "(routed uplink)".into()));
+        }
+        if let Some(v) = &self.vtep {
+            // What came from and went to other hosts, all VNIs together.
+            let iface = crate::vxlan::VTEP_IFACE.to_string();
+            ports.push((iface, v.ifindex, "(vxlan vtep)".into()));
         }
         let mut rows = Vec::new();
         for (port, ifindex, net) in ports {

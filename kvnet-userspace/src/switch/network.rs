@@ -158,6 +158,9 @@ impl Switch {
             Some(s) => std::time::Duration::from_secs(s),
             None => DEFAULT_AGEING,
         };
+        // VXLAN: checked first; the guests' MTU leaves the outer headers room.
+        let (vxlan, opts) = self.vxlan_plan(name, opts)?;
+        let opts = &opts;
         let mode = opts.mode;
         let gateway: Option<Cidr> = opts.gateway.as_deref().map(str::parse).transpose()?;
         match (mode, &gateway, &opts.uplink) {
@@ -259,6 +262,10 @@ impl Switch {
                 self.build_bridged(name, id, opts.uplink.as_deref().unwrap_or_default())
             }
         };
+        let built = built.and_then(|_| match &vxlan {
+            Some(plan) => self.build_vxlan(name, id, plan),
+            None => Ok(()),
+        });
         let built = built.and_then(|_| match dhcp {
             Some(cfg) => self.services.start(name, cfg),
             None => Ok(()),
@@ -626,6 +633,7 @@ impl Switch {
             .iter()
             .any(|s| s.net == name && !s.dns.is_null());
         Ok(NetDetail {
+            vxlan: self.vxlan_info(name),
             ipv6: self.ipv6_info(name),
             dhcp: self.dhcp_info(name, opts),
             dns,
