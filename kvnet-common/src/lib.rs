@@ -14,6 +14,7 @@ mod net;
 mod policy;
 mod port;
 mod proto;
+mod savi;
 mod stats;
 mod trace;
 mod uplink;
@@ -26,6 +27,7 @@ pub use net::*;
 pub use policy::*;
 pub use port::*;
 pub use proto::*;
+pub use savi::*;
 pub use stats::*;
 pub use trace::*;
 pub use uplink::*;
@@ -67,6 +69,8 @@ mod user {
     unsafe impl aya::Pod for NeighEntry {}
     unsafe impl aya::Pod for PortPolicy {}
     unsafe impl aya::Pod for UplinkGroup {}
+    unsafe impl aya::Pod for V6OwnerKey {}
+    unsafe impl aya::Pod for V6Owner {}
 }
 
 #[cfg(test)]
@@ -114,6 +118,8 @@ mod tests {
         assert_eq!(size_of::<NatMapping>(), 24);
         assert_eq!(size_of::<RateBucket>(), 16);
         assert_eq!(size_of::<NatStats>(), 15 * 8);
+        assert_eq!(size_of::<V6OwnerKey>(), 20);
+        assert_eq!(size_of::<V6Owner>(), 16);
         assert_eq!(size_of::<TraceFilter>(), 20);
         assert_eq!(size_of::<TraceEvent>(), 80);
     }

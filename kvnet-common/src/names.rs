@@ -24,8 +24,13 @@ pub const MAP_NEIGH: &str = "neigh";
 pub const MAP_PORT_POLICY: &str = "port_policy";
 pub const MAP_UPLINK_GROUPS: &str = "uplink_groups";
 pub const MAP_UPLINK_MEMBERS: &str = "uplink_members";
+pub const MAP_V6_OWNERS: &str = "v6_owners";
+pub const MAP_V6_CLAIMS: &str = "v6_claims";
 /// One u32: the [`LAYOUT_VERSION`](super::LAYOUT_VERSION) of the pinned datapath.
 pub const MAP_LAYOUT: &str = "layout";
 pub const PROG_TC_OUT: &str = "kvnet_tc_out";
 pub const PROG_XDP: &str = "kvnet_xdp";
 pub const PROG_TC: &str = "kvnet_tc";
+/// The IPv6 source guard, tail-called from `kvnet_tc` (map `savi_jump`).
+pub const PROG_SAVI: &str = "kvnet_savi";
+pub const MAP_SAVI_JUMP: &str = "savi_jump";

@@ -298,3 +298,74 @@ fn slaac_dhcp6_dns_routed_ipv6_and_the_ra_guard() {
     assert_eq!(aaaa.trim(), WEB6, "AAAA after the restart");
     assert!(g1.ping(OUTSIDE6), "g1 -> outside after the restart");
 }
+
+/// A server behind a 1280-byte link: the outside router's ICMPv6
+/// packet-too-big reaches the guest through routed IPv6, the guest learns
+/// the path MTU and its TCP transfer completes.
+#[test]
+fn packet_too_big_from_a_1280_hop_reaches_the_guest_and_tcp_completes() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    // outside (a router) -- r1, MTU 1280 -- server 2001:db8:fff0::2.
+    let out = lab.add_outside().unwrap();
+    let server = lab.add_netns("srv").unwrap();
+    out.sh(&format!(
+        "ip -6 addr add {OUTSIDE6}/64 dev eth0 nodad && ip -6 route add 2001:db8::/40 via 2001:db8:ffff::1 \
+         && sysctl -qw net.ipv6.conf.all.forwarding=1 \
+         && ip link add r1 mtu 1280 type veth peer name eth0 netns {server} \
+         && ip link set r1 up && ip -6 addr add 2001:db8:fff0::1/64 dev r1 nodad"
+    ))
+    .unwrap();
+    lab.sh(
+        &server,
+        "ip link set lo up && ip link set eth0 mtu 1280 up \
+         && ip -6 addr add 2001:db8:fff0::2/64 dev eth0 nodad \
+         && ip -6 route add default via 2001:db8:fff0::1",
+    )
+    .unwrap();
+    lab.sh(
+        lab.hv(),
+        "ip -6 addr add 2001:db8:ffff::1/64 dev up0 nodad && ip -6 route add 2001:db8:fff0::/64 via 2001:db8:ffff::2",
+    )
+    .unwrap();
+    let g = lab.add_guest("p1").unwrap();
+    let k = Kvnet::start(&lab).unwrap();
+    k.cli(&[
+        "net",
+        "add",
+        "v6",
+        "--mode",
+        "routed",
+        "--gateway",
+        "10.62.0.1/24",
+        "--uplink",
+        "up0",
+        "--gateway6",
+        "2001:db8:1::1/64",
+    ])
+    .unwrap();
+    k.cli(&["port", "add", "v6", "p1"]).unwrap();
+    until("g's SLAAC address", Duration::from_secs(15), || {
+        global_addr(&g, "2001:db8:1:")
+    });
+    until("g's default route", Duration::from_secs(5), || {
+        let r = g.sh("ip -6 route show default").ok()?;
+        r.contains("via fe80::").then_some(())
+    });
+    // Full-size segments leave the guest (MTU 1500) and stop at r1.
+    let cap = Capture::start(&g.ns, "eth0").unwrap();
+    let v = kvnet_tests::tools::iperf3(&lab, &server, "2001:db8:fff0::2", &g.ns, &["-n", "2M"])
+        .unwrap();
+    let (bytes, _) = kvnet_tests::tools::received(&v);
+    assert!(bytes >= 2_000_000, "the transfer did not complete: {v}");
+    let frames = cap.stop().unwrap();
+    let ptb = frames
+        .iter()
+        .filter(|f| icmp6(f).is_some_and(|(t, _)| t == 2))
+        .count();
+    assert!(ptb > 0, "no packet-too-big reached the guest");
+    let route = g.sh("ip -6 route get 2001:db8:fff0::2").unwrap();
+    assert!(route.contains("mtu 1280"), "{route}");
+}
