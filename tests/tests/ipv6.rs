@@ -308,7 +308,9 @@ fn packet_too_big_from_a_1280_hop_reaches_the_guest_and_tcp_completes() {
         return;
     }
     let lab = Lab::new().unwrap();
-    // outside (a router) -- r1, MTU 1280 -- server 2001:db8:fff0::2.
+    // outside (a router) -- r1, MTU 1280 -- server 2001:db8:fff0::2 (its
+    // own side 1500: it offers a full MSS, so the guest's segments are too
+    // big for r1).
     let out = lab.add_outside().unwrap();
     let server = lab.add_netns("srv").unwrap();
     out.sh(&format!(
@@ -320,7 +322,7 @@ fn packet_too_big_from_a_1280_hop_reaches_the_guest_and_tcp_completes() {
     .unwrap();
     lab.sh(
         &server,
-        "ip link set lo up && ip link set eth0 mtu 1280 up \
+        "ip link set lo up && ip link set eth0 up \
          && ip -6 addr add 2001:db8:fff0::2/64 dev eth0 nodad \
          && ip -6 route add default via 2001:db8:fff0::1",
     )
