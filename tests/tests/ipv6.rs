@@ -371,3 +371,74 @@ fn packet_too_big_from_a_1280_hop_reaches_the_guest_and_tcp_completes() {
     let route = g.sh("ip -6 route get 2001:db8:fff0::2").unwrap();
     assert!(route.contains("mtu 1280"), "{route}");
 }
+
+/// The qemu guest (Debian's kernel, busybox) on a tap takes a SLAAC
+/// address from kvnet's RA and reaches the outside over routed IPv6.
+#[test]
+fn qemu_guest_on_a_tap_takes_slaac_and_reaches_the_outside() {
+    use kvnet_tests::guest::{default_cache_dir, Image, Vm, VmSpec, READY};
+    if !privileged() {
+        return;
+    }
+    let image = Image::ensure(&default_cache_dir()).unwrap();
+    let lab = Lab::new().unwrap();
+    let out = lab.add_outside().unwrap();
+    out.sh(&format!(
+        "ip -6 addr add {OUTSIDE6}/64 dev eth0 nodad && ip -6 route add 2001:db8::/40 via 2001:db8:ffff::1"
+    ))
+    .unwrap();
+    lab.sh(lab.hv(), "ip -6 addr add 2001:db8:ffff::1/64 dev up0 nodad")
+        .unwrap();
+    let tap = lab.add_tap("tap0").unwrap();
+    let k = Kvnet::start(&lab).unwrap();
+    k.cli(&[
+        "net",
+        "add",
+        "v6",
+        "--mode",
+        "routed",
+        "--gateway",
+        "10.63.0.1/24",
+        "--uplink",
+        "up0",
+        "--gateway6",
+        "2001:db8:1::1/64",
+    ])
+    .unwrap();
+    k.cli(&["port", "add", "v6", &tap]).unwrap();
+    let script = format!(
+        "i=0; while [ $i -lt 150 ]; do a=$(ip -6 addr show dev eth0 scope global | grep -v tentative | sed -n 's/.*inet6 \\(2001:db8:1:[^/]*\\).*/\\1/p'); [ -n \"$a\" ] && break; sleep 0.2; i=$((i+1)); done\n\
+         echo V6-ADDR $a\n\
+         ip -6 route show default\n\
+         ping -6 -c 3 -W 3 {OUTSIDE6} || ping6 -c 3 {OUTSIDE6} || exit 11\n"
+    );
+    let vm = Vm::boot(
+        &lab,
+        &image,
+        VmSpec {
+            tap,
+            mac: "52:54:00:8a:00:06".into(),
+            script,
+            ..VmSpec::default()
+        },
+    )
+    .unwrap();
+    vm.wait_for(READY, Duration::from_secs(120)).unwrap();
+    let rc = vm.wait_done(Duration::from_secs(120)).unwrap();
+    let outp = vm.script_output();
+    assert_eq!(rc, 0, "{}", vm.console());
+    let a = outp
+        .lines()
+        .find_map(|l| l.strip_prefix("V6-ADDR "))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    assert_eq!(
+        a.parse::<std::net::Ipv6Addr>().ok(),
+        "2001:db8:1::5054:ff:fe8a:6".parse().ok(),
+        "the VM's SLAAC (EUI-64) address: {outp}"
+    );
+    assert!(outp.contains("3 packets received"), "{outp}");
+    // (Replies to the VM's own address: routed, the outside saw it.)
+    assert!(outp.contains("via fe80::"), "default route from the RA: {outp}");
+}
