@@ -7,7 +7,7 @@
 //! counters rise, and its own traffic still flows. A DHCPv6 lease is its
 //! client's at once and nobody else's.
 use std::net::Ipv6Addr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvnet_tests::{
     clients::{dhclient6, field, wait_first_event},
@@ -17,23 +17,14 @@ use kvnet_tests::{
     Capture, Frame, GuestPort, Lab,
 };
 
-const OUTSIDE6: &str = "2001:db8:ffff::2";
+#[path = "support/v6_lab.rs"]
+mod v6_lab;
+use v6_lab::{net_add_v6, outside6, until, OUTSIDE6};
+
 const ALL_NODES: [u8; 6] = [0x33, 0x33, 0, 0, 0, 1];
 const ECHO_REQUEST: u8 = 128;
 const NEIGHBOR_SOLICIT: u8 = 135;
 const NEIGHBOR_ADVERT: u8 = 136;
-
-/// Polls `f` every 100 ms until it is Some, or panics after `t` saying `what`.
-fn until<T>(what: &str, t: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + t;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// The guest's usable (not tentative) address of `scope` starting with
 /// `prefix`.
@@ -135,13 +126,7 @@ fn a_hostile_guest_cannot_use_or_advertise_its_neighbours_ipv6_addresses() {
         return;
     }
     let lab = Lab::new().unwrap();
-    let out = lab.add_outside().unwrap();
-    out.sh(&format!(
-        "ip -6 addr add {OUTSIDE6}/64 dev eth0 nodad && ip -6 route add 2001:db8::/40 via 2001:db8:ffff::1"
-    ))
-    .unwrap();
-    lab.sh(lab.hv(), "ip -6 addr add 2001:db8:ffff::1/64 dev up0 nodad")
-        .unwrap();
+    let out = outside6(&lab, "");
     // a: the victim; b: hostile; c: a guest that joins later (DAD); d: a
     // DHCPv6 client.
     let a = lab.add_guest("pa").unwrap();
@@ -149,22 +134,11 @@ fn a_hostile_guest_cannot_use_or_advertise_its_neighbours_ipv6_addresses() {
     let c = lab.add_guest("pc").unwrap();
     let d = lab.add_guest("pd").unwrap();
     let k = Kvnet::start(&lab).unwrap();
-    k.cli(&[
-        "net",
-        "add",
-        "v6",
-        "--mode",
-        "routed",
-        "--gateway",
+    net_add_v6(
+        &k,
         "10.61.0.1/24",
-        "--uplink",
-        "up0",
-        "--gateway6",
-        "2001:db8:1::1/64",
-        "--dhcp6-range",
-        "2001:db8:1::100-2001:db8:1::1ff",
-    ])
-    .unwrap();
+        &["--dhcp6-range", "2001:db8:1::100-2001:db8:1::1ff"],
+    );
     for p in ["pa", "pb", "pc", "pd"] {
         k.cli(&["port", "add", "v6", p]).unwrap();
     }

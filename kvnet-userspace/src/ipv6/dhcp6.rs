@@ -674,19 +674,23 @@ mod tests {
 
     #[test]
     fn dhcp6_leases_survive_a_restart_through_their_file() {
+        let request = |c: &Core, duid: &[u8], iaid| {
+            let mut m = msg(MessageType::Request, duid, Some(iaid));
+            m.opts_mut().insert(DhcpOption::ServerId(c.server_id.clone()));
+            m
+        };
         let mut c = core(Some("2001:db8:1::100-2001:db8:1::1ff"));
         let duid = [0, 3, 0, 1, 0x52, 0x54, 0, 0, 0, 0x77];
-        c.handle(&msg(MessageType::Solicit, &duid, Some(9)), 1000);
-        let r = c.handle(&msg(MessageType::Request, &duid, Some(9)), 1000);
+        let r = c.handle(&request(&c, &duid, 9), 1000);
         let mine = addr(&r.unwrap()).unwrap();
         let other = [0, 3, 0, 1, 0x52, 0x54, 0, 0, 0, 0x78];
-        c.handle(&msg(MessageType::Request, &other, Some(1)), 1000);
+        c.handle(&request(&c, &other, 1), 1000);
         let file = c.snapshot();
         // A new server (the restarted daemon) with the file: the same
         // address for the same (DUID, IAID), even asked in another order.
         let mut d = core(Some("2001:db8:1::100-2001:db8:1::1ff"));
         assert_eq!(d.restore(&file, 1001).unwrap(), 2);
-        let r = d.handle(&msg(MessageType::Request, &other, Some(1)), 1002);
+        let r = d.handle(&request(&d, &other, 1), 1002);
         assert_ne!(addr(&r.unwrap()), Some(mine));
         let r = d.handle(&msg(MessageType::Solicit, &duid, Some(9)), 1002);
         assert_eq!(addr(&r.unwrap()), Some(mine));
