@@ -172,6 +172,27 @@ pub fn parse_host6(s: &str) -> Result<Host6> {
     Ok(Host6 { mac, ip, name })
 }
 
+/// What `[networks.N.ipv6]` leaves unserved: gateways that are no /64
+/// (guests form SLAAC addresses in /64s only) with no DHCPv6 range in
+/// them. A warning, not an error: the prefix is still on-link.
+pub fn section_warnings(gateways: &[String], dhcp_range: Option<&str>) -> Vec<String> {
+    let range = dhcp_range.and_then(|r| parse_range6(r).ok());
+    gateways
+        .iter()
+        .enumerate()
+        .filter_map(|(i, g)| {
+            let g: Prefix6 = g.parse().ok()?;
+            let served = range.is_some_and(|(a, _)| g.contains(a));
+            (!g.slaac() && !served).then(|| {
+                format!(
+                    "ipv6 gateways[{i}]: {g} is a /{}: no SLAAC address in it (SLAAC needs a /64), and no dhcp_range",
+                    g.len
+                )
+            })
+        })
+        .collect()
+}
+
 /// `[networks.N.ipv6]` checked whole (`kvnet check`, `config apply`):
 /// the error names the field at fault (`gateways[1]`, `dhcp_range`,
 /// `hosts[0]`).
@@ -190,7 +211,7 @@ pub fn check_section(
         }
         gws.push(p);
     }
-    let range = match dhcp_range {
+    match dhcp_range {
         Some(r) => {
             let (a, b) = parse_range6(r)
                 .map_err(|e| format!("ipv6 dhcp_range: {e:#}").replace("--dhcp6-range", "range"))?;
@@ -205,20 +226,8 @@ pub fn check_section(
                     g.addr
                 ));
             }
-            Some((a, b))
         }
-        None => None,
-    };
-    // Guests form addresses by SLAAC in /64s only: a gateway of another
-    // length serves nobody unless DHCPv6 hands out addresses in it.
-    for (i, g) in gws.iter().enumerate() {
-        let served = range.is_some_and(|(a, _)| g.contains(a));
-        if !g.slaac() && !served {
-            return Err(format!(
-                "ipv6 gateways[{i}]: {g} is a /{}: SLAAC needs a /64 (or give a dhcp_range inside it)",
-                g.len
-            ));
-        }
+        None => {}
     }
     let mut seen: Vec<Host6> = Vec::new();
     for (i, h) in hosts.iter().enumerate() {
@@ -477,7 +486,6 @@ mod tests {
         for (err, want) in [
             (e(&["2001:db8:1::1"], None, &[]), "gateways[0]: IPv6 gateway '2001:db8:1::1' needs a prefix"),
             (e(&["2001:db8:1::1/64", "2001:db8:1::2/48"], None, &[]), "gateways[1]: 2001:db8:1::2/48 overlaps"),
-            (e(&["2001:db8:1::1/80"], None, &[]), "gateways[0]: 2001:db8:1::1/80 is a /80: SLAAC needs a /64"),
             (e(&one, Some("2001:db8:9::1-2001:db8:9::9"), &[]), "dhcp_range '2001:db8:9::1-2001:db8:9::9': not inside"),
             (e(&one, Some("2001:db8:1::9-2001:db8:1::1"), &[]), "dhcp_range: range '2001:db8:1::9-2001:db8:1::1' runs backwards"),
             (e(&one, Some("2001:db8:1::1-2001:db8:1::9"), &[]), "holds the gateway's own address"),
@@ -495,15 +503,12 @@ mod tests {
         ] {
             assert!(err.contains(want), "{err} (wanted {want})");
         }
-        // A /80 served by DHCPv6 is fine.
-        assert_eq!(
-            check_section(
-                &gws(&["2001:db8:1::1/80"]),
-                Some("2001:db8:1::100-2001:db8:1::1ff"),
-                &[]
-            ),
-            Ok(())
-        );
+        // A /80: no SLAAC in it, a warning unless DHCPv6 serves it.
+        let w = section_warnings(&gws(&["2001:db8:1::1/64", "2001:db8:2::1/80"]), None);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("gateways[1]: 2001:db8:2::1/80 is a /80: no SLAAC"), "{w:?}");
+        let served = Some("2001:db8:2::100-2001:db8:2::1ff");
+        assert!(section_warnings(&gws(&["2001:db8:2::1/80"]), served).is_empty());
     }
 
     #[test]
