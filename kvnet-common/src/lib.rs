@@ -15,6 +15,7 @@ mod net;
 mod policy;
 mod port;
 mod proto;
+mod savi;
 mod stats;
 mod trace;
 mod uplink;
@@ -29,6 +30,7 @@ pub use net::*;
 pub use policy::*;
 pub use port::*;
 pub use proto::*;
+pub use savi::*;
 pub use stats::*;
 pub use trace::*;
 pub use uplink::*;
@@ -76,6 +78,8 @@ mod user {
     unsafe impl aya::Pod for Nat6Config {}
     unsafe impl aya::Pod for Forward6Target {}
     unsafe impl aya::Pod for VxlanNet {}
+    unsafe impl aya::Pod for V6OwnerKey {}
+    unsafe impl aya::Pod for V6Owner {}
 }
 
 #[cfg(test)]
@@ -126,6 +130,8 @@ mod tests {
         assert_eq!(size_of::<NatMapping>(), 24);
         assert_eq!(size_of::<RateBucket>(), 16);
         assert_eq!(size_of::<NatStats>(), 15 * 8);
+        assert_eq!(size_of::<V6OwnerKey>(), 20);
+        assert_eq!(size_of::<V6Owner>(), 16);
         assert_eq!(size_of::<TraceFilter>(), 20);
         assert_eq!(size_of::<TraceEvent>(), 80);
         assert_eq!(size_of::<VxlanNet>(), 16 + 4 * MAX_VTEPS);

@@ -33,9 +33,14 @@ pub const MAP_VXLAN_NETS: &str = "vxlan_nets";
 pub const MAP_VXLAN_VNIS: &str = "vxlan_vnis";
 pub const MAP_VTEPS: &str = "vteps";
 pub const MAP_FDB_REMOTE: &str = "fdb_remote";
+pub const MAP_V6_OWNERS: &str = "v6_owners";
+pub const MAP_V6_CLAIMS: &str = "v6_claims";
 /// One u32: the [`LAYOUT_VERSION`](super::LAYOUT_VERSION) of the pinned datapath.
 pub const MAP_LAYOUT: &str = "layout";
 pub const PROG_TC_OUT: &str = "kvnet_tc_out";
 pub const PROG_XDP: &str = "kvnet_xdp";
 pub const PROG_TC: &str = "kvnet_tc";
 pub const PROG_NAT6: &str = "kvnet_nat6";
+/// The IPv6 source guard, tail-called from `kvnet_tc` (map `savi_jump`).
+pub const PROG_SAVI: &str = "kvnet_savi";
+pub const MAP_SAVI_JUMP: &str = "savi_jump";

@@ -25,6 +25,7 @@ mod parse;
 mod pipeline;
 mod policy;
 mod route;
+mod savi;
 mod stats;
 mod tc;
 mod trace;
@@ -65,6 +66,14 @@ pub fn kvnet_tc(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
 #[unsafe(link_section = "classifier")]
 pub fn kvnet_nat6(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
     tc::nat6_program(&TcContext::new(skb))
+}
+
+/// IPv6 source address validation on SLAAC networks, tail-called from
+/// `kvnet_tc` (`savi.rs`): the tc program has no verifier budget left.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "classifier")]
+pub fn kvnet_savi(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
+    savi::run(TcContext::new(skb))
 }
 
 /// tc egress on a bridged uplink: the host's own frames to guests go

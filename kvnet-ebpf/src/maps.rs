@@ -1,14 +1,15 @@
 //! The pinned maps the daemon owns (names in `kvnet_common::names`).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray},
 };
 use kvnet_common::{
     CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet, ForwardKey, ForwardTarget, FragKey,
     FragPorts, NatMapKey, NatMapping, NatStats, NeighEntry, NeighKey, NetConfig, PortConfig,
-    PortPolicy, PortStats, RateBucket, VlanMember, VlanMemberKey, MAX_CT_ENTRIES, MAX_FDB_ENTRIES,
-    MAX_FLOOD_DOMAINS, MAX_FORWARDS, MAX_MAC_OWNERS, MAX_NAT_FRAGS, MAX_NAT_MAPPINGS,
-    MAX_NEIGH_ENTRIES, MAX_NETWORKS, MAX_PORTS, MAX_VLAN_MEMBERS,
+    PortPolicy, PortStats, RateBucket, V6Owner, V6OwnerKey, VlanMember, VlanMemberKey,
+    MAX_CT_ENTRIES, MAX_FDB_ENTRIES, MAX_FLOOD_DOMAINS, MAX_FORWARDS, MAX_MAC_OWNERS,
+    MAX_NAT_FRAGS, MAX_NAT_MAPPINGS, MAX_NEIGH_ENTRIES, MAX_NETWORKS, MAX_PORTS, MAX_V6_OWNERS,
+    MAX_VLAN_MEMBERS,
 };
 
 /// Map flag: allocate entries as they are written. A flood set is 16 KiB;
@@ -99,6 +100,31 @@ pub static ICMP_RATE: Array<RateBucket> = Array::pinned(1, 0);
 
 #[map(name = "nat_stats")]
 pub static NAT_STATS: PerCpuHashMap<u32, NatStats> = PerCpuHashMap::pinned(MAX_NETWORKS, 0);
+
+/// (network, IPv6 address) -> the guarded port that owns it (FCFS SAVI,
+/// `savi.rs`): claimed with BPF_NOEXIST on first use, bound by the daemon
+/// (leases, static hosts, EUI-64), released by it with the port or when
+/// idle. Allocated as claimed: most ports use two or three addresses.
+#[map(name = "v6_owners")]
+pub static V6_OWNERS: HashMap<V6OwnerKey, V6Owner> =
+    HashMap::pinned(MAX_V6_OWNERS, BPF_F_NO_PREALLOC);
+
+/// Port ifindex -> IPv6 addresses it claimed by using them: counted up by
+/// the datapath, recounted by the daemon as claims age out.
+#[map(name = "v6_claims")]
+pub static V6_CLAIMS: HashMap<u32, u32> = HashMap::pinned(MAX_PORTS, 0);
+
+/// The IPv6 source guard's jump table (`savi.rs`): slot 0 `kvnet_savi`,
+/// slot 1 `kvnet_tc`, filled by the daemon. Pinned: attached programs
+/// keep jumping while no daemon runs.
+#[map(name = "savi_jump")]
+pub static SAVI_JUMP: ProgramArray = ProgramArray::pinned(2, 0);
+
+/// Set by `kvnet_savi` right before it jumps back into `kvnet_tc` (same
+/// CPU, no preemption in between), cleared by `kvnet_tc` as it reads it:
+/// the frame is checked.
+#[map(name = "savi_passed")]
+pub static SAVI_PASSED: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "nets")]
 pub static NETS: HashMap<u32, NetConfig> = HashMap::pinned(MAX_NETWORKS, 0);

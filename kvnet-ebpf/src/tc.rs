@@ -59,10 +59,6 @@ pub fn ingress(ctx: TcContext) -> i32 {
         ctx.set_mark(0);
         return TC_ACT_OK;
     }
-    if port.flags & PORT_F_RATE_LIMITED != 0 && !policy::out_allows(ingress, len) {
-        stats::drop(ingress, DropReason::RateLimit);
-        return TC_ACT_SHOT;
-    }
     // On receive the kernel has usually moved the outer tag into
     // skb->vlan_tci already; BPF_PROG_RUN and XDP_PASSed frames may not.
     let hw = unsafe {
@@ -80,6 +76,17 @@ pub fn ingress(ctx: TcContext) -> i32 {
     // Read once: LLVM may otherwise keep `ctx + offset` around, which the
     // verifier refuses to dereference.
     let (data, data_end) = (ctx.data(), ctx.data_end());
+    // IPv6 from a guarded port of a SLAAC network: through kvnet_savi
+    // first (it jumps back here once the source is checked).
+    if crate::savi::divert(&ctx, port, hw.is_some(), data, data_end) {
+        stats::drop(ingress, DropReason::IpSpoof);
+        return TC_ACT_SHOT;
+    }
+    // (After the detour: a frame passes here once.)
+    if port.flags & PORT_F_RATE_LIMITED != 0 && !policy::out_allows(ingress, len) {
+        stats::drop(ingress, DropReason::RateLimit);
+        return TC_ACT_SHOT;
+    }
     let tag = Tag::of(data, data_end, hw);
     let l3 = l3_ctx(&ctx);
     let action = pipeline::decide(ingress, &port, data, data_end, &tag, Some(l3));

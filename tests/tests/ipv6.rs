@@ -4,7 +4,7 @@
 //! gateway's IPv6 resolver and pings the outside, which sees the guest's
 //! own address; dhclient -6 gets a static host's address and one from the
 //! range; a guest's rogue RA reaches nobody.
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvnet_tests::{
     clients::{dhclient6, field, wait_first_event},
@@ -13,21 +13,12 @@ use kvnet_tests::{
     Capture, Frame, GuestPort, Lab,
 };
 
-const GW6: &str = "2001:db8:1::1";
-const OUTSIDE6: &str = "2001:db8:ffff::2";
-const WEB6: &str = "2001:db8:1::5";
+#[path = "support/v6_lab.rs"]
+mod v6_lab;
+use v6_lab::{net_add_v6, outside6, until, OUTSIDE6};
 
-/// Polls `f` every 100 ms until it is Some, or panics after `t` saying `what`.
-fn until<T>(what: &str, t: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + t;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+const GW6: &str = "2001:db8:1::1";
+const WEB6: &str = "2001:db8:1::5";
 
 /// The guest's global IPv6 address in `prefix` (a SLAAC or DHCPv6 one).
 fn global_addr(g: &GuestPort, prefix: &str) -> Option<String> {
@@ -91,13 +82,7 @@ fn slaac_dhcp6_dns_routed_ipv6_and_the_ra_guard() {
     let lab = Lab::new().unwrap();
     // The outside: 2001:db8:ffff::/64 behind the uplink up0; it routes the
     // guests' prefix back through the host (the routed model: no NAT).
-    let out = lab.add_outside().unwrap();
-    out.sh(&format!(
-        "ip -6 addr add {OUTSIDE6}/64 dev eth0 nodad && ip -6 route add 2001:db8::/40 via 2001:db8:ffff::1"
-    ))
-    .unwrap();
-    lab.sh(lab.hv(), "ip -6 addr add 2001:db8:ffff::1/64 dev up0 nodad")
-        .unwrap();
+    let out = outside6(&lab, "");
     // g1: SLAAC with the kernel's defaults; g2: the static DHCPv6 host
     // "web"; g3: a DHCPv6 client from the range, and the rogue router.
     let g1 = lab.add_guest("p1").unwrap();
@@ -297,4 +282,121 @@ fn slaac_dhcp6_dns_routed_ipv6_and_the_ra_guard() {
         .unwrap();
     assert_eq!(aaaa.trim(), WEB6, "AAAA after the restart");
     assert!(g1.ping(OUTSIDE6), "g1 -> outside after the restart");
+}
+
+/// A server behind a 1280-byte link: the outside router's ICMPv6
+/// packet-too-big reaches the guest through routed IPv6, the guest learns
+/// the path MTU and its TCP transfer completes.
+#[test]
+fn packet_too_big_from_a_1280_hop_reaches_the_guest_and_tcp_completes() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    // outside (a router) -- r1, MTU 1280 -- server 2001:db8:fff0::2 (its
+    // own side 1500: it offers a full MSS, so the guest's segments are too
+    // big for r1).
+    let server = lab.add_netns("srv").unwrap();
+    let _out = outside6(
+        &lab,
+        &format!(
+            "&& sysctl -qw net.ipv6.conf.all.forwarding=1 \
+             && ip link add r1 mtu 1280 type veth peer name eth0 netns {server} \
+             && ip link set r1 up && ip -6 addr add 2001:db8:fff0::1/64 dev r1 nodad"
+        ),
+    );
+    lab.sh(
+        &server,
+        "ip link set lo up && ip link set eth0 up \
+         && ip -6 addr add 2001:db8:fff0::2/64 dev eth0 nodad \
+         && ip -6 route add default via 2001:db8:fff0::1",
+    )
+    .unwrap();
+    lab.sh(
+        lab.hv(),
+        "ip -6 route add 2001:db8:fff0::/64 via 2001:db8:ffff::2",
+    )
+    .unwrap();
+    let g = lab.add_guest("p1").unwrap();
+    let k = Kvnet::start(&lab).unwrap();
+    net_add_v6(&k, "10.62.0.1/24", &[]);
+    k.cli(&["port", "add", "v6", "p1"]).unwrap();
+    until("g's SLAAC address", Duration::from_secs(15), || {
+        global_addr(&g, "2001:db8:1:")
+    });
+    until("g's default route", Duration::from_secs(5), || {
+        let r = g.sh("ip -6 route show default").ok()?;
+        r.contains("via fe80::").then_some(())
+    });
+    // Full-size segments leave the guest (MTU 1500) and stop at r1.
+    let cap = Capture::start(&g.ns, "eth0").unwrap();
+    // (Timed: with -n iperf3 ends when the sender has queued the bytes,
+    // before the receiver has them all.)
+    let v =
+        kvnet_tests::tools::iperf3(&lab, &server, "2001:db8:fff0::2", &g.ns, &["-t", "2"]).unwrap();
+    let (bytes, _) = kvnet_tests::tools::received(&v);
+    assert!(bytes > 5_000_000, "the transfer stalled: {v}");
+    let frames = cap.stop().unwrap();
+    let ptb = frames
+        .iter()
+        .filter(|f| icmp6(f).is_some_and(|(t, _)| t == 2))
+        .count();
+    assert!(ptb > 0, "no packet-too-big reached the guest");
+    let route = g.sh("ip -6 route get 2001:db8:fff0::2").unwrap();
+    assert!(route.contains("mtu 1280"), "{route}");
+}
+
+/// The qemu guest (Debian's kernel, busybox) on a tap takes a SLAAC
+/// address from kvnet's RA and reaches the outside over routed IPv6.
+#[test]
+fn qemu_guest_on_a_tap_takes_slaac_and_reaches_the_outside() {
+    use kvnet_tests::guest::{default_cache_dir, Image, Vm, VmSpec, READY};
+    if !privileged() {
+        return;
+    }
+    let image = Image::ensure(&default_cache_dir()).unwrap();
+    let lab = Lab::new().unwrap();
+    let _out = outside6(&lab, "");
+    let tap = lab.add_tap("tap0").unwrap();
+    let k = Kvnet::start(&lab).unwrap();
+    net_add_v6(&k, "10.63.0.1/24", &[]);
+    k.cli(&["port", "add", "v6", &tap]).unwrap();
+    let script = format!(
+        "i=0; while [ $i -lt 150 ]; do a=$(ip -6 addr show dev eth0 scope global | grep -v tentative | sed -n 's/.*inet6 \\(2001:db8:1:[^/]*\\).*/\\1/p'); [ -n \"$a\" ] && break; sleep 0.2; i=$((i+1)); done\n\
+         echo V6-ADDR $a\n\
+         ip -6 route show default\n\
+         ping -6 -c 3 -W 3 {OUTSIDE6} || ping6 -c 3 {OUTSIDE6} || exit 11\n"
+    );
+    let vm = Vm::boot(
+        &lab,
+        &image,
+        VmSpec {
+            tap,
+            mac: "52:54:00:8a:00:06".into(),
+            script,
+            ..VmSpec::default()
+        },
+    )
+    .unwrap();
+    vm.wait_for(READY, Duration::from_secs(120)).unwrap();
+    let rc = vm.wait_done(Duration::from_secs(120)).unwrap();
+    let outp = vm.script_output();
+    assert_eq!(rc, 0, "{}", vm.console());
+    let a = outp
+        .lines()
+        .find_map(|l| l.strip_prefix("V6-ADDR "))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    assert_eq!(
+        a.parse::<std::net::Ipv6Addr>().ok(),
+        "2001:db8:1::5054:ff:fe8a:6".parse().ok(),
+        "the VM's SLAAC (EUI-64) address: {outp}"
+    );
+    assert!(outp.contains("3 packets received"), "{outp}");
+    // (Replies to the VM's own address: routed, the outside saw it.)
+    assert!(
+        outp.contains("via fe80::"),
+        "default route from the RA: {outp}"
+    );
 }

@@ -182,6 +182,11 @@ pub fn warnings(cfg: &Config) -> Vec<String> {
                 s.mode
             ));
         }
+        if let Some(v6) = &s.ipv6 {
+            for x in crate::ipv6::section_warnings(&v6.gateways, v6.dhcp_range.as_deref()) {
+                w.push(format!("network '{n}': {x}"));
+            }
+        }
     }
     w
 }

@@ -546,10 +546,7 @@ impl Check for NetSection {
             if v6.gateways.is_empty() {
                 return Err("`ipv6` needs `gateways = [\"ADDRESS/PREFIX\"]`".into());
             }
-            for g in &v6.gateways {
-                g.parse::<crate::ipv6::Prefix6>()
-                    .map_err(|e| format!("ipv6 gateways: {e:#}"))?;
-            }
+            crate::ipv6::check_section(&v6.gateways, v6.dhcp_range.as_deref(), &v6.hosts)?;
             if v6.nat6 && m != "nat" {
                 return Err(format!("`ipv6.nat6` needs mode nat, not {m}"));
             }

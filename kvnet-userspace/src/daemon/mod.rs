@@ -419,6 +419,9 @@ impl Housekeeping {
             if let Err(e) = sw.sweep_bindings() {
                 log::warn!("port security bindings: {e:#}");
             }
+            if let Err(e) = sw.age_v6_owners() {
+                log::warn!("IPv6 source bindings: {e:#}");
+            }
             self.next_walk = std::time::Instant::now()
                 + WALK_MIN_INTERVAL.max(started.elapsed() * WALK_COST_FACTOR);
         }

@@ -443,6 +443,10 @@ fn finish(sw: &mut Switch) {
             !live_port(o) || !live_net(&k.net_id)
         })
         .len()
+        + sweep(sw.dp.v6_owners(), |k, o| {
+            !live_port(&o.ifindex) || !live_net(&k.net_id)
+        })
+        .len()
         + sweep(sw.dp.fdb(), |k, e| {
             !live_port(&e.ifindex) || !live_net(&k.net_id)
         })

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues},
+    maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues, ProgramArray},
     programs::{
         links::{FdLink, PinnedLink},
         tc::{
@@ -26,7 +26,7 @@ use kvnet_common::{
     names, Addr6, Ct6Entry, Ct6Key, CtEntry, CtKey, FdbEntry, FdbKey, FloodKey, FloodSet,
     Forward6Target, ForwardKey, ForwardTarget, FragKey, FragPorts, Nat6Config, NatMapKey,
     NatMapping, NatStats, NeighEntry, NeighKey, NetConfig, PortConfig, PortPolicy, PortStats,
-    VlanMember, VlanMemberKey,
+    V6Owner, V6OwnerKey, VlanMember, VlanMemberKey,
 };
 
 /// The datapath object built by build.rs from kvnet-ebpf.
@@ -195,6 +195,7 @@ impl Datapath {
             tc.pin(repin(pin_dir.join(names::PROG_TC)))
                 .context("pinning the tc program")?;
         }
+        Self::load_savi(&mut ebpf, &repin(pin_dir.join(names::PROG_SAVI)))?;
         {
             let tc: &mut SchedClassifier = program(&mut ebpf, names::PROG_TC_OUT)?.try_into()?;
             tc.load()
@@ -215,6 +216,27 @@ impl Datapath {
             keep_on_exit: false,
             upgrade: None,
         })
+    }
+
+    /// Loads the IPv6 source guard (`kvnet_savi`) and points the pinned
+    /// jump table at it and back at `kvnet_tc` (loaded already): attached
+    /// programs, old or new, jump into these from now on.
+    fn load_savi(ebpf: &mut Ebpf, pin: &Path) -> Result<()> {
+        let savi: &mut SchedClassifier = program(ebpf, names::PROG_SAVI)?.try_into()?;
+        savi.load()
+            .context("loading the IPv6 source guard program (verifier)")?;
+        savi.pin(pin)
+            .context("pinning the IPv6 source guard program")?;
+        let savi_fd = savi.fd()?.try_clone()?;
+        let tc: &mut SchedClassifier = program(ebpf, names::PROG_TC)?.try_into()?;
+        let tc_fd = tc.fd()?.try_clone()?;
+        let mut jump: ProgramArray<&mut MapData> =
+            ProgramArray::try_from(map(ebpf, names::MAP_SAVI_JUMP)?)?;
+        jump.set(0, &savi_fd, 0)
+            .context("writing the IPv6 source guard's jump table")?;
+        jump.set(1, &tc_fd, 0)
+            .context("writing the IPv6 source guard's jump table")?;
+        Ok(())
     }
 
     /// Takes over the datapath pinned under `pin_dir`: adopts it when its
@@ -248,7 +270,15 @@ impl Datapath {
         let step = (|| -> Result<Self> {
             let pinned: Vec<String> = crate::datapath::layout::expected(OBJECT)?
                 .into_keys()
-                .chain([names::PROG_XDP, names::PROG_TC, names::PROG_TC_OUT].map(String::from))
+                .chain(
+                    [
+                        names::PROG_XDP,
+                        names::PROG_TC,
+                        names::PROG_TC_OUT,
+                        names::PROG_SAVI,
+                    ]
+                    .map(String::from),
+                )
                 .filter(|n| pin_dir.join(n).exists())
                 .collect();
             for name in pinned {
@@ -828,6 +858,22 @@ impl Datapath {
         )?)?)
     }
 
+    /// FCFS SAVI: who owns each guest IPv6 address (network-wide).
+    pub fn v6_owners(&mut self) -> Result<HashMap<&mut MapData, V6OwnerKey, V6Owner>> {
+        Ok(HashMap::try_from(map(
+            &mut self.ebpf,
+            names::MAP_V6_OWNERS,
+        )?)?)
+    }
+
+    /// IPv6 addresses each port claimed by using them.
+    pub fn v6_claims(&mut self) -> Result<HashMap<&mut MapData, u32, u32>> {
+        Ok(HashMap::try_from(map(
+            &mut self.ebpf,
+            names::MAP_V6_CLAIMS,
+        )?)?)
+    }
+
     pub fn flood(&mut self) -> Result<HashMap<&mut MapData, FloodKey, FloodSet>> {
         Ok(HashMap::try_from(map(&mut self.ebpf, names::MAP_FLOOD)?)?)
     }
@@ -996,7 +1042,13 @@ fn restore_pins(pin_dir: &Path, moved: &[String]) {
     let ours = crate::datapath::layout::expected(OBJECT)
         .map(|m| m.into_keys().collect::<Vec<_>>())
         .unwrap_or_default();
-    let programs = [names::PROG_XDP, names::PROG_TC, names::PROG_TC_OUT].map(String::from);
+    let programs = [
+        names::PROG_XDP,
+        names::PROG_TC,
+        names::PROG_TC_OUT,
+        names::PROG_SAVI,
+    ]
+    .map(String::from);
     for name in ours.iter().chain(&programs) {
         if previous.join(name).exists() || !moved.contains(name) {
             let _ = std::fs::remove_file(pin_dir.join(name));

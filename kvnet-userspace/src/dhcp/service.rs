@@ -73,6 +73,9 @@ impl Default for Services {
 }
 
 /// Does `opts` ask for DHCP at all?
+/// A network's DHCPv6 leases, beside its IPv4 ones.
+pub const LEASE6_FILE: &str = "leases6.json";
+
 pub fn wanted(opts: &NetOpts) -> bool {
     opts.dhcp_range.is_some()
         || !opts.dhcp_hosts.is_empty()
@@ -229,7 +232,13 @@ impl Services {
 
     /// Starts `net`'s IPv6 servers: router advertisements, DHCPv6 and
     /// DNS on its first IPv6 gateway address.
-    pub fn start_v6(&mut self, net: &str, plan: V6Plan) -> Result<()> {
+    /// `binder` ties what DHCPv6 hands out to the client's port.
+    pub fn start_v6(
+        &mut self,
+        net: &str,
+        plan: V6Plan,
+        binder: Option<crate::ipv6::savi::LeaseBinder>,
+    ) -> Result<()> {
         if self.running6.contains_key(net) {
             bail!("IPv6 servers of network '{net}' are already running");
         }
@@ -237,7 +246,12 @@ impl Services {
         let v4 = slots.v4.clone();
         let names: Names = Arc::new(move || read_slot(&v4));
         let upstream = Upstream::ResolvConf(self.resolv_conf.clone());
-        let (servers, own) = self.run(V6Servers::start(plan, names, upstream))??;
+        let store = crate::ipv6::dhcp6::LeaseStore6 {
+            path: self.net_dir(net).join(LEASE6_FILE),
+            write: crate::dhcp::leases::write_atomic,
+        };
+        let (servers, own) =
+            self.run(V6Servers::start(plan, names, upstream, binder, Some(store)))??;
         fill_slot(&slots.v6, Some(own));
         self.running6.insert(net.to_string(), servers);
         Ok(())

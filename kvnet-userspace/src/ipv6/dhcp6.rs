@@ -1,9 +1,9 @@
 //! DHCPv6 on a network's gateway interface (RFC 8415), as dnsmasq serves
 //! it for libvirt: addresses from `--dhcp6-range` (IA_NA; static hosts by
 //! the MAC in their DUID), and the resolver and domain for everyone
-//! (Information-request, stateless). Leases live in memory: a client that
-//! outlives a daemon restart keeps its address by renewing it (a free
-//! address is granted to whoever holds it).
+//! (Information-request, stateless). Leases are kept in a file in the
+//! daemon's state folder ([`LeaseStore6`]), so a restarted daemon gives a
+//! client (DUID, IAID) the address it had.
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +18,7 @@ use dhcproto::{Decodable, Decoder, Encodable, Encoder};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
-use super::{Host6, V6Plan};
+use super::{savi::LeaseBinder, Host6, V6Plan};
 use crate::tasks::{stopped, supervise};
 
 const SERVER_PORT: u16 = 547;
@@ -33,7 +33,7 @@ fn now_unix() -> u64 {
 }
 
 /// A client's binding: (DUID, IAID) -> address.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Lease {
     ip: Ipv6Addr,
     expires_unix: u64,
@@ -275,18 +275,82 @@ impl Core {
         v
     }
 
+    /// The bindings as the lease file holds them (JSON).
+    fn snapshot(&self) -> Vec<u8> {
+        let rows: Vec<(String, u32, &Lease)> = self
+            .leases
+            .iter()
+            .map(|((duid, iaid), l)| (hex(duid), *iaid, l))
+            .collect();
+        serde_json::to_vec_pretty(&rows).unwrap_or_default()
+    }
+
+    /// Takes the unexpired bindings of a lease file back.
+    fn restore(&mut self, data: &[u8], now: u64) -> Result<usize> {
+        let rows: Vec<(String, u32, Lease)> =
+            serde_json::from_slice(data).context("parsing the DHCPv6 lease file")?;
+        let mut n = 0;
+        for (duid, iaid, l) in rows.into_iter().filter(|r| r.2.expires_unix > now) {
+            let Some(duid) = unhex(&duid) else { continue };
+            self.leases.insert((duid, iaid), l);
+            n += 1;
+        }
+        Ok(n)
+    }
+
     fn leases(&self, now: u64) -> Vec<Lease6Info> {
         self.leases
             .iter()
             .filter(|(_, l)| l.expires_unix > now)
             .map(|((duid, iaid), l)| Lease6Info {
-                duid: duid.iter().map(|b| format!("{b:02x}")).collect(),
+                duid: hex(duid),
                 iaid: *iaid,
                 ip: l.ip,
                 hostname: l.hostname.clone(),
                 expires_unix: l.expires_unix,
             })
             .collect()
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Where a network's DHCPv6 leases are kept, and how a file is written
+/// (atomically: the IPv4 lease database's writer).
+#[derive(Clone)]
+pub struct LeaseStore6 {
+    pub path: std::path::PathBuf,
+    pub write: fn(&std::path::Path, &[u8]) -> Result<()>,
+}
+
+impl LeaseStore6 {
+    fn load(&self, core: &mut Core) {
+        match std::fs::read(&self.path) {
+            Ok(data) => match core.restore(&data, now_unix()) {
+                Ok(n) => log::info!("dhcpv6: {n} leases from {}", self.path.display()),
+                Err(e) => log::warn!("dhcpv6: {}: {e:#}", self.path.display()),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("dhcpv6: reading {}: {e}", self.path.display()),
+        }
+    }
+
+    fn save(&self, core: &Core) {
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if let Err(e) = (self.write)(&self.path, &core.snapshot()) {
+            log::warn!("dhcpv6: {e:#}");
+        }
     }
 }
 
@@ -315,14 +379,24 @@ fn server_socket(iface: &str, ifindex: u32) -> Result<UdpSocket> {
 impl Dhcp6Server {
     /// Serves DHCPv6 on the plan's gateway interface (on the calling tokio
     /// runtime), in a supervised task.
-    pub async fn start(plan: &V6Plan) -> Result<Dhcp6Handle> {
+    pub async fn start(
+        plan: &V6Plan,
+        binder: Option<LeaseBinder>,
+        store: Option<LeaseStore6>,
+    ) -> Result<Dhcp6Handle> {
+        let binder = binder.map(|b| Arc::new(Mutex::new(b)));
         let iface = plan.iface.clone();
         let ifindex = crate::netdev::ifindex(&iface)?;
-        let core = Arc::new(Mutex::new(Core::new(plan, crate::netdev::mac(&iface)?.0)));
+        let mut core = Core::new(plan, crate::netdev::mac(&iface)?.0);
+        if let Some(s) = &store {
+            s.load(&mut core);
+        }
+        let core = Arc::new(Mutex::new(core));
         let counters = Arc::new(Counters::default());
         let mut first = Some(server_socket(&iface, ifindex)?);
         let (stop, stop_rx) = watch::channel(false);
-        let (c, k, s) = (core.clone(), counters.clone(), stop_rx.clone());
+        let (c, k, s, b) = (core.clone(), counters.clone(), stop_rx.clone(), binder);
+        let st = store;
         let task = tokio::spawn(supervise(
             format!("dhcpv6 of network {} ({iface})", plan.net),
             "dhcp6",
@@ -330,14 +404,20 @@ impl Dhcp6Server {
             stop_rx,
             move |_| {
                 let sock = first.take();
-                let (iface, core, counters, stop) =
-                    (iface.clone(), c.clone(), k.clone(), s.clone());
+                let (iface, core, counters, stop, binder, store) = (
+                    iface.clone(),
+                    c.clone(),
+                    k.clone(),
+                    s.clone(),
+                    b.clone(),
+                    st.clone(),
+                );
                 async move {
                     let sock = match sock {
                         Some(s) => s,
                         None => server_socket(&iface, ifindex)?,
                     };
-                    serve(sock, core, counters, stop).await
+                    serve(sock, core, counters, stop, binder, store).await
                 }
             },
         ));
@@ -355,6 +435,8 @@ async fn serve(
     core: Arc<Mutex<Core>>,
     c: Arc<Counters>,
     mut stop: watch::Receiver<bool>,
+    binder: Option<Arc<Mutex<LeaseBinder>>>,
+    store: Option<LeaseStore6>,
 ) -> Result<()> {
     let mut buf = vec![0u8; 1500];
     loop {
@@ -371,7 +453,17 @@ async fn serve(
                 continue;
             }
         };
-        let Some(resp) = lock(&core).handle(&req, now_unix()) else {
+        let resp = {
+            let mut core = lock(&core);
+            let before = core.snapshot();
+            let resp = core.handle(&req, now_unix());
+            // Kept before the client hears of it.
+            if let Some(s) = store.as_ref().filter(|_| core.snapshot() != before) {
+                s.save(&core);
+            }
+            resp
+        };
+        let Some(resp) = resp else {
             continue;
         };
         let no_addrs = resp.opts().iter().any(
@@ -379,6 +471,10 @@ async fn serve(
         );
         if no_addrs {
             c.no_addrs.fetch_add(1, Ordering::Relaxed);
+        }
+        if let (Some(b), SocketAddr::V6(from)) = (&binder, from) {
+            let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
+            bind_leases(&mut b, *from.ip(), &req, &resp);
         }
         let mut out = Vec::new();
         if let Err(e) = resp.encode(&mut Encoder::new(&mut out)) {
@@ -392,6 +488,47 @@ async fn serve(
             }
             Err(e) => log::debug!("dhcpv6: reply to {from}: {e}"),
         }
+    }
+}
+
+/// The addresses of a message's IA_NAs.
+fn ia_addrs(m: &Message) -> Vec<Ipv6Addr> {
+    let mut v = Vec::new();
+    for o in m.opts().iter() {
+        if let DhcpOption::IANA(ia) = o {
+            for a in ia.opts.iter() {
+                if let DhcpOption::IAAddr(a) = a {
+                    v.push(a.addr);
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Source address validation follows the server: an address it commits
+/// (a Reply to Request, Renew, Rebind or a rapid Solicit) is bound to the
+/// client's port at once, usable by it and by nobody else; one released
+/// or declined is let go.
+fn bind_leases(b: &mut LeaseBinder, from: Ipv6Addr, req: &Message, resp: &Message) {
+    let mac = match req.opts().get(OptionCode::ClientId) {
+        Some(DhcpOption::ClientId(id)) => duid_mac(id),
+        _ => None,
+    };
+    match req.msg_type() {
+        MessageType::Release | MessageType::Decline => {
+            for ip in ia_addrs(req) {
+                b.unbind(from, mac, ip);
+            }
+        }
+        _ if resp.msg_type() == MessageType::Reply => {
+            for ip in ia_addrs(resp) {
+                if b.bind(from, mac, ip).is_none() {
+                    log::debug!("dhcpv6: no port known for client {from}; {ip} left unbound");
+                }
+            }
+        }
+        _ => {}
     }
 }
 
@@ -533,6 +670,35 @@ mod tests {
             .handle(&msg(MessageType::InformationRequest, &a, None), 0)
             .unwrap();
         assert!(r.opts().get(OptionCode::DomainSearchList).is_some());
+    }
+
+    #[test]
+    fn dhcp6_leases_survive_a_restart_through_their_file() {
+        let request = |c: &Core, duid: &[u8], iaid| {
+            let mut m = msg(MessageType::Request, duid, Some(iaid));
+            m.opts_mut()
+                .insert(DhcpOption::ServerId(c.server_id.clone()));
+            m
+        };
+        let mut c = core(Some("2001:db8:1::100-2001:db8:1::1ff"));
+        let duid = [0, 3, 0, 1, 0x52, 0x54, 0, 0, 0, 0x77];
+        let r = c.handle(&request(&c, &duid, 9), 1000);
+        let mine = addr(&r.unwrap()).unwrap();
+        let other = [0, 3, 0, 1, 0x52, 0x54, 0, 0, 0, 0x78];
+        c.handle(&request(&c, &other, 1), 1000);
+        let file = c.snapshot();
+        // A new server (the restarted daemon) with the file: the same
+        // address for the same (DUID, IAID), even asked in another order.
+        let mut d = core(Some("2001:db8:1::100-2001:db8:1::1ff"));
+        assert_eq!(d.restore(&file, 1001).unwrap(), 2);
+        let r = d.handle(&request(&d, &other, 1), 1002);
+        assert_ne!(addr(&r.unwrap()), Some(mine));
+        let r = d.handle(&msg(MessageType::Solicit, &duid, Some(9)), 1002);
+        assert_eq!(addr(&r.unwrap()), Some(mine));
+        // Expired bindings are not taken back; a torn file is an error.
+        let mut e = core(Some("2001:db8:1::100-2001:db8:1::1ff"));
+        assert_eq!(e.restore(&file, u64::MAX).unwrap(), 0);
+        assert!(e.restore(b"[{", 0).is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! gateway address, the resolver the advertisements name.
 pub mod dhcp6;
 pub mod ra;
+pub mod savi;
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::str::FromStr;
@@ -171,6 +172,93 @@ pub fn parse_host6(s: &str) -> Result<Host6> {
     Ok(Host6 { mac, ip, name })
 }
 
+/// What `[networks.N.ipv6]` leaves unserved: gateways that are no /64
+/// (guests form SLAAC addresses in /64s only) with no DHCPv6 range in
+/// them. A warning, not an error: the prefix is still on-link.
+pub fn section_warnings(gateways: &[String], dhcp_range: Option<&str>) -> Vec<String> {
+    let range = dhcp_range.and_then(|r| parse_range6(r).ok());
+    gateways
+        .iter()
+        .enumerate()
+        .filter_map(|(i, g)| {
+            let g: Prefix6 = g.parse().ok()?;
+            let served = range.is_some_and(|(a, _)| g.contains(a));
+            (!g.slaac() && !served).then(|| {
+                format!(
+                    "ipv6 gateways[{i}]: {g} is a /{}: no SLAAC address in it (SLAAC needs a /64), and no dhcp_range",
+                    g.len
+                )
+            })
+        })
+        .collect()
+}
+
+/// `[networks.N.ipv6]` checked whole (`kvnet check`, `config apply`):
+/// the error names the field at fault (`gateways[1]`, `dhcp_range`,
+/// `hosts[0]`).
+pub fn check_section(
+    gateways: &[String],
+    dhcp_range: Option<&str>,
+    hosts: &[String],
+) -> std::result::Result<(), String> {
+    let mut gws: Vec<Prefix6> = Vec::new();
+    for (i, g) in gateways.iter().enumerate() {
+        let p: Prefix6 = g
+            .parse()
+            .map_err(|e| format!("ipv6 gateways[{i}]: {e:#}"))?;
+        if let Some(o) = gws
+            .iter()
+            .find(|o| o.contains(p.addr) || p.contains(o.addr))
+        {
+            return Err(format!("ipv6 gateways[{i}]: {p} overlaps {o}"));
+        }
+        gws.push(p);
+    }
+    match dhcp_range {
+        Some(r) => {
+            let (a, b) = parse_range6(r)
+                .map_err(|e| format!("ipv6 dhcp_range: {e:#}").replace("--dhcp6-range", "range"))?;
+            let Some(g) = gws.iter().find(|g| g.contains(a) && g.contains(b)) else {
+                return Err(format!(
+                    "ipv6 dhcp_range '{r}': not inside one of the gateways' prefixes"
+                ));
+            };
+            if (u128::from(a)..=u128::from(b)).contains(&u128::from(g.addr)) {
+                return Err(format!(
+                    "ipv6 dhcp_range '{r}' holds the gateway's own address {}",
+                    g.addr
+                ));
+            }
+        }
+        None => {}
+    }
+    let mut seen: Vec<Host6> = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let host = parse_host6(h)
+            .map_err(|e| format!("ipv6 hosts[{i}]: {e:#}").replace("--dhcp6-host ", ""))?;
+        if !gws.iter().any(|g| g.contains(host.ip)) || gws.iter().any(|g| g.addr == host.ip) {
+            return Err(format!(
+                "ipv6 hosts[{i}]: {} is not a guest address of the gateways' prefixes",
+                host.ip
+            ));
+        }
+        if let Some(j) = seen.iter().position(|o| o.mac == host.mac) {
+            return Err(format!(
+                "ipv6 hosts[{i}]: MAC {} is hosts[{j}]'s already",
+                host.mac
+            ));
+        }
+        if let Some(j) = seen.iter().position(|o| o.ip == host.ip) {
+            return Err(format!(
+                "ipv6 hosts[{i}]: {} is hosts[{j}]'s already",
+                host.ip
+            ));
+        }
+        seen.push(host);
+    }
+    Ok(())
+}
+
 /// The IPv6 plan of a network in `mode` (None without `--gateway6`).
 /// Nothing is created here.
 pub fn plan(
@@ -316,8 +404,10 @@ impl V6Servers {
         plan: V6Plan,
         names: crate::dns::Names,
         upstream: crate::dns::Upstream,
+        binder: Option<savi::LeaseBinder>,
+        store: Option<dhcp6::LeaseStore6>,
     ) -> Result<(V6Servers, crate::dns::Names)> {
-        let dhcp = dhcp6::Dhcp6Server::start(&plan).await?;
+        let dhcp = dhcp6::Dhcp6Server::start(&plan, binder, store).await?;
         let leases = dhcp.names();
         let own = plan.dns_hosts.clone();
         let v6_names: crate::dns::Names = std::sync::Arc::new(move || {
@@ -388,6 +478,88 @@ impl V6Servers {
 mod tests {
     use super::*;
     use crate::control::Mode;
+
+    #[test]
+    fn ipv6_sections_are_checked_field_by_field() {
+        let gws = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let ok = gws(&["2001:db8:1::1/64", "fd00:1::1/64"]);
+        let hosts = gws(&["52:54:00:00:00:05,2001:db8:1::5,web"]);
+        assert_eq!(
+            check_section(&ok, Some("2001:db8:1::100-2001:db8:1::1ff"), &hosts),
+            Ok(())
+        );
+        let e = |g: &[&str], r: Option<&str>, h: &[&str]| {
+            check_section(&gws(g), r, &gws(h)).unwrap_err()
+        };
+        let one = ["2001:db8:1::1/64"];
+        for (err, want) in [
+            (
+                e(&["2001:db8:1::1"], None, &[]),
+                "gateways[0]: IPv6 gateway '2001:db8:1::1' needs a prefix",
+            ),
+            (
+                e(&["2001:db8:1::1/64", "2001:db8:1::2/48"], None, &[]),
+                "gateways[1]: 2001:db8:1::2/48 overlaps",
+            ),
+            (
+                e(&one, Some("2001:db8:9::1-2001:db8:9::9"), &[]),
+                "dhcp_range '2001:db8:9::1-2001:db8:9::9': not inside",
+            ),
+            (
+                e(&one, Some("2001:db8:1::9-2001:db8:1::1"), &[]),
+                "dhcp_range: range '2001:db8:1::9-2001:db8:1::1' runs backwards",
+            ),
+            (
+                e(&one, Some("2001:db8:1::1-2001:db8:1::9"), &[]),
+                "holds the gateway's own address",
+            ),
+            (
+                e(&one, None, &["52:54:00:00:00:05,2001:db8:7::5"]),
+                "hosts[0]: 2001:db8:7::5 is not a guest address",
+            ),
+            (
+                e(&one, None, &["52:54:00:00:00:05,2001:db8:1::1"]),
+                "hosts[0]: 2001:db8:1::1 is not a guest address",
+            ),
+            (
+                e(&one, None, &["52:54:00:00:00:05"]),
+                "hosts[0]: '52:54:00:00:00:05': expected MAC,IPV6[,NAME]",
+            ),
+            (
+                e(
+                    &one,
+                    None,
+                    &[
+                        "52:54:00:00:00:05,2001:db8:1::5",
+                        "52:54:00:00:00:05,2001:db8:1::6",
+                    ],
+                ),
+                "hosts[1]: MAC 52:54:00:00:00:05 is hosts[0]'s already",
+            ),
+            (
+                e(
+                    &one,
+                    None,
+                    &[
+                        "52:54:00:00:00:05,2001:db8:1::5",
+                        "52:54:00:00:00:06,2001:db8:1::5",
+                    ],
+                ),
+                "hosts[1]: 2001:db8:1::5 is hosts[0]'s already",
+            ),
+        ] {
+            assert!(err.contains(want), "{err} (wanted {want})");
+        }
+        // A /80: no SLAAC in it, a warning unless DHCPv6 serves it.
+        let w = section_warnings(&gws(&["2001:db8:1::1/64", "2001:db8:2::1/80"]), None);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("gateways[1]: 2001:db8:2::1/80 is a /80: no SLAAC"),
+            "{w:?}"
+        );
+        let served = Some("2001:db8:2::100-2001:db8:2::1ff");
+        assert!(section_warnings(&gws(&["2001:db8:2::1/80"]), served).is_empty());
+    }
 
     #[test]
     fn ipv6_gateways_parse_and_refuse() {

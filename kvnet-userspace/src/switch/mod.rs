@@ -501,7 +501,12 @@ impl Switch {
             let _ = self.dp.ports()?.remove(&ifindex);
             let _ = self.dp.port_stats()?.remove(&ifindex);
             self.drop_owners(ifindex);
+            self.drop_v6_owners(ifindex);
             return Err(e);
+        }
+        // IPv6 addresses kvnet knows are this port's, bound before use.
+        if let Err(e) = self.bind_v6_port(net, ifindex, &security.macs, role == PortRole::Gateway) {
+            log::warn!("port {iface}: {e:#}");
         }
         // ARP suppression answers for the addresses given with a MAC.
         if let Some(mac) = security.macs.first().copied() {
@@ -740,6 +745,7 @@ impl Switch {
         // Its MACs are free again (a guest moving elsewhere takes them along),
         // and a later port with its ifindex starts with no flows counted.
         self.drop_owners(port.ifindex);
+        self.drop_v6_owners(port.ifindex);
         let _ = self.dp.ct_quota().map(|mut q| q.remove(&port.ifindex));
         Ok(())
     }

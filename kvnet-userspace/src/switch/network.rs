@@ -271,9 +271,10 @@ impl Switch {
             None => Ok(()),
         });
         let built = built.and_then(|_| match v6 {
-            Some(plan) => self
-                .build_v6(name, &plan)
-                .and_then(|_| self.services.start_v6(name, plan)),
+            Some(plan) => self.build_v6(name, &plan).and_then(|_| {
+                let binder = crate::ipv6::savi::LeaseBinder::open(self.dp.pin_dir(), id)?;
+                self.services.start_v6(name, plan, Some(binder))
+            }),
             None => Ok(()),
         });
         let built = built.and_then(|_| match nat6 {

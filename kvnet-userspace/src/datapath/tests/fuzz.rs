@@ -224,6 +224,8 @@ fn load(lab: &mut Lab, st: &MapState) {
     clear(&mut dp.fdb().unwrap());
     clear(&mut dp.mac_owners().unwrap());
     clear(&mut dp.neigh().unwrap());
+    clear(&mut dp.v6_owners().unwrap());
+    clear(&mut dp.v6_claims().unwrap());
     clear(&mut dp.port_policy().unwrap());
     clear(&mut dp.vlan_members().unwrap());
     clear(&mut dp.flood().unwrap());
@@ -271,6 +273,19 @@ fn load(lab: &mut Lab, st: &MapState) {
     }
     let mut m = dp.neigh().unwrap();
     for (k, v) in &st.neigh {
+        m.insert(k, v, 0).unwrap();
+    }
+    let mut m = dp.v6_owners().unwrap();
+    for (k, v) in &st.v6_owners {
+        let o = V6Owner {
+            ifindex: *v,
+            flags: 0,
+            last_seen_ns: t0,
+        };
+        m.insert(k, o, 0).unwrap();
+    }
+    let mut m = dp.v6_claims().unwrap();
+    for (k, v) in &st.v6_claims {
         m.insert(k, v, 0).unwrap();
     }
     let mut m = dp.vlan_members().unwrap();
@@ -365,6 +380,19 @@ fn read(lab: &mut Lab) -> MapState {
         .filter_map(Result::ok)
         .collect();
     st.neigh = dp.neigh().unwrap().iter().filter_map(Result::ok).collect();
+    st.v6_owners = dp
+        .v6_owners()
+        .unwrap()
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, o)| (k, o.ifindex))
+        .collect();
+    st.v6_claims = dp
+        .v6_claims()
+        .unwrap()
+        .iter()
+        .filter_map(Result::ok)
+        .collect();
     st.fdb_count = dp
         .fdb_count()
         .unwrap()
@@ -649,6 +677,27 @@ fn compare_full(lab: &mut Lab, st: &MapState) -> Option<Mismatch> {
                 .collect::<Vec<_>>()
         };
         diff_maps("mac_owners", o(&st.mac_owners), o(&k.mac_owners), show_fdb)
+    })
+    .or_else(|| {
+        let o = |m: &HashMap<V6OwnerKey, u32>| {
+            let mut v: Vec<_> = m
+                .iter()
+                .map(|(k, i)| ((k.net_id, std::net::Ipv6Addr::from(k.addr)), *i))
+                .collect();
+            v.sort();
+            v
+        };
+        diff_maps("v6_owners", o(&st.v6_owners), o(&k.v6_owners), |x| {
+            format!("{x:?}")
+        })
+    })
+    .or_else(|| {
+        diff_maps(
+            "v6_claims",
+            st.v6_claims.clone(),
+            k.v6_claims.clone(),
+            |x| format!("{x:?}"),
+        )
     })
     .or_else(|| {
         let o = |m: &HashMap<NeighKey, NeighEntry>| {
@@ -1104,6 +1153,7 @@ impl Shrinker<'_> {
         try_remove!(fdb);
         try_remove!(mac_owners);
         try_remove!(neigh);
+        try_remove!(v6_owners);
         try_remove!(vlan_members);
         try_remove!(flood);
         try_remove!(nets);

@@ -1008,3 +1008,95 @@ fn ipv6_headers_are_looked_through_and_every_nd_option_checked() {
         DROPPED
     );
 }
+
+fn v6_owner(f: &mut Fixture, addr: [u8; 16]) -> Option<u32> {
+    f.dp.v6_owners()
+        .unwrap()
+        .get(&V6OwnerKey { net_id: NET, addr }, 0)
+        .ok()
+        .map(|o| o.ifindex)
+}
+
+/// An echo request from `src` (ICMPv6 128).
+fn ping6(src: [u8; 16]) -> Vec<u8> {
+    ipv6(src, 58, &[128, 0, 0, 0, 0, 0, 0, 0])
+}
+
+#[test]
+fn slaac_sources_belong_to_the_first_port_to_use_them() {
+    let Some(mut f) = fixture() else { return };
+    guarded(&mut f, PORT_F_V6_SLAAC, 1, &[A], &[]);
+    // First use claims (in tc; XDP hands IPv6 on), and stays usable.
+    assert_eq!(verdicts(&mut f, &ping6(GLOBAL)), PASSED);
+    assert_eq!(verdicts(&mut f, &ping6(LINK_LOCAL)), PASSED);
+    assert_eq!(v6_owner(&mut f, GLOBAL), Some(LO));
+    assert_eq!(v6_owner(&mut f, LINK_LOCAL), Some(LO));
+    assert_eq!(verdicts(&mut f, &ping6(GLOBAL)), PASSED);
+    assert_eq!(f.dp.v6_claims().unwrap().get(&LO, 0).unwrap(), 2);
+    // Addresses another port owns: neither as a source, nor advertised,
+    // nor probed for (DAD denial), nor with a multicast source.
+    let (theirs, theirs_ll) = (
+        [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xb],
+        [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xb],
+    );
+    for a in [theirs, theirs_ll] {
+        f.dp.v6_owners()
+            .unwrap()
+            .insert(
+                V6OwnerKey {
+                    net_id: NET,
+                    addr: a,
+                },
+                V6Owner {
+                    ifindex: 1003,
+                    flags: V6_OWNER_F_DAEMON,
+                    last_seen_ns: 0,
+                },
+                0,
+            )
+            .unwrap();
+    }
+    let tc_dropped = (false, true);
+    assert_eq!(verdicts(&mut f, &ping6(theirs)), tc_dropped);
+    assert_eq!(verdicts(&mut f, &ping6(theirs_ll)), tc_dropped);
+    let mut multicast = GLOBAL;
+    multicast[0] = 0xff;
+    assert_eq!(verdicts(&mut f, &ping6(multicast)), tc_dropped);
+    assert_eq!(f.drops(LO, DropReason::IpSpoof), 3);
+    assert_eq!(verdicts(&mut f, &nd(136, theirs, 2, A)), tc_dropped);
+    let mut dad = nd(135, theirs, 1, A);
+    dad[22..38].copy_from_slice(&[0; 16]); // from ::
+    assert_eq!(verdicts(&mut f, &dad), tc_dropped);
+    assert_eq!(f.drops(LO, DropReason::ArpSpoof), 2);
+    assert_eq!(v6_owner(&mut f, theirs), Some(1003));
+    // A resolution (NS from an own address) for another's target is fine.
+    assert_eq!(verdicts(&mut f, &nd(135, theirs, 1, A)), PASSED);
+    // A DAD probe for a free address claims it.
+    let mut mine = GLOBAL;
+    mine[15] = 0x77;
+    dad[62..78].copy_from_slice(&mine);
+    assert_eq!(verdicts(&mut f, &dad), PASSED);
+    assert_eq!(v6_owner(&mut f, mine), Some(LO));
+    // Up to V6_CLAIMS_PER_PORT claims, then nothing new.
+    let claimed = f.dp.v6_claims().unwrap().get(&LO, 0).unwrap();
+    for i in claimed..V6_CLAIMS_PER_PORT + 3 {
+        let mut a = GLOBAL;
+        a[14] = 0x10;
+        a[15] = i as u8;
+        let want = if i < V6_CLAIMS_PER_PORT {
+            PASSED
+        } else {
+            tc_dropped
+        };
+        assert_eq!(verdicts(&mut f, &ping6(a)), want, "claim {i}");
+    }
+    assert_eq!(
+        f.dp.v6_claims().unwrap().get(&LO, 0).unwrap(),
+        V6_CLAIMS_PER_PORT
+    );
+    // Owned addresses still pass (positive control); the unguarded port
+    // and a network without SLAAC are not held to owners.
+    assert_eq!(verdicts(&mut f, &ping6(GLOBAL)), PASSED);
+    f.port(LO, 0);
+    assert_eq!(verdicts(&mut f, &ping6(theirs)), PASSED);
+}

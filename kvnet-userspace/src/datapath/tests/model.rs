@@ -91,6 +91,10 @@ pub struct MapState {
     pub ct_quota: BTreeMap<u32, u32>,
     /// ARP suppression's owners (map `neigh`).
     pub neigh: HashMap<NeighKey, NeighEntry>,
+    /// FCFS SAVI: (network, IPv6 address) -> owning port (map `v6_owners`;
+    /// flags and times not modelled).
+    pub v6_owners: HashMap<V6OwnerKey, u32>,
+    pub v6_claims: BTreeMap<u32, u32>,
 }
 
 /// Datapath behaviours known to differ from the intended ones (fuzz.rs
@@ -497,10 +501,12 @@ fn guard(
         ETH_P_ARP if guarded => guard_arp(st, port, f, l3, src, ip_guard),
         ETH_P_IPV6 => {
             // IPv6 sources are held to link-local only where kvnet knows
-            // every address (its DHCP, `--ip`), not for snooped bindings,
-            // nor where guests pick SLAAC addresses (`--gateway6`).
-            let v6_guard =
-                guarded && port.flags & (PORT_F_IP_GUARD | PORT_F_V6_SLAAC) == PORT_F_IP_GUARD;
+            // every address (its DHCP, `--ip`), not for snooped bindings;
+            // where guests pick SLAAC addresses (`--gateway6`) each is the
+            // first port's to use it.
+            // (Their sources and ND targets: `savi`, before the pipeline.)
+            let slaac = guarded && port.flags & PORT_F_V6_SLAAC != 0;
+            let v6_guard = guarded && !slaac && port.flags & PORT_F_IP_GUARD != 0;
             guard_ipv6(f, l3, guarded, v6_guard, src)
         }
         _ => None,
@@ -682,11 +688,9 @@ fn guard_ipv6(
     let Some(h) = arr::<40>(f, off) else {
         return Some(DropReason::Malformed);
     };
-    if ip_guard {
-        let unspecified = h[8..24].iter().all(|b| *b == 0);
-        if !unspecified && !link_local(&h[8..]) {
-            return Some(DropReason::IpSpoof);
-        }
+    let unspecified = h[8..24].iter().all(|b| *b == 0);
+    if ip_guard && !unspecified && !link_local(&h[8..]) {
+        return Some(DropReason::IpSpoof);
     }
     let mut next = h[6];
     let mut l4 = off + 40;
@@ -738,6 +742,101 @@ fn guard_ipv6(
         n if is_ext_header(n) => Some(DropReason::RogueRa),
         _ => None,
     }
+}
+
+/// The IPv6 source guard (savi.rs), run in tc before the pipeline for
+/// IPv6 (untagged or behind one 802.1Q tag) from a guarded port of a
+/// SLAAC network: sources the port owns or may claim, and NAs and DAD
+/// probes for targets likewise. What it cannot read is the guard's.
+fn savi(st: &mut MapState, ingress: u32, port: &PortConfig, f: &[u8]) -> Option<DropReason> {
+    let watched = PORT_F_GUARDED | PORT_F_V6_SLAAC;
+    let exempt = PORT_F_TRUSTED | PORT_F_UPLINK_BRIDGED | PORT_F_UPLINK_ROUTED;
+    if port.flags & (watched | exempt) != watched {
+        return None;
+    }
+    let t = arr::<6>(f, 12)?;
+    let off = match (
+        u16::from_be_bytes([t[0], t[1]]),
+        u16::from_be_bytes([t[4], t[5]]),
+    ) {
+        (ETH_P_IPV6, _) => 14,
+        (ETH_P_8021Q, ETH_P_IPV6) => 18,
+        _ => return None,
+    };
+    let net_id = port.net_id;
+    let mac: [u8; 6] = f.get(6..12)?.try_into().ok()?;
+    // Only a MAC the port owns claims.
+    let claims = port.owned_macs().contains(&mac);
+    let h = arr::<40>(f, off)?;
+    let unspecified = h[8..24].iter().all(|b| *b == 0);
+    if !eui64_of(&h[16..24], &mac)
+        || (!unspecified && (h[8] == 0xff || !v6_bind(st, ingress, net_id, &h[8..24], claims)))
+    {
+        return Some(DropReason::IpSpoof);
+    }
+    let mut next = h[6];
+    let mut l4 = off + 40;
+    for _ in 0..3 {
+        if !is_ext_header(next) {
+            break;
+        }
+        let e = arr::<4>(f, l4)?;
+        if next == 44 {
+            if u16::from_be_bytes([e[2], e[3]]) & 0xfff8 != 0 {
+                return None;
+            }
+            l4 += 8;
+        } else {
+            l4 += (e[1] as usize + 1) * 8;
+        }
+        next = e[0];
+    }
+    if next != IPPROTO_ICMPV6 {
+        return None;
+    }
+    let nd = arr::<24>(f, l4)?;
+    let probe = nd[0] == ND_NEIGHBOR_SOLICIT && unspecified;
+    if nd[0] == ND_NEIGHBOR_ADVERT || probe {
+        let target = &nd[8..24];
+        if !eui64_of(&target[8..], &mac)
+            || target.iter().all(|b| *b == 0)
+            || target[0] == 0xff
+            || !v6_bind(st, ingress, net_id, target, claims)
+        {
+            return Some(DropReason::ArpSpoof);
+        }
+    }
+    None
+}
+
+/// An interface identifier with ff:fe in its middle is the modified
+/// EUI-64 of `mac`, or nobody may use it.
+fn eui64_of(iid: &[u8], mac: &[u8; 6]) -> bool {
+    iid[3] != 0xff
+        || iid[4] != 0xfe
+        || iid[..3] == [mac[0] ^ 2, mac[1], mac[2]] && iid[5..8] == mac[3..6]
+}
+
+/// FCFS SAVI (savi.rs `bind`): whether `addr` is, or now becomes,
+/// `ingress`'s in `net_id` (up to `V6_CLAIMS_PER_PORT` claims).
+fn v6_bind(st: &mut MapState, ingress: u32, net_id: u32, addr: &[u8], claim: bool) -> bool {
+    let key = V6OwnerKey {
+        net_id,
+        addr: addr.try_into().expect("16 bytes"),
+    };
+    if let Some(o) = st.v6_owners.get(&key) {
+        return *o == ingress;
+    }
+    if !claim {
+        return true;
+    }
+    let used = st.v6_claims.get(&ingress).copied().unwrap_or(0);
+    if used >= V6_CLAIMS_PER_PORT {
+        return false;
+    }
+    st.v6_owners.insert(key, ingress);
+    st.v6_claims.insert(ingress, used + 1);
+    true
 }
 
 /// ND options from `o` to `end` (where the IPv6 payload length says the
@@ -1216,6 +1315,18 @@ fn tc(st: &mut MapState, env: &Env, inp: &Input) -> Outcome {
         path.push_str("host-mark");
         let mut o = outcome(TC_ACT_OK, f, path);
         o.decision = "host-mark".into();
+        return o;
+    }
+    if let Some(r) = savi(st, inp.ingress, &port, f) {
+        path.push_str(&format!("savi {r:?}"));
+        stat(st, inp.ingress, |s| {
+            s.rx_packets += 1;
+            s.rx_bytes += len;
+        });
+        drop_stat(st, inp.ingress, r);
+        let mut o = outcome(TC_ACT_SHOT, f, path);
+        o.mark = inp.mark;
+        o.decision = "savi".into();
         return o;
     }
     let v = decide(st, env, inp, &port, true, &mut path);
