@@ -17,13 +17,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use kvnet_common::{
-    DropReason, PortConfig, V6Owner, V6OwnerKey, ETH_P_8021Q, IPPROTO_ICMPV6, PORT_F_GUARDED,
-    PORT_F_TRUSTED, PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_ROUTED, PORT_F_V6_SLAAC, PORT_MACS,
-    V6_CLAIMS_PER_PORT, V6_OWNER_REFRESH_NS,
+    owner_key, DropReason, PortConfig, V6Owner, V6OwnerKey, ETH_P_8021Q, IPPROTO_ICMPV6,
+    PORT_F_GUARDED, PORT_F_TRUSTED, PORT_F_UPLINK_BRIDGED, PORT_F_UPLINK_ROUTED, PORT_F_V6_SLAAC,
+    PORT_MACS, V6_CLAIMS_PER_PORT, V6_OWNER_REFRESH_NS,
 };
 
 use crate::{
-    maps::{self, SAVI_JUMP, SAVI_PASSED, V6_CLAIMS, V6_OWNERS},
+    maps::{self, MAC_OWNERS, SAVI_JUMP, SAVI_PASSED, V6_CLAIMS, V6_OWNERS},
     parse::{self, ptr_at, ETH_HLEN},
     stats,
 };
@@ -133,7 +133,9 @@ fn check(ingress: u32, port: &PortConfig, data: usize, data_end: usize) -> Optio
     let h = ptr_at::<[u8; 40]>(data, data_end, off)?;
     let h = unsafe { &*h };
     let (src_hi, src_lo) = words(&h[8..24]);
-    if !eui64_of(src_lo, &mac) || bind(ingress, net_id, src_hi, src_lo, false, claims).is_err() {
+    if !eui64_of(ingress, net_id, src_lo, &mac)
+        || bind(ingress, net_id, src_hi, src_lo, false, claims).is_err()
+    {
         return Some(DropReason::IpSpoof);
     }
     // ND behind a few extension headers is still ND.
@@ -164,7 +166,9 @@ fn check(ingress: u32, port: &PortConfig, data: usize, data_end: usize) -> Optio
     let probe = nd[0] == ND_NEIGHBOR_SOLICIT && src_hi | src_lo == 0;
     if nd[0] == ND_NEIGHBOR_ADVERT || probe {
         let (hi, lo) = words(&nd[8..24]);
-        if !eui64_of(lo, &mac) || bind(ingress, net_id, hi, lo, true, claims).is_err() {
+        if !eui64_of(ingress, net_id, lo, &mac)
+            || bind(ingress, net_id, hi, lo, true, claims).is_err()
+        {
             return Some(DropReason::ArpSpoof);
         }
     }
@@ -183,22 +187,26 @@ fn words(a: &[u8]) -> (u64, u64) {
 }
 
 /// False if the interface identifier `lo` is a modified EUI-64 (ff:fe in
-/// its middle) of a MAC other than `mac`: nobody but the owner of that MAC
-/// forms it, so a neighbour's EUI-64 addresses are refused even before
-/// the neighbour used them (its link-local one from before its port
-/// joined, say).
+/// its middle) of a MAC another port of the network owns: nobody but that
+/// MAC's owner forms it, so a neighbour's EUI-64 addresses are refused
+/// even before the neighbour used them (its link-local one from before
+/// its port joined, say). The EUI-64 of an unowned MAC, or of one this
+/// port owns, passes: a guest that changed its MAC keeps its old
+/// link-local address.
 #[inline(always)]
-fn eui64_of(lo: u64, mac: &[u8; 6]) -> bool {
+fn eui64_of(ingress: u32, net_id: u32, lo: u64, mac: &[u8; 6]) -> bool {
     let b = lo.to_ne_bytes();
     if b[3] != 0xff || b[4] != 0xfe {
         return true;
     }
-    b[0] == mac[0] ^ 0x02
-        && b[1] == mac[1]
-        && b[2] == mac[2]
-        && b[5] == mac[3]
-        && b[6] == mac[4]
-        && b[7] == mac[5]
+    let formed_from = [b[0] ^ 0x02, b[1], b[2], b[5], b[6], b[7]];
+    if formed_from == *mac {
+        return true;
+    }
+    match unsafe { MAC_OWNERS.get(&owner_key(net_id, formed_from)) } {
+        Some(owner) => *owner == ingress,
+        None => true,
+    }
 }
 
 /// Ok if the address (`hi`, `lo`) is `ingress`'s in network `net_id`, or

@@ -769,7 +769,7 @@ fn savi(st: &mut MapState, ingress: u32, port: &PortConfig, f: &[u8]) -> Option<
     let claims = port.owned_macs().contains(&mac);
     let h = arr::<40>(f, off)?;
     let unspecified = h[8..24].iter().all(|b| *b == 0);
-    if !eui64_of(&h[16..24], &mac)
+    if !eui64_of(st, ingress, net_id, &h[16..24], &mac)
         || (!unspecified && (h[8] == 0xff || !v6_bind(st, ingress, net_id, &h[8..24], claims)))
     {
         return Some(DropReason::IpSpoof);
@@ -798,7 +798,7 @@ fn savi(st: &mut MapState, ingress: u32, port: &PortConfig, f: &[u8]) -> Option<
     let probe = nd[0] == ND_NEIGHBOR_SOLICIT && unspecified;
     if nd[0] == ND_NEIGHBOR_ADVERT || probe {
         let target = &nd[8..24];
-        if !eui64_of(&target[8..], &mac)
+        if !eui64_of(st, ingress, net_id, &target[8..], &mac)
             || target.iter().all(|b| *b == 0)
             || target[0] == 0xff
             || !v6_bind(st, ingress, net_id, target, claims)
@@ -810,11 +810,18 @@ fn savi(st: &mut MapState, ingress: u32, port: &PortConfig, f: &[u8]) -> Option<
 }
 
 /// An interface identifier with ff:fe in its middle is the modified
-/// EUI-64 of `mac`, or nobody may use it.
-fn eui64_of(iid: &[u8], mac: &[u8; 6]) -> bool {
-    iid[3] != 0xff
-        || iid[4] != 0xfe
-        || iid[..3] == [mac[0] ^ 2, mac[1], mac[2]] && iid[5..8] == mac[3..6]
+/// EUI-64 of `mac`, of an unowned MAC or of one `ingress` owns; another
+/// port's MAC's is nobody else's to use.
+fn eui64_of(st: &MapState, ingress: u32, net_id: u32, iid: &[u8], mac: &[u8; 6]) -> bool {
+    if iid[3] != 0xff || iid[4] != 0xfe {
+        return true;
+    }
+    let formed_from = [iid[0] ^ 2, iid[1], iid[2], iid[5], iid[6], iid[7]];
+    formed_from == *mac
+        || st
+            .mac_owners
+            .get(&owner_key(net_id, formed_from))
+            .is_none_or(|o| *o == ingress)
 }
 
 /// FCFS SAVI (savi.rs `bind`): whether `addr` is, or now becomes,
