@@ -568,6 +568,8 @@ fn cost(
             .try_into()?;
         p.load()?;
     }
+    // IPv6 from SLAAC-guarded ports passes the source guard first.
+    kvnet_userspace::datapath::load_savi(&mut ebpf, None)?;
     let cpus = nr_cpus().map_err(|(_, e)| e)?;
     // Ports: lo (where tc test frames arrive), a (XDP ingress), b (egress).
     // `open`: the sender's port without port security (the same-run

@@ -195,7 +195,7 @@ impl Datapath {
             tc.pin(repin(pin_dir.join(names::PROG_TC)))
                 .context("pinning the tc program")?;
         }
-        Self::load_savi(&mut ebpf, &repin(pin_dir.join(names::PROG_SAVI)))?;
+        load_savi(&mut ebpf, Some(&repin(pin_dir.join(names::PROG_SAVI))))?;
         {
             let tc: &mut SchedClassifier = program(&mut ebpf, names::PROG_TC_OUT)?.try_into()?;
             tc.load()
@@ -216,27 +216,6 @@ impl Datapath {
             keep_on_exit: false,
             upgrade: None,
         })
-    }
-
-    /// Loads the IPv6 source guard (`kvnet_savi`) and points the pinned
-    /// jump table at it and back at `kvnet_tc` (loaded already): attached
-    /// programs, old or new, jump into these from now on.
-    fn load_savi(ebpf: &mut Ebpf, pin: &Path) -> Result<()> {
-        let savi: &mut SchedClassifier = program(ebpf, names::PROG_SAVI)?.try_into()?;
-        savi.load()
-            .context("loading the IPv6 source guard program (verifier)")?;
-        savi.pin(pin)
-            .context("pinning the IPv6 source guard program")?;
-        let savi_fd = savi.fd()?.try_clone()?;
-        let tc: &mut SchedClassifier = program(ebpf, names::PROG_TC)?.try_into()?;
-        let tc_fd = tc.fd()?.try_clone()?;
-        let mut jump: ProgramArray<&mut MapData> =
-            ProgramArray::try_from(map(ebpf, names::MAP_SAVI_JUMP)?)?;
-        jump.set(0, &savi_fd, 0)
-            .context("writing the IPv6 source guard's jump table")?;
-        jump.set(1, &tc_fd, 0)
-            .context("writing the IPv6 source guard's jump table")?;
-        Ok(())
     }
 
     /// Takes over the datapath pinned under `pin_dir`: adopts it when its
@@ -1105,6 +1084,29 @@ fn restore_program(previous: &Path, s: &Swapped) -> Result<()> {
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
     ebpf.program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
+}
+
+/// Loads the IPv6 source guard (`kvnet_savi`), pinned at `pin` if given,
+/// and points the jump table at it and back at `kvnet_tc` (loaded
+/// already): attached programs, old or new, jump into these from now on.
+pub fn load_savi(ebpf: &mut Ebpf, pin: Option<&Path>) -> Result<()> {
+    let savi: &mut SchedClassifier = program(ebpf, names::PROG_SAVI)?.try_into()?;
+    savi.load()
+        .context("loading the IPv6 source guard program (verifier)")?;
+    if let Some(pin) = pin {
+        savi.pin(pin)
+            .context("pinning the IPv6 source guard program")?;
+    }
+    let savi_fd = savi.fd()?.try_clone()?;
+    let tc: &mut SchedClassifier = program(ebpf, names::PROG_TC)?.try_into()?;
+    let tc_fd = tc.fd()?.try_clone()?;
+    let mut jump: ProgramArray<&mut MapData> =
+        ProgramArray::try_from(map(ebpf, names::MAP_SAVI_JUMP)?)?;
+    jump.set(0, &savi_fd, 0)
+        .context("writing the IPv6 source guard's jump table")?;
+    jump.set(1, &tc_fd, 0)
+        .context("writing the IPv6 source guard's jump table")?;
+    Ok(())
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {
